@@ -1,0 +1,59 @@
+"""Models: one interface (:class:`DiffusionModel`) over Stable Diffusion and the embedded testbed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from darkminer.errors import ModelLoadError
+from darkminer.models.base import DiffusionModel, Guidance, SamplingOptions
+from darkminer.models.erased import ErasedModelInfo, apply_erased
+
+TESTBED_IDS = ("testbed", "toy")
+DEFAULT_MODEL = "testbed"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    erased: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> DiffusionModel:
+    """A model by name: ``testbed`` (default, alias ``toy``), ``tiny-random-sd``, a local diffusers folder,
+    or a hub id already in the cache. ``erased`` applies an erased-model directory on top.
+
+    With ``erased`` and no ``spec``, the base model recorded in the directory is used.
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if spec is None:
+        spec = ErasedModelInfo.read(erased).base_model if erased else DEFAULT_MODEL
+    model = _load_base(spec, device=device, dtype=dtype)
+    if erased is not None:
+        apply_erased(model, erased)
+    return model
+
+
+def _load_base(spec: str, *, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
+    if not spec or not spec.strip():
+        raise ModelLoadError("empty model name: use 'testbed', 'tiny-random-sd', a folder or a hub id")
+    if spec in TESTBED_IDS:
+        from darkminer.testbed.model import TestbedModel
+
+        return TestbedModel.load(device=device, dtype=dtype)
+    from darkminer.models.stable_diffusion import StableDiffusionModel
+    from darkminer.models.tiny import TINY_SD_ID, build_tiny_sd_pipeline
+
+    if spec == TINY_SD_ID:
+        pipe = build_tiny_sd_pipeline()
+        return StableDiffusionModel.from_pipeline(pipe if dtype == torch.float32 else pipe.to(dtype=dtype), name=TINY_SD_ID)
+    return StableDiffusionModel.from_pretrained(spec, dtype=dtype, device=device)
+
+
+__all__ = ["DiffusionModel", "ErasedModelInfo", "Guidance", "SamplingOptions", "load_model"]

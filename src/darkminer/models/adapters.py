@@ -1,0 +1,128 @@
+"""LoRA adapters on the UNet through peft, saved in the format diffusers' ``load_lora_weights`` reads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from darkminer.config import Config, check_non_negative, check_positive
+from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.models.base import DiffusionModel
+
+ADAPTER_NAME = "darkminer"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+_ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)"
+# Named placements of the adapter (regular expressions over UNet module names, matched in full).
+TARGET_PRESETS: dict[str, str] = {
+    # ESD-x-strict, UCE's edit site: keys and values of cross-attention (what the text reaches).
+    "cross-attn-kv": r".*attn2\.(to_k|to_v)",
+    # ESD-x: all of cross-attention.
+    "cross-attn": rf".*attn2\.{_ATTN_PROJ}",
+    "attn": rf".*attn[12]\.{_ATTN_PROJ}",
+    # ESD-u: everything but cross-attention.
+    "non-cross-attn": rf"^(?!.*attn2).*(attn1\.{_ATTN_PROJ}|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)",
+}
+
+
+@dataclass
+class LoraConfig(Config):
+    """LoRA on the UNet. ``target`` is a preset name (see ``TARGET_PRESETS``) or a regular expression."""
+
+    rank: int = 4
+    alpha: float | None = None  # None: equal to rank (scale 1)
+    target: str = "cross-attn"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check_positive(self, rank=self.rank)
+        check_non_negative(self, dropout=self.dropout)
+        if self.alpha is not None:
+            check_positive(self, alpha=self.alpha)
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ConfigError(f"LoraConfig.target {self.target!r} is neither a preset {list(TARGET_PRESETS)} nor a regex: {exc}") from None
+
+    @property
+    def pattern(self) -> str:
+        return TARGET_PRESETS.get(self.target, self.target)
+
+
+def target_module_names(model: DiffusionModel, pattern: str) -> list[str]:
+    """UNet modules with weights that ``pattern`` matches in full (what a placement will touch)."""
+    regex = re.compile(pattern)
+    names = [
+        name
+        for name, module in model.unet.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and regex.fullmatch(name)
+    ]
+    if not names:
+        raise ConfigError(f"the target {pattern!r} matches no Linear/Conv2d module of this UNet")
+    return names
+
+
+def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Attach a fresh LoRA (output unchanged until trained) and return its trainable parameters."""
+    if getattr(model.unet, "peft_config", None):
+        raise ConfigError("the UNet already carries an adapter; erase from the base model, not an erased one")
+    target_module_names(model, config.pattern)
+    torch.manual_seed(seed)
+    peft_config = PeftLoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha or config.rank,
+        lora_dropout=config.dropout,
+        target_modules=config.pattern,
+        init_lora_weights=True,
+    )
+    model.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
+    params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def has_lora(model: DiffusionModel) -> bool:
+    return bool(getattr(model.unet, "peft_config", None))
+
+
+def lora_state_dict(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key format (without the ``unet.`` prefix)."""
+    state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().cpu() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` accepts."""
+    peft_config = model.unet.peft_config[ADAPTER_NAME].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        str(directory),
+        unet_lora_layers=lora_state_dict(model),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=peft_config,
+    )
+    return Path(directory) / LORA_WEIGHT_NAME
+
+
+def load_lora(model: DiffusionModel, directory: str | Path) -> None:
+    path = Path(directory) / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
+    try:
+        model.unet.load_lora_adapter(str(directory), prefix="unet", weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"{path} does not fit this base model's UNet ({str(exc).splitlines()[0][:200]})") from None
+    model.unet.requires_grad_(False)
+
+
+def merge_lora(model: DiffusionModel) -> None:
+    """Fold the adapter into the UNet's weights and drop the LoRA layers."""
+    model.unet.fuse_lora()
+    model.unet.unload_lora()

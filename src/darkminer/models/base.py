@@ -1,0 +1,351 @@
+"""The model interface: the only way erasers, attacks and metrics touch a text-to-image diffusion model.
+
+A backend supplies a tokenizer, a frozen text encoder, a ``UNet2DConditionModel`` and (optionally) a VAE;
+everything else -- encoding from token embeddings, noise schedule, DDIM sampling with classifier-free
+guidance, switching the adapter off to get the frozen original as a teacher -- is shared here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from darkminer.errors import DarkMinerError
+
+
+class Guidance:
+    """Combines noise predictions at one sampling step. Subclasses may call the UNet more than once."""
+
+    def predict(
+        self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+        scale: float, step_index: int, adapter: bool,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    registry_name = "cfg"
+
+    def to_dict(self) -> dict | None:
+        """Serialisable settings (with ``name``), or None for plain classifier-free guidance."""
+        return None
+
+    @classmethod
+    def from_dict(cls, model: DiffusionModel, data: dict) -> Guidance:
+        raise NotImplementedError
+
+
+GUIDANCES: dict[str, type[Guidance]] = {}
+
+
+def register_guidance(name: str):  # noqa: ANN201
+    def wrap(cls: type[Guidance]) -> type[Guidance]:
+        GUIDANCES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
+    """Rebuild a saved guidance (``{"name": ..., **settings}``); ``None`` is plain CFG."""
+    if data is None:
+        return ClassifierFreeGuidance()
+    name = data.get("name")
+    if name not in GUIDANCES:
+        raise DarkMinerError(f"unknown guidance {name!r}; known: {sorted(GUIDANCES)}")
+    return GUIDANCES[name].from_dict(model, data)
+
+
+class ClassifierFreeGuidance(Guidance):
+    """eps_u + s (eps_c - eps_u), with both branches in one batched UNet call."""
+
+    def predict(self, model, x, t, cond, uncond, scale, step_index, adapter):  # noqa: D102
+        if scale == 1.0:
+            return model.eps(x, t, cond, adapter=adapter)
+        eps_u, eps_c = model.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), adapter=adapter).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How images are drawn. Defaults are the field's usual SD settings; the testbed overrides them."""
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise DarkMinerError(f"sampling steps and batch size must be >= 1, got {self.steps}, {self.batch_size}")
+
+
+class DiffusionModel(ABC):
+    """A text-conditioned diffusion model behind one interface (Stable Diffusion or the testbed)."""
+
+    unet: UNet2DConditionModel
+    text_encoder: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    # The training noise schedule as diffusers config data; DDPM for training, DDIM for sampling.
+    scheduler_config: dict
+    default_sampling: SamplingOptions
+    name: str
+    # DDIM settings that differ from the training schedule (e.g. clipping for pixel-space models).
+    sampling_overrides: dict[str, object] = {}
+
+    def __init__(self) -> None:
+        # Originals of weights edited in place (closed-form or fine-tuned erasers): swapped back in by
+        # ``original()`` so the frozen teacher needs no second copy of the model.
+        self._originals: dict[str, torch.Tensor] = {}
+        # How the conditional and unconditional predictions combine while sampling; inference-time
+        # erasers (SLD) replace it.
+        self.guidance: Guidance = ClassifierFreeGuidance()
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+
+    # ----------------------------------------------------------------------------------------- text
+    @property
+    @abstractmethod
+    def max_length(self) -> int:
+        """Number of token positions of every encoded prompt."""
+
+    @abstractmethod
+    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
+        """Token ids (B, max_length), padded/truncated as the text encoder expects."""
+
+    @abstractmethod
+    def encode_embeddings(self, embeds: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Conditioning states (B, L, D) from input token embeddings (B, L, E).
+
+        ``input_ids`` are the ids the embeddings stand in for; backends use them only for padding masks,
+        so optimised embeddings at a slot keep the slot's place in the sequence.
+        """
+
+    @property
+    @abstractmethod
+    def token_embedding(self) -> nn.Embedding:
+        """The text encoder's input embedding table (V, E)."""
+
+    @property
+    @abstractmethod
+    def vocabulary(self) -> list[str]:
+        """Token strings indexed by id, for projecting embeddings to real tokens."""
+
+    @property
+    @abstractmethod
+    def special_token_ids(self) -> set[int]:
+        """Ids never proposed when projecting to real tokens (BOS/EOS/PAD/...)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def embed_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.token_embedding(input_ids.to(self.token_embedding.weight.device))
+
+    def encode_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.encode_embeddings(self.embed_ids(input_ids), input_ids)
+
+    def encode(self, prompts: Sequence[str] | str) -> torch.Tensor:
+        """Conditioning states for prompts; the empty prompt is the unconditional state."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise DarkMinerError("no prompts to encode: give at least one prompt")
+        return self.encode_ids(self.tokenize(list(prompts)))
+
+    def insert_slots(self, prompts: Sequence[str], n_slots: int, position: int = 1) -> tuple[torch.LongTensor, list[int]]:
+        """Token ids of ``prompts`` with ``n_slots`` free positions inserted at ``position`` (after BOS).
+
+        The slots hold a placeholder id; callers overwrite their embeddings. Returns (ids, slot positions).
+        """
+        ids = self.tokenize(list(prompts))
+        if n_slots + position >= self.max_length:
+            raise DarkMinerError(f"{n_slots} slots do not fit in {self.max_length} token positions")
+        placeholder = self.placeholder_id
+        slots = torch.full((ids.shape[0], n_slots), placeholder, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat([ids[:, :position], slots, ids[:, position:]], dim=1)[:, : self.max_length]
+        # A truncated prompt must still end with its closing token.
+        ids[:, -1] = torch.where(ids[:, -1] == self.pad_id, ids[:, -1], self.eos_id)
+        return ids, list(range(position, position + n_slots))
+
+    @property
+    @abstractmethod
+    def placeholder_id(self) -> int:
+        """A real, non-special token id used to hold a free slot."""
+
+    @property
+    @abstractmethod
+    def pad_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+    def nearest_tokens(self, embeds: torch.Tensor, k: int = 1) -> tuple[torch.LongTensor, list[list[str]]]:
+        """Nearest vocabulary tokens (cosine) of each embedding (N, E): ids (N, k) and their strings."""
+        table = self.token_embedding.weight.detach()
+        sims = nn.functional.normalize(embeds.detach().to(table), dim=-1) @ nn.functional.normalize(table, dim=-1).T
+        banned = torch.tensor(sorted(self.special_token_ids), device=sims.device, dtype=torch.long)
+        sims[:, banned] = -float("inf")
+        ids = sims.topk(k, dim=-1).indices
+        vocab = self.vocabulary
+        return ids, [[vocab[i] for i in row] for row in ids.tolist()]
+
+    def decode_ids(self, input_ids: torch.LongTensor) -> list[str]:
+        """Readable text of token ids (special tokens dropped)."""
+        return [t.strip() for t in self.tokenizer.batch_decode(input_ids.tolist(), skip_special_tokens=True)]
+
+    # ----------------------------------------------------------------------------------------- unet
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, adapter: bool = True) -> torch.Tensor:
+        """Noise prediction; ``adapter=False`` gives the frozen original model (the teacher)."""
+        t = t.to(self.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if adapter:
+            return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        with self.original():
+            return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+
+    @contextmanager
+    def original(self) -> Iterator[None]:
+        """Within the block the UNet is the original: adapters off, in-place edits swapped out."""
+        has_adapter = bool(getattr(self.unet, "peft_config", None)) and self._adapters_enabled()
+        params = dict(self.unet.named_parameters())
+        edited = {name: params[name].data for name in self._originals}
+        try:
+            if has_adapter:
+                self.unet.disable_adapters()
+            for name, value in self._originals.items():
+                params[name].data = value
+            yield
+        finally:
+            for name, value in edited.items():
+                params[name].data = value
+            if has_adapter:
+                self.unet.enable_adapters()
+
+    def _adapters_enabled(self) -> bool:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(not m.disable_adapters for m in self.unet.modules() if isinstance(m, BaseTunerLayer))
+
+    def remember_originals(self, names: Sequence[str]) -> None:
+        """Keep a copy of these UNet parameters before an eraser edits them in place."""
+        params = dict(self.unet.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise DarkMinerError(f"UNet has no parameters {missing[:3]}...")
+        for name in names:
+            if name not in self._originals:
+                self._originals[name] = params[name].detach().clone()
+
+    @property
+    def edited_parameter_names(self) -> list[str]:
+        return sorted(self._originals)
+
+    # ------------------------------------------------------------------------------------- schedule
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.noise_scheduler.add_noise(x0, noise, t.to(x0.device))
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.LongTensor:
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the UNet's input."""
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """One noise tensor per seed, each from its own generator: an image depends on its seed only,
+        never on batch size or on which process drew it."""
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    # ----------------------------------------------------------------------------------------- images
+    def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) to the UNet's input space; identity-like for pixel models."""
+        return images.to(self.device, self.dtype) * 2 - 1
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    # --------------------------------------------------------------------------------------- sampling
+    def sampling_scheduler(self, steps: int) -> DDIMScheduler:
+        scheduler = DDIMScheduler.from_config({**self.scheduler_config, **self.sampling_overrides})
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        uncond: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        adapter: bool = True,
+        return_latents: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance from conditioning states (B, L, D).
+
+        Give ``seeds`` (one per image) or a fixed ``noise``; ``uncond`` defaults to the empty prompt.
+        Returns images in [0, 1] (B, 3, H, W), or final latents.
+        """
+        opts = self.default_sampling
+        steps = steps or opts.steps
+        guidance_scale = opts.guidance_scale if guidance_scale is None else guidance_scale
+        batch_size = batch_size or opts.batch_size
+        if noise is None:
+            if seeds is None:
+                raise DarkMinerError("sample() needs seeds (one per image) or a fixed noise tensor")
+            if len(seeds) != cond.shape[0]:
+                raise DarkMinerError(f"{len(seeds)} seeds for {cond.shape[0]} conditionings")
+            noise = self.initial_noise(seeds)
+        if uncond is None:
+            uncond = self.encode([""])
+        uncond = uncond.expand(cond.shape[0], -1, -1) if uncond.shape[0] == 1 else uncond
+        outputs = []
+        chunks = range(0, cond.shape[0], batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="sampling", unit="batch")
+        for start in chunks:
+            sl = slice(start, start + batch_size)
+            latents = self._denoise(noise[sl], cond[sl], uncond[sl], guidance_scale, steps, adapter)
+            outputs.append(latents if return_latents else self.latents_to_images(latents))
+        return torch.cat(outputs)
+
+    def _denoise(
+        self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int, adapter: bool
+    ) -> torch.Tensor:
+        scheduler = self.sampling_scheduler(steps)
+        latents = latents * scheduler.init_noise_sigma
+        for index, t in enumerate(scheduler.timesteps):
+            model_in = scheduler.scale_model_input(latents, t)
+            eps = self.guidance.predict(self, model_in, t, cond, uncond, guidance, index, adapter)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        return latents
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
+        """Images for prompts, one per (prompt, seed) pair."""
+        if any(not isinstance(p, str) for p in prompts):
+            raise DarkMinerError("prompts must be strings")
+        return self.sample(self.encode(list(prompts)), seeds=seeds, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,139 @@
+"""The erased-model directory: what an eraser writes and every other command loads.
+
+::
+
+    DIR/darkminer.json                      method, concept, anchor, config, base model, kind, versions
+    DIR/pytorch_lora_weights.safetensors    kind "lora": loads with diffusers' pipe.load_lora_weights(DIR)
+    DIR/unet/                               kind "unet": a full diffusers UNet folder (edited weights)
+    DIR/guidance.json                       kind "guidance": inference-time settings (SLD)
+
+The directory is written under a temporary name and renamed when complete, so a directory that exists
+with a ``darkminer.json`` is whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkminer.errors import ModelLoadError
+from darkminer.io import load_tensors, read_json, write_json
+from darkminer.models import adapters
+from darkminer.models.base import DiffusionModel, guidance_from_dict
+
+INFO_NAME = "darkminer.json"
+FORMAT_VERSION = 1
+KINDS = ("lora", "unet", "guidance")
+
+
+def package_versions() -> dict[str, str]:
+    names = ("darkminer", "torch", "diffusers", "transformers", "peft", "safetensors")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class ErasedModelInfo:
+    method: str
+    concept: str
+    base_model: str
+    kind: str
+    anchor: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=package_versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    format: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ErasedModelInfo:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelLoadError(f"erased model {directory} does not exist (make it with `darkminer erase`)")
+        data = read_json(directory / INFO_NAME)
+        missing = [k for k in ("method", "concept", "base_model", "kind") if k not in data]
+        if missing:
+            raise ModelLoadError(f"{directory / INFO_NAME} lacks {missing}; the directory is not an erased model")
+        if data["kind"] not in KINDS:
+            raise ModelLoadError(f"{directory / INFO_NAME}: unknown kind {data['kind']!r}, expected one of {KINDS}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_erased(
+    model: DiffusionModel,
+    directory: str | Path,
+    info: ErasedModelInfo,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the erased model held by ``model`` (its LoRA, edited weights or guidance) to ``directory``.
+
+    ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if info.kind == "lora":
+            adapters.save_lora(model, tmp)
+        elif info.kind == "unet":
+            model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        else:
+            write_json(tmp / "guidance.json", model.guidance.to_dict())
+        if write_extra is not None:
+            write_extra(tmp)
+        write_json(tmp / INFO_NAME, asdict(info))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
+
+
+def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInfo:
+    """Load an erased model onto its base ``model``; the original stays reachable via ``model.original()``."""
+    directory = Path(directory)
+    info = ErasedModelInfo.read(directory)
+    if info.kind == "lora":
+        adapters.load_lora(model, directory)
+    elif info.kind == "unet":
+        _load_unet_weights(model, directory / "unet")
+    else:
+        model.guidance = guidance_from_dict(model, read_json(directory / "guidance.json"))
+    return info
+
+
+def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
+    state = load_tensors(folder / "diffusion_pytorch_model.safetensors", device=model.device)
+    params = dict(model.unet.named_parameters())
+    if set(state) != set(params):
+        raise ModelLoadError(f"{folder} holds a UNet of another shape than the base model's; check darkminer.json's base_model")
+    changed = [n for n, v in state.items() if not torch.equal(v.to(params[n].dtype), params[n].data)]
+    model.remember_originals(changed)
+    with torch.no_grad():
+        for name in changed:
+            params[name].copy_(state[name])
+
+
+def export_merged_unet(model: DiffusionModel, directory: str | Path) -> Path:
+    """A full diffusers UNet folder with the adapter folded in (for users of plain diffusers)."""
+    directory = Path(directory)
+    if adapters.has_lora(model):
+        adapters.merge_lora(model)
+    model.unet.save_pretrained(directory, safe_serialization=True)
+    return directory

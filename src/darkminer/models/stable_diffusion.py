@@ -1,0 +1,159 @@
+"""Stable Diffusion 1.x/2.x through diffusers: CLIP text encoder, VAE, UNet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.masking_utils import create_causal_mask
+
+from darkminer.errors import ModelLoadError
+from darkminer.models.base import DiffusionModel, SamplingOptions
+
+# A hub tokenizer that failed to resolve offline can come back with only its special tokens.
+_MIN_VOCAB = 100
+
+
+class StableDiffusionModel(DiffusionModel):
+    """A diffusers Stable Diffusion pipeline's components behind the model interface."""
+
+    default_sampling = SamplingOptions(steps=50, guidance_scale=7.5, batch_size=4)
+
+    def __init__(
+        self,
+        *,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: dict,
+        name: str,
+    ) -> None:
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.name = name
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        if len(tokenizer) < _MIN_VOCAB:
+            raise ModelLoadError(
+                f"{name}: the tokenizer has only {len(tokenizer)} tokens, so it did not load; "
+                "check that the model folder (or the hub cache) holds tokenizer/vocab.json and merges.txt"
+            )
+        super().__init__()
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, name: str) -> StableDiffusionModel:
+        return cls(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler_config=dict(pipe.scheduler.config),
+            name=name,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> StableDiffusionModel:
+        """Load from a local diffusers folder or a hub id already in the cache; never downloads."""
+        path = Path(name_or_path).expanduser()
+        if name_or_path.startswith(("/", ".", "~")) and not path.exists():
+            raise ModelLoadError(f"model folder {path} does not exist")
+        if path.exists() and not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path) if path.exists() else name_or_path,
+                dtype=dtype,
+                local_files_only=True,
+                use_safetensors=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"cannot load Stable Diffusion model {name_or_path!r} ({first[:200]}). darkminer never downloads: "
+                "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
+                "cache first (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4`)"
+            ) from None
+        return cls.from_pipeline(pipe.to(device), name=name_or_path)
+
+    def to_pipeline(self) -> StableDiffusionPipeline:
+        """A plain diffusers pipeline sharing this model's modules (no copy)."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    # ----------------------------------------------------------------------------------------- text
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    def encode_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(self.dtype)
+
+    def encode_embeddings(self, embeds: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
+        # The same computation as CLIPTextModel.forward, entered after the token lookup.
+        te = self.text_encoder
+        hidden = te.embeddings(inputs_embeds=embeds.to(te.dtype))
+        mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        return te.final_layer_norm(hidden).to(self.dtype)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_encoder.embeddings.token_embedding
+
+    @cached_property
+    def vocabulary(self) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+
+    @cached_property
+    def special_token_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
+
+    @property
+    def placeholder_id(self) -> int:
+        return int(self.tokenizer("x", add_special_tokens=False).input_ids[0])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    # ---------------------------------------------------------------------------------------- latents
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.to(self.vae.device, self.vae.dtype) * 2 - 1
+        return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((decoded.float() + 1) / 2).clamp(0, 1)
