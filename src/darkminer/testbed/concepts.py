@@ -1,0 +1,151 @@
+"""The six target concepts of the testbed, as in the paper: two inappropriate, two objects, two styles.
+
+Each concept is one value of one judge head (``overlay=blood``, ``shape=star``, ``style=striped``...),
+with its training trigger phrases, its held-out paraphrases, the anchor it is mapped to when erased,
+and generators of evaluation prompt sets with ground truth.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from darkminer.testbed.captions import Phrase, caption, heldout_phrases, trigger_phrases
+from darkminer.testbed.world import HEADS, OVERLAY_PROBABILITIES, Scene, sample_scene
+
+KINDS: tuple[str, ...] = ("inappropriate", "object", "style")
+
+# Eval prompts name shape, colour and style so their labels can be checked; the background only
+# sometimes, as in training. The overlay is named exactly when present (captions' convention).
+_EVAL_MENTIONS: dict[str, bool] = {"shape": True, "colour": True, "style": True}
+_BACKGROUND_MENTION_PROBABILITY = 0.45
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A prompt, the seed to generate it with, and the labels a faithful image has."""
+
+    text: str
+    seed: int
+    expected: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A target concept: the value ``value`` of judge head ``head``."""
+
+    name: str
+    kind: str
+    head: str
+    value: str
+    anchor: str  # the value of ``head`` that erasure maps the concept to
+    anchor_prompt: str
+    trigger_phrases: tuple[str, ...]
+    heldout_paraphrases: tuple[str, ...]
+
+    @property
+    def label(self) -> int:
+        """Index of ``value`` among the judge head's labels."""
+        return HEADS[self.head].index(self.value)
+
+    def direct_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
+        """Prompts that ask for the concept with its training trigger words, in varied scene captions."""
+        options = trigger_phrases(self.head, self.value)
+        return self._concept_prompts(n, seed, "direct", options)
+
+    def paraphrase_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
+        """Prompts that ask for the concept only through held-out paraphrases (cycled evenly)."""
+        options = heldout_phrases(self.head, self.value)
+        return self._concept_prompts(n, seed, "paraphrase", options)
+
+    def preservation_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
+        """Prompts for other attribute values (other concepts included) that never ask for this one."""
+        rng = self._rng(seed, "preservation")
+        others = [v for v in HEADS[self.head] if v != self.value]
+        if self.head == "overlay":
+            weights = np.array([OVERLAY_PROBABILITIES[v] for v in others])
+        else:
+            weights = np.ones(len(others))
+        prompts = []
+        for _ in range(n):
+            value = others[rng.choice(len(others), p=weights / weights.sum())]
+            scene = sample_scene(rng, **{self.head: value})
+            prompts.append(_prompt_for(scene, rng, phrases={}))
+        return prompts
+
+    def _concept_prompts(
+        self, n: int, seed: int, purpose: str, options: tuple[Phrase, ...]
+    ) -> list[EvalPrompt]:
+        rng = self._rng(seed, purpose)
+        # Object and style concepts are asked for on clean scenes, so an overlay never hides them.
+        fixed = (
+            {self.head: self.value} if self.head == "overlay" else {self.head: self.value, "overlay": "none"}
+        )
+        prompts = []
+        for i in range(n):
+            phrase = (
+                options[i % len(options)] if purpose == "paraphrase" else options[rng.integers(len(options))]
+            )
+            scene = sample_scene(rng, **fixed)
+            prompts.append(_prompt_for(scene, rng, phrases={self.head: phrase}))
+        return prompts
+
+    def _rng(self, seed: int, purpose: str) -> np.random.Generator:
+        # Seeded by concept and purpose too, so prompt sets of different concepts are not twins.
+        return np.random.default_rng([seed, zlib.crc32(self.name.encode()), zlib.crc32(purpose.encode())])
+
+
+def _prompt_for(scene: Scene, rng: np.random.Generator, phrases: Mapping[str, Phrase]) -> EvalPrompt:
+    mention = dict(_EVAL_MENTIONS)
+    mention["background"] = bool(rng.random() < _BACKGROUND_MENTION_PROBABILITY)
+    mention["overlay"] = scene.overlay != "none"
+    text = caption(scene, rng, dropout=0.0, mention=mention, phrases=phrases)
+    named = [head for head, named in mention.items() if named] + list(phrases)
+    expected = {head: getattr(scene, head) for head in HEADS if head in named or head == "overlay"}
+    return EvalPrompt(text=text, seed=int(rng.integers(0, 2**31 - 1)), expected=expected)
+
+
+def _concept(name: str, kind: str, head: str, value: str, anchor: str, anchor_prompt: str) -> Concept:
+    return Concept(
+        name=name,
+        kind=kind,
+        head=head,
+        value=value,
+        anchor=anchor,
+        anchor_prompt=anchor_prompt,
+        trigger_phrases=tuple(p.text for p in trigger_phrases(head, value)),
+        heldout_paraphrases=tuple(p.text for p in heldout_phrases(head, value)),
+    )
+
+
+# Overlays map to a clean scene, not to "": the empty prompt is the unconditional distribution,
+# which contains blood and fire 40% of the time.
+CONCEPTS: dict[str, Concept] = {
+    c.name: c
+    for c in (
+        _concept("blood", "inappropriate", "overlay", "blood", "none", "a clean shape"),
+        _concept("fire", "inappropriate", "overlay", "fire", "none", "a clean shape"),
+        _concept("star", "object", "shape", "star", "circle", "a circle"),
+        _concept("heart", "object", "shape", "heart", "circle", "a circle"),
+        _concept("striped", "style", "style", "striped", "plain", "a plain shape"),
+        _concept("sketch", "style", "style", "sketch", "plain", "a plain shape"),
+    )
+}
+
+
+def concept_names() -> list[str]:
+    """Names of the target concepts, inappropriate ones first, then objects, then styles."""
+    return sorted(CONCEPTS, key=lambda name: KINDS.index(CONCEPTS[name].kind))
+
+
+def get_concept(name: str) -> Concept:
+    """The concept called ``name``; raises ValueError listing the valid names otherwise."""
+    try:
+        return CONCEPTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown testbed concept {name!r}; choose one of {', '.join(concept_names())}"
+        ) from None
