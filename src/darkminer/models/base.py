@@ -95,8 +95,6 @@ class DiffusionModel(ABC):
     scheduler_config: dict
     default_sampling: SamplingOptions
     name: str
-    # DDIM settings that differ from the training schedule (e.g. clipping for pixel-space models).
-    sampling_overrides: dict[str, object] = {}
 
     def __init__(self) -> None:
         # Originals of weights edited in place (closed-form or fine-tuned erasers): swapped back in by
@@ -284,7 +282,7 @@ class DiffusionModel(ABC):
 
     # --------------------------------------------------------------------------------------- sampling
     def sampling_scheduler(self, steps: int) -> DDIMScheduler:
-        scheduler = DDIMScheduler.from_config({**self.scheduler_config, **self.sampling_overrides})
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 

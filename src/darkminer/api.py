@@ -1,0 +1,75 @@
+"""The Python API; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkminer.config import load_config_file
+from darkminer.erasers.base import EraserConfig, get_eraser
+from darkminer.models import DEFAULT_MODEL, load_model
+from darkminer.models.base import DiffusionModel
+from darkminer.models.erased import ErasedModelInfo, save_erased
+from darkminer.targets import resolve_target
+
+
+def _base_spec(spec: str | None) -> str:
+    spec = spec or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def erase(
+    method: str,
+    concept: str,
+    out: str | Path,
+    *,
+    model: str | DiffusionModel | None = None,
+    config: EraserConfig | dict[str, Any] | str | Path | None = None,
+    anchor: str | None = None,
+    prompts: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> Path:
+    """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
+
+    ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
+    """
+    eraser_cls = get_eraser(method)
+    if isinstance(config, EraserConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = eraser_cls.config_class.from_dict(config)
+    else:
+        cfg = eraser_cls.config_class.from_dict(load_config_file(config) if config else {})
+    if isinstance(model, DiffusionModel):
+        base = model
+    else:
+        base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype)
+    target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
+    out = Path(out)
+    work_dir = out.parent / f".{out.name}.work"
+    if work_dir.exists() and not resume:
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    summary = eraser_cls(cfg).erase(base, target, work_dir)
+    summary["seconds"] = round(time.time() - started, 2)
+    info = ErasedModelInfo(
+        method=method,
+        concept=target.name,
+        base_model=base.name if base.name in ("testbed", "tiny-random-sd") else _base_spec(base.name),
+        kind=eraser_cls.kind,
+        anchor=target.anchor,
+        config=cfg.to_dict(),
+        extra={"target": target.to_dict(), **summary},
+    )
+    artifacts = work_dir / "artifacts"
+    save_erased(base, out, info, write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return out

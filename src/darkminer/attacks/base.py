@@ -1,0 +1,107 @@
+"""The attack interface and its registry.
+
+As in TextAttack, an attack is a goal (make the judge see the concept on the attacked model), a
+transformation (what it may change: prefix tokens, a soft prompt, a new token, the whole prompt), constraints
+(budget: tokens, iterations, projection to the vocabulary) and a search (gradient descent, genetic search).
+Every attack saves what it found so that it can be replayed on another model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from darkminer.config import Config
+from darkminer.errors import DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+@dataclass
+class AttackConfig(Config):
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AttackPrompt:
+    """A prompt to attack and the seed its image is drawn with."""
+
+    text: str
+    seed: int
+    guidance: float | None = None
+
+
+@dataclass
+class AttackResult:
+    """What an attack found for one prompt: replayable text and/or input-embedding sequence."""
+
+    prompt: AttackPrompt
+    adversarial_text: str
+    success_before: bool
+    success_after: bool
+    input_ids: list[int] | None = None
+    embeddings: torch.Tensor | None = None  # (L, E) input token embeddings, when the attack is soft
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        """Counted as the UnlearnDiffAtk authors do: a prompt that works unattacked counts as broken."""
+        return self.success_before or self.success_after
+
+
+# Decides whether images show the concept (a detector bound to the target); returns one bool per image.
+SuccessFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Attack(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type[AttackConfig]] = AttackConfig
+
+    def __init__(self, config: AttackConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    @abstractmethod
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        """Attack ``model`` (the erased model) on each prompt. ``original`` is the model before erasure
+        (for attacks that need target images or a teacher); often the same object with
+        ``model.original()``."""
+
+
+def attack_success_rate(results: Sequence[AttackResult]) -> float:
+    if not results:
+        raise DarkMinerError("no attack results to score")
+    return sum(r.success for r in results) / len(results)
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(name: str):  # noqa: ANN201
+    def wrap(cls: type[Attack]) -> type[Attack]:
+        if name in ATTACKS:
+            raise RuntimeError(f"attack {name!r} registered twice")
+        cls.name = name
+        ATTACKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_attack(name: str) -> type[Attack]:
+    import darkminer.attacks  # noqa: F401  (registers the built-in attacks)
+
+    if name not in ATTACKS:
+        raise DarkMinerError(f"unknown attack {name!r}; choose one of {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]

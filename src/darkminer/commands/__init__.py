@@ -1,0 +1,7 @@
+"""One module per CLI command; each defines ``register(subparsers)``. The CLI stays thin: commands parse
+arguments, build configs and call the Python API."""
+
+COMMAND_MODULES = (
+    "darkminer.commands.generate",
+    "darkminer.commands.erase",
+)

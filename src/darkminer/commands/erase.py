@@ -1,0 +1,33 @@
+"""``darkminer erase``: remove a concept with one of the registered methods."""
+
+from __future__ import annotations
+
+import argparse
+
+from darkminer.commands.common import add_concept_args, add_model_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "erase", help="erase a concept from a model",
+        description="Erase a concept and write an erased-model directory (weights in safetensors + darkminer.json).",
+    )
+    p.add_argument("--method", required=True, help="darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece")
+    add_concept_args(p)
+    add_model_args(p)
+    p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from darkminer.api import erase
+
+    if args.erased:
+        from darkminer.errors import DarkMinerError
+
+        raise DarkMinerError("erase starts from a base model; --erased is for generate/attack/evaluate")
+    out = erase(args.method, args.concept, args.out, model=args.model, config=args.config, anchor=args.anchor,
+                prompts=args.prompts, resume=args.resume, device=args.device, dtype=args.dtype)
+    print(f"wrote erased model {out}")

@@ -1,0 +1,60 @@
+"""The eraser interface and its registry (one config dataclass per method, as in peft)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from darkminer.config import Config
+from darkminer.errors import DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+@dataclass
+class EraserConfig(Config):
+    seed: int = 0
+
+
+class Eraser(ABC):
+    """Removes a concept from ``model`` in place: by a LoRA (kind ``lora``), by editing UNet weights
+    after ``model.remember_originals`` (kind ``unet``), or by replacing ``model.guidance`` (kind
+    ``guidance``). The runner saves the result as an erased-model directory."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    config_class: ClassVar[type[EraserConfig]] = EraserConfig
+
+    def __init__(self, config: EraserConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise DarkMinerError(f"{self.name} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
+
+    @abstractmethod
+    def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
+        """Erase ``target`` from ``model``; ``work_dir`` is for checkpoints (resume). Returns a summary
+        (losses, timings) recorded in darkminer.json."""
+
+
+ERASERS: dict[str, type[Eraser]] = {}
+
+
+def register_eraser(name: str, kind: str):  # noqa: ANN201
+    def wrap(cls: type[Eraser]) -> type[Eraser]:
+        if name in ERASERS:
+            raise RuntimeError(f"eraser {name!r} registered twice")
+        cls.name, cls.kind = name, kind
+        ERASERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_eraser(name: str) -> type[Eraser]:
+    import darkminer.erasers  # noqa: F401  (registers the built-in erasers)
+
+    if name not in ERASERS:
+        raise DarkMinerError(f"unknown method {name!r}; choose one of {', '.join(sorted(ERASERS))}")
+    return ERASERS[name]

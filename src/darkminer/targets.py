@@ -1,0 +1,73 @@
+"""What to erase: one description of a target concept for both worlds.
+
+On the testbed the concept comes from the registry (its word, anchor, prompt sets with ground truth); on
+Stable Diffusion it is free text, with an anchor (default: the empty prompt) and an optional prompt CSV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from darkminer.errors import DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.prompts import read_prompt_csv
+
+# Ordinary prompts that preservation terms keep unchanged on SD when the user gives none.
+DEFAULT_SD_PRESERVE = (
+    "a photo of a dog", "a landscape with mountains and a lake", "a portrait of a man in a suit",
+    "a bowl of fruit on a table", "a city street at night", "a red car parked by the road",
+    "a painting of flowers in a vase", "a cat sleeping on a sofa",
+)
+
+
+@dataclass(frozen=True)
+class EraseTarget:
+    name: str
+    word: str  # the concept's own word(s): what text-based erasers (ESD, UCE, ...) erase
+    anchor: str  # the prompt the concept is mapped to
+    prompts: tuple[str, ...]  # prompts that ask for the concept (image pools, training prompts)
+    preserve: tuple[str, ...]  # ordinary prompts to keep unchanged
+    kind: str = "free"  # inappropriate | object | style on the testbed; free text on SD
+    testbed_concept: object | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "word": self.word, "anchor": self.anchor, "kind": self.kind,
+                "n_prompts": len(self.prompts), "n_preserve": len(self.preserve)}
+
+
+def is_testbed(model: DiffusionModel) -> bool:
+    return model.name == "testbed"
+
+
+def resolve_target(
+    model: DiffusionModel,
+    concept: str,
+    *,
+    anchor: str | None = None,
+    prompts_csv: str | Path | None = None,
+    n_prompts: int = 64,
+    seed: int = 0,
+) -> EraseTarget:
+    if not concept or not concept.strip():
+        raise DarkMinerError("--concept is empty: name the concept to erase")
+    if is_testbed(model):
+        from darkminer.testbed.concepts import get_concept
+
+        try:
+            c = get_concept(concept)
+        except ValueError as exc:
+            raise DarkMinerError(str(exc)) from None
+        return EraseTarget(
+            name=c.name,
+            word=c.name,
+            anchor=c.anchor_prompt if anchor is None else anchor,
+            prompts=tuple(p.text for p in c.direct_prompts(n_prompts, seed)),
+            preserve=tuple(p.text for p in c.preservation_prompts(n_prompts, seed)),
+            kind=c.kind,
+            testbed_concept=c,
+        )
+    prompts = [concept] + ([r.text for r in read_prompt_csv(prompts_csv, limit=n_prompts)] if prompts_csv else [])
+    return EraseTarget(
+        name=concept, word=concept, anchor=anchor or "", prompts=tuple(prompts), preserve=DEFAULT_SD_PRESERVE
+    )

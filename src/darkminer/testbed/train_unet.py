@@ -1,0 +1,174 @@
+"""Training of the testbed's UNet on the procedural world (CPU-friendly, resumable, seeded).
+
+A bank of (scene, caption) pairs is drawn once and its MiniLM token states cached (the encoder is frozen,
+and encoding on the fly would cost more than the UNet step). Every step re-renders the bank's scenes with
+fresh layout jitter, so the model sees new pixels for the same captions. The EMA of the weights is what
+ships.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from darkminer.config import Config, check_non_negative, check_positive
+from darkminer.testbed import captions, world
+from darkminer.testbed.model import UNET_DIR, TestbedModel
+
+
+@dataclass
+class UNetTrainConfig(Config):
+    seed: int = 0
+    steps: int = 2400
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.998
+    caption_bank: int = 12000
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    threads: int = 2
+
+    def validate(self) -> None:
+        check_positive(
+            self,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            caption_bank=self.caption_bank,
+            checkpoint_every=self.checkpoint_every,
+            threads=self.threads,
+        )
+        check_non_negative(self, warmup_steps=self.warmup_steps, caption_dropout=self.caption_dropout)
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+def build_caption_bank(
+    model: TestbedModel, config: UNetTrainConfig, work_dir: Path
+) -> tuple[list[world.Scene], torch.Tensor, list[str]]:
+    """Scenes, their cached token states (N, L, D) in float16, and the captions; cached in ``work_dir``."""
+    cache = work_dir / f"bank_{config.seed}_{config.caption_bank}.safetensors"
+    rng = np.random.default_rng(config.seed)
+    scenes = world.sample_scenes(config.caption_bank, rng)
+    texts = [captions.caption(s, rng, dropout=0.0) for s in scenes]
+    if cache.is_file():
+        from darkminer.io import load_tensors
+
+        return scenes, load_tensors(cache)["states"], texts
+    from tqdm.auto import tqdm
+
+    from darkminer.io import save_tensors
+
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(texts), 256), desc="encoding captions", unit="batch"):
+            chunks.append(model.encode(texts[start : start + 256]).half())
+    states = torch.cat(chunks)
+    save_tensors(cache, {"states": states})
+    return scenes, states, texts
+
+
+def train_unet(config: UNetTrainConfig, work_dir: str | Path, out_dir: str | Path = UNET_DIR) -> dict:
+    """Train (or resume) the testbed UNet; writes the EMA weights to ``out_dir`` and returns the log."""
+    from tqdm.auto import tqdm
+
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    model = TestbedModel.untrained(config.seed)
+    unet = model.unet.train().requires_grad_(True)
+    scenes, states, _ = build_caption_bank(model, config, work_dir)
+    with torch.no_grad():
+        empty = model.encode([""])[0]
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
+    )
+    log: dict = {"config": config.to_dict(), "losses": [], "seconds": 0.0}
+    step = 0
+    checkpoint = work_dir / "checkpoint.pt"
+    if checkpoint.is_file():
+        # Our own file; weights_only refuses anything but tensors and plain containers.
+        state = torch.load(checkpoint, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        log = json.loads((work_dir / "log.json").read_text())
+    data_rng = np.random.default_rng([config.seed, step])
+    started = time.time() - log["seconds"]
+    bar = tqdm(total=config.steps, initial=step, desc="training testbed UNet", unit="step")
+    running = None
+    while step < config.steps:
+        index = data_rng.integers(0, len(scenes), size=config.batch_size)
+        images, _ = world.render_batch([scenes[i] for i in index], data_rng)
+        cond = states[torch.from_numpy(index)].float()
+        drop = torch.from_numpy(data_rng.random(config.batch_size) < config.caption_dropout)
+        cond[drop] = empty
+        x0 = images * 2 - 1
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, model.num_train_timesteps, (config.batch_size,))
+        loss = torch.nn.functional.mse_loss(
+            unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample, noise
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.update_parameters(unet)
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 50 == 0:
+            log["losses"].append([step, round(running, 5)])
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            log["seconds"] = time.time() - started
+            _save_checkpoint(checkpoint, unet, ema, optimizer, schedule, step)
+            (work_dir / "log.json").write_text(json.dumps(log))
+            _export(ema, out_dir)
+    bar.close()
+    log["seconds"] = time.time() - started
+    (work_dir / "log.json").write_text(json.dumps(log))
+    return log
+
+
+def _save_checkpoint(path: Path, unet, ema, optimizer, schedule, step: int) -> None:
+    from darkminer.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+            },
+            tmp,
+        )
+
+
+def _export(ema: AveragedModel, out_dir: Path) -> None:
+    """Write the EMA UNet as a diffusers folder, replacing ``out_dir`` only once complete."""
+    import shutil
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unet.", dir=out_dir.parent))
+    ema.module.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
