@@ -160,7 +160,7 @@ HELDOUT: dict[str, dict[str, tuple[Phrase, ...]]] = {
     },
     "style": {
         "striped": _phrases(
-            ("tiger striped", "ribbed", "candy cane"),
+            ("tiger patterned", "ribbed", "candy cane"),
             ("with zebra lines", "with bands of color", "with parallel bars", "like a barber pole"),
         ),
         "sketch": _phrases(

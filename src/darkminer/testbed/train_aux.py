@@ -68,7 +68,7 @@ def _check_steps(steps: int) -> None:
 
 def train_judge(
     seed: int = 0,
-    steps: int = 1500,
+    steps: int = 1000,
     out_path: str | Path = judge.WEIGHTS_PATH,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
@@ -129,7 +129,7 @@ def train_image_encoder(
     out_path: str | Path = image_encoder.WEIGHTS_PATH,
     batch_size: int = 256,
     learning_rate: float = 2e-3,
-    bank_size: int = 16384,
+    bank_size: int = 8192,
 ) -> dict:
     """Train the image tower with InfoNCE against frozen MiniLM caption embeddings; save; return the card."""
     _check_steps(steps)
@@ -193,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the testbed judge and image encoder from a seed.")
     parser.add_argument("--only", choices=("judge", "encoder"), help="train just one of the two")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--judge-steps", type=int, default=1500)
+    parser.add_argument("--judge-steps", type=int, default=1000)
     parser.add_argument("--encoder-steps", type=int, default=600)
-    parser.add_argument("--bank-size", type=int, default=16384, help="captions embedded once by MiniLM")
+    parser.add_argument("--bank-size", type=int, default=8192, help="captions embedded once by MiniLM")
     parser.add_argument("--out-dir", type=Path, default=judge.WEIGHTS_PATH.parent)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (keep low on shared machines)"
