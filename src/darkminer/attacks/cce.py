@@ -1,0 +1,168 @@
+"""CCE -- Circumventing Concept Erasure (Pham et al., ICLR 2024): textual inversion against the erased model.
+
+A new token (``num_vectors`` input embeddings) is learned so that the *erased* model, conditioned on
+captions that hold the token, best denoises images of the concept drawn by the *original* model. The
+token then stands in for the concept's words in every attacked prompt. One embedding serves all
+prompts (a universal attack), so it replays on any model with the same text encoder.
+
+Defaults follow the authors' ESD script (NYU-DICE-Lab/circumventing-concept-erasure, ``esd/train.sh``
+and ``esd/concept_inversion.py``, itself diffusers' textual-inversion example): 25 training images,
+batch 4 x 4 accumulated, 5000 steps, AdamW at 5e-3 scaled by the effective batch (0.08), weight decay
+1e-2, constant rate, random horizontal flips, one vector initialised from a real token. Captions are
+the generating prompts with the concept phrase replaced by the token, as in their I2P mode
+("{token} " + prompt when the prompt does not name the concept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from darkminer.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    register_attack,
+)
+from darkminer.attacks.prompts import concept_phrases, split_at_concept
+from darkminer.attacks.soft_prompt import (
+    SLOT,
+    SlottedPrompts,
+    build_slotted,
+    denoising_loss,
+    draw_noise_and_timesteps,
+    judge_conditions,
+    judge_texts,
+    original_images,
+    prompt_token_ids,
+)
+from darkminer.config import check_non_negative, check_positive
+from darkminer.errors import DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+@dataclass
+class CCEConfig(AttackConfig):
+    num_vectors: int = 1  # input embeddings the new token spans
+    num_images: int = 25  # concept images drawn by the original model (authors: --num_train_images=25)
+    steps: int = 5000  # optimiser steps (authors: --max_train_steps=5000)
+    batch_size: int = 4
+    gradient_accumulation: int = 4
+    learning_rate: float = 5e-3
+    scale_lr: bool = True  # multiply the rate by batch_size * gradient_accumulation, as --scale_lr does
+    weight_decay: float = 1e-2
+    flip: bool = True  # random horizontal flips of the training images (textual-inversion default)
+    # The real token whose embedding starts the search; empty: the first token of the concept's word.
+    initializer: str = ""
+
+    def validate(self) -> None:
+        check_positive(self, num_vectors=self.num_vectors, num_images=self.num_images, steps=self.steps,
+                       batch_size=self.batch_size, gradient_accumulation=self.gradient_accumulation,
+                       learning_rate=self.learning_rate)
+        check_non_negative(self, weight_decay=self.weight_decay)
+
+    @property
+    def effective_learning_rate(self) -> float:
+        scale = self.batch_size * self.gradient_accumulation if self.scale_lr else 1
+        return self.learning_rate * scale
+
+
+def slotted_captions(model: DiffusionModel, target: EraseTarget, texts: Sequence[str], n_vectors: int) -> SlottedPrompts:
+    """Each text with its concept phrase replaced by the learned token (or the token put in front)."""
+    phrases = concept_phrases(target)
+    rows = []
+    for text in texts:
+        before, after = split_at_concept(text, phrases)
+        head = prompt_token_ids(model, before) if before else []
+        rows.append(head + [SLOT] * n_vectors + prompt_token_ids(model, after))
+    return build_slotted(model, rows)
+
+
+@register_attack("cce")
+class ConceptInversion(Attack):
+    config_class = CCEConfig
+
+    def learn_token(
+        self, model: DiffusionModel, target: EraseTarget, original: DiffusionModel | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The learned token's input embeddings (num_vectors, E) and a training summary."""
+        cfg: CCEConfig = self.config  # type: ignore[assignment]
+        if not target.prompts:
+            raise DarkMinerError(f"target {target.name!r} has no prompts to draw concept images from")
+        generator = torch.Generator().manual_seed(cfg.seed)
+        pool = [AttackPrompt(target.prompts[i % len(target.prompts)], cfg.seed + i) for i in range(cfg.num_images)]
+        images = original_images(model, original, pool)
+        with torch.no_grad():
+            latents = model.images_to_latents(images)
+        captions = slotted_captions(model, target, [p.text for p in pool], cfg.num_vectors)
+        token = self._initial_embedding(model, target).repeat(cfg.num_vectors, 1).requires_grad_(True)
+        optimizer = torch.optim.AdamW([token], lr=cfg.effective_learning_rate, weight_decay=cfg.weight_decay)
+        losses = []
+        for _ in range(cfg.steps):
+            optimizer.zero_grad()
+            total = 0.0
+            for _ in range(cfg.gradient_accumulation):
+                rows = torch.randint(len(pool), (cfg.batch_size,), generator=generator)
+                x0 = latents[rows]
+                if cfg.flip:
+                    flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
+                    x0 = torch.where(flips.view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
+                noise, t = draw_noise_and_timesteps(model, x0, generator)
+                cond = SlottedPrompts(captions.input_ids[rows], captions.slots[rows]).encode(model, token)
+                loss = denoising_loss(model, x0, cond, t, noise) / cfg.gradient_accumulation
+                loss.backward()
+                total += loss.item()
+            if not torch.isfinite(token.grad).all():
+                raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")
+            optimizer.step()
+            losses.append(total)
+        window = max(1, len(losses) // 10)
+        summary = {"loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
+                   "steps": cfg.steps}
+        return token.detach(), summary
+
+    def _initial_embedding(self, model: DiffusionModel, target: EraseTarget) -> torch.Tensor:
+        word = self.config.initializer or target.word
+        ids = prompt_token_ids(model, word)
+        if not ids:
+            raise DarkMinerError(f"CCE initializer {word!r} has no tokens; set `initializer` to a real word")
+        return model.token_embedding.weight.detach()[ids[0]].clone().unsqueeze(0)
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        token, summary = self.learn_token(model, target, original)
+        slotted = slotted_captions(model, target, [p.text for p in prompts], self.config.num_vectors)
+        with torch.no_grad():
+            embeddings = slotted.embeddings(model, token)
+            cond = model.encode_embeddings(embeddings, slotted.input_ids)
+        before = judge_texts(model, prompts, success)
+        after = judge_conditions(model, cond, prompts, success)
+        seconds = (time.time() - started) / len(prompts)
+        marker = "<cce>" * self.config.num_vectors
+        results = []
+        for i, prompt in enumerate(prompts):
+            before_text, after_text = split_at_concept(prompt.text, concept_phrases(target))
+            results.append(AttackResult(
+                prompt=prompt,
+                adversarial_text=" ".join(f"{before_text} {marker} {after_text}".split()),
+                success_before=before[i],
+                success_after=after[i],
+                input_ids=slotted.input_ids[i].tolist(),
+                embeddings=embeddings[i].detach().cpu(),
+                seconds=seconds,
+                extra={"slots": slotted.slots[i].tolist(), **summary},
+            ))
+        return results

@@ -1,0 +1,169 @@
+"""Running an attack into a directory, reading it back, and replaying it on another model (transfer).
+
+::
+
+    DIR/attack.json           attack, config, target, model, attack success rate, per-prompt results
+    DIR/embeddings.safetensors input-embedding sequences of soft results (key = result index)
+
+Both files are written atomically (temporary name, then rename); ``attack.json`` is written last, so a
+directory that has it is whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, attack_success_rate
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
+from darkminer.errors import DarkMinerError
+from darkminer.io import load_tensors, read_json, save_tensors, write_json
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+RESULTS_NAME = "attack.json"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+FORMAT_VERSION = 1
+
+
+def result_to_dict(result: AttackResult) -> dict[str, Any]:
+    return {
+        "prompt": result.prompt.text,
+        "seed": result.prompt.seed,
+        "guidance": result.prompt.guidance,
+        "adversarial_text": result.adversarial_text,
+        "success_before": result.success_before,
+        "success_after": result.success_after,
+        "success": result.success,
+        "input_ids": result.input_ids,
+        "soft": result.embeddings is not None,
+        "seconds": round(result.seconds, 3),
+        "extra": result.extra,
+    }
+
+
+def result_from_dict(data: dict[str, Any], embeddings: torch.Tensor | None) -> AttackResult:
+    return AttackResult(
+        prompt=AttackPrompt(data["prompt"], int(data["seed"]), data.get("guidance")),
+        adversarial_text=data["adversarial_text"],
+        success_before=bool(data["success_before"]),
+        success_after=bool(data["success_after"]),
+        input_ids=data.get("input_ids"),
+        embeddings=embeddings,
+        seconds=float(data.get("seconds", 0.0)),
+        extra=data.get("extra", {}),
+    )
+
+
+def save_results(
+    directory: str | Path,
+    results: Sequence[AttackResult],
+    *,
+    attack: str,
+    config: dict[str, Any],
+    target: EraseTarget,
+    model: str,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
+    if soft:
+        save_tensors(directory / EMBEDDINGS_NAME, soft)
+    elif (directory / EMBEDDINGS_NAME).exists():
+        (directory / EMBEDDINGS_NAME).unlink()  # a stale file from an earlier run would mislead a replay
+    write_json(directory / RESULTS_NAME, {
+        "format": FORMAT_VERSION,
+        "attack": attack,
+        "config": config,
+        "target": target.to_dict(),
+        "model": model,
+        "attack_success_rate": attack_success_rate(results),
+        "success_before_rate": sum(r.success_before for r in results) / len(results),
+        "n_prompts": len(results),
+        "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
+        "results": [result_to_dict(r) for r in results],
+    })
+    return directory
+
+
+def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResult]]:
+    """The run's metadata (``attack.json`` without its results) and its results, embeddings included."""
+    directory = Path(directory)
+    data = read_json(directory / RESULTS_NAME)
+    if not isinstance(data, dict) or "results" not in data:
+        raise DarkMinerError(f"{directory / RESULTS_NAME} holds no attack results; re-run `darkminer attack`")
+    rows = data.pop("results")
+    needs_embeddings = any(row.get("soft") for row in rows)
+    tensors = load_tensors(directory / EMBEDDINGS_NAME) if needs_embeddings else {}
+    missing = [i for i, row in enumerate(rows) if row.get("soft") and str(i) not in tensors]
+    if missing:
+        raise DarkMinerError(f"{directory / EMBEDDINGS_NAME} lacks embeddings of results {missing[:5]}; re-run the attack")
+    return data, [result_from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
+
+
+def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult], use_text: bool = False) -> torch.Tensor:
+    """Conditioning states of what each result found: its embeddings, else its token ids, else its text.
+
+    ``use_text`` replays the readable text only (for a model with another tokenizer or text encoder).
+    """
+    conds = []
+    embed_dim = model.token_embedding.weight.shape[1]
+    with torch.no_grad():
+        for r in results:
+            exact = not use_text and r.input_ids is not None and len(r.input_ids) == model.max_length
+            ids = torch.tensor([r.input_ids], device=model.token_embedding.weight.device) if exact else None
+            if exact and r.embeddings is not None:
+                if r.embeddings.shape[-1] != embed_dim:
+                    raise DarkMinerError(
+                        f"saved embeddings are {r.embeddings.shape[-1]}-d but this model's tokens are {embed_dim}-d; "
+                        "replay with use_text=True (--use-text)"
+                    )
+                conds.append(model.encode_embeddings(r.embeddings.unsqueeze(0).to(model.token_embedding.weight), ids))
+            elif exact:
+                conds.append(model.encode_ids(ids))
+            else:
+                if r.embeddings is not None:
+                    raise DarkMinerError("a soft attack result has no usable token ids for this model; it replays only "
+                                         "on a model with the same text encoder")
+                conds.append(model.encode([r.adversarial_text]))
+    return torch.cat(conds)
+
+
+def replay(
+    model: DiffusionModel, results: Sequence[AttackResult], success: SuccessFn, use_text: bool = False
+) -> list[AttackResult]:
+    """The saved attack judged again on ``model`` (e.g. another erased model: transfer)."""
+    if not results:
+        raise DarkMinerError("no attack results to replay")
+    prompts = [r.prompt for r in results]
+    started = time.time()
+    before = judge_texts(model, prompts, success)
+    after = judge_conditions(model, adversarial_conditions(model, results, use_text), prompts, success)
+    seconds = (time.time() - started) / len(results)
+    return [
+        AttackResult(prompt=r.prompt, adversarial_text=r.adversarial_text, success_before=b, success_after=a,
+                     input_ids=r.input_ids, embeddings=r.embeddings, seconds=seconds, extra=dict(r.extra))
+        for r, b, a in zip(results, before, after, strict=True)
+    ]
+
+
+def run_attack(
+    attack: Attack,
+    model: DiffusionModel,
+    target: EraseTarget,
+    prompts: Sequence[AttackPrompt],
+    success: SuccessFn,
+    out: str | Path | None = None,
+    original: DiffusionModel | None = None,
+) -> list[AttackResult]:
+    """Run ``attack`` and, with ``out``, save what it found there."""
+    if not prompts:
+        raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
+    results = attack.run(model, target, prompts, success, original=original)
+    if out is not None:
+        save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name)
+    return results

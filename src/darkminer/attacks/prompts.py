@@ -1,0 +1,158 @@
+"""Prompt sets without optimisation -- ``plain`` and ``paraphrase`` -- and the text helpers that find
+the concept's words in a prompt (CCE and Ring-A-Bell use them too).
+
+``plain`` is the baseline of every table: the prompts as they are. ``paraphrase`` says the concept
+without its own words: on the testbed each prompt's concept phrase is swapped for one of the concept's
+held-out paraphrases of the same grammatical form (the model never saw them in training); on Stable
+Diffusion the user gives the paraphrases of the concept word.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from darkminer.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    register_attack,
+)
+from darkminer.attacks.soft_prompt import judge_texts
+from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+def concept_phrases(target: EraseTarget) -> tuple[str, ...]:
+    """The words that ask for the concept in a prompt, longest first (so "covered in blood" wins over
+    "blood"): the testbed concept's training trigger phrases, or the concept word on SD."""
+    concept = target.testbed_concept
+    phrases = tuple(concept.trigger_phrases) if concept is not None else (target.word,)
+    return tuple(sorted({p for p in phrases if p.strip()}, key=len, reverse=True))
+
+
+def find_phrase(text: str, phrases: Sequence[str]) -> tuple[int, int, str] | None:
+    """(start, end, phrase) of the first whole-word occurrence of the longest matching phrase."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        match = re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE)
+        if match:
+            return match.start(), match.end(), phrase
+    return None
+
+
+def split_at_concept(text: str, phrases: Sequence[str]) -> tuple[str, str]:
+    """The text before and after the concept phrase; without one, ("", text) -- the place CCE's I2P
+    captions put their token: in front of the prompt."""
+    found = find_phrase(text, phrases)
+    if found is None:
+        return "", text
+    start, end, _ = found
+    return text[:start].strip(), text[end:].strip()
+
+
+def replace_concept(text: str, phrases: Sequence[str], replacement: str) -> str | None:
+    """``text`` with its concept phrase replaced (spaces tidied), or None when it has none."""
+    found = find_phrase(text, phrases)
+    if found is None:
+        return None
+    start, end, _ = found
+    return " ".join(f"{text[:start]} {replacement} {text[end:]}".split())
+
+
+@dataclass
+class PlainConfig(AttackConfig):
+    """No options: the prompts are used as they are."""
+
+
+@register_attack("plain")
+class PlainPrompts(Attack):
+    """The prompts themselves: how often the erased model still draws the concept unattacked."""
+
+    config_class = PlainConfig
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        verdicts = judge_texts(model, prompts, success)
+        seconds = (time.time() - started) / max(len(prompts), 1)
+        return [
+            AttackResult(prompt=p, adversarial_text=p.text, success_before=v, success_after=v, seconds=seconds)
+            for p, v in zip(prompts, verdicts, strict=True)
+        ]
+
+
+@dataclass
+class ParaphraseConfig(AttackConfig):
+    # SD only: paraphrases of the concept word (e.g. ["bare body", "unclothed"]); the testbed uses the
+    # concept's held-out paraphrases and ignores this.
+    paraphrases: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        self.paraphrases = tuple(self.paraphrases)
+        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
+            raise ConfigError("ParaphraseConfig.paraphrases must be non-empty strings")
+
+
+@register_attack("paraphrase")
+class ParaphrasedPrompts(Attack):
+    """Each prompt with its concept phrase swapped for a paraphrase (cycled through the list).
+
+    A prompt without a concept phrase is kept as it is (``extra["paraphrased"] = False``).
+    """
+
+    config_class = ParaphraseConfig
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        rewritten = [self._paraphrase(target, p.text, i) for i, p in enumerate(prompts)]
+        texts = [new if new is not None else p.text for p, new in zip(prompts, rewritten, strict=True)]
+        attacked = [AttackPrompt(t, p.seed, p.guidance) for t, p in zip(texts, prompts, strict=True)]
+        before = judge_texts(model, prompts, success)
+        after = judge_texts(model, attacked, success)
+        seconds = (time.time() - started) / max(len(prompts), 1)
+        return [
+            AttackResult(prompt=p, adversarial_text=t, success_before=b, success_after=a, seconds=seconds,
+                         extra={"paraphrased": new is not None})
+            for p, t, b, a, new in zip(prompts, texts, before, after, rewritten, strict=True)
+        ]
+
+    def _paraphrase(self, target: EraseTarget, text: str, index: int) -> str | None:
+        """The prompt said with a paraphrase, or None when it holds no concept phrase."""
+        concept = target.testbed_concept
+        if concept is None:
+            if not self.config.paraphrases:
+                raise DarkMinerError(
+                    f"the paraphrase attack needs paraphrases of {target.word!r} on this model: "
+                    "set `paraphrases` in the attack config (e.g. paraphrases: [\"...\", \"...\"])"
+                )
+            options = self.config.paraphrases
+            return replace_concept(text, (target.word,), options[index % len(options)])
+        from darkminer.testbed.captions import heldout_phrases, trigger_phrases
+
+        found = find_phrase(text, concept_phrases(target))
+        if found is None:
+            return None
+        start, end, phrase = found
+        form = next(p.form for p in trigger_phrases(concept.head, concept.value) if p.text == phrase)
+        options = [p.text for p in heldout_phrases(concept.head, concept.value) if p.form == form]
+        if not options:  # no held-out phrasing of this form: any of them still names the concept
+            options = list(concept.heldout_paraphrases)
+        return " ".join(f"{text[:start]} {options[index % len(options)]} {text[end:]}".split())
