@@ -1,0 +1,3 @@
+"""The built-in erasers: importing a module registers its methods by name."""
+
+from darkminer.erasers import esd  # noqa: F401

@@ -1,0 +1,165 @@
+"""What the fine-tuning erasers (ESD, Concept Ablation, Forget-Me-Not) share.
+
+* choosing UNet weights to train in place, with their originals kept as the frozen teacher;
+* partial DDIM sampling to reach an x_t the way the ESD authors do;
+* one Adam loop with NaN checks, progress, and checkpoints in the work directory so a killed erase
+  resumes where it stopped. Every iteration draws its randomness from its own generator seeded by
+  (seed, iteration), so a resumed run gives the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from darkminer.errors import DarkMinerError
+from darkminer.io import load_tensors, read_json, save_tensors, write_json
+from darkminer.models.adapters import target_module_names
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dict[str, nn.Parameter]:
+    """Weights and biases of the UNet's Linear/Conv2d modules matching ``module_pattern``, made trainable.
+
+    Their originals are remembered first, so ``model.eps(..., adapter=False)`` stays the frozen teacher.
+    """
+    modules = set(target_module_names(model, module_pattern))
+    params = {
+        name: p for name, p in model.unet.named_parameters() if name.rsplit(".", 1)[0] in modules
+    }
+    model.remember_originals(list(params))
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The random source of one iteration; independent of what ran before (so resuming is exact)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+@torch.no_grad()
+def partial_ddim_sample(
+    model: DiffusionModel,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    stop_index: int,
+    guidance_scale: float,
+    adapter: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``stop_index`` of ``steps`` DDIM steps from ``noise``; returns x_t and its timestep t.
+
+    ``stop_index`` 0 returns the noise itself at the first (noisiest) timestep of the schedule.
+    """
+    if not 0 <= stop_index < steps:
+        raise DarkMinerError(f"stop_index must lie in [0, {steps}), got {stop_index}")
+    scheduler = model.sampling_scheduler(steps)
+    cfg = ClassifierFreeGuidance()
+    x = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
+    for index, t in enumerate(scheduler.timesteps[:stop_index]):
+        eps = cfg.predict(model, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, index, adapter)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x, scheduler.timesteps[stop_index]
+
+
+def train_parameters(
+    params: dict[str, nn.Parameter],
+    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    *,
+    iterations: int,
+    lr: float,
+    seed: int,
+    work_dir: Path | None,
+    checkpoint_every: int,
+    desc: str,
+) -> list[float]:
+    """Adam on ``params`` for ``iterations`` steps of ``loss_fn(iteration, generator)``; returns the losses.
+
+    With a ``work_dir``, parameters and Adam moments are saved every ``checkpoint_every`` iterations and
+    a run that finds a checkpoint there continues from it.
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    losses: list[float] = []
+    start = 0
+    if work_dir is not None and (work_dir / CHECKPOINT_STATE).is_file():
+        start, losses = _load_checkpoint(work_dir, params, optimizer)
+    try:
+        for iteration in tqdm(range(start, iterations), desc=desc, initial=start, total=iterations, leave=False,
+                              disable=None):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(iteration, iteration_generator(seed, iteration))
+            if not math.isfinite(loss.item()):
+                raise DarkMinerError(
+                    f"{desc}: loss became {loss.item()} at iteration {iteration}; lower the learning rate (lr)"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            done = iteration + 1
+            if work_dir is not None and done < iterations and done % checkpoint_every == 0:
+                _save_checkpoint(work_dir, params, optimizer, done, losses)
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+    return losses
+
+
+def _save_checkpoint(
+    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Adam, done: int, losses: list[float]
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for name, p in params.items():
+        tensors[f"param/{name}"] = p.detach()
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}/{name}"] = state[key]
+        if "step" in state:
+            steps[name] = float(state["step"])
+    save_tensors(work_dir / CHECKPOINT_TENSORS, tensors)
+    # The JSON is written last: its presence means the tensors beside it are complete.
+    write_json(work_dir / CHECKPOINT_STATE, {"iterations_done": done, "losses": losses, "adam_steps": steps})
+
+
+def _load_checkpoint(
+    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Adam
+) -> tuple[int, list[float]]:
+    state = read_json(work_dir / CHECKPOINT_STATE)
+    tensors = load_tensors(work_dir / CHECKPOINT_TENSORS)
+    missing = [name for name in params if f"param/{name}" not in tensors]
+    if missing:
+        raise DarkMinerError(
+            f"the checkpoint in {work_dir} is from another method or model (no {missing[0]}); run without --resume"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+            if name in state["adam_steps"]:
+                optimizer.state[p] = {
+                    "step": torch.tensor(state["adam_steps"][name]),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(p),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p),
+                }
+    return int(state["iterations_done"]), list(state["losses"])
+
+
+def loss_summary(losses: list[float]) -> dict[str, float | int]:
+    """What darkminer.json records of a training run."""
+    if not losses:
+        return {"iterations": 0}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"iterations": len(losses), "first_loss": round(losses[0], 6), "final_loss": round(sum(tail) / len(tail), 6)}
