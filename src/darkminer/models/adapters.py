@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_non_negative, check_positive
 from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.io import load_tensors
 from darkminer.models.base import DiffusionModel
 
 ADAPTER_NAME = "darkminer"
@@ -115,6 +116,7 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
+    load_tensors(path)  # one clear error for a truncated or foreign file, before diffusers parses it
     try:
         model.unet.load_lora_adapter(str(directory), prefix="unet", weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:

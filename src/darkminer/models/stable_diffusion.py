@@ -19,6 +19,19 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 _MIN_VOCAB = 100
 
 
+def _check_local_folder(path: Path) -> None:
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
+    for component in ("unet", "vae", "text_encoder"):
+        folder = path / component
+        pickled = [f.name for f in folder.glob("*") if f.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+        if pickled and not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{folder} holds only pickled weights ({pickled[0]}); darkminer loads safetensors only: convert "
+                "them once in a trusted environment (load, then save_pretrained(..., safe_serialization=True))"
+            )
+
+
 class StableDiffusionModel(DiffusionModel):
     """A diffusers Stable Diffusion pipeline's components behind the model interface."""
 
@@ -66,8 +79,8 @@ class StableDiffusionModel(DiffusionModel):
         path = Path(name_or_path).expanduser()
         if name_or_path.startswith(("/", ".", "~")) and not path.exists():
             raise ModelLoadError(f"model folder {path} does not exist")
-        if path.exists() and not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
+        if path.exists():
+            _check_local_folder(path)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(path) if path.exists() else name_or_path,

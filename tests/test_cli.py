@@ -1,0 +1,119 @@
+"""The command line: help, generate, and one clear error line with a non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from darkminer.cli import main
+from darkminer.config import load_config_file
+from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.models import adapters
+from darkminer.prompts import read_prompt_csv
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("darkminer: error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["erase", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: darkminer" in capsys.readouterr().out
+
+
+def test_generate_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2", "--out", str(out)]) == 0
+    from PIL import Image
+
+    image = Image.open(out)
+    assert image.size[0] > 2 * 32  # two tiles side by side, enlarged
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "/no/such/folder"], "does not exist"),
+        (["--model", "someone/not-cached-model"], "never downloads"),
+        (["--model", "tiny-random-sd", "--prompt", " "], "--prompt is empty"),
+        (["--model", "tiny-random-sd", "-n", "0"], "-n must be >= 1"),
+        (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),
+    ],
+)
+def test_generate_bad_input_fails_with_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    base = {"--prompt": "a cat", "--out": str(out)}
+    for key, value in zip(argv[::2], argv[1::2], strict=True):
+        base[key] = value
+    args = ["generate", *[item for pair in base.items() for item in pair]]
+    assert main(args) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_folder_without_model_index_and_pickled_weights_are_refused(tiny_sd_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no model_index.json" in _error_line(capsys)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_sd_dir, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save({"x": torch.zeros(1)}, pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    assert main(["generate", "--model", str(pickled), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "safetensors only" in _error_line(capsys)
+
+
+def test_corrupt_erased_directory_is_refused(tmp_path, capsys):
+    erased = tmp_path / "erased"
+    erased.mkdir()
+    (erased / "darkminer.json").write_text("{not json")
+    assert main(["generate", "--model", "tiny-random-sd", "--erased", str(erased), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "not valid JSON" in _error_line(capsys)
+
+    (erased / "darkminer.json").write_text(json.dumps({"method": "esd-x", "concept": "c", "base_model": "tiny-random-sd", "kind": "lora"}))
+    (erased / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
+    assert main(["generate", "--model", "tiny-random-sd", "--erased", str(erased), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    _error_line(capsys)
+
+
+def test_unknown_method_is_one_line(capsys, tmp_path):
+    assert main(["erase", "--method", "nope", "--concept", "x", "--model", "tiny-random-sd", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method 'nope'" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_configs_are_validated_at_the_boundary(tmp_path):
+    with pytest.raises(ConfigError, match="rank must be > 0"):
+        adapters.LoraConfig(rank=0)
+    with pytest.raises(ConfigError, match="unknown option"):
+        adapters.LoraConfig.from_dict({"rnak": 4})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config_file(bad)
+
+
+def test_prompt_csv_reading(tmp_path):
+    good = tmp_path / "p.csv"
+    good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
+    rows = read_prompt_csv(good, default_seed=100)
+    assert [(r.text, r.seed, r.guidance) for r in rows] == [("a cat", 42, 7.5), ("a dog", 102, None)]
+    wrong = tmp_path / "w.csv"
+    wrong.write_text("text\na cat\n")
+    with pytest.raises(DarkMinerError, match="no `prompt` column"):
+        read_prompt_csv(wrong)
+    empty = tmp_path / "e.csv"
+    empty.write_text("prompt\n")
+    with pytest.raises(DarkMinerError, match="holds no prompts"):
+        read_prompt_csv(empty)

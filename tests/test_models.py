@@ -1,0 +1,135 @@
+"""The model interface on the real diffusers code path (tiny-random-sd) and the testbed backend."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from darkminer.models import adapters, load_model
+from darkminer.models.erased import ErasedModelInfo, apply_erased, export_merged_unet, save_erased
+
+STEPS = 4
+
+
+def _train_one_lora_step(model, prompt: str) -> None:
+    params = adapters.add_lora(model, adapters.LoraConfig(rank=4, target="cross-attn"), seed=0)
+    # peft initialises B = 0, so the adapter is a no-op until trained; a large step makes the change visible.
+    optimizer = torch.optim.SGD(params, lr=1000.0)
+    x0 = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn_like(x0)
+    t = torch.tensor([300, 700])
+    cond = model.encode([prompt, prompt])
+    loss = (model.eps(model.add_noise(x0, noise, t), t, cond) - 3.0).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+
+
+def test_encode_from_token_embeddings_equals_text_encoding(tiny_sd):
+    ids = tiny_sd.tokenize(["a photo of a cat", "van gogh starry night"])
+    from_text = tiny_sd.encode(["a photo of a cat", "van gogh starry night"])
+    from_embeds = tiny_sd.encode_embeddings(tiny_sd.embed_ids(ids), ids)
+    assert from_text.shape == (2, 77, 32)
+    torch.testing.assert_close(from_embeds, from_text, atol=1e-6, rtol=0)
+
+
+def test_slots_and_nearest_tokens_project_back_to_the_vocabulary(tiny_sd):
+    ids, slots = tiny_sd.insert_slots(["a cat"], 3)
+    assert slots == [1, 2, 3]
+    assert ids.shape == (1, 77)
+    assert tiny_sd.decode_ids(ids[:, :1]) == [""]  # BOS is special
+    table = tiny_sd.token_embedding.weight
+    wanted = tiny_sd.tokenize(["dog"])[0, 1]
+    nearest, words = tiny_sd.nearest_tokens(table[wanted][None] + 1e-4, k=1)
+    assert nearest[0, 0].item() == wanted.item()
+    assert words[0][0] == "dog</w>"
+
+
+def test_same_seed_same_images_different_seed_different(tiny_sd):
+    a = tiny_sd.generate(["a cat", "a dog"], seeds=[1, 2], steps=STEPS)
+    b = tiny_sd.generate(["a dog"], seeds=[2], steps=STEPS)  # batch composition must not matter
+    c = tiny_sd.generate(["a dog"], seeds=[3], steps=STEPS)
+    assert a.shape == (2, 3, 32, 32)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)
+    assert (b - c).abs().mean() > 1e-3
+
+
+def test_sampling_matches_plain_diffusers_pipeline(tiny_sd_dir):
+    model = load_model(str(tiny_sd_dir))
+    noise = model.initial_noise([7])
+    ours = model.sample(model.encode(["a red car"]), noise=noise, steps=STEPS, guidance_scale=7.5)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe("a red car", latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_path):
+    prompt = "a photo of a dog"
+    model = load_model(str(tiny_sd_dir))
+    noise = model.initial_noise([0, 1])
+    cond = model.encode([prompt, prompt])
+    before = model.sample(cond, noise=noise, steps=STEPS)
+    _train_one_lora_step(model, prompt)
+    after = model.sample(cond, noise=noise, steps=STEPS)
+    assert (after - before).abs().mean() > 1e-2, "one LoRA step must change the trained prompt's images"
+    # The frozen original is the same object with the adapter off.
+    teacher = model.sample(cond, noise=noise, steps=STEPS, adapter=False)
+    torch.testing.assert_close(teacher, before, atol=1e-6, rtol=0)
+
+    out = save_erased(model, tmp_path / "erased", ErasedModelInfo(method="test", concept="dog", base_model=str(tiny_sd_dir), kind="lora"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "darkminer.json").is_file()
+
+    reloaded = load_model(erased=out)  # base model read from darkminer.json
+    torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS), after, atol=1e-5, rtol=0)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(out))
+    plain = pipe([prompt] * 2, latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
+    torch.testing.assert_close(plain, after, atol=1e-4, rtol=0)
+
+    merged_dir = export_merged_unet(reloaded, tmp_path / "merged-unet")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd_dir, unet=UNet2DConditionModel.from_pretrained(merged_dir), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    merged = pipe([prompt] * 2, latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
+    torch.testing.assert_close(merged, after, atol=1e-4, rtol=0)
+
+
+def test_in_place_edits_keep_the_original_reachable_and_round_trip(tiny_sd, tmp_path):
+    name = adapters.target_module_names(tiny_sd, adapters.TARGET_PRESETS["cross-attn-kv"])[0] + ".weight"
+    noise = tiny_sd.initial_noise([5])
+    cond = tiny_sd.encode(["a cat"])
+    before = tiny_sd.sample(cond, noise=noise, steps=STEPS)
+    tiny_sd.remember_originals([name])
+    with torch.no_grad():
+        dict(tiny_sd.unet.named_parameters())[name].mul_(-3.0)
+    edited = tiny_sd.sample(cond, noise=noise, steps=STEPS)
+    assert (edited - before).abs().mean() > 1e-3
+    torch.testing.assert_close(tiny_sd.sample(cond, noise=noise, steps=STEPS, adapter=False), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiny_sd.sample(cond, noise=noise, steps=STEPS), edited)  # swapped back after
+
+    out = save_erased(tiny_sd, tmp_path / "e", ErasedModelInfo(method="test", concept="cat", base_model="tiny-random-sd", kind="unet"))
+    fresh = load_model("tiny-random-sd")
+    info = apply_erased(fresh, out)
+    assert info.kind == "unet" and fresh.edited_parameter_names == [name]
+    torch.testing.assert_close(fresh.sample(cond, noise=noise, steps=STEPS), edited, atol=1e-6, rtol=0)
+
+
+def test_lora_targets_select_the_named_modules(tiny_sd):
+    kv = adapters.target_module_names(tiny_sd, adapters.LoraConfig(target="cross-attn-kv").pattern)
+    assert kv and all("attn2" in n and n.endswith(("to_k", "to_v")) for n in kv)
+    non_cross = adapters.target_module_names(tiny_sd, adapters.LoraConfig(target="non-cross-attn").pattern)
+    assert non_cross and not any("attn2" in n for n in non_cross)
+    assert any(n.endswith("attn1.to_q") for n in non_cross)
+
+
+def test_testbed_encodes_embeddings_like_text():
+    model = load_model("testbed")
+    ids = model.tokenize(["a bloody red star", "a sketch of a heart"])
+    torch.testing.assert_close(model.encode_embeddings(model.embed_ids(ids), ids), model.encode_ids(ids), atol=1e-5, rtol=0)
+    assert model.vocabulary[model.tokenize(["star"])[0, 1]] == "star"
+    images = model.generate(["a red star"], seeds=[0], steps=3)
+    assert images.shape == (1, 3, 32, 32)
