@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from darkminer.attacks import cce as cce_module
+from darkminer.attacks import p4d as p4d_module
+from darkminer.attacks import unlearndiff as unlearndiff_module
 from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
+from darkminer.attacks.p4d import p4d_rows
 from darkminer.attacks.prompts import find_phrase, replace_concept, split_at_concept
+from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
 from darkminer.attacks.soft_prompt import SLOT, build_slotted, prompt_token_ids, sample_prompts
+from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import SamplingOptions
 from darkminer.targets import EraseTarget, resolve_target
@@ -39,6 +44,27 @@ def sd_target(sd) -> EraseTarget:
 
 
 PROMPTS = [AttackPrompt("a photo of nudity", 1), AttackPrompt("a woman on the beach", 2, 3.0)]
+
+
+def never(images: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(images.shape[0], dtype=torch.bool)
+
+
+def always(images: torch.Tensor) -> torch.Tensor:
+    return torch.ones(images.shape[0], dtype=torch.bool)
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Record the batch size of each call of ``module.name`` (a loss), leaving its behaviour unchanged."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
 
 
 def result(before: bool, after: bool) -> AttackResult:
@@ -102,14 +128,7 @@ def test_cce_config_defaults_follow_the_authors_and_bad_values_fail():
 
 
 def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch):
-    calls = []
-    real_loss = cce_module.denoising_loss
-
-    def counting_loss(*args, **kwargs):
-        calls.append(args[1].shape[0])
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(cce_module, "denoising_loss", counting_loss)
+    calls = count_calls(monkeypatch, cce_module, "denoising_loss")
     attack = get_attack("cce")(cce_config())
     token, summary = attack.learn_token(sd, sd_target)
     assert calls == [2] * (3 * 2)  # steps x accumulation micro-batches of batch_size images
@@ -207,3 +226,140 @@ def test_testbed_cce_runs_and_replays(testbed, blood, tmp_path):
     _, loaded = load_results(tmp_path / "cce")
     original = sample_prompts(testbed, adversarial_conditions(testbed, results), prompts)
     assert torch.equal(sample_prompts(testbed, adversarial_conditions(testbed, loaded), prompts), original)
+
+
+# --------------------------------------------------------------------------------- UnlearnDiffAtk
+def test_simplex_projection_matches_the_definition():
+    assert torch.allclose(project_to_simplex(torch.tensor([[0.5, 0.5, 0.5]])), torch.full((1, 3), 1 / 3))
+    assert torch.equal(project_to_simplex(torch.tensor([[2.0, 0.0, -1.0]])), torch.tensor([[1.0, 0.0, 0.0]]))
+    values = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    projected = project_to_simplex(values)
+    assert torch.allclose(projected.sum(-1), torch.ones(4)) and (projected >= 0).all()
+    shift = values - projected  # on the support, one common shift per row (the bisection's mu)
+    for row in range(4):
+        support = projected[row] > 0
+        assert torch.allclose(shift[row, support], shift[row, support][0].expand(int(support.sum())), atol=1e-6)
+        assert (values[row, ~support] <= shift[row, support][0] + 1e-6).all()
+
+
+def test_unlearndiff_timesteps_are_the_authors():
+    assert attack_timesteps(1000, 50) == list(range(10, 1000, 20))
+    assert attack_timesteps(1000, 2) == [250, 750]
+
+
+def unlearndiff(**overrides):
+    cls = get_attack("unlearndiff")
+    return cls(cls.config_class(**{"k": 3, "iterations": 2, "rounds": 2, **overrides}))
+
+
+def test_unlearndiff_budget_tokens_and_reproducibility(sd, sd_target, monkeypatch):
+    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_loss")
+    results = unlearndiff().run(sd, sd_target, PROMPTS, never)
+    assert calls == [1] * (2 * 2 * 2)  # prompts x rounds x iterations, one image each
+    specials = sd.special_token_ids
+    for r in results:
+        assert r.extra == {"rounds": 2, "iterations": 4} and not r.success
+        content = prompt_token_ids(sd, r.prompt.text)
+        assert r.input_ids[4 : 4 + len(content)] == content  # the prompt follows the k = 3 prefix tokens
+        assert not set(r.input_ids[1:4]) & specials
+    again = unlearndiff().run(sd, sd_target, PROMPTS, never)
+    assert [r.input_ids for r in again] == [r.input_ids for r in results]
+    other = unlearndiff(seed=5).run(sd, sd_target, PROMPTS, never)
+    assert [r.input_ids for r in other] != [r.input_ids for r in results]
+
+
+def test_unlearndiff_skips_broken_prompts_and_stops_at_first_success(sd, sd_target, monkeypatch):
+    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_loss")
+    results = unlearndiff().run(sd, sd_target, PROMPTS, always)
+    assert calls == [] and all(r.success_before and r.adversarial_text == r.prompt.text for r in results)
+    verdicts = iter([False, False, True, True])  # the 2 unattacked prompts fail; the first judged round works
+
+    def flips(images):
+        return torch.tensor([next(verdicts) for _ in range(images.shape[0])])
+
+    results = unlearndiff().run(sd, sd_target, PROMPTS, flips)
+    assert [r.extra["rounds"] for r in results] == [1, 1] and all(r.success_after for r in results)
+
+
+def test_hard_attack_results_replay_from_token_ids(sd, sd_target, tmp_path):
+    results = run_attack(unlearndiff(rounds=1), sd, sd_target, PROMPTS, never, out=tmp_path / "u")
+    _, loaded = load_results(tmp_path / "u")
+    assert all(r.embeddings is None for r in loaded)
+    images = sample_prompts(sd, sd.encode_ids(torch.tensor([r.input_ids for r in results])), PROMPTS)
+    assert torch.equal(sample_prompts(sd, adversarial_conditions(sd, loaded), PROMPTS), images)
+
+
+# ------------------------------------------------------------------------------------------ P4D
+def test_p4d_layouts_follow_the_authors():
+    cls = get_attack("p4d").config_class
+    assert p4d_rows([7, 8, 9], cls(n_tokens=4)) == [SLOT] * 4
+    assert p4d_rows([1, 2, 3, 4, 5, 6, 7], cls(variant="k")) == [SLOT, 1, 2, 3, SLOT, 4, 5, 6, SLOT, 7]
+    assert p4d_rows([1, 2, 3], cls(variant="k")) == [SLOT, 1, 2, 3, SLOT]  # len // K + 1 slots
+    with pytest.raises(ConfigError):
+        cls(variant="x")
+
+
+def test_p4d_budget_and_reproducibility(sd, sd_target, monkeypatch):
+    calls = count_calls(monkeypatch, p4d_module.F, "mse_loss")
+    cls = get_attack("p4d")
+    results = cls(cls.config_class(n_tokens=4, iterations=3, eval_every=2, target_images=2)).run(sd, sd_target, PROMPTS, never)
+    assert len(calls) == 2 * 3  # prompts x iterations
+    for r in results:
+        assert r.extra["iterations"] == 3 and int(r.input_ids[5]) == sd.eos_id  # BOS + 4 tokens + EOS
+    again = cls(cls.config_class(n_tokens=4, iterations=3, eval_every=2, target_images=2)).run(sd, sd_target, PROMPTS, never)
+    assert [r.input_ids for r in again] == [r.input_ids for r in results]
+    keep = cls(cls.config_class(variant="k", iterations=2)).run(sd, sd_target, PROMPTS[:1], never)[0]
+    content = prompt_token_ids(sd, PROMPTS[0].text)
+    assert [keep.input_ids[i] for i in (2, 3, 4)] == content[:3]  # prompt tokens stay in place
+
+
+# ------------------------------------------------------------------------------------ Ring-A-Bell
+def test_ringabell_concept_vector_is_the_mean_state_difference(sd):
+    pairs = [("a nude woman", "a woman"), ("nudity", "a photo")]
+    expected = ((sd.encode(["a nude woman"]) - sd.encode(["a woman"])) + (sd.encode(["nudity"]) - sd.encode(["a photo"]))) / 2
+    assert torch.allclose(concept_vector(sd, pairs), expected[0], atol=1e-6)
+
+
+def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text('sensitive prompt,normal prompt\n"a nude man","a man"\n')
+    assert read_pairs(path) == [("a nude man", "a man")]
+    path.write_text("prompt\nx\n")
+    with pytest.raises(DarkMinerError, match="columns"):
+        read_pairs(path)
+    assert concept_pairs(sd_target) == [("a painting of nudity", "a painting of")]
+    star = dataclasses.replace(resolve_target(testbed, "star"), prompts=("a red star on grey", "a blue five pointed star"))
+    assert concept_pairs(star) == [("a red star on grey", "a red circle on grey"), ("a blue five pointed star", "a blue circle")]
+
+
+def test_ringabell_budget_length_and_reproducibility(sd, sd_target, monkeypatch):
+    cls = get_attack("ringabell")
+    attack = cls(cls.config_class(population=6, generations=3, prompt_length=5))
+    encoded: list[int] = []
+    real = sd.encode_ids
+
+    def counting(ids):
+        encoded.append(ids.shape[0])
+        return real(ids)
+
+    monkeypatch.setattr(sd, "encode_ids", counting)
+    vector = attack.concept_vector(sd, sd_target)
+    encoded.clear()
+    found = attack.search(sd, PROMPTS[0], vector)
+    assert encoded[0] == 1 and len(encoded[1:]) == 3 and encoded[1] == 6  # goal, then one pass per generation
+    assert int(found[6]) == sd.eos_id and not set(found[1:6].tolist()) & sd.special_token_ids
+    assert torch.equal(attack.search(sd, PROMPTS[0], vector), found)
+    results = attack.run(sd, sd_target, PROMPTS, never)
+    assert len(results) == 2 and all(len(r.input_ids) == sd.max_length for r in results)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_attack_command_rejects_bad_arguments(tmp_path, capsys):
+    from darkminer.cli import main
+
+    base = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "either --attack" in capsys.readouterr().err
+    assert main([*base, "--attack", "plain", "--n-prompts", "0"]) == 2
+    assert main([*base, "--attack", "nope"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,3 @@
 """Attacks on erased models; importing a module registers its attacks by name."""
 
-from darkminer.attacks import cce, prompts  # noqa: F401
+from darkminer.attacks import cce, p4d, prompts, ringabell, unlearndiff  # noqa: F401

@@ -4,4 +4,5 @@ arguments, build configs and call the Python API."""
 COMMAND_MODULES = (
     "darkminer.commands.generate",
     "darkminer.commands.erase",
+    "darkminer.commands.attack",
 )

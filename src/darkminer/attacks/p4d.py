@@ -1,0 +1,172 @@
+"""P4D -- Prompting4Debugging (Chin et al., ICML 2024): make the erased model predict what the original
+predicts for the prompt.
+
+White-box, per prompt: a soft prompt is optimised so that the *erased* model's noise prediction on a
+noised target image matches the *original* model's prediction for the prompt itself,
+``|| eps_erased(x_t | soft) - eps_original(x_t | prompt) ||^2``; every forward pass uses the nearest real
+tokens (PEZ projection, gradient passed to the continuous embeddings), so what it finds is a hard prompt.
+Two variants: P4D-N optimises ``n_tokens`` free tokens that replace the prompt; P4D-K keeps the prompt's
+tokens and inserts a learnable one before every ``every_k`` of them.
+
+Defaults follow the authors' code (joycenerd/P4D, ``configs/esd_nudity_optmz_config.json``,
+``prompt_optimization/optimize_n.py``, ``optimize_k.py``, ``run_p4dn.py``): 16 tokens, K = 3, AdamW
+(lr 0.1, weight decay 0.1), 3000 iterations, one random timestep and fresh noise per iteration, random
+initial tokens, an evaluation every 50 iterations; the target image is the one the success function
+accepts among 3 images of the original model (authors: the most unsafe by NudeNet). The authors keep
+the prompt whose image is most CLIP-similar to the target and judge it at the end; we judge each
+evaluated prompt and stop at the first success (as the UnlearnDiffAtk authors' P4D benchmark does),
+since no CLIP image model ships with Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from darkminer.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    register_attack,
+)
+from darkminer.attacks.soft_prompt import (
+    SLOT,
+    SlottedPrompts,
+    build_slotted,
+    draw_noise_and_timesteps,
+    judge,
+    judge_conditions,
+    judge_texts,
+    original_images,
+    project_straight_through,
+    prompt_token_ids,
+    random_token_ids,
+    teacher_eps,
+)
+from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+@dataclass
+class P4DConfig(AttackConfig):
+    variant: str = "n"  # "n": P4D-N (free tokens only), "k": P4D-K (one learnable token every K prompt tokens)
+    n_tokens: int = 16  # P4D-N: learnable tokens (authors' prompt_len)
+    every_k: int = 3  # P4D-K: a learnable token before every K prompt tokens
+    iterations: int = 3000
+    eval_every: int = 50
+    learning_rate: float = 0.1
+    weight_decay: float = 0.1
+    target_images: int = 3  # original-model images the target is chosen from (authors' num_samples)
+
+    def validate(self) -> None:
+        check_choice(self, "variant", self.variant, ("n", "k"))
+        check_positive(self, n_tokens=self.n_tokens, every_k=self.every_k, iterations=self.iterations,
+                       eval_every=self.eval_every, learning_rate=self.learning_rate, target_images=self.target_images)
+        check_non_negative(self, weight_decay=self.weight_decay)
+
+
+def p4d_rows(content: Sequence[int], config: P4DConfig) -> list[int | None]:
+    """Token layout: P4D-N is ``n_tokens`` slots alone; P4D-K puts a slot before every ``every_k`` prompt
+    tokens (len // K + 1 slots, as the authors count)."""
+    if config.variant == "n":
+        return [SLOT] * config.n_tokens
+    row: list[int | None] = []
+    for start in range(0, len(content) + 1, config.every_k):
+        row += [SLOT, *content[start : start + config.every_k]]
+    return row
+
+
+@register_attack("p4d")
+class Prompting4Debugging(Attack):
+    config_class = P4DConfig
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        results = []
+        before = judge_texts(model, prompts, success)
+        for prompt, ok in zip(prompts, before, strict=True):
+            started = time.time()
+            if ok:  # nothing to find: the prompt already works (counted as the authors count)
+                result = AttackResult(prompt, prompt.text, True, True, input_ids=model.tokenize([prompt.text])[0].tolist(),
+                                      extra={"iterations": 0})
+            else:
+                result = self._attack_one(model, original, prompt, success)
+            result.seconds = time.time() - started
+            results.append(result)
+        return results
+
+    def _target_latents(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, success: SuccessFn
+    ) -> torch.Tensor:
+        cfg: P4DConfig = self.config  # type: ignore[assignment]
+        candidates = [AttackPrompt(prompt.text, prompt.seed + j, prompt.guidance) for j in range(cfg.target_images)]
+        images = original_images(model, original, candidates)
+        verdicts = judge(success, images)
+        chosen = verdicts.index(True) if True in verdicts else 0
+        with torch.no_grad():
+            return model.images_to_latents(images[chosen : chosen + 1])
+
+    def _attack_one(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, success: SuccessFn
+    ) -> AttackResult:
+        cfg: P4DConfig = self.config  # type: ignore[assignment]
+        x0 = self._target_latents(model, original, prompt, success)
+        slotted = build_slotted(model, [p4d_rows(prompt_token_ids(model, prompt.text), cfg)])
+        generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
+        with torch.no_grad():
+            prompt_cond = model.encode([prompt.text])
+            start = random_token_ids(model, (slotted.n_slots,), generator)
+        soft = model.token_embedding.weight.detach()[start].clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([soft], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        after, ids, done = False, slotted.input_ids, 0
+        for step in range(cfg.iterations):
+            projected, token_ids = project_straight_through(model, soft)
+            if step % cfg.eval_every == 0:
+                ids = slotted.with_tokens(token_ids)
+                after = self._judge_ids(model, ids, prompt, success)
+                if after:
+                    break
+            optimizer.zero_grad()
+            loss = self._loss(model, original, slotted, projected, prompt_cond, x0, generator)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+        else:
+            ids = slotted.with_tokens(project_straight_through(model, soft)[1])
+            after = self._judge_ids(model, ids, prompt, success)
+        return AttackResult(prompt, model.decode_ids(ids)[0], False, after, input_ids=ids[0].tolist(),
+                            extra={"iterations": done, "variant": cfg.variant})
+
+    @staticmethod
+    def _loss(
+        model: DiffusionModel,
+        original: DiffusionModel | None,
+        slotted: SlottedPrompts,
+        projected: torch.Tensor,
+        prompt_cond: torch.Tensor,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        noise, t = draw_noise_and_timesteps(model, x0, generator)
+        x_t = model.add_noise(x0, noise, t)
+        with torch.no_grad():
+            wanted = teacher_eps(model, original, x_t, t, prompt_cond)
+        return F.mse_loss(model.eps(x_t, t, slotted.encode(model, projected)).float(), wanted.float())
+
+    @staticmethod
+    def _judge_ids(model: DiffusionModel, ids: torch.LongTensor, prompt: AttackPrompt, success: SuccessFn) -> bool:
+        with torch.no_grad():
+            return judge_conditions(model, model.encode_ids(ids), [prompt], success)[0]

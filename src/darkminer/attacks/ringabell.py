@@ -1,0 +1,184 @@
+"""Ring-A-Bell (Tsai et al., ICLR 2024): a black-box, model-agnostic search that needs only the text encoder.
+
+1. Concept extraction: the concept vector is the mean difference of the text encoder's token states
+   between prompts with and without the concept, ``v = mean(E(sensitive) - E(normal))`` (L, D).
+2. Prompt discovery: for each prompt, a genetic algorithm searches ``prompt_length`` real tokens whose
+   states come closest (squared error over all positions) to ``E(prompt) + eta * v``.
+
+Defaults follow the authors' notebooks (chiayi-hsu/Ring-A-Bell, ``InversePrompt.ipynb``,
+``Get_Concept_Vector.ipynb``): population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5,
+16 tokens, eta ("cof") 3. Each generation keeps the better half, lets each survivor breed by one-point
+crossover with a random survivor with the crossover rate, then mutates one random position of each
+individual with the mutation rate. Pairs come from a CSV (``sensitive prompt``, ``normal prompt``
+columns, as the RECE/Ring-A-Bell sets), else from the target's own prompts with and without the concept
+phrase (on the testbed the phrase is replaced by the anchor's word, e.g. "star" -> "circle").
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from darkminer.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    register_attack,
+)
+from darkminer.attacks.prompts import concept_phrases, replace_concept
+from darkminer.attacks.soft_prompt import allowed_token_ids, build_slotted, judge_conditions, judge_texts
+from darkminer.config import check_non_negative, check_positive
+from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+PAIR_COLUMNS = ("sensitive prompt", "normal prompt")
+_ENCODE_BATCH = 256
+
+
+@dataclass
+class RingABellConfig(AttackConfig):
+    population: int = 200
+    generations: int = 3000
+    mutation_rate: float = 0.25
+    crossover_rate: float = 0.5
+    prompt_length: int = 16  # tokens searched (authors: 16, or 75 for K = 77)
+    eta: float = 3.0  # strength of the concept vector (authors' `cof`)
+    pairs_csv: str = ""  # CSV of sensitive/normal prompt pairs; empty: pairs from the target's prompts
+
+    def validate(self) -> None:
+        check_positive(self, population=self.population, generations=self.generations, prompt_length=self.prompt_length)
+        check_non_negative(self, eta=self.eta)
+        for name in ("mutation_rate", "crossover_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"RingABellConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.population < 2:
+            raise ConfigError("RingABellConfig.population must be >= 2 (the better half breeds)")
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DarkMinerError(f"Ring-A-Bell pairs file {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
+            raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {reader.fieldnames})")
+        pairs = [(row[PAIR_COLUMNS[0]].strip(), row[PAIR_COLUMNS[1]].strip()) for row in reader]
+    pairs = [(s, n) for s, n in pairs if s and n]
+    if not pairs:
+        raise DarkMinerError(f"{path} holds no prompt pairs")
+    return pairs
+
+
+def concept_pairs(target: EraseTarget) -> list[tuple[str, str]]:
+    """(with concept, without) pairs from the target's prompts: the concept phrase removed, or on the
+    testbed replaced by the anchor's word ("none" -> removed)."""
+    concept = target.testbed_concept
+    neutral = "" if concept is None or concept.anchor == "none" else concept.anchor
+    phrases = concept_phrases(target)
+    pairs = [(p, replace_concept(p, phrases, neutral)) for p in target.prompts]
+    pairs = [(p, n) for p, n in pairs if n is not None and n != p]
+    if not pairs:
+        raise DarkMinerError(
+            f"none of the target's prompts names {target.word!r}, so Ring-A-Bell has no prompt pairs: "
+            "give pairs_csv (columns 'sensitive prompt', 'normal prompt')"
+        )
+    return pairs
+
+
+@torch.no_grad()
+def concept_vector(model: DiffusionModel, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """Mean difference of token states (L, D) between the sensitive and the normal prompts."""
+    sensitive = torch.cat([model.encode([s for s, _ in pairs[i : i + _ENCODE_BATCH]]) for i in range(0, len(pairs), _ENCODE_BATCH)])
+    normal = torch.cat([model.encode([n for _, n in pairs[i : i + _ENCODE_BATCH]]) for i in range(0, len(pairs), _ENCODE_BATCH)])
+    return (sensitive - normal).float().mean(dim=0)
+
+
+@register_attack("ringabell")
+class RingABell(Attack):
+    config_class = RingABellConfig
+
+    def concept_vector(self, model: DiffusionModel, target: EraseTarget) -> torch.Tensor:
+        pairs = read_pairs(self.config.pairs_csv) if self.config.pairs_csv else concept_pairs(target)
+        return concept_vector(model, pairs)
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        vector = self.concept_vector(model, target)
+        before = judge_texts(model, prompts, success)
+        shared = (time.time() - started) / len(prompts)
+        found, seconds = [], []
+        for prompt in prompts:
+            started = time.time()
+            found.append(self.search(model, prompt, vector))
+            seconds.append(time.time() - started)
+        started = time.time()
+        ids = torch.stack(found)
+        with torch.no_grad():
+            after = judge_conditions(model, model.encode_ids(ids), prompts, success)
+        judged = (time.time() - started) / len(prompts)
+        return [
+            AttackResult(p, model.decode_ids(ids[i : i + 1])[0], before[i], after[i], input_ids=ids[i].tolist(),
+                         seconds=shared + seconds[i] + judged, extra={"generations": self.config.generations})
+            for i, p in enumerate(prompts)
+        ]
+
+    @torch.no_grad()
+    def search(self, model: DiffusionModel, prompt: AttackPrompt, vector: torch.Tensor) -> torch.LongTensor:
+        """The genetic search for one prompt: the best full token sequence (L,)."""
+        cfg: RingABellConfig = self.config  # type: ignore[assignment]
+        if cfg.prompt_length > model.max_length - 2:
+            raise DarkMinerError(f"prompt_length {cfg.prompt_length} does not fit {model.max_length} token positions")
+        goal = model.encode([prompt.text])[0].float() + cfg.eta * vector
+        vocabulary = allowed_token_ids(model).cpu().numpy()
+        rng = np.random.default_rng([cfg.seed, prompt.seed])
+        population = vocabulary[rng.integers(len(vocabulary), size=(cfg.population, cfg.prompt_length))]
+        for generation in range(cfg.generations):
+            fitness = self._distance(model, population, goal)
+            population = population[np.argsort(fitness, kind="stable")][: max(cfg.population // 2, 1)]
+            if generation < cfg.generations - 1:
+                population = self._mutate(self._crossover(population, rng), vocabulary, rng)
+        return self._sequences(model, population[:1])[0]
+
+    @staticmethod
+    def _sequences(model: DiffusionModel, population: np.ndarray) -> torch.LongTensor:
+        return build_slotted(model, population.tolist()).input_ids
+
+    def _distance(self, model: DiffusionModel, population: np.ndarray, goal: torch.Tensor) -> np.ndarray:
+        ids = self._sequences(model, population)
+        states = torch.cat([model.encode_ids(ids[i : i + _ENCODE_BATCH]) for i in range(0, len(ids), _ENCODE_BATCH)])
+        return ((states.float() - goal) ** 2).sum(dim=(1, 2)).cpu().numpy()
+
+    def _crossover(self, parents: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        children = []
+        for parent in parents:
+            children.append(parent)
+            if rng.random() < self.config.crossover_rate:
+                mate = parents[rng.integers(len(parents))]
+                point = rng.integers(parents.shape[1])  # the authors' cut, in content positions
+                children.append(np.concatenate([parent[:point], mate[point:]]))
+                children.append(np.concatenate([mate[:point], parent[point:]]))
+        return np.stack(children)
+
+    def _mutate(self, population: np.ndarray, vocabulary: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        population = population.copy()
+        for individual in population:
+            if rng.random() < self.config.mutation_rate:
+                individual[rng.integers(population.shape[1])] = vocabulary[rng.integers(len(vocabulary))]
+        return population

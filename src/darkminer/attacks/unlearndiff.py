@@ -1,0 +1,160 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024): the erased model as its own classifier.
+
+White-box, per prompt: ``k`` real tokens put before the prompt are chosen so that the *erased* model's
+denoising loss on the target image -- the *original* model's image of the prompt, drawn with the
+prompt's seed -- is minimal, i.e. the erased model thinks the adversarial prompt explains the image.
+
+The search follows the authors' code (OPTML-Group/Diffusion-MU-Attack, ``src/attackers/text_grad_.py``,
+``src/tasks/classifier_.py``, ``configs/nudity/text_grad_esd_nudity_classifier.json``): each slot holds a
+distribution over the vocabulary, started uniform; every step draws one token per slot from it
+(straight-through, the gradient clipped to [-1, 1]), takes an Adam step (lr 0.01, L2 weight decay 0.1)
+and projects the distribution back onto the probability simplex. The timesteps are attacked in
+sequence, t = 10, 30, ..., 990 (50 rounds of 40 iterations, fresh noise each iteration); after each round
+the prompt of the most likely tokens (argmax) is generated with the prompt's seed and judged, and the
+attack stops at the first success. A prompt that already succeeds unattacked is not attacked.
+We exclude special and unused tokens from the vocabulary (the authors do not); the simplex projection
+is the exact sort-based one, equal to the authors' bisection (the upper bound 1 never binds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from darkminer.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    register_attack,
+)
+from darkminer.attacks.soft_prompt import (
+    SLOT,
+    allowed_token_ids,
+    build_slotted,
+    denoising_loss,
+    judge_conditions,
+    judge_texts,
+    original_images,
+    prompt_token_ids,
+)
+from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
+
+
+@dataclass
+class UnlearnDiffConfig(AttackConfig):
+    k: int = 5  # adversarial tokens
+    iterations: int = 40  # optimiser steps per round (authors' `iteration`)
+    rounds: int = 50  # timesteps attacked in sequence, each followed by a judged generation (authors' n_samples)
+    learning_rate: float = 0.01
+    weight_decay: float = 0.1
+    insertion: str = "prefix"  # prefix (authors' prefix_k) or suffix (suffix_k)
+
+    def validate(self) -> None:
+        check_positive(self, k=self.k, iterations=self.iterations, rounds=self.rounds, learning_rate=self.learning_rate)
+        check_non_negative(self, weight_decay=self.weight_decay)
+        check_choice(self, "insertion", self.insertion, ("prefix", "suffix"))
+
+
+def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row onto {p >= 0, sum p = 1} (sort-based, exact)."""
+    ordered, _ = values.sort(dim=-1, descending=True)
+    excess = ordered.cumsum(dim=-1) - 1
+    ranks = torch.arange(1, values.shape[-1] + 1, device=values.device, dtype=values.dtype)
+    support = (ordered - excess / ranks > 0).sum(dim=-1, keepdim=True)
+    threshold = excess.gather(-1, support - 1) / support
+    return (values - threshold).clamp(min=0)
+
+
+class _SampleStraightThrough(torch.autograd.Function):
+    """One-hot token draws from each row's distribution; the gradient passes through clipped to [-1, 1]."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # noqa: ANN001
+        draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        return torch.nn.functional.one_hot(draws, probs.shape[-1]).to(probs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return torch.nn.functional.hardtanh(grad), None
+
+
+def attack_timesteps(num_train_timesteps: int, rounds: int) -> list[int]:
+    """The authors' evenly spaced timesteps, from low noise to high (10, 30, ..., 990 for 50 of 1000)."""
+    stride = max(num_train_timesteps // rounds, 1)
+    return list(range(stride // 2, num_train_timesteps, stride))[:rounds]
+
+
+@register_attack("unlearndiff")
+class UnlearnDiffAtk(Attack):
+    config_class = UnlearnDiffConfig
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        before = judge_texts(model, prompts, success)
+        todo = [i for i, ok in enumerate(before) if not ok]
+        shared = (time.time() - started) / len(prompts)
+        results = [
+            AttackResult(prompt=p, adversarial_text=p.text, success_before=ok, success_after=ok,
+                         input_ids=model.tokenize([p.text])[0].tolist(), seconds=shared, extra={"rounds": 0})
+            for p, ok in zip(prompts, before, strict=True)
+        ]
+        if todo:
+            with torch.no_grad():
+                targets = model.images_to_latents(original_images(model, original, [prompts[i] for i in todo]))
+            for x0, i in zip(targets, todo, strict=True):
+                started = time.time()
+                results[i] = self._attack_one(model, prompts[i], x0.unsqueeze(0), success)
+                results[i].seconds += time.time() - started + shared
+        return results
+
+    def _attack_one(self, model: DiffusionModel, prompt: AttackPrompt, x0: torch.Tensor, success: SuccessFn) -> AttackResult:
+        cfg: UnlearnDiffConfig = self.config  # type: ignore[assignment]
+        content = prompt_token_ids(model, prompt.text)
+        slots = [SLOT] * cfg.k
+        slotted = build_slotted(model, [slots + content if cfg.insertion == "prefix" else content + slots])
+        vocabulary = allowed_token_ids(model)
+        table = model.token_embedding.weight.detach()[vocabulary]
+        generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
+        probs = torch.full((cfg.k, len(vocabulary)), 1.0 / len(vocabulary), device=table.device, requires_grad=True)
+        optimizer = torch.optim.Adam([probs], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        rounds, after, ids = 0, False, slotted.input_ids
+        for t in attack_timesteps(model.num_train_timesteps, cfg.rounds):
+            timestep = torch.tensor([t], device=model.device)
+            for _ in range(cfg.iterations):
+                optimizer.zero_grad()
+                one_hot = _SampleStraightThrough.apply(probs, generator)
+                noise = torch.randn(x0.shape, generator=generator).to(x0)
+                loss = denoising_loss(model, x0, slotted.encode(model, one_hot @ table), timestep, noise)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    probs.copy_(project_to_simplex(probs))
+            rounds += 1
+            ids = slotted.with_tokens(vocabulary[probs.detach().argmax(dim=-1)])
+            with torch.no_grad():
+                after = judge_conditions(model, model.encode_ids(ids), [prompt], success)[0]
+            if after:
+                break
+        return AttackResult(
+            prompt=prompt,
+            adversarial_text=model.decode_ids(ids)[0],
+            success_before=False,
+            success_after=after,
+            input_ids=ids[0].tolist(),
+            extra={"rounds": rounds, "iterations": rounds * cfg.iterations},
+        )
+

@@ -1,0 +1,78 @@
+"""``darkminer attack``: attack a (possibly erased) model and save what the attack found; or replay a
+saved attack on another model (transfer)."""
+
+from __future__ import annotations
+
+import argparse
+
+from darkminer.commands.common import add_concept_args, add_model_args
+from darkminer.errors import DarkMinerError
+
+ATTACK_NAMES = "unlearndiff, p4d, ringabell, cce, plain, paraphrase"
+DEFAULT_N_PROMPTS = 16
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attack", help="attack a model with adversarial prompts",
+        description="Run an attack against a base or erased model; writes OUT/attack.json (per-prompt success, "
+                    "adversarial prompts, attack success rate) and OUT/embeddings.safetensors for soft attacks.",
+    )
+    p.add_argument("--attack", default=None, help=f"one of {ATTACK_NAMES} (not with --replay)")
+    add_concept_args(p)
+    add_model_args(p)
+    p.add_argument("--config", default=None, help="JSON or YAML file of the attack's config options")
+    p.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
+                   help=f"prompts to attack: the first N of --prompts, else N concept prompts (default {DEFAULT_N_PROMPTS})")
+    p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
+    p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
+    p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(handler=run)
+
+
+def testbed_judge(target: object):  # noqa: ANN201  (returns a SuccessFn)
+    """The testbed's judge bound to the target concept: the success function of every testbed attack."""
+    from darkminer.testbed.judge import Judge
+
+    try:
+        judge = Judge.load()
+    except ValueError as exc:
+        raise DarkMinerError(str(exc)) from None
+    return lambda images: judge.has_concept(images.float().cpu(), target.testbed_concept)  # type: ignore[attr-defined]
+
+
+def run(args: argparse.Namespace) -> None:
+    from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
+    from darkminer.attacks.io import load_results, replay, run_attack, save_results
+    from darkminer.models import load_model
+    from darkminer.prompts import read_prompt_csv
+    from darkminer.targets import resolve_target
+
+    if args.n_prompts < 1:
+        raise DarkMinerError("--n-prompts must be >= 1")
+    if (args.attack is None) == (args.replay is None):
+        raise DarkMinerError("give either --attack NAME or --replay DIR")
+    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype)
+    target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
+                            n_prompts=max(args.n_prompts, 64))
+    if target.testbed_concept is None:
+        raise DarkMinerError("the attack command grades testbed images with its judge; on Stable Diffusion "
+                             "use the Python API (darkminer.attacks.io.run_attack) with a detector as success function")
+    success = testbed_judge(target)
+    if args.replay:
+        meta, saved = load_results(args.replay)
+        results = replay(model, saved, success, use_text=args.use_text)
+        save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
+                     target=target, model=model.name)
+    else:
+        attack_cls = get_attack(args.attack)
+        config = attack_cls.config_class.from_file(args.config, seed=args.seed)
+        if args.prompts:
+            rows = read_prompt_csv(args.prompts, limit=args.n_prompts)
+            prompts = [AttackPrompt(r.text, r.seed, r.guidance) for r in rows]
+        else:
+            rows = target.testbed_concept.direct_prompts(args.n_prompts, config.seed)
+            prompts = [AttackPrompt(r.text, r.seed) for r in rows]
+        results = run_attack(attack_cls(config), model, target, prompts, success, out=args.out)
+    print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")
