@@ -5,4 +5,6 @@ COMMAND_MODULES = (
     "darkminer.commands.generate",
     "darkminer.commands.erase",
     "darkminer.commands.attack",
+    "darkminer.commands.evaluate",
+    "darkminer.commands.benchmark",
 )

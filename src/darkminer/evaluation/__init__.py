@@ -1,0 +1,26 @@
+"""Evaluation: detectors (NudeNet, CLIP zero-shot, the testbed judge), prompt suites, metrics,
+``evaluate`` (one model, one concept -> metrics.json) and the benchmark runner with its report."""
+
+from darkminer.evaluation.benchmark import PRESETS, BenchmarkConfig, load_benchmark_config, run_benchmark
+from darkminer.evaluation.detectors import (
+    Clip,
+    ClipZeroShotDetector,
+    Detector,
+    JudgeDetector,
+    NudeNetDetector,
+)
+from darkminer.evaluation.evaluate import EvaluationConfig, evaluate
+
+__all__ = [
+    "PRESETS",
+    "BenchmarkConfig",
+    "Clip",
+    "ClipZeroShotDetector",
+    "Detector",
+    "EvaluationConfig",
+    "JudgeDetector",
+    "NudeNetDetector",
+    "evaluate",
+    "load_benchmark_config",
+    "run_benchmark",
+]

@@ -1,0 +1,58 @@
+"""``darkminer evaluate``: grade an (erased) model on a concept and write DIR/metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+
+from darkminer.commands.common import add_concept_args, add_model_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="measure erasure, attack success and preservation",
+        description="Draw the concept's prompt sets from a base or erased model, grade them with the concept's "
+                    "detector, run attacks, and write DIR/metrics.json with the image grids it judged.",
+    )
+    add_concept_args(p)
+    add_model_args(p)
+    p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff (default: none)")
+    p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default 32)")
+    p.add_argument("--attack-prompts", type=int, default=None, help="prompts each attack runs on (default 8)")
+    p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
+    p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
+    p.add_argument("--paraphrase-prompts", default=None, help="SD: CSV of paraphrased concept prompts")
+    p.add_argument("--preserve-prompts", default=None, help="SD: CSV of ordinary prompts for preservation (e.g. COCO captions)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
+    p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from darkminer.config import load_config_file
+    from darkminer.evaluation import EvaluationConfig, evaluate
+
+    options = load_config_file(args.config) if args.config else {}
+    flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector,
+             "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
+             "attacks": [a.strip() for a in args.attacks.split(",") if a.strip()] or None}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    metrics = evaluate(
+        args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
+        anchor=args.anchor, prompts=args.prompts, paraphrase_prompts=args.paraphrase_prompts,
+        preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, progress=True,
+    )
+    print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}")
+
+
+def summary_line(metrics: dict) -> str:
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    parts = [f"{name} {pct(value)}" for name, value in metrics["erasure"].items()]
+    parts += [f"{name} {pct(value)}" for name, value in metrics["attacks"].items()]
+    kept = metrics["preservation"]
+    parts += [f"acc {pct(kept['accuracy'])}", "clip " + ("n/a" if kept["clip"] is None else f"{kept['clip']:.1f}"),
+              "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.2f}")]
+    return f"{metrics['method']} on {metrics['concept']}: " + ", ".join(parts) + f" ({metrics['n_images']} images, {metrics['seconds']:.0f} s)"

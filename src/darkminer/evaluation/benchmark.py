@@ -1,0 +1,206 @@
+"""``darkminer benchmark``: methods x concepts x attacks in one command, resumable cell by cell.
+
+::
+
+    OUT/config.json                                   the resolved config (a rerun must match it)
+    OUT/cells/<method>/<concept>/erased/              the erased model (kept: a rerun does not erase again)
+    OUT/cells/<method>/<concept>/evaluation/          metrics.json + image grids (present = cell finished)
+    OUT/results.json, results.md, report.html         written when every cell is finished
+
+A killed run picks up where it stopped: finished cells are read back, a half-finished erase resumes from
+its checkpoint, nothing finished is computed again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from darkminer.config import Config, load_config_file
+from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.evaluation.evaluate import (
+    METRICS_NAME,
+    ORIGINAL_METHOD,
+    EvaluationConfig,
+    evaluate,
+    evaluation_versions,
+)
+from darkminer.evaluation.report import cell_summary, render_html, render_markdown
+from darkminer.io import atomic_path, read_json, write_json
+from darkminer.models.erased import INFO_NAME, ErasedModelInfo
+
+ALL = "all"
+TESTBED_CONCEPTS = ["blood", "fire", "star", "heart", "striped", "sketch"]
+
+# Built-in presets (``--config quick`` / ``--config full``); benchmarks/presets/*.yaml are the same, as
+# files to copy and edit (a test keeps them equal).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "model": "testbed",
+        "methods": ["darkminer", "esd-x", "uce"],
+        "concepts": ["blood"],
+        "attacks": ALL,
+        "evaluation": {"n_images": 64, "attack_prompts": 16},
+    },
+    "full": {
+        "model": "testbed",
+        "methods": ALL,
+        "concepts": TESTBED_CONCEPTS,
+        "attacks": ALL,
+        "evaluation": {"n_images": 128, "attack_prompts": 32},
+    },
+}
+
+
+@dataclass
+class BenchmarkConfig(Config):
+    """``methods`` and ``attacks`` are lists of registered names or ``all`` (every registered one at run
+    time). ``method_configs`` maps a method to its eraser config options; ``evaluation`` holds
+    ``EvaluationConfig`` options (attacks come from ``attacks``). ``prompts`` maps a free-text (SD)
+    concept to its prompt CSV; ``preserve_prompts`` is the SD preservation CSV."""
+
+    methods: list[str] | str = ALL
+    concepts: list[str] = field(default_factory=lambda: ["blood"])
+    attacks: list[str] | str = ALL
+    model: str = "testbed"
+    include_original: bool = True
+    method_configs: dict[str, dict] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    prompts: dict[str, str] = field(default_factory=dict)
+    preserve_prompts: str | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("methods", "attacks"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != ALL:
+                raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r}")
+        if not self.concepts:
+            raise ConfigError("BenchmarkConfig.concepts is empty; name at least one concept")
+        if not self.methods:
+            raise ConfigError("BenchmarkConfig.methods is empty; name at least one method")
+        if "attacks" in self.evaluation:
+            raise ConfigError("set attacks at the top level of the benchmark config, not under evaluation")
+        if not isinstance(self.methods, str):
+            unused = sorted(set(self.method_configs) - set(self.methods))
+            if unused:
+                raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
+        # attack_configs is checked once "all" is resolved to the registered attacks.
+        EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
+
+    def method_names(self) -> list[str]:
+        import darkminer.erasers  # noqa: F401  (registers the built-in erasers before "all" lists them)
+        from darkminer.erasers.base import ERASERS, get_eraser
+
+        names = sorted(ERASERS) if self.methods == ALL else list(self.methods)
+        for name in names:
+            get_eraser(name)  # unknown names fail before any work
+        return names
+
+    def attack_names(self) -> list[str]:
+        import darkminer.attacks  # noqa: F401  (registers the built-in attacks before "all" lists them)
+        from darkminer.attacks.base import ATTACKS, get_attack
+
+        names = sorted(ATTACKS) if self.attacks == ALL else list(self.attacks)
+        for name in names:
+            get_attack(name)
+        return names
+
+
+def load_benchmark_config(config: BenchmarkConfig | dict[str, Any] | str | Path) -> BenchmarkConfig:
+    """A config object, a dict, a preset name (``quick``, ``full``) or a JSON/YAML file."""
+    if isinstance(config, BenchmarkConfig):
+        return config
+    if isinstance(config, dict):
+        return BenchmarkConfig.from_dict(config)
+    if str(config) in PRESETS:
+        return BenchmarkConfig.from_dict(PRESETS[str(config)])
+    if not Path(config).is_file():
+        raise ConfigError(f"benchmark config {config} is neither a file nor a preset ({', '.join(PRESETS)})")
+    return BenchmarkConfig.from_dict(load_config_file(config))
+
+
+def _slug(name: str) -> str:
+    """A directory name for a method or a free-text concept ("Van Gogh" -> "van-gogh")."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-.")
+    if not slug:
+        raise DarkMinerError(f"{name!r} cannot name a directory; use letters or digits")
+    return slug
+
+
+def run_benchmark(
+    config: BenchmarkConfig | dict[str, Any] | str | Path, out: str | Path, *, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the benchmark into ``out`` and write results.json, results.md and report.html."""
+    cfg = load_benchmark_config(config)
+    out = Path(out)
+    methods, attacks = cfg.method_names(), cfg.attack_names()
+    rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
+    eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
+    resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
+    _claim(out, resolved)
+    started = time.time()
+    cells = []
+    plan = [(method, concept) for concept in cfg.concepts for method in rows]
+    for index, (method, concept) in enumerate(plan, 1):
+        if progress:
+            print(f"[{index}/{len(plan)}] {method} x {concept}", flush=True)
+        cells.append(_run_cell(cfg, eval_cfg, out, method, concept))
+    results = {
+        "format": 1,
+        "model": cfg.model,
+        "methods": rows,
+        "concepts": list(cfg.concepts),
+        "attacks": attacks,
+        "config": resolved,
+        "versions": evaluation_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds_this_run": round(time.time() - started, 2),
+        "cells": cells,
+    }
+    results["table"] = cell_summary(results)
+    write_json(out / "results.json", results)
+    _write_text(out / "results.md", render_markdown(results))
+    _write_text(out / "report.html", render_html(results, out))
+    return results
+
+
+def _claim(out: Path, resolved: dict[str, Any]) -> None:
+    """Record the config in ``out``; refuse to resume a directory made with another config."""
+    path = out / "config.json"
+    if path.is_file():
+        previous = read_json(path)
+        if previous != resolved:
+            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+            raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
+                                 "use a new --out to run this one")
+        return
+    write_json(path, resolved)
+
+
+def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str) -> dict[str, Any]:
+    relative = Path("cells") / _slug(method) / _slug(concept)
+    cell = out / relative
+    metrics_path = cell / "evaluation" / METRICS_NAME
+    erased = None if method == ORIGINAL_METHOD else cell / "erased"
+    if not metrics_path.is_file():
+        if erased is not None and not (erased / INFO_NAME).is_file():
+            from darkminer.api import erase
+
+            erase(method, concept, erased, model=cfg.model, config=cfg.method_configs.get(method),
+                  prompts=cfg.prompts.get(concept), resume=True, device=cfg.device)
+        evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
+                 prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device)
+    erase_seconds = ErasedModelInfo.read(erased).extra.get("seconds") if erased is not None else None
+    return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
+            "metrics": read_json(metrics_path)}
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+

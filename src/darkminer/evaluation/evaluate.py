@@ -1,0 +1,364 @@
+"""``darkminer.evaluate``: draw the suites' images from an (erased) model, grade them, attack it, and write
+``metrics.json`` with the PNG grids of every image set it judged.
+
+The original model is the same object with its adapter off and its in-place edits swapped out
+(``DiffusionModel.original``) and plain classifier-free guidance; its images are the FID reference and
+the preservation baseline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
+from darkminer.config import Config, check_choice, check_positive, load_config_file
+from darkminer.errors import DarkMinerError
+from darkminer.evaluation.detectors import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_NEGATIVES,
+    DETECTOR_KINDS,
+    NUDENET_THRESHOLD,
+    Clip,
+    ClipZeroShotDetector,
+    Detector,
+    JudgeDetector,
+    NudeNetDetector,
+    detector_kind_for,
+)
+from darkminer.evaluation.metrics import (
+    Aligner,
+    FrechetDistance,
+    TestbedAligner,
+    attribute_accuracy,
+    concept_rate,
+)
+from darkminer.evaluation.suites import PRESERVATION, Suite, free_text_suites, testbed_suites
+from darkminer.imaging import make_grid, save_png
+from darkminer.io import write_json
+from darkminer.models import load_model
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.erased import ErasedModelInfo, package_versions
+from darkminer.targets import EraseTarget, is_testbed, resolve_target
+
+METRICS_NAME = "metrics.json"
+FORMAT_VERSION = 1
+PRESERVATION_METRICS = ("accuracy", "clip", "fid")
+ORIGINAL_METHOD = "original"
+IN_MEMORY_METHOD = "in-memory"  # a loaded model handed to evaluate(): what was done to it is not recorded
+# Grid tiles: testbed images (32 px) are enlarged, SD images (512 px) shrunk, so grids stay light enough
+# to inline many of them in one HTML report.
+GRID_TILE = 64
+
+
+@dataclass
+class EvaluationConfig(Config):
+    """What an evaluation draws and how it grades. ``n_images`` is per suite (plain, paraphrase,
+    preservation); attacks run on the first ``attack_prompts`` plain prompts."""
+
+    n_images: int = 32
+    attacks: list[str] = field(default_factory=list)
+    attack_prompts: int = 8
+    attack_configs: dict[str, dict] = field(default_factory=dict)
+    detector: str = "auto"  # auto | judge | nudenet | clip
+    nudenet_threshold: float = NUDENET_THRESHOLD
+    clip_model: str = DEFAULT_CLIP_MODEL
+    clip_template: str = "a photo of {}"
+    clip_negatives: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_NEGATIVES))
+    preservation: list[str] = field(default_factory=lambda: list(PRESERVATION_METRICS))
+    inception_weights: str | None = None
+    steps: int | None = None  # None: the model's default sampling
+    guidance_scale: float | None = None
+    batch_size: int | None = None
+    grid_images: int = 16
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_positive(self, n_images=self.n_images, attack_prompts=self.attack_prompts, grid_images=self.grid_images)
+        check_choice(self, "detector", self.detector, DETECTOR_KINDS)
+        for name in self.preservation:
+            check_choice(self, "preservation", name, PRESERVATION_METRICS)
+        for name, value in (("steps", self.steps), ("guidance_scale", self.guidance_scale), ("batch_size", self.batch_size)):
+            if value is not None:
+                check_positive(self, **{name: value})
+        unknown = sorted(set(self.attack_configs) - set(self.attacks))
+        if unknown:
+            raise DarkMinerError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
+        self.attacks, self.preservation = list(self.attacks), list(self.preservation)
+
+
+def as_evaluation_config(config: EvaluationConfig | dict[str, Any] | str | Path | None) -> EvaluationConfig:
+    if isinstance(config, EvaluationConfig):
+        return config
+    if isinstance(config, dict):
+        return EvaluationConfig.from_dict(config)
+    return EvaluationConfig.from_dict(load_config_file(config) if config else {})
+
+
+def evaluation_versions() -> dict[str, str]:
+    versions = package_versions()
+    for name in ("nudenet", "onnxruntime", "torchmetrics"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+class Painter:
+    """Draws one image per (conditioning, seed, guidance) from the erased model or the original."""
+
+    def __init__(self, model: DiffusionModel, config: EvaluationConfig, progress: bool = False) -> None:
+        self.model, self.config, self.progress = model, config, progress
+        self.count = 0
+
+    def prompts(self, suite: Suite, original: bool = False) -> torch.Tensor:
+        conds = self.model.encode(suite.texts)
+        return self.conditions(conds, [p.seed for p in suite.prompts], [p.guidance for p in suite.prompts], original)
+
+    def conditions(
+        self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False
+    ) -> torch.Tensor:
+        """Images for conditioning states (B, L, D); rows with the same guidance scale share a sampling call."""
+        images: list[torch.Tensor | None] = [None] * len(seeds)
+        for scale in dict.fromkeys(guidances):
+            rows = [i for i, g in enumerate(guidances) if g == scale]
+            with self._guidance(original):
+                drawn = self.model.sample(
+                    conds[rows], seeds=[seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
+                    guidance_scale=scale if scale is not None else self.config.guidance_scale,
+                    batch_size=self.config.batch_size, progress=self.progress,
+                )
+            for i, image in zip(rows, drawn.cpu(), strict=True):
+                images[i] = image
+        self.count += len(seeds)
+        return torch.stack(images)  # type: ignore[arg-type]
+
+    @contextmanager
+    def _guidance(self, original: bool) -> Iterator[None]:
+        # An inference-time eraser (SLD) lives in model.guidance; the original samples with plain CFG.
+        saved = self.model.guidance
+        if original:
+            self.model.guidance = ClassifierFreeGuidance()
+        try:
+            yield
+        finally:
+            self.model.guidance = saved
+
+
+def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Tensor:
+    """Images of what each attack found, drawn on the attacked model with the prompt's seed."""
+    model = painter.model
+    conds = []
+    with torch.no_grad():
+        for result in results:
+            if result.input_ids is not None:
+                ids = torch.tensor([result.input_ids], dtype=torch.long, device=model.device)
+            else:
+                ids = model.tokenize([result.adversarial_text])
+            if result.embeddings is not None:
+                embeds = result.embeddings.detach().unsqueeze(0).to(model.device, model.token_embedding.weight.dtype)
+                conds.append(model.encode_embeddings(embeds, ids))
+            else:
+                conds.append(model.encode_ids(ids))
+    return painter.conditions(torch.cat(conds), [r.prompt.seed for r in results], [r.prompt.guidance for r in results])
+
+
+# ---------------------------------------------------------------------------------------------- grading
+def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
+    """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
+    if kind == "judge":
+        return JudgeDetector(target.testbed_concept)
+    if kind == "nudenet":
+        return NudeNetDetector(threshold=config.nudenet_threshold)
+    return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, config.clip_template)
+
+
+def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:
+    """Images resized to ``tile`` pixels: nearest when enlarging (crisp pixels), antialiased when shrinking."""
+    if images.shape[-1] == tile:
+        return images
+    mode = "nearest" if images.shape[-1] < tile else "bilinear"
+    resized = torch.nn.functional.interpolate(images.float(), size=(tile, tile), mode=mode,
+                                              antialias=mode == "bilinear")
+    return resized.clamp(0, 1)
+
+
+def _check_output(out: Path) -> None:
+    """Only an absent or empty directory, or an earlier evaluation output, may be (re)written."""
+    if out.exists() and not (out.is_dir() and ((out / METRICS_NAME).is_file() or not any(out.iterdir()))):
+        raise DarkMinerError(f"{out} exists and is not an evaluation output; choose another --out")
+
+
+@contextmanager
+def _output_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory renamed onto ``out`` when complete, so an ``out`` with metrics.json is whole."""
+    _check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _load(
+    model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype
+) -> tuple[DiffusionModel, str, str]:
+    """The model to evaluate, the erasure method that made it and the base model's name."""
+    if isinstance(model, DiffusionModel):
+        if erased is not None:
+            raise DarkMinerError("give either a loaded model or --erased, not both")
+        return model, IN_MEMORY_METHOD, model.name
+    info = ErasedModelInfo.read(erased) if erased else None
+    loaded = load_model(model, erased=erased, device=device, dtype=dtype)
+    return loaded, info.method if info else ORIGINAL_METHOD, loaded.name
+
+
+def evaluate(
+    concept: str,
+    out: str | Path | None = None,
+    *,
+    model: str | DiffusionModel | None = None,
+    erased: str | Path | None = None,
+    config: EvaluationConfig | dict[str, Any] | str | Path | None = None,
+    anchor: str | None = None,
+    prompts: str | Path | None = None,
+    paraphrase_prompts: str | Path | None = None,
+    preserve_prompts: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the erasure of ``concept`` and return the metrics; with ``out``, also write
+    ``out/metrics.json``, the image grids (``out/images/*.png``) and per-image judgements.
+
+    ``model`` is a name/path (as ``load_model``) or a loaded model; ``erased`` an erased-model directory
+    (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets.
+    """
+    cfg = as_evaluation_config(config)
+    if out is not None:
+        _check_output(Path(out))
+    attack_classes = {name: get_attack(name) for name in cfg.attacks}  # unknown names fail before any work
+    started = time.time()
+    net, method, model_name = _load(model, erased, device, dtype)
+    testbed = is_testbed(net)
+    target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
+    # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
+    kind = detector_kind_for(target.word, testbed, cfg.detector)
+    needs_clip = not testbed and ("clip" in cfg.preservation or kind == "clip")
+    clip = Clip.load(cfg.clip_model, device=device) if needs_clip else None
+    detector = build_detector(kind, target, cfg, clip)
+    aligner: Aligner | None = (TestbedAligner() if testbed else clip) if "clip" in cfg.preservation else None
+    fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
+    if testbed:
+        suites = testbed_suites(target.testbed_concept, cfg.n_images, cfg.seed)
+    else:
+        suites = free_text_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
+
+    painter = Painter(net, cfg, progress)
+    grids: dict[str, torch.Tensor] = {}
+    judgements: list[dict[str, Any]] = []
+
+    def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
+        flags = detector.detect(images)
+        grids[name] = images
+        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f)}
+                          for p, f in zip(suite_prompts, flags.tolist(), strict=True))
+        return flags
+
+    erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
+    for name in erasure:
+        if name in suites:
+            erasure[name] = concept_rate(grade(name, suites[name].prompts, painter.prompts(suites[name])))
+
+    attacks, attack_details = {}, {}
+    attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
+    for name, attack_cls in attack_classes.items():
+        attack = attack_cls(attack_cls.config_class.from_dict(cfg.attack_configs.get(name)))
+        attack_started = time.time()
+        results = attack.run(net, target, attack_prompts, detector.detect, original=net)
+        attacks[name] = attack_success_rate(results)
+        replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
+        attack_details[name] = {
+            "n_prompts": len(results),
+            "success_before": sum(r.success_before for r in results) / len(results),
+            "success_after": sum(r.success_after for r in results) / len(results),
+            "replayed_concept_rate": concept_rate(replayed),
+            "seconds": round(time.time() - attack_started, 2),
+            "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,
+                       "success_before": r.success_before, "success_after": r.success_after} for r in results],
+        }
+
+    preservation = _preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, grids)
+    metrics = {
+        "format": FORMAT_VERSION,
+        "concept": target.name,
+        "method": method,
+        "model": model_name,
+        "erased": str(erased) if erased else None,
+        "erasure": erasure,
+        "attacks": attacks,
+        "preservation": preservation,
+        "n_images": painter.count,
+        "seconds": round(time.time() - started, 2),
+        "versions": evaluation_versions(),
+        "detector": detector.describe(),
+        "alignment": aligner.describe() if aligner else None,
+        "fid_features": fid.describe() if fid else None,
+        "attack_details": attack_details,
+        "suites": {name: len(suite) for name, suite in suites.items()},
+        "sampling": {"steps": cfg.steps or net.default_sampling.steps,
+                     "guidance_scale": cfg.guidance_scale or net.default_sampling.guidance_scale},
+        "config": cfg.to_dict(),
+        "images": {name: f"images/{name}.png" for name in grids},
+    }
+    if out is not None:
+        with _output_directory(Path(out)) as tmp:
+            for name, images in grids.items():
+                save_png(make_grid(thumbnails(images[: cfg.grid_images])), tmp / "images" / f"{name}.png")
+            write_json(tmp / "judgements.json", judgements)
+            write_json(tmp / METRICS_NAME, metrics)
+    return metrics
+
+
+def _preservation(
+    painter: Painter,
+    suite: Suite,
+    cfg: EvaluationConfig,
+    detector: Detector,
+    aligner: Aligner | None,
+    fid: FrechetDistance | None,
+    grids: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Ordinary prompts on the erased model, against their labels, their text and the original's images."""
+    images = painter.prompts(suite)
+    reference = painter.prompts(suite, original=True)
+    grids[PRESERVATION], grids[f"{PRESERVATION}-original"] = images, reference
+    result: dict[str, Any] = {"accuracy": None, "clip": None, "fid": None, "reference": {}}
+    has_labels = all(p.expected for p in suite.prompts)
+    if "accuracy" in cfg.preservation and has_labels and isinstance(detector, JudgeDetector):
+        expected = [p.expected for p in suite.prompts]
+        scored = attribute_accuracy(detector.judge.predict_values(images), expected)
+        result["accuracy"], result["per_attribute"] = scored["accuracy"], scored["per_attribute"]
+        result["reference"]["accuracy"] = attribute_accuracy(detector.judge.predict_values(reference), expected)["accuracy"]
+    if aligner is not None:
+        result["clip"] = aligner.score(images, suite.texts).mean().item()
+        result["reference"]["clip"] = aligner.score(reference, suite.texts).mean().item()
+    if fid is not None:
+        result["fid"] = fid(reference, images)
+    return result

@@ -1,0 +1,142 @@
+"""The numbers of an evaluation: concept rates, attribute accuracy, text-image alignment, FID.
+
+FID comes from torchmetrics (``FrechetInceptionDistance``). Its Inception network lives in torch-fidelity,
+which drags a CUDA build of torch and downloads weights on first use, so it is used only for Stable
+Diffusion and only when the user has it (with its weights) installed. On the testbed, whose 32x32 shapes
+Inception was never trained on, the same torchmetrics FID runs in the feature space of the testbed's image
+encoder: "FID (testbed encoder)", a different scale from Inception FID, comparable only within the testbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from darkminer.errors import DarkMinerError
+
+INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def concept_rate(flags: torch.Tensor) -> float:
+    """Share of images in which the detector sees the concept (lower is a better erasure)."""
+    if flags.numel() == 0:
+        raise DarkMinerError("no images were judged; give at least one prompt")
+    return flags.float().mean().item()
+
+
+def attribute_accuracy(
+    predicted: Sequence[Mapping[str, str]], expected: Sequence[Mapping[str, str]]
+) -> dict[str, Any]:
+    """Share of the asked-for attributes that the images show, over all (image, attribute) pairs, and per
+    attribute. Only attributes the prompt fixed are scored."""
+    if len(predicted) != len(expected):
+        raise DarkMinerError(f"{len(predicted)} predictions for {len(expected)} expected label sets")
+    hits: dict[str, list[bool]] = {}
+    for seen, asked in zip(predicted, expected, strict=True):
+        for head, value in asked.items():
+            hits.setdefault(head, []).append(seen[head] == value)
+    total = sum(len(v) for v in hits.values())
+    if total == 0:
+        raise DarkMinerError("no expected labels to score attribute accuracy against")
+    return {
+        "accuracy": sum(sum(v) for v in hits.values()) / total,
+        "per_attribute": {head: sum(v) / len(v) for head, v in sorted(hits.items())},
+    }
+
+
+class Aligner(Protocol):
+    """``detectors.Clip`` on Stable Diffusion, ``TestbedAligner`` on the testbed. Scores how well each image matches its prompt, on the CLIP-score scale 100 * max(cos, 0)."""
+
+    def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class TestbedAligner:
+    """CLIP score of the testbed: its image encoder against MiniLM sentence embeddings of the prompt."""
+
+    def __init__(self) -> None:
+        from darkminer.testbed.image_encoder import WEIGHTS_PATH, ImageEncoder, SentenceEmbedder
+
+        try:
+            self.encoder = ImageEncoder.load()
+        except ValueError as exc:
+            raise DarkMinerError(str(exc)) from None
+        self.embedder = SentenceEmbedder()
+        self.weights = WEIGHTS_PATH
+
+    def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        cosine = self.encoder.alignment(images.float().cpu(), self.embedder.encode(list(texts)))
+        return (100 * cosine).clamp(min=0)
+
+    def describe(self) -> dict[str, Any]:
+        from darkminer.evaluation.detectors import file_digest
+
+        return {"name": "testbed-image-encoder x all-MiniLM-L6-v2", "weights": file_digest(self.weights),
+                "scale": "100 * max(cos, 0)"}
+
+
+class _TestbedEncoderFeatures(nn.Module):
+    """The testbed image encoder as a torchmetrics FID feature extractor (float images in [0, 1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from darkminer.testbed.image_encoder import EMBEDDING_DIM, ImageEncoder
+
+        try:
+            self.net = ImageEncoder.load().net
+        except ValueError as exc:
+            raise DarkMinerError(str(exc)) from None
+        self.num_features = EMBEDDING_DIM
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.float())
+
+
+def inception_weights_path(weights: str | Path | None = None) -> Path:
+    """Where torch-fidelity's FID Inception weights are on this machine; a clear error when they are not."""
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise DarkMinerError(
+            "FID on Stable Diffusion needs torchmetrics' Inception network from torch-fidelity, which is not "
+            "installed: `pip install torch-fidelity` (it pulls torchvision) or leave fid out of the "
+            "evaluation's preservation metrics"
+        ) from None
+    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+    if not path.is_file():
+        raise DarkMinerError(
+            f"FID Inception weights not found at {path}; download {INCEPTION_WEIGHTS_NAME} (torch-fidelity's "
+            "release assets) there or give its path as inception_weights"
+        )
+    return path
+
+
+class FrechetDistance:
+    """FID between reference images (the original model's) and generated ones, in a named feature space."""
+
+    def __init__(self, testbed: bool, inception_weights: str | Path | None = None) -> None:
+        self.testbed = testbed
+        self.weights = None if testbed else inception_weights_path(inception_weights)
+
+    def __call__(self, reference: torch.Tensor, generated: torch.Tensor) -> float:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if min(reference.shape[0], generated.shape[0]) < 2:
+            raise DarkMinerError("FID needs at least 2 images on each side; raise the number of preservation images")
+        if self.testbed:
+            metric = FrechetInceptionDistance(feature=_TestbedEncoderFeatures(), normalize=True)
+        else:
+            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(self.weights))
+        metric.update(reference.float().cpu().clamp(0, 1), real=True)
+        metric.update(generated.float().cpu().clamp(0, 1), real=False)
+        return max(metric.compute().item(), 0.0)
+
+    def describe(self) -> dict[str, Any]:
+        if self.testbed:
+            return {"name": "fid", "features": "testbed image encoder (384-d)", "library": "torchmetrics"}
+        return {"name": "fid", "features": "InceptionV3 pool3 (2048-d)", "library": "torchmetrics"}

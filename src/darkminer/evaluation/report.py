@@ -1,0 +1,247 @@
+"""The benchmark's tables and report: ``results.md`` and a self-contained ``report.html``.
+
+Rows are methods, columns concept x condition; the best eraser in each column is bold (the original model
+is the reference row and never competes). The HTML inlines everything -- image grids and matplotlib plots
+as base64 PNG -- so the one file can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from darkminer.evaluation.evaluate import ORIGINAL_METHOD, PRESERVATION
+
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One column of a concept: how to read it from metrics.json, which way is better, how to print it."""
+
+    key: str
+    label: str
+    read: Callable[[dict], float | None]
+    lower_is_better: bool
+    percent: bool = True
+    digits: int = 1
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return MISSING
+        return f"{100 * value:.{self.digits}f}" if self.percent else f"{value:.{self.digits}f}"
+
+
+def conditions(attacks: Sequence[str]) -> list[Condition]:
+    """Columns of one concept: erasure (plain, paraphrase), each attack, then preservation."""
+    columns = [
+        Condition("plain", "plain", lambda m: m["erasure"].get("plain"), lower_is_better=True),
+        Condition("paraphrase", "paraphrase", lambda m: m["erasure"].get("paraphrase"), lower_is_better=True),
+    ]
+    columns += [
+        Condition(f"attack-{name}", name, lambda m, name=name: m["attacks"].get(name), lower_is_better=True)
+        for name in attacks
+    ]
+    columns += [
+        Condition("accuracy", "acc", lambda m: m["preservation"].get("accuracy"), lower_is_better=False),
+        Condition("clip", "clip", lambda m: m["preservation"].get("clip"), lower_is_better=False, percent=False),
+        Condition("fid", "fid", lambda m: m["preservation"].get("fid"), lower_is_better=True, percent=False, digits=3),
+    ]
+    return columns
+
+
+def _cells_by_key(results: dict) -> dict[tuple[str, str], dict]:
+    return {(c["method"], c["concept"]): c["metrics"] for c in results["cells"]}
+
+
+def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
+    """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it."""
+    cells = _cells_by_key(results)
+    values = {
+        method: condition.read(cells[(method, concept)])
+        for method in results["methods"]
+        if method != ORIGINAL_METHOD and (method, concept) in cells
+    }
+    values = {m: v for m, v in values.items() if v is not None}
+    if not values:
+        return set()
+    best = min(values.values()) if condition.lower_is_better else max(values.values())
+    return {m for m, v in values.items() if v == best}
+
+
+def _present_conditions(results: dict, concept: str) -> list[Condition]:
+    """The concept's conditions that at least one method has a value for (SD has no accuracy, ...)."""
+    cells = [c["metrics"] for c in results["cells"] if c["concept"] == concept]
+    return [c for c in conditions(results["attacks"]) if any(c.read(m) is not None for m in cells)]
+
+
+def _table(results: dict) -> tuple[list[tuple[str, Condition]], list[tuple[str, list[tuple[str, bool]]]]]:
+    """Columns (concept, condition) and rows (method, [(text, is_best)])."""
+    cells = _cells_by_key(results)
+    columns = [(concept, c) for concept in results["concepts"] for c in _present_conditions(results, concept)]
+    best = {(concept, c.key): best_methods(results, concept, c) for concept, c in columns}
+    rows = []
+    for method in results["methods"]:
+        row = []
+        for concept, condition in columns:
+            metrics = cells.get((method, concept))
+            text = condition.format(condition.read(metrics)) if metrics else MISSING
+            row.append((text, method in best[(concept, condition.key)]))
+        rows.append((method, row))
+    return columns, rows
+
+
+LEGEND = (
+    "plain, paraphrase and attack columns: % of images in which the detector sees the concept (lower is better; "
+    "attacks counted as UnlearnDiffAtk: prompts broken before or after the attack). acc: % of asked-for "
+    "attributes shown on preservation prompts (testbed only); clip: CLIP score 100*max(cos,0) on preservation "
+    "prompts; fid: FID of preservation images against the original model's (lower is better). Bold: best eraser "
+    "per column; the original model is the reference row."
+)
+
+
+def render_markdown(results: dict) -> str:
+    columns, rows = _table(results)
+    header = ["method"] + [f"{concept} · {c.label}" for concept, c in columns]
+    lines = [
+        f"# Benchmark results ({results['model']})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method, row in rows:
+        label = f"*{method}*" if method == ORIGINAL_METHOD else method
+        lines.append("| " + " | ".join([label] + [f"**{t}**" if b else t for t, b in row]) + " |")
+    return "\n".join(lines + ["", LEGEND, ""])
+
+
+# ------------------------------------------------------------------------------------------------- HTML
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def attack_plot(results: dict) -> bytes:
+    """Grouped bars per concept: for each method, the concept rate under plain, paraphrase and each attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts, methods = results["concepts"], results["methods"]
+    columns = [c for c in conditions(results["attacks"]) if c.percent and c.lower_is_better]
+    cells = _cells_by_key(results)
+    fig, axes = plt.subplots(1, len(concepts), figsize=(max(5.0, 1.2 * len(methods)) * len(concepts), 3.6), squeeze=False)
+    width = 0.8 / len(columns)
+    for ax, concept in zip(axes[0], concepts, strict=True):
+        for j, condition in enumerate(columns):
+            values = [
+                100 * (condition.read(cells[(m, concept)]) or 0) if (m, concept) in cells else 0 for m in methods
+            ]
+            ax.bar([i + (j - (len(columns) - 1) / 2) * width for i in range(len(methods))], values, width,
+                   label=condition.label)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% images with concept")
+        ax.set_title(concept)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px 32px;color:#1d2330;max-width:1400px}
+h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #dde;padding-bottom:4px}
+.lead{color:#556;margin:0 0 16px}.legend{color:#556;font-size:13px;max-width:1000px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #dde;padding:4px 8px;text-align:right}
+th{background:#f3f4f8}td.method,th.method{text-align:left;font-weight:600}
+tr.reference td{color:#667;font-style:italic}td b{color:#0a5}
+.grid td{text-align:center;vertical-align:top}.grid img{image-rendering:pixelated;width:136px}
+.wide{overflow-x:auto}pre{background:#f6f7f9;padding:8px;font-size:12px;overflow-x:auto}
+"""
+
+
+def _results_table_html(results: dict) -> str:
+    columns, rows = _table(results)
+    spans = {concept: sum(1 for c, _ in columns if c == concept) for concept in results["concepts"]}
+    head1 = '<tr><th class="method" rowspan="2">method</th>' + "".join(
+        f'<th colspan="{span}">{html.escape(concept)}</th>' for concept, span in spans.items() if span) + "</tr>"
+    head2 = "<tr>" + "".join(f"<th>{html.escape(c.label)}</th>" for _, c in columns) + "</tr>"
+    body = []
+    for method, row in rows:
+        cls = ' class="reference"' if method == ORIGINAL_METHOD else ""
+        cells = "".join(f"<td>{'<b>' + t + '</b>' if b else t}</td>" for t, b in row)
+        body.append(f'<tr{cls}><td class="method">{html.escape(method)}</td>{cells}</tr>')
+    return f'<div class="wide"><table>{head1}{head2}{"".join(body)}</table></div>'
+
+
+def _image_grid_html(results: dict, root: Path, concept: str) -> str:
+    """Rows methods, columns conditions: the grids each evaluation saved, inlined."""
+    cells = {(c["method"], c["concept"]): c for c in results["cells"] if c["concept"] == concept}
+    candidates = ["plain", "paraphrase"] + [f"attack-{a}" for a in results["attacks"]] + [PRESERVATION]
+    # Columns no method has images for (SD without a paraphrase CSV) are left out.
+    names = [n for n in candidates if any(n in c["metrics"].get("images", {}) for c in cells.values())]
+    head = '<tr><th class="method">method</th>' + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    rows = []
+    for method in results["methods"]:
+        cell = cells.get((method, concept))
+        tds = []
+        for name in names:
+            path = root / cell["dir"] / "evaluation" / "images" / f"{name}.png" if cell else None
+            if path is not None and path.is_file():
+                tds.append(f'<td><img alt="{html.escape(method)} {html.escape(name)}" src="{_png_data_uri(path.read_bytes())}"></td>')
+            else:
+                tds.append(f"<td>{MISSING}</td>")
+        rows.append(f'<tr><td class="method">{html.escape(method)}</td>{"".join(tds)}</tr>')
+    return f'<div class="wide"><table class="grid">{head}{"".join(rows)}</table></div>'
+
+
+def render_html(results: dict, root: Path) -> str:
+    """The report; ``root`` is the benchmark directory the cells' image grids are read from."""
+    n_cells = len(results["cells"])
+    first = results["cells"][0]["metrics"] if results["cells"] else {}
+    lead = (
+        f"model <b>{html.escape(results['model'])}</b> · {len(results['methods'])} methods × "
+        f"{len(results['concepts'])} concepts ({html.escape(', '.join(results['concepts']))}) · attacks: "
+        f"{html.escape(', '.join(results['attacks']) or 'none')} · {n_cells} evaluations · "
+        f"detector {html.escape(first.get('detector', {}).get('name', MISSING))} · created {html.escape(results['created'])}"
+    )
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>darkminer benchmark — {html.escape(results['model'])}</title><style>{_STYLE}</style></head><body>",
+        "<h1>darkminer benchmark</h1>",
+        f"<p class='lead'>{lead}</p>",
+        "<h2>Results</h2>",
+        _results_table_html(results),
+        f"<p class='legend'>{html.escape(LEGEND)}</p>",
+    ]
+    if results["cells"]:
+        parts += ["<h2>Concept rate under each attack</h2>",
+                  f"<div class='wide'><img alt='attack success per method' src='{_png_data_uri(attack_plot(results))}'></div>"]
+    parts.append("<h2>Images</h2><p class='legend'>Rows: methods; columns: prompt sets and attacks. "
+                 "Each grid shows the first images of its set, drawn with the same seeds for every method.</p>")
+    for concept in results["concepts"]:
+        parts += [f"<h3>{html.escape(concept)}</h3>", _image_grid_html(results, root, concept)]
+    setup = {"config": results["config"], "versions": results["versions"],
+             "detector": first.get("detector"), "alignment": first.get("alignment"), "fid_features": first.get("fid_features")}
+    parts += ["<h2>Setup</h2>", f"<pre>{html.escape(json.dumps(setup, indent=2))}</pre>", "</body></html>"]
+    return "\n".join(parts)
+
+
+def cell_summary(results: dict) -> list[dict[str, Any]]:
+    """One flat record per (method, concept): the headline numbers, for scripts that read results.json."""
+    columns = conditions(results["attacks"])
+    return [
+        {"method": c["method"], "concept": c["concept"], **{col.key: col.read(c["metrics"]) for col in columns}}
+        for c in results["cells"]
+    ]
