@@ -1,0 +1,369 @@
+"""Evaluation: detectors against known images, metric arithmetic, metrics.json, the benchmark's resume and report."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from darkminer.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackConfig,
+    AttackResult,
+    attack_success_rate,
+    register_attack,
+)
+from darkminer.cli import main
+from darkminer.erasers.base import ERASERS, Eraser, register_eraser
+from darkminer.errors import DarkMinerError
+from darkminer.evaluation import (
+    BenchmarkConfig,
+    Clip,
+    ClipZeroShotDetector,
+    EvaluationConfig,
+    JudgeDetector,
+    NudeNetDetector,
+    evaluate,
+    load_benchmark_config,
+    run_benchmark,
+)
+from darkminer.evaluation.metrics import FrechetDistance, attribute_accuracy, concept_rate
+from darkminer.evaluation.report import render_markdown
+from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
+from darkminer.testbed.judge import WEIGHTS_PATH as JUDGE_WEIGHTS
+
+REPO = Path(__file__).resolve().parents[1]
+needs_judge = pytest.mark.skipif(not JUDGE_WEIGHTS.is_file(), reason="testbed judge weights not trained yet")
+needs_testbed_graders = pytest.mark.skipif(
+    not (JUDGE_WEIGHTS.is_file() and ENCODER_WEIGHTS.is_file()), reason="testbed judge/encoder weights not trained yet"
+)
+FAST = {"steps": 2, "n_images": 3, "attack_prompts": 2, "grid_images": 4}
+
+
+# ----------------------------------------------------------------------------------------------- NudeNet
+@pytest.fixture(scope="module")
+def nudenet() -> NudeNetDetector:
+    return NudeNetDetector()
+
+
+def _astronaut() -> torch.Tensor:
+    from skimage import data
+
+    return torch.from_numpy(data.astronaut()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def test_nudenet_finds_nothing_on_a_plain_colour_image(nudenet):
+    grey = torch.full((1, 3, 256, 256), 0.5)
+    assert nudenet.detections(grey) == [[]]
+    assert nudenet.detect(grey).tolist() == [False]
+
+
+def test_nudenet_finds_the_astronauts_face_and_counts_it_as_no_nudity(nudenet):
+    found = nudenet.detections(_astronaut())[0]
+    # Recorded with nudenet 3.4.2: one box, FACE_FEMALE at 0.72, around the face (x 173, y 82, 102 x 98).
+    assert [d["class"] for d in found] == ["FACE_FEMALE"]
+    assert found[0]["score"] == pytest.approx(0.72, abs=0.03)
+    x, y, w, h = found[0]["box"]
+    assert 150 < x < 200 and 60 < y < 110 and 80 < w < 130 and 80 < h < 130
+    assert nudenet.detect(_astronaut()).tolist() == [False]  # faces are not an exposed class
+    assert NudeNetDetector(classes=["FACE_FEMALE"]).detect(_astronaut()).tolist() == [True]
+    assert NudeNetDetector(threshold=0.9, classes=["FACE_FEMALE"]).detect(_astronaut()).tolist() == [False]
+    assert nudenet.describe()["version"] == "3.4.2"
+    assert nudenet.describe()["threshold"] == 0.6 and "BUTTOCKS_EXPOSED" in nudenet.describe()["classes"]
+
+
+def test_nudenet_rejects_bad_settings():
+    with pytest.raises(DarkMinerError, match="threshold"):
+        NudeNetDetector(threshold=0)
+    with pytest.raises(DarkMinerError, match="not NudeNet labels"):
+        NudeNetDetector(classes=["NAKED"])
+
+
+# -------------------------------------------------------------------------------------------------- CLIP
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A randomly initialised CLIP with a real processor, written as a local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from darkminer.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=16,
+    )
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_clip_zero_shot_flags_images_whose_features_match_the_concept_label(tiny_clip_dir, monkeypatch):
+    detector = ClipZeroShotDetector(Clip.load(str(tiny_clip_dir)), "church", negatives=["a dog", "a car"])
+    assert detector.labels == ["a photo of church", "a dog", "a car"]
+    # Image features equal to a label's text features make that label win: the decision is top-1.
+    labels = detector.clip.text_features(detector.labels)
+    monkeypatch.setattr(detector.clip, "image_features", lambda images: labels[[0, 1, 2, 0]])
+    assert detector.detect(torch.zeros(4, 3, 32, 32)).tolist() == [True, False, False, True]
+    probs = detector.probabilities(torch.zeros(4, 3, 32, 32))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_clip_runs_on_real_pixels_and_scores_on_the_clip_scale(tiny_clip_dir):
+    clip = Clip.load(str(tiny_clip_dir))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    flags = ClipZeroShotDetector(clip, "church").detect(images)
+    assert flags.dtype == torch.bool and flags.shape == (3,)
+    scores = clip.score(images, ["a church", "a dog", "a car"])
+    assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 100)).all())
+    torch.testing.assert_close(scores, clip.score(images, ["a church", "a dog", "a car"]))  # deterministic
+
+
+def test_clip_missing_offline_fails_with_what_to_do(tmp_path):
+    with pytest.raises(DarkMinerError, match="--clip-model"):
+        Clip.load(str(tmp_path / "no-clip-here"))
+
+
+# ------------------------------------------------------------------------------------------------- judge
+@needs_judge
+def test_judge_detector_agrees_with_procedural_ground_truth():
+    from darkminer.testbed.world import sample_batch
+
+    rng = np.random.default_rng(123)
+    _, stars, _ = sample_batch(48, rng, shape="star", overlay="none")
+    _, others, labels = sample_batch(96, rng, overlay="none")
+    detector = JudgeDetector("star")
+    truth = labels["shape"] == 3  # index of "star"
+    assert detector.detect(stars).float().mean() >= 0.95
+    assert (detector.detect(others) == truth).float().mean() >= 0.95
+    assert detector.describe()["head"] == "shape" and len(detector.describe()["weights"]) == 16
+
+
+# --------------------------------------------------------------------------------------------- arithmetic
+def test_concept_rate_and_attribute_accuracy_on_hand_made_cases():
+    assert concept_rate(torch.tensor([True, False, False, True])) == 0.5
+    with pytest.raises(DarkMinerError):
+        concept_rate(torch.tensor([], dtype=torch.bool))
+    predicted = [{"shape": "star", "colour": "red"}, {"shape": "circle", "colour": "blue"}]
+    expected = [{"shape": "star", "colour": "blue"}, {"shape": "circle"}]  # 2 of 3 asked attributes right
+    scored = attribute_accuracy(predicted, expected)
+    assert scored["accuracy"] == pytest.approx(2 / 3)
+    assert scored["per_attribute"] == {"colour": 0.0, "shape": 1.0}
+    with pytest.raises(DarkMinerError):
+        attribute_accuracy(predicted, expected[:1])
+
+
+def test_attack_success_counts_prompts_broken_before_or_after():
+    def result(before: bool, after: bool) -> AttackResult:
+        from darkminer.attacks.base import AttackPrompt
+
+        return AttackResult(AttackPrompt("p", 0), "p", before, after)
+
+    results = [result(True, False), result(False, True), result(False, False), result(False, False)]
+    assert attack_success_rate(results) == 0.5
+
+
+def test_fid_without_inception_fails_with_what_to_do():
+    pytest.importorskip("torchmetrics")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(DarkMinerError, match="torch-fidelity"):
+            FrechetDistance(testbed=False)
+    else:
+        with pytest.raises(DarkMinerError, match="weights not found"):
+            FrechetDistance(testbed=False, inception_weights="/nonexistent/inception.pth")
+
+
+@needs_testbed_graders
+def test_testbed_fid_is_near_zero_for_one_distribution_and_large_across_two():
+    from darkminer.testbed.world import sample_batch
+
+    rng = np.random.default_rng(7)
+    fid = FrechetDistance(testbed=True)
+    _, plain_a, _ = sample_batch(64, rng, overlay="none", style="plain")
+    _, plain_b, _ = sample_batch(64, rng, overlay="none", style="plain")
+    _, fire, _ = sample_batch(64, rng, overlay="fire", style="striped")
+    same, different = fid(plain_a, plain_b), fid(plain_a, fire)
+    assert different > 3 * same
+    assert fid(plain_a, plain_a) == pytest.approx(0.0, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------- fakes for the runner
+@dataclass
+class EchoConfig(AttackConfig):
+    pass
+
+
+if "test-echo" not in ATTACKS:
+
+    @register_attack("test-echo")
+    class EchoAttack(Attack):
+        """Appends a word and judges the prompts' own images: a fast stand-in for a real attack."""
+
+        config_class = EchoConfig
+
+        def run(self, model, target, prompts, success, original=None):
+            images = model.generate([p.text + " art" for p in prompts], [p.seed for p in prompts], steps=2)
+            flags = success(images).tolist()
+            return [AttackResult(p, p.text + " art", False, f) for p, f in zip(prompts, flags, strict=True)]
+
+
+if "test-nudge" not in ERASERS:
+
+    @register_eraser("test-nudge", "unet")
+    class NudgeEraser(Eraser):
+        """Scales one UNet weight in place; ``fail_on`` simulates a run killed at that concept."""
+
+        calls: list[str] = []
+        fail_on: str | None = None
+
+        def erase(self, model, target, work_dir):
+            type(self).calls.append(target.name)
+            if target.name == type(self).fail_on:
+                raise KeyboardInterrupt("killed")
+            name = "conv_in.weight"
+            model.remember_originals([name])
+            with torch.no_grad():
+                dict(model.unet.named_parameters())[name].mul_(1.5)
+            return {"edited": name}
+
+
+def _sd_evaluation(clip_dir: Path) -> dict:
+    return {**FAST, "preservation": ["clip"], "clip_model": str(clip_dir)}
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_writes_metrics_json_and_the_images_it_judged(tmp_path, tiny_clip_dir):
+    attacks = ["test-echo"] + [name for name in ("plain",) if name in ATTACKS]
+    out = tmp_path / "eval"
+    metrics = evaluate("nudity", out, model="tiny-random-sd", config={**_sd_evaluation(tiny_clip_dir), "attacks": attacks})
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert {"concept", "method", "model", "erasure", "attacks", "preservation", "n_images", "seconds", "versions",
+            "detector"} <= set(on_disk)
+    assert on_disk["concept"] == "nudity" and on_disk["method"] == "original" and on_disk["model"] == "tiny-random-sd"
+    assert set(on_disk["erasure"]) == {"plain", "paraphrase"} and on_disk["erasure"]["paraphrase"] is None
+    assert 0 <= on_disk["erasure"]["plain"] <= 1
+    assert set(on_disk["attacks"]) == set(attacks) and all(0 <= v <= 1 for v in on_disk["attacks"].values())
+    assert set(on_disk["preservation"]) >= {"accuracy", "clip", "fid"}
+    assert on_disk["preservation"]["accuracy"] is None and on_disk["preservation"]["fid"] is None
+    assert 0 <= on_disk["preservation"]["clip"] <= 100
+    assert on_disk["detector"]["name"] == "nudenet" and on_disk["versions"]["nudenet"] == "3.4.2"
+    # 3 plain + 2 replayed per attack + 3 preservation + 3 from the original.
+    assert on_disk["n_images"] == 3 + 2 * len(attacks) + 3 + 3
+    judged = json.loads((out / "judgements.json").read_text())
+    assert len(judged) == 3 + 2 * len(attacks)
+    for name in on_disk["images"].values():
+        assert (out / name).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_evaluate_is_deterministic_and_grades_the_erased_model(tmp_path, tiny_clip_dir):
+    from darkminer.api import erase
+
+    erased = erase("test-nudge", "nudity", tmp_path / "erased", model="tiny-random-sd")
+    config = _sd_evaluation(tiny_clip_dir)
+    first = evaluate("nudity", model="tiny-random-sd", erased=erased, config=config)
+    second = evaluate("nudity", model="tiny-random-sd", erased=erased, config=config)
+    assert first["method"] == "test-nudge" and first["erased"] == str(erased)
+    assert first["preservation"]["clip"] == second["preservation"]["clip"]
+    # The erased model draws other images than the original (clip score differs from the reference).
+    assert first["preservation"]["clip"] != first["preservation"]["reference"]["clip"]
+
+
+def test_evaluate_rejects_bad_input_before_any_work(tmp_path):
+    with pytest.raises(DarkMinerError, match="unknown attack"):
+        evaluate("nudity", tmp_path / "x", model="tiny-random-sd", config={"attacks": ["no-such-attack"]})
+    with pytest.raises(DarkMinerError, match="n_images"):
+        EvaluationConfig(n_images=0)
+    with pytest.raises(DarkMinerError, match="preservation"):
+        EvaluationConfig(preservation=["speed"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DarkMinerError, match="not an evaluation output"):
+        evaluate("nudity", tmp_path / "busy", model="tiny-random-sd", config={**FAST, "preservation": []})
+    assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "--attacks", "nope",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "y").exists()
+
+
+@needs_testbed_graders
+def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
+    from darkminer.testbed.model import TestbedModel
+
+    metrics = evaluate("star", tmp_path / "tb", model=TestbedModel.untrained(), config={**FAST, "n_images": 4})
+    kept = metrics["preservation"]
+    assert metrics["detector"]["name"] == "testbed-judge" and metrics["erasure"]["paraphrase"] is not None
+    assert 0 <= kept["accuracy"] <= 1 and set(kept["per_attribute"]) >= {"shape", "overlay"}
+    # Nothing was erased: preservation equals the original's and FID against itself is ~0.
+    assert kept["accuracy"] == kept["reference"]["accuracy"] and kept["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
+# -------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_path, tiny_clip_dir):
+    config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity", "van gogh"],
+              "attacks": ["test-echo"], "evaluation": _sd_evaluation(tiny_clip_dir)}
+    out = tmp_path / "bench"
+    nudge = ERASERS["test-nudge"]
+    nudge.calls, nudge.fail_on = [], "van gogh"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config, out, progress=False)
+    finished = out / "cells" / "test-nudge" / "nudity" / "evaluation" / "metrics.json"
+    assert finished.is_file() and not (out / "results.json").exists()
+    stamp = finished.stat().st_mtime_ns
+
+    nudge.calls, nudge.fail_on = [], None
+    results = run_benchmark(config, out, progress=False)
+    assert nudge.calls == ["van gogh"]  # only the unfinished cell was erased
+    assert finished.stat().st_mtime_ns == stamp
+    assert [(c["method"], c["concept"]) for c in results["cells"]] == [
+        ("original", "nudity"), ("test-nudge", "nudity"), ("original", "van gogh"), ("test-nudge", "van gogh")]
+    assert results["cells"][3]["metrics"]["detector"]["name"] == "clip-zero-shot"
+    assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
+    markdown = (out / "results.md").read_text()
+    assert "nudity · test-echo" in markdown and "van gogh · clip" in markdown
+    report = (out / "report.html").read_text()
+    # 2 methods x 2 concepts x (plain, test-echo, preservation) grids, and the plot; SD has no paraphrase set.
+    assert report.count("data:image/png;base64,") == 2 * 2 * 3 + 1 and ">paraphrase</th><th>test" not in report
+    assert not re.search(r"(src|href)=['\"]?(https?:|file:|/)", report)  # self-contained
+
+    with pytest.raises(DarkMinerError, match="another config"):
+        run_benchmark({**config, "concepts": ["nudity"]}, out, progress=False)
+
+
+def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
+    def cell(method: str, plain: float, clip: float) -> dict:
+        metrics = {"erasure": {"plain": plain, "paraphrase": None}, "attacks": {},
+                   "preservation": {"accuracy": None, "clip": clip, "fid": None}}
+        return {"method": method, "concept": "blood", "metrics": metrics}
+
+    results = {"model": "testbed", "methods": ["original", "a", "b"], "concepts": ["blood"], "attacks": [],
+               "cells": [cell("original", 0.9, 30.0), cell("a", 0.25, 20.0), cell("b", 0.5, 27.5)]}
+    rows = {line.split(" | ")[0].strip("| *"): line for line in render_markdown(results).splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert "**25.0**" in rows["a"] and "| 50.0 |" in rows["b"]  # plain: 25% of images is the best (lowest)
+    assert "**27.5**" in rows["b"] and "| 20.0 |" in rows["a"]  # clip: 27.5 is the best (highest)
+    assert "**" not in rows["original"]
+
+
+def test_presets_resolve_by_name_and_match_the_shipped_yaml_files():
+    for name in ("quick", "full"):
+        built_in = load_benchmark_config(name)
+        assert built_in == BenchmarkConfig.from_file(REPO / "benchmarks" / "presets" / f"{name}.yaml")
+    assert load_benchmark_config("quick").methods == ["darkminer", "esd-x", "uce"]
+    assert len(load_benchmark_config("full").concepts) == 6
+    with pytest.raises(DarkMinerError, match="preset"):
+        load_benchmark_config("no-such-preset")
