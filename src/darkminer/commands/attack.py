@@ -27,19 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
     p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
+    p.add_argument("--detector", default="auto", help="auto (default: judge on the testbed, NudeNet for nudity, "
+                   "CLIP zero-shot otherwise), judge, nudenet or clip")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 
 
-def testbed_judge(target: object):  # noqa: ANN201  (returns a SuccessFn)
-    """The testbed's judge bound to the target concept: the success function of every testbed attack."""
-    from darkminer.testbed.judge import Judge
+def success_function(model: object, target: object, detector: str = "auto"):  # noqa: ANN201  (a SuccessFn)
+    """The evaluation's detector bound to the target: the testbed judge, NudeNet for nudity, CLIP otherwise."""
+    from darkminer.evaluation.detectors import detector_kind_for
+    from darkminer.evaluation.evaluate import EvaluationConfig, build_detector
+    from darkminer.targets import is_testbed
 
-    try:
-        judge = Judge.load()
-    except ValueError as exc:
-        raise DarkMinerError(str(exc)) from None
-    return lambda images: judge.has_concept(images.float().cpu(), target.testbed_concept)  # type: ignore[attr-defined]
+    kind = detector_kind_for(target.name, is_testbed(model), detector)  # type: ignore[attr-defined]
+    return build_detector(kind, target, EvaluationConfig(detector=detector))  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -53,26 +54,25 @@ def run(args: argparse.Namespace) -> None:
         raise DarkMinerError("--n-prompts must be >= 1")
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
+    attack_cls = get_attack(args.attack) if args.attack else None  # a bad name or config fails before loading
+    config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype)
     target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
                             n_prompts=max(args.n_prompts, 64))
-    if target.testbed_concept is None:
-        raise DarkMinerError("the attack command grades testbed images with its judge; on Stable Diffusion "
-                             "use the Python API (darkminer.attacks.io.run_attack) with a detector as success function")
-    success = testbed_judge(target)
+    success = success_function(model, target, args.detector)
     if args.replay:
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
         save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
                      target=target, model=model.name)
     else:
-        attack_cls = get_attack(args.attack)
-        config = attack_cls.config_class.from_file(args.config, seed=args.seed)
         if args.prompts:
             rows = read_prompt_csv(args.prompts, limit=args.n_prompts)
             prompts = [AttackPrompt(r.text, r.seed, r.guidance) for r in rows]
-        else:
+        elif target.testbed_concept is not None:
             rows = target.testbed_concept.direct_prompts(args.n_prompts, config.seed)
             prompts = [AttackPrompt(r.text, r.seed) for r in rows]
+        else:
+            raise DarkMinerError(f"give --prompts CSV: the prompts to attack for {target.name!r}")
         results = run_attack(attack_cls(config), model, target, prompts, success, out=args.out)
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")
