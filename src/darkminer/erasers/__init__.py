@@ -1,3 +1,10 @@
 """The built-in erasers: importing a module registers its methods by name."""
 
-from darkminer.erasers import esd  # noqa: F401
+from darkminer.erasers import (
+    ca,  # noqa: F401
+    esd,  # noqa: F401
+    fmn,  # noqa: F401
+    rece,  # noqa: F401
+    sld,  # noqa: F401
+    uce,  # noqa: F401
+)

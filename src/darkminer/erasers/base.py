@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ class Eraser(ABC):
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         """Erase ``target`` from ``model``; ``work_dir`` is for checkpoints (resume). Returns a summary
         (losses, timings) recorded in darkminer.json."""
+
+
+def check_finite(value: float, stage: str, hint: str) -> float:
+    """Stop a run whose loss went NaN/inf with one line that says what to change."""
+    if not math.isfinite(value):
+        raise DarkMinerError(f"{stage} diverged (loss {value}); {hint}")
+    return value
 
 
 ERASERS: dict[str, type[Eraser]] = {}

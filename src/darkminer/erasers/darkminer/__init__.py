@@ -1,0 +1,6 @@
+"""Dark Miner: mining, verifying and circumventing in a recurring loop (see loop.py)."""
+
+from darkminer.erasers.darkminer.config import DarkMinerConfig
+from darkminer.erasers.darkminer.loop import DarkMiner
+
+__all__ = ["DarkMiner", "DarkMinerConfig"]

@@ -1,0 +1,57 @@
+"""Every choice of Dark Miner as a named config value. Defaults are justified in docs/darkminer.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.erasers.base import EraserConfig
+from darkminer.models.adapters import LoraConfig
+
+SPACES = ("token", "condition")
+INITS = ("concept", "random", "previous")
+
+
+@dataclass
+class DarkMinerConfig(EraserConfig):
+    # Concept image pool: drawn once by the original model from the concept's prompts.
+    pool_size: int = 64
+    k: int = 8  # pool images per mining/circumventing batch and per verification
+    # Mining
+    space: str = "token"  # "token": learnable input tokens through the frozen encoder; "condition": its output
+    n_tokens: int = 4
+    init: str = "previous"  # the first round starts from the concept word whatever this says, unless "random"
+    mining_steps: int = 60
+    mining_lr: float = 0.01
+    # Verifying
+    verify: bool = True
+    tau: float = 0.1
+    verify_steps: int = 20
+    image_encoder: str | None = None  # None: the testbed encoder on the testbed; a CLIP folder/hub id on SD
+    # Circumventing
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    circumvent_steps: int = 80
+    circumvent_lr: float = 1e-3
+    preserve_weight: float = 1.0
+    preserve_pool_size: int = 32
+    concept_word_first_round: bool = True
+    # Loop
+    rounds: int = 8
+    patience: int = 2  # stop after this many consecutive failed verifications
+    guidance_scale: float | None = None  # sampling guidance for pools and verification (None: model default)
+    pool_steps: int | None = None  # DDIM steps for the pools (None: model default)
+
+    def validate(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora)
+        check_positive(self, pool_size=self.pool_size, k=self.k, n_tokens=self.n_tokens, mining_steps=self.mining_steps,
+                       mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
+                       circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
+                       preserve_pool_size=self.preserve_pool_size)
+        check_non_negative(self, preserve_weight=self.preserve_weight)
+        check_choice(self, "space", self.space, SPACES)
+        check_choice(self, "init", self.init, INITS)
+        if self.k > self.pool_size:
+            from darkminer.errors import ConfigError
+
+            raise ConfigError(f"DarkMinerConfig.k ({self.k}) cannot exceed pool_size ({self.pool_size})")

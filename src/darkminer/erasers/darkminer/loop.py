@@ -1,0 +1,143 @@
+"""The Dark Miner loop: mine -> verify -> circumvent, round after round, resumable after every round.
+
+Every round draws its randomness from its own generator (seeded by config seed and round index) and
+starts a fresh optimiser, so a run resumed from a round checkpoint ends with exactly the weights of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from darkminer.erasers.base import Eraser, register_eraser
+from darkminer.erasers.darkminer.circumventing import circumvent
+from darkminer.erasers.darkminer.config import DarkMinerConfig
+from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
+from darkminer.erasers.darkminer.pool import build_pool
+from darkminer.erasers.darkminer.verifying import verify
+from darkminer.io import load_tensors, save_tensors, write_json
+from darkminer.models.adapters import ADAPTER_NAME, add_lora
+from darkminer.models.base import DiffusionModel
+from darkminer.models.image_encoders import load_image_encoder
+from darkminer.targets import EraseTarget
+
+CHECKPOINT = "checkpoint"
+
+
+def _round_generator(seed: int, round_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + round_index)
+
+
+@register_eraser("darkminer", kind="lora")
+class DarkMiner(Eraser):
+    """Dark Miner (Meng et al., arXiv 2409.17682), with the choices documented in docs/darkminer.md."""
+
+    config_class = DarkMinerConfig
+
+    def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
+        cfg: DarkMinerConfig = self.config
+        encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
+        pool = build_pool(model, target.prompts, cfg.pool_size, cfg.seed, work_dir / "pool.safetensors",
+                          cfg.guidance_scale, cfg.pool_steps)
+        preserve = build_pool(model, target.preserve, cfg.preserve_pool_size, cfg.seed + 500_000,
+                              work_dir / "preserve_pool.safetensors", cfg.guidance_scale, cfg.pool_steps)
+        with torch.no_grad():
+            anchor = model.encode([target.anchor])
+            own_words = model.encode([target.word, *target.prompts[: cfg.k]])
+        params = add_lora(model, cfg.lora, seed=cfg.seed)
+
+        state = self._load_checkpoint(model, work_dir)
+        log: list[dict] = state["log"]
+        mined_history: list[MinedEmbedding] = state["mined"]
+        failures = state["failures"]
+        previous = mined_history[-1] if mined_history else None
+        bar = tqdm(range(len(log), cfg.rounds), desc=f"Dark Miner [{target.name}]", unit="round")
+        for round_index in bar:
+            if failures >= cfg.patience:
+                break
+            g = _round_generator(cfg.seed, round_index)
+            entry: dict = {"round": round_index}
+            tick = time.time()
+            start = initial_embedding(model, target.word, cfg, g, previous)
+            mined, entry["mining"] = mine(model, pool, start, cfg, g)
+            entry["seconds_mining"] = round(time.time() - tick, 2)
+            if mined.space == "token":
+                _, words = model.nearest_tokens(mined.values, k=3)
+                entry["nearest_tokens"] = words
+            with torch.no_grad():
+                cond = mined.condition(model).detach()
+
+            tick = time.time()
+            if encoder is not None:
+                seeds = [cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
+                score, _ = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps, cfg.guidance_scale)
+                passed = score > cfg.tau
+                entry["score"] = round(score, 4)
+            else:
+                passed = True
+            entry["passed"] = passed
+            entry["seconds_verifying"] = round(time.time() - tick, 2)
+
+            tick = time.time()
+            erase_conds = cond if passed else cond[:0]
+            if round_index == 0 and cfg.concept_word_first_round:
+                erase_conds = torch.cat([erase_conds, own_words])
+            if len(erase_conds):
+                entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g)
+            entry["seconds_circumventing"] = round(time.time() - tick, 2)
+
+            failures = 0 if passed else failures + 1
+            previous = mined
+            mined_history.append(mined)
+            log.append(entry)
+            self._save_checkpoint(model, work_dir, log, mined_history, failures)
+            bar.set_postfix(score=entry.get("score"), passed=passed)
+        bar.close()
+        self._write_artifacts(work_dir, log, mined_history)
+        return {
+            "rounds": len(log),
+            "passed_rounds": sum(e["passed"] for e in log),
+            "stopped_early": failures >= cfg.patience,
+            "final_score": log[-1].get("score") if log else None,
+        }
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: DiffusionModel, work_dir: Path, log: list[dict], mined: list[MinedEmbedding],
+                         failures: int) -> None:
+        folder = work_dir / CHECKPOINT
+        tensors = {f"adapter.{k}": v for k, v in get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).items()}
+        tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
+        save_tensors(folder / "state.safetensors", tensors)
+        # The JSON is written last: a checkpoint counts only once both files are complete.
+        write_json(folder / "state.json", {"log": log, "failures": failures,
+                                           "mined": [{"space": m.space, "slots": m.slots,
+                                                      "input_ids": None if m.input_ids is None else m.input_ids.tolist()}
+                                                     for m in mined]})
+
+    def _load_checkpoint(self, model: DiffusionModel, work_dir: Path) -> dict:
+        folder = work_dir / CHECKPOINT
+        if not (folder / "state.json").is_file():
+            return {"log": [], "mined": [], "failures": 0}
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_tensors(folder / "state.safetensors", device=model.device)
+        adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+        set_peft_model_state_dict(model.unet, adapter, adapter_name=ADAPTER_NAME)
+        mined = [
+            MinedEmbedding(m["space"], tensors[f"mined.{i}"],
+                           None if m["input_ids"] is None else torch.tensor(m["input_ids"], device=model.device), m["slots"])
+            for i, m in enumerate(meta["mined"])
+        ]
+        return {"log": meta["log"], "mined": mined, "failures": meta["failures"]}
+
+    def _write_artifacts(self, work_dir: Path, log: list[dict], mined: list[MinedEmbedding]) -> None:
+        artifacts = work_dir / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / "rounds.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+        if mined:
+            save_tensors(artifacts / "mined_embeddings.safetensors", {f"round_{i}": m.values for i, m in enumerate(mined)})

@@ -1,0 +1,86 @@
+"""Mining: the embedding that makes the *current* model most likely to produce the concept's images.
+
+Minimise over c the denoising loss E ||eps - eps_theta(x_t | c, t)||^2 on pool images, the model frozen.
+In ``token`` space c is n input-token embeddings passed through the frozen text encoder (what a prompt
+can reach); in ``condition`` space c is the encoder's output states themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from darkminer.erasers.base import check_finite
+from darkminer.erasers.darkminer.config import DarkMinerConfig
+from darkminer.erasers.darkminer.pool import ImagePool
+from darkminer.models.base import DiffusionModel
+
+
+@dataclass
+class MinedEmbedding:
+    space: str
+    values: torch.Tensor  # token: (n, E) input embeddings; condition: (L, D) states
+    input_ids: torch.Tensor | None  # token space: the ids with slots, for masks and positions
+    slots: list[int]
+
+    def condition(self, model: DiffusionModel) -> torch.Tensor:
+        """(1, L, D) conditioning states."""
+        if self.space == "condition":
+            return self.values[None]
+        embeds = model.embed_ids(self.input_ids[None]).detach().clone()
+        embeds[0, self.slots] = self.values.to(embeds.dtype)
+        return model.encode_embeddings(embeds, self.input_ids[None])
+
+    def detached(self) -> MinedEmbedding:
+        return MinedEmbedding(self.space, self.values.detach().clone(), self.input_ids, self.slots)
+
+
+def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig, generator: torch.Generator,
+                      previous: MinedEmbedding | None) -> MinedEmbedding:
+    if previous is not None and config.init == "previous":
+        return previous.detached()
+    if config.space == "condition":
+        if config.init == "random":
+            values = torch.randn(model.max_length, model.encode([""]).shape[-1], generator=generator).to(model.device)
+        else:
+            values = model.encode([word])[0]
+        return MinedEmbedding("condition", values.detach().clone(), None, [])
+    ids, slots = model.insert_slots([""], config.n_tokens)
+    table = model.token_embedding.weight.detach()
+    if config.init == "random":
+        allowed = [i for i in range(table.shape[0]) if i not in model.special_token_ids]
+        pick = torch.tensor(allowed)[torch.randint(len(allowed), (config.n_tokens,), generator=generator)]
+    else:
+        word_ids = [i for i in model.tokenize([word])[0].tolist() if i not in model.special_token_ids]
+        pick = torch.tensor([word_ids[i % len(word_ids)] for i in range(config.n_tokens)])
+    return MinedEmbedding("token", table[pick.to(table.device)].clone(), ids[0], slots)
+
+
+def denoising_loss(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = model.sample_timesteps(latents.shape[0], generator)
+    pred = model.eps(model.add_noise(latents, noise, t), t, cond.expand(latents.shape[0], -1, -1))
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: DarkMinerConfig,
+         generator: torch.Generator) -> tuple[MinedEmbedding, dict]:
+    """Optimise ``start`` against the current model (adapter on, weights frozen)."""
+    mined = start.detached()
+    values = mined.values.requires_grad_(True)
+    optimizer = torch.optim.Adam([values], lr=config.mining_lr)
+    losses = []
+    for _ in range(config.mining_steps):
+        latents, _ = pool.batch(config.k, generator)
+        loss = denoising_loss(model, latents, mined.condition(model), generator)
+        # Gradients for the embedding only: the adapter's parameters must not accumulate any here.
+        (grad,) = torch.autograd.grad(loss, [values])
+        values.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(check_finite(loss.item(), "mining", "lower mining_lr"))
+    mined = mined.detached()
+    head = max(1, len(losses) // 5)
+    return mined, {"loss_start": sum(losses[:head]) / head, "loss_end": sum(losses[-head:]) / head}

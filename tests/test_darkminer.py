@@ -1,0 +1,92 @@
+"""Dark Miner on tiny-random-sd: the loop runs, logs what it mined, saves, reloads and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from darkminer.api import erase
+from darkminer.erasers.darkminer import DarkMinerConfig
+from darkminer.erasers.darkminer import loop as loop_module
+from darkminer.erasers.darkminer.verifying import direction_score
+from darkminer.errors import ConfigError
+from darkminer.io import load_tensors
+from darkminer.models import load_model
+
+TINY = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=2, rounds=3, verify_steps=2, pool_steps=2,
+            preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
+
+
+def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path):
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config=TINY)
+    info = json.loads((out / "darkminer.json").read_text())
+    assert info["method"] == "darkminer" and info["kind"] == "lora" and info["base_model"] == "tiny-random-sd"
+    assert info["config"]["lora"]["target"] == "cross-attn"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds:
+        assert {"mining", "score", "passed", "nearest_tokens", "seconds_mining", "seconds_verifying"} <= set(r)
+        assert len(r["nearest_tokens"]) == DarkMinerConfig().n_tokens
+    assert set(load_tensors(out / "mined_embeddings.safetensors")) == {"round_0", "round_1", "round_2"}
+    # The first round starts from the concept word, so its nearest token is that word.
+    assert rounds[0]["nearest_tokens"][0][0] == "nudity</w>"
+
+    erased, base = load_model(erased=out), load_model("tiny-random-sd")
+    noise = base.initial_noise([0])
+    cond = base.encode(["nudity"])
+    changed = (erased.sample(cond, noise=noise, steps=2) - base.sample(cond, noise=noise, steps=2)).abs().mean()
+    assert changed > 0
+
+
+def test_failed_verifications_stop_the_loop(tmp_path):
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "tau": 2.0, "patience": 2, "rounds": 5})
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2 and not any(r["passed"] for r in rounds)  # cosine never exceeds 2
+    assert json.loads((out / "darkminer.json").read_text())["extra"]["stopped_early"] is True
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    uninterrupted = erase("darkminer", "nudity", tmp_path / "full", model="tiny-random-sd", config=TINY)
+
+    real = loop_module.circumvent
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed in the middle of round 1
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "circumvent", dying)
+    with pytest.raises(KeyboardInterrupt):
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
+    assert not (tmp_path / "resumed").exists()  # nothing that looks complete
+    monkeypatch.setattr(loop_module, "circumvent", real)
+    resumed = erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+
+    a = load_tensors(uninterrupted / "pytorch_lora_weights.safetensors")
+    b = load_tensors(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def test_direction_score_is_one_when_mined_images_are_the_pool_and_minus_one_opposite():
+    class Identity:
+        def encode(self, images):
+            return images.flatten(1)
+
+    reference = torch.zeros(2, 3, 1, 1)
+    pool = torch.ones(2, 3, 1, 1)
+    assert direction_score(Identity(), pool, reference, pool) == pytest.approx(1.0)
+    assert direction_score(Identity(), -pool, reference, pool) == pytest.approx(-1.0)
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="space"):
+        DarkMinerConfig(space="pixels")
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        DarkMinerConfig(pool_size=4, k=8)
+    assert DarkMinerConfig.from_dict({"lora": {"rank": 8}}).lora.rank == 8
