@@ -1,8 +1,9 @@
 """What the fine-tuning erasers (ESD, Concept Ablation, Forget-Me-Not) share.
 
 * choosing UNet weights to train in place, with their originals kept as the frozen teacher;
-* partial DDIM sampling to reach an x_t the way the ESD authors do;
-* one Adam loop with NaN checks, progress, and checkpoints in the work directory so a killed erase
+* partial DDIM sampling to reach an x_t the way the ESD authors do, and noised batches of images drawn
+  from the frozen original (Concept Ablation's anchor images, Forget-Me-Not's concept images);
+* one AdamW loop with NaN checks, progress, and checkpoints in the work directory so a killed erase
   resumes where it stopped. Every iteration draws its randomness from its own generator seeded by
   (seed, iteration), so a resumed run gives the same weights as an uninterrupted one.
 """
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -72,6 +73,27 @@ def partial_ddim_sample(
     return x, scheduler.timesteps[stop_index]
 
 
+@torch.no_grad()
+def original_latents(
+    model: DiffusionModel, prompts: Sequence[str], n: int, seed: int, steps: int | None = None
+) -> torch.Tensor:
+    """``n`` samples of the frozen original, cycling through ``prompts``, returned in the UNet's input
+    space (latents for SD, pixels in [-1, 1] for the testbed). ``steps`` None: the model's default."""
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    seeds = [seed * 1_000_003 + i for i in range(n)]
+    return model.sample(model.encode(chosen), seeds=seeds, steps=steps, adapter=False, return_latents=True)
+
+
+def noised_batch(
+    model: DiffusionModel, latents: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of ``latents`` noised at uniform random training timesteps: (x_t, t)."""
+    index = torch.randint(latents.shape[0], (batch_size,), generator=generator)
+    t = torch.randint(model.num_train_timesteps, (batch_size,), generator=generator)
+    noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator).to(latents)
+    return model.add_noise(latents[index.to(latents.device)], noise, t), t.to(model.device)
+
+
 def train_parameters(
     params: dict[str, nn.Parameter],
     loss_fn: Callable[[int, torch.Generator], torch.Tensor],
@@ -82,15 +104,19 @@ def train_parameters(
     work_dir: Path | None,
     checkpoint_every: int,
     desc: str,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
 ) -> list[float]:
-    """Adam on ``params`` for ``iterations`` steps of ``loss_fn(iteration, generator)``; returns the losses.
+    """AdamW on ``params`` for ``iterations`` steps of ``loss_fn(iteration, generator)``; returns the losses.
 
-    With a ``work_dir``, parameters and Adam moments are saved every ``checkpoint_every`` iterations and
-    a run that finds a checkpoint there continues from it.
+    ``weight_decay`` 0 is plain Adam (ESD); the diffusers-based authors' scripts (Concept Ablation,
+    Forget-Me-Not) use AdamW with decay 1e-2 and gradients clipped to norm 1. With a ``work_dir``,
+    parameters and moments are saved every ``checkpoint_every`` iterations and a run that finds a
+    checkpoint there continues from it.
     """
     from tqdm.auto import tqdm
 
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     start = 0
     if work_dir is not None and (work_dir / CHECKPOINT_STATE).is_file():
@@ -105,6 +131,8 @@ def train_parameters(
                     f"{desc}: loss became {loss.item()} at iteration {iteration}; lower the learning rate (lr)"
                 )
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
             done = iteration + 1
@@ -118,7 +146,7 @@ def train_parameters(
 
 
 def _save_checkpoint(
-    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Adam, done: int, losses: list[float]
+    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, done: int, losses: list[float]
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
@@ -136,7 +164,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Adam
+    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[float]]:
     state = read_json(work_dir / CHECKPOINT_STATE)
     tensors = load_tensors(work_dir / CHECKPOINT_TENSORS)
