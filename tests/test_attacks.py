@@ -363,3 +363,20 @@ def test_attack_command_rejects_bad_arguments(tmp_path, capsys):
     assert main([*base, "--attack", "plain", "--n-prompts", "0"]) == 2
     assert main([*base, "--attack", "nope"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_attack_command_runs_and_replays_on_the_testbed(tmp_path):
+    from darkminer.cli import main
+    from darkminer.testbed.judge import WEIGHTS_PATH
+    from darkminer.testbed.model import UNET_DIR
+
+    if not (WEIGHTS_PATH.is_file() and (UNET_DIR / "diffusion_pytorch_model.safetensors").is_file()):
+        pytest.skip("the testbed's weights are not trained yet")
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["attack", "--attack", "plain", "--concept", "blood", "--n-prompts", "2", "--out", str(first)]) == 0
+    meta, results = load_results(first)
+    assert meta["attack"] == "plain" and len(results) == 2
+    assert main(["attack", "--replay", str(first), "--concept", "blood", "--out", str(second)]) == 0
+    replayed_meta, replayed = load_results(second)
+    assert [r.success for r in replayed] == [r.success for r in results]
+    assert replayed_meta["config"]["replayed_from"] == str(first)
