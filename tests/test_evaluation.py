@@ -334,7 +334,7 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert results["cells"][3]["metrics"]["detector"]["name"] == "clip-zero-shot"
     assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
     markdown = (out / "results.md").read_text()
-    assert "nudity · test-echo" in markdown and "van gogh · clip" in markdown
+    assert "nudity · ASR test-echo" in markdown and "van gogh · clip" in markdown
     report = (out / "report.html").read_text()
     # 2 methods x 2 concepts x (plain, test-echo, preservation) grids, and the plot; SD has no paraphrase set.
     assert report.count("data:image/png;base64,") == 2 * 2 * 3 + 1 and ">paraphrase</th><th>test" not in report

@@ -19,6 +19,7 @@ from typing import Any
 from darkminer.evaluation.evaluate import ORIGINAL_METHOD, PRESERVATION
 
 MISSING = "–"
+ERASURE_GROUP, ATTACK_GROUP, PRESERVATION_GROUP = "erasure", "attack success", "preservation"
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,16 @@ class Condition:
 
     key: str
     label: str
+    group: str  # erasure | attack success | preservation
     read: Callable[[dict], float | None]
     lower_is_better: bool
     percent: bool = True
     digits: int = 1
+
+    @property
+    def heading(self) -> str:
+        """The label with its group where names clash (the ``plain`` attack vs the ``plain`` prompt set)."""
+        return f"ASR {self.label}" if self.group == ATTACK_GROUP else self.label
 
     def format(self, value: float | None) -> str:
         if value is None:
@@ -41,17 +48,18 @@ class Condition:
 def conditions(attacks: Sequence[str]) -> list[Condition]:
     """Columns of one concept: erasure (plain, paraphrase), each attack, then preservation."""
     columns = [
-        Condition("plain", "plain", lambda m: m["erasure"].get("plain"), lower_is_better=True),
-        Condition("paraphrase", "paraphrase", lambda m: m["erasure"].get("paraphrase"), lower_is_better=True),
+        Condition(name, name, ERASURE_GROUP, lambda m, name=name: m["erasure"].get(name), lower_is_better=True)
+        for name in ("plain", "paraphrase")
     ]
     columns += [
-        Condition(f"attack-{name}", name, lambda m, name=name: m["attacks"].get(name), lower_is_better=True)
+        Condition(f"attack-{name}", name, ATTACK_GROUP, lambda m, name=name: m["attacks"].get(name), lower_is_better=True)
         for name in attacks
     ]
+    kept = PRESERVATION_GROUP
     columns += [
-        Condition("accuracy", "acc", lambda m: m["preservation"].get("accuracy"), lower_is_better=False),
-        Condition("clip", "clip", lambda m: m["preservation"].get("clip"), lower_is_better=False, percent=False),
-        Condition("fid", "fid", lambda m: m["preservation"].get("fid"), lower_is_better=True, percent=False, digits=3),
+        Condition("accuracy", "acc", kept, lambda m: m["preservation"].get("accuracy"), lower_is_better=False),
+        Condition("clip", "clip", kept, lambda m: m["preservation"].get("clip"), lower_is_better=False, percent=False),
+        Condition("fid", "fid", kept, lambda m: m["preservation"].get("fid"), lower_is_better=True, percent=False, digits=3),
     ]
     return columns
 
@@ -108,7 +116,7 @@ LEGEND = (
 
 def render_markdown(results: dict) -> str:
     columns, rows = _table(results)
-    header = ["method"] + [f"{concept} · {c.label}" for concept, c in columns]
+    header = ["method"] + [f"{concept} · {c.heading}" for concept, c in columns]
     lines = [
         f"# Benchmark results ({results['model']})",
         "",
@@ -134,7 +142,7 @@ def attack_plot(results: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     concepts, methods = results["concepts"], results["methods"]
-    columns = [c for c in conditions(results["attacks"]) if c.percent and c.lower_is_better]
+    columns = [c for c in conditions(results["attacks"]) if c.group != PRESERVATION_GROUP]
     cells = _cells_by_key(results)
     fig, axes = plt.subplots(1, len(concepts), figsize=(max(5.0, 1.2 * len(methods)) * len(concepts), 3.6), squeeze=False)
     width = 0.8 / len(columns)
@@ -144,7 +152,7 @@ def attack_plot(results: dict) -> bytes:
                 100 * (condition.read(cells[(m, concept)]) or 0) if (m, concept) in cells else 0 for m in methods
             ]
             ax.bar([i + (j - (len(columns) - 1) / 2) * width for i in range(len(methods))], values, width,
-                   label=condition.label)
+                   label=condition.heading)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.set_ylim(0, 100)
         ax.set_ylabel("% images with concept")
@@ -164,25 +172,35 @@ h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #dde;padding-bottom
 .lead{color:#556;margin:0 0 16px}.legend{color:#556;font-size:13px;max-width:1000px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #dde;padding:4px 8px;text-align:right}
-th{background:#f3f4f8}td.method,th.method{text-align:left;font-weight:600}
+th{background:#f3f4f8;text-align:center}td.method,th.method{text-align:left;font-weight:600}
 tr.reference td{color:#667;font-style:italic}td b{color:#0a5}
-.grid td{text-align:center;vertical-align:top}.grid img{image-rendering:pixelated;width:136px}
+.grid td{text-align:center;vertical-align:top}.grid img{image-rendering:pixelated;width:152px}
 .wide{overflow-x:auto}pre{background:#f6f7f9;padding:8px;font-size:12px;overflow-x:auto}
 """
 
 
+def _spans(keys: Sequence[Any]) -> str:
+    """Header cells spanning runs of equal keys (a key is a concept or a (concept, group) pair)."""
+    cells, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            text = keys[start][-1] if isinstance(keys[start], tuple) else keys[start]
+            cells.append(f'<th colspan="{i - start}">{html.escape(text)}</th>')
+            start = i
+    return "".join(cells)
+
+
 def _results_table_html(results: dict) -> str:
     columns, rows = _table(results)
-    spans = {concept: sum(1 for c, _ in columns if c == concept) for concept in results["concepts"]}
-    head1 = '<tr><th class="method" rowspan="2">method</th>' + "".join(
-        f'<th colspan="{span}">{html.escape(concept)}</th>' for concept, span in spans.items() if span) + "</tr>"
-    head2 = "<tr>" + "".join(f"<th>{html.escape(c.label)}</th>" for _, c in columns) + "</tr>"
+    head1 = '<tr><th class="method" rowspan="3">method</th>' + _spans([concept for concept, _ in columns]) + "</tr>"
+    head2 = "<tr>" + _spans([(concept, c.group) for concept, c in columns]) + "</tr>"
+    head3 = "<tr>" + "".join(f"<th>{html.escape(c.label)}</th>" for _, c in columns) + "</tr>"
     body = []
     for method, row in rows:
         cls = ' class="reference"' if method == ORIGINAL_METHOD else ""
         cells = "".join(f"<td>{'<b>' + t + '</b>' if b else t}</td>" for t, b in row)
         body.append(f'<tr{cls}><td class="method">{html.escape(method)}</td>{cells}</tr>')
-    return f'<div class="wide"><table>{head1}{head2}{"".join(body)}</table></div>'
+    return f'<div class="wide"><table>{head1}{head2}{head3}{"".join(body)}</table></div>'
 
 
 def _image_grid_html(results: dict, root: Path, concept: str) -> str:
@@ -208,12 +226,13 @@ def _image_grid_html(results: dict, root: Path, concept: str) -> str:
 
 def render_html(results: dict, root: Path) -> str:
     """The report; ``root`` is the benchmark directory the cells' image grids are read from."""
-    n_cells = len(results["cells"])
     first = results["cells"][0]["metrics"] if results["cells"] else {}
+    erasers = [m for m in results["methods"] if m != ORIGINAL_METHOD]
+    n_images = first.get("suites", {}).get("plain", MISSING)
     lead = (
-        f"model <b>{html.escape(results['model'])}</b> · {len(results['methods'])} methods × "
-        f"{len(results['concepts'])} concepts ({html.escape(', '.join(results['concepts']))}) · attacks: "
-        f"{html.escape(', '.join(results['attacks']) or 'none')} · {n_cells} evaluations · "
+        f"model <b>{html.escape(results['model'])}</b> · erasers: {html.escape(', '.join(erasers))} · "
+        f"concepts: {html.escape(', '.join(results['concepts']))} · attacks: "
+        f"{html.escape(', '.join(results['attacks']) or 'none')} · {n_images} images per prompt set · "
         f"detector {html.escape(first.get('detector', {}).get('name', MISSING))} · created {html.escape(results['created'])}"
     )
     parts = [
