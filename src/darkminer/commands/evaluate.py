@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
     p.add_argument("--paraphrase-prompts", default=None, help="SD: CSV of paraphrased concept prompts")
     p.add_argument("--preserve-prompts", default=None, help="SD: CSV of ordinary prompts for preservation (e.g. COCO captions)")
+    p.add_argument("--preservation", default=None,
+                   help="comma-separated preservation metrics: accuracy,clip,fid (default all; SD FID needs torch-fidelity)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> None:
     options = load_config_file(args.config) if args.config else {}
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector,
              "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
-             "attacks": [a.strip() for a in args.attacks.split(",") if a.strip()] or None}
+             "attacks": _names(args.attacks) or None,
+             "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
@@ -46,12 +49,16 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}")
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def summary_line(metrics: dict) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
     parts = [f"{name} {pct(value)}" for name, value in metrics["erasure"].items()]
-    parts += [f"{name} {pct(value)}" for name, value in metrics["attacks"].items()]
+    parts += [f"ASR {name} {pct(value)}" for name, value in metrics["attacks"].items()]
     kept = metrics["preservation"]
     parts += [f"acc {pct(kept['accuracy'])}", "clip " + ("n/a" if kept["clip"] is None else f"{kept['clip']:.1f}"),
               "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.2f}")]
