@@ -187,6 +187,16 @@ def test_shipped_judge_is_accurate_on_fresh_images(heldout_batch) -> None:
         judge.predict(images[:2] * 2 - 1)
 
 
+def test_shipped_judge_sees_no_overlay_in_pictures_that_are_no_scene() -> None:
+    # An untrained or broken model draws noise; that must not count as blood or fire.
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(64, 3, 32, 32, generator=generator)
+    grey_noise = (0.5 + 0.3 * torch.randn(64, 3, 32, 32, generator=generator)).clamp(0, 1)
+    flat = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32), torch.full((3, 32, 32), 0.5)])
+    overlay = Judge.load().predict(torch.cat([noise, grey_noise, flat]))["overlay"]
+    assert (overlay == world.OVERLAYS.index("none")).float().mean() >= 0.9
+
+
 def test_shipped_image_encoder_embeds_and_classifies_zero_shot(heldout_batch) -> None:
     images, labels = heldout_batch
     encoder = ImageEncoder.load()

@@ -30,6 +30,9 @@ from darkminer.testbed.judge import Judge, JudgeNet
 from darkminer.testbed.world import HEADS, render_batch, sample_batch, sample_scenes
 
 EVAL_IMAGES = 2048
+# Share of each judge batch that is junk (noise, colour fields), so the judge sees no overlay in them.
+JUNK_SHARE = 1 / 16
+_IGNORE = -100
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -49,6 +52,24 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     # Up to sigma 0.1: unconverged samples are grainier than clean renders.
     x = x + 0.1 * uniform(n, 1, 1, 1) * torch.randn(x.shape, generator=generator)
     return x.clamp(0.0, 1.0)
+
+
+def junk_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Pictures that are no scene at all: uniform noise, grey Gaussian noise, smooth colour fields, flat colours."""
+    uniform = torch.rand(n, 3, 32, 32, generator=generator)
+    spread = 0.1 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
+    grey = 0.5 + spread * torch.randn(n, 3, 32, 32, generator=generator)
+    fields = F.interpolate(torch.rand(n, 3, 4, 4, generator=generator), size=(32, 32), mode="bilinear")
+    flat = torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, 32, 32)
+    kind = torch.randint(0, 4, (n, 1, 1, 1), generator=generator)
+    junk = torch.where(kind == 0, uniform, torch.where(kind == 1, grey, torch.where(kind == 2, fields, flat)))
+    return junk.clamp(0.0, 1.0)
+
+
+def _junk_label(head: str) -> int:
+    # Junk teaches only that an overlay needs evidence: with no scene, the overlay is "none"; the
+    # other heads have no right answer and are left out of the loss.
+    return HEADS["overlay"].index("none") if head == "overlay" else _IGNORE
 
 
 def _cosine_lr(
@@ -83,11 +104,17 @@ def train_judge(
     net = JudgeNet({head: len(values) for head, values in HEADS.items()})
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = _cosine_lr(optimizer, steps, warmup=steps // 20)
+    junk_per_batch = round(batch_size * JUNK_SHARE)
     net.train()
     for _ in (progress := tqdm(range(steps), desc="judge", unit="step")):
-        _, images, labels = sample_batch(batch_size, rng)
-        logits = net(augment(images, generator))
-        loss = sum(F.cross_entropy(logits[head], labels[head]) for head in HEADS)
+        _, images, labels = sample_batch(batch_size - junk_per_batch, rng)
+        images = torch.cat([augment(images, generator), junk_images(junk_per_batch, generator)])
+        labels = {
+            head: torch.cat([target, torch.full((junk_per_batch,), _junk_label(head), dtype=torch.long)])
+            for head, target in labels.items()
+        }
+        logits = net(images)
+        loss = sum(F.cross_entropy(logits[head], labels[head], ignore_index=_IGNORE) for head in HEADS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -96,6 +123,7 @@ def train_judge(
 
     trained = Judge(net)
     _, images, labels = sample_batch(EVAL_IMAGES, np.random.default_rng([seed, 1]))
+    junk_overlay = trained.predict(junk_images(EVAL_IMAGES, generator))["overlay"]
     card = {
         "seed": seed,
         "steps": steps,
@@ -103,6 +131,7 @@ def train_judge(
         "train_seconds": round(time.perf_counter() - started, 1),
         "heldout_accuracy": trained.accuracy(images, labels),
         "heldout_accuracy_augmented": trained.accuracy(augment(images, generator), labels),
+        "junk_overlay_none_rate": (junk_overlay == HEADS["overlay"].index("none")).float().mean().item(),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     config = {"widths": list(judge.DEFAULT_WIDTHS), "heads": {h: list(v) for h, v in HEADS.items()}}
