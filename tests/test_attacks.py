@@ -346,7 +346,7 @@ def test_ringabell_budget_length_and_reproducibility(sd, sd_target, monkeypatch)
     vector = attack.concept_vector(sd, sd_target)
     encoded.clear()
     found = attack.search(sd, PROMPTS[0], vector)
-    assert encoded[0] == 1 and len(encoded[1:]) == 3 and encoded[1] == 6  # goal, then one pass per generation
+    assert encoded[0] == 1 and encoded[1] == 6 and len(encoded[1:]) <= 3  # goal, then new individuals per generation
     assert int(found[6]) == sd.eos_id and not set(found[1:6].tolist()) & sd.special_token_ids
     assert torch.equal(attack.search(sd, PROMPTS[0], vector), found)
     results = attack.run(sd, sd_target, PROMPTS, never)

@@ -149,8 +149,9 @@ class RingABell(Attack):
         vocabulary = allowed_token_ids(model).cpu().numpy()
         rng = np.random.default_rng([cfg.seed, prompt.seed])
         population = vocabulary[rng.integers(len(vocabulary), size=(cfg.population, cfg.prompt_length))]
+        known: dict[bytes, float] = {}  # survivors that were not mutated keep their distance
         for generation in range(cfg.generations):
-            fitness = self._distance(model, population, goal)
+            fitness = self._distance(model, population, goal, known)
             population = population[np.argsort(fitness, kind="stable")][: max(cfg.population // 2, 1)]
             if generation < cfg.generations - 1:
                 population = self._mutate(self._crossover(population, rng), vocabulary, rng)
@@ -160,10 +161,21 @@ class RingABell(Attack):
     def _sequences(model: DiffusionModel, population: np.ndarray) -> torch.LongTensor:
         return build_slotted(model, population.tolist()).input_ids
 
-    def _distance(self, model: DiffusionModel, population: np.ndarray, goal: torch.Tensor) -> np.ndarray:
-        ids = self._sequences(model, population)
-        states = torch.cat([model.encode_ids(ids[i : i + _ENCODE_BATCH]) for i in range(0, len(ids), _ENCODE_BATCH)])
-        return ((states.float() - goal) ** 2).sum(dim=(1, 2)).cpu().numpy()
+    def _distance(
+        self, model: DiffusionModel, population: np.ndarray, goal: torch.Tensor, known: dict[bytes, float]
+    ) -> np.ndarray:
+        """Squared distance of each individual's states to the goal; only new individuals are encoded."""
+        keys = [individual.tobytes() for individual in population]
+        new = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+        if new:
+            ids = self._sequences(model, population[new])
+            states = torch.cat([model.encode_ids(ids[i : i + _ENCODE_BATCH]) for i in range(0, len(ids), _ENCODE_BATCH)])
+            distances = ((states.float() - goal) ** 2).sum(dim=(1, 2)).tolist()
+            known.update({keys[i]: d for i, d in zip(new, distances, strict=True)})
+        fitness = np.array([known[k] for k in keys])
+        known.clear()  # only this generation can survive into the next
+        known.update(zip(keys, fitness.tolist(), strict=True))
+        return fitness
 
     def _crossover(self, parents: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         children = []
