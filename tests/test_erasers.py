@@ -180,6 +180,19 @@ def test_unknown_method_raises() -> None:
 
 
 # ------------------------------------------------------------------------------------ each objective
+def _projections(names: list[str]) -> set[str]:
+    return {n.split(".attn2.")[1].split(".")[0] for n in names}
+
+
+def test_each_variant_edits_only_its_own_weights(erased_model) -> None:
+    edited = {m: erased_model(m)[0].edited_parameter_names for m in ("esd-u", "esd-x", "esd-x-strict", "uce", "rece")}
+    assert all(".attn2." in n for n in edited["esd-x"]) and _projections(edited["esd-x"]) == {"to_q", "to_k", "to_v", "to_out"}
+    for method in ("esd-x-strict", "uce", "rece"):
+        assert all(".attn2." in n for n in edited[method]) and _projections(edited[method]) == {"to_k", "to_v"}
+    assert not any(".attn2." in n or n.startswith(("time_embedding.", "conv_out.")) for n in edited["esd-u"])
+    assert any(".resnets." in n for n in edited["esd-u"]) and any(".attn1." in n for n in edited["esd-u"])
+
+
 def test_esd_moves_the_concept_toward_negative_guidance(erased_model) -> None:
     model, _ = erased_model("esd-x")
     eps_concept, eps_empty = eps_of(model, [CONCEPT, ""], adapter=False)
