@@ -2,9 +2,11 @@
 arguments, build configs and call the Python API."""
 
 COMMAND_MODULES = (
+    "darkminer.commands.demo",
     "darkminer.commands.generate",
     "darkminer.commands.erase",
     "darkminer.commands.attack",
     "darkminer.commands.evaluate",
     "darkminer.commands.benchmark",
+    "darkminer.commands.testbed",
 )

@@ -46,6 +46,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attacks": ALL,
         "evaluation": {"n_images": 64, "attack_prompts": 16},
     },
+    # `darkminer demo`: the main job, sized for <= 15 minutes on 2 CPU cores (budgets in docs/BENCHMARKS.md).
+    "demo": {
+        "model": "testbed",
+        "methods": ["darkminer", "esd-x"],
+        "concepts": ["blood"],
+        "attacks": ["plain", "paraphrase", "unlearndiff", "p4d", "ringabell", "cce"],
+        "method_configs": {"esd-x": {"iterations": 200, "ddim_steps": 25}},
+        "evaluation": {
+            "n_images": 64,
+            "attack_prompts": 8,
+            "attack_configs": {
+                "unlearndiff": {"iterations": 40, "rounds": 2},
+                "p4d": {"iterations": 100, "eval_every": 50},
+                "ringabell": {"population": 32, "generations": 40},
+                "cce": {"steps": 300},
+            },
+        },
+    },
     "full": {
         "model": "testbed",
         "methods": ALL,

@@ -1,0 +1,68 @@
+"""``darkminer testbed concepts|train|check``: the embedded testbed's registry, training and gates."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("testbed", help="the embedded testbed: concepts, training, gates",
+                       description="The embedded testbed model: list its concepts, retrain it, measure its gates.")
+    tb = p.add_subparsers(dest="testbed_command", required=True, metavar="SUBCOMMAND")
+
+    c = tb.add_parser("concepts", help="one line per target concept: NAME KIND")
+    c.set_defaults(handler=_concepts)
+
+    t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (resumable)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--work-dir", default="runs/testbed-train", help="checkpoints and caches (resume from here)")
+    t.add_argument("--out", default=None, help="weights folder (default: the package's own, replacing the shipped weights)")
+    t.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped model's)")
+    t.add_argument("--only", choices=("judge", "encoder", "unet"), default=None, help="train one of the three")
+    t.set_defaults(handler=_train)
+
+    k = tb.add_parser("check", help="measure the testbed's gates with the judge; writes JSON")
+    k.add_argument("--out", required=True, help="output JSON file")
+    k.add_argument("-n", type=int, default=200, help="images per cell (default 200)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--concepts", default=None, help="comma-separated subset (default: all six)")
+    k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
+    k.set_defaults(handler=_check)
+
+
+def _concepts(args: argparse.Namespace) -> None:
+    from darkminer.testbed.concepts import CONCEPTS, concept_names
+
+    for name in concept_names():
+        print(f"{name} {CONCEPTS[name].kind}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from darkminer.testbed import train_aux
+    from darkminer.testbed.model import WEIGHTS_DIR
+    from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    if args.only in (None, "judge"):
+        train_aux.train_judge(seed=args.seed, out_path=out / "judge.safetensors")
+    if args.only in (None, "encoder"):
+        train_aux.train_image_encoder(seed=args.seed, out_path=out / "image_encoder.safetensors")
+    if args.only in (None, "unet"):
+        config = UNetTrainConfig.from_dict({"seed": args.seed, **({"steps": args.unet_steps} if args.unet_steps else {})})
+        log = train_unet(config, args.work_dir, out / "unet")
+        print(f"UNet trained: {config.steps} steps in {log['seconds']:.0f} s")
+    print(f"weights in {out}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from darkminer.io import write_json
+    from darkminer.testbed.check import CheckConfig, run_check
+
+    overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual}
+    if args.concepts:
+        overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    report = run_check(CheckConfig.from_dict(overrides))
+    write_json(args.out, report)
+    print(f"wrote {args.out}")

@@ -1,0 +1,129 @@
+"""``darkminer testbed check``: measure the testbed's gates with the judge on the shipped model.
+
+Gates (issue "The testbed"): judge accuracy per head on held-out procedural images; concept rate from
+direct prompts and held-out paraphrases per concept; negative rate (a concept seen where no prompt asked
+for one); attribute accuracy; the residual (concept rate after ESD-x on the concept's word, and after a
+CCE attack on that erased model); the time to draw 64 images at 25 DDIM steps.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from darkminer.config import Config, check_positive
+from darkminer.errors import ConfigError
+from darkminer.testbed import captions, world
+from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
+from darkminer.testbed.judge import Judge
+from darkminer.testbed.model import TestbedModel
+
+# Scene values that no target concept uses: prompts for "negative" images.
+_NEUTRAL = {
+    "overlay": ("none",),
+    "shape": tuple(v for v in world.SHAPES if v not in {c.value for c in CONCEPTS.values() if c.head == "shape"}),
+    "style": tuple(v for v in world.STYLES if v not in {c.value for c in CONCEPTS.values() if c.head == "style"}),
+}
+
+
+@dataclass
+class CheckConfig(Config):
+    n_images: int = 200  # per cell
+    seed: int = 0
+    steps: int = 25
+    concepts: list[str] = field(default_factory=concept_names)
+    residual: bool = True
+    esd_iterations: int = 200
+    cce_steps: int = 300
+    judge_images: int = 2048
+
+    def validate(self) -> None:
+        check_positive(self, n_images=self.n_images, steps=self.steps, esd_iterations=self.esd_iterations,
+                       cce_steps=self.cce_steps, judge_images=self.judge_images)
+        for name in self.concepts:
+            try:
+                get_concept(name)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def neutral_prompts(n: int, seed: int) -> list[EvalPrompt]:
+    """Prompts naming shape, colour and style, none of them a target concept, on clean scenes."""
+    rng = np.random.default_rng([seed, 17])
+    prompts = []
+    for _ in range(n):
+        fixed = {head: values[rng.integers(len(values))] for head, values in _NEUTRAL.items()}
+        scene = world.sample_scene(rng, **fixed)
+        text = captions.caption(scene, rng, dropout=0.0, mention={"shape": True, "colour": True, "style": True, "overlay": False})
+        prompts.append(EvalPrompt(text, int(rng.integers(2**31 - 1)), {h: getattr(scene, h) for h in ("shape", "colour", "style")}))
+    return prompts
+
+
+def _rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept, steps: int) -> float:
+    images = model.generate([p.text for p in prompts], [p.seed for p in prompts], steps=steps)
+    return judge.has_concept(images, concept).float().mean().item()
+
+
+def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
+    torch.manual_seed(config.seed)
+    judge = Judge.load()
+    model = model or TestbedModel.load()
+    report: dict = {"n_images_per_cell": config.n_images, "seed": config.seed}
+
+    rng = np.random.default_rng([config.seed, 99])
+    _, images, labels = world.sample_batch(config.judge_images, rng)
+    report["judge_accuracy"] = {h: round(a, 4) for h, a in judge.accuracy(images, labels).items()}
+
+    tick = time.time()
+    model.generate(["a red star"] * 64, list(range(64)), steps=25)
+    report["seconds_64_images"] = round(time.time() - tick, 2)
+
+    report["concept_rate"] = {}
+    for name in tqdm(config.concepts, desc="concept rates"):
+        concept = get_concept(name)
+        report["concept_rate"][name] = {
+            "direct": round(_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
+            "paraphrase": round(_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
+        }
+
+    neutral = neutral_prompts(config.n_images, config.seed)
+    images = model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=config.steps)
+    seen = torch.zeros(len(neutral), dtype=torch.bool)
+    for concept in CONCEPTS.values():
+        seen |= judge.has_concept(images, concept)
+    report["negative_rate"] = round(seen.float().mean().item(), 4)
+    predicted = judge.predict_values(images)
+    hits = [predicted[i][h] == v for i, p in enumerate(neutral) for h, v in p.expected.items()]
+    report["attribute_accuracy"] = round(sum(hits) / len(hits), 4)
+
+    if config.residual:
+        report["residual"] = {name: _residual(judge, name, config) for name in tqdm(config.concepts, desc="residual")}
+    return report
+
+
+def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
+    """Concept rate after ESD-x on the concept's word, and after CCE against that erased model."""
+    from darkminer.api import erase
+    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.cce import CCEConfig, ConceptInversion
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    concept = get_concept(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        erased_dir = erase("esd-x", name, Path(tmp) / "esd-x", model="testbed",
+                           config={"iterations": config.esd_iterations, "seed": config.seed, "ddim_steps": config.steps})
+        erased = load_model("testbed", erased=erased_dir)
+    prompts = concept.direct_prompts(config.n_images, config.seed)
+    esd_rate = _rate(erased, judge, prompts, concept, config.steps)
+    target = resolve_target(erased, name, seed=config.seed)
+    attack = ConceptInversion(CCEConfig(steps=config.cce_steps, seed=config.seed))
+    results = attack.run(erased, target, [AttackPrompt(p.text, p.seed) for p in prompts],
+                         lambda images: judge.has_concept(images, concept))
+    return {"esd_direct": round(esd_rate, 4), "cce_attack": round(sum(r.success_after for r in results) / len(results), 4)}

@@ -1,0 +1,43 @@
+"""`darkminer testbed concepts` and `darkminer testbed check` (small)."""
+
+from __future__ import annotations
+
+import json
+
+from darkminer.cli import main
+from darkminer.testbed.check import neutral_prompts
+from darkminer.testbed.concepts import CONCEPTS
+
+
+def test_concepts_lists_inappropriate_first(capsys):
+    assert main(["testbed", "concepts"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6
+    kinds = [line.split()[1] for line in lines]
+    assert kinds == ["inappropriate", "inappropriate", "object", "object", "style", "style"]
+    assert {line.split()[0] for line in lines} == set(CONCEPTS)
+
+
+def test_neutral_prompts_never_ask_for_a_target_concept():
+    targets = {(c.head, c.value) for c in CONCEPTS.values()}
+    for prompt in neutral_prompts(50, seed=3):
+        assert not any((head, value) in targets for head, value in prompt.expected.items())
+        assert set(prompt.expected) == {"shape", "colour", "style"}
+
+
+def test_check_writes_the_gate_report(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert main(["testbed", "check", "--out", str(out), "-n", "4", "--concepts", "blood", "--no-residual"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["judge_accuracy"]) == {"shape", "colour", "style", "overlay", "background"}
+    assert min(report["judge_accuracy"].values()) >= 0.98
+    assert set(report["concept_rate"]) == {"blood"}
+    assert 0.0 <= report["concept_rate"]["blood"]["direct"] <= 1.0
+    assert 0.0 <= report["negative_rate"] <= 1.0 and 0.0 <= report["attribute_accuracy"] <= 1.0
+    assert report["seconds_64_images"] > 0 and report["n_images_per_cell"] == 4
+
+
+def test_check_rejects_an_unknown_concept(tmp_path, capsys):
+    assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "unicorn"]) == 2
+    assert "unknown testbed concept" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
