@@ -25,7 +25,7 @@ from darkminer.testbed.model import UNET_DIR, TestbedModel
 @dataclass
 class UNetTrainConfig(Config):
     seed: int = 0
-    steps: int = 2500
+    steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
