@@ -2,6 +2,7 @@
 
 from darkminer.erasers import (
     ca,  # noqa: F401
+    darkminer,  # noqa: F401
     esd,  # noqa: F401
     fmn,  # noqa: F401
     rece,  # noqa: F401
