@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from darkminer.attacks.soft_prompt import denoising_loss, draw_noise_and_timesteps
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
@@ -58,13 +58,6 @@ def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig,
     return MinedEmbedding("token", table[pick.to(table.device)].clone(), ids[0], slots)
 
 
-def denoising_loss(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = model.sample_timesteps(latents.shape[0], generator)
-    pred = model.eps(model.add_noise(latents, noise, t), t, cond.expand(latents.shape[0], -1, -1))
-    return F.mse_loss(pred.float(), noise.float())
-
-
 def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: DarkMinerConfig,
          generator: torch.Generator) -> tuple[MinedEmbedding, dict]:
     """Optimise ``start`` against the current model (adapter on, weights frozen)."""
@@ -74,7 +67,8 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
     losses = []
     for _ in range(config.mining_steps):
         latents, _ = pool.batch(config.k, generator)
-        loss = denoising_loss(model, latents, mined.condition(model), generator)
+        noise, t = draw_noise_and_timesteps(model, latents, generator)
+        loss = denoising_loss(model, latents, mined.condition(model).expand(len(latents), -1, -1), t, noise)
         # Gradients for the embedding only: the adapter's parameters must not accumulate any here.
         (grad,) = torch.autograd.grad(loss, [values])
         values.grad = grad
