@@ -89,6 +89,8 @@ def test_concept_phrase_is_found_as_whole_words_longest_first():
     assert split_at_concept("a red star", phrases) == ("", "a red star")
     assert replace_concept("a star with blood", phrases, "X") == "a star with X"
     assert replace_concept("a star", phrases, "X") is None
+    assert replace_concept("An bloody star", ("bloody",), "injured") == "An injured star"
+    assert replace_concept("an injured star", ("injured",), "") == "a star"
 
 
 def test_slotted_sequences_keep_slots_and_truncate_prompt_tokens(sd):

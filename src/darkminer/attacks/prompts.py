@@ -55,13 +55,24 @@ def split_at_concept(text: str, phrases: Sequence[str]) -> tuple[str, str]:
     return text[:start].strip(), text[end:].strip()
 
 
+def splice(text: str, start: int, end: int, replacement: str) -> str:
+    """``text`` with ``text[start:end]`` replaced, spaces tidied and the article before it agreeing
+    ("a injured star" -> "an injured star", "an injured star" minus the phrase -> "a star")."""
+    head = text[:start].split()
+    tail = f"{replacement} {text[end:]}".split()
+    if head and tail and head[-1].lower() in ("a", "an"):
+        article = "an" if tail[0][:1].lower() in "aeiou" else "a"
+        head[-1] = article.capitalize() if head[-1][0].isupper() else article
+    return " ".join(head + tail)
+
+
 def replace_concept(text: str, phrases: Sequence[str], replacement: str) -> str | None:
-    """``text`` with its concept phrase replaced (spaces tidied), or None when it has none."""
+    """``text`` with its concept phrase replaced, or None when it has none."""
     found = find_phrase(text, phrases)
     if found is None:
         return None
     start, end, _ = found
-    return " ".join(f"{text[:start]} {replacement} {text[end:]}".split())
+    return splice(text, start, end, replacement)
 
 
 @dataclass
@@ -155,4 +166,4 @@ class ParaphrasedPrompts(Attack):
         options = [p.text for p in heldout_phrases(concept.head, concept.value) if p.form == form]
         if not options:  # no held-out phrasing of this form: any of them still names the concept
             options = list(concept.heldout_paraphrases)
-        return " ".join(f"{text[:start]} {options[index % len(options)]} {text[end:]}".split())
+        return splice(text, start, end, options[index % len(options)])
