@@ -382,3 +382,19 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path):
     replayed_meta, replayed = load_results(second)
     assert [r.success for r in replayed] == [r.success for r in results]
     assert replayed_meta["config"]["replayed_from"] == str(first)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("unlearndiff", {"k": 2, "iterations": 1, "rounds": 1}), ("p4d", {"n_tokens": 3, "iterations": 2}),
+     ("p4d", {"variant": "k", "iterations": 1}), ("ringabell", {"population": 4, "generations": 2, "prompt_length": 4})],
+)
+def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_path):
+    cls = get_attack(name)
+    prompts = [AttackPrompt(blood.prompts[0], 21)]
+    results = run_attack(cls(cls.config_class(**options)), testbed, blood, prompts, never, out=tmp_path / name)
+    assert len(results[0].input_ids) == testbed.max_length and not results[0].success
+    _, loaded = load_results(tmp_path / name)
+    assert loaded[0].input_ids == results[0].input_ids
+    assert [r.success_after for r in replay(testbed, loaded, bright)] == bright(
+        sample_prompts(testbed, testbed.encode_ids(torch.tensor([results[0].input_ids])), prompts)).tolist()
