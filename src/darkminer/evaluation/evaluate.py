@@ -48,6 +48,7 @@ from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import ErasedModelInfo, package_versions
+from darkminer.parallel import init_processes, sharded_sample
 from darkminer.targets import EraseTarget, is_testbed, resolve_target
 
 METRICS_NAME = "metrics.json"
@@ -134,8 +135,8 @@ class Painter:
         for scale in dict.fromkeys(guidances):
             rows = [i for i, g in enumerate(guidances) if g == scale]
             with self._guidance(original):
-                drawn = self.model.sample(
-                    conds[rows], seeds=[seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
+                drawn = sharded_sample(
+                    self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
                     guidance_scale=scale if scale is not None else self.config.guidance_scale,
                     batch_size=self.config.batch_size, progress=self.progress,
                 )
@@ -255,6 +256,9 @@ def evaluate(
         _check_output(Path(out))
     attack_classes = {name: get_attack(name) for name in cfg.attacks}  # unknown names fail before any work
     started = time.time()
+    # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
+    # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
+    processes = init_processes()
     net, method, model_name = _load(model, erased, device, dtype)
     testbed = is_testbed(net)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
@@ -275,7 +279,7 @@ def evaluate(
     judgements: list[dict[str, Any]] = []
 
     def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
-        flags = detector.detect(images)
+        flags = processes.map_rows(detector.detect, images)  # each process grades its share
         grids[name] = images
         judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f)}
                           for p, f in zip(suite_prompts, flags.tolist(), strict=True))
@@ -291,7 +295,8 @@ def evaluate(
     for name, attack_cls in attack_classes.items():
         attack = attack_cls(attack_cls.config_class.from_dict(cfg.attack_configs.get(name)))
         attack_started = time.time()
-        results = attack.run(net, target, attack_prompts, detector.detect, original=net)
+        # Attacks run whole on every process; the main process's results are the ones kept and replayed.
+        results = processes.broadcast_object(attack.run(net, target, attack_prompts, detector.detect, original=net))
         attacks[name] = attack_success_rate(results)
         replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
         attack_details[name] = {
@@ -327,7 +332,7 @@ def evaluate(
         "config": cfg.to_dict(),
         "images": {name: f"images/{name}.png" for name in grids},
     }
-    if out is not None:
+    if out is not None and processes.is_main:
         with _output_directory(Path(out)) as tmp:
             for name, images in grids.items():
                 save_png(make_grid(thumbnails(images[: cfg.grid_images])), tmp / "images" / f"{name}.png")

@@ -259,7 +259,7 @@ class DiffusionModel(ABC):
         return self.noise_scheduler.add_noise(x0, noise, t.to(x0.device))
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.LongTensor:
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device, non_blocking=True)
 
     @property
     @abstractmethod
@@ -335,10 +335,13 @@ class DiffusionModel(ABC):
         self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int, adapter: bool
     ) -> torch.Tensor:
         scheduler = self.sampling_scheduler(steps)
+        # The scheduler indexes its host tables by timestep: host timesteps for it and a device copy, made
+        # once, for the UNet keep each step from waiting on the device (a GPU timestep would sync).
+        host_timesteps, device_timesteps = scheduler.timesteps.cpu(), scheduler.timesteps.to(self.device)
         latents = latents * scheduler.init_noise_sigma
-        for index, t in enumerate(scheduler.timesteps):
+        for index, t in enumerate(host_timesteps):
             model_in = scheduler.scale_model_input(latents, t)
-            eps = self.guidance.predict(self, model_in, t, cond, uncond, guidance, index, adapter)
+            eps = self.guidance.predict(self, model_in, device_timesteps[index], cond, uncond, guidance, index, adapter)
             latents = scheduler.step(eps, t, latents).prev_sample
         return latents
 

@@ -2,7 +2,9 @@
 *original* model predicts for the anchor, while ordinary prompts keep the original's predictions.
 
 L = E ||eps_{theta0+A}(x_t | c) - eps_theta0(x_t | c0)||^2 + w E ||eps_{theta0+A}(x_t | c_reg) - eps_theta0(x_t | c_reg)||^2
-The teacher is the same UNet with the adapter switched off.
+The teacher is the same UNet with the adapter switched off. The erase and preservation rows of a step go
+through one teacher and one student UNet call. Under several processes (``darkminer.parallel``) each
+process trains on its slice of the step's rows and DDP averages the gradients.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.models.base import DiffusionModel
+from darkminer.parallel import Processes, data_parallel, init_processes
 
 
 def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,34 +26,53 @@ def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Gener
 
 
 def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_conds: torch.Tensor, anchor: torch.Tensor,
-               pool: ImagePool, preserve: ImagePool, config: DarkMinerConfig, generator: torch.Generator) -> dict:
-    """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached."""
+               pool: ImagePool, preserve: ImagePool, config: DarkMinerConfig, generator: torch.Generator,
+               processes: Processes | None = None) -> dict:
+    """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached.
+
+    Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
+    the result equals one process's with the same ``k`` (to rounding). A loss that went NaN stops the
+    run at the end of the stage, when the losses are read.
+    """
+    processes = processes or init_processes()
+    rows = processes.rows(config.k)
+    student = data_parallel(model, processes)
+    erase_conds = processes.broadcast_(erase_conds.contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
-    k = config.k
-    erase_losses, preserve_losses = [], []
-    for _ in range(config.circumvent_steps):
+    k, preserving = config.k, config.preserve_weight > 0
+    # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
+    losses = torch.zeros(2, config.circumvent_steps, device=model.device)
+    for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
-        conds = erase_conds[torch.randint(len(erase_conds), (k,), generator=generator)]
-        with torch.no_grad():
-            target = model.eps(x_t, t, anchor.expand(k, -1, -1), adapter=False)
-        loss_erase = F.mse_loss(model.eps(x_t, t, conds).float(), target.float())
-        loss = loss_erase
-        if config.preserve_weight > 0:
+        picks = torch.randint(len(erase_conds), (k,), generator=generator).to(erase_conds.device, non_blocking=True)
+        parts = [(x_t, t, erase_conds[picks], anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
+        if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)
-            with torch.no_grad():
-                target_p = model.eps(x_p, t_p, kept_conds, adapter=False)
-            loss_preserve = F.mse_loss(model.eps(x_p, t_p, kept_conds).float(), target_p.float())
+            parts.append((x_p, t_p, kept_conds, kept_conds))
+        # This process's rows of every part, through one teacher and one student UNet call.
+        x, ts, conds, teacher_conds = (torch.cat([part[i][rows] for part in parts]) for i in range(4))
+        with torch.no_grad():
+            target = model.eps(x, ts, teacher_conds, adapter=False).float()
+        prediction = student(x, ts, conds).float()
+        n = rows.stop - rows.start
+        loss_erase = F.mse_loss(prediction[:n], target[:n])
+        loss = loss_erase
+        if preserving:
+            loss_preserve = F.mse_loss(prediction[n:], target[n:])
             loss = loss + config.preserve_weight * loss_preserve
-            preserve_losses.append(loss_preserve.item())
+            losses[1, step] = loss_preserve.detach()
+        losses[0, step] = loss_erase.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        erase_losses.append(check_finite(loss_erase.item(), "circumventing", "lower circumvent_lr"))
+    erase_losses, preserve_losses = processes.average_(losses).tolist()
+    for value in erase_losses:
+        check_finite(value, "circumventing", "lower circumvent_lr")
     head = max(1, len(erase_losses) // 5)
     return {
         "erase_loss_start": sum(erase_losses[:head]) / head,
         "erase_loss_end": sum(erase_losses[-head:]) / head,
-        "preserve_loss_end": (sum(preserve_losses[-head:]) / head) if preserve_losses else None,
+        "preserve_loss_end": (sum(preserve_losses[-head:]) / head) if preserving else None,
     }

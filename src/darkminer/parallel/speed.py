@@ -1,0 +1,129 @@
+"""The GPU path as options: mixed precision, the attention kernel, gradient checkpointing, channels-last.
+
+``apply_speed_options(model, SpeedOptions(precision="bf16", ...))`` switches a loaded model in place and
+can be called again to switch back. What is not an option because it always holds: classifier-free
+guidance runs both branches in one batched UNet call (``ClassifierFreeGuidance``), the frozen teacher is
+the same UNet with its adapter off (``DiffusionModel.eps(..., adapter=False)``), and the sampling and
+circumventing loops keep their numbers on the device (see docs/performance.md).
+
+Mixed precision follows accelerate's ``prepare_model``: the module's ``forward`` runs under
+``torch.autocast`` and its floating outputs are cast back to the weights' dtype, so the weights (and an
+adapter's Adam moments) stay in float32 while matrix products and convolutions run in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+import torch
+from torch import nn
+
+from darkminer.config import Config, check_choice
+from darkminer.models.base import DiffusionModel
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels), diffusers' default
+# AttnProcessor2_0. "classic": diffusers' AttnProcessor (explicit softmax(QK^T)V), for comparison only.
+ATTENTIONS = ("sdpa", "classic")
+# Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
+_PLAIN_FORWARD = "_darkminer_plain_forward"
+
+
+@dataclass
+class SpeedOptions(Config):
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the UNet, text encoder and VAE forward passes
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% more time
+    channels_last: bool = False  # NHWC convolutions (UNet, VAE): faster with tensor cores in bf16/fp16
+
+    def validate(self) -> None:
+        check_choice(self, "precision", self.precision, tuple(PRECISIONS))
+        check_choice(self, "attention", self.attention, ATTENTIONS)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+def apply_speed_options(model: DiffusionModel, options: SpeedOptions) -> None:
+    """Switch ``model`` to ``options`` in place (every earlier choice is replaced)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model.unet.set_attn_processor(AttnProcessor2_0() if options.attention == "sdpa" else AttnProcessor())
+    if options.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    else:
+        model.unet.disable_gradient_checkpointing()
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    for module in _convolutional_modules(model):
+        module.to(memory_format=memory_format)
+    for module in _autocast_modules(model):
+        _set_autocast(module, model.device.type, options.autocast_dtype)
+
+
+def attention_processors(model: DiffusionModel) -> set[str]:
+    """Class names of the attention processors the UNet runs (``AttnProcessor2_0`` is SDPA)."""
+    return {type(p).__name__ for p in model.unet.attn_processors.values()}
+
+
+def autocast_dtype(model: DiffusionModel) -> torch.dtype | None:
+    """The autocast dtype the UNet currently runs under (None: its weights' dtype)."""
+    return getattr(model.unet, _PLAIN_FORWARD, (None, None))[1]
+
+
+def _convolutional_modules(model: DiffusionModel) -> list[nn.Module]:
+    vae = getattr(model, "vae", None)
+    return [model.unet] + ([vae] if vae is not None else [])
+
+
+def _autocast_modules(model: DiffusionModel) -> Iterator[nn.Module]:
+    """The modules whose forward runs under autocast.
+
+    The UNet is entered through its forward. Text-encoder backends enter their encoder at different
+    points (the whole model for prompts, its embeddings and layer stack for token embeddings), but every
+    path runs the transformer layers, so those (the members of its ModuleLists) are wrapped. The VAE is
+    entered through ``encode``/``decode``, which run its encoder and decoder modules.
+    """
+    yield model.unet
+    for module in model.text_encoder.modules():
+        if isinstance(module, nn.ModuleList):
+            yield from module
+    vae = getattr(model, "vae", None)
+    if vae is not None:
+        yield from (vae.encoder, vae.decoder)
+
+
+def _set_autocast(module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+    plain, _ = module.__dict__.pop(_PLAIN_FORWARD, (module.__dict__.get("forward"), None))
+    if plain is None:
+        module.__dict__.pop("forward", None)  # back to the class's forward
+    else:
+        module.forward = plain
+    if dtype is None:
+        return
+    weights_dtype = next(module.parameters()).dtype
+    forward = module.forward
+
+    @wraps(forward)
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            output = forward(*args, **kwargs)
+        return _cast_floats(output, weights_dtype)
+
+    module.forward = autocast_forward
+    module.__dict__[_PLAIN_FORWARD] = (plain, dtype)
+
+
+def _cast_floats(output: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in a module's output (tensor, tuple, or diffusers/transformers output) cast to ``dtype``."""
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.is_floating_point() else output
+    if isinstance(output, tuple | list):
+        return type(output)(_cast_floats(v, dtype) for v in output)
+    if isinstance(output, dict):  # diffusers BaseOutput / transformers ModelOutput: set items in place
+        for key, value in list(output.items()):
+            output[key] = _cast_floats(value, dtype)
+    return output

@@ -1,0 +1,194 @@
+"""More than one process (two CPU processes over gloo, opened through accelerate) gives what one process
+gives: sharded sampling and evaluation bit for bit, DDP circumventing to rounding. And the speed options
+(autocast, attention kernel, checkpointing, channels-last) keep the model's predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from darkminer.erasers.darkminer import DarkMinerConfig
+from darkminer.erasers.darkminer.circumventing import circumvent
+from darkminer.erasers.darkminer.pool import ImagePool
+from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.io import load_tensors, save_tensors
+from darkminer.models import load_model
+from darkminer.models.adapters import LoraConfig, add_lora
+from darkminer.parallel import (
+    Processes,
+    SpeedOptions,
+    apply_speed_options,
+    attention_processors,
+    init_processes,
+    sharded_sample,
+)
+from darkminer.parallel.speed import autocast_dtype
+
+WORLD = 2
+PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
+EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4, "attacks": ["plain"],
+              "attack_prompts": 2}
+
+
+def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
+    """What both runs compute: 5 images in batches of 2 (shared 2+1 batches over two processes), three
+    circumventing steps with k=4 (2 rows each), and a whole evaluation written to ``out``."""
+    model = load_model("tiny-random-sd")
+    with torch.no_grad():
+        conds = model.encode(PROMPTS)
+    images = sharded_sample(model, conds, [10, 11, 12, 13, 14], steps=3, batch_size=2, processes=processes)
+
+    g = torch.Generator().manual_seed(0)
+    pool = ImagePool(torch.rand(6, 3, 32, 32, generator=g), torch.randn(6, 4, 16, 16, generator=g), conds[[0, 1, 2, 3, 4, 0]])
+    preserve = ImagePool(pool.images, torch.randn(6, 4, 16, 16, generator=g), conds[[4, 3, 2, 1, 0, 4]])
+    params = add_lora(model, LoraConfig(), seed=0)
+    config = DarkMinerConfig(k=4, pool_size=6, preserve_pool_size=6, circumvent_steps=3, circumvent_lr=1e-2)
+    with torch.no_grad():
+        erase_conds, anchor = model.encode(["nudity", "naked"]), model.encode([""])
+    summary = circumvent(model, params, erase_conds, anchor, pool, preserve, config, torch.Generator().manual_seed(1),
+                         processes)
+    adapter = {name: p.detach().clone() for name, p in model.unet.named_parameters() if "lora_" in name}
+
+    from darkminer.evaluation import evaluate
+
+    evaluate("nudity", out, model="tiny-random-sd", config=EVALUATION)
+    losses = torch.tensor([summary["erase_loss_start"], summary["erase_loss_end"], summary["preserve_loss_end"]])
+    return {"images": images, "losses": losses, **adapter}
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    processes = init_processes()
+    assert (processes.rank, processes.world_size) == (rank, WORLD)
+    results = _scenario(processes, Path(folder) / "evaluation")
+    save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("two-processes")
+    # A fork server that imported torch and diffusers once forks both workers: one import instead of two.
+    mp.get_context("forkserver").set_forkserver_preload(["darkminer.models", "darkminer.evaluation"])
+    mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
+    return folder
+
+
+def test_two_processes_equal_one(two_processes, tmp_path):
+    single = _scenario(Processes(), tmp_path / "evaluation")
+    ranks = [load_tensors(two_processes / f"rank{r}.safetensors") for r in range(WORLD)]
+    for rank in ranks:
+        # Every process gets all images in order, drawn in the same batches: equal bit for bit.
+        assert torch.equal(rank["images"], single["images"])
+        # DDP keeps the replicas identical and equal to the one-process run with the same batch.
+        assert set(rank) == set(single)
+        for name in single:
+            if name != "images":
+                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+                assert torch.equal(rank[name], ranks[0][name])
+    assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
+    # The sharded evaluation wrote once (main process) the same metrics and the same image grids.
+    one, two = tmp_path / "evaluation", two_processes / "evaluation"
+    assert not [p for p in two_processes.iterdir() if p.name.startswith(".")]
+    metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
+        assert metrics_one[key] == metrics_two[key]
+    assert (one / "judgements.json").read_bytes() == (two / "judgements.json").read_bytes()
+    for name in metrics_one["images"].values():
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+
+
+def test_shares_cover_every_unit_once_in_order_and_balance_the_load():
+    for n_units in (0, 1, 2, 5, 8, 13):
+        for world in (1, 2, 3, 4):
+            blocks = [Processes(rank, world).share(n_units) for rank in range(world)]
+            assert [u for block in blocks for u in block] == list(range(n_units))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert Processes(1, 2).rows(8) == slice(4, 8)
+    with pytest.raises(DarkMinerError, match="multiple of 3"):
+        Processes(0, 3).rows(8)
+
+
+def test_one_process_runs_as_before_without_a_launcher(monkeypatch, tiny_sd):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    processes = init_processes()
+    assert not processes.distributed and processes.is_main
+    cond = tiny_sd.encode(PROMPTS[:3])
+    torch.testing.assert_close(sharded_sample(tiny_sd, cond, [1, 2, 3], steps=2),
+                               tiny_sd.sample(cond, seeds=[1, 2, 3], steps=2), rtol=0, atol=0)
+
+
+def test_circumventing_reports_a_nan_loss_with_what_to_do(tiny_sd):
+    params = add_lora(tiny_sd, LoraConfig(), seed=0)
+    conds = tiny_sd.encode(PROMPTS[:2])
+    latents = torch.full((2, 4, 16, 16), float("nan"))
+    pool = ImagePool(torch.zeros(2, 3, 32, 32), latents, conds)
+    config = DarkMinerConfig(k=2, pool_size=2, preserve_pool_size=2, circumvent_steps=2, preserve_weight=0)
+    with pytest.raises(DarkMinerError, match="circumventing diverged.*lower circumvent_lr"):
+        circumvent(tiny_sd, params, conds, tiny_sd.encode([""]), pool, pool, config, torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------ speed options
+def _prediction(model, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *model.latent_shape, generator=g)
+    return model.eps(x, torch.tensor([10, 700]), model.encode(PROMPTS[:2]))
+
+
+def test_autocast_runs_in_low_precision_returns_float32_and_switches_back(tiny_sd):
+    with torch.no_grad():
+        exact = _prediction(tiny_sd)
+        apply_speed_options(tiny_sd, SpeedOptions(precision="bf16"))
+        assert autocast_dtype(tiny_sd) == torch.bfloat16
+        mixed = _prediction(tiny_sd)
+        assert mixed.dtype == torch.float32 and not torch.equal(mixed, exact)  # bf16 products really ran
+        torch.testing.assert_close(mixed, exact, rtol=0.1, atol=0.05)
+        apply_speed_options(tiny_sd, SpeedOptions())
+        assert autocast_dtype(tiny_sd) is None
+        assert torch.equal(_prediction(tiny_sd), exact)
+
+
+def test_attention_kernel_checkpointing_and_channels_last_keep_predictions_and_gradients(tiny_sd):
+    params = add_lora(tiny_sd, LoraConfig(), seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)  # lora_B starts at zero: give the gradients something to flow through
+
+    def prediction_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = _prediction(tiny_sd)
+        grads = torch.autograd.grad(out.square().mean(), params)
+        return out.detach(), list(grads)
+
+    assert attention_processors(tiny_sd) == {"AttnProcessor2_0"}  # SDPA is what runs by default
+    reference, reference_grads = prediction_and_gradients()
+    options = SpeedOptions(attention="classic", gradient_checkpointing=True, channels_last=True)
+    apply_speed_options(tiny_sd, options)
+    assert attention_processors(tiny_sd) == {"AttnProcessor"}
+    assert tiny_sd.unet.is_gradient_checkpointing
+    assert tiny_sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    out, grads = prediction_and_gradients()
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+    apply_speed_options(tiny_sd, SpeedOptions())
+    assert attention_processors(tiny_sd) == {"AttnProcessor2_0"} and not tiny_sd.unet.is_gradient_checkpointing
+
+
+def test_speed_options_reject_unknown_choices():
+    with pytest.raises(ConfigError, match="precision"):
+        SpeedOptions(precision="int8")
+    with pytest.raises(ConfigError, match="attention"):
+        SpeedOptions.from_dict({"attention": "xformers"})
