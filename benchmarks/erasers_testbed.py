@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join([ORIGINAL, *TESTBED_CONFIGS]))
     parser.add_argument("--concepts", default=",".join(concept_names()))
     parser.add_argument("--n-images", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared 2-core machine, two threads made ESD's batch-1 steps ~5x slower (spinning).
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--override", default="{}", help='JSON {"method": {option: value}} on top of the budgets')
     parser.add_argument("--out", default="benchmarks/results/erasers_testbed.json")
     args = parser.parse_args()

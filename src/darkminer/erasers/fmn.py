@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from darkminer.config import check_non_negative, check_positive
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
@@ -68,7 +68,16 @@ class _RecordingAttnProcessor(AttnProcessor):
     def __init__(self, sink: list[torch.Tensor]) -> None:
         self.sink = sink
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):  # noqa: ANN001, ANN204
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
         scores = attn.get_attention_scores
 
         def recording(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

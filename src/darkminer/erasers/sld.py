@@ -50,7 +50,10 @@ class SafeLatentGuidance(Guidance):
         self.settings = settings
         self._momentum: torch.Tensor | None = None
 
-    def predict(self, model, x, t, cond, uncond, scale, step_index, adapter):  # noqa: D102
+    def predict(
+        self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+        scale: float, step_index: int, adapter: bool,
+    ) -> torch.Tensor:
         if scale == 1.0:  # as in the authors' pipeline, no safety guidance without classifier-free guidance
             return model.eps(x, t, cond, adapter=adapter)
         s = self.settings
