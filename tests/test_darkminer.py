@@ -6,14 +6,17 @@ import json
 
 import pytest
 import torch
+from peft.utils import set_peft_model_state_dict
 
 from darkminer.api import erase
 from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.erasers.darkminer import loop as loop_module
+from darkminer.erasers.darkminer.loop import load_rounds
 from darkminer.erasers.darkminer.verifying import direction_score
 from darkminer.errors import ConfigError
 from darkminer.io import load_tensors
 from darkminer.models import load_model
+from darkminer.models.adapters import ADAPTER_NAME, add_lora
 
 TINY = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=2, rounds=3, verify_steps=2, pool_steps=2,
             preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
@@ -29,15 +32,23 @@ def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path)
     for r in rounds:
         assert {"mining", "score", "passed", "nearest_tokens", "seconds_mining", "seconds_verifying"} <= set(r)
         assert len(r["nearest_tokens"]) == DarkMinerConfig().n_tokens
-    assert set(load_tensors(out / "mined_embeddings.safetensors")) == {"round_0", "round_1", "round_2"}
+    assert {k.split(".")[0] for k in load_tensors(out / "mined_embeddings.safetensors")} == {"round_0", "round_1", "round_2"}
     # The first round starts from the concept word, so its nearest token is that word.
     assert rounds[0]["nearest_tokens"][0][0] == "nudity</w>"
 
     erased, base = load_model(erased=out), load_model("tiny-random-sd")
     noise = base.initial_noise([0])
     cond = base.encode(["nudity"])
-    changed = (erased.sample(cond, noise=noise, steps=2) - base.sample(cond, noise=noise, steps=2)).abs().mean()
-    assert changed > 0
+    erased_images = erased.sample(cond, noise=noise, steps=2)
+    assert (erased_images - base.sample(cond, noise=noise, steps=2)).abs().mean() > 0
+
+    # Every round can be replayed: the adapter after the last round is the erased model's.
+    replay = load_rounds(out)
+    assert len(replay) == 3 and all(m.space == "token" and m.condition(base).shape == cond.shape for m, _ in replay)
+    add_lora(base, DarkMinerConfig.from_dict(TINY).lora)
+    set_peft_model_state_dict(base.unet, replay[-1][1], adapter_name=ADAPTER_NAME)
+    torch.testing.assert_close(base.sample(cond, noise=noise, steps=2), erased_images, atol=1e-5, rtol=0)
+    assert any(not torch.equal(replay[0][1][k], v) for k, v in replay[-1][1].items())
 
 
 def test_failed_verifications_stop_the_loop(tmp_path):

@@ -133,3 +133,16 @@ def test_testbed_encodes_embeddings_like_text():
     assert model.vocabulary[model.tokenize(["star"])[0, 1]] == "star"
     images = model.generate(["a red star"], seeds=[0], steps=3)
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_lora_on_a_bf16_model_trains_in_float32():
+    model = load_model("tiny-random-sd", dtype="bf16")
+    params = adapters.add_lora(model, adapters.LoraConfig(rank=4))
+    assert params and all(p.dtype == torch.float32 for p in params)
+    frozen = [p for n, p in model.unet.named_parameters() if "lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    latents = torch.randn(1, *model.latent_shape, dtype=torch.bfloat16)
+    loss = model.eps(latents, torch.tensor([500]), model.encode(["a dog"])).float().square().mean()
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -14,10 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=_concepts)
 
     t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (resumable)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=None, help="override the recipes' seed (default: theirs)")
     t.add_argument("--work-dir", default="runs/testbed-train", help="checkpoints and caches (resume from here)")
     t.add_argument("--out", default=None, help="weights folder (default: the package's own, replacing the shipped weights)")
-    t.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped model's)")
+    t.add_argument("--unet-config", default="unet-stage1",
+                   help="UNet training recipe: a YAML/JSON file or a shipped recipe name "
+                        "(unet-stage1, unet-stage2; default unet-stage1)")
+    t.add_argument("--unet-steps", type=int, default=None, help="override the recipe's number of steps")
+    t.add_argument("--init-from", default=None, help="UNet folder to continue from (stage 2 starts from stage 1)")
     t.add_argument("--only", choices=("judge", "encoder", "unet"), default=None, help="train one of the three")
     t.set_defaults(handler=_train)
 
@@ -46,11 +50,12 @@ def _train(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else WEIGHTS_DIR
     if args.only in (None, "judge"):
-        train_aux.train_judge(seed=args.seed, out_path=out / "judge.safetensors")
+        train_aux.train_judge(seed=args.seed or 0, out_path=out / "judge.safetensors")
     if args.only in (None, "encoder"):
-        train_aux.train_image_encoder(seed=args.seed, out_path=out / "image_encoder.safetensors")
+        train_aux.train_image_encoder(seed=args.seed or 0, out_path=out / "image_encoder.safetensors")
     if args.only in (None, "unet"):
-        config = UNetTrainConfig.from_dict({"seed": args.seed, **({"steps": args.unet_steps} if args.unet_steps else {})})
+        config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,
+                                             init_from=args.init_from)
         log = train_unet(config, args.work_dir, out / "unet")
         print(f"UNet trained: {config.steps} steps in {log['seconds']:.0f} s")
     print(f"weights in {out}")

@@ -86,6 +86,10 @@ def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[t
     model.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
     params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
     for p in params:
+        # Trainable weights stay float32 on a half-precision model: bf16 keeps 8 mantissa bits, so small
+        # optimiser updates would round away.
+        # peft casts the input to the adapter's dtype and the result back, so the forward is unchanged.
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 

@@ -27,6 +27,7 @@ from darkminer.testbed.image_encoder import (
     zero_shot_classifiers,
 )
 from darkminer.testbed.judge import Judge, JudgeNet
+from darkminer.testbed.train_unet import warmup_lr
 from darkminer.testbed.world import HEADS, render_batch, sample_batch, sample_scenes
 
 EVAL_IMAGES = 2048
@@ -72,17 +73,6 @@ def _junk_label(head: str) -> int:
     return HEADS["overlay"].index("none") if head == "overlay" else _IGNORE
 
 
-def _cosine_lr(
-    optimizer: torch.optim.Optimizer, steps: int, warmup: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _check_steps(steps: int) -> None:
     if steps < 1:
         raise ValueError(f"steps must be a positive number of optimiser steps, got {steps}")
@@ -103,7 +93,7 @@ def train_judge(
     generator = torch.Generator().manual_seed(seed)
     net = JudgeNet({head: len(values) for head, values in HEADS.items()})
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
-    schedule = _cosine_lr(optimizer, steps, warmup=steps // 20)
+    schedule = warmup_lr(optimizer, steps, warmup=steps // 20)
     junk_per_batch = round(batch_size * JUNK_SHARE)
     net.train()
     for _ in (progress := tqdm(range(steps), desc="judge", unit="step")):
@@ -173,7 +163,7 @@ def train_image_encoder(
     generator = torch.Generator().manual_seed(seed + 1)
     net = ImageEncoderNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
-    schedule = _cosine_lr(optimizer, steps, warmup=steps // 20)
+    schedule = warmup_lr(optimizer, steps, warmup=steps // 20)
     targets = torch.arange(batch_size)
     net.train()
     for _ in (progress := tqdm(range(steps), desc="image encoder", unit="step")):

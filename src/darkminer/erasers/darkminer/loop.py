@@ -28,6 +28,8 @@ from darkminer.models.image_encoders import load_image_encoder
 from darkminer.targets import EraseTarget
 
 CHECKPOINT = "checkpoint"
+MINED_FILE = "mined_embeddings.safetensors"
+ROUND_ADAPTERS_FILE = "round_adapters.safetensors"
 
 
 def _round_generator(seed: int, round_index: int) -> torch.Generator:
@@ -111,8 +113,13 @@ class DarkMiner(Eraser):
     def _save_checkpoint(self, model: DiffusionModel, work_dir: Path, log: list[dict], mined: list[MinedEmbedding],
                          failures: int) -> None:
         folder = work_dir / CHECKPOINT
-        tensors = {f"adapter.{k}": v for k, v in get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).items()}
+        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).items()}
+        tensors = {f"adapter.{k}": v for k, v in adapter.items()}
         tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
+        # The adapter after every round, so the rounds can be replayed (per-round residual, docs/darkminer.md).
+        previous = load_tensors(folder / "state.safetensors") if (folder / "state.safetensors").is_file() else {}
+        tensors.update({k: v for k, v in previous.items() if k.startswith("round_")})
+        tensors.update({f"round_{len(log) - 1}.{k}": v.clone() for k, v in adapter.items()})
         save_tensors(folder / "state.safetensors", tensors)
         # The JSON is written last: a checkpoint counts only once both files are complete.
         write_json(folder / "state.json", {"log": log, "failures": failures,
@@ -139,5 +146,28 @@ class DarkMiner(Eraser):
         artifacts = work_dir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         (artifacts / "rounds.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-        if mined:
-            save_tensors(artifacts / "mined_embeddings.safetensors", {f"round_{i}": m.values for i, m in enumerate(mined)})
+        if not mined:
+            return
+        embeddings = {}
+        for i, m in enumerate(mined):
+            embeddings[f"round_{i}.values"] = m.values
+            if m.input_ids is not None:
+                embeddings[f"round_{i}.input_ids"] = m.input_ids.clone()
+                embeddings[f"round_{i}.slots"] = torch.tensor(m.slots, dtype=torch.long)
+        save_tensors(artifacts / MINED_FILE, embeddings)
+        state = load_tensors(work_dir / CHECKPOINT / "state.safetensors")
+        save_tensors(artifacts / ROUND_ADAPTERS_FILE, {k: v for k, v in state.items() if k.startswith("round_")})
+
+
+def load_rounds(erased_dir: str | Path, device: str | torch.device = "cpu") -> list[tuple[MinedEmbedding, dict[str, torch.Tensor]]]:
+    """Each round's mined embedding and the adapter state after that round, from an erased-model directory."""
+    erased_dir = Path(erased_dir)
+    mined, adapters = load_tensors(erased_dir / MINED_FILE, device=device), load_tensors(erased_dir / ROUND_ADAPTERS_FILE, device=device)
+    rounds = []
+    for i in range(len({k.split(".")[0] for k in mined})):
+        ids = mined.get(f"round_{i}.input_ids")
+        embedding = MinedEmbedding("token" if ids is not None else "condition", mined[f"round_{i}.values"], ids,
+                                   mined[f"round_{i}.slots"].tolist() if ids is not None else [])
+        prefix = f"round_{i}."
+        rounds.append((embedding, {k.removeprefix(prefix): v for k, v in adapters.items() if k.startswith(prefix)}))
+    return rounds
