@@ -67,7 +67,7 @@ def neutral_prompts(n: int, seed: int) -> list[EvalPrompt]:
     return prompts
 
 
-def _rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept, steps: int) -> float:
+def concept_rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept, steps: int) -> float:
     images = model.generate([p.text for p in prompts], [p.seed for p in prompts], steps=steps)
     return judge.has_concept(images, concept).float().mean().item()
 
@@ -90,8 +90,8 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     for name in tqdm(config.concepts, desc="concept rates"):
         concept = get_concept(name)
         report["concept_rate"][name] = {
-            "direct": round(_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
-            "paraphrase": round(_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
+            "direct": round(concept_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
+            "paraphrase": round(concept_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
         }
 
     neutral = neutral_prompts(config.n_images, config.seed)
@@ -123,7 +123,7 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
                            config={"iterations": config.esd_iterations, "seed": config.seed, "ddim_steps": config.steps})
         erased = load_model("testbed", erased=erased_dir)
     prompts = concept.direct_prompts(config.n_images, config.seed)
-    esd_rate = _rate(erased, judge, prompts, concept, config.steps)
+    esd_rate = concept_rate(erased, judge, prompts, concept, config.steps)
     target = resolve_target(erased, name, seed=config.seed)
     attack = ConceptInversion(CCEConfig(steps=config.cce_steps, seed=config.seed))
     results = attack.run(erased, target, [AttackPrompt(p.text, p.seed) for p in prompts],
