@@ -1,10 +1,11 @@
 """Speed and memory of darkminer's loops at Stable Diffusion 1.4 size, with random weights built from configs.
 
 Nothing is downloaded: the UNet, the CLIP ViT-L/14 text encoder, the VAE and the verifier's CLIP ViT-L/14
-image tower are built from SD-1.4's configs with random weights (speed and memory do not depend on the
-values). Every figure is a median over repeats after warm-up; loop steps (mining, circumventing, ESD,
-UnlearnDiffAtk) are timed as the difference between runs of 1 and 1+n steps, so per-run set-up is left
-out. Peak memory is the CUDA allocator's high-water mark during the operation (CPU: not measured).
+(image and text towers, as ``models.clip.Clip`` loads it) are built from SD-1.4's configs with random
+weights (speed and memory do not depend on the values). Every figure is a median over repeats after
+warm-up; loop steps (mining, circumventing, ESD, UnlearnDiffAtk) are timed as the difference between runs
+of 1 and 1+n steps, so per-run set-up is left out. Peak memory is the CUDA allocator's high-water mark
+during the operation (CPU: not measured).
 
     python benchmarks/sd_speed.py --small                                   # CPU smoke run, tiny sizes
     python benchmarks/sd_speed.py --device cuda --precision bf16 --weights bf16 --out sd_speed.json
@@ -40,7 +41,7 @@ from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.erasers.esd import EsdConfig, EsdU
 from darkminer.models.adapters import add_lora
-from darkminer.models.image_encoders import TINY_CLIP_ID, ClipImageEncoder
+from darkminer.models.clip import TINY_CLIP_ID, Clip
 from darkminer.models.stable_diffusion import StableDiffusionModel
 from darkminer.models.tiny import build_tiny_sd_pipeline
 from darkminer.parallel import SpeedOptions, apply_speed_options, attention_processors
@@ -120,35 +121,41 @@ class Bench:
 def build_model(small: bool, device: torch.device, weights: torch.dtype) -> tuple[StableDiffusionModel, object]:
     """SD-1.4-sized components (or tiny-random-sd with ``small``) with random weights, and a verifier encoder."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
     torch.manual_seed(0)
     tiny = build_tiny_sd_pipeline()  # its tokenizer and SD's DDIM schedule serve both sizes
     if small:
-        pipe, encoder = tiny, ClipImageEncoder.from_pretrained(TINY_CLIP_ID)
+        pipe, encoder = tiny, Clip.load(TINY_CLIP_ID)
     else:
         tokenizer = tiny.tokenizer
         with torch.device(device):  # initialise on the GPU: seconds instead of minutes
             # SD-1.4's UNet: diffusers' defaults are SD-1.x's but for the cross-attention width and size.
             unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
+            text_config = CLIPTextConfig(
                 vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
-            ))
+            )
+            text_encoder = CLIPTextModel(text_config)
             vae = AutoencoderKL(
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
             )
-            vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+            # The verifier's CLIP ViT-L/14 (both towers, as Clip.load gives it); its text tower is SD's.
+            clip = CLIPModel(CLIPConfig(
+                text_config=text_config.to_dict(),
+                vision_config=CLIPVisionConfig(
+                    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                ).to_dict(),
+                projection_dim=768,
             ))
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        encoder = ClipImageEncoder(vision.to(weights))
+        encoder = Clip(clip.to(weights), tokenizer, "random CLIP ViT-L/14")
     pipe = pipe.to(device, weights)
     return StableDiffusionModel.from_pipeline(pipe, name="sd-1.4-random" if not small else "tiny-random-sd"), encoder
 

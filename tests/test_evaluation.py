@@ -24,7 +24,6 @@ from darkminer.erasers.base import ERASERS, Eraser, register_eraser
 from darkminer.errors import DarkMinerError
 from darkminer.evaluation import (
     BenchmarkConfig,
-    Clip,
     ClipZeroShotDetector,
     EvaluationConfig,
     JudgeDetector,
@@ -35,6 +34,7 @@ from darkminer.evaluation import (
 )
 from darkminer.evaluation.metrics import FrechetDistance, attribute_accuracy, concept_rate
 from darkminer.evaluation.report import render_markdown
+from darkminer.models.clip import Clip
 from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
 from darkminer.testbed.judge import WEIGHTS_PATH as JUDGE_WEIGHTS
 

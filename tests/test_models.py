@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -146,3 +147,57 @@ def test_lora_on_a_bf16_model_trains_in_float32():
     loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# -------------------------------------------------------------------------------------------------- CLIP
+def test_tiny_random_clip_gives_normalised_deterministic_image_and_text_features():
+    from darkminer.models.clip import TINY_CLIP_ID, Clip
+
+    clip = Clip.load(TINY_CLIP_ID)
+    images = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(0))  # not square, not 32: resize + crop
+    features = clip.image_features(images)
+    assert features.shape == (3, 16) and bool(torch.isfinite(features).all())
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(clip.encode(images), features)  # the verifier's ImageEmbedder
+    torch.testing.assert_close(Clip.load(TINY_CLIP_ID).image_features(images), features)  # same seed, same model
+    texts = clip.text_features(["a photo of a cat", "van gogh starry night"])
+    assert texts.shape == (2, 16) and bool(torch.isfinite(texts).all())
+    torch.testing.assert_close(texts.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(texts[0], texts[1])
+    assert clip.describe()["model"] == TINY_CLIP_ID
+
+
+def test_clip_preprocessing_matches_the_clip_image_processor():
+    """Shortest side to the model's size (bicubic), centre crop, CLIP mean/std: as transformers' processor,
+    up to its round trip through 8-bit PIL images."""
+    from transformers import CLIPImageProcessor
+
+    from darkminer.imaging import to_pil
+    from darkminer.models.clip import TINY_CLIP_ID, Clip
+
+    clip = Clip.load(TINY_CLIP_ID)
+    image = torch.rand(1, 3, 7, 5, generator=torch.Generator().manual_seed(0))
+    image = torch.nn.functional.interpolate(image, size=(120, 90), mode="bilinear")  # smooth, portrait
+    processor = CLIPImageProcessor(size={"shortest_edge": clip.size}, crop_size={"height": clip.size, "width": clip.size})
+    expected = processor(images=[to_pil(image[0])], return_tensors="pt")["pixel_values"]
+    ours = clip.preprocess(image)
+    assert ours.shape == expected.shape == (1, 3, 32, 32)
+    assert (ours - expected).abs().mean() < 0.02
+
+
+def test_clip_missing_or_pickled_fails_with_one_line_naming_both_options(tmp_path):
+    from darkminer.errors import ModelLoadError
+    from darkminer.models.clip import Clip
+
+    with pytest.raises(ModelLoadError) as missing:
+        Clip.load(str(tmp_path / "no-clip-here"))
+    pickled = tmp_path / "pickled-clip"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="pickled") as refused:
+        Clip.load(str(pickled))
+    for error in (missing, refused):
+        message = str(error.value)
+        assert "\n" not in message and "`image_encoder`" in message and "`--clip-model`" in message
+        assert "local CLIP folder" in message

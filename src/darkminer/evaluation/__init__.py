@@ -3,13 +3,13 @@
 
 from darkminer.evaluation.benchmark import PRESETS, BenchmarkConfig, load_benchmark_config, run_benchmark
 from darkminer.evaluation.detectors import (
-    Clip,
     ClipZeroShotDetector,
     Detector,
     JudgeDetector,
     NudeNetDetector,
 )
 from darkminer.evaluation.evaluate import EvaluationConfig, evaluate
+from darkminer.models.clip import Clip
 
 __all__ = [
     "PRESETS",

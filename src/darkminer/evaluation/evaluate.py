@@ -28,7 +28,6 @@ from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_NEGATIVES,
     DETECTOR_KINDS,
     NUDENET_THRESHOLD,
-    Clip,
     ClipZeroShotDetector,
     Detector,
     JudgeDetector,
@@ -47,6 +46,7 @@ from darkminer.imaging import make_grid, save_png
 from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import init_processes, sharded_sample
 from darkminer.targets import EraseTarget, is_testbed, resolve_target

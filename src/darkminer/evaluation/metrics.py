@@ -49,7 +49,7 @@ def attribute_accuracy(
 
 
 class Aligner(Protocol):
-    """``detectors.Clip`` on Stable Diffusion, ``TestbedAligner`` on the testbed. Scores how well each image matches its prompt, on the CLIP-score scale 100 * max(cos, 0)."""
+    """``models.clip.Clip`` on Stable Diffusion, ``TestbedAligner`` on the testbed. Scores how well each image matches its prompt, on the CLIP-score scale 100 * max(cos, 0)."""
 
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor: ...
 
