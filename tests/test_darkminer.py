@@ -58,6 +58,15 @@ def test_failed_verifications_stop_the_loop(tmp_path):
     assert json.loads((out / "darkminer.json").read_text())["extra"]["stopped_early"] is True
 
 
+@pytest.mark.parametrize("replay", [True, False])
+def test_replay_keeps_training_on_earlier_rounds_even_when_a_round_fails(tmp_path, replay):
+    config = {**TINY, "tau": 2.0, "patience": 3, "rounds": 2, "replay": replay}  # every verification fails
+    states = [state for _, state in load_rounds(erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config=config))]
+    # Round 0 always circumvents the concept's own words; round 1 (failed) trains only if it replays them.
+    moved = any(not torch.equal(states[0][k], v) for k, v in states[1].items())
+    assert moved is replay
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
     uninterrupted = erase("darkminer", "nudity", tmp_path / "full", model="tiny-random-sd", config=TINY)
 

@@ -27,8 +27,11 @@ def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Gener
 
 def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_conds: torch.Tensor, anchor: torch.Tensor,
                pool: ImagePool, preserve: ImagePool, config: DarkMinerConfig, generator: torch.Generator,
-               processes: Processes | None = None) -> dict:
+               processes: Processes | None = None, replay_conds: torch.Tensor | None = None) -> dict:
     """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached.
+
+    ``replay_conds`` (earlier rounds' embeddings) fill half of every batch when ``erase_conds`` is not
+    empty, all of it otherwise.
 
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
     the result equals one process's with the same ``k`` (to rounding). A loss that went NaN stops the
@@ -37,7 +40,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     processes = processes or init_processes()
     rows = processes.rows(config.k)
     student = data_parallel(model, processes)
-    erase_conds = processes.broadcast_(erase_conds.contiguous())
+    replay_conds = erase_conds[:0] if replay_conds is None else replay_conds
+    n_new = config.k if not len(replay_conds) else (config.k + 1) // 2 if len(erase_conds) else 0
+    # One bank of conditions; the first n_new rows of a batch come from erase_conds, the rest from the replay.
+    bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     k, preserving = config.k, config.preserve_weight > 0
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
@@ -45,8 +51,9 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
-        picks = torch.randint(len(erase_conds), (k,), generator=generator).to(erase_conds.device, non_blocking=True)
-        parts = [(x_t, t, erase_conds[picks], anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
+        picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
+                           len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
+        parts = [(x_t, t, bank[picks.to(bank.device, non_blocking=True)], anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)

@@ -35,6 +35,9 @@ class DarkMinerConfig(EraserConfig):
     preserve_weight: float = 1.0
     preserve_pool_size: int = 32
     concept_word_first_round: bool = True
+    # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
+    # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
+    replay: bool = True
     # Loop
     rounds: int = 8
     patience: int = 2  # stop after this many consecutive failed verifications

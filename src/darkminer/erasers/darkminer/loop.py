@@ -88,10 +88,12 @@ class DarkMiner(Eraser):
 
             tick = time.time()
             erase_conds = cond if passed else cond[:0]
+            replayed = self._replay_conditions(model, log, mined_history, own_words) if cfg.replay else own_words[:0]
             if round_index == 0 and cfg.concept_word_first_round:
                 erase_conds = torch.cat([erase_conds, own_words])
-            if len(erase_conds):
-                entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g)
+            if len(erase_conds) or len(replayed):
+                entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g,
+                                                    replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
 
             failures = 0 if passed else failures + 1
@@ -108,6 +110,15 @@ class DarkMiner(Eraser):
             "stopped_early": failures >= cfg.patience,
             "final_score": log[-1].get("score") if log else None,
         }
+
+    def _replay_conditions(self, model: DiffusionModel, log: list[dict], mined: list[MinedEmbedding],
+                           own_words: torch.Tensor) -> torch.Tensor:
+        """Conditions of every earlier round's verified embedding, and the concept's words once round 0 has run."""
+        with torch.no_grad():
+            conds = [m.condition(model) for m, entry in zip(mined, log, strict=True) if entry["passed"]]
+        if log and self.config.concept_word_first_round:
+            conds.append(own_words)
+        return torch.cat(conds).detach() if conds else own_words[:0]
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: DiffusionModel, work_dir: Path, log: list[dict], mined: list[MinedEmbedding],
