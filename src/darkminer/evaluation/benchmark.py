@@ -167,7 +167,7 @@ def run_benchmark(
     for index, (method, concept) in enumerate(plan, 1):
         if progress:
             print(f"[{index}/{len(plan)}] {method} x {concept}", flush=True)
-        cells.append(_run_cell(cfg, eval_cfg, out, method, concept))
+        cells.append(_run_cell(cfg, eval_cfg, out, method, concept, progress))
     results = {
         "format": 1,
         "model": cfg.model,
@@ -200,7 +200,8 @@ def _claim(out: Path, resolved: dict[str, Any]) -> None:
     write_json(path, resolved)
 
 
-def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str) -> dict[str, Any]:
+def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str,
+              progress: bool = False) -> dict[str, Any]:
     relative = Path("cells") / _slug(method) / _slug(concept)
     cell = out / relative
     metrics_path = cell / "evaluation" / METRICS_NAME
@@ -212,7 +213,7 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
             erase(method, concept, erased, model=cfg.model, config=cfg.method_configs.get(method),
                   prompts=cfg.prompts.get(concept), resume=True, device=cfg.device)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
-                 prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device)
+                 prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device, progress=progress)
     erase_seconds = ErasedModelInfo.read(erased).extra.get("seconds") if erased is not None else None
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
             "metrics": read_json(metrics_path)}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
 from darkminer.config import Config, check_choice, check_positive, load_config_file
@@ -292,7 +293,7 @@ def evaluate(
 
     attacks, attack_details = {}, {}
     attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
-    for name, attack_cls in attack_classes.items():
+    for name, attack_cls in tqdm(attack_classes.items(), desc="attacks", unit="attack", disable=not progress):
         attack = attack_cls(attack_cls.config_class.from_dict(cfg.attack_configs.get(name)))
         attack_started = time.time()
         # Attacks run whole on every process; the main process's results are the ones kept and replayed.
