@@ -35,6 +35,9 @@ PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "
 EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4, "attacks": ["plain"],
               "attack_prompts": 2}
 
+DARK_MINER = {"pool_size": 4, "k": 2, "mining_steps": 2, "circumvent_steps": 2, "rounds": 2, "verify_steps": 2,
+              "pool_steps": 2, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip", "tau": -1.0}
+
 
 def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     """What both runs compute: 5 images in batches of 2 (shared 2+1 batches over two processes), three
@@ -58,8 +61,13 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     from darkminer.evaluation import evaluate
 
     evaluate("nudity", out, model="tiny-random-sd", config=EVALUATION)
+    # A whole Dark Miner erase: every process runs it, DDP in circumventing, the main process writes.
+    from darkminer.api import erase
+
+    erased = erase("darkminer", "nudity", out.parent / "erased", model="tiny-random-sd", config=DARK_MINER)
+    dark_miner = {f"dm.{k}": v for k, v in load_tensors(erased / "pytorch_lora_weights.safetensors").items()}
     losses = torch.tensor([summary["erase_loss_start"], summary["erase_loss_end"], summary["preserve_loss_end"]])
-    return {"images": images, "losses": losses, **adapter}
+    return {"images": images, "losses": losses, **adapter, **dark_miner}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -100,9 +108,10 @@ def test_two_processes_equal_one(two_processes, tmp_path):
                 torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
+    assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
     # The sharded evaluation wrote once (main process) the same metrics and the same image grids.
     one, two = tmp_path / "evaluation", two_processes / "evaluation"
-    assert not [p for p in two_processes.iterdir() if p.name.startswith(".")]
+    assert not [p for p in two_processes.iterdir() if p.name.startswith(".")]  # no temp files or work dirs left
     metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
         assert metrics_one[key] == metrics_two[key]

@@ -40,6 +40,11 @@ def erase(
 
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
     """
+    from darkminer.parallel import init_processes
+
+    # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
+    # process writes the work directory's checkpoints and the output.
+    processes = init_processes()
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
         cfg = config
@@ -54,9 +59,11 @@ def erase(
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
     out = Path(out)
     work_dir = out.parent / f".{out.name}.work"
-    if work_dir.exists() and not resume:
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if processes.is_main:
+        if work_dir.exists() and not resume:
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    processes.barrier()
     started = time.time()
     summary = eraser_cls(cfg).erase(base, target, work_dir)
     summary["seconds"] = round(time.time() - started, 2)
@@ -69,7 +76,10 @@ def erase(
         config=cfg.to_dict(),
         extra={"target": target.to_dict(), **summary},
     )
-    artifacts = work_dir / "artifacts"
-    save_erased(base, out, info, write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if processes.is_main:
+        artifacts = work_dir / "artifacts"
+        save_erased(base, out, info,
+                    write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    processes.barrier()
     return out

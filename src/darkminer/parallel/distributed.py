@@ -118,6 +118,11 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every process got here (e.g. until the main process finished writing)."""
+        if self.distributed:
+            dist.barrier()
+
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace ``tensor`` by its mean over the processes, in place (gloo has no AVG: sum, then divide)."""
         if self.distributed:

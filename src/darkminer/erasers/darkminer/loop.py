@@ -25,6 +25,7 @@ from darkminer.io import load_tensors, save_tensors, write_json
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
+from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
 
 CHECKPOINT = "checkpoint"
@@ -44,6 +45,7 @@ class DarkMiner(Eraser):
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: DarkMinerConfig = self.config
+        processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
         pool = build_pool(model, target.prompts, cfg.pool_size, cfg.seed, work_dir / "pool.safetensors",
                           cfg.guidance_scale, cfg.pool_steps)
@@ -79,7 +81,7 @@ class DarkMiner(Eraser):
             if encoder is not None:
                 seeds = [cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
                 score, _ = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps, cfg.guidance_scale)
-                passed = score > cfg.tau
+                passed = processes.broadcast_object(score > cfg.tau)
                 entry["score"] = round(score, 4)
             else:
                 passed = True
@@ -93,17 +95,19 @@ class DarkMiner(Eraser):
                 erase_conds = torch.cat([erase_conds, own_words])
             if len(erase_conds) or len(replayed):
                 entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g,
-                                                    replay_conds=replayed)
+                                                    processes, replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
 
             failures = 0 if passed else failures + 1
             previous = mined
             mined_history.append(mined)
             log.append(entry)
-            self._save_checkpoint(model, work_dir, log, mined_history, failures)
+            if processes.is_main:
+                self._save_checkpoint(model, work_dir, log, mined_history, failures)
             bar.set_postfix(score=entry.get("score"), passed=passed)
         bar.close()
-        self._write_artifacts(work_dir, log, mined_history)
+        if processes.is_main:
+            self._write_artifacts(work_dir, log, mined_history)
         return {
             "rounds": len(log),
             "passed_rounds": sum(e["passed"] for e in log),

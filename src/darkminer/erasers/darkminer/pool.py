@@ -9,6 +9,7 @@ import torch
 
 from darkminer.io import load_tensors, save_tensors
 from darkminer.models.base import DiffusionModel
+from darkminer.parallel import init_processes
 
 
 @dataclass
@@ -41,5 +42,8 @@ def build_pool(
         latents = model.sample(conds, seeds=list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale, steps=steps,
                                return_latents=True, progress=True)
         images = torch.cat([model.latents_to_images(latents[i : i + 8]) for i in range(0, size, 8)])
-    save_tensors(cache, {"images": images.half(), "latents": latents})
-    return ImagePool(images, latents, conds)
+    images = images.half()
+    if init_processes().is_main:  # every process drew the same pool; one writes it
+        save_tensors(cache, {"images": images, "latents": latents})
+    # The stored precision, so a run that reads the cache sees exactly what this one sees.
+    return ImagePool(images.float(), latents, conds)
