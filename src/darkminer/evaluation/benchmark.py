@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["darkminer", "esd-x"],
         "concepts": ["blood"],
         "attacks": ["plain", "paraphrase", "unlearndiff", "p4d", "ringabell", "cce"],
-        "method_configs": {"esd-x": {"iterations": 200, "ddim_steps": 25}},
+        "method_configs": {"esd-x": {"iterations": 200, "ddim_steps": 25, "lr": 1e-3}},  # testbed rate, docs/methods.md
         "evaluation": {
             "n_images": 64,
             "attack_prompts": 8,

@@ -40,13 +40,15 @@ class CheckConfig(Config):
     concepts: list[str] = field(default_factory=concept_names)
     residual: bool = True
     esd_iterations: int = 200
+    # The testbed's ESD-x rate: the authors' 1e-5 x 100, calibrated once on blood (docs/methods.md).
+    esd_lr: float = 1e-3
     cce_steps: int = 300
     judge_images: int = 2048
     timing_images: int = 64  # the speed gate: this many images at 25 DDIM steps
 
     def validate(self) -> None:
         check_positive(self, n_images=self.n_images, steps=self.steps, esd_iterations=self.esd_iterations,
-                       cce_steps=self.cce_steps, judge_images=self.judge_images,
+                       cce_steps=self.cce_steps, esd_lr=self.esd_lr, judge_images=self.judge_images,
                        timing_images=self.timing_images)
         for name in self.concepts:
             try:
@@ -120,7 +122,8 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
     concept = get_concept(name)
     with tempfile.TemporaryDirectory() as tmp:
         erased_dir = erase("esd-x", name, Path(tmp) / "esd-x", model="testbed",
-                           config={"iterations": config.esd_iterations, "seed": config.seed, "ddim_steps": config.steps})
+                           config={"iterations": config.esd_iterations, "lr": config.esd_lr, "seed": config.seed,
+                                   "ddim_steps": config.steps})
         erased = load_model("testbed", erased=erased_dir)
     prompts = concept.direct_prompts(config.n_images, config.seed)
     esd_rate = concept_rate(erased, judge, prompts, concept, config.steps)
