@@ -46,21 +46,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attacks": ALL,
         "evaluation": {"n_images": 64, "attack_prompts": 16},
     },
-    # `darkminer demo`: the main job, sized for <= 15 minutes on 2 CPU cores (budgets in docs/BENCHMARKS.md).
+    # `darkminer demo`: the main job, sized for <= 15 minutes on 2 CPU cores (budgets in docs/BENCHMARKS.md):
+    # Dark Miner with 4 of its 8 rounds, every attack at a reduced budget, 32 images per prompt set.
     "demo": {
         "model": "testbed",
         "methods": ["darkminer", "esd-x"],
         "concepts": ["blood"],
         "attacks": ["plain", "paraphrase", "unlearndiff", "p4d", "ringabell", "cce"],
-        "method_configs": {"esd-x": {"iterations": 200, "ddim_steps": 25, "lr": 1e-3}},  # testbed rate, docs/methods.md
+        "method_configs": {"darkminer": {"rounds": 4},
+                           "esd-x": {"iterations": 200, "ddim_steps": 25, "lr": 1e-3}},  # testbed rate, docs/methods.md
         "evaluation": {
-            "n_images": 64,
-            "attack_prompts": 8,
+            "n_images": 32,
+            "attack_prompts": 4,
             "attack_configs": {
                 "unlearndiff": {"iterations": 40, "rounds": 2},
-                "p4d": {"iterations": 100, "eval_every": 50},
-                "ringabell": {"population": 32, "generations": 40},
-                "cce": {"steps": 300},
+                "p4d": {"iterations": 50, "eval_every": 25},
+                "ringabell": {"population": 32, "generations": 20},
+                "cce": {"steps": 150},
             },
         },
     },
