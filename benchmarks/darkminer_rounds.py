@@ -115,5 +115,6 @@ def _plot(results: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
+
 if __name__ == "__main__":
     main()

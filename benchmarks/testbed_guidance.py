@@ -35,8 +35,8 @@ def main() -> None:
     results = {}
     for scale in (float(s) for s in args.scales.split(",")):
         model.default_sampling = dataclasses.replace(model.default_sampling, guidance_scale=scale)
-        row = {name: round(concept_rate(model, judge, get_concept(name).direct_prompts(args.n, SEED), get_concept(name), 25), 4)
-               for name in concept_names()}
+        concepts = [get_concept(name) for name in concept_names()]
+        row = {c.name: round(concept_rate(model, judge, c.direct_prompts(args.n, SEED), c, 25), 4) for c in concepts}
         neutral = neutral_prompts(args.n, SEED)
         predicted = judge.predict_values(model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=25))
         hits = [predicted[i][h] == v for i, p in enumerate(neutral) for h, v in p.expected.items()]

@@ -41,7 +41,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     rows = processes.rows(config.k)
     student = data_parallel(model, processes)
     replay_conds = erase_conds[:0] if replay_conds is None else replay_conds
-    n_new = config.k if not len(replay_conds) else (config.k + 1) // 2 if len(erase_conds) else 0
+    # Rows of a batch for the new embeddings: all without a replay set, none without new ones, else half.
+    n_new = ((config.k + 1) // 2 if len(replay_conds) else config.k) if len(erase_conds) else 0
     # One bank of conditions; the first n_new rows of a batch come from erase_conds, the rest from the replay.
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)

@@ -128,13 +128,12 @@ class DarkMiner(Eraser):
     def _save_checkpoint(self, model: DiffusionModel, work_dir: Path, log: list[dict], mined: list[MinedEmbedding],
                          failures: int) -> None:
         folder = work_dir / CHECKPOINT
-        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).items()}
-        tensors = {f"adapter.{k}": v for k, v in adapter.items()}
-        tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
-        # The adapter after every round, so the rounds can be replayed (per-round residual, docs/darkminer.md).
+        # The adapter after every round (the last one is the current adapter), so the rounds can be replayed.
         previous = load_tensors(folder / "state.safetensors") if (folder / "state.safetensors").is_file() else {}
-        tensors.update({k: v for k, v in previous.items() if k.startswith("round_")})
-        tensors.update({f"round_{len(log) - 1}.{k}": v.clone() for k, v in adapter.items()})
+        tensors = {k: v for k, v in previous.items() if k.startswith("round_")}
+        adapter = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
+        tensors.update({f"round_{len(log) - 1}.{k}": v.detach().clone() for k, v in adapter.items()})
+        tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
         save_tensors(folder / "state.safetensors", tensors)
         # The JSON is written last: a checkpoint counts only once both files are complete.
         write_json(folder / "state.json", {"log": log, "failures": failures,
@@ -148,7 +147,8 @@ class DarkMiner(Eraser):
             return {"log": [], "mined": [], "failures": 0}
         meta = json.loads((folder / "state.json").read_text())
         tensors = load_tensors(folder / "state.safetensors", device=model.device)
-        adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+        last = f"round_{len(meta['log']) - 1}."
+        adapter = {k.removeprefix(last): v for k, v in tensors.items() if k.startswith(last)}
         set_peft_model_state_dict(model.unet, adapter, adapter_name=ADAPTER_NAME)
         mined = [
             MinedEmbedding(m["space"], tensors[f"mined.{i}"],
