@@ -12,8 +12,8 @@ from darkminer.models.erased import ErasedModelInfo, apply_erased, export_merged
 STEPS = 4
 
 
-def _train_one_lora_step(model, prompt: str) -> None:
-    params = adapters.add_lora(model, adapters.LoraConfig(rank=4, target="cross-attn"), seed=0)
+def _train_one_lora_step(model, prompt: str, target: str = "cross-attn") -> None:
+    params = adapters.add_lora(model, adapters.LoraConfig(rank=4, target=target), seed=0)
     # peft initialises B = 0, so the adapter is a no-op until trained; a large step makes the change visible.
     optimizer = torch.optim.SGD(params, lr=1000.0)
     x0 = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -65,13 +65,16 @@ def test_sampling_matches_plain_diffusers_pipeline(tiny_sd_dir):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_path):
+# non-cross-attn puts LoRA on self-attention projections *and* convolutions: a file mixing diffusers' two
+# key formats once lost the self-attention half on reload.
+@pytest.mark.parametrize("target", ["cross-attn", "non-cross-attn"])
+def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_path, target):
     prompt = "a photo of a dog"
     model = load_model(str(tiny_sd_dir))
     noise = model.initial_noise([0, 1])
     cond = model.encode([prompt, prompt])
     before = model.sample(cond, noise=noise, steps=STEPS)
-    _train_one_lora_step(model, prompt)
+    _train_one_lora_step(model, prompt, target)
     after = model.sample(cond, noise=noise, steps=STEPS)
     assert (after - before).abs().mean() > 1e-2, "one LoRA step must change the trained prompt's images"
     # The frozen original is the same object with the adapter off.
@@ -82,6 +85,7 @@ def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_pa
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "darkminer.json").is_file()
 
     reloaded = load_model(erased=out)  # base model read from darkminer.json
+    assert adapters.lora_state_dict(reloaded).keys() == adapters.lora_state_dict(model).keys()
     torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS), after, atol=1e-5, rtol=0)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)

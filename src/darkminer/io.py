@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from darkminer.errors import ModelLoadError
@@ -64,3 +64,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-create it") from None
+
+
+def load_tensor_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file that ``load_tensors`` has accepted."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}

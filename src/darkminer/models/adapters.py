@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_non_negative, check_positive
 from darkminer.errors import ConfigError, ModelLoadError
-from darkminer.io import load_tensors
+from darkminer.io import load_tensor_metadata, load_tensors
 from darkminer.models.base import DiffusionModel
 
 ADAPTER_NAME = "darkminer"
@@ -99,9 +100,14 @@ def has_lora(model: DiffusionModel) -> bool:
 
 
 def lora_state_dict(model: DiffusionModel) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format (without the ``unet.`` prefix)."""
+    """The adapter's weights in peft's key format (``...lora_A.weight``, without the ``unet.`` prefix).
+
+    Not diffusers' older ``lora.down`` format: its converter renames only attention projections, and a file
+    mixing both formats loads in diffusers with every key of the other format silently dropped (LoRA on
+    self-attention next to convolutions lost its self-attention part that way).
+    """
     state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
-    return {k: v.detach().cpu() for k, v in convert_state_dict_to_diffusers(state).items()}
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
@@ -120,9 +126,14 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
-    load_tensors(path)  # one clear error for a truncated or foreign file, before diffusers parses it
+    tensors = load_tensors(path)  # one clear error for a truncated or foreign file, before diffusers parses it
+    metadata = load_tensor_metadata(path)
+    # Normalised key by key: files written before lora_state_dict used peft's format mix two formats.
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
+    adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
     try:
-        model.unet.load_lora_adapter(str(directory), prefix="unet", weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
+        model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"{path} does not fit this base model's UNet ({str(exc).splitlines()[0][:200]})") from None
     model.unet.requires_grad_(False)
