@@ -26,7 +26,7 @@ def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path)
     out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config=TINY)
     info = json.loads((out / "darkminer.json").read_text())
     assert info["method"] == "darkminer" and info["kind"] == "lora" and info["base_model"] == "tiny-random-sd"
-    assert info["config"]["lora"]["target"] == "cross-attn"
+    assert info["config"]["lora"]["target"] == "non-cross-attn"
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for r in rounds:

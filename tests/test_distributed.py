@@ -103,9 +103,12 @@ def test_two_processes_equal_one(two_processes, tmp_path):
         assert torch.equal(rank["images"], single["images"])
         # DDP keeps the replicas identical and equal to the one-process run with the same batch.
         assert set(rank) == set(single)
+        # atol 1e-3: a LoRA A matrix starts with near-zero gradients, where Adam (whose step is ~lr whatever
+        # the gradient's size) turns float summation-order noise into differences up to ~1e-4 on a few
+        # elements (seen on convolutions); a replica out of sync differs by ~lr = 1e-2 almost everywhere.
         for name in single:
             if name != "images":
-                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
