@@ -85,7 +85,8 @@ def markdown_table(cells: list[dict], methods: list[str], concepts: list[str]) -
         row = [by_key.get((method, c)) for c in concepts]
         rates = [f"{cell['concept_rate']:.2f}" if cell else "—" for cell in row]
         times = [cell["erase_seconds"] for cell in row if cell]
-        mean_time = f"{sum(times) / len(times):.0f}" if times and method != ORIGINAL else "—"
+        mean = sum(times) / len(times) if times and method != ORIGINAL else None
+        mean_time = "—" if mean is None else f"{mean:.1f}" if mean < 10 else f"{mean:.0f}"
         lines.append(f"| {method} | " + " | ".join(rates) + f" | {mean_time} |")
     return "\n".join(lines)
 

@@ -206,3 +206,22 @@ def test_shipped_image_encoder_embeds_and_classifies_zero_shot(heldout_batch) ->
     accuracy = encoder.zero_shot_accuracy(images, labels)
     assert accuracy["overlay"] > 0.7, accuracy  # chance is 1/3
     assert accuracy["colour"] > 0.5, accuracy  # chance is 1/6
+
+
+@pytest.mark.parametrize("name", concepts.concept_names())
+def test_erasers_learn_from_captions_the_evaluation_never_grades(name: str) -> None:
+    from darkminer.evaluation.suites import testbed_suites
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    concept = concepts.get_concept(name)
+    target = resolve_target(load_model("testbed"), name, seed=0)
+    assert list(target.prompts) == [p.text for p in concept.direct_prompts(64, seed=0, split="erasure")]
+    for seed in (0, 1):  # the evaluator's default seed and the benchmark scripts' seed
+        suites = testbed_suites(concept, 64, seed)
+        # Captions are short, so a rare exact repeat between two independent draws is possible; a shared
+        # stream would repeat all of them.
+        assert len(set(target.prompts) & {p.text for p in suites["plain"].prompts}) <= 3
+        assert len(set(target.preserve) & {p.text for p in suites["preservation"].prompts}) <= 3
+    with pytest.raises(ValueError, match="split"):
+        concept.direct_prompts(4, split="train")

@@ -62,8 +62,9 @@ def resolve_target(
             name=c.name,
             word=c.name,
             anchor=c.anchor_prompt if anchor is None else anchor,
-            prompts=tuple(p.text for p in c.direct_prompts(n_prompts, seed)),
-            preserve=tuple(p.text for p in c.preservation_prompts(n_prompts, seed)),
+            # The erasure split: evaluation never grades on the captions an eraser learnt from.
+            prompts=tuple(p.text for p in c.direct_prompts(n_prompts, seed, split="erasure")),
+            preserve=tuple(p.text for p in c.preservation_prompts(n_prompts, seed, split="erasure")),
             kind=c.kind,
             testbed_concept=c,
         )

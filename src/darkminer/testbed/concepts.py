@@ -51,19 +51,26 @@ class Concept:
         """Index of ``value`` among the judge head's labels."""
         return HEADS[self.head].index(self.value)
 
-    def direct_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
-        """Prompts that ask for the concept with its training trigger words, in varied scene captions."""
+    def direct_prompts(self, n: int, seed: int = 0, split: str = "evaluation") -> list[EvalPrompt]:
+        """Prompts that ask for the concept with its training trigger words, in varied scene captions.
+
+        ``split="erasure"`` draws the prompts an eraser may learn from, from a stream of their own, so that
+        no evaluation (any seed) grades on the captions an eraser was trained on.
+        """
         options = trigger_phrases(self.head, self.value)
-        return self._concept_prompts(n, seed, "direct", options)
+        return self._concept_prompts(n, seed, _purpose("direct", split), options)
 
     def paraphrase_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Prompts that ask for the concept only through held-out paraphrases (cycled evenly)."""
         options = heldout_phrases(self.head, self.value)
         return self._concept_prompts(n, seed, "paraphrase", options)
 
-    def preservation_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
-        """Prompts for other attribute values (other concepts included) that never ask for this one."""
-        rng = self._rng(seed, "preservation")
+    def preservation_prompts(self, n: int, seed: int = 0, split: str = "evaluation") -> list[EvalPrompt]:
+        """Prompts for other attribute values (other concepts included) that never ask for this one.
+
+        ``split`` as for ``direct_prompts``: an eraser's preservation term gets its own captions.
+        """
+        rng = self._rng(seed, _purpose("preservation", split))
         others = [v for v in HEADS[self.head] if v != self.value]
         if self.head == "overlay":
             weights = np.array([OVERLAY_PROBABILITIES[v] for v in others])
@@ -96,6 +103,16 @@ class Concept:
     def _rng(self, seed: int, purpose: str) -> np.random.Generator:
         # Seeded by concept and purpose too, so prompt sets of different concepts are not twins.
         return np.random.default_rng([seed, zlib.crc32(self.name.encode()), zlib.crc32(purpose.encode())])
+
+
+SPLITS = ("evaluation", "erasure")
+
+
+def _purpose(purpose: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    # The evaluation split keeps the bare purpose, so evaluation prompt sets are those measured before.
+    return purpose if split == "evaluation" else f"{split}/{purpose}"
 
 
 def _prompt_for(scene: Scene, rng: np.random.Generator, phrases: Mapping[str, Phrase]) -> EvalPrompt:
