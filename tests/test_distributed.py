@@ -35,8 +35,13 @@ PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "
 EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4, "attacks": ["plain"],
               "attack_prompts": 2}
 
+# The LoRA on cross-attention in both DDP scenarios: a LoRA A on a convolution (the default placement) starts
+# with near-zero gradients, where Adam (a step of ~lr whatever the gradient's size) turns float
+# summation-order noise into ~1e-4 differences between runs. DDP itself treats every parameter alike.
+CROSS_ATTN = {"target": "cross-attn"}
 DARK_MINER = {"pool_size": 4, "k": 2, "mining_steps": 2, "circumvent_steps": 2, "rounds": 2, "verify_steps": 2,
-              "pool_steps": 2, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip", "tau": -1.0}
+              "pool_steps": 2, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip", "tau": -1.0,
+              "lora": CROSS_ATTN}
 
 
 def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +55,7 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     pool = ImagePool(torch.rand(6, 3, 32, 32, generator=g), torch.randn(6, 4, 16, 16, generator=g), conds[[0, 1, 2, 3, 4, 0]])
     preserve = ImagePool(pool.images, torch.randn(6, 4, 16, 16, generator=g), conds[[4, 3, 2, 1, 0, 4]])
-    params = add_lora(model, LoraConfig(), seed=0)
+    params = add_lora(model, LoraConfig(**CROSS_ATTN), seed=0)
     config = DarkMinerConfig(k=4, pool_size=6, preserve_pool_size=6, circumvent_steps=3, circumvent_lr=1e-2)
     with torch.no_grad():
         erase_conds, anchor = model.encode(["nudity", "naked"]), model.encode([""])
@@ -103,12 +108,9 @@ def test_two_processes_equal_one(two_processes, tmp_path):
         assert torch.equal(rank["images"], single["images"])
         # DDP keeps the replicas identical and equal to the one-process run with the same batch.
         assert set(rank) == set(single)
-        # atol 1e-3: a LoRA A matrix starts with near-zero gradients, where Adam (whose step is ~lr whatever
-        # the gradient's size) turns float summation-order noise into differences up to ~1e-4 on a few
-        # elements (seen on convolutions); a replica out of sync differs by ~lr = 1e-2 almost everywhere.
         for name in single:
             if name != "images":
-                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
