@@ -147,7 +147,7 @@ def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch)
 
 def test_cce_results_save_and_replay_to_the_same_images(sd, sd_target, tmp_path):
     attack = get_attack("cce")(cce_config(steps=1, gradient_accumulation=1))
-    results = run_attack(attack, sd, sd_target, PROMPTS, bright, out=tmp_path / "cce")
+    results = run_attack(attack, sd, sd_target, PROMPTS, never, out=tmp_path / "cce")
     assert [r.adversarial_text for r in results] == ["a photo of <cce>", "<cce> a woman on the beach"]
     token_at_slot = [r.embeddings[r.extra["slots"][0]] for r in results]
     assert torch.equal(token_at_slot[0], token_at_slot[1])  # one universal token
@@ -160,9 +160,18 @@ def test_cce_results_save_and_replay_to_the_same_images(sd, sd_target, tmp_path)
     images = sample_prompts(sd, adversarial_conditions(sd, results), PROMPTS)
     replayed = sample_prompts(sd, adversarial_conditions(sd, loaded), PROMPTS)
     assert torch.equal(images, replayed)
-    again = replay(sd, loaded, bright)
-    assert [r.success_after for r in again] == [r.success_after for r in results]
-    assert [r.success_before for r in again] == [r.success_before for r in results]
+    assert [r.success_after for r in replay(sd, loaded, bright)] == bright(images).tolist()
+
+
+def test_cce_learns_no_token_when_every_prompt_already_works(sd, sd_target, monkeypatch):
+    calls = count_calls(monkeypatch, cce_module, "denoising_loss")
+    results = get_attack("cce")(cce_config()).run(sd, sd_target, PROMPTS, always)
+    assert calls == [] and attack_success_rate(results) == 1.0
+    assert all(r.embeddings is None and r.adversarial_text == r.prompt.text for r in results)
+    verdicts = iter([torch.tensor([True, False]), torch.tensor([True, True])])  # unattacked, then attacked
+    results = get_attack("cce")(cce_config()).run(sd, sd_target, PROMPTS, lambda images: next(verdicts))
+    assert len(calls) == 3 * 2 and all(r.embeddings is not None for r in results)  # one failed: learned for all
+    assert [r.success_before for r in results] == [True, False] and all(r.success_after for r in results)
 
 
 def test_replay_refuses_embeddings_of_another_width(sd, sd_target, tmp_path):
@@ -222,7 +231,7 @@ def test_testbed_paraphrase_uses_held_out_phrases_of_the_same_form(testbed, bloo
 def test_testbed_cce_runs_and_replays(testbed, blood, tmp_path):
     attack = get_attack("cce")(cce_config(steps=2, num_vectors=2))
     prompts = [AttackPrompt(text, 10 + i) for i, text in enumerate(blood.prompts[:2])]
-    results = run_attack(attack, testbed, blood, prompts, bright, out=tmp_path / "cce")
+    results = run_attack(attack, testbed, blood, prompts, never, out=tmp_path / "cce")
     assert all(r.adversarial_text.count("<cce>") == 2 for r in results)
     assert all(len(r.extra["slots"]) == 2 and r.embeddings.shape == (testbed.max_length, 384) for r in results)
     _, loaded = load_results(tmp_path / "cce")

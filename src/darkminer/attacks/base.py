@@ -54,6 +54,14 @@ class AttackResult:
         return self.success_before or self.success_after
 
 
+def unattacked(model: DiffusionModel, prompt: AttackPrompt, ok: bool, seconds: float = 0.0, **extra) -> AttackResult:
+    """The prompt itself as the result: what an attack records where it spent no budget. Attacks spend
+    none on prompts that already succeed (they count as broken either way, as the UnlearnDiffAtk authors
+    count)."""
+    return AttackResult(prompt, prompt.text, ok, ok, input_ids=model.tokenize([prompt.text])[0].tolist(),
+                        seconds=seconds, extra=extra)
+
+
 # Decides whether images show the concept (a detector bound to the target); returns one bool per image.
 SuccessFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -28,6 +28,7 @@ from darkminer.attacks.base import (
     AttackResult,
     SuccessFn,
     register_attack,
+    unattacked,
 )
 from darkminer.attacks.prompts import concept_phrases, split_at_concept
 from darkminer.attacks.soft_prompt import (
@@ -143,12 +144,15 @@ class ConceptInversion(Attack):
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
         started = time.time()
+        before = judge_texts(model, prompts, success)
+        if all(before):  # the token is shared by all prompts; none needs it
+            seconds = (time.time() - started) / len(prompts)
+            return [unattacked(model, p, True, seconds, steps=0) for p in prompts]
         token, summary = self.learn_token(model, target, original)
         slotted = slotted_captions(model, target, [p.text for p in prompts], self.config.num_vectors)
         with torch.no_grad():
             embeddings = slotted.embeddings(model, token)
             cond = model.encode_embeddings(embeddings, slotted.input_ids)
-        before = judge_texts(model, prompts, success)
         after = judge_conditions(model, cond, prompts, success)
         seconds = (time.time() - started) / len(prompts)
         marker = "<cce>" * self.config.num_vectors

@@ -34,6 +34,7 @@ from darkminer.attacks.base import (
     AttackResult,
     SuccessFn,
     register_attack,
+    unattacked,
 )
 from darkminer.attacks.soft_prompt import (
     SLOT,
@@ -99,11 +100,7 @@ class Prompting4Debugging(Attack):
         before = judge_texts(model, prompts, success)
         for prompt, ok in zip(prompts, before, strict=True):
             started = time.time()
-            if ok:  # nothing to find: the prompt already works (counted as the authors count)
-                result = AttackResult(prompt, prompt.text, True, True, input_ids=model.tokenize([prompt.text])[0].tolist(),
-                                      extra={"iterations": 0})
-            else:
-                result = self._attack_one(model, original, prompt, success)
+            result = unattacked(model, prompt, True, iterations=0) if ok else self._attack_one(model, original, prompt, success)
             result.seconds = time.time() - started
             results.append(result)
         return results

@@ -31,6 +31,7 @@ from darkminer.attacks.base import (
     AttackResult,
     SuccessFn,
     register_attack,
+    unattacked,
 )
 from darkminer.attacks.soft_prompt import (
     SLOT,
@@ -107,11 +108,7 @@ class UnlearnDiffAtk(Attack):
         before = judge_texts(model, prompts, success)
         todo = [i for i, ok in enumerate(before) if not ok]
         shared = (time.time() - started) / len(prompts)
-        results = [
-            AttackResult(prompt=p, adversarial_text=p.text, success_before=ok, success_after=ok,
-                         input_ids=model.tokenize([p.text])[0].tolist(), seconds=shared, extra={"rounds": 0})
-            for p, ok in zip(prompts, before, strict=True)
-        ]
+        results = [unattacked(model, p, ok, shared, rounds=0) for p, ok in zip(prompts, before, strict=True)]
         if todo:
             with torch.no_grad():
                 targets = model.images_to_latents(original_images(model, original, [prompts[i] for i in todo]))
