@@ -36,36 +36,34 @@ from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 ALL = "all"
 TESTBED_CONCEPTS = ["blood", "fire", "star", "heart", "striped", "sketch"]
 
+# The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
+# rounds, ESD-x at its testbed rate (docs/methods.md), every attack cut from the authors' GPU budgets, 32
+# images per prompt set, 4 attacked prompts.
+_CPU_BUDGETS: dict[str, Any] = {
+    "model": "testbed",
+    "concepts": ["blood"],
+    "attacks": ["plain", "paraphrase", "unlearndiff", "p4d", "ringabell", "cce"],
+    "method_configs": {"darkminer": {"rounds": 4},
+                       "esd-x": {"iterations": 200, "ddim_steps": 25, "lr": 1e-3}},
+    "evaluation": {
+        "n_images": 32,
+        "attack_prompts": 4,
+        "attack_configs": {
+            "unlearndiff": {"iterations": 40, "rounds": 2},
+            "p4d": {"iterations": 50, "eval_every": 25},
+            "ringabell": {"population": 32, "generations": 20},
+            "cce": {"steps": 150},
+        },
+    },
+}
+
 # Built-in presets (``--config quick`` / ``--config full``); benchmarks/presets/*.yaml are the same, as
 # files to copy and edit (a test keeps them equal).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "model": "testbed",
-        "methods": ["darkminer", "esd-x", "uce"],
-        "concepts": ["blood"],
-        "attacks": ALL,
-        "evaluation": {"n_images": 64, "attack_prompts": 16},
-    },
-    # `darkminer demo`: the main job, sized for <= 15 minutes on 2 CPU cores (budgets in docs/BENCHMARKS.md):
-    # Dark Miner with 4 of its 8 rounds, every attack at a reduced budget, 32 images per prompt set.
-    "demo": {
-        "model": "testbed",
-        "methods": ["darkminer", "esd-x"],
-        "concepts": ["blood"],
-        "attacks": ["plain", "paraphrase", "unlearndiff", "p4d", "ringabell", "cce"],
-        "method_configs": {"darkminer": {"rounds": 4},
-                           "esd-x": {"iterations": 200, "ddim_steps": 25, "lr": 1e-3}},  # testbed rate, docs/methods.md
-        "evaluation": {
-            "n_images": 32,
-            "attack_prompts": 4,
-            "attack_configs": {
-                "unlearndiff": {"iterations": 40, "rounds": 2},
-                "p4d": {"iterations": 50, "eval_every": 25},
-                "ringabell": {"population": 32, "generations": 20},
-                "cce": {"steps": 150},
-            },
-        },
-    },
+    # `darkminer demo`, the README's main job: <= 15 minutes on 2 CPU cores.
+    "demo": {**_CPU_BUDGETS, "methods": ["darkminer", "esd-x"]},
+    # <= 20 minutes on 2 CPU cores: the demo plus UCE.
+    "quick": {**_CPU_BUDGETS, "methods": ["darkminer", "esd-x", "uce"]},
     "full": {
         "model": "testbed",
         "methods": ALL,
