@@ -11,6 +11,8 @@ import torch
 
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
+from darkminer.errors import ConfigError
+from darkminer.io import read_json, write_json
 from darkminer.models import DEFAULT_MODEL, load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo, save_erased
@@ -21,6 +23,24 @@ def _base_spec(spec: str | None) -> str:
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
+
+
+RUN_FILE = "run.json"
+
+
+def _claim_work_dir(work_dir: Path, run: dict) -> None:
+    """Record what this erase is in its work directory; a resumed erase must be the same run, or its
+    checkpoint and image pool would silently be reused for another concept or config."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / RUN_FILE
+    if path.is_file():
+        recorded = read_json(path)
+        changed = sorted(k for k in run.keys() | recorded.keys() if run.get(k) != recorded.get(k))
+        if changed:
+            raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
+                              "differ); run again without --resume to start over")
+    else:
+        write_json(path, run)
 
 
 def erase(
@@ -62,7 +82,9 @@ def erase(
     if processes.is_main:
         if work_dir.exists() and not resume:
             shutil.rmtree(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
+        _claim_work_dir(work_dir, {"method": method, "base_model": base.name, "config": cfg.to_dict(),
+                                   "target": {**target.to_dict(), "prompts": list(target.prompts),
+                                              "preserve": list(target.preserve)}})
     processes.barrier()
     started = time.time()
     summary = eraser_cls(cfg).erase(base, target, work_dir)
