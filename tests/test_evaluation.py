@@ -21,7 +21,7 @@ from darkminer.attacks.base import (
 )
 from darkminer.cli import main
 from darkminer.erasers.base import ERASERS, Eraser, register_eraser
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation import (
     BenchmarkConfig,
     ClipZeroShotDetector,
@@ -357,6 +357,18 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     assert "**25.0**" in rows["a"] and "| 50.0 |" in rows["b"]  # plain: 25% of images is the best (lowest)
     assert "**27.5**" in rows["b"] and "| 20.0 |" in rows["a"]  # clip: 27.5 is the best (highest)
     assert "**" not in rows["original"]
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"concepts": "blood"}, "list of names"),
+    ({"concepts": ["bloood"]}, "unknown testbed concept"),
+    ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "mapping of options"),
+    ({"methods": ["esd-x"], "method_configs": {"esd-x": {"iterationz": 3}}}, "unknown option"),
+])
+def test_benchmark_rejects_a_bad_config_before_any_work(bad, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_benchmark({"methods": ["uce"], "attacks": ["plain"], **bad}, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_presets_resolve_by_name_and_match_the_shipped_yaml_files():

@@ -97,8 +97,16 @@ class BenchmarkConfig(Config):
             value = getattr(self, name)
             if isinstance(value, str) and value != ALL:
                 raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r}")
-        if not self.concepts:
-            raise ConfigError("BenchmarkConfig.concepts is empty; name at least one concept")
+        if isinstance(self.concepts, str) or not self.concepts:
+            raise ConfigError(f"BenchmarkConfig.concepts must be a non-empty list of names, got {self.concepts!r}")
+        if self.model == "testbed":
+            from darkminer.testbed.concepts import get_concept
+
+            for concept in self.concepts:
+                try:
+                    get_concept(concept)  # an unknown name fails before any work
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
         if not self.methods:
             raise ConfigError("BenchmarkConfig.methods is empty; name at least one method")
         if "attacks" in self.evaluation:
@@ -116,7 +124,11 @@ class BenchmarkConfig(Config):
 
         names = sorted(ERASERS) if self.methods == ALL else list(self.methods)
         for name in names:
-            get_eraser(name)  # unknown names fail before any work
+            get_eraser(name)  # unknown names and bad options fail before any work
+        for name, options in self.method_configs.items():
+            if not isinstance(options, dict):
+                raise ConfigError(f"BenchmarkConfig.method_configs.{name} must be a mapping of options, got {options!r}")
+            get_eraser(name).config_class.from_dict(options)
         return names
 
     def attack_names(self) -> list[str]:
