@@ -98,10 +98,24 @@ def test_configs_are_validated_at_the_boundary(tmp_path):
         adapters.LoraConfig(rank=0)
     with pytest.raises(ConfigError, match="unknown option"):
         adapters.LoraConfig.from_dict({"rnak": 4})
+    from darkminer.erasers.darkminer import DarkMinerConfig
+
+    for wrong, message in [({"lora": 5}, "lora must be a mapping of LoraConfig options"),
+                           ({"tau": "high"}, "tau must be float"), ({"rounds": 2.5}, "rounds must be int"),
+                           ({"verify": "yes"}, "verify must be bool"), ({"guidance_scale": [1]}, "float | None")]:
+        with pytest.raises(ConfigError, match=message):  # caught before any work, not deep in the loop
+            DarkMinerConfig.from_dict(wrong)
+    read = DarkMinerConfig.from_dict({"mining_lr": "1e-3", "lora": {"rank": 2}, "guidance_scale": None})
+    assert read.mining_lr == 1e-3 and read.lora.rank == 2  # YAML reads 1e-3 as text; it is the number
     bad = tmp_path / "c.yaml"
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config_file(bad)
+    for name, text in [("broken.yaml", "methods: [darkminer\nconcepts: [blood]\n"), ("broken.json", '{"a": 1,}')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=r"line \d+ column \d+") as error:
+            load_config_file(tmp_path / name)
+        assert "\n" not in str(error.value)
 
 
 def test_prompt_csv_reading(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +36,9 @@ class Config:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            data[name] = _typed(cls, name, value, hints[name])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -49,6 +54,50 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from JSON/YAML) fits the annotation ``hint``; containers by their outer type."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(hint, type) and issubclass(hint, Config):
+        return isinstance(value, (hint, dict))  # a nested config is built from its mapping in validate()
+    target = origin or hint
+    return not isinstance(target, type) or isinstance(value, target)
+
+
+def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against ``hint``; a number written as a string ("1e-3", which YAML reads as text)
+    becomes that number."""
+    if _matches(value, hint):
+        return value
+    if isinstance(value, str) and _matches(1.0, hint):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, Config):
+        return f"a mapping of {hint.__name__} options"
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -56,8 +105,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or "not valid YAML"
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
