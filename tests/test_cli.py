@@ -48,6 +48,8 @@ def test_generate_writes_a_grid(tmp_path, capsys):
         (["--model", "tiny-random-sd", "--prompt", " "], "--prompt is empty"),
         (["--model", "tiny-random-sd", "-n", "0"], "-n must be >= 1"),
         (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),
+        (["--model", "tiny-random-sd", "--device", "foo"], "unknown device 'foo'"),
+        (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),
     ],
 )
 def test_generate_bad_input_fails_with_one_line(argv, message, tmp_path, capsys):

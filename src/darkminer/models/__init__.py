@@ -32,12 +32,26 @@ def load_model(
         if dtype not in DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    check_device(device)
     if spec is None:
         spec = ErasedModelInfo.read(erased).base_model if erased else DEFAULT_MODEL
     model = _load_base(spec, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
     return model
+
+
+def check_device(device: str | torch.device) -> None:
+    """Fail in one line on a device this machine does not have (torch's own errors are tracebacks)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 "mps": int(torch.backends.mps.is_available())}
+    if parsed.type in available and (parsed.index or 0) >= available[parsed.type]:
+        raise ModelLoadError(f"device {device!r} is not available here (torch {torch.__version__} sees "
+                             f"{available[parsed.type]} {parsed.type} device(s)); use --device cpu")
 
 
 def _load_base(spec: str, *, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
