@@ -298,6 +298,11 @@ def test_evaluate_rejects_bad_input_before_any_work(tmp_path):
     assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "--attacks", "nope",
                  "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt\na red star covered in blood\n")
+    for option in ("--prompts", "--preserve-prompts"):  # the testbed has its own prompt sets: never ignore a CSV
+        assert main(["evaluate", "--concept", "blood", option, str(csv), "--out", str(tmp_path / "z")]) == 2
+        assert not (tmp_path / "z").exists()
 
 
 @needs_testbed_graders
@@ -362,6 +367,7 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
 @pytest.mark.parametrize(("bad", "message"), [
     ({"concepts": "blood"}, "list of names"),
     ({"concepts": ["bloood"]}, "unknown testbed concept"),
+    ({"prompts": {"blood": "blood.csv"}}, "prompt CSVs are for Stable Diffusion"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "mapping of options"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": {"iterationz": 3}}}, "unknown option"),
 ])

@@ -40,6 +40,10 @@ def is_testbed(model: DiffusionModel) -> bool:
     return model.name == "testbed"
 
 
+TESTBED_CSV_ERROR = ("prompt CSVs are for Stable Diffusion: the testbed draws every prompt set from its concept "
+                     "registry (`darkminer testbed concepts`); drop the CSV option or pass --model")
+
+
 def resolve_target(
     model: DiffusionModel,
     concept: str,
@@ -53,6 +57,9 @@ def resolve_target(
         raise DarkMinerError("--concept is empty: name the concept to erase")
     if is_testbed(model):
         from darkminer.testbed.concepts import get_concept
+
+        if prompts_csv:
+            raise DarkMinerError(TESTBED_CSV_ERROR)
 
         try:
             c = get_concept(concept)

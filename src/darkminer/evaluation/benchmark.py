@@ -100,7 +100,11 @@ class BenchmarkConfig(Config):
         if isinstance(self.concepts, str) or not self.concepts:
             raise ConfigError(f"BenchmarkConfig.concepts must be a non-empty list of names, got {self.concepts!r}")
         if self.model == "testbed":
+            from darkminer.targets import TESTBED_CSV_ERROR
             from darkminer.testbed.concepts import get_concept
+
+            if self.prompts or self.preserve_prompts:
+                raise ConfigError(TESTBED_CSV_ERROR)
 
             for concept in self.concepts:
                 try:

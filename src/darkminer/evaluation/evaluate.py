@@ -50,7 +50,7 @@ from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import init_processes, sharded_sample
-from darkminer.targets import EraseTarget, is_testbed, resolve_target
+from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
 
 METRICS_NAME = "metrics.json"
 FORMAT_VERSION = 1
@@ -262,6 +262,8 @@ def evaluate(
     processes = init_processes()
     net, method, model_name = _load(model, erased, device, dtype)
     testbed = is_testbed(net)
+    if testbed and (paraphrase_prompts or preserve_prompts):
+        raise DarkMinerError(TESTBED_CSV_ERROR)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
     kind = detector_kind_for(target.word, testbed, cfg.detector)
