@@ -365,7 +365,7 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
 
 
 @pytest.mark.parametrize(("bad", "message"), [
-    ({"concepts": "blood"}, "list of names"),
+    ({"concepts": "blood"}, "concepts must be list"),
     ({"concepts": ["bloood"]}, "unknown testbed concept"),
     ({"prompts": {"blood": "blood.csv"}}, "prompt CSVs are for Stable Diffusion"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "mapping of options"),
