@@ -34,7 +34,9 @@ from darkminer.evaluation import (
 )
 from darkminer.evaluation.metrics import FrechetDistance, attribute_accuracy, concept_rate
 from darkminer.evaluation.report import render_markdown
+from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, free_text_suites
 from darkminer.models.clip import Clip
+from darkminer.targets import EraseTarget
 from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
 from darkminer.testbed.judge import WEIGHTS_PATH as JUDGE_WEIGHTS
 
@@ -282,6 +284,16 @@ def test_evaluate_is_deterministic_and_grades_the_erased_model(tmp_path, tiny_cl
     assert first["preservation"]["clip"] == second["preservation"]["clip"]
     # The erased model draws other images than the original (clip score differs from the reference).
     assert first["preservation"]["clip"] != first["preservation"]["reference"]["clip"]
+
+
+def test_a_prompt_csv_gives_one_image_per_row_unless_a_count_is_set(tmp_path):
+    csv = tmp_path / "nudity.csv"
+    csv.write_text("prompt,evaluation_seed\n" + "".join(f"prompt {i},{100 + i}\n" for i in range(40)))
+    target = EraseTarget(name="nudity", word="nudity", anchor="", prompts=("nudity",), preserve=())
+    every = free_text_suites(target, None, prompts_csv=csv)
+    assert len(every["plain"]) == 40 and every["plain"].prompts[39].seed == 139  # not cut to the default 32
+    assert len(every["preservation"]) == GENERATED_SUITE_SIZE  # no CSV: the generated default
+    assert len(free_text_suites(target, 5, prompts_csv=csv)["plain"]) == 5
 
 
 def test_evaluate_rejects_bad_input_before_any_work(tmp_path):

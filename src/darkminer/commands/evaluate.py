@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_concept_args(p)
     add_model_args(p)
     p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff (default: none)")
-    p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default 32)")
+    p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default: every row of a --prompts CSV, else 32)")
     p.add_argument("--attack-prompts", type=int, default=None, help="prompts each attack runs on (default 8)")
     p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
     p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")

@@ -42,7 +42,13 @@ from darkminer.evaluation.metrics import (
     attribute_accuracy,
     concept_rate,
 )
-from darkminer.evaluation.suites import PRESERVATION, Suite, free_text_suites, testbed_suites
+from darkminer.evaluation.suites import (
+    GENERATED_SUITE_SIZE,
+    PRESERVATION,
+    Suite,
+    free_text_suites,
+    testbed_suites,
+)
 from darkminer.imaging import make_grid, save_png
 from darkminer.io import write_json
 from darkminer.models import load_model
@@ -65,9 +71,11 @@ GRID_TILE = 64
 @dataclass
 class EvaluationConfig(Config):
     """What an evaluation draws and how it grades. ``n_images`` is per suite (plain, paraphrase,
-    preservation); attacks run on the first ``attack_prompts`` plain prompts."""
+    preservation); ``None`` means 32 for generated suites (testbed, a concept's own word) and every row of
+    a prompt CSV (one image per row, as the field counts). Attacks run on the first ``attack_prompts``
+    plain prompts."""
 
-    n_images: int = 32
+    n_images: int | None = None
     attacks: list[str] = field(default_factory=list)
     attack_prompts: int = 8
     attack_configs: dict[str, dict] = field(default_factory=dict)
@@ -85,13 +93,14 @@ class EvaluationConfig(Config):
     seed: int = 0
 
     def validate(self) -> None:
-        check_positive(self, n_images=self.n_images, attack_prompts=self.attack_prompts, grid_images=self.grid_images)
+        check_positive(self, attack_prompts=self.attack_prompts, grid_images=self.grid_images)
+        for name, value in (("n_images", self.n_images), ("steps", self.steps),
+                            ("guidance_scale", self.guidance_scale), ("batch_size", self.batch_size)):
+            if value is not None:
+                check_positive(self, **{name: value})
         check_choice(self, "detector", self.detector, DETECTOR_KINDS)
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
-        for name, value in (("steps", self.steps), ("guidance_scale", self.guidance_scale), ("batch_size", self.batch_size)):
-            if value is not None:
-                check_positive(self, **{name: value})
         unknown = sorted(set(self.attack_configs) - set(self.attacks))
         if unknown:
             raise DarkMinerError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
@@ -273,7 +282,7 @@ def evaluate(
     aligner: Aligner | None = (TestbedAligner() if testbed else clip) if "clip" in cfg.preservation else None
     fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
     if testbed:
-        suites = testbed_suites(target.testbed_concept, cfg.n_images, cfg.seed)
+        suites = testbed_suites(target.testbed_concept, cfg.n_images or GENERATED_SUITE_SIZE, cfg.seed)
     else:
         suites = free_text_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
 

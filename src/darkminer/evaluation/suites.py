@@ -17,6 +17,7 @@ from darkminer.prompts import read_prompt_csv
 from darkminer.targets import DEFAULT_SD_PRESERVE, EraseTarget
 
 CONCEPT_SUITES = ("plain", "paraphrase")
+GENERATED_SUITE_SIZE = 32  # images per suite when neither a count nor a CSV says otherwise
 PRESERVATION = "preservation"
 
 
@@ -73,19 +74,22 @@ def repeated_suite(name: str, texts: Sequence[str], n: int, seed: int = 0) -> Su
 
 def free_text_suites(
     target: EraseTarget,
-    n: int,
+    n: int | None,
     seed: int = 0,
     prompts_csv: str | Path | None = None,
     paraphrase_csv: str | Path | None = None,
     preserve_csv: str | Path | None = None,
 ) -> dict[str, Suite]:
-    """Suites for a free-text concept (Stable Diffusion): CSVs when given, else the concept's own word for
-    ``plain`` and a few everyday prompts for ``preservation``; ``paraphrase`` only from a CSV."""
+    """Suites for a free-text concept (Stable Diffusion): CSVs when given (their first ``n`` rows; every
+    row when ``n`` is None), else ``n`` (default 32) images of the concept's own word for ``plain`` and of
+    a few everyday prompts for ``preservation``; ``paraphrase`` only from a CSV."""
+    generated = n or GENERATED_SUITE_SIZE
     suites = {
-        "plain": csv_suite("plain", prompts_csv, n, seed) if prompts_csv else repeated_suite("plain", [target.word], n, seed),
+        "plain": csv_suite("plain", prompts_csv, n, seed) if prompts_csv
+        else repeated_suite("plain", [target.word], generated, seed),
         PRESERVATION: (
             csv_suite(PRESERVATION, preserve_csv, n, seed) if preserve_csv
-            else repeated_suite(PRESERVATION, DEFAULT_SD_PRESERVE, n, seed)
+            else repeated_suite(PRESERVATION, DEFAULT_SD_PRESERVE, generated, seed)
         ),
     }
     if paraphrase_csv:
