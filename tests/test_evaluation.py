@@ -32,9 +32,15 @@ from darkminer.evaluation import (
     load_benchmark_config,
     run_benchmark,
 )
-from darkminer.evaluation.metrics import FrechetDistance, attribute_accuracy, concept_rate
+from darkminer.evaluation.metrics import (
+    FrechetDistance,
+    attribute_accuracy,
+    concept_rate,
+    load_reference_images,
+)
 from darkminer.evaluation.report import render_markdown
 from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, free_text_suites
+from darkminer.imaging import save_png, to_pil
 from darkminer.models.clip import Clip
 from darkminer.targets import EraseTarget
 from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
@@ -327,6 +333,22 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
     assert 0 <= kept["accuracy"] <= 1 and set(kept["per_attribute"]) >= {"shape", "overlay"}
     # Nothing was erased: preservation equals the original's and FID against itself is ~0.
     assert kept["accuracy"] == kept["reference"]["accuracy"] and kept["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert kept["fid_reference"]["folder"] is None
+
+    # A reference folder (here: three noise pictures at another size) replaces the original's images.
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(3):
+        save_png(to_pil(torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i))), folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    loaded = load_reference_images(folder, (32, 32))
+    assert loaded.shape == (3, 3, 32, 32) and loaded.min() >= 0 and loaded.max() <= 1
+    config = {**FAST, "n_images": 4, "fid_reference": str(folder)}
+    again = evaluate("star", tmp_path / "tb2", model=TestbedModel.untrained(), config=config)["preservation"]
+    assert again["fid_reference"] == {"folder": str(folder), "n_images": 3} and again["fid"] > 0.1  # noise vs shapes
+    with pytest.raises(DarkMinerError, match="does not exist"):
+        evaluate("star", tmp_path / "tb3", model=TestbedModel.untrained(), config={**config, "fid_reference": "/no/such"})
+    assert not (tmp_path / "tb3").exists()
 
 
 # -------------------------------------------------------------------------------------------- benchmark

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preserve-prompts", default=None, help="SD: CSV of ordinary prompts for preservation (e.g. COCO captions)")
     p.add_argument("--preservation", default=None,
                    help="comma-separated preservation metrics: accuracy,clip,fid (default all; SD FID needs torch-fidelity)")
+    p.add_argument("--fid-reference", default=None,
+                   help="folder of reference images (png/jpg) for FID (default: the original model's images)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
     options = load_config_file(args.config) if args.config else {}
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector,
              "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
+             "fid_reference": args.fid_reference,
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})

@@ -41,6 +41,8 @@ from darkminer.evaluation.metrics import (
     TestbedAligner,
     attribute_accuracy,
     concept_rate,
+    load_reference_images,
+    reference_image_paths,
 )
 from darkminer.evaluation.suites import (
     GENERATED_SUITE_SIZE,
@@ -86,6 +88,7 @@ class EvaluationConfig(Config):
     clip_negatives: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_NEGATIVES))
     preservation: list[str] = field(default_factory=lambda: list(PRESERVATION_METRICS))
     inception_weights: str | None = None
+    fid_reference: str | None = None  # a folder of reference images for FID; None: the original model's images
     steps: int | None = None  # None: the model's default sampling
     guidance_scale: float | None = None
     batch_size: int | None = None
@@ -281,6 +284,8 @@ def evaluate(
     detector = build_detector(kind, target, cfg, clip)
     aligner: Aligner | None = (TestbedAligner() if testbed else clip) if "clip" in cfg.preservation else None
     fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
+    if fid is not None and cfg.fid_reference:
+        reference_image_paths(cfg.fid_reference)  # a missing or empty folder fails before any sampling
     if testbed:
         suites = testbed_suites(target.testbed_concept, cfg.n_images or GENERATED_SUITE_SIZE, cfg.seed)
     else:
@@ -377,5 +382,8 @@ def _preservation(
         result["clip"] = aligner.score(images, suite.texts).mean().item()
         result["reference"]["clip"] = aligner.score(reference, suite.texts).mean().item()
     if fid is not None:
-        result["fid"] = fid(reference, images)
+        real = load_reference_images(cfg.fid_reference, tuple(images.shape[-2:])) if cfg.fid_reference else reference
+        result["fid"] = fid(real, images)
+        result["fid_reference"] = {"folder": cfg.fid_reference, "n_images": real.shape[0]} if cfg.fid_reference \
+            else {"folder": None, "n_images": real.shape[0], "what": "the original model's images of the same prompts"}
     return result

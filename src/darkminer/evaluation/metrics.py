@@ -116,6 +116,34 @@ def inception_weights_path(weights: str | Path | None = None) -> Path:
     return path
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def reference_image_paths(folder: str | Path) -> list[Path]:
+    """The image files of a FID reference folder (e.g. real COCO photos), sorted; at least two."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DarkMinerError(f"FID reference folder {folder} does not exist")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < 2:
+        raise DarkMinerError(f"FID reference folder {folder} holds {len(paths)} image(s) ({', '.join(IMAGE_SUFFIXES)}); "
+                             "FID needs at least 2")
+    return paths
+
+
+def load_reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """The folder's images as RGB in [0, 1], resized to ``size`` (H, W) like the generated ones: (N, 3, H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for path in reference_image_paths(folder):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(images)
+
+
 class FrechetDistance:
     """FID between reference images (the original model's) and generated ones, in a named feature space."""
 
