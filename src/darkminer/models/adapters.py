@@ -13,7 +13,7 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from darkminer.config import Config, check_non_negative, check_positive
+from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError, ModelLoadError
 from darkminer.io import load_tensor_metadata, load_tensors
 from darkminer.models.base import DiffusionModel
@@ -44,11 +44,11 @@ class LoraConfig(Config):
     # to it: on the testbed CCE fell from 0.88/0.75 to 0.25/0.00 (blood/star) against "cross-attn"
     # (docs/darkminer.md).
     target: str = "non-cross-attn"
-    dropout: float = 0.0
+    # No dropout option: the UNet runs in eval mode throughout (frozen teacher shared with the adapter), so
+    # it would be a no-op, and its RNG would break exact resume.
 
     def validate(self) -> None:
         check_positive(self, rank=self.rank)
-        check_non_negative(self, dropout=self.dropout)
         if self.alpha is not None:
             check_positive(self, alpha=self.alpha)
         try:
@@ -83,7 +83,6 @@ def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[t
     peft_config = PeftLoraConfig(
         r=config.rank,
         lora_alpha=config.alpha or config.rank,
-        lora_dropout=config.dropout,
         target_modules=config.pattern,
         init_lora_weights=True,
     )
