@@ -51,6 +51,29 @@ def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path)
     assert any(not torch.equal(replay[0][1][k], v) for k, v in replay[-1][1].items())
 
 
+@pytest.mark.parametrize("option", [{"space": "condition"}, {"init": "random"}, {"init": "concept"},
+                                    {"verify": False}, {"concept_word_first_round": False}])
+def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, option):
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "rounds": 2, **option})
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    replay = load_rounds(out)
+    assert len(rounds) == 2 and all(r["passed"] for r in rounds)  # tau -1: every verification passes
+    assert all(m.space == option.get("space", "token") for m, _ in replay)
+    if option.get("space") == "condition":  # no vocabulary to read in the encoder's output space
+        assert all("nearest_tokens" not in r for r in rounds)
+        assert replay[0][0].values.shape == load_model("tiny-random-sd").encode(["x"])[0].shape
+    if option.get("init") == "random":  # starts from random vocabulary tokens, not the concept word
+        assert [words[0] for words in rounds[0]["nearest_tokens"]] != ["nudity</w>"] * len(rounds[0]["nearest_tokens"])
+    if option.get("init") == "concept":  # every round restarts from the concept word
+        assert all(r["nearest_tokens"][0][0] == "nudity</w>" for r in rounds)
+    if option.get("verify") is False:
+        assert all("score" not in r for r in rounds)
+    if "concept_word_first_round" in option:  # round 0 then trains on the mined embedding alone
+        default = erase("darkminer", "nudity", tmp_path / "default", model="tiny-random-sd", config={**TINY, "rounds": 2})
+        ours, theirs = replay[0][1], load_rounds(default)[0][1]
+        assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_failed_verifications_stop_the_loop(tmp_path):
     out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "tau": 2.0, "patience": 2, "rounds": 5})
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
