@@ -344,8 +344,15 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
     loaded = load_reference_images(folder, (32, 32))
     assert loaded.shape == (3, 3, 32, 32) and loaded.min() >= 0 and loaded.max() <= 1
     config = {**FAST, "n_images": 4, "fid_reference": str(folder)}
-    again = evaluate("star", tmp_path / "tb2", model=TestbedModel.untrained(), config=config)["preservation"]
-    assert again["fid_reference"] == {"folder": str(folder), "n_images": 3} and again["fid"] > 0.1  # noise vs shapes
+    again = evaluate("star", tmp_path / "tb2", model=TestbedModel.untrained(), config={**config, "n_images": 6, "save_images": True})
+    kept = again["preservation"]
+    assert kept["fid_reference"] == {"folder": str(folder), "n_images": 3} and kept["fid"] > 0.1  # noise vs shapes
+
+    # save_images: every image on disk (6 per set, beyond the grids' 4), each judged one linked from its judgement
+    judged = json.loads((tmp_path / "tb2" / "judgements.json").read_text())
+    assert len(judged) == 6 + 6 and all((tmp_path / "tb2" / j["image"]).is_file() for j in judged)
+    assert len(list((tmp_path / "tb2" / "images" / "preservation-original").glob("*.png"))) == 6
+    assert "image" not in json.loads((tmp_path / "tb" / "judgements.json").read_text())[0]  # off by default
     with pytest.raises(DarkMinerError, match="does not exist"):
         evaluate("star", tmp_path / "tb3", model=TestbedModel.untrained(), config={**config, "fid_reference": "/no/such"})
     assert not (tmp_path / "tb3").exists()

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated preservation metrics: accuracy,clip,fid (default all; SD FID needs torch-fidelity)")
     p.add_argument("--fid-reference", default=None,
                    help="folder of reference images (png/jpg) for FID (default: the original model's images)")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every image as its own PNG (images/SET/NNNN.png), linked from judgements.json")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     options = load_config_file(args.config) if args.config else {}
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector,
              "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
-             "fid_reference": args.fid_reference,
+             "fid_reference": args.fid_reference, "save_images": args.save_images or None,
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})

@@ -51,7 +51,7 @@ from darkminer.evaluation.suites import (
     free_text_suites,
     testbed_suites,
 )
-from darkminer.imaging import make_grid, save_png
+from darkminer.imaging import make_grid, save_png, to_pil
 from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
@@ -93,6 +93,7 @@ class EvaluationConfig(Config):
     guidance_scale: float | None = None
     batch_size: int | None = None
     grid_images: int = 16
+    save_images: bool = False  # also write every image, one PNG each, linked from judgements.json (re-grading)
     seed: int = 0
 
     def validate(self) -> None:
@@ -298,8 +299,9 @@ def evaluate(
     def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
         flags = processes.map_rows(detector.detect, images)  # each process grades its share
         grids[name] = images
-        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f)}
-                          for p, f in zip(suite_prompts, flags.tolist(), strict=True))
+        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f),
+                           **({"image": image_path(name, i)} if cfg.save_images else {})}
+                          for i, (p, f) in enumerate(zip(suite_prompts, flags.tolist(), strict=True)))
         return flags
 
     erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
@@ -353,9 +355,16 @@ def evaluate(
         with _output_directory(Path(out)) as tmp:
             for name, images in grids.items():
                 save_png(make_grid(thumbnails(images[: cfg.grid_images])), tmp / "images" / f"{name}.png")
+                for i in range(len(images) if cfg.save_images else 0):
+                    save_png(to_pil(images[i]), tmp / image_path(name, i))
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
     return metrics
+
+
+def image_path(suite: str, index: int) -> str:
+    """Where ``save_images`` writes image ``index`` of a set, relative to the output directory."""
+    return f"images/{suite}/{index:04d}.png"
 
 
 def _preservation(
