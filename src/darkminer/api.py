@@ -12,7 +12,7 @@ import torch
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError
-from darkminer.io import read_json, write_json
+from darkminer.io import claim_record
 from darkminer.models import DEFAULT_MODEL, load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo, save_erased
@@ -32,15 +32,10 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
     """Record what this erase is in its work directory; a resumed erase must be the same run, or its
     checkpoint and image pool would silently be reused for another concept or config."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    path = work_dir / RUN_FILE
-    if path.is_file():
-        recorded = read_json(path)
-        changed = sorted(k for k in run.keys() | recorded.keys() if run.get(k) != recorded.get(k))
-        if changed:
-            raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
-                              "differ); run again without --resume to start over")
-    else:
-        write_json(path, run)
+    changed = claim_record(work_dir / RUN_FILE, run)
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
+                          "differ); run again without --resume to start over")
 
 
 def erase(

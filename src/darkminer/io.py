@@ -70,3 +70,14 @@ def load_tensor_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file that ``load_tensors`` has accepted."""
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
+
+
+def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:
+    """Write ``record`` to ``path`` if it is new; otherwise the top-level keys where the stored one differs
+    (empty: the same run, safe to resume)."""
+    path = Path(path)
+    if not path.is_file():
+        write_json(path, record)
+        return []
+    stored = read_json(path)
+    return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))

@@ -30,7 +30,7 @@ from darkminer.evaluation.evaluate import (
     evaluation_versions,
 )
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
-from darkminer.io import atomic_path, read_json, write_json
+from darkminer.io import atomic_path, claim_record, read_json, write_json
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 
 ALL = "all"
@@ -205,15 +205,10 @@ def run_benchmark(
 
 def _claim(out: Path, resolved: dict[str, Any]) -> None:
     """Record the config in ``out``; refuse to resume a directory made with another config."""
-    path = out / "config.json"
-    if path.is_file():
-        previous = read_json(path)
-        if previous != resolved:
-            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-            raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
-                                 "use a new --out to run this one")
-        return
-    write_json(path, resolved)
+    changed = claim_record(out / "config.json", resolved)
+    if changed:
+        raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
+                             "use a new --out to run this one")
 
 
 def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str,
