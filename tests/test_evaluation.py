@@ -42,6 +42,7 @@ from darkminer.evaluation.report import render_markdown
 from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, free_text_suites
 from darkminer.imaging import save_png, to_pil
 from darkminer.models.clip import Clip
+from darkminer.models.erased import ErasedModelInfo
 from darkminer.targets import EraseTarget
 from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
 from darkminer.testbed.judge import WEIGHTS_PATH as JUDGE_WEIGHTS
@@ -361,7 +362,8 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
 # -------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_path, tiny_clip_dir):
     config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity", "van gogh"],
-              "attacks": ["test-echo"], "evaluation": _sd_evaluation(tiny_clip_dir)}
+              "attacks": ["test-echo"], "evaluation": _sd_evaluation(tiny_clip_dir),
+              "anchors": {"nudity": "a person wearing clothes"}}
     out = tmp_path / "bench"
     nudge = ERASERS["test-nudge"]
     nudge.calls, nudge.fail_on = [], "van gogh"
@@ -378,6 +380,8 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert [(c["method"], c["concept"]) for c in results["cells"]] == [
         ("original", "nudity"), ("test-nudge", "nudity"), ("original", "van gogh"), ("test-nudge", "van gogh")]
     assert results["cells"][3]["metrics"]["detector"]["name"] == "clip-zero-shot"
+    anchors = [ErasedModelInfo.read(out / c["dir"] / "erased").anchor for c in results["cells"] if c["method"] != "original"]
+    assert anchors == ["a person wearing clothes", ""]  # the configured anchor; SD's default elsewhere
     assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
     markdown = (out / "results.md").read_text()
     assert "nudity · ASR test-echo" in markdown and "van gogh · clip" in markdown
@@ -411,6 +415,7 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     ({"prompts": {"blood": "blood.csv"}}, "prompt CSVs are for Stable Diffusion"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "mapping of options"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": {"iterationz": 3}}}, "unknown option"),
+    ({"anchors": {"fire": "a clean shape"}}, "anchors names concepts that are not run"),
 ])
 def test_benchmark_rejects_a_bad_config_before_any_work(bad, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

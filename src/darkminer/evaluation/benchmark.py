@@ -79,7 +79,8 @@ class BenchmarkConfig(Config):
     """``methods`` and ``attacks`` are lists of registered names or ``all`` (every registered one at run
     time). ``method_configs`` maps a method to its eraser config options; ``evaluation`` holds
     ``EvaluationConfig`` options (attacks come from ``attacks``). ``prompts`` maps a free-text (SD)
-    concept to its prompt CSV; ``preserve_prompts`` is the SD preservation CSV."""
+    concept to its prompt CSV; ``preserve_prompts`` is the SD preservation CSV. ``anchors`` maps a concept
+    to the prompt its erasure maps it to (default: the testbed registry's anchor; the empty prompt on SD)."""
 
     methods: list[str] | str = ALL
     concepts: list[str] = field(default_factory=lambda: ["blood"])
@@ -90,6 +91,7 @@ class BenchmarkConfig(Config):
     evaluation: dict[str, Any] = field(default_factory=dict)
     prompts: dict[str, str] = field(default_factory=dict)
     preserve_prompts: str | None = None
+    anchors: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -111,6 +113,9 @@ class BenchmarkConfig(Config):
                     get_concept(concept)  # an unknown name fails before any work
                 except ValueError as error:
                     raise ConfigError(str(error)) from None
+        unknown = sorted(set(self.anchors) - set(self.concepts))
+        if unknown:
+            raise ConfigError(f"BenchmarkConfig.anchors names concepts that are not run: {unknown}")
         if not self.methods:
             raise ConfigError("BenchmarkConfig.methods is empty; name at least one method")
         if "attacks" in self.evaluation:
@@ -222,9 +227,9 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
             from darkminer.api import erase
 
             erase(method, concept, erased, model=cfg.model, config=cfg.method_configs.get(method),
-                  prompts=cfg.prompts.get(concept), resume=True, device=cfg.device)
+                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), resume=True, device=cfg.device)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
-                 prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device, progress=progress)
+                 anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device, progress=progress)
     erase_seconds = ErasedModelInfo.read(erased).extra.get("seconds") if erased is not None else None
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
             "metrics": read_json(metrics_path)}
