@@ -13,7 +13,7 @@ from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.erasers.darkminer import loop as loop_module
 from darkminer.erasers.darkminer.loop import load_rounds
 from darkminer.erasers.darkminer.verifying import direction_score
-from darkminer.errors import ConfigError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
@@ -52,7 +52,7 @@ def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path)
 
 
 @pytest.mark.parametrize("option", [{"space": "condition"}, {"init": "random"}, {"init": "concept"},
-                                    {"verify": False}, {"concept_word_first_round": False}])
+                                    {"verify": False}, {"verify_contrast": True}, {"concept_word_first_round": False}])
 def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, option):
     out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "rounds": 2, **option})
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -68,6 +68,8 @@ def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, opt
         assert all(r["nearest_tokens"][0][0] == "nudity</w>" for r in rounds)
     if option.get("verify") is False:
         assert all("score" not in r for r in rounds)
+    if option.get("verify_contrast"):  # the score is the pool's minus the preservation pool's
+        assert all(r["score"] == pytest.approx(r["pool_score"] - r["contrast_score"], abs=2e-4) for r in rounds)
     if "concept_word_first_round" in option:  # round 0 then trains on the mined embedding alone
         default = erase("darkminer", "nudity", tmp_path / "default", model="tiny-random-sd", config={**TINY, "rounds": 2})
         ours, theirs = replay[0][1], load_rounds(default)[0][1]
@@ -129,6 +131,11 @@ def test_direction_score_is_one_when_mined_images_are_the_pool_and_minus_one_opp
     pool = torch.ones(2, 3, 1, 1)
     assert direction_score(Identity(), pool, reference, pool) == pytest.approx(1.0)
     assert direction_score(Identity(), -pool, reference, pool) == pytest.approx(-1.0)
+
+
+def test_a_diverging_miner_stops_the_run_with_what_to_change(tmp_path):
+    with pytest.raises(DarkMinerError, match="mining diverged.*lower mining_lr"):
+        erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "mining_lr": 1e30})
 
 
 def test_config_is_validated():

@@ -26,6 +26,7 @@ class DarkMinerConfig(EraserConfig):
     # Verifying
     verify: bool = True
     tau: float = 0.1
+    verify_contrast: bool = False  # subtract the score against the preservation pool (verifying.py)
     verify_steps: int = 20
     image_encoder: str | None = None  # None: the testbed encoder on the testbed; a CLIP folder/hub id on SD
     # Circumventing

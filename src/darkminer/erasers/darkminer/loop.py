@@ -80,9 +80,13 @@ class DarkMiner(Eraser):
             tick = time.time()
             if encoder is not None:
                 seeds = [cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
-                score, _ = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps, cfg.guidance_scale)
-                passed = processes.broadcast_object(score > cfg.tau)
-                entry["score"] = round(score, 4)
+                contrast = preserve.images[: cfg.k] if cfg.verify_contrast else None
+                result = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps,
+                                cfg.guidance_scale, contrast_images=contrast)
+                passed = processes.broadcast_object(result.score > cfg.tau)
+                entry["score"] = round(result.score, 4)
+                if result.contrast_score is not None:
+                    entry["pool_score"], entry["contrast_score"] = round(result.pool_score, 4), round(result.contrast_score, 4)
             else:
                 passed = True
             entry["passed"] = passed

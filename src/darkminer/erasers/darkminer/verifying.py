@@ -3,15 +3,30 @@
 From the same noise, draw x_c with the mined embedding and x_r with the reference (anchor) embedding, and
 score s(c) = mean over pool images x_e of cos(E(x_c) - E(x_r), E(x_e) - E(x_r)) with a text-aligned image
 encoder E (never the judge). s > tau passes.
+
+With a contrast set (``verify_contrast``: the preservation pool, ordinary images of the same model), the
+score is s(c) minus the same direction score against the contrast images. Any embedding that draws
+something other than the anchor points partly toward the pool (shapes, colours, backgrounds differ from the
+anchor's), so the raw score has a high floor; the contrast removes it (docs/darkminer.md, "Verifier").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import ImageEmbedder
+
+
+@dataclass
+class Verification:
+    score: float  # what is compared to tau: pool_score, minus contrast_score when there is a contrast set
+    pool_score: float
+    contrast_score: float | None
+    images: torch.Tensor  # the k images drawn from the mined embedding
 
 
 @torch.no_grad()
@@ -26,8 +41,13 @@ def direction_score(encoder: ImageEmbedder, mined_images: torch.Tensor, referenc
 
 @torch.no_grad()
 def verify(model: DiffusionModel, encoder: ImageEmbedder, cond: torch.Tensor, reference: torch.Tensor,
-           pool_images: torch.Tensor, seeds: list[int], steps: int, guidance_scale: float | None) -> tuple[float, torch.Tensor]:
+           pool_images: torch.Tensor, seeds: list[int], steps: int, guidance_scale: float | None,
+           contrast_images: torch.Tensor | None = None) -> Verification:
     k = len(seeds)
     mined = model.sample(cond.expand(k, -1, -1), seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     ref = model.sample(reference.expand(k, -1, -1), seeds=seeds, steps=steps, guidance_scale=guidance_scale)
-    return direction_score(encoder, mined, ref, pool_images), mined
+    pool_score = direction_score(encoder, mined, ref, pool_images)
+    if contrast_images is None:
+        return Verification(pool_score, pool_score, None, mined)
+    contrast_score = direction_score(encoder, mined, ref, contrast_images)
+    return Verification(pool_score - contrast_score, pool_score, contrast_score, mined)
