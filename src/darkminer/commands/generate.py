@@ -22,8 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
     from darkminer.imaging import make_grid, save_png
     from darkminer.models import load_model
+    from darkminer.parallel import init_processes, sharded_sample
 
     if not args.prompt.strip() and not args.allow_empty:
         raise DarkMinerError("--prompt is empty; give a prompt (or --allow-empty for unconditional samples)")
@@ -31,9 +34,15 @@ def run(args: argparse.Namespace) -> None:
         raise DarkMinerError("-n must be >= 1")
     if not args.out.lower().endswith(".png"):
         raise DarkMinerError(f"--out must name a .png file, got {args.out}")
+    processes = init_processes()  # before loading: under a launcher each process takes its own GPU
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype)
     seeds = [args.seed + i for i in range(args.n)]
-    images = model.generate([args.prompt] * args.n, seeds, steps=args.steps, guidance_scale=args.guidance, progress=True)
+    with torch.no_grad():
+        cond = model.encode([args.prompt] * args.n)
+    images = sharded_sample(model, cond, seeds, steps=args.steps, guidance_scale=args.guidance, progress=True,
+                            processes=processes)
+    if not processes.is_main:
+        return
     scale = max(1, 256 // images.shape[-1])
     path = save_png(make_grid(images, scale=scale), args.out)
     print(f"wrote {path} ({args.n} images, seeds {seeds[0]}..{seeds[-1]})")

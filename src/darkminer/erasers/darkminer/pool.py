@@ -9,7 +9,7 @@ import torch
 
 from darkminer.io import load_tensors, save_tensors
 from darkminer.models.base import DiffusionModel
-from darkminer.parallel import init_processes
+from darkminer.parallel import init_processes, sharded_sample
 
 
 @dataclass
@@ -39,11 +39,12 @@ def build_pool(
         stored = load_tensors(cache, device=model.device)
         return ImagePool(stored["images"].float(), stored["latents"].to(model.dtype), conds)
     with torch.no_grad():
-        latents = model.sample(conds, seeds=list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale, steps=steps,
-                               return_latents=True, progress=True)
+        # Under a launcher each process draws a share of the batches and all get the whole pool.
+        latents = sharded_sample(model, conds, list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale,
+                                 steps=steps, return_latents=True, progress=True)
         images = torch.cat([model.latents_to_images(latents[i : i + 8]) for i in range(0, size, 8)])
     images = images.half()
-    if init_processes().is_main:  # every process drew the same pool; one writes it
+    if init_processes().is_main:  # every process holds the same pool; one writes it
         save_tensors(cache, {"images": images, "latents": latents})
     # The stored precision, so a run that reads the cache sees exactly what this one sees.
     return ImagePool(images.float(), latents, conds)
