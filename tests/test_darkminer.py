@@ -92,7 +92,7 @@ def test_replay_keeps_training_on_earlier_rounds_even_when_a_round_fails(tmp_pat
     assert moved is replay
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     uninterrupted = erase("darkminer", "nudity", tmp_path / "full", model="tiny-random-sd", config=TINY)
 
     real = loop_module.circumvent
@@ -113,7 +113,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
         with pytest.raises(ConfigError, match="another run"):  # a checkpoint is never reused for another run
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",
                   config=other.get("config", TINY), resume=True)
+    capsys.readouterr()
     resumed = erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+    assert "resuming Dark Miner on nudity: 1 of 3 rounds done" in capsys.readouterr().out
 
     a = load_tensors(uninterrupted / "pytorch_lora_weights.safetensors")
     b = load_tensors(resumed / "pytorch_lora_weights.safetensors")

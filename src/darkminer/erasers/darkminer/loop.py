@@ -60,6 +60,9 @@ class DarkMiner(Eraser):
         log: list[dict] = state["log"]
         mined_history: list[MinedEmbedding] = state["mined"]
         failures = state["failures"]
+        if log and processes.is_main:
+            tqdm.write(f"resuming Dark Miner on {target.name}: {len(log)} of {cfg.rounds} rounds done, from the "
+                       f"checkpoint in {work_dir / CHECKPOINT}")
         previous = mined_history[-1] if mined_history else None
         bar = tqdm(range(len(log), cfg.rounds), desc=f"Dark Miner [{target.name}]", unit="round")
         for round_index in bar:
