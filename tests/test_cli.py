@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,9 +41,24 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_speed_flags_reach_the_model(tmp_path):
+    from PIL import Image
+
+    def grid(*flags: str) -> np.ndarray:
+        out = tmp_path / f"grid{len(flags)}.png"
+        argv = ["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2", "--out", str(out)]
+        assert main([*argv, *flags]) == 0
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    exact, mixed = grid(), grid("--precision", "bf16", "--attention", "classic", "--channels-last")
+    assert exact.shape == mixed.shape and np.abs(exact - mixed).max() > 0  # bf16 autocast really ran
+    assert np.abs(exact - mixed).mean() < 8  # and drew the same pictures, to rounding
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--model", "tiny-random-sd", "--precision", "fp8"], "precision must be one of"),
         (["--model", "/no/such/folder"], "does not exist"),
         (["--model", "someone/not-cached-model"], "never downloads"),
         (["--model", "tiny-random-sd", "--prompt", " "], "--prompt is empty"),

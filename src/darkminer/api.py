@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from darkminer.models import DEFAULT_MODEL, load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo, save_erased
 from darkminer.targets import resolve_target
+
+if TYPE_CHECKING:
+    from darkminer.parallel import SpeedOptions
 
 
 def _base_spec(spec: str | None) -> str:
@@ -50,10 +53,12 @@ def erase(
     resume: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    speed: SpeedOptions | dict | None = None,
 ) -> Path:
     """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
 
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
+    ``speed``: the GPU path's options (``SpeedOptions``), applied to the loaded model.
     """
     from darkminer.parallel import init_processes
 
@@ -70,7 +75,8 @@ def erase(
     if isinstance(model, DiffusionModel):
         base = model
     else:
-        base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype)
+        base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype,
+                          speed=speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
     out = Path(out)
     work_dir = out.parent / f".{out.name}.work"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_concept_args, add_model_args
+from darkminer.commands.common import add_concept_args, add_model_args, speed_options
 from darkminer.errors import DarkMinerError
 
 ATTACK_NAMES = "unlearndiff, p4d, ringabell, cce, plain, paraphrase"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         raise DarkMinerError("give either --attack NAME or --replay DIR")
     attack_cls = get_attack(args.attack) if args.attack else None  # a bad name or config fails before loading
     config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
-    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
                             n_prompts=max(args.n_prompts, 64))
     success = success_function(model, target, args.detector)

@@ -9,7 +9,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="testbed (default; alias toy), tiny-random-sd, a diffusers folder or a cached hub id")
     p.add_argument("--erased", default=None, help="an erased-model directory written by `darkminer erase`")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), float16 or bfloat16")
+    speed = p.add_argument_group("speed (the GPU path, docs/performance.md)")
+    speed.add_argument("--precision", default=None,
+                       help="autocast the UNet, text encoder and VAE in fp32 (default), bf16 or fp16; weights stay in --dtype")
+    speed.add_argument("--attention", default=None, help="attention kernel: sdpa (default, torch SDPA) or classic")
+    speed.add_argument("--gradient-checkpointing", action="store_true", help="less memory for ~30%% more training time")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with tensor cores)")
+
+
+def speed_options(args: argparse.Namespace) -> dict | None:
+    """The ``SpeedOptions`` the speed flags set (validated where the model is loaded); None if none is set."""
+    flags = {"precision": args.precision, "attention": args.attention,
+             "gradient_checkpointing": args.gradient_checkpointing, "channels_last": args.channels_last}
+    options = {name: value for name, value in flags.items() if value not in (None, False)}
+    return options or None
 
 
 def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:

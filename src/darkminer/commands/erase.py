@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_concept_args, add_model_args
+from darkminer.commands.common import add_concept_args, add_model_args, speed_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,5 +29,6 @@ def run(args: argparse.Namespace) -> None:
 
         raise DarkMinerError("erase starts from a base model; --erased is for generate/attack/evaluate")
     out = erase(args.method, args.concept, args.out, model=args.model, config=args.config, anchor=args.anchor,
-                prompts=args.prompts, resume=args.resume, device=args.device, dtype=args.dtype)
+                prompts=args.prompts, resume=args.resume, device=args.device, dtype=args.dtype,
+                speed=speed_options(args))
     print(f"wrote erased model {out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_concept_args, add_model_args
+from darkminer.commands.common import add_concept_args, add_model_args, speed_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
         anchor=args.anchor, prompts=args.prompts, paraphrase_prompts=args.paraphrase_prompts,
-        preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, progress=True,
+        preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, speed=speed_options(args),
+        progress=True,
     )
     print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_model_args
+from darkminer.commands.common import add_model_args, speed_options
 from darkminer.errors import DarkMinerError
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.out.lower().endswith(".png"):
         raise DarkMinerError(f"--out must name a .png file, got {args.out}")
     processes = init_processes()  # before loading: under a launcher each process takes its own GPU
-    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     seeds = [args.seed + i for i in range(args.n)]
     with torch.no_grad():
         cond = model.encode([args.prompt] * args.n)

@@ -32,6 +32,7 @@ from darkminer.evaluation.evaluate import (
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
 from darkminer.io import atomic_path, claim_record, read_json, write_json
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
+from darkminer.parallel import SpeedOptions
 
 ALL = "all"
 TESTBED_CONCEPTS = ["blood", "fire", "star", "heart", "striped", "sketch"]
@@ -80,7 +81,8 @@ class BenchmarkConfig(Config):
     time). ``method_configs`` maps a method to its eraser config options; ``evaluation`` holds
     ``EvaluationConfig`` options (attacks come from ``attacks``). ``prompts`` maps a free-text (SD)
     concept to its prompt CSV; ``preserve_prompts`` is the SD preservation CSV. ``anchors`` maps a concept
-    to the prompt its erasure maps it to (default: the testbed registry's anchor; the empty prompt on SD)."""
+    to the prompt its erasure maps it to (default: the testbed registry's anchor; the empty prompt on SD).
+    ``device`` and ``speed`` (``SpeedOptions``: precision, attention, ...) say where and how models run."""
 
     methods: list[str] | str = ALL
     concepts: list[str] = field(default_factory=lambda: ["blood"])
@@ -93,6 +95,7 @@ class BenchmarkConfig(Config):
     preserve_prompts: str | None = None
     anchors: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    speed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("methods", "attacks"):
@@ -124,6 +127,7 @@ class BenchmarkConfig(Config):
             unused = sorted(set(self.method_configs) - set(self.methods))
             if unused:
                 raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
+        SpeedOptions.from_dict(self.speed)
         # attack_configs is checked once "all" is resolved to the registered attacks.
         EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
 
@@ -227,9 +231,11 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
             from darkminer.api import erase
 
             erase(method, concept, erased, model=cfg.model, config=cfg.method_configs.get(method),
-                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), resume=True, device=cfg.device)
+                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), resume=True, device=cfg.device,
+                  speed=cfg.speed or None)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
-                 anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device, progress=progress)
+                 anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device,
+                 speed=cfg.speed or None, progress=progress)
     erase_seconds = ErasedModelInfo.read(erased).extra.get("seconds") if erased is not None else None
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
             "metrics": read_json(metrics_path)}

@@ -57,7 +57,7 @@ from darkminer.models import load_model
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
-from darkminer.parallel import init_processes, sharded_sample
+from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
 
 METRICS_NAME = "metrics.json"
@@ -232,7 +232,8 @@ def _output_directory(out: Path) -> Iterator[Path]:
 
 
 def _load(
-    model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype
+    model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype,
+    speed: SpeedOptions | dict | None = None,
 ) -> tuple[DiffusionModel, str, str]:
     """The model to evaluate, the erasure method that made it and the base model's name."""
     if isinstance(model, DiffusionModel):
@@ -240,7 +241,7 @@ def _load(
             raise DarkMinerError("give either a loaded model or --erased, not both")
         return model, IN_MEMORY_METHOD, model.name
     info = ErasedModelInfo.read(erased) if erased else None
-    loaded = load_model(model, erased=erased, device=device, dtype=dtype)
+    loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     return loaded, info.method if info else ORIGINAL_METHOD, loaded.name
 
 
@@ -257,6 +258,7 @@ def evaluate(
     preserve_prompts: str | Path | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    speed: SpeedOptions | dict | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the erasure of ``concept`` and return the metrics; with ``out``, also write
@@ -273,7 +275,7 @@ def evaluate(
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
     processes = init_processes()
-    net, method, model_name = _load(model, erased, device, dtype)
+    net, method, model_name = _load(model, erased, device, dtype, speed)
     testbed = is_testbed(net)
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, Guidance, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo, apply_erased
+
+if TYPE_CHECKING:
+    from darkminer.parallel.speed import SpeedOptions
 
 TESTBED_IDS = ("testbed", "toy")
 DEFAULT_MODEL = "testbed"
@@ -22,9 +26,12 @@ def load_model(
     erased: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    speed: SpeedOptions | dict | None = None,
 ) -> DiffusionModel:
     """A model by name: ``testbed`` (default, alias ``toy``), ``tiny-random-sd``, a local diffusers folder,
-    or a hub id already in the cache. ``erased`` applies an erased-model directory on top.
+    or a hub id already in the cache. ``erased`` applies an erased-model directory on top. ``speed``
+    switches on the GPU path's options (``SpeedOptions``: autocast precision, attention kernel, gradient
+    checkpointing, channels-last).
 
     With ``erased`` and no ``spec``, the base model recorded in the directory is used.
     """
@@ -38,6 +45,10 @@ def load_model(
     model = _load_base(spec, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
+    if speed is not None:
+        from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+
+        apply_speed_options(model, speed if isinstance(speed, SpeedOptions) else SpeedOptions.from_dict(speed))
     return model
 
 
