@@ -35,13 +35,14 @@ import torch  # noqa: E402
 from darkminer.erasers.darkminer.config import DarkMinerConfig  # noqa: E402
 from darkminer.erasers.darkminer.loop import load_rounds  # noqa: E402
 from darkminer.erasers.darkminer.mining import initial_embedding  # noqa: E402
-from darkminer.erasers.darkminer.pool import build_pool  # noqa: E402
+from darkminer.erasers.darkminer.pool import build_pools  # noqa: E402
 from darkminer.erasers.darkminer.verifying import verify  # noqa: E402
 from darkminer.io import read_json, write_json  # noqa: E402
 from darkminer.models import load_model  # noqa: E402
+from darkminer.models.base import DiffusionModel  # noqa: E402
 from darkminer.models.image_encoders import load_image_encoder  # noqa: E402
 from darkminer.targets import resolve_target  # noqa: E402
-from darkminer.testbed.concepts import get_concept  # noqa: E402
+from darkminer.testbed.concepts import Concept, get_concept  # noqa: E402
 from darkminer.testbed.judge import Judge  # noqa: E402
 
 PROMPT_SEED = 1  # evaluation prompts; Dark Miner's pool is drawn from seed 0's
@@ -49,7 +50,8 @@ TAUS = (-0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 DRAWS = 0.25  # an embedding "draws the concept" when at least this share of its k images shows it
 
 
-def candidates(model, concept, n: int, cfg: DarkMinerConfig, erased: str | None) -> list[tuple[str, str, torch.Tensor]]:
+def candidates(model: DiffusionModel, concept: Concept, n: int, cfg: DarkMinerConfig,
+               erased: str | None) -> list[tuple[str, str, torch.Tensor]]:
     """(kind, label, (1, L, D) condition) for every candidate embedding."""
     out = []
     with torch.no_grad():
@@ -75,7 +77,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=8, help="candidates per prompt kind")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot", default=None)
-    parser.add_argument("--work", default="runs/verify-calibration", help="cache of the concept pool")
+    parser.add_argument("--work", default="runs/verify-calibration",
+                        help="cache of the pools, one folder per concept (delete it after changing the config)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tick = time.time()
@@ -86,10 +89,7 @@ def main() -> None:
         models["erased"] = load_model("testbed", erased=args.erased)
     base = models["original"]
     target = resolve_target(base, args.concept, seed=cfg.seed)
-    pool = build_pool(base, target.prompts, cfg.pool_size, cfg.seed,
-                      Path(args.work) / f"{args.concept}-pool.safetensors", cfg.guidance_scale, cfg.pool_steps)
-    preserve = build_pool(base, target.preserve, cfg.preserve_pool_size, cfg.seed + 500_000,
-                          Path(args.work) / f"{args.concept}-preserve.safetensors", cfg.guidance_scale, cfg.pool_steps)
+    pool, preserve = build_pools(base, target, cfg, Path(args.work) / args.concept)  # the loop's own pools
     encoder = load_image_encoder(base, cfg.image_encoder)
     rows = []
     for model_name, model in models.items():
@@ -116,8 +116,8 @@ def main() -> None:
     results = read_json(args.out) if Path(args.out).is_file() else {"concepts": {}}
     results["concepts"][args.concept] = entry
     write_json(args.out, results)
-    for score, rows_ in sweep.items():
-        for s in rows_:
+    for score, thresholds in sweep.items():
+        for s in thresholds:
             print(f"{score:8s} tau {s['tau']:+.2f}: passes {s['pass_when_draws']:.2f} of embeddings that draw the "
                   f"concept, {s['pass_when_clean']:.2f} of those that do not")
     if args.plot:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,18 +40,27 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_speed_flags_reach_the_model(tmp_path):
-    from PIL import Image
+def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
+    import darkminer.models
+    from darkminer.parallel.speed import attention_processors, autocast_dtype
 
-    def grid(*flags: str) -> np.ndarray:
-        out = tmp_path / f"grid{len(flags)}.png"
-        argv = ["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2", "--out", str(out)]
-        assert main([*argv, *flags]) == 0
-        return np.asarray(Image.open(out), dtype=np.int16)
+    loaded, real = [], darkminer.models.load_model
+    monkeypatch.setattr(darkminer.models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    argv = ["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "a.png"), "--precision", "bf16", "--attention", "classic",
+                 "--gradient-checkpointing", "--channels-last"]) == 0
+    model = loaded[-1]
+    assert autocast_dtype(model) == torch.bfloat16 and attention_processors(model) == {"AttnProcessor"}
+    assert model.unet.is_gradient_checkpointing
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert main([*argv, "--out", str(tmp_path / "b.png")]) == 0  # no flags: the plain model
+    assert autocast_dtype(loaded[-1]) is None and attention_processors(loaded[-1]) == {"AttnProcessor2_0"}
 
-    exact, mixed = grid(), grid("--precision", "bf16", "--attention", "classic", "--channels-last")
-    assert exact.shape == mixed.shape and np.abs(exact - mixed).max() > 0  # bf16 autocast really ran
-    assert np.abs(exact - mixed).mean() < 8  # and drew the same pictures, to rounding
+    # erase records the options in the erased model's info (and in its run claim, so a resume cannot mix them).
+    out = tmp_path / "uce"
+    assert main(["erase", "--method", "uce", "--concept", "nudity", "--model", "tiny-random-sd", "--precision", "bf16",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "darkminer.json").read_text())["extra"]["speed"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_loop_writes_a_loadable_erased_model_with_a_readable_round_log(tmp_path)
 
 
 @pytest.mark.parametrize("option", [{"space": "condition"}, {"init": "random"}, {"init": "concept"},
-                                    {"verify": False}, {"verify_contrast": True}, {"concept_word_first_round": False}])
+                                    {"verify": False}, {"concept_word_first_round": False}])
 def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, option):
     out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "rounds": 2, **option})
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -68,12 +68,30 @@ def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, opt
         assert all(r["nearest_tokens"][0][0] == "nudity</w>" for r in rounds)
     if option.get("verify") is False:
         assert all("score" not in r for r in rounds)
-    if option.get("verify_contrast"):  # the score is the pool's minus the preservation pool's
-        assert all(r["score"] == pytest.approx(r["pool_score"] - r["contrast_score"], abs=2e-4) for r in rounds)
     if "concept_word_first_round" in option:  # round 0 then trains on the mined embedding alone
         default = erase("darkminer", "nudity", tmp_path / "default", model="tiny-random-sd", config={**TINY, "rounds": 2})
         ours, theirs = replay[0][1], load_rounds(default)[0][1]
         assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_contrast_verification_scores_against_the_preservation_pool(tmp_path, monkeypatch):
+    seen, pools = [], []
+    real_verify, real_pools = loop_module.verify, loop_module.build_pools
+
+    def spy_verify(*args, contrast_images=None):
+        seen.append(contrast_images)
+        return real_verify(*args, contrast_images=contrast_images)
+
+    monkeypatch.setattr(loop_module, "verify", spy_verify)
+    monkeypatch.setattr(loop_module, "build_pools", lambda *a: pools.append(real_pools(*a)) or pools[-1])
+    config = {**TINY, "rounds": 2, "verify_contrast": True}
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config=config)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    (concept, preserve), k = pools[0], config["k"]
+    assert len(seen) == 2 and not torch.equal(concept.images[:k], preserve.images[:k])
+    for contrast, r in zip(seen, rounds, strict=True):
+        assert torch.equal(contrast, preserve.images[:k])  # k preservation images, not concept images
+        assert r["score"] == pytest.approx(r["pool_score"] - r["contrast_score"], abs=2e-4)
 
 
 def test_failed_verifications_stop_the_loop(tmp_path):
@@ -145,4 +163,8 @@ def test_config_is_validated():
         DarkMinerConfig(space="pixels")
     with pytest.raises(ConfigError, match="cannot exceed"):
         DarkMinerConfig(pool_size=4, k=8)
+    with pytest.raises(ConfigError, match="verify_contrast needs verify"):
+        DarkMinerConfig(verify=False, verify_contrast=True)
+    with pytest.raises(ConfigError, match="raise preserve_pool_size"):
+        DarkMinerConfig(k=8, preserve_pool_size=4, verify_contrast=True)
     assert DarkMinerConfig.from_dict({"lora": {"rank": 8}}).lora.rank == 8

@@ -416,6 +416,7 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "mapping of options"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": {"iterationz": 3}}}, "unknown option"),
     ({"anchors": {"fire": "a clean shape"}}, "anchors names concepts that are not run"),
+    ({"anchors": {"blood": 3}}, "maps concepts to prompts"),
     ({"speed": {"precision": "fp8"}}, "precision must be one of"),
 ])
 def test_benchmark_rejects_a_bad_config_before_any_work(bad, message, tmp_path):

@@ -53,7 +53,7 @@ def erase(
     resume: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
-    speed: SpeedOptions | dict | None = None,
+    speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> Path:
     """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
 
@@ -61,10 +61,12 @@ def erase(
     ``speed``: the GPU path's options (``SpeedOptions``), applied to the loaded model.
     """
     from darkminer.parallel import init_processes
+    from darkminer.parallel.speed import apply_speed_options, as_speed_options
 
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
     processes = init_processes()
+    speed = as_speed_options(speed)
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
         cfg = config
@@ -74,6 +76,8 @@ def erase(
         cfg = eraser_cls.config_class.from_dict(load_config_file(config) if config else {})
     if isinstance(model, DiffusionModel):
         base = model
+        if speed is not None:
+            apply_speed_options(base, speed)
     else:
         base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype,
                           speed=speed)
@@ -83,9 +87,11 @@ def erase(
     if processes.is_main:
         if work_dir.exists() and not resume:
             shutil.rmtree(work_dir)
-        _claim_work_dir(work_dir, {"method": method, "base_model": base.name, "config": cfg.to_dict(),
-                                   "target": {**target.to_dict(), "prompts": list(target.prompts),
-                                              "preserve": list(target.preserve)}})
+        record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
+                  "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}
+        if speed is not None:  # part of the run: a resume must not mix fp32 and bf16 rounds
+            record["speed"] = speed.to_dict()
+        _claim_work_dir(work_dir, record)
     processes.barrier()
     started = time.time()
     summary = eraser_cls(cfg).erase(base, target, work_dir)
@@ -97,7 +103,7 @@ def erase(
         kind=eraser_cls.kind,
         anchor=target.anchor,
         config=cfg.to_dict(),
-        extra={"target": target.to_dict(), **summary},
+        extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
     )
     if processes.is_main:
         artifacts = work_dir / "artifacts"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from darkminer.parallel.speed import SpeedOptions
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,12 +22,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with tensor cores)")
 
 
-def speed_options(args: argparse.Namespace) -> dict | None:
-    """The ``SpeedOptions`` the speed flags set (validated where the model is loaded); None if none is set."""
+def speed_options(args: argparse.Namespace) -> SpeedOptions | None:
+    """The ``SpeedOptions`` the speed flags set, validated before any model loads; None if none is set."""
+    from darkminer.parallel.speed import SpeedOptions
+
     flags = {"precision": args.precision, "attention": args.attention,
              "gradient_checkpointing": args.gradient_checkpointing, "channels_last": args.channels_last}
     options = {name: value for name, value in flags.items() if value not in (None, False)}
-    return options or None
+    return SpeedOptions.from_dict(options) if options else None
 
 
 def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:

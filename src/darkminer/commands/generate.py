@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     seeds = [args.seed + i for i in range(args.n)]
     with torch.no_grad():
-        cond = model.encode([args.prompt] * args.n)
+        cond = model.encode([args.prompt]).expand(args.n, -1, -1)
     images = sharded_sample(model, cond, seeds, steps=args.steps, guidance_scale=args.guidance, progress=True,
                             processes=processes)
     if not processes.is_main:

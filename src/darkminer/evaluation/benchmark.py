@@ -116,6 +116,8 @@ class BenchmarkConfig(Config):
                     get_concept(concept)  # an unknown name fails before any work
                 except ValueError as error:
                     raise ConfigError(str(error)) from None
+        if not all(isinstance(anchor, str) for anchor in self.anchors.values()):
+            raise ConfigError(f"BenchmarkConfig.anchors maps concepts to prompts (text), got {self.anchors!r}")
         unknown = sorted(set(self.anchors) - set(self.concepts))
         if unknown:
             raise ConfigError(f"BenchmarkConfig.anchors names concepts that are not run: {unknown}")

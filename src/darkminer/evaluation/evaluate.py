@@ -58,6 +58,7 @@ from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
+from darkminer.parallel.speed import apply_speed_options, as_speed_options
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
 
 METRICS_NAME = "metrics.json"
@@ -233,12 +234,14 @@ def _output_directory(out: Path) -> Iterator[Path]:
 
 def _load(
     model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype,
-    speed: SpeedOptions | dict | None = None,
+    speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> tuple[DiffusionModel, str, str]:
     """The model to evaluate, the erasure method that made it and the base model's name."""
     if isinstance(model, DiffusionModel):
         if erased is not None:
             raise DarkMinerError("give either a loaded model or --erased, not both")
+        if speed is not None:
+            apply_speed_options(model, as_speed_options(speed))
         return model, IN_MEMORY_METHOD, model.name
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
@@ -258,7 +261,7 @@ def evaluate(
     preserve_prompts: str | Path | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
-    speed: SpeedOptions | dict | None = None,
+    speed: SpeedOptions | dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the erasure of ``concept`` and return the metrics; with ``out``, also write

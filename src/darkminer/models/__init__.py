@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +26,7 @@ def load_model(
     erased: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
-    speed: SpeedOptions | dict | None = None,
+    speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> DiffusionModel:
     """A model by name: ``testbed`` (default, alias ``toy``), ``tiny-random-sd``, a local diffusers folder,
     or a hub id already in the cache. ``erased`` applies an erased-model directory on top. ``speed``
@@ -40,15 +40,16 @@ def load_model(
             raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     check_device(device)
+    from darkminer.parallel.speed import apply_speed_options, as_speed_options
+
+    speed = as_speed_options(speed)  # bad options fail before the (long) load
     if spec is None:
         spec = ErasedModelInfo.read(erased).base_model if erased else DEFAULT_MODEL
     model = _load_base(spec, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
     if speed is not None:
-        from darkminer.parallel.speed import SpeedOptions, apply_speed_options
-
-        apply_speed_options(model, speed if isinstance(speed, SpeedOptions) else SpeedOptions.from_dict(speed))
+        apply_speed_options(model, speed)
     return model
 
 

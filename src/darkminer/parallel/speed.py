@@ -48,6 +48,11 @@ class SpeedOptions(Config):
         return PRECISIONS[self.precision]
 
 
+def as_speed_options(speed: SpeedOptions | dict[str, Any] | None) -> SpeedOptions | None:
+    """``speed`` validated (a dict of options becomes ``SpeedOptions``); None stays None."""
+    return SpeedOptions.from_dict(speed) if isinstance(speed, dict) else speed
+
+
 def apply_speed_options(model: DiffusionModel, options: SpeedOptions) -> None:
     """Switch ``model`` to ``options`` in place (every earlier choice is replaced)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0

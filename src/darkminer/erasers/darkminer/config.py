@@ -57,7 +57,12 @@ class DarkMinerConfig(EraserConfig):
         check_non_negative(self, preserve_weight=self.preserve_weight)
         check_choice(self, "space", self.space, SPACES)
         check_choice(self, "init", self.init, INITS)
-        if self.k > self.pool_size:
-            from darkminer.errors import ConfigError
+        from darkminer.errors import ConfigError
 
+        if self.k > self.pool_size:
             raise ConfigError(f"DarkMinerConfig.k ({self.k}) cannot exceed pool_size ({self.pool_size})")
+        if self.verify_contrast and not self.verify:
+            raise ConfigError("DarkMinerConfig.verify_contrast needs verify: true (it changes the verifier's score)")
+        if self.verify_contrast and self.k > self.preserve_pool_size:
+            raise ConfigError(f"DarkMinerConfig.verify_contrast contrasts k ({self.k}) preservation images; "
+                              f"raise preserve_pool_size ({self.preserve_pool_size}) to at least k")

@@ -19,7 +19,7 @@ from darkminer.erasers.base import Eraser, register_eraser
 from darkminer.erasers.darkminer.circumventing import circumvent
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
-from darkminer.erasers.darkminer.pool import build_pool
+from darkminer.erasers.darkminer.pool import build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.io import load_tensors, save_tensors, write_json
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
@@ -47,10 +47,7 @@ class DarkMiner(Eraser):
         cfg: DarkMinerConfig = self.config
         processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
-        pool = build_pool(model, target.prompts, cfg.pool_size, cfg.seed, work_dir / "pool.safetensors",
-                          cfg.guidance_scale, cfg.pool_steps)
-        preserve = build_pool(model, target.preserve, cfg.preserve_pool_size, cfg.seed + 500_000,
-                              work_dir / "preserve_pool.safetensors", cfg.guidance_scale, cfg.pool_steps)
+        pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
             anchor = model.encode([target.anchor])
             own_words = model.encode([target.word, *target.prompts[: cfg.k]])

@@ -64,7 +64,8 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
     mined = start.detached()
     values = mined.values.requires_grad_(True)
     optimizer = torch.optim.Adam([values], lr=config.mining_lr)
-    losses = torch.zeros(config.mining_steps, device=model.device)  # read once at the end: no per-step sync
+    # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
+    step_losses = torch.zeros(config.mining_steps, device=model.device)
     for step in range(config.mining_steps):
         latents, _ = pool.batch(config.k, generator)
         noise, t = draw_noise_and_timesteps(model, latents, generator)
@@ -74,8 +75,8 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
         values.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses[step] = loss.detach()
-    losses = [check_finite(value, "mining", "lower mining_lr") for value in losses.tolist()]
+        step_losses[step] = loss.detach()
+    losses = [check_finite(value, "mining", "lower mining_lr") for value in step_losses.tolist()]
     mined = mined.detached()
     head = max(1, len(losses) // 5)
     return mined, {"loss_start": sum(losses[:head]) / head, "loss_end": sum(losses[-head:]) / head}

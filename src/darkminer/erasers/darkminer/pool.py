@@ -7,9 +7,13 @@ from pathlib import Path
 
 import torch
 
+from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.io import load_tensors, save_tensors
 from darkminer.models.base import DiffusionModel
 from darkminer.parallel import init_processes, sharded_sample
+from darkminer.targets import EraseTarget
+
+PRESERVE_SEED_OFFSET = 500_000  # the preservation pool's seeds never overlap the concept pool's
 
 
 @dataclass
@@ -35,16 +39,27 @@ def build_pool(
     """``size`` images for the prompts (cycled), seeds ``seed..seed+size-1``, from the original model."""
     chosen = [prompts[i % len(prompts)] for i in range(size)]
     conds = model.encode(chosen).detach()
-    if cache.is_file():
+    processes = init_processes()
+    # One answer for all processes: the sampling below is collective, so all must take the same branch.
+    if processes.broadcast_object(cache.is_file()):
         stored = load_tensors(cache, device=model.device)
         return ImagePool(stored["images"].float(), stored["latents"].to(model.dtype), conds)
     with torch.no_grad():
         # Under a launcher each process draws a share of the batches and all get the whole pool.
         latents = sharded_sample(model, conds, list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale,
-                                 steps=steps, return_latents=True, progress=True)
+                                 steps=steps, return_latents=True, progress=True, processes=processes).to(model.device)
         images = torch.cat([model.latents_to_images(latents[i : i + 8]) for i in range(0, size, 8)])
     images = images.half()
-    if init_processes().is_main:  # every process holds the same pool; one writes it
+    if processes.is_main:  # every process holds the same pool; one writes it
         save_tensors(cache, {"images": images, "latents": latents})
     # The stored precision, so a run that reads the cache sees exactly what this one sees.
     return ImagePool(images.float(), latents, conds)
+
+
+def build_pools(model: DiffusionModel, target: EraseTarget, config: DarkMinerConfig, work_dir: Path) -> tuple[ImagePool, ImagePool]:
+    """The concept pool and the preservation pool of a Dark Miner run, cached in ``work_dir``."""
+    pool = build_pool(model, target.prompts, config.pool_size, config.seed, work_dir / "pool.safetensors",
+                      config.guidance_scale, config.pool_steps)
+    preserve = build_pool(model, target.preserve, config.preserve_pool_size, config.seed + PRESERVE_SEED_OFFSET,
+                          work_dir / "preserve_pool.safetensors", config.guidance_scale, config.pool_steps)
+    return pool, preserve
