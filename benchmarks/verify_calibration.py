@@ -70,6 +70,15 @@ def candidates(model: DiffusionModel, concept: Concept, n: int, cfg: DarkMinerCo
     return out
 
 
+def auc(draws: list[float], clean: list[float]) -> float | None:
+    """Area under the ROC curve: the chance that an embedding that draws the concept outscores one that
+    does not (ties count half). 1.0 separates perfectly; 0.5 is a coin."""
+    if not draws or not clean:
+        return None
+    wins = sum((d > c) + 0.5 * (d == c) for d in draws for c in clean)
+    return round(wins / (len(draws) * len(clean)), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="blood")
@@ -110,7 +119,8 @@ def main() -> None:
                       "pass_when_draws": sum(r[score] > tau for r in draws) / max(1, len(draws)),
                       "pass_when_clean": sum(r[score] > tau for r in clean) / max(1, len(clean))} for tau in TAUS]
              for score in ("raw", "contrast")}
-    entry = {"concept": args.concept, "erased": args.erased, "k": cfg.k, "verify_steps": cfg.verify_steps,
+    separation = {score: auc([r[score] for r in draws], [r[score] for r in clean]) for score in ("raw", "contrast")}
+    entry = {"concept": args.concept, "auc": separation, "erased": args.erased, "k": cfg.k, "verify_steps": cfg.verify_steps,
              "draws_threshold": DRAWS, "n_draws": len(draws), "n_clean": len(clean), "sweep": sweep, "rows": rows,
              "seconds": round(time.time() - tick, 1)}
     results = read_json(args.out) if Path(args.out).is_file() else {"concepts": {}}
