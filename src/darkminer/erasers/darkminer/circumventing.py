@@ -27,14 +27,16 @@ def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Gener
 
 def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_conds: torch.Tensor, anchor: torch.Tensor,
                pool: ImagePool, preserve: ImagePool, config: DarkMinerConfig, generator: torch.Generator,
-               processes: Processes | None = None, replay_conds: torch.Tensor | None = None) -> dict:
+               processes: Processes | None = None, replay_conds: torch.Tensor | None = None,
+               anchor_pool: ImagePool | None = None) -> dict:
     """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached.
 
     ``replay_conds`` (earlier rounds' embeddings) fill half of every batch when ``erase_conds`` is not
     empty, all of it otherwise.
 
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
-    the result equals one process's with the same ``k`` (to rounding). A loss that went NaN stops the
+    the result equals one process's with the same ``k`` (to rounding). With ``anchor_pool``, a share
+    ``config.anchor_image_share`` of the erase rows (drawn at random each step) is noised from it. A loss that went NaN stops the
     run at the end of the stage, when the losses are read.
     """
     processes = processes or init_processes()
@@ -47,10 +49,13 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     k, preserving = config.k, config.preserve_weight > 0
+    n_anchor = round(config.anchor_image_share * k) if anchor_pool is not None else 0
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(2, config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
+        if n_anchor:
+            latents[torch.randperm(k, generator=generator)[:n_anchor]] = anchor_pool.batch(n_anchor, generator)[0]
         x_t, t = _noised(model, latents, generator)
         picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
                            len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.erasers.base import EraserConfig
+from darkminer.errors import ConfigError
 from darkminer.models.adapters import LoraConfig
 
 SPACES = ("token", "condition")
@@ -37,6 +38,10 @@ class DarkMinerConfig(EraserConfig):
     # and CCE (six-concept table, docs/darkminer.md).
     preserve_weight: float = 4.0
     preserve_pool_size: int = 32
+    # Share of the erase rows noised from images the original draws for the anchor instead of concept
+    # images, so the adapter also learns what to do once a trajectory already looks like the anchor.
+    anchor_image_share: float = 0.0
+    anchor_pool_size: int = 32
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
@@ -53,12 +58,12 @@ class DarkMinerConfig(EraserConfig):
         check_positive(self, pool_size=self.pool_size, k=self.k, n_tokens=self.n_tokens, mining_steps=self.mining_steps,
                        mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
-                       preserve_pool_size=self.preserve_pool_size)
+                       preserve_pool_size=self.preserve_pool_size, anchor_pool_size=self.anchor_pool_size)
+        if not 0.0 <= self.anchor_image_share <= 1.0:
+            raise ConfigError(f"DarkMinerConfig.anchor_image_share must lie in [0, 1], not {self.anchor_image_share}")
         check_non_negative(self, preserve_weight=self.preserve_weight)
         check_choice(self, "space", self.space, SPACES)
         check_choice(self, "init", self.init, INITS)
-        from darkminer.errors import ConfigError
-
         if self.k > self.pool_size:
             raise ConfigError(f"DarkMinerConfig.k ({self.k}) cannot exceed pool_size ({self.pool_size})")
         if self.verify_contrast and not self.verify:
