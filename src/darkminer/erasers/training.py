@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +48,30 @@ def iteration_generator(seed: int, iteration: int) -> torch.Generator:
 
 
 @torch.no_grad()
+def ddim_path(
+    model: DiffusionModel,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    guidance_scale: float,
+    adapter: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (x_t, t) before each of ``steps`` DDIM steps with classifier-free guidance, the noise first.
+
+    Lazy: a caller that stops early pays only for the steps it consumed.
+    """
+    scheduler = model.sampling_scheduler(steps)
+    cfg = ClassifierFreeGuidance()
+    x = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
+    for index, t in enumerate(scheduler.timesteps):
+        yield x, t
+        eps = cfg.predict(model, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, index, adapter)
+        x = scheduler.step(eps, t, x).prev_sample
+
+
+@torch.no_grad()
 def partial_ddim_sample(
     model: DiffusionModel,
     cond: torch.Tensor,
@@ -64,13 +89,8 @@ def partial_ddim_sample(
     """
     if not 0 <= stop_index < steps:
         raise DarkMinerError(f"stop_index must lie in [0, {steps}), got {stop_index}")
-    scheduler = model.sampling_scheduler(steps)
-    cfg = ClassifierFreeGuidance()
-    x = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
-    for index, t in enumerate(scheduler.timesteps[:stop_index]):
-        eps = cfg.predict(model, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, index, adapter)
-        x = scheduler.step(eps, t, x).prev_sample
-    return x, scheduler.timesteps[stop_index]
+    path = ddim_path(model, cond, uncond, noise, steps=steps, guidance_scale=guidance_scale, adapter=adapter)
+    return next(itertools.islice(path, stop_index, None))
 
 
 @torch.no_grad()

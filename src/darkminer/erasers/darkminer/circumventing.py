@@ -16,6 +16,7 @@ from darkminer.attacks.soft_prompt import draw_noise_and_timesteps
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
+from darkminer.erasers.training import ddim_path
 from darkminer.models.base import DiffusionModel
 from darkminer.parallel import Processes, data_parallel, init_processes
 
@@ -27,16 +28,16 @@ def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Gener
 
 def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_conds: torch.Tensor, anchor: torch.Tensor,
                pool: ImagePool, preserve: ImagePool, config: DarkMinerConfig, generator: torch.Generator,
-               processes: Processes | None = None, replay_conds: torch.Tensor | None = None,
-               anchor_pool: ImagePool | None = None) -> dict:
+               processes: Processes | None = None, replay_conds: torch.Tensor | None = None) -> dict:
     """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached.
 
     ``replay_conds`` (earlier rounds' embeddings) fill half of every batch when ``erase_conds`` is not
     empty, all of it otherwise.
 
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
-    the result equals one process's with the same ``k`` (to rounding). With ``anchor_pool``, a share
-    ``config.anchor_image_share`` of the erase rows (drawn at random each step) is noised from it. A loss that went NaN stops the
+    the result equals one process's with the same ``k`` (to rounding). A share
+    ``config.trajectory_share`` of the erase rows (at random positions each step) instead takes its x_t,
+    t and condition from the model's own trajectories, drawn at the start (``_trajectory_bank``). A loss that went NaN stops the
     run at the end of the stage, when the losses are read.
     """
     processes = processes or init_processes()
@@ -49,17 +50,22 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     k, preserving = config.k, config.preserve_weight > 0
-    n_anchor = round(config.anchor_image_share * k) if anchor_pool is not None else 0
+    n_path = round(config.trajectory_share * k)
+    if n_path:
+        path_x, path_t, path_c = _trajectory_bank(model, bank, config, generator)
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(2, config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
-        if n_anchor:
-            latents[torch.randperm(k, generator=generator)[:n_anchor]] = anchor_pool.batch(n_anchor, generator)[0]
         x_t, t = _noised(model, latents, generator)
         picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
                            len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
-        parts = [(x_t, t, bank[picks.to(bank.device, non_blocking=True)], anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
+        student_conds = bank[picks.to(bank.device, non_blocking=True)]
+        if n_path:
+            rows_p = torch.randperm(k, generator=generator)[:n_path]
+            picks_p = torch.randint(len(path_x), (n_path,), generator=generator)
+            x_t[rows_p], t[rows_p], student_conds[rows_p] = path_x[picks_p], path_t[picks_p], path_c[picks_p]
+        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)
@@ -89,3 +95,23 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         "erase_loss_end": sum(erase_losses[-head:]) / head,
         "preserve_loss_end": (sum(preserve_losses[-head:]) / head) if preserving else None,
     }
+
+
+@torch.no_grad()
+def _trajectory_bank(model: DiffusionModel, conds: torch.Tensor, config: DarkMinerConfig,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (x_t, t, condition) on ``config.k`` DDIM trajectories of the adapted model under ``conds``.
+
+    These are the states the erased model passes through when a prompt asks for the concept; noised
+    pool images alone never show it the half-erased images its own sampling makes.
+    """
+    picks = torch.randint(len(conds), (config.k,), generator=generator)
+    cond = conds[picks.to(conds.device)]
+    noise = torch.randn((config.k, *model.latent_shape), generator=generator)
+    guidance = model.default_sampling.guidance_scale if config.guidance_scale is None else config.guidance_scale
+    steps = config.pool_steps or model.default_sampling.steps
+    path = list(ddim_path(model, cond, model.encode([""]).expand(config.k, -1, -1), noise, steps=steps,
+                          guidance_scale=guidance))
+    xs = torch.cat([x for x, _ in path])
+    ts = torch.cat([t.reshape(1).expand(config.k) for _, t in path]).to(device=model.device, dtype=torch.long)
+    return xs, ts, cond.repeat(len(path), 1, 1)

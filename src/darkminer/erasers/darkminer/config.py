@@ -38,10 +38,9 @@ class DarkMinerConfig(EraserConfig):
     # and CCE (six-concept table, docs/darkminer.md).
     preserve_weight: float = 4.0
     preserve_pool_size: int = 32
-    # Share of the erase rows noised from images the original draws for the anchor instead of concept
-    # images, so the adapter also learns what to do once a trajectory already looks like the anchor.
-    anchor_image_share: float = 0.0
-    anchor_pool_size: int = 32
+    # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories under the
+    # erase conditions (drawn once per round, as ESD draws its x_t) instead of noised concept-pool images.
+    trajectory_share: float = 0.0
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
@@ -58,10 +57,10 @@ class DarkMinerConfig(EraserConfig):
         check_positive(self, pool_size=self.pool_size, k=self.k, n_tokens=self.n_tokens, mining_steps=self.mining_steps,
                        mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
-                       preserve_pool_size=self.preserve_pool_size, anchor_pool_size=self.anchor_pool_size)
-        if not 0.0 <= self.anchor_image_share <= 1.0:
-            raise ConfigError(f"DarkMinerConfig.anchor_image_share must lie in [0, 1], not {self.anchor_image_share}")
+                       preserve_pool_size=self.preserve_pool_size)
         check_non_negative(self, preserve_weight=self.preserve_weight)
+        if not 0.0 <= self.trajectory_share <= 1.0:
+            raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")
         check_choice(self, "space", self.space, SPACES)
         check_choice(self, "init", self.init, INITS)
         if self.k > self.pool_size:

@@ -19,7 +19,7 @@ from darkminer.erasers.base import Eraser, register_eraser
 from darkminer.erasers.darkminer.circumventing import circumvent
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
-from darkminer.erasers.darkminer.pool import build_anchor_pool, build_pools
+from darkminer.erasers.darkminer.pool import build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.io import load_tensors, save_tensors, write_json
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
@@ -48,7 +48,6 @@ class DarkMiner(Eraser):
         processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
         pool, preserve = build_pools(model, target, cfg, work_dir)
-        anchor_pool = build_anchor_pool(model, target, cfg, work_dir)
         with torch.no_grad():
             anchor = model.encode([target.anchor])
             own_words = model.encode([target.word, *target.prompts[: cfg.k]])
@@ -100,7 +99,7 @@ class DarkMiner(Eraser):
                 erase_conds = torch.cat([erase_conds, own_words])
             if len(erase_conds) or len(replayed):
                 entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g,
-                                                    processes, replay_conds=replayed, anchor_pool=anchor_pool)
+                                                    processes, replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
 
             failures = 0 if passed else failures + 1

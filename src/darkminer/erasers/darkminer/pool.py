@@ -14,7 +14,6 @@ from darkminer.parallel import init_processes, sharded_sample
 from darkminer.targets import EraseTarget
 
 PRESERVE_SEED_OFFSET = 500_000  # the preservation pool's seeds never overlap the concept pool's
-ANCHOR_SEED_OFFSET = 700_000  # nor the anchor pool's
 
 
 @dataclass
@@ -64,11 +63,3 @@ def build_pools(model: DiffusionModel, target: EraseTarget, config: DarkMinerCon
     preserve = build_pool(model, target.preserve, config.preserve_pool_size, config.seed + PRESERVE_SEED_OFFSET,
                           work_dir / "preserve_pool.safetensors", config.guidance_scale, config.pool_steps)
     return pool, preserve
-
-
-def build_anchor_pool(model: DiffusionModel, target: EraseTarget, config: DarkMinerConfig, work_dir: Path) -> ImagePool | None:
-    """Images of the anchor prompt from the original model, when circumventing uses them (else None)."""
-    if config.anchor_image_share == 0:
-        return None
-    return build_pool(model, (target.anchor,), config.anchor_pool_size, config.seed + ANCHOR_SEED_OFFSET,
-                      work_dir / "anchor_pool.safetensors", config.guidance_scale, config.pool_steps)
