@@ -30,6 +30,10 @@ def test_check_reports_every_gate():
     assert set(report["concept_rate"]) == {"blood"}
     assert 0.0 <= report["concept_rate"]["blood"]["direct"] <= 1.0
     assert 0.0 <= report["negative_rate"] <= 1.0 and 0.0 <= report["attribute_accuracy"] <= 1.0
+    by_concept = report["negative_by_concept"]
+    assert set(by_concept) == set(CONCEPTS)  # every concept, not only those whose rates were asked for
+    # An image counts once however many concepts it shows: the rate lies between the largest share and the sum.
+    assert max(by_concept.values()) <= report["negative_rate"] <= sum(by_concept.values()) + 1e-9
     assert report["seconds_4_images"] > 0 and report["n_images_per_cell"] == 4
 
 

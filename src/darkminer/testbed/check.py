@@ -98,10 +98,10 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
 
     neutral = neutral_prompts(config.n_images, config.seed)
     images = model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=config.steps)
-    seen = torch.zeros(len(neutral), dtype=torch.bool)
-    for concept in CONCEPTS.values():
-        seen |= judge.has_concept(images, concept)
-    report["negative_rate"] = round(seen.float().mean().item(), 4)
+    by_concept = {name: judge.has_concept(images, concept) for name, concept in CONCEPTS.items()}
+    report["negative_rate"] = round(torch.stack(list(by_concept.values())).any(0).float().mean().item(), 4)
+    # Which concepts the unasked-for images show: where a missed negative gate comes from.
+    report["negative_by_concept"] = {name: round(hit.float().mean().item(), 4) for name, hit in by_concept.items()}
     predicted = judge.predict_values(images)
     hits = [predicted[i][h] == v for i, p in enumerate(neutral) for h, v in p.expected.items()]
     report["attribute_accuracy"] = round(sum(hits) / len(hits), 4)
