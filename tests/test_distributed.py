@@ -46,7 +46,7 @@ DARK_MINER = {"pool_size": 4, "k": 2, "mining_steps": 2, "circumvent_steps": 2, 
 
 def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     """What both runs compute: 5 images in batches of 2 (shared 2+1 batches over two processes), three
-    circumventing steps with k=4 (2 rows each), and a whole evaluation written to ``out``."""
+    circumventing steps with k=4 (2 rows each, half of the erase rows from the model's own trajectories), and a whole evaluation written to ``out``."""
     model = load_model("tiny-random-sd")
     with torch.no_grad():
         conds = model.encode(PROMPTS)
@@ -56,7 +56,8 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     pool = ImagePool(torch.rand(6, 3, 32, 32, generator=g), torch.randn(6, 4, 16, 16, generator=g), conds[[0, 1, 2, 3, 4, 0]])
     preserve = ImagePool(pool.images, torch.randn(6, 4, 16, 16, generator=g), conds[[4, 3, 2, 1, 0, 4]])
     params = add_lora(model, LoraConfig(**CROSS_ATTN), seed=0)
-    config = DarkMinerConfig(k=4, pool_size=6, preserve_pool_size=6, circumvent_steps=3, circumvent_lr=1e-2)
+    config = DarkMinerConfig(k=4, pool_size=6, preserve_pool_size=6, circumvent_steps=3, circumvent_lr=1e-2,
+                             trajectory_share=0.5, pool_steps=2)
     with torch.no_grad():
         erase_conds, anchor = model.encode(["nudity", "naked"]), model.encode([""])
     summary = circumvent(model, params, erase_conds, anchor, pool, preserve, config, torch.Generator().manual_seed(1),

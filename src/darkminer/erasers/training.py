@@ -58,7 +58,8 @@ def ddim_path(
     guidance_scale: float,
     adapter: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yields (x_t, t) before each of ``steps`` DDIM steps with classifier-free guidance, the noise first.
+    """Yields (x_t, t) before each of ``steps`` DDIM steps with classifier-free guidance: the noise first,
+    never the final sample.
 
     Lazy: a caller that stops early pays only for the steps it consumed.
     """

@@ -36,9 +36,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
 
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
     the result equals one process's with the same ``k`` (to rounding). A share
-    ``config.trajectory_share`` of the erase rows (at random positions each step) instead takes its x_t,
-    t and condition from the model's own trajectories, drawn at the start (``_trajectory_bank``). A loss that went NaN stops the
-    run at the end of the stage, when the losses are read.
+    ``config.trajectory_share`` of the erase rows (rounded to whole rows, at random positions each step)
+    instead takes its x_t, t and condition from the model's own trajectories, drawn once at the start
+    (``_trajectory_bank``); every process draws the whole bank. A loss that went NaN stops the run at
+    the end of the stage, when the losses are read.
     """
     processes = processes or init_processes()
     rows = processes.rows(config.k)
@@ -50,7 +51,7 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     k, preserving = config.k, config.preserve_weight > 0
-    n_path = round(config.trajectory_share * k)
+    n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
     if n_path:
         path_x, path_t, path_c = _trajectory_bank(model, bank, config, generator)
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
@@ -62,9 +63,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
                            len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
         student_conds = bank[picks.to(bank.device, non_blocking=True)]
         if n_path:
-            rows_p = torch.randperm(k, generator=generator)[:n_path]
-            picks_p = torch.randint(len(path_x), (n_path,), generator=generator)
-            x_t[rows_p], t[rows_p], student_conds[rows_p] = path_x[picks_p], path_t[picks_p], path_c[picks_p]
+            rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)
+            picks_p = torch.randint(len(path_x), (n_path,), generator=generator).to(model.device, non_blocking=True)
+            x_t[rows_p], t[rows_p] = path_x[picks_p].to(x_t.dtype), path_t[picks_p]
+            student_conds[rows_p] = path_c[picks_p]
         parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
@@ -100,7 +102,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
 @torch.no_grad()
 def _trajectory_bank(model: DiffusionModel, conds: torch.Tensor, config: DarkMinerConfig,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (x_t, t, condition) on ``config.k`` DDIM trajectories of the adapted model under ``conds``.
+    """Every (x_t, t, condition) on ``config.k`` DDIM trajectories of the adapted model, each under a
+    condition drawn uniformly from ``conds`` (the round's new embedding and its replay set alike).
 
     These are the states the erased model passes through when a prompt asks for the concept; noised
     pool images alone never show it the half-erased images its own sampling makes.

@@ -38,8 +38,9 @@ class DarkMinerConfig(EraserConfig):
     # and CCE (six-concept table, docs/darkminer.md).
     preserve_weight: float = 4.0
     preserve_pool_size: int = 32
-    # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories under the
-    # erase conditions (drawn once per round, as ESD draws its x_t) instead of noised concept-pool images.
+    # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories (k of them,
+    # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
+    # ESD draws its x_t by such partial sampling, afresh every iteration.
     trajectory_share: float = 0.0
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
