@@ -193,16 +193,39 @@ def test_trajectory_share_takes_that_share_of_erase_rows_from_the_models_own_tra
         assert 0 < summary["erase_loss_end"] < float("inf")
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_trajectory_conditions_follow_the_batch_split_when_asked(monkeypatch, split):
+    model = load_model("tiny-random-sd")
+    params = add_lora(model, LoraConfig(), seed=0)
+    new, replay = model.encode(["nudity"]), model.encode(["a nude person", "naked", "bare skin"])
+    pool = ImagePool(torch.zeros(8, 3, 32, 32), torch.zeros(8, *model.latent_shape), new.expand(8, -1, -1))
+    drawn = []
+
+    def bank(model, conds, config, generator):
+        drawn.append(conds)
+        return _trajectory_bank(model, conds, config, generator)
+
+    monkeypatch.setattr("darkminer.erasers.darkminer.circumventing._trajectory_bank", bank)
+    config = DarkMinerConfig(k=8, pool_size=8, circumvent_steps=1, preserve_weight=0, pool_steps=2,
+                             trajectory_share=1.0, trajectory_split=split)
+    circumvent(model, params, new, model.encode([""]), pool, pool, config, torch.Generator().manual_seed(0),
+               replay_conds=replay)
+    is_new = [torch.equal(c, new[0]) for c in drawn[0]]
+    if split:  # half the trajectories for the round's new embedding, half for the replay set
+        assert is_new == [True] * 4 + [False] * 4
+    else:  # uniform over the 4-entry bank: seed 0 gives the new embedding 2 of 8
+        assert sum(is_new) == 2
+
+
 def test_trajectory_bank_holds_the_states_the_model_samples_through():
     model = load_model("tiny-random-sd")
-    conds = model.encode(["nudity", "a nude person", "naked"])
+    conds = model.encode(["nudity", "a nude person"])
     config = DarkMinerConfig(k=2, pool_size=2, pool_steps=4)
     xs, ts, cs = _trajectory_bank(model, conds, config, torch.Generator().manual_seed(0))
     scheduler = model.sampling_scheduler(4)
     assert xs.shape == (8, *model.latent_shape) and torch.equal(ts, scheduler.timesteps.repeat_interleave(2))
-    # Each trajectory keeps the one condition it was drawn under (any of the bank's), at every step.
-    assert all(any(torch.equal(cs[i], c) for c in conds) for i in range(2))
-    assert torch.equal(cs, cs[:2].repeat(4, 1, 1))
+    # Each trajectory keeps its own condition at every step.
+    assert torch.equal(cs, conds.repeat(4, 1, 1))
     # One more guided step from the last state lands where the model's own sampler ends from the same noise.
     last_x, last_t, scale = xs[-2:], ts[-1], model.default_sampling.guidance_scale
     with torch.no_grad():

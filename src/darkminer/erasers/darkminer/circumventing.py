@@ -37,8 +37,9 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
     the result equals one process's with the same ``k`` (to rounding). A share
     ``config.trajectory_share`` of the erase rows (rounded to whole rows, at random positions each step)
-    instead takes its x_t, t and condition from the model's own trajectories, drawn once at the start
-    (``_trajectory_bank``); every process draws the whole bank. A loss that went NaN stops the run at
+    instead takes its x_t, t and condition from ``config.k`` trajectories of the model, drawn once at the
+    start (``_trajectory_bank``) under conditions drawn uniformly from the bank or, with
+    ``config.trajectory_split``, with the batches' new/replay split; every process draws the whole bank. A loss that went NaN stops the run at
     the end of the stage, when the losses are read.
     """
     processes = processes or init_processes()
@@ -49,18 +50,24 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     n_new = ((config.k + 1) // 2 if len(replay_conds) else config.k) if len(erase_conds) else 0
     # One bank of conditions; the first n_new rows of a batch come from erase_conds, the rest from the replay.
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
-    optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     k, preserving = config.k, config.preserve_weight > 0
+
+    def split(generator: torch.Generator) -> torch.Tensor:
+        """Bank indices for one batch: n_new rows from erase_conds, the rest from the replay set."""
+        return torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
+                          len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
+
+    optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
     if n_path:
-        path_x, path_t, path_c = _trajectory_bank(model, bank, config, generator)
+        path_picks = split(generator) if config.trajectory_split else torch.randint(len(bank), (k,), generator=generator)
+        path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(2, config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
-        picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
-                           len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
+        picks = split(generator)
         student_conds = bank[picks.to(bank.device, non_blocking=True)]
         if n_path:
             rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)
@@ -102,19 +109,18 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
 @torch.no_grad()
 def _trajectory_bank(model: DiffusionModel, conds: torch.Tensor, config: DarkMinerConfig,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (x_t, t, condition) on ``config.k`` DDIM trajectories of the adapted model, each under a
-    condition drawn uniformly from ``conds`` (the round's new embedding and its replay set alike).
+    """Every (x_t, t, condition) on the DDIM trajectories of the adapted model, one per condition in
+    ``conds`` (the caller draws them from the round's bank).
 
     These are the states the erased model passes through when a prompt asks for the concept; noised
     pool images alone never show it the half-erased images its own sampling makes.
     """
-    picks = torch.randint(len(conds), (config.k,), generator=generator)
-    cond = conds[picks.to(conds.device)]
-    noise = torch.randn((config.k, *model.latent_shape), generator=generator)
+    n = len(conds)
+    noise = torch.randn((n, *model.latent_shape), generator=generator)
     guidance = model.default_sampling.guidance_scale if config.guidance_scale is None else config.guidance_scale
     steps = config.pool_steps or model.default_sampling.steps
-    path = list(ddim_path(model, cond, model.encode([""]).expand(config.k, -1, -1), noise, steps=steps,
+    path = list(ddim_path(model, conds, model.encode([""]).expand(n, -1, -1), noise, steps=steps,
                           guidance_scale=guidance))
     xs = torch.cat([x for x, _ in path])
-    ts = torch.cat([t.reshape(1).expand(config.k) for _, t in path]).to(device=model.device, dtype=torch.long)
-    return xs, ts, cond.repeat(len(path), 1, 1)
+    ts = torch.cat([t.reshape(1).expand(n) for _, t in path]).to(device=model.device, dtype=torch.long)
+    return xs, ts, conds.repeat(len(path), 1, 1)

@@ -42,6 +42,9 @@ class DarkMinerConfig(EraserConfig):
     # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
     # ESD draws its x_t by such partial sampling, afresh every iteration.
     trajectory_share: float = 0.0
+    # The trajectories' conditions follow the batches' new/replay split (half from the round's new
+    # embedding once there is a replay set) instead of being drawn uniformly from the whole bank.
+    trajectory_split: bool = False
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
