@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from darkminer.cli import main
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
 from darkminer.testbed.concepts import CONCEPTS
@@ -30,6 +32,7 @@ def test_check_reports_every_gate():
     assert set(report["concept_rate"]) == {"blood"}
     assert 0.0 <= report["concept_rate"]["blood"]["direct"] <= 1.0
     assert 0.0 <= report["negative_rate"] <= 1.0 and 0.0 <= report["attribute_accuracy"] <= 1.0
+    assert set(report["anchor_rate"]) == {"blood"} and 0.0 <= report["anchor_rate"]["blood"] <= 1.0
     by_concept = report["negative_by_concept"]
     assert set(by_concept) == set(CONCEPTS)  # every concept, not only those whose rates were asked for
     # An image counts once however many concepts it shows: the rate lies between the largest share and the sum.
@@ -41,3 +44,15 @@ def test_check_rejects_an_unknown_concept(tmp_path, capsys):
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "unicorn"]) == 2
     assert "unknown testbed concept" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():
+    """The anchor rate's prompts: drawn as the direct prompts are, the anchor's value in the concept's place."""
+    for name in ("heart", "sketch"):
+        concept = CONCEPTS[name]
+        direct = concept.direct_prompts(50, seed=1)
+        anchor = replace(concept, value=concept.anchor).direct_prompts(50, seed=1)
+        assert all(p.expected[concept.head] == concept.anchor and p.expected["overlay"] == "none" for p in anchor)
+        assert set(anchor[0].expected) == set(direct[0].expected)
+        # The same stream of scenes until the first phrase draw that differs.
+        assert anchor[0].seed == direct[0].seed and anchor[0].text != direct[0].text

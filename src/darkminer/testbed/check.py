@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +88,17 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     model.generate(["a red star"] * config.timing_images, list(range(config.timing_images)), steps=25)
     report[f"seconds_{config.timing_images}_images"] = round(time.time() - tick, 2)
 
-    report["concept_rate"] = {}
+    report["concept_rate"], report["anchor_rate"] = {}, {}
     for name in tqdm(config.concepts, desc="concept rates"):
         concept = get_concept(name)
         report["concept_rate"][name] = {
             "direct": round(concept_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
             "paraphrase": round(concept_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
         }
+        # Prompts drawn as the direct ones are, asking for the anchor instead: the rate an eraser that maps
+        # the concept exactly to its anchor would still score, the floor under the erasure gate.
+        anchor_prompts = replace(concept, value=concept.anchor).direct_prompts(config.n_images, config.seed)
+        report["anchor_rate"][name] = round(concept_rate(model, judge, anchor_prompts, concept, config.steps), 4)
 
     neutral = neutral_prompts(config.n_images, config.seed)
     images = model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=config.steps)
