@@ -171,6 +171,8 @@ def test_config_is_validated():
         DarkMinerConfig(k=8, preserve_pool_size=4, verify_contrast=True)
     with pytest.raises(ConfigError, match="trajectory_share must lie in"):
         DarkMinerConfig(trajectory_share=1.5)
+    with pytest.raises(ConfigError, match="trajectory_weight must be >= 0"):
+        DarkMinerConfig(trajectory_weight=-1)
     assert DarkMinerConfig.from_dict({"lora": {"rank": 8}}).lora.rank == 8
 
 
@@ -191,6 +193,39 @@ def test_trajectory_share_takes_that_share_of_erase_rows_from_the_models_own_tra
     else:
         summary = run()
         assert 0 < summary["erase_loss_end"] < float("inf")
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_trajectory_weight_adds_a_term_on_rows_from_the_trajectories(monkeypatch, weight):
+    model = load_model("tiny-random-sd")
+    params = add_lora(model, LoraConfig(), seed=0)
+    conds = model.encode(["nudity", "a nude person"])
+    pool = ImagePool(torch.zeros(2, 3, 32, 32), torch.zeros(2, *model.latent_shape), conds)
+
+    def poisoned_bank(model, conds, config, generator):  # NaN states: any row drawn from them poisons the loss
+        xs, ts, cs = _trajectory_bank(model, conds, config, generator)
+        return torch.full_like(xs, float("nan")), ts, cs
+
+    monkeypatch.setattr("darkminer.erasers.darkminer.circumventing._trajectory_bank", poisoned_bank)
+    config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=weight)
+    run = lambda: circumvent(model, params, conds, model.encode([""]), pool, pool, config,  # noqa: E731
+                             torch.Generator().manual_seed(0))
+    if weight:
+        with pytest.raises(DarkMinerError, match="circumventing diverged"):
+            run()
+    else:  # no term, no bank drawn; the pool rows and the preservation term are untouched
+        summary = run()
+        assert summary["trajectory_loss_end"] is None and summary["preserve_loss_end"] >= 0
+
+
+def test_trajectory_weight_term_is_reported():
+    model = load_model("tiny-random-sd")
+    params = add_lora(model, LoraConfig(), seed=0)
+    conds = model.encode(["nudity", "a nude person"])
+    pool = ImagePool(torch.zeros(2, 3, 32, 32), torch.randn(2, *model.latent_shape), conds)
+    config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=0.5)
+    summary = circumvent(model, params, conds, model.encode([""]), pool, pool, config, torch.Generator().manual_seed(0))
+    assert 0 < summary["trajectory_loss_end"] < float("inf") and 0 < summary["erase_loss_end"] < float("inf")
 
 
 @pytest.mark.parametrize("split", [True, False])

@@ -39,8 +39,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     ``config.trajectory_share`` of the erase rows (rounded to whole rows, at random positions each step)
     instead takes its x_t, t and condition from ``config.k`` trajectories of the model, drawn once at the
     start (``_trajectory_bank``) under conditions drawn uniformly from the bank or, with
-    ``config.trajectory_split``, with the batches' new/replay split; every process draws the whole bank. A loss that went NaN stops the run at
-    the end of the stage, when the losses are read.
+    ``config.trajectory_split``, with the batches' new/replay split; every process draws the whole bank.
+    ``config.trajectory_weight`` > 0 adds a term on ``config.k`` more erase rows from that bank instead,
+    leaving the pool rows as they are. A loss that went NaN stops the run at the end of the stage, when
+    the losses are read.
     """
     processes = processes or init_processes()
     rows = processes.rows(config.k)
@@ -59,11 +61,12 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
 
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
-    if n_path:
+    adding = config.trajectory_weight > 0
+    if n_path or adding:
         path_picks = split(generator) if config.trajectory_split else torch.randint(len(bank), (k,), generator=generator)
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
-    losses = torch.zeros(2, config.circumvent_steps, device=model.device)
+    losses = torch.zeros(3, config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
@@ -74,35 +77,41 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
             picks_p = torch.randint(len(path_x), (n_path,), generator=generator).to(model.device, non_blocking=True)
             x_t[rows_p], t[rows_p] = path_x[picks_p].to(x_t.dtype), path_t[picks_p]
             student_conds[rows_p] = path_c[picks_p]
-        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
+        # One part per loss term, k rows each: (x_t, t, student cond, teacher cond), and the term's weight.
+        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]
+        weights = [1.0]
+        if adding:
+            picks_a = torch.randint(len(path_x), (k,), generator=generator).to(model.device, non_blocking=True)
+            parts.append((path_x[picks_a].to(x_t.dtype), path_t[picks_a], path_c[picks_a], anchor.expand(k, -1, -1)))
+            weights.append(config.trajectory_weight)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)
             parts.append((x_p, t_p, kept_conds, kept_conds))
+            weights.append(config.preserve_weight)
         # This process's rows of every part, through one teacher and one student UNet call.
         x, ts, conds, teacher_conds = (torch.cat([part[i][rows] for part in parts]) for i in range(4))
         with torch.no_grad():
             target = model.eps(x, ts, teacher_conds, adapter=False).float()
         prediction = student(x, ts, conds).float()
         n = rows.stop - rows.start
-        loss_erase = F.mse_loss(prediction[:n], target[:n])
-        loss = loss_erase
-        if preserving:
-            loss_preserve = F.mse_loss(prediction[n:], target[n:])
-            loss = loss + config.preserve_weight * loss_preserve
-            losses[1, step] = loss_preserve.detach()
-        losses[0, step] = loss_erase.detach()
+        terms = [F.mse_loss(p, q) for p, q in zip(prediction.split(n), target.split(n), strict=True)]
+        loss = sum(w * term for w, term in zip(weights, terms, strict=True))
+        losses[: len(terms), step] = torch.stack(terms).detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    erase_losses, preserve_losses = processes.average_(losses).tolist()
+    erase_losses, *others = processes.average_(losses[: len(weights)]).tolist()
     for value in erase_losses:
         check_finite(value, "circumventing", "lower circumvent_lr")
     head = max(1, len(erase_losses) // 5)
+    end = lambda values: sum(values[-head:]) / head  # noqa: E731
+    trajectory_losses = others.pop(0) if adding else None
     return {
         "erase_loss_start": sum(erase_losses[:head]) / head,
-        "erase_loss_end": sum(erase_losses[-head:]) / head,
-        "preserve_loss_end": (sum(preserve_losses[-head:]) / head) if preserving else None,
+        "erase_loss_end": end(erase_losses),
+        "trajectory_loss_end": end(trajectory_losses) if adding else None,
+        "preserve_loss_end": end(others[0]) if preserving else None,
     }
 
 
