@@ -228,30 +228,6 @@ def test_trajectory_weight_term_is_reported():
     assert 0 < summary["trajectory_loss_end"] < float("inf") and 0 < summary["erase_loss_end"] < float("inf")
 
 
-@pytest.mark.parametrize("split", [True, False])
-def test_trajectory_conditions_follow_the_batch_split_when_asked(monkeypatch, split):
-    model = load_model("tiny-random-sd")
-    params = add_lora(model, LoraConfig(), seed=0)
-    new, replay = model.encode(["nudity"]), model.encode(["a nude person", "naked", "bare skin"])
-    pool = ImagePool(torch.zeros(8, 3, 32, 32), torch.zeros(8, *model.latent_shape), new.expand(8, -1, -1))
-    drawn = []
-
-    def bank(model, conds, config, generator):
-        drawn.append(conds)
-        return _trajectory_bank(model, conds, config, generator)
-
-    monkeypatch.setattr("darkminer.erasers.darkminer.circumventing._trajectory_bank", bank)
-    config = DarkMinerConfig(k=8, pool_size=8, circumvent_steps=1, preserve_weight=0, pool_steps=2,
-                             trajectory_share=1.0, trajectory_split=split)
-    circumvent(model, params, new, model.encode([""]), pool, pool, config, torch.Generator().manual_seed(0),
-               replay_conds=replay)
-    is_new = [torch.equal(c, new[0]) for c in drawn[0]]
-    if split:  # half the trajectories for the round's new embedding, half for the replay set
-        assert is_new == [True] * 4 + [False] * 4
-    else:  # uniform over the 4-entry bank: seed 0 gives the new embedding 2 of 8
-        assert sum(is_new) == 2
-
-
 def test_trajectory_bank_holds_the_states_the_model_samples_through():
     model = load_model("tiny-random-sd")
     conds = model.encode(["nudity", "a nude person"])

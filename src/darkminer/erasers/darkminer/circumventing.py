@@ -38,8 +38,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     the result equals one process's with the same ``k`` (to rounding). A share
     ``config.trajectory_share`` of the erase rows (rounded to whole rows, at random positions each step)
     instead takes its x_t, t and condition from ``config.k`` trajectories of the model, drawn once at the
-    start (``_trajectory_bank``) under conditions drawn uniformly from the bank or, with
-    ``config.trajectory_split``, with the batches' new/replay split; every process draws the whole bank.
+    start (``_trajectory_bank``) under conditions drawn uniformly from the bank; every process draws the
+    whole bank.
     ``config.trajectory_weight`` > 0 adds a term on ``config.k`` more erase rows from that bank instead,
     leaving the pool rows as they are. A loss that went NaN stops the run at the end of the stage, when
     the losses are read.
@@ -53,24 +53,19 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     # One bank of conditions; the first n_new rows of a batch come from erase_conds, the rest from the replay.
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
     k, preserving = config.k, config.preserve_weight > 0
-
-    def split(generator: torch.Generator) -> torch.Tensor:
-        """Bank indices for one batch: n_new rows from erase_conds, the rest from the replay set."""
-        return torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
-                          len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
-
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
     adding = config.trajectory_weight > 0
     if n_path or adding:
-        path_picks = split(generator) if config.trajectory_split else torch.randint(len(bank), (k,), generator=generator)
+        path_picks = torch.randint(len(bank), (k,), generator=generator)
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(3, config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
-        picks = split(generator)
+        picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
+                           len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
         student_conds = bank[picks.to(bank.device, non_blocking=True)]
         if n_path:
             rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)

@@ -42,9 +42,6 @@ class DarkMinerConfig(EraserConfig):
     # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
     # ESD draws its x_t by such partial sampling, afresh every iteration.
     trajectory_share: float = 0.0
-    # The trajectories' conditions follow the batches' new/replay split (half from the round's new
-    # embedding once there is a replay set) instead of being drawn uniformly from the whole bank.
-    trajectory_split: bool = False
     # Weight of an extra erase term on k rows from those trajectories, on top of the k pool rows (which
     # trajectory_share replaces instead); 0 means no such term.
     trajectory_weight: float = 0.0
