@@ -59,8 +59,11 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     if n_path or adding:
         path_picks = torch.randint(len(bank), (k,), generator=generator)
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
+    # One loss term per part of a batch (k rows each), in this order, with its weight.
+    terms = ["erase"] + ["trajectory"] * adding + ["preserve"] * preserving
+    weights = {"erase": 1.0, "trajectory": config.trajectory_weight, "preserve": config.preserve_weight}
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
-    losses = torch.zeros(3, config.circumvent_steps, device=model.device)
+    losses = torch.zeros(len(terms), config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
         latents, _ = pool.batch(k, generator)
         x_t, t = _noised(model, latents, generator)
@@ -72,41 +75,34 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
             picks_p = torch.randint(len(path_x), (n_path,), generator=generator).to(model.device, non_blocking=True)
             x_t[rows_p], t[rows_p] = path_x[picks_p].to(x_t.dtype), path_t[picks_p]
             student_conds[rows_p] = path_c[picks_p]
-        # One part per loss term, k rows each: (x_t, t, student cond, teacher cond), and the term's weight.
-        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]
-        weights = [1.0]
+        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
         if adding:
             picks_a = torch.randint(len(path_x), (k,), generator=generator).to(model.device, non_blocking=True)
             parts.append((path_x[picks_a].to(x_t.dtype), path_t[picks_a], path_c[picks_a], anchor.expand(k, -1, -1)))
-            weights.append(config.trajectory_weight)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)
             parts.append((x_p, t_p, kept_conds, kept_conds))
-            weights.append(config.preserve_weight)
         # This process's rows of every part, through one teacher and one student UNet call.
         x, ts, conds, teacher_conds = (torch.cat([part[i][rows] for part in parts]) for i in range(4))
         with torch.no_grad():
             target = model.eps(x, ts, teacher_conds, adapter=False).float()
         prediction = student(x, ts, conds).float()
         n = rows.stop - rows.start
-        terms = [F.mse_loss(p, q) for p, q in zip(prediction.split(n), target.split(n), strict=True)]
-        loss = sum(w * term for w, term in zip(weights, terms, strict=True))
-        losses[: len(terms), step] = torch.stack(terms).detach()
+        values = [F.mse_loss(p, q) for p, q in zip(prediction.split(n), target.split(n), strict=True)]
+        loss = sum(weights[term] * value for term, value in zip(terms, values, strict=True))
+        losses[:, step] = torch.stack(values).detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    erase_losses, *others = processes.average_(losses[: len(weights)]).tolist()
-    for value in erase_losses:
+    curves = dict(zip(terms, processes.average_(losses).tolist(), strict=True))
+    for value in curves["erase"]:
         check_finite(value, "circumventing", "lower circumvent_lr")
-    head = max(1, len(erase_losses) // 5)
-    end = lambda values: sum(values[-head:]) / head  # noqa: E731
-    trajectory_losses = others.pop(0) if adding else None
+    head = max(1, config.circumvent_steps // 5)
     return {
-        "erase_loss_start": sum(erase_losses[:head]) / head,
-        "erase_loss_end": end(erase_losses),
-        "trajectory_loss_end": end(trajectory_losses) if adding else None,
-        "preserve_loss_end": end(others[0]) if preserving else None,
+        "erase_loss_start": sum(curves["erase"][:head]) / head,
+        **{f"{term}_loss_end": sum(curves[term][-head:]) / head if term in curves else None
+           for term in ("erase", "trajectory", "preserve")},
     }
 
 
