@@ -195,37 +195,63 @@ def test_trajectory_share_takes_that_share_of_erase_rows_from_the_models_own_tra
         assert 0 < summary["erase_loss_end"] < float("inf")
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_trajectory_weight_adds_a_term_on_rows_from_the_trajectories(monkeypatch, weight):
+def _circumvent_with_bank(monkeypatch, config, pool_latents, poison_bank=False):
+    """Run ``circumvent`` on the tiny model with a bank of 1 new and 2 replayed conditions; returns the
+    summary (or the raised error) and the conditions each trajectory bank was drawn under."""
     model = load_model("tiny-random-sd")
     params = add_lora(model, LoraConfig(), seed=0)
-    conds = model.encode(["nudity", "a nude person"])
-    pool = ImagePool(torch.zeros(2, 3, 32, 32), torch.zeros(2, *model.latent_shape), conds)
+    conds = model.encode(["nudity", "a nude person", "naked"])
+    pool = ImagePool(torch.zeros(len(pool_latents), 3, 32, 32), pool_latents, conds[[0] * len(pool_latents)])
+    drawn = []
 
-    def poisoned_bank(model, conds, config, generator):  # NaN states: any row drawn from them poisons the loss
+    def bank(model, conds, config, generator):
+        drawn.append(conds)
         xs, ts, cs = _trajectory_bank(model, conds, config, generator)
-        return torch.full_like(xs, float("nan")), ts, cs
+        return (torch.full_like(xs, float("nan")) if poison_bank else xs), ts, cs
 
-    monkeypatch.setattr("darkminer.erasers.darkminer.circumventing._trajectory_bank", poisoned_bank)
-    config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=weight)
-    run = lambda: circumvent(model, params, conds, model.encode([""]), pool, pool, config,  # noqa: E731
-                             torch.Generator().manual_seed(0))
-    if weight:
-        with pytest.raises(DarkMinerError, match="circumventing diverged"):
-            run()
-    else:  # no term, no bank drawn; the pool rows and the preservation term are untouched
-        summary = run()
-        assert summary["trajectory_loss_end"] is None and summary["preserve_loss_end"] >= 0
+    monkeypatch.setattr("darkminer.erasers.darkminer.circumventing._trajectory_bank", bank)
+    try:
+        result = circumvent(model, params, conds[:1], model.encode([""]), pool, pool, config,
+                            torch.Generator().manual_seed(0), replay_conds=conds[1:])
+    except DarkMinerError as error:
+        result = error
+    return result, drawn, conds
 
 
-def test_trajectory_weight_term_is_reported():
-    model = load_model("tiny-random-sd")
-    params = add_lora(model, LoraConfig(), seed=0)
-    conds = model.encode(["nudity", "a nude person"])
-    pool = ImagePool(torch.zeros(2, 3, 32, 32), torch.randn(2, *model.latent_shape), conds)
+def test_trajectory_weight_adds_a_term_on_rows_from_the_trajectories_and_keeps_the_pool_rows(monkeypatch):
+    shape = load_model("tiny-random-sd").latent_shape
     config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=0.5)
-    summary = circumvent(model, params, conds, model.encode([""]), pool, pool, config, torch.Generator().manual_seed(0))
-    assert 0 < summary["trajectory_loss_end"] < float("inf") and 0 < summary["erase_loss_end"] < float("inf")
+    # NaN trajectory states: the added rows come from them.
+    result, drawn, _ = _circumvent_with_bank(monkeypatch, config, torch.zeros(2, *shape), poison_bank=True)
+    assert isinstance(result, DarkMinerError) and "circumventing diverged" in str(result) and len(drawn) == 1
+    # NaN pool latents, no preservation term (it would read the same pool): the pool rows are still trained
+    # on, where trajectory_share 1.0 would have replaced them.
+    for share, diverges in ((0.0, True), (1.0, False)):
+        config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=0.5,
+                                 trajectory_share=share, preserve_weight=0)
+        result, _, _ = _circumvent_with_bank(monkeypatch, config, torch.full((2, *shape), float("nan")))
+        assert isinstance(result, DarkMinerError) == diverges
+    # Clean inputs: every term is reported, and none of the preservation term without its weight.
+    for preserve_weight in (4.0, 0.0):
+        config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=3, pool_steps=2, trajectory_weight=0.5,
+                                 preserve_weight=preserve_weight)
+        summary, _, _ = _circumvent_with_bank(monkeypatch, config, torch.randn(2, *shape))
+        assert 0 < summary["trajectory_loss_end"] < float("inf") and 0 < summary["erase_loss_end"] < float("inf")
+        assert (summary["preserve_loss_end"] is None) == (preserve_weight == 0)
+
+
+def test_no_trajectory_bank_is_drawn_without_share_or_weight(monkeypatch):
+    config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=2, pool_steps=2)
+    summary, drawn, _ = _circumvent_with_bank(monkeypatch, config, torch.randn(2, *load_model("tiny-random-sd").latent_shape))
+    assert drawn == [] and summary["trajectory_loss_end"] is None
+
+
+def test_trajectories_are_drawn_under_conditions_from_the_whole_bank(monkeypatch):
+    """The new embedding and the replayed ones alike: uniformly over the 3-entry bank."""
+    config = DarkMinerConfig(k=8, pool_size=8, circumvent_steps=1, pool_steps=2, trajectory_weight=1.0)
+    _, drawn, conds = _circumvent_with_bank(monkeypatch, config, torch.randn(8, *load_model("tiny-random-sd").latent_shape))
+    which = [next(i for i, c in enumerate(conds) if torch.equal(c, d)) for d in drawn[0]]
+    assert len(which) == 8 and set(which) == {0, 1, 2}
 
 
 def test_trajectory_bank_holds_the_states_the_model_samples_through():

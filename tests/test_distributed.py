@@ -46,8 +46,8 @@ DARK_MINER = {"pool_size": 4, "k": 2, "mining_steps": 2, "circumvent_steps": 2, 
 
 def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     """What both runs compute: 5 images in batches of 2 (shared 2+1 batches over two processes), three
-    circumventing steps with k=4 (2 rows each; half of the erase rows from the model's own trajectories),
-    and a whole evaluation written to ``out``."""
+    circumventing steps with k=4 (2 rows each; half of the erase rows from the model's own trajectories,
+    and a trajectory term on 4 more), and a whole evaluation written to ``out``."""
     model = load_model("tiny-random-sd")
     with torch.no_grad():
         conds = model.encode(PROMPTS)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from darkminer.cli import main
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
 from darkminer.testbed.concepts import CONCEPTS
@@ -51,7 +49,7 @@ def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():
     for name in ("heart", "sketch"):
         concept = CONCEPTS[name]
         direct = concept.direct_prompts(50, seed=1)
-        anchor = replace(concept, value=concept.anchor).direct_prompts(50, seed=1)
+        anchor = concept.anchor_prompts(50, seed=1)
         assert all(p.expected[concept.head] == concept.anchor and p.expected["overlay"] == "none" for p in anchor)
         assert set(anchor[0].expected) == set(direct[0].expected)
         # The same stream of scenes until the first phrase draw that differs.

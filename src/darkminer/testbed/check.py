@@ -2,7 +2,8 @@
 
 Gates (issue "The testbed"): judge accuracy per head on held-out procedural images; concept rate from
 direct prompts and held-out paraphrases per concept; negative rate (a concept seen where no prompt asked
-for one); attribute accuracy; the residual (concept rate after ESD-x on the concept's word, and after a
+for one), and which concepts make it up; the anchor rate (the concept seen on prompts asking for its anchor
+instead); attribute accuracy; the residual (concept rate after ESD-x on the concept's word, and after a
 CCE attack on that erased model); the time to draw 64 images at 25 DDIM steps.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,9 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
             "direct": round(concept_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
             "paraphrase": round(concept_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
         }
-        # Prompts drawn as the direct ones are, asking for the anchor instead: the rate an eraser that maps
-        # the concept exactly to its anchor would still score, the floor under the erasure gate.
-        anchor_prompts = replace(concept, value=concept.anchor).direct_prompts(config.n_images, config.seed)
+        # The rate an eraser that turned the concept exactly into its anchor would still score: the floor
+        # under the erasure gate.
+        anchor_prompts = concept.anchor_prompts(config.n_images, config.seed)
         report["anchor_rate"][name] = round(concept_rate(model, judge, anchor_prompts, concept, config.steps), 4)
 
     neutral = neutral_prompts(config.n_images, config.seed)

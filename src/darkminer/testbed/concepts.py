@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -59,6 +59,11 @@ class Concept:
         """
         options = trigger_phrases(self.head, self.value)
         return self._concept_prompts(n, seed, _purpose("direct", split), options)
+
+    def anchor_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
+        """Prompts drawn as ``direct_prompts`` are, with the anchor value's trigger words in place of the
+        concept's: what an eraser that turned the concept exactly into its anchor would be asked."""
+        return replace(self, value=self.anchor).direct_prompts(n, seed)
 
     def paraphrase_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Prompts that ask for the concept only through held-out paraphrases (cycled evenly)."""

@@ -2,8 +2,9 @@
 *original* model predicts for the anchor, while ordinary prompts keep the original's predictions.
 
 L = E ||eps_{theta0+A}(x_t | c) - eps_theta0(x_t | c0)||^2 + w E ||eps_{theta0+A}(x_t | c_reg) - eps_theta0(x_t | c_reg)||^2
-The teacher is the same UNet with the adapter switched off. The erase and preservation rows of a step go
-through one teacher and one student UNet call. Under several processes (``darkminer.parallel``) each
+(+ w_traj times the first term on x_t from the adapted model's own trajectories, with ``trajectory_weight``).
+The teacher is the same UNet with the adapter switched off. All rows of a step (erase, trajectory,
+preservation) go through one teacher and one student UNet call. Under several processes (``darkminer.parallel``) each
 process trains on its slice of the step's rows and DDP averages the gradients.
 """
 
@@ -40,8 +41,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     instead takes its x_t, t and condition from ``config.k`` trajectories of the model, drawn once at the
     start (``_trajectory_bank``) under conditions drawn uniformly from the bank; every process draws the
     whole bank.
-    ``config.trajectory_weight`` > 0 adds a term on ``config.k`` more erase rows from that bank instead,
-    leaving the pool rows as they are. A loss that went NaN stops the run at the end of the stage, when
+    ``config.trajectory_weight`` > 0 adds a term with that weight on ``config.k`` further rows drawn from
+    the trajectory states; unlike ``trajectory_share`` it keeps all ``k`` pool rows. A loss that went NaN stops the run at the end of the stage, when
     the losses are read.
     """
     processes = processes or init_processes()
@@ -59,9 +60,13 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     if n_path or adding:
         path_picks = torch.randint(len(bank), (k,), generator=generator)
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
-    # One loss term per part of a batch (k rows each), in this order, with its weight.
-    terms = ["erase"] + ["trajectory"] * adding + ["preserve"] * preserving
     weights = {"erase": 1.0, "trajectory": config.trajectory_weight, "preserve": config.preserve_weight}
+    terms = [term for term, on in (("erase", True), ("trajectory", adding), ("preserve", preserving)) if on]
+
+    def trajectory_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picks = torch.randint(len(path_x), (n,), generator=generator).to(model.device, non_blocking=True)
+        return path_x[picks], path_t[picks], path_c[picks]
+
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(len(terms), config.circumvent_steps, device=model.device)
     for step in range(config.circumvent_steps):
@@ -72,19 +77,19 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         student_conds = bank[picks.to(bank.device, non_blocking=True)]
         if n_path:
             rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)
-            picks_p = torch.randint(len(path_x), (n_path,), generator=generator).to(model.device, non_blocking=True)
-            x_t[rows_p], t[rows_p] = path_x[picks_p].to(x_t.dtype), path_t[picks_p]
-            student_conds[rows_p] = path_c[picks_p]
-        parts = [(x_t, t, student_conds, anchor.expand(k, -1, -1))]  # (x_t, t, student cond, teacher cond)
+            x_s, t[rows_p], student_conds[rows_p] = trajectory_rows(n_path)
+            x_t[rows_p] = x_s.to(x_t.dtype)
+        # One part per term of ``terms``, k rows each: (x_t, t, student cond, teacher cond).
+        parts = {"erase": (x_t, t, student_conds, anchor.expand(k, -1, -1))}
         if adding:
-            picks_a = torch.randint(len(path_x), (k,), generator=generator).to(model.device, non_blocking=True)
-            parts.append((path_x[picks_a].to(x_t.dtype), path_t[picks_a], path_c[picks_a], anchor.expand(k, -1, -1)))
+            x_a, t_a, c_a = trajectory_rows(k)
+            parts["trajectory"] = (x_a.to(x_t.dtype), t_a, c_a, anchor.expand(k, -1, -1))
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)
-            parts.append((x_p, t_p, kept_conds, kept_conds))
+            parts["preserve"] = (x_p, t_p, kept_conds, kept_conds)
         # This process's rows of every part, through one teacher and one student UNet call.
-        x, ts, conds, teacher_conds = (torch.cat([part[i][rows] for part in parts]) for i in range(4))
+        x, ts, conds, teacher_conds = (torch.cat([parts[term][i][rows] for term in terms]) for i in range(4))
         with torch.no_grad():
             target = model.eps(x, ts, teacher_conds, adapter=False).float()
         prediction = student(x, ts, conds).float()
@@ -96,8 +101,9 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         loss.backward()
         optimizer.step()
     curves = dict(zip(terms, processes.average_(losses).tolist(), strict=True))
-    for value in curves["erase"]:
-        check_finite(value, "circumventing", "lower circumvent_lr")
+    for curve in curves.values():
+        for value in curve:
+            check_finite(value, "circumventing", "lower circumvent_lr")
     head = max(1, config.circumvent_steps // 5)
     return {
         "erase_loss_start": sum(curves["erase"][:head]) / head,
