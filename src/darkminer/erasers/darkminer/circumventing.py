@@ -4,8 +4,8 @@
 L = E ||eps_{theta0+A}(x_t | c) - eps_theta0(x_t | c0)||^2 + w E ||eps_{theta0+A}(x_t | c_reg) - eps_theta0(x_t | c_reg)||^2
 (+ w_traj times the first term on x_t from the adapted model's own trajectories, with ``trajectory_weight``).
 The teacher is the same UNet with the adapter switched off. All rows of a step (erase, trajectory,
-preservation) go through one teacher and one student UNet call. Under several processes (``darkminer.parallel``) each
-process trains on its slice of the step's rows and DDP averages the gradients.
+preservation) go through one teacher and one student UNet call. Under several processes
+(``darkminer.parallel``) each process trains on its slice of the step's rows and DDP averages the gradients.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     start (``_trajectory_bank``) under conditions drawn uniformly from the bank; every process draws the
     whole bank.
     ``config.trajectory_weight`` > 0 adds a term with that weight on ``config.k`` further rows drawn from
-    the trajectory states; unlike ``trajectory_share`` it keeps all ``k`` pool rows. A loss that went NaN stops the run at the end of the stage, when
-    the losses are read.
+    the trajectory states; unlike ``trajectory_share`` it keeps all ``k`` pool rows. A loss that went NaN
+    stops the run at the end of the stage, when the losses are read.
     """
     processes = processes or init_processes()
     rows = processes.rows(config.k)
