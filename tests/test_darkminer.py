@@ -270,3 +270,26 @@ def test_trajectory_bank_holds_the_states_the_model_samples_through():
         final = scheduler.step(uncond + scale * (cond - uncond), last_t, last_x).prev_sample
         sampled = model.sample(cs[-2:], noise=xs[:2], steps=4, return_latents=True)
     torch.testing.assert_close(final, sampled, rtol=1e-4, atol=1e-5)
+
+
+def test_erase_guidance_moves_the_target_past_the_anchor_by_eta_times_the_concept_direction():
+    """A fresh LoRA predicts what the original does, so the first step's erase loss is
+    ||eps0(c) - eps0(c0) + eta (eps0(c) - eps0(c0))||^2 = (1 + eta)^2 times the loss at eta 0."""
+    latents = torch.randn(2, *load_model("tiny-random-sd").latent_shape, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for eta in (0.0, 1.0, 2.5):
+        model = load_model("tiny-random-sd")
+        conds = model.encode(["nudity", "a nude person"])
+        pool = ImagePool(torch.zeros(2, 3, 32, 32), latents, conds)
+        params = add_lora(model, LoraConfig(), seed=0)
+        config = DarkMinerConfig(k=2, pool_size=2, circumvent_steps=1, preserve_weight=1.0, erase_guidance=eta)
+        summary = circumvent(model, params, conds, model.encode([""]), pool, pool, config,
+                             torch.Generator().manual_seed(0))
+        losses[eta] = (summary["erase_loss_start"], summary["preserve_loss_end"])
+    assert losses[0.0][0] > 0
+    for eta in (1.0, 2.5):
+        assert losses[eta][0] == pytest.approx((1 + eta) ** 2 * losses[0.0][0], rel=1e-4)
+        # The preservation rows keep their own targets.
+        assert losses[eta][1] == pytest.approx(losses[0.0][1], abs=1e-7)
+    with pytest.raises(ConfigError, match="erase_guidance must be >= 0"):
+        DarkMinerConfig(erase_guidance=-1)

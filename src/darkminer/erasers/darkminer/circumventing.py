@@ -3,6 +3,8 @@
 
 L = E ||eps_{theta0+A}(x_t | c) - eps_theta0(x_t | c0)||^2 + w E ||eps_{theta0+A}(x_t | c_reg) - eps_theta0(x_t | c_reg)||^2
 (+ w_traj times the first term on x_t from the adapted model's own trajectories, with ``trajectory_weight``).
+With ``erase_guidance`` eta > 0 the erase target is eps_theta0(x_t | c0) - eta (eps_theta0(x_t | c) - eps_theta0(x_t | c0)),
+ESD's negative guidance with the anchor in place of the unconditional prediction.
 The teacher is the same UNet with the adapter switched off. All rows of a step (erase, trajectory,
 preservation) go through one teacher and one student UNet call. Under several processes
 (``darkminer.parallel``) each process trains on its slice of the step's rows and DDP averages the gradients.
@@ -62,6 +64,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
     weights = {"erase": 1.0, "trajectory": config.trajectory_weight, "preserve": config.preserve_weight}
     terms = [term for term, on in (("erase", True), ("trajectory", adding), ("preserve", preserving)) if on]
+    # The terms that map to the anchor come first in ``terms``; those are the rows erase_guidance acts on.
+    n_guided = len([term for term in terms if term != "preserve"]) if config.erase_guidance else 0
 
     def trajectory_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         picks = torch.randint(len(path_x), (n,), generator=generator).to(model.device, non_blocking=True)
@@ -90,10 +94,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
             parts["preserve"] = (x_p, t_p, kept_conds, kept_conds)
         # This process's rows of every part, through one teacher and one student UNet call.
         x, ts, conds, teacher_conds = (torch.cat([parts[term][i][rows] for term in terms]) for i in range(4))
-        with torch.no_grad():
-            target = model.eps(x, ts, teacher_conds, adapter=False).float()
-        prediction = student(x, ts, conds).float()
         n = rows.stop - rows.start
+        with torch.no_grad():
+            target = _teacher(model, x, ts, conds, teacher_conds, n * n_guided, config.erase_guidance)
+        prediction = student(x, ts, conds).float()
         values = [F.mse_loss(p, q) for p, q in zip(prediction.split(n), target.split(n), strict=True)]
         loss = sum(weights[term] * value for term, value in zip(terms, values, strict=True))
         losses[:, step] = torch.stack(values).detach()
@@ -110,6 +114,20 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         **{f"{term}_loss_end": sum(curves[term][-head:]) / head if term in curves else None
            for term in ("erase", "trajectory", "preserve")},
     }
+
+
+def _teacher(model: DiffusionModel, x: torch.Tensor, ts: torch.Tensor, conds: torch.Tensor, teacher_conds: torch.Tensor,
+             n_guided: int, guidance: float) -> torch.Tensor:
+    """The original model's targets for the rows ``x``; on the first ``n_guided`` rows (those mapped to the
+    anchor) moved away from the student's condition: eps0(c0) - guidance * (eps0(c) - eps0(c0)).
+
+    The guided rows' eps0(c) goes through the same teacher call as the rest.
+    """
+    eps = model.eps(torch.cat([x, x[:n_guided]]), torch.cat([ts, ts[:n_guided]]),
+                    torch.cat([teacher_conds, conds[:n_guided]]), adapter=False).float()
+    target, concept = eps[: len(x)], eps[len(x):]
+    target[:n_guided] -= guidance * (concept - target[:n_guided])
+    return target
 
 
 @torch.no_grad()

@@ -45,6 +45,10 @@ class DarkMinerConfig(EraserConfig):
     # Weight of an extra erase term on k rows from those trajectories, on top of the k pool rows (which
     # trajectory_share replaces instead); 0 means no such term.
     trajectory_weight: float = 0.0
+    # ESD-style negative guidance on the erase target: eps0(c0) - erase_guidance * (eps0(c) - eps0(c0)), so
+    # the student is pushed past the anchor, away from what the original draws for c; 0 is the paper's
+    # target (the anchor's prediction alone). docs/darkminer.md measures it.
+    erase_guidance: float = 0.0
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
@@ -62,7 +66,8 @@ class DarkMinerConfig(EraserConfig):
                        mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
                        preserve_pool_size=self.preserve_pool_size)
-        check_non_negative(self, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight)
+        check_non_negative(self, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight,
+                           erase_guidance=self.erase_guidance)
         if not 0.0 <= self.trajectory_share <= 1.0:
             raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")
         check_choice(self, "space", self.space, SPACES)
