@@ -123,6 +123,8 @@ def _teacher(model: DiffusionModel, x: torch.Tensor, ts: torch.Tensor, conds: to
 
     The guided rows' eps0(c) goes through the same teacher call as the rest.
     """
+    if not n_guided:  # no copies of the batch on the default path
+        return model.eps(x, ts, teacher_conds, adapter=False).float()
     eps = model.eps(torch.cat([x, x[:n_guided]]), torch.cat([ts, ts[:n_guided]]),
                     torch.cat([teacher_conds, conds[:n_guided]]), adapter=False).float()
     target, concept = eps[: len(x)], eps[len(x):]
