@@ -117,12 +117,13 @@ def test_two_processes_equal_one(two_processes, tmp_path):
         # Every process gets all images in order, drawn in the same batches: equal bit for bit.
         assert torch.equal(rank["images"], single["images"])
         # DDP keeps the replicas identical and equal to the one-process run with the same batch, to Adam's
-        # rounding of kernels that sum 2 rows or 4 in another order: up to 1.7e-5 measured, on some CPUs in
-        # the plain run too. A wrong slice or average would differ by the order of a step (lr = 1e-2).
+        # rounding of kernels that sum 2 rows or 4 in another order: up to 7.4e-5 measured (the guided run, a
+        # clean clone), on some CPUs in the plain run too. A wrong slice or average would differ by the order
+        # of a step (lr = 1e-2), 50x the tolerance.
         assert set(rank) == set(single)
         for name in single:
             if name != "images":
-                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
