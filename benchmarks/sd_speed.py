@@ -216,7 +216,7 @@ def unet_section(model: StableDiffusionModel, bench: Bench, rows: dict) -> dict:
 
 def darkminer_section(model: StableDiffusionModel, encoder: object, bench: Bench, rows: dict, extra: int) -> dict:
     """One mining step, one circumventing step, one verification and 50-step CFG sampling of 4 images."""
-    cfg = DarkMinerConfig()  # the default config: k=8, LoRA rank 4 on cross-attention
+    cfg = DarkMinerConfig()  # the default config: k=8, LoRA rank 4 outside cross-attention (non-cross-attn)
     c, h, w = model.latent_shape
     g = torch.Generator().manual_seed(0)
     prompts = [f"a photo of {CONCEPT}", CONCEPT, f"a painting of {CONCEPT}", f"{CONCEPT} in a room"]
