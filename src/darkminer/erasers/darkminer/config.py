@@ -34,9 +34,10 @@ class DarkMinerConfig(EraserConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
     circumvent_steps: int = 80
     circumvent_lr: float = 1e-3
-    # 4.0 (was 1.0): on the testbed, preservation loss fell from 4.6-6.0 to 1.0-2.7 points at equal erasure
-    # and CCE (six-concept table, docs/darkminer.md).
-    preserve_weight: float = 4.0
+    # 12 with erase_guidance 1 (session 11): every gate met on five of the six testbed concepts, where weight 4
+    # without guidance left heart and sketch drawn (direct 0.14-0.15) and weight 8 lost 3.6-4.8 points of
+    # preservation on fire and striped (docs/darkminer.md, "Preservation weight 12").
+    preserve_weight: float = 12.0
     preserve_pool_size: int = 32
     # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories (k of them,
     # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
@@ -47,8 +48,9 @@ class DarkMinerConfig(EraserConfig):
     trajectory_weight: float = 0.0
     # ESD-style negative guidance on the erase target: eps0(c0) - erase_guidance * (eps0(c) - eps0(c0)), so
     # the student is pushed past the anchor, away from what the original draws for c; 0 is the paper's
-    # target (the anchor's prediction alone). docs/darkminer.md measures it.
-    erase_guidance: float = 0.0
+    # target (the anchor's prediction alone). 1.0 (session 11, with preserve_weight 12): heart's and
+    # sketch's direct rates 0.14-0.15 -> 0.045-0.05 (docs/darkminer.md).
+    erase_guidance: float = 1.0
     concept_word_first_round: bool = True
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
