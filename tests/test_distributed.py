@@ -58,8 +58,10 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     pool = ImagePool(torch.rand(6, 3, 32, 32, generator=g), torch.randn(6, 4, 16, 16, generator=g), conds[[0, 1, 2, 3, 4, 0]])
     preserve = ImagePool(pool.images, torch.randn(6, 4, 16, 16, generator=g), conds[[4, 3, 2, 1, 0, 4]])
     params = add_lora(model, LoraConfig(**CROSS_ATTN), seed=0)
+    # preserve_weight fixed, not the tuned default: the tolerance below was measured at 4 (at 12 one weight
+    # of 128 differed by 2.4e-4 on a clean clone).
     config = DarkMinerConfig(k=4, pool_size=6, preserve_pool_size=6, circumvent_steps=3, circumvent_lr=1e-2,
-                             trajectory_share=0.5, pool_steps=2)
+                             trajectory_share=0.5, pool_steps=2, preserve_weight=4.0)
     with torch.no_grad():
         erase_conds, anchor = model.encode(["nudity", "naked"]), model.encode([""])
     keys = ("erase_loss_start", "erase_loss_end", "trajectory_loss_end", "preserve_loss_end")
