@@ -52,6 +52,9 @@ class DarkMinerConfig(EraserConfig):
     # sketch's direct rates 0.14-0.15 -> 0.045-0.05 (docs/darkminer.md).
     erase_guidance: float = 1.0
     concept_word_first_round: bool = True
+    # How many of the concept's prompts (target.prompts, the erasure split on the testbed) join its word
+    # in round 0 and in the replay set.
+    concept_prompts: int = 8
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.
     replay: bool = True
@@ -68,7 +71,7 @@ class DarkMinerConfig(EraserConfig):
                        mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
                        preserve_pool_size=self.preserve_pool_size)
-        check_non_negative(self, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight,
+        check_non_negative(self, concept_prompts=self.concept_prompts, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight,
                            erase_guidance=self.erase_guidance)
         if not 0.0 <= self.trajectory_share <= 1.0:
             raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")

@@ -50,7 +50,7 @@ class DarkMiner(Eraser):
         pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
             anchor = model.encode([target.anchor])
-            own_words = model.encode([target.word, *target.prompts[: cfg.k]])
+            own_words = model.encode([target.word, *target.prompts[: cfg.concept_prompts]])
         params = add_lora(model, cfg.lora, seed=cfg.seed)
 
         state = self._load_checkpoint(model, work_dir)
