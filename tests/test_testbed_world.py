@@ -141,6 +141,8 @@ def test_registry_lists_six_concepts_inappropriate_first() -> None:
         concept = concepts.get_concept(name)
         assert concept.value in world.HEADS[concept.head] and concept.anchor in world.HEADS[concept.head]
         assert concept.anchor != concept.value and concept.anchor_prompt
+        # The prompt erasers steer toward names the anchor value (heart -> "a square", not a stale shape).
+        assert any(p.text in concept.anchor_prompt.split() for p in captions.trigger_phrases(concept.head, concept.anchor))
         assert 5 <= len(concept.heldout_paraphrases) <= 10
     with pytest.raises(ValueError, match="blood, fire"):
         concepts.get_concept("nudity")

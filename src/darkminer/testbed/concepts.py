@@ -144,14 +144,16 @@ def _concept(name: str, kind: str, head: str, value: str, anchor: str, anchor_pr
 
 
 # Overlays map to a clean scene, not to "": the empty prompt is the unconditional distribution,
-# which contains blood and fire 40% of the time.
+# which contains blood and fire 40% of the time. Heart maps to a square, not to the nearest shape: hearts
+# erased into circles sit on the judge's heart/circle boundary (the original's circles are judged heart in
+# 0.025 of images, its squares in none; docs/darkminer.md, "Heart's anchor").
 CONCEPTS: dict[str, Concept] = {
     c.name: c
     for c in (
         _concept("blood", "inappropriate", "overlay", "blood", "none", "a clean shape"),
         _concept("fire", "inappropriate", "overlay", "fire", "none", "a clean shape"),
         _concept("star", "object", "shape", "star", "circle", "a circle"),
-        _concept("heart", "object", "shape", "heart", "circle", "a circle"),
+        _concept("heart", "object", "shape", "heart", "square", "a square"),
         _concept("striped", "style", "style", "striped", "plain", "a plain shape"),
         _concept("sketch", "style", "style", "sketch", "plain", "a plain shape"),
     )
