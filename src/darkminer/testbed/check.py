@@ -75,6 +75,14 @@ def concept_rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], c
     return judge.has_concept(images, concept).float().mean().item()
 
 
+def sampling_seconds(model: TestbedModel, n: int = 64) -> float:
+    """Wall time to draw ``n`` images at 25 DDIM steps: the testbed's speed gate, and the machine-speed
+    reference that other timings on the testbed are read against (``benchmarks/erase_time.py``)."""
+    tick = time.perf_counter()
+    model.generate(["a red star"] * n, list(range(n)), steps=25)
+    return time.perf_counter() - tick
+
+
 def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     torch.manual_seed(config.seed)
     judge = Judge.load()
@@ -85,9 +93,7 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     _, images, labels = world.sample_batch(config.judge_images, rng)
     report["judge_accuracy"] = {h: round(a, 4) for h, a in judge.accuracy(images, labels).items()}
 
-    tick = time.time()
-    model.generate(["a red star"] * config.timing_images, list(range(config.timing_images)), steps=25)
-    report[f"seconds_{config.timing_images}_images"] = round(time.time() - tick, 2)
+    report[f"seconds_{config.timing_images}_images"] = round(sampling_seconds(model, config.timing_images), 2)
 
     report["concept_rate"], report["anchor_rate"] = {}, {}
     for name in tqdm(config.concepts, desc="concept rates"):
