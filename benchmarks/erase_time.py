@@ -1,7 +1,7 @@
 """Time one erase on the testbed against the 10-minute budget, with the machine's speed beside it.
 
-The same erase took 399 s on one 2-core machine and 672 s on another (docs/darkminer.md, "Erase time"),
-with the same code. So every timing here comes with a machine-speed reference: the testbed's own speed
+Blood's erase took 399 s in one session and 638 s in another, on 2-core machines of different speed,
+with the same round code (docs/darkminer.md, "Erase time at the session-13 default"). So every timing here comes with a machine-speed reference: the testbed's own speed
 gate (64 images at 25 DDIM steps, `darkminer testbed check`), measured in the same process just before
 the erase. Run it with the machine to itself:
 
