@@ -38,8 +38,8 @@ class DarkMinerConfig(EraserConfig):
     # without guidance left heart and sketch drawn (direct 0.14-0.15) and weight 8 lost 3.6-4.8 points of
     # preservation on fire and striped (docs/darkminer.md, "Preservation weight 12").
     preserve_weight: float = 12.0
-    # 64 since session 13 (with heart's anchor the square): every gate on all six testbed concepts (heart and
-    # striped on two seeds each); at 32 heart seed 1 lost 4.4 points and striped 3.0-3.7 (docs/darkminer.md, "Heart's anchor").
+    # 64 since session 13 (with heart's anchor the square): every gate on all six testbed concepts, two eraser
+    # seeds each (session 14); at 32 heart seed 1 lost 4.4 points and striped 3.0-3.7 (docs/darkminer.md, "Heart's anchor").
     preserve_pool_size: int = 64
     # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories (k of them,
     # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
