@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
-    reference = [round(sampling_seconds(TestbedModel.load(), args.reference_images), 2) for _ in range(2)]
+    testbed = TestbedModel.load()
+    reference = [round(sampling_seconds(testbed, args.reference_images), 2) for _ in range(2)]
+    del testbed  # the erase loads its own copy
     with tempfile.TemporaryDirectory() as tmp:
         erased = Path(args.keep or Path(tmp) / "erased")
         tick = time.perf_counter()
