@@ -12,13 +12,14 @@ from darkminer.api import erase
 from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.erasers.darkminer import loop as loop_module
 from darkminer.erasers.darkminer.circumventing import _trajectory_bank, circumvent
-from darkminer.erasers.darkminer.loop import load_rounds
+from darkminer.erasers.darkminer.loop import keep_rounds, load_rounds
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.darkminer.verifying import direction_score
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME, LoraConfig, add_lora
+from darkminer.models.erased import ErasedModelInfo
 
 TINY = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=2, rounds=3, verify_steps=2, pool_steps=2,
             preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
@@ -161,6 +162,26 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def test_the_first_rounds_of_a_run_are_the_shorter_run(tmp_path):
+    long = erase("darkminer", "nudity", tmp_path / "long", model="tiny-random-sd", config=TINY)
+    short = erase("darkminer", "nudity", tmp_path / "short", model="tiny-random-sd", config={**TINY, "rounds": 2})
+    kept = keep_rounds(long, 2, tmp_path / "kept")
+
+    for name in ("pytorch_lora_weights.safetensors", "round_adapters.safetensors", "mined_embeddings.safetensors"):
+        a, b = load_tensors(short / name), load_tensors(kept / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    final, after_two = load_tensors(long / "pytorch_lora_weights.safetensors"), load_tensors(kept / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(final[k], after_two[k]) for k in final)  # round 2 did train: the cut is real
+    info = ErasedModelInfo.read(kept)
+    assert info.config["rounds"] == 2 and info.extra["rounds"] == 2 and info.extra["seconds"] is None
+    assert (kept / "rounds.jsonl").read_text().splitlines() == (long / "rounds.jsonl").read_text().splitlines()[:2]
+    load_model(erased=kept)  # loads as any erased model
+    with pytest.raises(DarkMinerError, match="keep between 1 and 3"):
+        keep_rounds(long, 4, tmp_path / "more")
 
 
 def test_direction_score_is_one_when_mined_images_are_the_pool_and_minus_one_opposite():

@@ -21,6 +21,7 @@ from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
 from darkminer.erasers.darkminer.pool import build_pools
 from darkminer.erasers.darkminer.verifying import verify
+from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, save_tensors, write_json
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
 from darkminer.models.base import DiffusionModel
@@ -190,3 +191,43 @@ def load_rounds(erased_dir: str | Path, device: str | torch.device = "cpu") -> l
         prefix = f"round_{i}."
         rounds.append((embedding, {k.removeprefix(prefix): v for k, v in adapters.items() if k.startswith(prefix)}))
     return rounds
+
+
+def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
+    """Write to ``out`` the erased model of the first ``rounds`` rounds of the run in ``erased_dir``.
+
+    That is the run the same config with ``rounds`` set lower would have made: round r depends only on
+    rounds 0..r-1 (its own generator, a fresh optimiser), so the first rounds of a longer run are the
+    whole of a shorter one (bit for bit on the same machine and thread count). It lets a rounds budget be
+    judged from one long run's snapshots instead of one erase per budget.
+    """
+    from darkminer.models import load_model
+    from darkminer.models.erased import ErasedModelInfo, save_erased
+
+    erased_dir = Path(erased_dir)
+    info = ErasedModelInfo.read(erased_dir)
+    if info.method != "darkminer":
+        raise DarkMinerError(f"{erased_dir} was erased with {info.method!r}; only a Dark Miner run has rounds to keep")
+    log = [json.loads(line) for line in (erased_dir / "rounds.jsonl").read_text().splitlines()]
+    if not 1 <= rounds <= len(log):
+        raise DarkMinerError(f"{erased_dir} holds {len(log)} rounds; keep between 1 and {len(log)}, not {rounds}")
+    model = load_model(erased=erased_dir)
+    snapshots = load_rounds(erased_dir, device=model.device)[:rounds]
+    set_peft_model_state_dict(model.unet, snapshots[-1][1], adapter_name=ADAPTER_NAME)
+    kept = log[:rounds]
+    failures = 0
+    for entry in kept:
+        failures = 0 if entry["passed"] else failures + 1
+    info.config["rounds"] = rounds
+    info.extra.update(rounds=rounds, passed_rounds=sum(e["passed"] for e in kept), final_score=kept[-1].get("score"),
+                      stopped_early=failures >= info.config["patience"],
+                      seconds=None, kept_rounds_of=str(erased_dir))  # this erase was not timed on its own
+
+    def write_rounds(folder: Path) -> None:
+        (folder / "rounds.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+        prefixes = tuple(f"round_{i}." for i in range(rounds))
+        for name in (MINED_FILE, ROUND_ADAPTERS_FILE):
+            tensors = load_tensors(erased_dir / name)
+            save_tensors(folder / name, {k: v for k, v in tensors.items() if k.startswith(prefixes)})
+
+    return save_erased(model, out, info, write_extra=write_rounds)
