@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--concept", default="star", help="a testbed concept (default: star)")
     parser.add_argument("--method", default="darkminer")
     parser.add_argument("--config", default=None, help="JSON/YAML of the method's options (default: its defaults)")
+    parser.add_argument("--speed", default=None, type=json.loads,
+                        help='the erase\'s SpeedOptions as JSON, e.g. \'{"attention": "classic", "channels_last": true}\' '
+                             "(the reference keeps the defaults: it measures the machine)")
     parser.add_argument("--reference-images", type=int, default=64, help="images in the speed reference")
     parser.add_argument("--keep", default=None, help="keep the erased model here (default: a temporary folder)")
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -59,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         erased = Path(args.keep or Path(tmp) / "erased")
         tick = time.perf_counter()
-        darkminer.erase(args.method, args.concept, erased, config=args.config)
+        darkminer.erase(args.method, args.concept, erased, config=args.config, speed=args.speed)
         seconds = time.perf_counter() - tick
         log = erased / "rounds.jsonl"
         rounds = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -67,7 +70,7 @@ def main() -> None:
     in_rounds = sum(sum(s.values()) for s in stages)
     write_json(args.out, {
         "method": args.method, "concept": args.concept,
-        "config": load_config_file(args.config) if args.config else "defaults",
+        "config": load_config_file(args.config) if args.config else "defaults", "speed": args.speed,
         "erase_seconds": round(seconds, 1), "budget_seconds": BUDGET_SECONDS, "within_budget": seconds <= BUDGET_SECONDS,
         "seconds_outside_stages": round(seconds - in_rounds, 1) if rounds else None,
         "round_stage_seconds": stages,
