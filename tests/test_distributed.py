@@ -216,6 +216,22 @@ def test_attention_kernel_checkpointing_and_channels_last_keep_predictions_and_g
     assert attention_processors(tiny_sd) == {"AttnProcessor2_0"} and not tiny_sd.unet.is_gradient_checkpointing
 
 
+def test_the_testbed_runs_its_own_kernels_and_a_dict_changes_only_what_it_names():
+    model = load_model("testbed")
+
+    def channels_last() -> bool:
+        return model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert attention_processors(model) == {"AttnProcessor"} and channels_last()  # TestbedModel.default_speed
+    with torch.no_grad():
+        own = _prediction(model)
+        apply_speed_options(model, {"precision": "bf16"})  # over the testbed's defaults
+        assert autocast_dtype(model) == torch.bfloat16 and attention_processors(model) == {"AttnProcessor"} and channels_last()
+        apply_speed_options(model, SpeedOptions())  # complete options replace every choice: diffusers' defaults
+        assert autocast_dtype(model) is None and attention_processors(model) == {"AttnProcessor2_0"} and not channels_last()
+        torch.testing.assert_close(_prediction(model), own, rtol=1e-4, atol=1e-5)  # the same arithmetic, to rounding
+
+
 def test_speed_options_reject_unknown_choices():
     with pytest.raises(ConfigError, match="precision"):
         SpeedOptions(precision="int8")

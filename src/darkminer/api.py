@@ -61,12 +61,12 @@ def erase(
     ``speed``: the GPU path's options (``SpeedOptions``), applied to the loaded model.
     """
     from darkminer.parallel import init_processes
-    from darkminer.parallel.speed import apply_speed_options, as_speed_options
+    from darkminer.parallel.speed import apply_speed_options, as_speed_options, resolve_speed_options
 
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
     processes = init_processes()
-    speed = as_speed_options(speed)
+    as_speed_options(speed)  # bad options fail before the (long) load
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
         cfg = config
@@ -81,6 +81,8 @@ def erase(
     else:
         base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype,
                           speed=speed)
+    if speed is not None:  # what the model now runs with: the options given over its defaults
+        speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
     out = Path(out)
     work_dir = out.parent / f".{out.name}.work"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from darkminer.parallel.speed import SpeedOptions
+from typing import Any
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -17,19 +14,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     speed = p.add_argument_group("speed (the GPU path, docs/performance.md)")
     speed.add_argument("--precision", default=None,
                        help="autocast the UNet, text encoder and VAE in fp32 (default), bf16 or fp16; weights stay in --dtype")
-    speed.add_argument("--attention", default=None, help="attention kernel: sdpa (default, torch SDPA) or classic")
+    speed.add_argument("--attention", default=None,
+                       help="attention kernel: sdpa (torch SDPA; the default but on the testbed) or classic (the testbed's default)")
     speed.add_argument("--gradient-checkpointing", action="store_true", help="less memory for ~30%% more training time")
-    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with tensor cores)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC convolutions (faster with tensor cores; on by default on the testbed)")
 
 
-def speed_options(args: argparse.Namespace) -> SpeedOptions | None:
-    """The ``SpeedOptions`` the speed flags set, validated before any model loads; None if none is set."""
+def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The speed options the flags set (the model's defaults fill the rest), validated before any model
+    loads; None if none is set."""
     from darkminer.parallel.speed import SpeedOptions
 
-    flags = {"precision": args.precision, "attention": args.attention,
-             "gradient_checkpointing": args.gradient_checkpointing, "channels_last": args.channels_last}
-    options = {name: value for name, value in flags.items() if value not in (None, False)}
-    return SpeedOptions.from_dict(options) if options else None
+    flags = {"precision": args.precision, "attention": args.attention, "channels_last": args.channels_last,
+             "gradient_checkpointing": args.gradient_checkpointing or None}
+    options = {name: value for name, value in flags.items() if value is not None}
+    SpeedOptions.from_dict(options)
+    return options or None
 
 
 def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -58,7 +58,7 @@ from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
-from darkminer.parallel.speed import apply_speed_options, as_speed_options
+from darkminer.parallel.speed import apply_speed_options
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
 
 METRICS_NAME = "metrics.json"
@@ -241,7 +241,7 @@ def _load(
         if erased is not None:
             raise DarkMinerError("give either a loaded model or --erased, not both")
         if speed is not None:
-            apply_speed_options(model, as_speed_options(speed))
+            apply_speed_options(model, speed)
         return model, IN_MEMORY_METHOD, model.name
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)

@@ -42,7 +42,7 @@ def load_model(
     check_device(device)
     from darkminer.parallel.speed import apply_speed_options, as_speed_options
 
-    speed = as_speed_options(speed)  # bad options fail before the (long) load
+    as_speed_options(speed)  # bad options fail before the (long) load
     if spec is None:
         spec = ErasedModelInfo.read(erased).base_model if erased else DEFAULT_MODEL
     model = _load_base(spec, device=device, dtype=dtype)

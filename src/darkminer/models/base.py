@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -94,6 +95,9 @@ class DiffusionModel(ABC):
     # The training noise schedule as diffusers config data; DDPM for training, DDIM for sampling.
     scheduler_config: dict
     default_sampling: SamplingOptions
+    # The speed options (``darkminer.parallel.SpeedOptions`` fields) this model runs with unless told
+    # otherwise; speed options given as a dict are applied over them. Empty: diffusers' own defaults.
+    default_speed: ClassVar[dict[str, Any]] = {}
     name: str
 
     def __init__(self) -> None:

@@ -26,7 +26,8 @@ from darkminer.models.base import DiffusionModel
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels), diffusers' default
-# AttnProcessor2_0. "classic": diffusers' AttnProcessor (explicit softmax(QK^T)V), for comparison only.
+# AttnProcessor2_0. "classic": diffusers' AttnProcessor (explicit softmax(QK^T)V): faster on the CPU for the
+# testbed's many tiny heads (its default, docs/performance.md).
 ATTENTIONS = ("sdpa", "classic")
 # Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
 _PLAIN_FORWARD = "_darkminer_plain_forward"
@@ -37,7 +38,7 @@ class SpeedOptions(Config):
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the UNet, text encoder and VAE forward passes
     attention: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% more time
-    channels_last: bool = False  # NHWC convolutions (UNet, VAE): faster with tensor cores in bf16/fp16
+    channels_last: bool = False  # NHWC convolutions (UNet, VAE): faster with tensor cores in bf16/fp16, and for the testbed on the CPU
 
     def validate(self) -> None:
         check_choice(self, "precision", self.precision, tuple(PRECISIONS))
@@ -53,10 +54,17 @@ def as_speed_options(speed: SpeedOptions | dict[str, Any] | None) -> SpeedOption
     return SpeedOptions.from_dict(speed) if isinstance(speed, dict) else speed
 
 
-def apply_speed_options(model: DiffusionModel, options: SpeedOptions) -> None:
-    """Switch ``model`` to ``options`` in place (every earlier choice is replaced)."""
+def resolve_speed_options(model: DiffusionModel, speed: SpeedOptions | dict[str, Any]) -> SpeedOptions:
+    """``speed`` as complete options for ``model``: a ``SpeedOptions`` as it is, a dict over ``model.default_speed``."""
+    return SpeedOptions.from_dict({**model.default_speed, **speed}) if isinstance(speed, dict) else speed
+
+
+def apply_speed_options(model: DiffusionModel, options: SpeedOptions | dict[str, Any]) -> None:
+    """Switch ``model`` to ``options`` in place. A ``SpeedOptions`` replaces every earlier choice; a dict
+    changes only the options it names, over the model's defaults (``DiffusionModel.default_speed``)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    options = resolve_speed_options(model, options)
     model.unet.set_attn_processor(AttnProcessor2_0() if options.attention == "sdpa" else AttnProcessor())
     if options.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

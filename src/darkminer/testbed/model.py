@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, BertModel
 
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
+from darkminer.parallel.speed import apply_speed_options
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_DIR = WEIGHTS_DIR / "unet"
@@ -80,12 +81,17 @@ class TestbedModel(DiffusionModel):
     # (docs/testbed.md); at 4 the pixel-space samples over-saturate and fire is drawn but not recognised.
     default_sampling = SamplingOptions(steps=25, guidance_scale=2.0, batch_size=128)
     scheduler_config = SCHEDULER_CONFIG
+    # On the CPU its attention (32 heads of width 3) runs faster as explicit softmax(QK^T)V than through
+    # SDPA, and its convolutions faster in NHWC: a Dark Miner erase 638 s -> 571 s on 2 cores
+    # (docs/performance.md, "The testbed's kernels"). The same arithmetic up to rounding.
+    default_speed = {"attention": "classic", "channels_last": True}
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: BertModel, tokenizer: AutoTokenizer) -> None:
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         self.name = TESTBED_NAME
         unet.requires_grad_(False).eval()
         super().__init__()
+        apply_speed_options(self, self.default_speed)
 
     @classmethod
     def load(
