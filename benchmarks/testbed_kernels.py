@@ -1,0 +1,79 @@
+"""Time the testbed UNet under each attention kernel and memory format, the choice behind
+``TestbedModel.default_speed``.
+
+For each combination (SDPA or classic attention; contiguous or channels-last), interleaved over
+``--repeats`` passes so that a slow spell of the machine hits every combination alike:
+
+- ``forward_16`` / ``forward_24``: one no-grad forward at 16 rows (a sampling step of 8 images with CFG)
+  and at 24 rows (a circumventing step's teacher);
+- ``lora_step_16``: forward and backward at 16 rows with gradients to a default Dark Miner LoRA only
+  (a circumventing step's student).
+
+Writes min and median milliseconds per call. Run it with the machine to itself:
+
+    python benchmarks/testbed_kernels.py --out benchmarks/results/testbed_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from darkminer.erasers.darkminer import DarkMinerConfig
+from darkminer.io import write_json
+from darkminer.models.adapters import add_lora
+from darkminer.models.erased import package_versions
+from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+from darkminer.testbed.model import TestbedModel
+
+COMBINATIONS = {
+    "sdpa": SpeedOptions(),
+    "sdpa + channels-last": SpeedOptions(channels_last=True),
+    "classic": SpeedOptions(attention="classic"),
+    "classic + channels-last": SpeedOptions(attention="classic", channels_last=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    model = TestbedModel.load()
+    params = add_lora(model, DarkMinerConfig().lora, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, *model.latent_shape, generator=g)
+    t = torch.randint(0, model.num_train_timesteps, (24,), generator=g)
+    cond = model.encode(["a red star on a blue sky"] * 24)
+
+    def forward(n: int) -> None:
+        with torch.no_grad():
+            model.eps(x[:n], t[:n], cond[:n], adapter=False)
+
+    def lora_step(n: int) -> None:
+        torch.autograd.grad(model.eps(x[:n], t[:n], cond[:n]).square().mean(), params)
+
+    calls = {"forward_16": lambda: forward(16), "forward_24": lambda: forward(24), "lora_step_16": lambda: lora_step(16)}
+    times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in COMBINATIONS}
+    for _ in range(args.repeats):
+        for name, options in COMBINATIONS.items():
+            apply_speed_options(model, options)
+            for call, run in calls.items():
+                run()  # warm-up after the switch
+                tick = time.perf_counter()
+                run()
+                times[name][call].append((time.perf_counter() - tick) * 1000)
+    table = {name: {call: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)} for call, v in calls_.items()}
+             for name, calls_ in times.items()}
+    write_json(args.out, {"repeats": args.repeats, "threads": torch.get_num_threads(), "ms": table,
+                          "versions": package_versions()})
+    for name, row in table.items():
+        print(f"{name:>24}: " + ", ".join(f"{call} {v['min_ms']:.0f}/{v['median_ms']:.0f} ms" for call, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
