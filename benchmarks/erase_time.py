@@ -2,8 +2,8 @@
 
 Blood's erase took 399 s in one session and 638 s in another, on 2-core machines of different speed,
 with the same round code (docs/darkminer.md, "Erase time at the session-13 default"). So every timing here comes with a machine-speed reference: the testbed's own speed
-gate (64 images at 25 DDIM steps, `darkminer testbed check`), measured in the same process just before
-the erase. Run it with the machine to itself:
+gate's workload (64 images at 25 DDIM steps, `darkminer testbed check`) on diffusers' plain kernels,
+measured in the same process just before the erase. Run it with the machine to itself:
 
     python benchmarks/erase_time.py --concept star --out benchmarks/results/erase_time_star.json
 
@@ -28,6 +28,7 @@ import darkminer
 from darkminer.config import load_config_file
 from darkminer.io import write_json
 from darkminer.models.erased import package_versions
+from darkminer.parallel.speed import SpeedOptions, apply_speed_options
 from darkminer.testbed.check import sampling_seconds
 from darkminer.testbed.model import TestbedModel
 
@@ -49,14 +50,17 @@ def main() -> None:
     parser.add_argument("--method", default="darkminer")
     parser.add_argument("--config", default=None, help="JSON/YAML of the method's options (default: its defaults)")
     parser.add_argument("--speed", default=None, type=json.loads,
-                        help='the erase\'s SpeedOptions as JSON, e.g. \'{"attention": "classic", "channels_last": true}\' '
-                             "(the reference keeps the defaults: it measures the machine)")
+                        help='speed options of the erase as JSON, over the model\'s defaults, e.g. \'{"attention": "sdpa"}\' '
+                             "(the reference always runs SDPA and contiguous convolutions: it measures the machine)")
     parser.add_argument("--reference-images", type=int, default=64, help="images in the speed reference")
     parser.add_argument("--keep", default=None, help="keep the erased model here (default: a temporary folder)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
     testbed = TestbedModel.load()
+    # The reference is a fixed workload: diffusers' plain kernels, as in every reference recorded before
+    # the testbed's own defaults changed (session 15), so references stay comparable across sessions.
+    apply_speed_options(testbed, SpeedOptions())
     reference = [round(sampling_seconds(testbed, args.reference_images), 2) for _ in range(2)]
     del testbed  # the erase loads its own copy
     with tempfile.TemporaryDirectory() as tmp:

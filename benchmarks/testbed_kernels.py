@@ -7,7 +7,9 @@ For each combination (SDPA or classic attention; contiguous or channels-last), i
 - ``forward_16`` / ``forward_24``: one no-grad forward at 16 rows (a sampling step of 8 images with CFG)
   and at 24 rows (a circumventing step's teacher);
 - ``lora_step_16``: forward and backward at 16 rows with gradients to a default Dark Miner LoRA only
-  (a circumventing step's student).
+  (a circumventing step's student);
+- ``sample_64``: on the first ``--sampling-passes`` passes, the testbed's speed gate (64 images at 25 DDIM
+  steps, ``darkminer testbed check``).
 
 Writes min and median milliseconds per call. Run it with the machine to itself:
 
@@ -27,6 +29,7 @@ from darkminer.io import write_json
 from darkminer.models.adapters import add_lora
 from darkminer.models.erased import package_versions
 from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+from darkminer.testbed.check import sampling_seconds
 from darkminer.testbed.model import TestbedModel
 
 COMBINATIONS = {
@@ -39,7 +42,8 @@ COMBINATIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--sampling-passes", type=int, default=2, help="passes that also time 64 images (~30 s each)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -58,8 +62,8 @@ def main() -> None:
         torch.autograd.grad(model.eps(x[:n], t[:n], cond[:n]).square().mean(), params)
 
     calls = {"forward_16": lambda: forward(16), "forward_24": lambda: forward(24), "lora_step_16": lambda: lora_step(16)}
-    times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in COMBINATIONS}
-    for _ in range(args.repeats):
+    times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in [*calls, "sample_64"]} for name in COMBINATIONS}
+    for index in range(args.repeats):
         for name, options in COMBINATIONS.items():
             apply_speed_options(model, options)
             for call, run in calls.items():
@@ -67,8 +71,10 @@ def main() -> None:
                 tick = time.perf_counter()
                 run()
                 times[name][call].append((time.perf_counter() - tick) * 1000)
-    table = {name: {call: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)} for call, v in calls_.items()}
-             for name, calls_ in times.items()}
+            if index < args.sampling_passes:
+                times[name]["sample_64"].append(sampling_seconds(model, 64) * 1000)
+    table = {name: {call: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)}
+                    for call, v in calls_.items() if v} for name, calls_ in times.items()}
     write_json(args.out, {"repeats": args.repeats, "threads": torch.get_num_threads(), "ms": table,
                           "versions": package_versions()})
     for name, row in table.items():

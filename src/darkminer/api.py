@@ -58,7 +58,8 @@ def erase(
     """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
 
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
-    ``speed``: the GPU path's options (``SpeedOptions``), applied to the loaded model.
+    ``speed``: the speed options (``SpeedOptions``, or a dict of the ones to change over the model's
+    defaults), applied to the loaded model.
     """
     from darkminer.parallel import init_processes
     from darkminer.parallel.speed import apply_speed_options, as_speed_options, resolve_speed_options
