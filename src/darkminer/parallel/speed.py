@@ -27,7 +27,7 @@ from darkminer.models.base import DiffusionModel
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels), diffusers' default
 # AttnProcessor2_0. "classic": diffusers' AttnProcessor (explicit softmax(QK^T)V): faster on the CPU for the
-# testbed's many tiny heads (its default, docs/performance.md).
+# testbed's many tiny heads at small batches (its default, docs/performance.md).
 ATTENTIONS = ("sdpa", "classic")
 # Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
 _PLAIN_FORWARD = "_darkminer_plain_forward"
