@@ -40,6 +40,20 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_speed_flags_name_only_what_they_change():
+    import argparse
+
+    from darkminer.commands.common import add_model_args, speed_options
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    assert speed_options(parser.parse_args([])) is None  # the model's own defaults
+    assert speed_options(parser.parse_args(["--attention", "sdpa", "--no-channels-last"])) == {"attention": "sdpa", "channels_last": False}
+    assert speed_options(parser.parse_args(["--gradient-checkpointing", "--channels-last"])) == {"channels_last": True, "gradient_checkpointing": True}
+    with pytest.raises(ConfigError, match="attention"):
+        speed_options(parser.parse_args(["--attention", "xformers"]))
+
+
 def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
     import darkminer.models
     from darkminer.parallel.speed import attention_processors, autocast_dtype
