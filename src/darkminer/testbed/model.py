@@ -83,7 +83,7 @@ class TestbedModel(DiffusionModel):
     scheduler_config = SCHEDULER_CONFIG
     # On the CPU, at the small batches of a Dark Miner step, its attention (32 heads of width 3) runs faster
     # as explicit softmax(QK^T)V than through SDPA, and its convolutions faster in NHWC: a round 72 s -> 63 s,
-    # the erase inside its 10-minute budget on 2 cores (571 s). Sampling's 128-row batches run about 7%
+    # the erase inside its 10-minute budget on 2 cores (571 s). Sampling's 128-row batches run 7-14%
     # slower than with SDPA (docs/performance.md, "The testbed's kernels"). The same arithmetic to rounding.
     default_speed = {"attention": "classic", "channels_last": True}
 
