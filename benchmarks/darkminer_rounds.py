@@ -31,7 +31,7 @@ from peft.utils import set_peft_model_state_dict
 
 from darkminer.attacks.base import AttackPrompt
 from darkminer.attacks.cce import CCEConfig, ConceptInversion
-from darkminer.erasers.darkminer.loop import load_rounds
+from darkminer.erasers.darkminer.loop import load_rounds, read_round_log
 from darkminer.io import read_json, write_json
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME
@@ -60,7 +60,7 @@ def main() -> None:
     concept, judge = get_concept(args.concept), Judge.load()
     model = load_model(erased=args.erased)  # the final adapter; states are swapped in below
     rounds = load_rounds(args.erased)
-    log = [json.loads(line) for line in (Path(args.erased) / "rounds.jsonl").read_text().splitlines()]
+    log = read_round_log(args.erased)
     results = read_json(args.out) if Path(args.out).is_file() else {"concept": args.concept, "states": []}
     direct = concept.direct_prompts(args.n_images, PROMPT_SEED)
     paraphrase = concept.paraphrase_prompts(args.n_images, PROMPT_SEED)

@@ -26,6 +26,7 @@ import torch
 
 import darkminer
 from darkminer.config import load_config_file
+from darkminer.erasers.darkminer.loop import ROUND_LOG_FILE, read_round_log
 from darkminer.io import write_json
 from darkminer.models.erased import package_versions
 from darkminer.parallel.speed import SpeedOptions, apply_speed_options
@@ -68,8 +69,7 @@ def main() -> None:
         tick = time.perf_counter()
         darkminer.erase(args.method, args.concept, erased, config=args.config, speed=args.speed)
         seconds = time.perf_counter() - tick
-        log = erased / "rounds.jsonl"
-        rounds = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        rounds = read_round_log(erased) if (erased / ROUND_LOG_FILE).is_file() else []  # other methods keep none
     stages = [{key: r[key] for key in r if key.startswith("seconds_")} for r in rounds]
     in_rounds = sum(sum(s.values()) for s in stages)
     write_json(args.out, {

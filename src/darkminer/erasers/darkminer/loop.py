@@ -32,6 +32,17 @@ from darkminer.targets import EraseTarget
 CHECKPOINT = "checkpoint"
 MINED_FILE = "mined_embeddings.safetensors"
 ROUND_ADAPTERS_FILE = "round_adapters.safetensors"
+ROUND_LOG_FILE = "rounds.jsonl"
+
+
+def write_round_log(folder: Path, log: list[dict]) -> None:
+    """The round log as JSON lines, one round per line."""
+    (folder / ROUND_LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in log))
+
+
+def read_round_log(erased_dir: str | Path) -> list[dict]:
+    """The round log of an erased-model directory, one dict per round."""
+    return [json.loads(line) for line in (Path(erased_dir) / ROUND_LOG_FILE).read_text().splitlines()]
 
 
 def _round_generator(seed: int, round_index: int) -> torch.Generator:
@@ -165,7 +176,7 @@ class DarkMiner(Eraser):
     def _write_artifacts(self, work_dir: Path, log: list[dict], mined: list[MinedEmbedding]) -> None:
         artifacts = work_dir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        (artifacts / "rounds.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+        write_round_log(artifacts, log)
         if not mined:
             return
         embeddings = {}
@@ -208,7 +219,7 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
     info = ErasedModelInfo.read(erased_dir)
     if info.method != "darkminer":
         raise DarkMinerError(f"{erased_dir} was erased with {info.method!r}; only a Dark Miner run has rounds to keep")
-    log = [json.loads(line) for line in (erased_dir / "rounds.jsonl").read_text().splitlines()]
+    log = read_round_log(erased_dir)
     if not 1 <= rounds <= len(log):
         raise DarkMinerError(f"{erased_dir} holds {len(log)} rounds; keep between 1 and {len(log)}, not {rounds}")
     model = load_model(erased=erased_dir)
@@ -224,7 +235,7 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
                       seconds=None, kept_rounds_of=str(erased_dir))  # this erase was not timed on its own
 
     def write_rounds(folder: Path) -> None:
-        (folder / "rounds.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+        write_round_log(folder, kept)
         prefixes = tuple(f"round_{i}." for i in range(rounds))
         for name in (MINED_FILE, ROUND_ADAPTERS_FILE):
             tensors = load_tensors(erased_dir / name)
