@@ -13,7 +13,7 @@ For each combination (SDPA or classic attention; contiguous or channels-last), i
 
 Writes min and median milliseconds per call. Run it with the machine to itself:
 
-    python benchmarks/testbed_kernels.py --out benchmarks/results/testbed_kernels.json
+    python benchmarks/testbed_kernels.py --out benchmarks/results/testbed_kernels_2threads.json
 """
 
 from __future__ import annotations
