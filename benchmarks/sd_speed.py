@@ -45,6 +45,7 @@ from darkminer.models.clip import TINY_CLIP_ID, Clip
 from darkminer.models.stable_diffusion import StableDiffusionModel
 from darkminer.models.tiny import build_tiny_sd_pipeline
 from darkminer.parallel import SpeedOptions, apply_speed_options, attention_processors
+from darkminer.parallel.speed import ATTENTIONS
 from darkminer.targets import resolve_target
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -320,7 +321,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--weights", choices=sorted(WEIGHT_DTYPES), default="fp32", help="dtype of the stored weights")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
-    parser.add_argument("--attention", choices=["sdpa", "classic"], default="sdpa")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sections", default="unet,darkminer,attack,esd", help="comma-separated subset")

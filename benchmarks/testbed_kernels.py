@@ -37,17 +37,49 @@ COMBINATIONS = {
     "sdpa + channels-last": SpeedOptions(channels_last=True),
     "classic": SpeedOptions(attention="classic"),
     "classic + channels-last": SpeedOptions(attention="classic", channels_last=True),
+    "auto + channels-last": SpeedOptions(attention="auto", channels_last=True),
 }
+
+
+def crossover(model: TestbedModel, rows: list[int], repeats: int) -> dict[str, dict[int, dict[str, float]]]:
+    """Min and median ms of one no-grad forward at each row count, SDPA vs classic (channels-last)."""
+    g = torch.Generator().manual_seed(0)
+    n = max(rows)
+    x = torch.randn(n, *model.latent_shape, generator=g)
+    t = torch.randint(0, model.num_train_timesteps, (n,), generator=g)
+    cond = model.encode(["a red star on a blue sky"]).repeat(n, 1, 1)
+    kernels = {a: SpeedOptions(attention=a, channels_last=True) for a in ("sdpa", "classic")}
+    times: dict[str, dict[int, list[float]]] = {a: {r: [] for r in rows} for a in kernels}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for attention, options in kernels.items():
+                apply_speed_options(model, options)
+                for r in rows:
+                    model.eps(x[:r], t[:r], cond[:r], adapter=False)  # warm-up after the switch
+                    tick = time.perf_counter()
+                    model.eps(x[:r], t[:r], cond[:r], adapter=False)
+                    times[attention][r].append((time.perf_counter() - tick) * 1000)
+    return {a: {r: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)} for r, v in by_rows.items()}
+            for a, by_rows in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--sampling-passes", type=int, default=2, help="passes that also time 64 images (~30 s each)")
+    parser.add_argument("--crossover", default=None, help="comma-separated row counts: time SDPA vs classic only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     model = TestbedModel.load()
+    if args.crossover:
+        rows = [int(r) for r in args.crossover.split(",")]
+        table = crossover(model, rows, args.repeats)
+        write_json(args.out, {"repeats": args.repeats, "threads": torch.get_num_threads(), "forward_ms_by_rows": table,
+                              "versions": package_versions()})
+        for r in rows:
+            print(f"{r:>4} rows: " + ", ".join(f"{a} {table[a][r]['min_ms']:.0f}/{table[a][r]['median_ms']:.0f} ms" for a in table))
+        return
     params = add_lora(model, DarkMinerConfig().lora, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, *model.latent_shape, generator=g)

@@ -28,7 +28,7 @@ from darkminer.parallel import (
     init_processes,
     sharded_sample,
 )
-from darkminer.parallel.speed import autocast_dtype
+from darkminer.parallel.speed import AUTO_SDPA_MIN_ROWS, RowSwitchedAttnProcessor, autocast_dtype
 
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
@@ -222,14 +222,39 @@ def test_the_testbed_runs_its_own_kernels_and_a_dict_changes_only_what_it_names(
     def channels_last() -> bool:
         return model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
-    assert attention_processors(model) == {"AttnProcessor"} and channels_last()  # TestbedModel.default_speed
+    auto = {"RowSwitchedAttnProcessor"}
+    assert attention_processors(model) == auto and channels_last()  # TestbedModel.default_speed
     with torch.no_grad():
         own = _prediction(model)
         apply_speed_options(model, {"precision": "bf16"})  # over the testbed's defaults
-        assert autocast_dtype(model) == torch.bfloat16 and attention_processors(model) == {"AttnProcessor"} and channels_last()
+        assert autocast_dtype(model) == torch.bfloat16 and attention_processors(model) == auto and channels_last()
         apply_speed_options(model, SpeedOptions())  # complete options replace every choice: diffusers' defaults
         assert autocast_dtype(model) is None and attention_processors(model) == {"AttnProcessor2_0"} and not channels_last()
         torch.testing.assert_close(_prediction(model), own, rtol=1e-4, atol=1e-5)  # the same arithmetic, to rounding
+
+
+def test_auto_attention_runs_classic_for_small_calls_sdpa_for_large_and_the_same_numbers(tiny_sd):
+    def kernels_run(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[set[str], torch.Tensor]:
+        """The kernels the ``auto`` switches pick for this call, and its prediction."""
+        apply_speed_options(tiny_sd, SpeedOptions(attention="auto"))
+        ran: set[str] = set()
+        for switch in tiny_sd.unet.attn_processors.values():
+            assert isinstance(switch, RowSwitchedAttnProcessor)
+            for name in ("classic", "sdpa"):
+                kernel = getattr(switch, name)
+                setattr(switch, name, lambda *a, _kernel=kernel, _name=name, **kw: ran.add(_name) or _kernel(*a, **kw))
+        return ran, tiny_sd.eps(x, t, cond)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows, expected in ((2, "classic"), (AUTO_SDPA_MIN_ROWS, "sdpa")):
+            x = torch.randn(rows, *tiny_sd.latent_shape, generator=g)
+            t = torch.randint(0, 1000, (rows,), generator=g)
+            cond = tiny_sd.encode(PROMPTS[:1]).repeat(rows, 1, 1)
+            ran, auto = kernels_run(x, t, cond)
+            assert ran == {expected}
+            apply_speed_options(tiny_sd, SpeedOptions(attention="classic"))
+            torch.testing.assert_close(auto, tiny_sd.eps(x, t, cond), rtol=1e-4, atol=1e-5)
 
 
 def test_speed_options_reject_unknown_choices():

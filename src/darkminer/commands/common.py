@@ -15,7 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--precision", default=None,
                        help="autocast the UNet, text encoder and VAE in fp32 (default), bf16 or fp16; weights stay in --dtype")
     speed.add_argument("--attention", default=None,
-                       help="attention kernel: sdpa (torch SDPA; the default but on the testbed) or classic (the testbed's default)")
+                       help="attention kernel: sdpa (torch SDPA; the default but on the testbed), classic (explicit softmax), "
+                            "or auto (classic below 64 rows, SDPA above; the testbed's default)")
     speed.add_argument("--gradient-checkpointing", action="store_true", help="less memory for ~30%% more training time")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC convolutions (faster with tensor cores; on by default on the testbed)")

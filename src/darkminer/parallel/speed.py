@@ -27,8 +27,10 @@ from darkminer.models.base import DiffusionModel
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels), diffusers' default
 # AttnProcessor2_0. "classic": diffusers' AttnProcessor (explicit softmax(QK^T)V): faster on the CPU for the
-# testbed's many tiny heads at small batches (its default, docs/performance.md).
-ATTENTIONS = ("sdpa", "classic")
+# testbed's many tiny heads at small batches. "auto": classic below ``AUTO_SDPA_MIN_ROWS`` rows, SDPA from
+# there (the testbed's default; docs/performance.md, "The testbed's kernels").
+ATTENTIONS = ("sdpa", "classic", "auto")
+AUTO_SDPA_MIN_ROWS = 64
 # Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
 _PLAIN_FORWARD = "_darkminer_plain_forward"
 
@@ -62,10 +64,8 @@ def resolve_speed_options(model: DiffusionModel, speed: SpeedOptions | dict[str,
 def apply_speed_options(model: DiffusionModel, options: SpeedOptions | dict[str, Any]) -> None:
     """Switch ``model`` to ``options`` in place. A ``SpeedOptions`` replaces every earlier choice; a dict
     changes only the options it names, over the model's defaults (``DiffusionModel.default_speed``)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
     options = resolve_speed_options(model, options)
-    model.unet.set_attn_processor(AttnProcessor2_0() if options.attention == "sdpa" else AttnProcessor())
+    model.unet.set_attn_processor(_attention_processor(options.attention))
     if options.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     else:
@@ -75,6 +75,40 @@ def apply_speed_options(model: DiffusionModel, options: SpeedOptions | dict[str,
         module.to(memory_format=memory_format)
     for module in _autocast_modules(model):
         _set_autocast(module, model.device.type, options.autocast_dtype)
+
+
+def _attention_processor(attention: str) -> Any:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "auto":
+        return RowSwitchedAttnProcessor()
+    return AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
+
+
+class RowSwitchedAttnProcessor:
+    """Classic attention for calls of fewer than ``min_sdpa_rows`` rows, SDPA for larger ones: on the CPU,
+    the testbed's 32 heads of width 3 run faster as explicit softmax(QK^T)V at a training step's 8-32 rows
+    and faster through SDPA at sampling's 128 (``benchmarks/testbed_kernels.py``). Both compute the same
+    attention, to rounding."""
+
+    def __init__(self, min_sdpa_rows: int = AUTO_SDPA_MIN_ROWS) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.min_sdpa_rows = min_sdpa_rows
+        self.classic, self.sdpa = AttnProcessor(), AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        processor = self.sdpa if hidden_states.shape[0] >= self.min_sdpa_rows else self.classic
+        return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def attention_processors(model: DiffusionModel) -> set[str]:

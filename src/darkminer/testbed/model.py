@@ -81,11 +81,11 @@ class TestbedModel(DiffusionModel):
     # (docs/testbed.md); at 4 the pixel-space samples over-saturate and fire is drawn but not recognised.
     default_sampling = SamplingOptions(steps=25, guidance_scale=2.0, batch_size=128)
     scheduler_config = SCHEDULER_CONFIG
-    # On the CPU, at the small batches of a Dark Miner step, its attention (32 heads of width 3) runs faster
-    # as explicit softmax(QK^T)V than through SDPA, and its convolutions faster in NHWC: a round 72 s -> 63 s,
-    # the erase inside its 10-minute budget on 2 cores (571 s). Sampling's 128-row batches run 7-14%
-    # slower than with SDPA (docs/performance.md, "The testbed's kernels"). The same arithmetic to rounding.
-    default_speed = {"attention": "classic", "channels_last": True}
+    # On the CPU its convolutions run faster in NHWC, and its attention (32 heads of width 3) faster as explicit
+    # softmax(QK^T)V at a Dark Miner step's 8-32 rows but through SDPA at sampling's 128: "auto" switches at
+    # 64 rows. A round 72 s -> 63 s, the erase inside its 10-minute budget on 2 cores, and sampling as fast as
+    # SDPA (docs/performance.md, "The testbed's kernels"). The same arithmetic to rounding.
+    default_speed = {"attention": "auto", "channels_last": True}
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: BertModel, tokenizer: AutoTokenizer) -> None:
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer

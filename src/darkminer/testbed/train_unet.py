@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +93,29 @@ def build_caption_bank(
     return scenes, states, texts
 
 
-def train_unet(config: UNetTrainConfig, work_dir: str | Path, out_dir: str | Path = UNET_DIR) -> dict:
-    """Train (or resume) the testbed UNet; writes the EMA weights to ``out_dir`` and returns the log."""
+def train_unet(
+    config: UNetTrainConfig,
+    work_dir: str | Path,
+    out_dir: str | Path = UNET_DIR,
+    *,
+    model: TestbedModel | None = None,
+    condition: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
+) -> dict:
+    """Train (or resume) the testbed UNet; writes the EMA weights to ``out_dir`` and returns the log.
+
+    ``model``: train this model's UNet under its text conditioning instead of a fresh testbed (a variant's
+    experiment, ``benchmarks/testbed_sentence_row.py``). ``condition(cond, empty, rng)``: a change to each
+    batch's captions' states after caption dropout (``empty``: the empty caption's states).
+    """
     from tqdm.auto import tqdm
 
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    model = TestbedModel.untrained(config.seed)
+    if model is None:
+        model = TestbedModel.untrained(config.seed)
+    else:
+        torch.manual_seed(config.seed)
     if config.init_from is not None:
         from diffusers import UNet2DConditionModel
 
@@ -134,6 +150,8 @@ def train_unet(config: UNetTrainConfig, work_dir: str | Path, out_dir: str | Pat
         cond = states[torch.from_numpy(index)].float()
         drop = torch.from_numpy(data_rng.random(config.batch_size) < config.caption_dropout)
         cond[drop] = empty
+        if condition is not None:
+            cond = condition(cond, empty, data_rng)
         x0 = images * 2 - 1
         noise = torch.randn_like(x0)
         t = torch.randint(0, model.num_train_timesteps, (config.batch_size,))
