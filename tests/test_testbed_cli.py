@@ -54,3 +54,49 @@ def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():
         assert set(anchor[0].expected) == set(direct[0].expected)
         # The same stream of scenes until the first phrase draw that differs.
         assert anchor[0].seed == direct[0].seed and anchor[0].text != direct[0].text
+
+
+def _train(tmp_path, name: str, steps: int, condition=None) -> dict:
+    from darkminer.io import load_tensors
+    from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
+
+    config = UNetTrainConfig(seed=5, steps=steps, batch_size=2, caption_bank=8, checkpoint_every=2, warmup_steps=1)
+    train_unet(config, tmp_path / f"{name}-work", tmp_path / name, condition=condition)
+    return load_tensors(tmp_path / name / "diffusion_pytorch_model.safetensors")
+
+
+def test_unet_training_is_seeded_and_resumes_from_its_checkpoint(tmp_path):
+    import pytest
+    import torch
+
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def spy(cond, empty, rng):
+        seen.append((tuple(cond.shape), tuple(empty.shape)))
+        return cond
+
+    first, again = _train(tmp_path, "a", 2, spy), _train(tmp_path, "b", 2)
+    assert seen == [((2, 24, 384), (24, 384))] * 2  # the hook sees every batch's states after caption dropout
+    assert all(torch.equal(first[k], again[k]) for k in first)  # one seed, one result
+
+    def crash_at_third_step(cond, empty, rng):
+        seen.append(("step",))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return cond
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "c", 4, crash_at_third_step)
+    assert torch.equal(first["conv_in.weight"], _read_checkpoint_ema(tmp_path / "c-work")["conv_in.weight"])
+    seen.clear()
+    resumed = _train(tmp_path, "c", 4, crash_at_third_step)  # picks up at step 2: two steps left, no crash
+    assert len(seen) == 2 and not torch.equal(resumed["conv_in.weight"], first["conv_in.weight"])
+
+
+def _read_checkpoint_ema(work_dir):
+    import torch
+
+    state = torch.load(work_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    return {k.removeprefix("module."): v for k, v in state["ema"].items()}
