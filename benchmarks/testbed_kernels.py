@@ -1,8 +1,8 @@
 """Time the testbed UNet under each attention kernel and memory format, the choice behind
 ``TestbedModel.default_speed``.
 
-For each combination (SDPA or classic attention; contiguous or channels-last), interleaved over
-``--repeats`` passes so that a slow spell of the machine hits every combination alike:
+For each combination (SDPA or classic attention, contiguous or channels-last; `auto` with channels-last),
+interleaved over ``--repeats`` passes so that a slow spell of the machine hits every combination alike:
 
 - ``forward_16`` / ``forward_24``: one no-grad forward at 16 rows (a sampling step of 8 images with CFG)
   and at 24 rows (a circumventing step's teacher);
