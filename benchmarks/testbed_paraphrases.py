@@ -5,8 +5,8 @@ own sentence space, and the rate at which the model draws the concept from it.
 
 Encoder part: each held-out phrase and every training phrase of the same head are put in one short
 caption ("a starfish", "a hollow circle", "a circle in a blaze") and compared by all-MiniLM-L6-v2's
-sentence embedding (masked mean of the token states, normalised: how that model was trained to compare
-sentences). A phrase whose nearest training phrase belongs to another value is one the text encoder itself
+sentence embedding (``SentenceEmbedder``: masked mean of the token states, normalised, how that model was
+trained to compare sentences; the testbed's image encoder is trained against it). A phrase whose nearest training phrase belongs to another value is one the text encoder itself
 reads as that value. Model part (``-n`` > 0): the paraphrase prompts of ``darkminer testbed check`` (seed 0),
 judged per phrase (the prompts cycle through the phrases evenly).
 """
@@ -20,8 +20,9 @@ import torch
 from darkminer.io import write_json
 from darkminer.testbed.captions import HELDOUT, NOUN, VOCABULARY, Phrase
 from darkminer.testbed.concepts import concept_names, get_concept
+from darkminer.testbed.image_encoder import SentenceEmbedder
 from darkminer.testbed.judge import Judge
-from darkminer.testbed.model import UNET_DIR, TestbedModel, load_text_encoder
+from darkminer.testbed.model import UNET_DIR, TestbedModel
 
 SEED = 0
 # Paraphrase prompts cycle through a concept's phrases; fewer prompts than phrases would leave some unmeasured.
@@ -35,21 +36,13 @@ def short_caption(phrase: Phrase) -> str:
     return f"a {phrase.text} circle" if phrase.form == "adjective" else f"a circle {phrase.text}"
 
 
-@torch.no_grad()
-def sentence_embeddings(encoder, tokenizer, texts: list[str]) -> torch.Tensor:
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    states = encoder(**batch).last_hidden_state
-    mask = batch.attention_mask.unsqueeze(-1).to(states.dtype)
-    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
-
-
-def encoder_neighbours(head: str, value: str, encoder, tokenizer) -> dict[str, dict]:
+def encoder_neighbours(head: str, value: str, embedder: SentenceEmbedder) -> dict[str, dict]:
     """Per held-out phrase of ``head=value``: the nearest training value and the two similarities."""
     training = [(v, short_caption(p)) for v, phrases in VOCABULARY[head].items() for p in phrases]
-    bank = sentence_embeddings(encoder, tokenizer, [text for _, text in training])
+    bank = embedder.encode([text for _, text in training])
     out = {}
     for phrase in HELDOUT[head][value]:
-        sims = (bank @ sentence_embeddings(encoder, tokenizer, [short_caption(phrase)])[0]).tolist()
+        sims = (bank @ embedder.encode([short_caption(phrase)])[0]).tolist()
         best: dict[str, float] = {}
         for (v, _), s in zip(training, sims, strict=True):
             best[v] = max(best.get(v, -1.0), s)
@@ -63,12 +56,12 @@ def paraphrase_report(model: TestbedModel | None, n: int) -> dict[str, dict]:
     """Per concept: the encoder's agreement and, with a model, its paraphrase rate, overall and per phrase."""
     if model is not None and n < MIN_IMAGES:
         raise ValueError(f"n={n}: use at least {MIN_IMAGES} images, one per held-out phrase")
-    encoder, tokenizer = load_text_encoder()
+    embedder = SentenceEmbedder()
     judge = Judge.load() if model is not None else None
     results = {}
     for name in concept_names():
         concept = get_concept(name)
-        phrases = encoder_neighbours(concept.head, concept.value, encoder, tokenizer)
+        phrases = encoder_neighbours(concept.head, concept.value, embedder)
         row = {"encoder_agrees": round(sum(p["nearest"] == concept.value for p in phrases.values()) / len(phrases), 3)}
         if model is not None:
             prompts = concept.paraphrase_prompts(n, SEED)

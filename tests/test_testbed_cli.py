@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from darkminer.cli import main
+from darkminer.io import load_tensors
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
 from darkminer.testbed.concepts import CONCEPTS
 
@@ -57,7 +61,6 @@ def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():
 
 
 def _train(tmp_path, name: str, steps: int, condition=None) -> dict:
-    from darkminer.io import load_tensors
     from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
 
     config = UNetTrainConfig(seed=5, steps=steps, batch_size=2, caption_bank=8, checkpoint_every=2, warmup_steps=1)
@@ -66,9 +69,6 @@ def _train(tmp_path, name: str, steps: int, condition=None) -> dict:
 
 
 def test_unet_training_is_seeded_and_resumes_from_its_checkpoint(tmp_path):
-    import pytest
-    import torch
-
     seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def spy(cond, empty, rng):
@@ -96,8 +96,6 @@ def test_unet_training_is_seeded_and_resumes_from_its_checkpoint(tmp_path):
 
 
 def _read_checkpoint_ema(work_dir):
-    import torch
-
     state = torch.load(work_dir / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     return {k.removeprefix("module."): v for k, v in state["ema"].items()}
