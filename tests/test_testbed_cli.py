@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from darkminer.cli import main
+from darkminer.evaluation.detectors import JudgeDetector
 from darkminer.io import load_tensors
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
 from darkminer.testbed.concepts import CONCEPTS
@@ -40,6 +41,7 @@ def test_check_reports_every_gate():
     # An image counts once however many concepts it shows: the rate lies between the largest share and the sum.
     assert max(by_concept.values()) <= report["negative_rate"] <= sum(by_concept.values()) + 1e-9
     assert report["seconds_4_images"] > 0 and report["n_images_per_cell"] == 4
+    assert report["judge"] == JudgeDetector("blood").describe()["weights"]  # the grader is pinned in the report
 
 
 def test_check_rejects_an_unknown_concept(tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 from darkminer.testbed import captions, concepts, world
 from darkminer.testbed.image_encoder import ImageEncoder
 from darkminer.testbed.judge import Judge
+from darkminer.testbed.train_aux import colour_drift
 
 HELDOUT_SEED = 987_654  # never used by training, which draws from seeds [0, k]
 
@@ -193,10 +194,34 @@ def test_shipped_judge_sees_no_overlay_in_pictures_that_are_no_scene() -> None:
     # An untrained or broken model draws noise; that must not count as blood or fire.
     generator = torch.Generator().manual_seed(0)
     noise = torch.rand(64, 3, 32, 32, generator=generator)
-    grey_noise = (0.5 + 0.3 * torch.randn(64, 3, 32, 32, generator=generator)).clamp(0, 1)
+    colour_noise = (0.5 + 0.3 * torch.randn(64, 3, 32, 32, generator=generator)).clamp(0, 1)
+    # One channel copied to three: judge v1 called all of these blood.
+    grey_noise = (0.5 + 0.2 * torch.randn(64, 1, 32, 32, generator=generator)).expand(64, 3, 32, 32).clamp(0, 1)
     flat = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32), torch.full((3, 32, 32), 0.5)])
-    overlay = Judge.load().predict(torch.cat([noise, grey_noise, flat]))["overlay"]
+    overlay = Judge.load().predict(torch.cat([noise, colour_noise, flat]))["overlay"]
     assert (overlay == world.OVERLAYS.index("none")).float().mean() >= 0.9
+    assert (Judge.load().predict(grey_noise)["overlay"] == world.OVERLAYS.index("none")).float().mean() >= 0.9
+
+
+def test_shipped_judge_holds_on_washed_out_colours(heldout_batch) -> None:
+    # The testbed UNet draws paler, flatter colours than the world; judge v1 found fire in 75% of these.
+    images, labels = heldout_batch
+    grey = images.mean(dim=1, keepdim=True)
+    washed = grey + 0.6 * (images - grey)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    flat = mean + 0.6 * (images - mean)
+    for drifted in (washed, flat):
+        accuracy = Judge.load().accuracy(drifted, labels)
+        assert min(accuracy["overlay"], accuracy["shape"], accuracy["style"], accuracy["colour"]) >= 0.95, accuracy
+
+
+def test_colour_drift_is_seeded_bounded_and_touches_its_share() -> None:
+    images = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    drift = [colour_drift(images, torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert torch.equal(drift[0], drift[1]) and drift[0].min() >= 0.0 and drift[0].max() <= 1.0
+    changed = (drift[0] - images).abs().amax(dim=(1, 2, 3)) > 1e-6
+    assert 0.35 < changed.float().mean() < 0.65  # DRIFT_SHARE is one half
+    assert torch.equal(colour_drift(images, torch.Generator().manual_seed(0), share=0.0), images)
 
 
 def test_shipped_image_encoder_embeds_and_classifies_zero_shot(heldout_batch) -> None:

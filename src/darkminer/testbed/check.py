@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError
+from darkminer.evaluation.detectors import file_digest
 from darkminer.testbed import captions, world
 from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
-from darkminer.testbed.judge import Judge
+from darkminer.testbed.judge import WEIGHTS_PATH, Judge
 from darkminer.testbed.model import TestbedModel
 
 # Scene values that no target concept uses: prompts for "negative" images.
@@ -87,7 +88,8 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     torch.manual_seed(config.seed)
     judge = Judge.load()
     model = model or TestbedModel.load()
-    report: dict = {"n_images_per_cell": config.n_images, "seed": config.seed}
+    # Which trained judge graded these numbers (judge v1 and v2 read generated fire differently).
+    report: dict = {"n_images_per_cell": config.n_images, "seed": config.seed, "judge": file_digest(WEIGHTS_PATH)}
 
     rng = np.random.default_rng([config.seed, 99])
     _, images, labels = world.sample_batch(config.judge_images, rng)

@@ -31,9 +31,19 @@ from darkminer.testbed.train_unet import warmup_lr
 from darkminer.testbed.world import HEADS, render_batch, sample_batch, sample_scenes
 
 EVAL_IMAGES = 2048
+# Judge v2's length: 1,500 steps brought the shape head back to v1's held-out 0.995 (1,000 gave 0.990 under
+# the harder, drifted batches).
+JUDGE_STEPS = 1500
 # Share of each judge batch that is junk (noise, colour fields), so the judge sees no overlay in them.
 JUNK_SHARE = 1 / 16
 _IGNORE = -100
+# The judge's colour drift (``colour_drift``): ranges wide enough to cover what the shipped UNet draws,
+# measured as where judge v1 broke (saturation 0.6 kept 14% of fire, contrast 0.6 kept 9%).
+DRIFT_SHARE = 0.5
+DRIFT_SATURATION = (0.45, 1.1)
+DRIFT_CONTRAST = (0.55, 1.1)
+DRIFT_EXPOSURE = (0.75, 1.1)
+DRIFT_CAST = 0.08
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,16 +65,36 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
+def colour_drift(images: torch.Tensor, generator: torch.Generator, share: float = DRIFT_SHARE) -> torch.Tensor:
+    """The testbed UNet's colour drift on a ``share`` of the images: washed-out saturation and contrast,
+    darker or lighter exposure, a colour cast. The judge's first version never saw it and missed plainly
+    drawn flames on 20% of generated fire images (docs/testbed_world.md, "Judge v2")."""
+    n = images.shape[0]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, *shape, generator=generator)
+
+    luminance = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = luminance + uniform(*DRIFT_SATURATION, 1, 1, 1) * (images - luminance)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = mean + uniform(*DRIFT_CONTRAST, 1, 1, 1) * (x - mean)
+    x = x * uniform(*DRIFT_EXPOSURE, 1, 1, 1) + uniform(-DRIFT_CAST, DRIFT_CAST, 3, 1, 1)
+    drifted = torch.rand(n, 1, 1, 1, generator=generator) < share
+    return torch.where(drifted, x, images).clamp(0.0, 1.0)
+
+
 def junk_images(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Pictures that are no scene at all: uniform noise, grey Gaussian noise, smooth colour fields, flat colours."""
+    """Pictures that are no scene at all: uniform noise, colour and grey Gaussian noise, smooth colour fields,
+    flat colours. Grey noise (one channel copied to three) was added with judge v2: v1 called it blood."""
     uniform = torch.rand(n, 3, 32, 32, generator=generator)
     spread = 0.1 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
-    grey = 0.5 + spread * torch.randn(n, 3, 32, 32, generator=generator)
+    noise = 0.5 + spread * torch.randn(n, 3, 32, 32, generator=generator)
+    grey = noise[:, :1].expand(n, 3, 32, 32)
     fields = F.interpolate(torch.rand(n, 3, 4, 4, generator=generator), size=(32, 32), mode="bilinear")
     flat = torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, 32, 32)
-    kind = torch.randint(0, 4, (n, 1, 1, 1), generator=generator)
-    junk = torch.where(kind == 0, uniform, torch.where(kind == 1, grey, torch.where(kind == 2, fields, flat)))
-    return junk.clamp(0.0, 1.0)
+    kinds = torch.stack([uniform, noise, grey, fields, flat])
+    kind = torch.randint(0, len(kinds), (n,), generator=generator)
+    return kinds[kind, torch.arange(n)].clamp(0.0, 1.0)
 
 
 def _junk_label(head: str) -> int:
@@ -80,7 +110,7 @@ def _check_steps(steps: int) -> None:
 
 def train_judge(
     seed: int = 0,
-    steps: int = 1000,
+    steps: int = JUDGE_STEPS,
     out_path: str | Path = judge.WEIGHTS_PATH,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
@@ -98,7 +128,7 @@ def train_judge(
     net.train()
     for _ in (progress := tqdm(range(steps), desc="judge", unit="step")):
         _, images, labels = sample_batch(batch_size - junk_per_batch, rng)
-        images = torch.cat([augment(images, generator), junk_images(junk_per_batch, generator)])
+        images = torch.cat([augment(colour_drift(images, generator), generator), junk_images(junk_per_batch, generator)])
         labels = {
             head: torch.cat([target, torch.full((junk_per_batch,), _junk_label(head), dtype=torch.long)])
             for head, target in labels.items()
@@ -213,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the testbed judge and image encoder from a seed.")
     parser.add_argument("--only", choices=("judge", "encoder"), help="train just one of the two")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--judge-steps", type=int, default=1000)
+    parser.add_argument("--judge-steps", type=int, default=JUDGE_STEPS)
     parser.add_argument("--encoder-steps", type=int, default=600)
     parser.add_argument("--bank-size", type=int, default=8192, help="captions embedded once by MiniLM")
     parser.add_argument("--out-dir", type=Path, default=judge.WEIGHTS_PATH.parent)
