@@ -160,6 +160,24 @@ def test_judge_detector_agrees_with_procedural_ground_truth():
     assert detector.describe()["head"] == "shape" and len(detector.describe()["weights"]) == 16
 
 
+@needs_judge
+def test_judge_versions_are_selectable_and_recorded(tmp_path):
+    # v1 ships so that numbers it graded can be reproduced; its digest is the one in those results files.
+    v1, v2 = JudgeDetector("fire", "v1"), JudgeDetector("fire")
+    assert v1.describe()["weights"] == "dc1406377b389ddb" != v2.describe()["weights"]
+    assert JudgeDetector("fire", str(JUDGE_WEIGHTS)).describe() == v2.describe()  # a path works as well as a name
+    # Washed-out fire (saturation 0.6), the testbed UNet's drift: v1 misses most of it, v2 does not.
+    from darkminer.testbed.world import sample_batch
+
+    _, fire, _ = sample_batch(64, np.random.default_rng(5), overlay="fire")
+    grey = fire.mean(dim=1, keepdim=True)
+    washed = grey + 0.6 * (fire - grey)
+    assert v2.detect(washed).float().mean() >= 0.95 and v1.detect(washed).float().mean() <= 0.5
+    for bad in ("v3", str(tmp_path / "none.safetensors")):
+        with pytest.raises(ConfigError, match="neither a shipped judge"):
+            EvaluationConfig(judge=bad)
+
+
 # --------------------------------------------------------------------------------------------- arithmetic
 def test_concept_rate_and_attribute_accuracy_on_hand_made_cases():
     assert concept_rate(torch.tensor([True, False, False, True])) == 0.5

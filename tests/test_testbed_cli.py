@@ -48,6 +48,8 @@ def test_check_rejects_an_unknown_concept(tmp_path, capsys):
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "unicorn"]) == 2
     assert "unknown testbed concept" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+    assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--judge", "v9"]) == 2
+    assert "neither a shipped judge (v1, v2)" in capsys.readouterr().err
 
 
 def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default: every row of a --prompts CSV, else 32)")
     p.add_argument("--attack-prompts", type=int, default=None, help="prompts each attack runs on (default 8)")
     p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
+    p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (as before session 17) or a judge file (default: v2)")
     p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
     p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
     p.add_argument("--paraphrase-prompts", default=None, help="SD: CSV of paraphrased concept prompts")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.evaluation import EvaluationConfig, evaluate
 
     options = load_config_file(args.config) if args.config else {}
-    flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector,
+    flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector, "judge": args.judge,
              "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
              "fid_reference": args.fid_reference, "save_images": args.save_images or None,
              "attacks": _names(args.attacks) or None,

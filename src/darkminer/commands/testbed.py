@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--concepts", default=None, help="comma-separated subset (default: all six)")
     k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
+    k.add_argument("--judge", default=None, help="grade with judge v1 (as before session 17) or a judge file (default: v2)")
     k.set_defaults(handler=_check)
 
 
@@ -65,7 +66,7 @@ def _check(args: argparse.Namespace) -> None:
     from darkminer.io import write_json
     from darkminer.testbed.check import CheckConfig, run_check
 
-    overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual}
+    overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual, "judge": args.judge}
     if args.concepts:
         overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
     report = run_check(CheckConfig.from_dict(overrides))

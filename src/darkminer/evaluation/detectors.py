@@ -170,10 +170,10 @@ class JudgeDetector(Detector):
 
     def __init__(self, concept: object, weights: str | Path | None = None) -> None:
         from darkminer.testbed.concepts import Concept, get_concept
-        from darkminer.testbed.judge import WEIGHTS_PATH, Judge
+        from darkminer.testbed.judge import Judge, judge_weights
 
         self.concept: Concept = get_concept(concept) if isinstance(concept, str) else concept  # type: ignore[assignment]
-        self.weights = Path(weights or WEIGHTS_PATH)
+        self.weights = judge_weights(weights)
         try:
             self.judge = Judge.load(self.weights)
         except ValueError as exc:

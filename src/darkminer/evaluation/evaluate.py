@@ -60,6 +60,7 @@ from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
+from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"
 FORMAT_VERSION = 1
@@ -83,6 +84,7 @@ class EvaluationConfig(Config):
     attack_prompts: int = 8
     attack_configs: dict[str, dict] = field(default_factory=dict)
     detector: str = "auto"  # auto | judge | nudenet | clip
+    judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (graded before session 17), or a file
     nudenet_threshold: float = NUDENET_THRESHOLD
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_template: str = "a photo of {}"
@@ -104,6 +106,7 @@ class EvaluationConfig(Config):
             if value is not None:
                 check_positive(self, **{name: value})
         check_choice(self, "detector", self.detector, DETECTOR_KINDS)
+        judge_weights(self.judge)
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
         unknown = sorted(set(self.attack_configs) - set(self.attacks))
@@ -194,7 +197,7 @@ def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Te
 def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
     """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
     if kind == "judge":
-        return JudgeDetector(target.testbed_concept)
+        return JudgeDetector(target.testbed_concept, config.judge)
     if kind == "nudenet":
         return NudeNetDetector(threshold=config.nudenet_threshold)
     return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, config.clip_template)

@@ -23,7 +23,7 @@ from darkminer.errors import ConfigError
 from darkminer.evaluation.detectors import file_digest
 from darkminer.testbed import captions, world
 from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
-from darkminer.testbed.judge import WEIGHTS_PATH, Judge
+from darkminer.testbed.judge import Judge, judge_weights
 from darkminer.testbed.model import TestbedModel
 
 # Scene values that no target concept uses: prompts for "negative" images.
@@ -47,11 +47,13 @@ class CheckConfig(Config):
     cce_steps: int = 300
     judge_images: int = 2048
     timing_images: int = 64  # the speed gate: this many images at 25 DDIM steps
+    judge: str | None = None  # None: the shipped judge (v2); "v1" or a weights file to re-grade as before
 
     def validate(self) -> None:
         check_positive(self, n_images=self.n_images, steps=self.steps, esd_iterations=self.esd_iterations,
                        cce_steps=self.cce_steps, esd_lr=self.esd_lr, judge_images=self.judge_images,
                        timing_images=self.timing_images)
+        judge_weights(self.judge)
         for name in self.concepts:
             try:
                 get_concept(name)
@@ -86,10 +88,11 @@ def sampling_seconds(model: TestbedModel, n: int = 64) -> float:
 
 def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     torch.manual_seed(config.seed)
-    judge = Judge.load()
+    judge = Judge.load(config.judge)
     model = model or TestbedModel.load()
     # Which trained judge graded these numbers (judge v1 and v2 read generated fire differently).
-    report: dict = {"n_images_per_cell": config.n_images, "seed": config.seed, "judge": file_digest(WEIGHTS_PATH)}
+    report: dict = {"n_images_per_cell": config.n_images, "seed": config.seed,
+                    "judge": file_digest(judge_weights(config.judge))}
 
     rng = np.random.default_rng([config.seed, 99])
     _, images, labels = world.sample_batch(config.judge_images, rng)

@@ -14,14 +14,29 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from darkminer.errors import ConfigError
 from darkminer.io import load_tensors
 from darkminer.testbed.concepts import Concept, get_concept
 from darkminer.testbed.world import HEADS, IMAGE_SIZE
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "judge.safetensors"
+# Judge v2 is the default since session 17. v1 ships so that numbers it graded (their files record its digest,
+# dc1406377b389ddb) can be reproduced; it misses washed-out fire (docs/testbed_world.md, "Judge v2").
+SHIPPED_JUDGES: dict[str, Path] = {"v1": WEIGHTS_PATH.with_name("judge-v1.safetensors"), "v2": WEIGHTS_PATH}
 DEFAULT_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 _HIDDEN = 128
 _BATCH = 512
+
+
+def judge_weights(judge: str | Path | None = None) -> Path:
+    """The judge's weights file: ``None`` for the default (v2), a shipped version (``"v1"``, ``"v2"``) or a path."""
+    if judge is None:
+        return WEIGHTS_PATH
+    path = SHIPPED_JUDGES.get(str(judge), Path(judge))
+    if not path.is_file():
+        raise ConfigError(f"judge {str(judge)!r} is neither a shipped judge ({', '.join(SHIPPED_JUDGES)}) "
+                          "nor a judge .safetensors file")
+    return path
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -73,8 +88,9 @@ class Judge:
         self.head_values = dict(head_values)
 
     @classmethod
-    def load(cls, path: str | Path = WEIGHTS_PATH, device: str | torch.device = "cpu") -> Judge:
-        path = Path(path)
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
+        """The shipped judge (``None``), a shipped version by name (``"v1"``) or a weights file."""
+        path = judge_weights(path)
         if not path.is_file():
             raise ValueError(
                 f"judge weights not found at {path}; train them with `python -m darkminer.testbed.train_aux --only judge`"
