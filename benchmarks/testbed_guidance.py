@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--scales", default="2,2.5,3,4")
     parser.add_argument("-n", type=int, default=48, help="images per prompt set")
     parser.add_argument("--out", default=None, help="JSON of the results")
+    parser.add_argument("--judge", default=None, help="v1 (the scan of session 2), v2 (default) or a judge file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, judge = TestbedModel.load(args.unet), Judge.load()
+    model, judge = TestbedModel.load(args.unet), Judge.load(args.judge)
     results = {}
     for scale in (float(s) for s in args.scales.split(",")):
         model.default_sampling = dataclasses.replace(model.default_sampling, guidance_scale=scale)
