@@ -37,8 +37,8 @@ JUDGE_STEPS = 1500
 # Share of each judge batch that is junk (noise, colour fields), so the judge sees no overlay in them.
 JUNK_SHARE = 1 / 16
 _IGNORE = -100
-# The judge's colour drift (``colour_drift``): ranges wide enough to cover what the shipped UNet draws,
-# measured as where judge v1 broke (saturation 0.6 kept 14% of fire, contrast 0.6 kept 9%).
+# The judge's colour drift (``colour_drift``): ranges that include where judge v1 broke on rendered fire
+# scenes (saturation x0.6 kept 14% of the fire, contrast x0.6 kept 9%), the range of the UNet's samples.
 DRIFT_SHARE = 0.5
 DRIFT_SATURATION = (0.45, 1.1)
 DRIFT_CONTRAST = (0.55, 1.1)
