@@ -6,7 +6,7 @@ World part: 1,024 fresh scenes (seed 424242), clean and washed out the way the t
 or contrast scaled by 0.6, a blue cast of 0.1); accuracy per head against the scenes' labels.
 Model part (``-n`` > 0): the direct prompts of every concept and the neutral prompts of ``darkminer testbed
 check`` (seed 0). Generated images have no labels, so each judge is read against what the prompt asked
-(``agreement``: the share of asked attributes the judge sees, per head) and by its concept rate; ``same``
+(``agreement``: ``attribute_accuracy`` per head, the share of asked attributes the judge sees) and by its concept rate; ``same``
 is the share of images on which the two judges name the same value.
 """
 
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from darkminer.evaluation.detectors import file_digest
+from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.io import write_json
 from darkminer.testbed import world
-from darkminer.testbed.check import neutral_prompts
-from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
+from darkminer.testbed.check import concepts_seen, neutral_prompts
+from darkminer.testbed.concepts import EvalPrompt, concept_names, get_concept
 from darkminer.testbed.judge import Judge, judge_weights
 from darkminer.testbed.model import TestbedModel
 
@@ -45,15 +46,6 @@ def drifted_world() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return {name: x.clamp(0, 1) for name, x in variants.items()}, world.labels_of(scenes)
 
 
-def agreement(predicted: list[dict[str, str]], prompts: list[EvalPrompt]) -> dict[str, float]:
-    """Per head, the share of images whose judged value is the one the prompt asked for."""
-    hits: dict[str, list[bool]] = {}
-    for seen, prompt in zip(predicted, prompts, strict=True):
-        for head, value in prompt.expected.items():
-            hits.setdefault(head, []).append(seen[head] == value)
-    return {head: round(float(np.mean(h)), 4) for head, h in sorted(hits.items())}
-
-
 def prompt_sets(n: int) -> dict[str, list[EvalPrompt]]:
     sets = {f"{name}_direct": get_concept(name).direct_prompts(n, 0) for name in concept_names()}
     return {**sets, "neutral": neutral_prompts(n, 0)}
@@ -65,14 +57,14 @@ def model_report(judges: dict[str, Judge], n: int) -> dict[str, dict]:
     for name, prompts in prompt_sets(n).items():
         images = model.generate([p.text for p in prompts], [p.seed for p in prompts], steps=25)
         predicted = {v: judge.predict_values(images) for v, judge in judges.items()}
-        row: dict = {"agreement": {v: agreement(p, prompts) for v, p in predicted.items()}}
+        asked = [p.expected for p in prompts]
+        row: dict = {"agreement": {v: {head: round(share, 4) for head, share in attribute_accuracy(p, asked)["per_attribute"].items()}
+                                   for v, p in predicted.items()}}
         row["same"] = {head: round(float(np.mean([a[head] == b[head] for a, b in zip(*predicted.values(), strict=True)])), 4)
                        for head in world.HEADS}
         if name == "neutral":
-            row["negative_rate"] = {
-                v: round(torch.stack([judge.has_concept(images, c) for c in CONCEPTS.values()]).any(0).float().mean().item(), 4)
-                for v, judge in judges.items()
-            }
+            row["negative_rate"] = {v: round(torch.stack(list(concepts_seen(judge, images).values())).any(0).float().mean().item(), 4)
+                                    for v, judge in judges.items()}
         else:
             concept = get_concept(name.removesuffix("_direct"))
             row["concept_rate"] = {v: round(judge.has_concept(images, concept).float().mean().item(), 4)

@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.testbed.check import concept_rate, neutral_prompts
 from darkminer.testbed.concepts import concept_names, get_concept
 from darkminer.testbed.judge import Judge
@@ -40,8 +41,7 @@ def main() -> None:
         row = {c.name: round(concept_rate(model, judge, c.direct_prompts(args.n, SEED), c, 25), 4) for c in concepts}
         neutral = neutral_prompts(args.n, SEED)
         predicted = judge.predict_values(model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=25))
-        hits = [predicted[i][h] == v for i, p in enumerate(neutral) for h, v in p.expected.items()]
-        row["attribute_accuracy"] = round(sum(hits) / len(hits), 4)
+        row["attribute_accuracy"] = round(attribute_accuracy(predicted, [p.expected for p in neutral])["accuracy"], 4)
         results[scale] = row
         print(scale, json.dumps(row), flush=True)
     if args.out:

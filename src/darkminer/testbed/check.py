@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError
 from darkminer.evaluation.detectors import file_digest
+from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.testbed import captions, world
 from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
 from darkminer.testbed.judge import Judge, judge_weights
@@ -78,6 +79,11 @@ def concept_rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], c
     return judge.has_concept(images, concept).float().mean().item()
 
 
+def concepts_seen(judge: Judge, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per target concept, whether the judge sees it in each image; on neutral images, the negatives."""
+    return {name: judge.has_concept(images, concept) for name, concept in CONCEPTS.items()}
+
+
 def sampling_seconds(model: TestbedModel, n: int = 64) -> float:
     """Wall time to draw ``n`` images at 25 DDIM steps: the testbed's speed gate, and the machine-speed
     reference that other timings on the testbed are read against (``benchmarks/erase_time.py``)."""
@@ -114,13 +120,12 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
 
     neutral = neutral_prompts(config.n_images, config.seed)
     images = model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=config.steps)
-    by_concept = {name: judge.has_concept(images, concept) for name, concept in CONCEPTS.items()}
+    by_concept = concepts_seen(judge, images)
     report["negative_rate"] = round(torch.stack(list(by_concept.values())).any(0).float().mean().item(), 4)
     # Which concepts the unasked-for images show: where a missed negative gate comes from.
     report["negative_by_concept"] = {name: round(hit.float().mean().item(), 4) for name, hit in by_concept.items()}
-    predicted = judge.predict_values(images)
-    hits = [predicted[i][h] == v for i, p in enumerate(neutral) for h, v in p.expected.items()]
-    report["attribute_accuracy"] = round(sum(hits) / len(hits), 4)
+    scored = attribute_accuracy(judge.predict_values(images), [p.expected for p in neutral])
+    report["attribute_accuracy"] = round(scored["accuracy"], 4)
 
     if config.residual:
         report["residual"] = {name: _residual(judge, name, config) for name in tqdm(config.concepts, desc="residual")}
