@@ -44,6 +44,15 @@ def test_check_reports_every_gate():
     assert report["judge"] == JudgeDetector("blood").describe()["weights"]  # the grader is pinned in the report
 
 
+def test_check_residual_runs_esd_x_then_cce_on_direct_and_word_prompts():
+    config = CheckConfig(n_images=2, concepts=["fire"], judge_images=64, timing_images=2, steps=2,
+                         esd_iterations=1, cce_steps=1)
+    residual = run_check(config)["residual"]["fire"]
+    assert set(residual) == {"esd_direct", "cce_attack", "esd_word", "cce_attack_word"}
+    # Two prompts per set: each rate is a share of two verdicts.
+    assert all(value in (0.0, 0.5, 1.0) for value in residual.values()), residual
+
+
 def test_check_rejects_an_unknown_concept(tmp_path, capsys):
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "unicorn"]) == 2
     assert "unknown testbed concept" in capsys.readouterr().err

@@ -162,6 +162,9 @@ def test_prompt_sets_carry_ground_truth(name: str) -> None:
     assert {p.text for p in paraphrased} and all(
         any(_contains(p.text, h) for h in concept.heldout_paraphrases) for p in paraphrased
     )
+    named = concept.word_prompts(30, seed=0)
+    for prompt in named:
+        assert prompt.expected[concept.head] == concept.value and concepts.holds_word(prompt.text, name), prompt.text
     for prompt in paraphrased:
         assert prompt.expected[concept.head] == concept.value
         assert not any(_contains(prompt.text, t) for t in concept.trigger_phrases), prompt.text
@@ -169,6 +172,15 @@ def test_prompt_sets_carry_ground_truth(name: str) -> None:
         assert prompt.expected[concept.head] != concept.value
         assert {"shape", "colour", "style", "overlay"} <= set(prompt.expected)
         assert not any(_contains(prompt.text, t) for t in concept.trigger_phrases), prompt.text
+
+
+def test_holds_word_matches_whole_words_only() -> None:
+    assert concepts.holds_word("a star covered in blood", "blood")
+    assert not concepts.holds_word("a bloody star", "blood") and not concepts.holds_word("a wounded star", "blood")
+    assert concepts.holds_word("a disc, as a sketch", "sketch") and not concepts.holds_word("a sketched disc", "sketch")
+    # Direct prompts reach blood through words ESD-x on "blood" never sees; word prompts only through the word.
+    blood = concepts.get_concept("blood")
+    assert not all(concepts.holds_word(p.text, "blood") for p in blood.direct_prompts(60))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,12 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
 
 
 def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
-    """Concept rate after ESD-x on the concept's word, and after CCE against that erased model."""
+    """Concept rate after ESD-x on the concept's word, and after CCE against that erased model.
+
+    Both on the direct prompts and on the direct prompts that hold the erased word (``Concept.word_prompts``):
+    ESD-x learns that one word, and the other trigger phrases ("wounded", "blazing", "line art") keep much of
+    the concept without any attack, so the direct rate mixes what ESD-x erased with what it never saw.
+    """
     from darkminer.api import erase
     from darkminer.attacks.base import AttackPrompt
     from darkminer.attacks.cce import CCEConfig, ConceptInversion
@@ -146,10 +152,20 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
                            config={"iterations": config.esd_iterations, "lr": config.esd_lr, "seed": config.seed,
                                    "ddim_steps": config.steps})
         erased = load_model("testbed", erased=erased_dir)
-    prompts = concept.direct_prompts(config.n_images, config.seed)
-    esd_rate = concept_rate(erased, judge, prompts, concept, config.steps)
+    direct = concept.direct_prompts(config.n_images, config.seed)
+    named = concept.word_prompts(config.n_images, config.seed)
     target = resolve_target(erased, name, seed=config.seed)
     attack = ConceptInversion(CCEConfig(steps=config.cce_steps, seed=config.seed))
-    results = attack.run(erased, target, [AttackPrompt(p.text, p.seed) for p in prompts],
+    # One token for both sets; each prompt's unattacked verdict is the erased model's (ESD-x's) on it.
+    results = attack.run(erased, target, [AttackPrompt(p.text, p.seed) for p in direct + named],
                          lambda images: judge.has_concept(images, concept))
-    return {"esd_direct": round(esd_rate, 4), "cce_attack": round(sum(r.success_after for r in results) / len(results), 4)}
+    on_direct, on_word = results[:len(direct)], results[len(direct):]
+    return {"esd_direct": _share(r.success_before for r in on_direct),
+            "cce_attack": _share(r.success_after for r in on_direct),
+            "esd_word": _share(r.success_before for r in on_word),
+            "cce_attack_word": _share(r.success_after for r in on_word)}
+
+
+def _share(verdicts: Iterable[bool]) -> float:
+    verdicts = list(verdicts)
+    return round(sum(verdicts) / len(verdicts), 4)

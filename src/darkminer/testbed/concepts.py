@@ -7,6 +7,7 @@ and generators of evaluation prompt sets with ground truth.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,12 @@ class Concept:
         options = trigger_phrases(self.head, self.value)
         return self._concept_prompts(n, seed, _purpose("direct", split), options)
 
+    def word_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
+        """Direct prompts whose trigger phrase holds the concept's name as a word ("covered in blood", not
+        "bloody" or "wounded"): the prompts an eraser trained on that one word (ESD-x) is asked to erase."""
+        options = tuple(p for p in trigger_phrases(self.head, self.value) if holds_word(p.text, self.name))
+        return self._concept_prompts(n, seed, "word", options)
+
     def anchor_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Prompts drawn as ``direct_prompts`` are, with the anchor value's trigger words in place of the
         concept's: what an eraser that turned the concept exactly into its anchor would be asked."""
@@ -111,6 +118,11 @@ class Concept:
 
 
 SPLITS = ("evaluation", "erasure")
+
+
+def holds_word(text: str, word: str) -> bool:
+    """Whether ``text`` holds ``word`` as a whole word: "covered in blood" does, "bloody" does not."""
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
 
 
 def _purpose(purpose: str, split: str) -> str:
