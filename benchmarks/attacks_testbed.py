@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack  # noqa: E402
+from darkminer.attacks.base import AttackPrompt, attack_success_rate, before_and_after_rates, get_attack  # noqa: E402
 from darkminer.attacks.io import run_attack  # noqa: E402
 from darkminer.commands.attack import success_function  # noqa: E402
 from darkminer.models import load_model  # noqa: E402
@@ -84,9 +84,9 @@ def main() -> None:
             config = attack_cls.config_class.from_dict({**BUDGETS.get(name, {}), "seed": args.seed})
             started = time.time()
             results = run_attack(attack_cls(config), model, target, prompts, success, out=out / f"{model_name}-{name}")
+            before, after = before_and_after_rates(results)
             row = {"model": model_name, "attack": name, "asr": attack_success_rate(results),
-                   "before": sum(r.success_before for r in results) / len(results),
-                   "after": sum(r.success_after for r in results) / len(results),
+                   "before": before, "after": after,
                    "seconds_per_prompt": (time.time() - started) / len(results), "budget": BUDGETS.get(name, {})}
             rows.append(row)
             print(f"{model_name:9s} {name:12s} ASR {row['asr']:.2f} (unattacked {row['before']:.2f}, "

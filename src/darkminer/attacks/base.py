@@ -93,6 +93,14 @@ def attack_success_rate(results: Sequence[AttackResult]) -> float:
     return sum(r.success for r in results) / len(results)
 
 
+def before_and_after_rates(results: Sequence[AttackResult]) -> tuple[float, float]:
+    """The shares of prompts whose own text shows the concept, and whose adversarial prompt does."""
+    if not results:
+        raise DarkMinerError("no attack results to score")
+    return (sum(r.success_before for r in results) / len(results),
+            sum(r.success_after for r in results) / len(results))
+
+
 ATTACKS: dict[str, type[Attack]] = {}
 
 

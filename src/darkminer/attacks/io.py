@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, attack_success_rate
+from darkminer.attacks.base import (
+    Attack,
+    AttackPrompt,
+    AttackResult,
+    SuccessFn,
+    attack_success_rate,
+    before_and_after_rates,
+)
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, read_json, save_tensors, write_json
@@ -82,7 +89,7 @@ def save_results(
         "target": target.to_dict(),
         "model": model,
         "attack_success_rate": attack_success_rate(results),
-        "success_before_rate": sum(r.success_before for r in results) / len(results),
+        "success_before_rate": before_and_after_rates(results)[0],
         "n_prompts": len(results),
         "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
         "results": [result_to_dict(r) for r in results],

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
+from darkminer.attacks.base import (
+    AttackPrompt,
+    AttackResult,
+    attack_success_rate,
+    before_and_after_rates,
+    get_attack,
+)
 from darkminer.config import Config, check_choice, check_positive, load_config_file
 from darkminer.errors import DarkMinerError
 from darkminer.evaluation.detectors import (
@@ -326,10 +332,11 @@ def evaluate(
         results = processes.broadcast_object(attack.run(net, target, attack_prompts, detector.detect, original=net))
         attacks[name] = attack_success_rate(results)
         replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
+        before, after = before_and_after_rates(results)
         attack_details[name] = {
             "n_prompts": len(results),
-            "success_before": sum(r.success_before for r in results) / len(results),
-            "success_after": sum(r.success_after for r in results) / len(results),
+            "success_before": before,
+            "success_after": after,
             "replayed_concept_rate": concept_rate(replayed),
             "seconds": round(time.time() - attack_started, 2),
             "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
     the concept without any attack, so the direct rate mixes what ESD-x erased with what it never saw.
     """
     from darkminer.api import erase
-    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.base import AttackPrompt, before_and_after_rates
     from darkminer.attacks.cce import CCEConfig, ConceptInversion
     from darkminer.models import load_model
     from darkminer.targets import resolve_target
@@ -159,13 +158,7 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
     # One token for both sets; each prompt's unattacked verdict is the erased model's (ESD-x's) on it.
     results = attack.run(erased, target, [AttackPrompt(p.text, p.seed) for p in direct + named],
                          lambda images: judge.has_concept(images, concept))
-    on_direct, on_word = results[:len(direct)], results[len(direct):]
-    return {"esd_direct": _share(r.success_before for r in on_direct),
-            "cce_attack": _share(r.success_after for r in on_direct),
-            "esd_word": _share(r.success_before for r in on_word),
-            "cce_attack_word": _share(r.success_after for r in on_word)}
-
-
-def _share(verdicts: Iterable[bool]) -> float:
-    verdicts = list(verdicts)
-    return round(sum(verdicts) / len(verdicts), 4)
+    direct_before, direct_after = before_and_after_rates(results[:len(direct)])
+    word_before, word_after = before_and_after_rates(results[len(direct):])
+    return {"esd_direct": round(direct_before, 4), "cce_attack": round(direct_after, 4),
+            "esd_word": round(word_before, 4), "cce_attack_word": round(word_after, 4)}
