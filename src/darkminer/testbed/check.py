@@ -4,7 +4,8 @@ Gates (issue "The testbed"): judge accuracy per head on held-out procedural imag
 direct prompts and held-out paraphrases per concept; negative rate (a concept seen where no prompt asked
 for one), and which concepts make it up; the anchor rate (the concept seen on prompts asking for its anchor
 instead); attribute accuracy; the residual (concept rate after ESD-x on the concept's word, and after a
-CCE attack on that erased model); the time to draw 64 images at 25 DDIM steps.
+CCE attack on that erased model, on the direct prompts and on those that hold the word); the time to draw
+64 images at 25 DDIM steps.
 """
 
 from __future__ import annotations
