@@ -13,15 +13,15 @@ never saw ("wounded", "blazing", "line art").
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from darkminer.api import erase
 from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.erased import INFO_NAME as ERASED_INFO
-from darkminer.testbed.check import CheckConfig
+from darkminer.testbed.check import CheckConfig, esd_x
 from darkminer.testbed.concepts import get_concept, holds_word
 from darkminer.testbed.judge import Judge
 
@@ -31,8 +31,7 @@ def measure(name: str, seed: int, n: int, judge: Judge, work_dir: Path) -> dict:
     concept = get_concept(name)
     erased_dir = work_dir / f"{name}_seed{seed}"
     if not (erased_dir / ERASED_INFO).exists():  # kept, so a rerun only grades
-        erase("esd-x", name, erased_dir, model="testbed",
-              config={"iterations": check.esd_iterations, "lr": check.esd_lr, "seed": seed, "ddim_steps": check.steps})
+        esd_x(name, erased_dir, replace(check, seed=seed))  # the ESD-x seed; the prompts keep the check's
     erased = load_model("testbed", erased=erased_dir)
     prompts = concept.direct_prompts(n, check.seed)
     hits = judge.has_concept(erased.generate([p.text for p in prompts], [p.seed for p in prompts], steps=check.steps), concept)

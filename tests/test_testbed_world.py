@@ -163,6 +163,7 @@ def test_prompt_sets_carry_ground_truth(name: str) -> None:
         any(_contains(p.text, h) for h in concept.heldout_paraphrases) for p in paraphrased
     )
     named = concept.word_prompts(30, seed=0)
+    assert len(named) == 30
     for prompt in named:
         assert prompt.expected[concept.head] == concept.value and concepts.holds_word(prompt.text, name), prompt.text
     for prompt in paraphrased:

@@ -133,6 +133,16 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     return report
 
 
+def esd_x(name: str, out: Path, config: CheckConfig) -> Path:
+    """ESD-x on the concept's word at the check's setting (iterations, rate, seed, DDIM steps): the residual's
+    erased model, written to ``out``."""
+    from darkminer.api import erase
+
+    return erase("esd-x", name, out, model="testbed",
+                 config={"iterations": config.esd_iterations, "lr": config.esd_lr, "seed": config.seed,
+                         "ddim_steps": config.steps})
+
+
 def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
     """Concept rate after ESD-x on the concept's word, and after CCE against that erased model.
 
@@ -140,7 +150,6 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
     ESD-x learns that one word, and the other trigger phrases ("wounded", "blazing", "line art") keep much of
     the concept without any attack, so the direct rate mixes what ESD-x erased with what it never saw.
     """
-    from darkminer.api import erase
     from darkminer.attacks.base import AttackPrompt, before_and_after_rates
     from darkminer.attacks.cce import CCEConfig, ConceptInversion
     from darkminer.models import load_model
@@ -148,10 +157,7 @@ def _residual(judge: Judge, name: str, config: CheckConfig) -> dict:
 
     concept = get_concept(name)
     with tempfile.TemporaryDirectory() as tmp:
-        erased_dir = erase("esd-x", name, Path(tmp) / "esd-x", model="testbed",
-                           config={"iterations": config.esd_iterations, "lr": config.esd_lr, "seed": config.seed,
-                                   "ddim_steps": config.steps})
-        erased = load_model("testbed", erased=erased_dir)
+        erased = load_model("testbed", erased=esd_x(name, Path(tmp) / "esd-x", config))
     direct = concept.direct_prompts(config.n_images, config.seed)
     named = concept.word_prompts(config.n_images, config.seed)
     target = resolve_target(erased, name, seed=config.seed)
