@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from darkminer.evaluation.detectors import file_digest
 from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.erased import INFO_NAME as ERASED_INFO
 from darkminer.testbed.check import CheckConfig, esd_x
 from darkminer.testbed.concepts import get_concept, holds_word
-from darkminer.testbed.judge import Judge
+from darkminer.testbed.judge import Judge, judge_weights
 
 
 def measure(name: str, seed: int, n: int, judge: Judge, work_dir: Path) -> dict:
@@ -56,7 +57,7 @@ def main() -> None:
             rows.append(measure(name, int(seed), args.n, judge, Path(args.work_dir)))
             print(rows[-1], flush=True)
     write_json(args.out, {"esd": {"iterations": CheckConfig.esd_iterations, "lr": CheckConfig.esd_lr},
-                          "judge": "v2", "n_prompts": args.n, "rows": rows})
+                          "judge": file_digest(judge_weights(None)), "n_prompts": args.n, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def test_check_reports_every_gate():
 def test_check_residual_runs_esd_x_then_cce_on_direct_and_word_prompts():
     config = CheckConfig(n_images=2, concepts=["fire"], judge_images=64, timing_images=2, steps=2,
                          esd_iterations=1, cce_steps=1)
-    residual = run_check(config)["residual"]["fire"]
+    report = run_check(config)
+    assert report["residual_setting"] == {"esd_iterations": 1, "esd_lr": 1e-3, "cce_steps": 1}
+    residual = report["residual"]["fire"]
     assert set(residual) == {"esd_direct", "cce_attack", "esd_word", "cce_attack_word"}
     # Two prompts per set: each rate is a share of two verdicts.
     assert all(value in (0.0, 0.5, 1.0) for value in residual.values()), residual
@@ -59,6 +61,8 @@ def test_check_rejects_an_unknown_concept(tmp_path, capsys):
     assert not (tmp_path / "c.json").exists()
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--judge", "v9"]) == 2
     assert "neither a shipped judge (v1, v2)" in capsys.readouterr().err
+    assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--cce-steps", "0"]) == 2
+    assert "cce_steps" in capsys.readouterr().err
 
 
 def test_anchor_prompts_ask_for_the_anchor_in_the_direct_prompts_scenes():

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--concepts", default=None, help="comma-separated subset (default: all six)")
     k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
+    k.add_argument("--cce-steps", type=int, default=None,
+                   help="CCE optimiser steps of the residual's attack (default 300; docs/testbed.md)")
     k.add_argument("--judge", default=None, help="grade with judge v1 (as before session 17) or a judge file (default: v2)")
     k.set_defaults(handler=_check)
 
@@ -69,6 +71,8 @@ def _check(args: argparse.Namespace) -> None:
     overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual, "judge": args.judge}
     if args.concepts:
         overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    if args.cce_steps is not None:
+        overrides["cce_steps"] = args.cce_steps
     report = run_check(CheckConfig.from_dict(overrides))
     write_json(args.out, report)
     print(f"wrote {args.out}")

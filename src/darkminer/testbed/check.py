@@ -129,6 +129,9 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     report["attribute_accuracy"] = round(scored["accuracy"], 4)
 
     if config.residual:
+        # The residual's settings travel with its numbers: CCE's length decides whether it brings striped back.
+        report["residual_setting"] = {"esd_iterations": config.esd_iterations, "esd_lr": config.esd_lr,
+                                      "cce_steps": config.cce_steps}
         report["residual"] = {name: _residual(judge, name, config) for name in tqdm(config.concepts, desc="residual")}
     return report
 
