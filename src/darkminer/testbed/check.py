@@ -46,7 +46,9 @@ class CheckConfig(Config):
     esd_iterations: int = 200
     # The testbed's ESD-x rate: the authors' 1e-5 x 100, calibrated once on blood (docs/methods.md).
     esd_lr: float = 1e-3
-    cce_steps: int = 300
+    # 900, not 300: at 300 CCE had not converged on striped (0.440 against 0.875); at 900 every concept's
+    # attack brings its concept back in >= 0.775 of the direct prompts (docs/testbed.md, "CCE at 900 steps").
+    cce_steps: int = 900
     judge_images: int = 2048
     timing_images: int = 64  # the speed gate: this many images at 25 DDIM steps
     judge: str | None = None  # None: the shipped judge (v2); "v1" or a weights file to re-grade as before
