@@ -11,6 +11,7 @@ from peft.utils import set_peft_model_state_dict
 from darkminer.api import erase
 from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.erasers.darkminer import loop as loop_module
+from darkminer.erasers.darkminer import mining as mining_module
 from darkminer.erasers.darkminer.circumventing import _trajectory_bank, circumvent
 from darkminer.erasers.darkminer.loop import keep_rounds, load_rounds
 from darkminer.erasers.darkminer.pool import ImagePool
@@ -94,6 +95,50 @@ def test_concept_prompts_sets_how_many_of_the_concepts_prompts_round_0_and_the_r
     assert sizes == [(2 + n, 0), (1, 2 + n)]
     with pytest.raises(ConfigError, match="concept_prompts must be >= 0"):
         DarkMinerConfig(concept_prompts=-1)
+
+
+def test_mining_in_context_denoises_each_image_under_its_own_prompt_with_the_tokens(tmp_path, monkeypatch):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\n" + "".join(f"nudity scene {i}\n" for i in range(4)))
+    seen, picks, sizes = [], [], []
+    real_loss, real_circumvent, real_pick = mining_module.denoising_loss, loop_module.circumvent, ImagePool.pick
+
+    def pick_spy(pool, k, generator):
+        picks.append(real_pick(pool, k, generator))
+        return picks[-1]
+
+    def loss_spy(model, latents, cond, t, noise):
+        seen.append((latents.detach().clone(), cond.detach().clone()))
+        return real_loss(model, latents, cond, t, noise)
+
+    def circumvent_spy(model, params, erase_conds, *args, replay_conds=None, **kwargs):
+        sizes.append((len(erase_conds), len(replay_conds)))
+        return real_circumvent(model, params, erase_conds, *args, replay_conds=replay_conds, **kwargs)
+
+    monkeypatch.setattr(mining_module, "denoising_loss", loss_spy)
+    monkeypatch.setattr(loop_module, "circumvent", circumvent_spy)
+    monkeypatch.setattr(ImagePool, "pick", pick_spy)
+    config = {**TINY, "rounds": 2, "concept_prompts": 1, "mine_in_context": True, "seed": 1}
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", prompts=csv, config=config)
+
+    model = load_model("tiny-random-sd")
+    prompts = ["nudity", "nudity scene 0", "nudity scene 1", "nudity scene 2"]  # on SD the word comes first
+    first, _ = load_rounds(out)[0]
+    # The tokens sit after each pool prompt's first token; the rest of every row is that prompt.
+    assert first.input_ids.shape == (TINY["pool_size"], model.max_length)
+    plain = model.tokenize(prompts)
+    kept = [i for i in range(model.max_length) if i not in first.slots]
+    torch.testing.assert_close(first.input_ids[:, kept], plain[:, : len(kept)])
+    # Round 0's first mining step (the run's first pick): each picked image under its own prompt with the
+    # starting tokens (the word).
+    _, cond = seen[0]
+    assert picks[0].tolist() != list(range(TINY["k"]))  # seed 1: rows that tell a per-image prompt from the first k
+    word = model.token_embedding.weight[model.tokenize(["nudity"])[0, 1]].detach()
+    start = type(first)("token", word.expand(len(first.slots), -1).clone(), first.input_ids, first.slots)
+    torch.testing.assert_close(cond, start.condition(model, picks[0]), atol=1e-5, rtol=0)
+    assert not torch.allclose(cond[0], cond[1])  # two prompts, two conditions
+    # Each round circumvents the tokens in the first k pool prompts (round 0 also the word and 1 prompt).
+    assert sizes == [(TINY["k"] + 2, 0), (TINY["k"], TINY["k"] + 2)]
 
 
 def test_contrast_verification_scores_against_the_preservation_pool(tmp_path, monkeypatch):
@@ -213,6 +258,8 @@ def test_config_is_validated():
         DarkMinerConfig(trajectory_share=1.5)
     with pytest.raises(ConfigError, match="trajectory_weight must be >= 0"):
         DarkMinerConfig(trajectory_weight=-1)
+    with pytest.raises(ConfigError, match="mine_in_context.*needs space: token"):
+        DarkMinerConfig(space="condition", mine_in_context=True)
     assert DarkMinerConfig.from_dict({"lora": {"rank": 8}}).lora.rank == 8
 
 

@@ -23,6 +23,10 @@ class DarkMinerConfig(EraserConfig):
     n_tokens: int = 4
     init: str = "previous"  # the first round starts from the concept word whatever this says, unless "random"
     mining_steps: int = 60
+    # Mine the tokens inside each pool image's own prompt (slots after its first token), as UnlearnDiffAtk
+    # attacks: a few tokens added to a concept prompt. Verified and circumvented in the first k pool
+    # prompts. False mines them alone, the paper's description (docs/darkminer.md, "Mining in context").
+    mine_in_context: bool = False
     mining_lr: float = 0.01
     # Verifying
     verify: bool = True
@@ -79,6 +83,8 @@ class DarkMinerConfig(EraserConfig):
             raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")
         check_choice(self, "space", self.space, SPACES)
         check_choice(self, "init", self.init, INITS)
+        if self.mine_in_context and self.space != "token":
+            raise ConfigError("DarkMinerConfig.mine_in_context inserts tokens into prompts; it needs space: token")
         if self.k > self.pool_size:
             raise ConfigError(f"DarkMinerConfig.k ({self.k}) cannot exceed pool_size ({self.pool_size})")
         if self.verify_contrast and not self.verify:

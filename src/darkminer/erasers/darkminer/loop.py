@@ -80,14 +80,14 @@ class DarkMiner(Eraser):
             g = _round_generator(cfg.seed, round_index)
             entry: dict = {"round": round_index}
             tick = time.time()
-            start = initial_embedding(model, target.word, cfg, g, previous)
+            start = initial_embedding(model, target.word, cfg, g, previous, pool.prompts if cfg.mine_in_context else None)
             mined, entry["mining"] = mine(model, pool, start, cfg, g)
             entry["seconds_mining"] = round(time.time() - tick, 2)
             if mined.space == "token":
                 _, words = model.nearest_tokens(mined.values, k=3)
                 entry["nearest_tokens"] = words
             with torch.no_grad():
-                cond = mined.condition(model).detach()
+                cond = self._conditions(model, mined)
 
             tick = time.time()
             if encoder is not None:
@@ -131,11 +131,15 @@ class DarkMiner(Eraser):
             "final_score": log[-1].get("score") if log else None,
         }
 
+    def _conditions(self, model: DiffusionModel, mined: MinedEmbedding) -> torch.Tensor:
+        """What a round verifies and circumvents: the mined embedding, or its tokens in the first k pool prompts."""
+        return mined.condition(model)[: self.config.k].detach()
+
     def _replay_conditions(self, model: DiffusionModel, log: list[dict], mined: list[MinedEmbedding],
                            own_words: torch.Tensor) -> torch.Tensor:
         """Conditions of every earlier round's verified embedding, and the concept's words once round 0 has run."""
         with torch.no_grad():
-            conds = [m.condition(model) for m, entry in zip(mined, log, strict=True) if entry["passed"]]
+            conds = [self._conditions(model, m) for m, entry in zip(mined, log, strict=True) if entry["passed"]]
         if log and self.config.concept_word_first_round:
             conds.append(own_words)
         return torch.cat(conds).detach() if conds else own_words[:0]

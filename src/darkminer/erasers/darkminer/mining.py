@@ -22,23 +22,29 @@ from darkminer.models.base import DiffusionModel
 class MinedEmbedding:
     space: str
     values: torch.Tensor  # token: (n, E) input embeddings; condition: (L, D) states
-    input_ids: torch.Tensor | None  # token space: the ids with slots, for masks and positions
+    # Token space: the ids with slots, (L,) for the tokens alone or (P, L) for them in P prompts
+    # (mine_in_context); for masks and positions.
+    input_ids: torch.Tensor | None
     slots: list[int]
 
-    def condition(self, model: DiffusionModel) -> torch.Tensor:
-        """(1, L, D) conditioning states."""
+    def condition(self, model: DiffusionModel, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, L, D) conditioning states, or (P, L, D) for tokens mined in P prompts (only ``rows`` of them if given)."""
         if self.space == "condition":
             return self.values[None]
-        embeds = model.embed_ids(self.input_ids[None]).detach().clone()
-        embeds[0, self.slots] = self.values.to(embeds.dtype)
-        return model.encode_embeddings(embeds, self.input_ids[None])
+        ids = self.input_ids if self.input_ids.dim() == 2 else self.input_ids[None]
+        ids = ids if rows is None else ids[rows.to(ids.device)]
+        embeds = model.embed_ids(ids).detach().clone()
+        embeds[:, self.slots] = self.values.to(embeds.dtype)
+        return model.encode_embeddings(embeds, ids)
 
     def detached(self) -> MinedEmbedding:
         return MinedEmbedding(self.space, self.values.detach().clone(), self.input_ids, self.slots)
 
 
 def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig, generator: torch.Generator,
-                      previous: MinedEmbedding | None) -> MinedEmbedding:
+                      previous: MinedEmbedding | None, contexts: list[str] | None = None) -> MinedEmbedding:
+    """The start of a round's mining; token space puts the slots in ``contexts`` (the pool's prompts) when
+    given, else in the empty prompt."""
     if previous is not None and config.init == "previous":
         return previous.detached()
     if config.space == "condition":
@@ -47,7 +53,7 @@ def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig,
         else:
             values = model.encode([word])[0]
         return MinedEmbedding("condition", values.detach().clone(), None, [])
-    ids, slots = model.insert_slots([""], config.n_tokens)
+    ids, slots = model.insert_slots(contexts or [""], config.n_tokens)
     table = model.token_embedding.weight.detach()
     if config.init == "random":
         allowed = [i for i in range(table.shape[0]) if i not in model.special_token_ids]
@@ -55,7 +61,7 @@ def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig,
     else:
         word_ids = [i for i in model.tokenize([word])[0].tolist() if i not in model.special_token_ids]
         pick = torch.tensor([word_ids[i % len(word_ids)] for i in range(config.n_tokens)])
-    return MinedEmbedding("token", table[pick.to(table.device)].clone(), ids[0], slots)
+    return MinedEmbedding("token", table[pick.to(table.device)].clone(), ids if contexts else ids[0], slots)
 
 
 def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: DarkMinerConfig,
@@ -67,9 +73,12 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
     # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
     step_losses = torch.zeros(config.mining_steps, device=model.device)
     for step in range(config.mining_steps):
-        latents, _ = pool.batch(config.k, generator)
+        index = pool.pick(config.k, generator)
+        latents = pool.latents[index]
         noise, t = draw_noise_and_timesteps(model, latents, generator)
-        loss = denoising_loss(model, latents, mined.condition(model).expand(len(latents), -1, -1), t, noise)
+        # In context each image is denoised under its own prompt with the tokens; alone, under the tokens.
+        cond = mined.condition(model, index if config.mine_in_context else None)
+        loss = denoising_loss(model, latents, cond.expand(len(latents), -1, -1), t, noise)
         # Gradients for the embedding only: the adapter's parameters must not accumulate any here.
         (grad,) = torch.autograd.grad(loss, [values])
         values.grad = grad

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +21,14 @@ class ImagePool:
     images: torch.Tensor  # (N, 3, H, W) in [0, 1], for the verifier's encoder
     latents: torch.Tensor  # (N, C, h, w), the UNet's input space, for denoising losses
     conds: torch.Tensor  # (N, L, D) the prompts that drew them
+    prompts: list[str] = field(default_factory=list)  # their text (mine_in_context inserts the tokens there)
+
+    def pick(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """``k`` distinct random rows."""
+        return torch.randperm(len(self.latents), generator=generator)[:k]
 
     def batch(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randperm(len(self.latents), generator=generator)[:k]
+        index = self.pick(k, generator)
         return self.latents[index], self.conds[index]
 
 
@@ -43,7 +48,7 @@ def build_pool(
     # One answer for all processes: the sampling below is collective, so all must take the same branch.
     if processes.broadcast_object(cache.is_file()):
         stored = load_tensors(cache, device=model.device)
-        return ImagePool(stored["images"].float(), stored["latents"].to(model.dtype), conds)
+        return ImagePool(stored["images"].float(), stored["latents"].to(model.dtype), conds, chosen)
     with torch.no_grad():
         # Under a launcher each process draws a share of the batches and all get the whole pool.
         latents = sharded_sample(model, conds, list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale,
@@ -53,7 +58,7 @@ def build_pool(
     if processes.is_main:  # every process holds the same pool; one writes it
         save_tensors(cache, {"images": images, "latents": latents})
     # The stored precision, so a run that reads the cache sees exactly what this one sees.
-    return ImagePool(images.float(), latents, conds)
+    return ImagePool(images.float(), latents, conds, chosen)
 
 
 def build_pools(model: DiffusionModel, target: EraseTarget, config: DarkMinerConfig, work_dir: Path) -> tuple[ImagePool, ImagePool]:
