@@ -23,11 +23,11 @@ class DarkMinerConfig(EraserConfig):
     n_tokens: int = 4
     init: str = "previous"  # the first round starts from the concept word whatever this says, unless "random"
     mining_steps: int = 60
+    mining_lr: float = 0.01
     # Mine the tokens inside each pool image's own prompt (slots after its first token), as UnlearnDiffAtk
     # attacks: a few tokens added to a concept prompt. Verified and circumvented in the first k pool
     # prompts. False mines them alone, the paper's description (docs/darkminer.md, "Mining in context").
     mine_in_context: bool = False
-    mining_lr: float = 0.01
     # Verifying
     verify: bool = True
     tau: float = 0.1

@@ -2,7 +2,8 @@
 
 Minimise over c the denoising loss E ||eps - eps_theta(x_t | c, t)||^2 on pool images, the model frozen.
 In ``token`` space c is n input-token embeddings passed through the frozen text encoder (what a prompt
-can reach); in ``condition`` space c is the encoder's output states themselves.
+can reach; with ``mine_in_context`` the tokens sit inside each pool image's own prompt, which is denoised
+under it); in ``condition`` space c is the encoder's output states themselves.
 """
 
 from __future__ import annotations
