@@ -14,6 +14,7 @@ from darkminer.erasers.darkminer import loop as loop_module
 from darkminer.erasers.darkminer import mining as mining_module
 from darkminer.erasers.darkminer.circumventing import _trajectory_bank, circumvent
 from darkminer.erasers.darkminer.loop import keep_rounds, load_rounds
+from darkminer.erasers.darkminer.mining import MinedEmbedding
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.darkminer.verifying import direction_score
 from darkminer.errors import ConfigError, DarkMinerError
@@ -108,7 +109,7 @@ def test_mining_in_context_denoises_each_image_under_its_own_prompt_with_the_tok
         return picks[-1]
 
     def loss_spy(model, latents, cond, t, noise):
-        seen.append((latents.detach().clone(), cond.detach().clone()))
+        seen.append(cond.detach().clone())
         return real_loss(model, latents, cond, t, noise)
 
     def circumvent_spy(model, params, erase_conds, *args, replay_conds=None, **kwargs):
@@ -131,10 +132,10 @@ def test_mining_in_context_denoises_each_image_under_its_own_prompt_with_the_tok
     torch.testing.assert_close(first.input_ids[:, kept], plain[:, : len(kept)])
     # Round 0's first mining step (the run's first pick): each picked image under its own prompt with the
     # starting tokens (the word).
-    _, cond = seen[0]
+    cond = seen[0]
     assert picks[0].tolist() != list(range(TINY["k"]))  # seed 1: rows that tell a per-image prompt from the first k
     word = model.token_embedding.weight[model.tokenize(["nudity"])[0, 1]].detach()
-    start = type(first)("token", word.expand(len(first.slots), -1).clone(), first.input_ids, first.slots)
+    start = MinedEmbedding("token", word.expand(len(first.slots), -1).clone(), first.input_ids, first.slots)
     torch.testing.assert_close(cond, start.condition(model, picks[0]), atol=1e-5, rtol=0)
     assert not torch.allclose(cond[0], cond[1])  # two prompts, two conditions
     # Each round circumvents the tokens in the first k pool prompts (round 0 also the word and 1 prompt).
