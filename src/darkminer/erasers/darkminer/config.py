@@ -26,7 +26,7 @@ class DarkMinerConfig(EraserConfig):
     mining_lr: float = 0.01
     # Mine the tokens inside each pool image's own prompt (slots after its first token), as UnlearnDiffAtk
     # attacks: a few tokens added to a concept prompt. Verified and circumvented in the first k pool
-    # prompts. False mines them alone, the paper's description (docs/darkminer.md, "Mining in context").
+    # prompts. False mines them alone, the paper's description (docs/darkminer.md, "Mining" and "Against the white-box attacks: heart").
     mine_in_context: bool = False
     # Verifying
     verify: bool = True

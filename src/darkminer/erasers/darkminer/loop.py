@@ -133,7 +133,9 @@ class DarkMiner(Eraser):
 
     def _conditions(self, model: DiffusionModel, mined: MinedEmbedding) -> torch.Tensor:
         """What a round verifies and circumvents: the mined embedding, or its tokens in the first k pool prompts."""
-        return mined.condition(model)[: self.config.k].detach()
+        # Only the k prompts used, not all the pool's: replay re-encodes every earlier round each round.
+        rows = torch.arange(min(self.config.k, len(mined.input_ids))) if mined.in_context else None
+        return mined.condition(model, rows).detach()
 
     def _replay_conditions(self, model: DiffusionModel, log: list[dict], mined: list[MinedEmbedding],
                            own_words: torch.Tensor) -> torch.Tensor:

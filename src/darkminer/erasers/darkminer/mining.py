@@ -28,11 +28,16 @@ class MinedEmbedding:
     input_ids: torch.Tensor | None
     slots: list[int]
 
+    @property
+    def in_context(self) -> bool:
+        """Whether the tokens were mined inside prompts (one row of ids per prompt)."""
+        return self.input_ids is not None and self.input_ids.dim() == 2
+
     def condition(self, model: DiffusionModel, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(1, L, D) conditioning states, or (P, L, D) for tokens mined in P prompts (only ``rows`` of them if given)."""
         if self.space == "condition":
             return self.values[None]
-        ids = self.input_ids if self.input_ids.dim() == 2 else self.input_ids[None]
+        ids = self.input_ids if self.in_context else self.input_ids[None]
         ids = ids if rows is None else ids[rows.to(ids.device)]
         embeds = model.embed_ids(ids).detach().clone()
         embeds[:, self.slots] = self.values.to(embeds.dtype)
