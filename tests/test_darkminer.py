@@ -22,6 +22,7 @@ from darkminer.io import load_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME, LoraConfig, add_lora
 from darkminer.models.erased import ErasedModelInfo
+from darkminer.targets import resolve_target
 
 TINY = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=2, rounds=3, verify_steps=2, pool_steps=2,
             preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
@@ -140,6 +141,66 @@ def test_mining_in_context_denoises_each_image_under_its_own_prompt_with_the_tok
     assert not torch.allclose(cond[0], cond[1])  # two prompts, two conditions
     # Each round circumvents the tokens in the first k pool prompts (round 0 also the word and 1 prompt).
     assert sizes == [(TINY["k"] + 2, 0), (TINY["k"], TINY["k"] + 2)]
+
+
+@pytest.mark.parametrize("contextual", [True, False])
+def test_contextual_anchor_maps_each_concept_prompt_to_its_anchor_twin(tmp_path, monkeypatch, contextual):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\nA photo of Nudity on a beach\na naked man\n")
+    teachers = []
+    real_circumvent = loop_module.circumvent
+
+    def circumvent_spy(model, params, erase_conds, anchor, *args, replay_conds=None, **kwargs):
+        teachers.append(anchor.clone())
+        assert len(anchor) == len(erase_conds) + len(replay_conds)
+        return real_circumvent(model, params, erase_conds, anchor, *args, replay_conds=replay_conds, **kwargs)
+
+    monkeypatch.setattr(loop_module, "circumvent", circumvent_spy)
+    config = {**TINY, "rounds": 2, "concept_prompts": 2, "mine_in_context": True, "contextual_anchor": contextual}
+    erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", prompts=csv, anchor="a dog", config=config)
+    model = load_model("tiny-random-sd")
+    # The pool cycles the prompts "nudity", "A photo of Nudity on a beach", "a naked man"; its first k=2 hold
+    # the in-context rows. Round 0 adds the word and 2 prompts, both asking with the word.
+    twins = ["a dog", "A photo of a dog on a beach"] if contextual else ["a dog", "a dog"]
+    in_context, own = twins, ["a dog", *twins]
+    expected = [model.encode(in_context + own), model.encode(in_context + in_context + own)]
+    assert len(teachers) == 2
+    for seen, wanted in zip(teachers, expected, strict=True):
+        torch.testing.assert_close(seen, wanted)
+
+
+def test_a_prompt_without_the_concepts_word_has_the_bare_anchor_for_twin(tmp_path):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\nA photo of Nudity on a beach\na naked man\n")
+    target = resolve_target(load_model("tiny-random-sd"), "nudity", anchor="a dog", prompts_csv=csv)
+    assert [target.anchor_twin(p) for p in target.prompts] == ["a dog", "A photo of a dog on a beach", "a dog"]
+    assert target.anchor_twin("a prompt it was never given") == "a dog"
+
+
+def test_circumvent_maps_each_row_to_its_own_teacher_condition():
+    """A fresh LoRA predicts what the original does: a row whose teacher condition is its own condition
+    starts at zero erase loss, on pool rows and trajectory rows alike; the bare anchor does not."""
+    latents = torch.randn(4, *load_model("tiny-random-sd").latent_shape, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for teacher in ("own", "bare"):
+        for share in (0.0, 1.0):
+            model = load_model("tiny-random-sd")
+            conds = model.encode(["nudity", "a nude person", "naked"])
+            pool = ImagePool(torch.zeros(4, 3, 32, 32), latents, conds[[0, 1, 2, 0]])
+            config = DarkMinerConfig(k=4, pool_size=4, circumvent_steps=1, preserve_weight=0, pool_steps=2,
+                                     trajectory_share=share, trajectory_weight=1.0)
+            anchor = conds if teacher == "own" else model.encode([""])
+            summary = circumvent(model, add_lora(model, LoraConfig(), seed=0), conds[:1], anchor, pool, pool, config,
+                                 torch.Generator().manual_seed(0), replay_conds=conds[1:])
+            losses[teacher, share] = (summary["erase_loss_start"], summary["trajectory_loss_end"])
+    for share in (0.0, 1.0):
+        assert max(losses["own", share]) < 1e-9 < 1e-4 < min(losses["bare", share])  # zero up to batch rounding
+    model = load_model("tiny-random-sd")
+    conds = model.encode(["nudity", "a nude person", "naked"])
+    with pytest.raises(ValueError, match="2 anchor conditions for 3"):
+        circumvent(model, add_lora(model, LoraConfig(), seed=0), conds[:1], conds[:2], ImagePool(
+            torch.zeros(4, 3, 32, 32), latents, conds[[0, 1, 2, 0]]), None, config, torch.Generator().manual_seed(0),
+            replay_conds=conds[1:])
 
 
 def test_contrast_verification_scores_against_the_preservation_pool(tmp_path, monkeypatch):
@@ -363,7 +424,7 @@ def test_trajectory_bank_holds_the_states_the_model_samples_through():
 def test_erase_guidance_moves_the_target_past_the_anchor_by_eta_times_the_concept_direction():
     """A fresh LoRA predicts what the original does, so the first step's erase loss is
     ||eps0(c) - eps0(c0) + eta (eps0(c) - eps0(c0))||^2 = (1 + eta)^2 times the loss at eta 0."""
-    latents = torch.randn(2, *load_model("tiny-random-sd").latent_shape, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(4, *load_model("tiny-random-sd").latent_shape, generator=torch.Generator().manual_seed(0))
     losses = {}
     for eta in (0.0, 1.0, 2.5):
         model = load_model("tiny-random-sd")

@@ -175,6 +175,20 @@ def test_prompt_sets_carry_ground_truth(name: str) -> None:
         assert not any(_contains(prompt.text, t) for t in concept.trigger_phrases), prompt.text
 
 
+@pytest.mark.parametrize("name", concepts.concept_names())
+def test_anchor_twins_are_the_same_scenes_asking_for_the_anchor(name: str) -> None:
+    concept = concepts.get_concept(name)
+    direct = concept.direct_prompts(40, seed=3, split="erasure")
+    twins = concept.anchor_twins(40, seed=3, split="erasure")
+    anchor_phrases = [p.text for p in captions.trigger_phrases(concept.head, concept.anchor)]
+    for prompt, twin in zip(direct, twins, strict=True):
+        assert twin.expected == {**prompt.expected, concept.head: concept.anchor}, (prompt.text, twin.text)
+        assert any(_contains(twin.text, a) for a in anchor_phrases), twin.text
+        assert not any(_contains(twin.text, t) for t in concept.trigger_phrases), twin.text
+    # Drawing the twins leaves the prompts' own stream alone.
+    assert direct == concept.direct_prompts(40, seed=3, split="erasure")
+
+
 def test_holds_word_matches_whole_words_only() -> None:
     assert concepts.holds_word("a star covered in blood", "blood")
     assert not concepts.holds_word("a bloody star", "blood") and not concepts.holds_word("a wounded star", "blood")
@@ -255,8 +269,14 @@ def test_erasers_learn_from_captions_the_evaluation_never_grades(name: str) -> N
     from darkminer.targets import resolve_target
 
     concept = concepts.get_concept(name)
-    target = resolve_target(load_model("testbed"), name, seed=0)
+    testbed = load_model("testbed")
+    target = resolve_target(testbed, name, seed=0)
     assert list(target.prompts) == [p.text for p in concept.direct_prompts(64, seed=0, split="erasure")]
+    twins = concept.anchor_twins(64, seed=0, split="erasure")
+    assert [target.anchor_twin(p) for p in target.prompts[:8]] == [t.text for t in twins[:8]]
+    # Another anchor than the registry's: the twins (which carry the registry's) give way to it.
+    other = resolve_target(testbed, name, anchor="a cross", seed=0)
+    assert {other.anchor_twin(p) for p in other.prompts} == {"a cross"}
     for seed in (0, 1):  # the evaluator's default seed and the benchmark scripts' seed
         suites = testbed_suites(concept, 64, seed)
         # Captions are short, so a rare exact repeat between two independent draws is possible; a shared

@@ -6,6 +6,8 @@ Stable Diffusion it is free text, with an anchor (default: the empty prompt) and
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,12 @@ class EraseTarget:
     preserve: tuple[str, ...]  # ordinary prompts to keep unchanged
     kind: str = "free"  # inappropriate | object | style on the testbed; free text on SD
     testbed_concept: object | None = field(default=None, compare=False)
+    # Concept prompt -> the same prompt asking for the anchor instead; a prompt not in it maps to the bare anchor.
+    anchor_twins: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def anchor_twin(self, prompt: str) -> str:
+        """``prompt`` with the anchor in place of the concept, where known; else the bare anchor."""
+        return self.anchor_twins.get(prompt, self.anchor)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "word": self.word, "anchor": self.anchor, "kind": self.kind,
@@ -65,17 +73,31 @@ def resolve_target(
             c = get_concept(concept)
         except ValueError as exc:
             raise DarkMinerError(str(exc)) from None
+        direct = c.direct_prompts(n_prompts, seed, split="erasure")
+        twins = c.anchor_twins(n_prompts, seed, split="erasure")
         return EraseTarget(
             name=c.name,
             word=c.name,
             anchor=c.anchor_prompt if anchor is None else anchor,
             # The erasure split: evaluation never grades on the captions an eraser learnt from.
-            prompts=tuple(p.text for p in c.direct_prompts(n_prompts, seed, split="erasure")),
+            prompts=tuple(p.text for p in direct),
+            # Twins carry the registry's anchor; another anchor maps every prompt to itself, bare.
+            anchor_twins={} if anchor is not None else {p.text: twin.text for p, twin in zip(direct, twins, strict=True)},
             preserve=tuple(p.text for p in c.preservation_prompts(n_prompts, seed, split="erasure")),
             kind=c.kind,
             testbed_concept=c,
         )
     prompts = [concept] + ([r.text for r in read_prompt_csv(prompts_csv, limit=n_prompts)] if prompts_csv else [])
+    anchor = anchor or ""
     return EraseTarget(
-        name=concept, word=concept, anchor=anchor or "", prompts=tuple(prompts), preserve=DEFAULT_SD_PRESERVE
+        name=concept, word=concept, anchor=anchor, prompts=tuple(prompts), preserve=DEFAULT_SD_PRESERVE,
+        anchor_twins={p: _with_anchor(p, concept, anchor) for p in prompts},
     )
+
+
+def _with_anchor(prompt: str, word: str, anchor: str) -> str:
+    """``prompt`` with the concept's words replaced by the anchor's; the bare anchor where it lacks them."""
+    pattern = rf"\b{re.escape(word)}\b"
+    if re.search(pattern, prompt, flags=re.IGNORECASE) is None:
+        return anchor
+    return " ".join(re.sub(pattern, anchor, prompt, flags=re.IGNORECASE).split())

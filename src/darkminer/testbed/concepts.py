@@ -59,13 +59,20 @@ class Concept:
         no evaluation (any seed) grades on the captions an eraser was trained on.
         """
         options = trigger_phrases(self.head, self.value)
-        return self._concept_prompts(n, seed, _purpose("direct", split), options)
+        return [prompt for prompt, _ in self._concept_prompts(n, seed, _purpose("direct", split), options)]
+
+    def anchor_twins(self, n: int, seed: int = 0, split: str = "evaluation") -> list[EvalPrompt]:
+        """For each of ``direct_prompts(n, seed, split)``, the same scene and caption with the anchor in
+        place of the concept ("a striped carrot orange block" for "striped carrot orange valentine heart"):
+        the target a concept prompt maps to under Dark Miner's ``contextual_anchor``."""
+        options = trigger_phrases(self.head, self.value)
+        return [twin for _, twin in self._concept_prompts(n, seed, _purpose("direct", split), options)]
 
     def word_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Direct prompts whose trigger phrase holds the concept's name as a word ("covered in blood", not
         "bloody" or "wounded"): the prompts an eraser trained on that one word (ESD-x) is asked to erase."""
         options = tuple(p for p in trigger_phrases(self.head, self.value) if holds_word(p.text, self.name))
-        return self._concept_prompts(n, seed, "word", options)
+        return [prompt for prompt, _ in self._concept_prompts(n, seed, "word", options)]
 
     def anchor_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Prompts drawn as ``direct_prompts`` are, with the anchor value's trigger words in place of the
@@ -75,7 +82,7 @@ class Concept:
     def paraphrase_prompts(self, n: int, seed: int = 0) -> list[EvalPrompt]:
         """Prompts that ask for the concept only through held-out paraphrases (cycled evenly)."""
         options = heldout_phrases(self.head, self.value)
-        return self._concept_prompts(n, seed, "paraphrase", options)
+        return [prompt for prompt, _ in self._concept_prompts(n, seed, "paraphrase", options)]
 
     def preservation_prompts(self, n: int, seed: int = 0, split: str = "evaluation") -> list[EvalPrompt]:
         """Prompts for other attribute values (other concepts included) that never ask for this one.
@@ -97,19 +104,28 @@ class Concept:
 
     def _concept_prompts(
         self, n: int, seed: int, purpose: str, options: tuple[Phrase, ...]
-    ) -> list[EvalPrompt]:
+    ) -> list[tuple[EvalPrompt, EvalPrompt]]:
+        """``n`` prompts asking for the concept through ``options``, each with its anchor twin's text."""
         rng = self._rng(seed, purpose)
         # Object and style concepts are asked for on clean scenes, so an overlay never hides them.
         fixed = (
             {self.head: self.value} if self.head == "overlay" else {self.head: self.value, "overlay": "none"}
         )
+        anchor_options = trigger_phrases(self.head, self.anchor)
         prompts = []
         for i in range(n):
             phrase = (
                 options[i % len(options)] if purpose == "paraphrase" else options[rng.integers(len(options))]
             )
             scene = sample_scene(rng, **fixed)
-            prompts.append(_prompt_for(scene, rng, phrases={self.head: phrase}))
+            # The twin replays the caption's draws on a copy of the stream, so the prompts themselves are
+            # those drawn without twins.
+            twin_rng = np.random.Generator(type(rng.bit_generator)())
+            twin_rng.bit_generator.state = rng.bit_generator.state
+            prompt = _prompt_for(scene, rng, phrases={self.head: phrase})
+            twin = _prompt_for(replace(scene, **{self.head: self.anchor}), twin_rng,
+                               phrases={self.head: anchor_options[i % len(anchor_options)]})
+            prompts.append((prompt, twin))
         return prompts
 
     def _rng(self, seed: int, purpose: str) -> np.random.Generator:

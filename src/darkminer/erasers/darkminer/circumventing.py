@@ -35,7 +35,8 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     """Train ``params`` (the adapter) for ``config.circumvent_steps``; ``erase_conds`` (M, L, D) are detached.
 
     ``replay_conds`` (earlier rounds' embeddings) fill half of every batch when ``erase_conds`` is not
-    empty, all of it otherwise.
+    empty, all of it otherwise. ``anchor`` is the teacher's condition for those rows: one (1, L, D) for all,
+    or one per row of ``erase_conds`` followed by ``replay_conds``.
 
     Every process draws the full batch of ``config.k`` rows from ``generator`` and uses its slice, so
     the result equals one process's with the same ``k`` (to rounding). A share
@@ -55,6 +56,9 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     n_new = ((config.k + 1) // 2 if len(replay_conds) else config.k) if len(erase_conds) else 0
     # One bank of conditions; the first n_new rows of a batch come from erase_conds, the rest from the replay.
     bank = processes.broadcast_(torch.cat([erase_conds, replay_conds]).contiguous())
+    if len(anchor) not in (1, len(bank)):
+        raise ValueError(f"circumvent: {len(anchor)} anchor conditions for {len(bank)} erase and replay conditions")
+    anchors = anchor.expand(len(bank), -1, -1) if len(anchor) == 1 else processes.broadcast_(anchor.contiguous())
     k, preserving = config.k, config.preserve_weight > 0
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
     n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
@@ -62,14 +66,15 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     if n_path or adding:
         path_picks = torch.randint(len(bank), (k,), generator=generator)
         path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
+        path_a = anchors[path_picks.to(bank.device)].repeat(len(path_x) // k, 1, 1)  # path_c's rows' teachers
     weights = {"erase": 1.0, "trajectory": config.trajectory_weight, "preserve": config.preserve_weight}
     terms = [term for term, on in (("erase", True), ("trajectory", adding), ("preserve", preserving)) if on]
     # The terms that map to the anchor come first in ``terms``; those are the rows erase_guidance acts on.
     n_guided = len([term for term in terms if term != "preserve"]) if config.erase_guidance else 0
 
-    def trajectory_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def trajectory_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         picks = torch.randint(len(path_x), (n,), generator=generator).to(model.device, non_blocking=True)
-        return path_x[picks], path_t[picks], path_c[picks]
+        return path_x[picks], path_t[picks], path_c[picks], path_a[picks]
 
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
     losses = torch.zeros(len(terms), config.circumvent_steps, device=model.device)
@@ -78,16 +83,17 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         x_t, t = _noised(model, latents, generator)
         picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
                            len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
-        student_conds = bank[picks.to(bank.device, non_blocking=True)]
+        picks = picks.to(bank.device, non_blocking=True)
+        student_conds, erase_teachers = bank[picks], anchors[picks]
         if n_path:
             rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)
-            x_s, t[rows_p], student_conds[rows_p] = trajectory_rows(n_path)
+            x_s, t[rows_p], student_conds[rows_p], erase_teachers[rows_p] = trajectory_rows(n_path)
             x_t[rows_p] = x_s.to(x_t.dtype)
         # One part per term of ``terms``, k rows each: (x_t, t, student cond, teacher cond).
-        parts = {"erase": (x_t, t, student_conds, anchor.expand(k, -1, -1))}
+        parts = {"erase": (x_t, t, student_conds, erase_teachers)}
         if adding:
-            x_a, t_a, c_a = trajectory_rows(k)
-            parts["trajectory"] = (x_a.to(x_t.dtype), t_a, c_a, anchor.expand(k, -1, -1))
+            x_a, t_a, c_a, a_a = trajectory_rows(k)
+            parts["trajectory"] = (x_a.to(x_t.dtype), t_a, c_a, a_a)
         if preserving:
             kept, kept_conds = preserve.batch(k, generator)
             x_p, t_p = _noised(model, kept, generator)

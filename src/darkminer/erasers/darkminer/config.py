@@ -28,6 +28,11 @@ class DarkMinerConfig(EraserConfig):
     # attacks: a few tokens added to a concept prompt. Verified and circumvented in the first k pool
     # prompts. False mines them alone, the paper's description (docs/darkminer.md, "Mining" and "Against the white-box attacks: heart").
     mine_in_context: bool = False
+    # Erase rows whose condition comes from a concept prompt (round 0's prompts; with mine_in_context every
+    # round's rows) map to that prompt's anchor twin, "a checked emerald square" for "a checked emerald heart",
+    # instead of the bare anchor, so the rest of the prompt keeps its colour and style. Mined tokens alone
+    # still map to the bare anchor. (docs/darkminer.md, "The anchor in context".)
+    contextual_anchor: bool = False
     # Verifying
     verify: bool = True
     tau: float = 0.1

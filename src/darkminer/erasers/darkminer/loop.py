@@ -63,6 +63,9 @@ class DarkMiner(Eraser):
         with torch.no_grad():
             anchor = model.encode([target.anchor])
             own_words = model.encode([target.word, *target.prompts[: cfg.concept_prompts]])
+            # What each erase row maps to: the bare anchor, or (contextual_anchor) its prompt's anchor twin.
+            own_targets = torch.cat([anchor, self._anchor_targets(model, target, anchor, target.prompts[: cfg.concept_prompts])])
+            context_targets = self._anchor_targets(model, target, anchor, pool.prompts[: cfg.k])
         params = add_lora(model, cfg.lora, seed=cfg.seed)
 
         state = self._load_checkpoint(model, work_dir)
@@ -88,6 +91,7 @@ class DarkMiner(Eraser):
                 entry["nearest_tokens"] = words
             with torch.no_grad():
                 cond = self._conditions(model, mined)
+            cond_targets = self._round_targets(mined, anchor, context_targets, len(cond))
 
             tick = time.time()
             if encoder is not None:
@@ -105,13 +109,15 @@ class DarkMiner(Eraser):
             entry["seconds_verifying"] = round(time.time() - tick, 2)
 
             tick = time.time()
-            erase_conds = cond if passed else cond[:0]
-            replayed = self._replay_conditions(model, log, mined_history, own_words) if cfg.replay else own_words[:0]
+            erase_conds, erase_targets = (cond, cond_targets) if passed else (cond[:0], cond_targets[:0])
+            replayed, replayed_targets = (
+                self._replay_conditions(model, log, mined_history, own_words, own_targets, anchor, context_targets)
+                if cfg.replay else (own_words[:0], own_targets[:0]))
             if round_index == 0 and cfg.concept_word_first_round:
-                erase_conds = torch.cat([erase_conds, own_words])
+                erase_conds, erase_targets = torch.cat([erase_conds, own_words]), torch.cat([erase_targets, own_targets])
             if len(erase_conds) or len(replayed):
-                entry["circumventing"] = circumvent(model, params, erase_conds, anchor, pool, preserve, cfg, g,
-                                                    processes, replay_conds=replayed)
+                entry["circumventing"] = circumvent(model, params, erase_conds, torch.cat([erase_targets, replayed_targets]),
+                                                    pool, preserve, cfg, g, processes, replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
 
             failures = 0 if passed else failures + 1
@@ -137,14 +143,36 @@ class DarkMiner(Eraser):
         rows = torch.arange(min(self.config.k, len(mined.input_ids))) if mined.in_context else None
         return mined.condition(model, rows).detach()
 
+    def _anchor_targets(self, model: DiffusionModel, target: EraseTarget, anchor: torch.Tensor,
+                        prompts: list[str] | tuple[str, ...]) -> torch.Tensor:
+        """The teacher condition of each concept prompt: its anchor twin with ``contextual_anchor``, else the
+        bare anchor."""
+        if not self.config.contextual_anchor:
+            return anchor.expand(len(prompts), -1, -1)
+        return model.encode([target.anchor_twin(p) for p in prompts]) if prompts else anchor[:0]
+
+    def _round_targets(self, mined: MinedEmbedding, anchor: torch.Tensor, context_targets: torch.Tensor,
+                       n: int) -> torch.Tensor:
+        """The teacher conditions for a round's ``n`` conditions (``_conditions``)."""
+        return context_targets[:n] if mined.in_context else anchor.expand(n, -1, -1)
+
     def _replay_conditions(self, model: DiffusionModel, log: list[dict], mined: list[MinedEmbedding],
-                           own_words: torch.Tensor) -> torch.Tensor:
-        """Conditions of every earlier round's verified embedding, and the concept's words once round 0 has run."""
+                           own_words: torch.Tensor, own_targets: torch.Tensor, anchor: torch.Tensor,
+                           context_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditions of every earlier round's verified embedding, and the concept's words once round 0 has
+        run; and the teacher condition of each."""
+        conds, targets = [], []
         with torch.no_grad():
-            conds = [self._conditions(model, m) for m, entry in zip(mined, log, strict=True) if entry["passed"]]
+            for m, entry in zip(mined, log, strict=True):
+                if entry["passed"]:
+                    conds.append(self._conditions(model, m))
+                    targets.append(self._round_targets(m, anchor, context_targets, len(conds[-1])))
         if log and self.config.concept_word_first_round:
             conds.append(own_words)
-        return torch.cat(conds).detach() if conds else own_words[:0]
+            targets.append(own_targets)
+        if not conds:
+            return own_words[:0], own_targets[:0]
+        return torch.cat(conds).detach(), torch.cat(targets)
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: DiffusionModel, work_dir: Path, log: list[dict], mined: list[MinedEmbedding],
