@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,20 @@ def read_round_log(erased_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(erased_dir) / ROUND_LOG_FILE).read_text().splitlines()]
 
 
+@dataclass(frozen=True)
+class Teachers:
+    """What each erase row maps to (the teacher's condition c0): the bare anchor, or with
+    ``contextual_anchor`` the anchor twin of the concept prompt the row comes from."""
+
+    anchor: torch.Tensor  # (1, L, D): mined embeddings on their own
+    own: torch.Tensor  # one per row of the concept's own words (the word's is the bare anchor)
+    context: torch.Tensor  # one per in-context row: the first k pool prompts
+
+    def of(self, mined: MinedEmbedding, n: int) -> torch.Tensor:
+        """The teacher conditions of a round's ``n`` conditions (``DarkMiner._conditions``)."""
+        return self.context[:n] if mined.in_context else self.anchor.expand(n, -1, -1)
+
+
 def _round_generator(seed: int, round_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + round_index)
 
@@ -63,9 +78,8 @@ class DarkMiner(Eraser):
         with torch.no_grad():
             anchor = model.encode([target.anchor])
             own_words = model.encode([target.word, *target.prompts[: cfg.concept_prompts]])
-            # What each erase row maps to: the bare anchor, or (contextual_anchor) its prompt's anchor twin.
-            own_targets = torch.cat([anchor, self._anchor_targets(model, target, anchor, target.prompts[: cfg.concept_prompts])])
-            context_targets = self._anchor_targets(model, target, anchor, pool.prompts[: cfg.k])
+            teachers = Teachers(anchor, torch.cat([anchor, self._twins(model, target, anchor, target.prompts[: cfg.concept_prompts])]),
+                                self._twins(model, target, anchor, pool.prompts[: cfg.k]))
         params = add_lora(model, cfg.lora, seed=cfg.seed)
 
         state = self._load_checkpoint(model, work_dir)
@@ -91,7 +105,7 @@ class DarkMiner(Eraser):
                 entry["nearest_tokens"] = words
             with torch.no_grad():
                 cond = self._conditions(model, mined)
-            cond_targets = self._round_targets(mined, anchor, context_targets, len(cond))
+            cond_teachers = teachers.of(mined, len(cond))
 
             tick = time.time()
             if encoder is not None:
@@ -109,14 +123,13 @@ class DarkMiner(Eraser):
             entry["seconds_verifying"] = round(time.time() - tick, 2)
 
             tick = time.time()
-            erase_conds, erase_targets = (cond, cond_targets) if passed else (cond[:0], cond_targets[:0])
-            replayed, replayed_targets = (
-                self._replay_conditions(model, log, mined_history, own_words, own_targets, anchor, context_targets)
-                if cfg.replay else (own_words[:0], own_targets[:0]))
+            erase_conds, erase_teachers = (cond, cond_teachers) if passed else (cond[:0], cond_teachers[:0])
+            replayed, replayed_teachers = (self._replay_conditions(model, log, mined_history, own_words, teachers)
+                                           if cfg.replay else (own_words[:0], teachers.own[:0]))
             if round_index == 0 and cfg.concept_word_first_round:
-                erase_conds, erase_targets = torch.cat([erase_conds, own_words]), torch.cat([erase_targets, own_targets])
+                erase_conds, erase_teachers = torch.cat([erase_conds, own_words]), torch.cat([erase_teachers, teachers.own])
             if len(erase_conds) or len(replayed):
-                entry["circumventing"] = circumvent(model, params, erase_conds, torch.cat([erase_targets, replayed_targets]),
+                entry["circumventing"] = circumvent(model, params, erase_conds, torch.cat([erase_teachers, replayed_teachers]),
                                                     pool, preserve, cfg, g, processes, replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
 
@@ -143,22 +156,16 @@ class DarkMiner(Eraser):
         rows = torch.arange(min(self.config.k, len(mined.input_ids))) if mined.in_context else None
         return mined.condition(model, rows).detach()
 
-    def _anchor_targets(self, model: DiffusionModel, target: EraseTarget, anchor: torch.Tensor,
-                        prompts: list[str] | tuple[str, ...]) -> torch.Tensor:
+    def _twins(self, model: DiffusionModel, target: EraseTarget, anchor: torch.Tensor,
+               prompts: list[str] | tuple[str, ...]) -> torch.Tensor:
         """The teacher condition of each concept prompt: its anchor twin with ``contextual_anchor``, else the
         bare anchor."""
         if not self.config.contextual_anchor:
             return anchor.expand(len(prompts), -1, -1)
         return model.encode([target.anchor_twin(p) for p in prompts]) if prompts else anchor[:0]
 
-    def _round_targets(self, mined: MinedEmbedding, anchor: torch.Tensor, context_targets: torch.Tensor,
-                       n: int) -> torch.Tensor:
-        """The teacher conditions for a round's ``n`` conditions (``_conditions``)."""
-        return context_targets[:n] if mined.in_context else anchor.expand(n, -1, -1)
-
     def _replay_conditions(self, model: DiffusionModel, log: list[dict], mined: list[MinedEmbedding],
-                           own_words: torch.Tensor, own_targets: torch.Tensor, anchor: torch.Tensor,
-                           context_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           own_words: torch.Tensor, teachers: Teachers) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditions of every earlier round's verified embedding, and the concept's words once round 0 has
         run; and the teacher condition of each."""
         conds, targets = [], []
@@ -166,12 +173,12 @@ class DarkMiner(Eraser):
             for m, entry in zip(mined, log, strict=True):
                 if entry["passed"]:
                     conds.append(self._conditions(model, m))
-                    targets.append(self._round_targets(m, anchor, context_targets, len(conds[-1])))
+                    targets.append(teachers.of(m, len(conds[-1])))
         if log and self.config.concept_word_first_round:
             conds.append(own_words)
-            targets.append(own_targets)
+            targets.append(teachers.own)
         if not conds:
-            return own_words[:0], own_targets[:0]
+            return own_words[:0], teachers.own[:0]
         return torch.cat(conds).detach(), torch.cat(targets)
 
     # ------------------------------------------------------------------------------ checkpoints
