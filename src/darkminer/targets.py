@@ -81,7 +81,7 @@ def resolve_target(
             anchor=c.anchor_prompt if anchor is None else anchor,
             # The erasure split: evaluation never grades on the captions an eraser learnt from.
             prompts=tuple(p.text for p in direct),
-            # Twins carry the registry's anchor; another anchor maps every prompt to itself, bare.
+            # The twins ask for the registry's anchor; with another anchor every prompt maps to that anchor, bare.
             anchor_twins={} if anchor is not None else {p.text: twin.text for p, twin in zip(direct, twins, strict=True)},
             preserve=tuple(p.text for p in c.preservation_prompts(n_prompts, seed, split="erasure")),
             kind=c.kind,

@@ -105,7 +105,7 @@ class Concept:
     def _concept_prompts(
         self, n: int, seed: int, purpose: str, options: tuple[Phrase, ...]
     ) -> list[tuple[EvalPrompt, EvalPrompt]]:
-        """``n`` prompts asking for the concept through ``options``, each with its anchor twin's text."""
+        """``n`` prompts asking for the concept through ``options``, each with its anchor twin."""
         rng = self._rng(seed, purpose)
         # Object and style concepts are asked for on clean scenes, so an overlay never hides them.
         fixed = (
