@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from darkminer.attacks.base import AttackPrompt, SuccessFn
 from darkminer.errors import DarkMinerError
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
 
 # Marks a free slot in a row of token ids given to :func:`build_slotted`.
 SLOT = None
@@ -149,7 +149,7 @@ def denoising_loss(
 def draw_noise_and_timesteps(
     model: DiffusionModel, x0: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.LongTensor]:
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device).to(x0.dtype)
     return noise, model.sample_timesteps(x0.shape[0], generator)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, read_json, save_tensors, write_json
 from darkminer.models.adapters import target_module_names
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -63,13 +63,9 @@ def ddim_path(
 
     Lazy: a caller that stops early pays only for the steps it consumed.
     """
-    scheduler = model.sampling_scheduler(steps)
-    cfg = ClassifierFreeGuidance()
-    x = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
-    for index, t in enumerate(scheduler.timesteps):
-        yield x, t
-        eps = cfg.predict(model, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, index, adapter)
-        x = scheduler.step(eps, t, x).prev_sample
+    states = model.ddim_states(noise.to(model.device, model.dtype), cond, uncond, guidance_scale, steps, adapter,
+                               guidance=ClassifierFreeGuidance())
+    yield from itertools.takewhile(lambda state: state[1] is not None, states)  # type: ignore[misc]
 
 
 @torch.no_grad()
@@ -111,8 +107,9 @@ def noised_batch(
     """A random batch of ``latents`` noised at uniform random training timesteps: (x_t, t)."""
     index = torch.randint(latents.shape[0], (batch_size,), generator=generator)
     t = torch.randint(model.num_train_timesteps, (batch_size,), generator=generator)
-    noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator).to(latents)
-    return model.add_noise(latents[index.to(latents.device)], noise, t), t.to(model.device)
+    noise = host_to_device(torch.randn((batch_size, *latents.shape[1:]), generator=generator), latents.device)
+    x0 = latents[host_to_device(index, latents.device)]
+    return model.add_noise(x0, noise.to(latents.dtype), t), host_to_device(t, model.device)
 
 
 def train_parameters(

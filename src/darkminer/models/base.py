@@ -8,6 +8,7 @@ guidance, switching the adapter off to get the frozen original as a teacher -- i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,19 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from darkminer.errors import DarkMinerError
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor copied to ``device`` without making the host wait for the device's queue.
+
+    A copy from ordinary (pageable) host memory to a GPU is synchronous even with ``non_blocking``; from
+    pinned memory it is queued. The random draws stay on CPU generators for reproducibility, so every
+    draw the loops send to the device goes through here.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Guidance:
@@ -263,7 +277,7 @@ class DiffusionModel(ABC):
         return self.noise_scheduler.add_noise(x0, noise, t.to(x0.device))
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.LongTensor:
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device, non_blocking=True)
+        return host_to_device(torch.randint(0, self.num_train_timesteps, (n,), generator=generator), self.device)
 
     @property
     @abstractmethod
@@ -286,8 +300,10 @@ class DiffusionModel(ABC):
 
     # --------------------------------------------------------------------------------------- sampling
     def sampling_scheduler(self, steps: int) -> DDIMScheduler:
+        """A DDIM scheduler for ``steps`` steps. Its timesteps stay on the host, where it indexes its tables by
+        them: a device timestep would make every step wait for the device."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
+        scheduler.set_timesteps(steps)
         return scheduler
 
     @torch.no_grad()
@@ -331,23 +347,41 @@ class DiffusionModel(ABC):
             chunks = tqdm(chunks, desc="sampling", unit="batch")
         for start in chunks:
             sl = slice(start, start + batch_size)
-            latents = self._denoise(noise[sl], cond[sl], uncond[sl], guidance_scale, steps, adapter)
+            latents = self._final_sample(noise[sl], cond[sl], uncond[sl], guidance_scale, steps, adapter)
             outputs.append(latents if return_latents else self.latents_to_images(latents))
         return torch.cat(outputs)
 
-    def _denoise(
+    def _final_sample(
         self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int, adapter: bool
     ) -> torch.Tensor:
+        return deque(self.ddim_states(latents, cond, uncond, guidance, steps, adapter), maxlen=1)[0][0]
+
+    def ddim_states(
+        self,
+        noise: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance_scale: float,
+        steps: int,
+        adapter: bool = True,
+        guidance: Guidance | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """DDIM from ``noise`` (on the device) under ``guidance`` (default: the model's): yields (x, t)
+        before each of the ``steps`` steps, the scaled noise first, then the final sample with t None.
+
+        Lazy: a caller that stops early pays only for the steps it consumed. The UNet gets device
+        timesteps copied once; the scheduler keeps its host ones.
+        """
+        guidance = guidance or self.guidance
         scheduler = self.sampling_scheduler(steps)
-        # The scheduler indexes its host tables by timestep: host timesteps for it and a device copy, made
-        # once, for the UNet keep each step from waiting on the device (a GPU timestep would sync).
-        host_timesteps, device_timesteps = scheduler.timesteps.cpu(), scheduler.timesteps.to(self.device)
-        latents = latents * scheduler.init_noise_sigma
-        for index, t in enumerate(host_timesteps):
-            model_in = scheduler.scale_model_input(latents, t)
-            eps = self.guidance.predict(self, model_in, device_timesteps[index], cond, uncond, guidance, index, adapter)
-            latents = scheduler.step(eps, t, latents).prev_sample
-        return latents
+        device_timesteps = host_to_device(scheduler.timesteps, self.device)
+        x = noise * scheduler.init_noise_sigma
+        for index, t in enumerate(scheduler.timesteps):
+            yield x, device_timesteps[index]
+            eps = guidance.predict(self, scheduler.scale_model_input(x, t), device_timesteps[index], cond, uncond,
+                                   guidance_scale, index, adapter)
+            x = scheduler.step(eps, t, x).prev_sample
+        yield x, None
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
         """Images for prompts, one per (prompt, seed) pair."""

@@ -20,7 +20,7 @@ from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.training import ddim_path
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.parallel import Processes, data_parallel, init_processes
 
 
@@ -65,15 +65,16 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     adding = config.trajectory_weight > 0
     if n_path or adding:
         path_picks = torch.randint(len(bank), (k,), generator=generator)
-        path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks.to(bank.device)], config, generator)
-        path_a = anchors[path_picks.to(bank.device)].repeat(len(path_x) // k, 1, 1)  # path_c's rows' teachers
+        path_picks = host_to_device(path_picks, bank.device)
+        path_x, path_t, path_c = _trajectory_bank(model, bank[path_picks], config, generator)
+        path_a = anchors[path_picks].repeat(len(path_x) // k, 1, 1)  # path_c's rows' teachers
     weights = {"erase": 1.0, "trajectory": config.trajectory_weight, "preserve": config.preserve_weight}
     terms = [term for term, on in (("erase", True), ("trajectory", adding), ("preserve", preserving)) if on]
     # The terms that map to the anchor come first in ``terms``; those are the rows erase_guidance acts on.
     n_guided = len([term for term in terms if term != "preserve"]) if config.erase_guidance else 0
 
     def trajectory_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        picks = torch.randint(len(path_x), (n,), generator=generator).to(model.device, non_blocking=True)
+        picks = host_to_device(torch.randint(len(path_x), (n,), generator=generator), model.device)
         return path_x[picks], path_t[picks], path_c[picks], path_a[picks]
 
     # Losses stay on the device during the loop (no host sync per step); they are read once at the end.
@@ -83,10 +84,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         x_t, t = _noised(model, latents, generator)
         picks = torch.cat([torch.randint(max(1, len(erase_conds)), (n_new,), generator=generator),
                            len(erase_conds) + torch.randint(max(1, len(replay_conds)), (k - n_new,), generator=generator)])
-        picks = picks.to(bank.device, non_blocking=True)
+        picks = host_to_device(picks, bank.device)
         student_conds, erase_teachers = bank[picks], anchors[picks]
         if n_path:
-            rows_p = torch.randperm(k, generator=generator)[:n_path].to(model.device, non_blocking=True)
+            rows_p = host_to_device(torch.randperm(k, generator=generator)[:n_path], model.device)
             x_s, t[rows_p], student_conds[rows_p], erase_teachers[rows_p] = trajectory_rows(n_path)
             x_t[rows_p] = x_s.to(x_t.dtype)
         # One part per term of ``terms``, k rows each: (x_t, t, student cond, teacher cond).

@@ -16,7 +16,7 @@ from darkminer.attacks.soft_prompt import denoising_loss, draw_noise_and_timeste
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 
 
 @dataclass
@@ -79,7 +79,7 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
     # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
     step_losses = torch.zeros(config.mining_steps, device=model.device)
     for step in range(config.mining_steps):
-        index = pool.pick(config.k, generator)
+        index = host_to_device(pool.pick(config.k, generator), pool.latents.device)
         latents = pool.latents[index]
         noise, t = draw_noise_and_timesteps(model, latents, generator)
         # In context each image is denoised under its own prompt with the tokens; alone, under the tokens.

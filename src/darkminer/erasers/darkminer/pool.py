@@ -9,7 +9,7 @@ import torch
 
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.io import load_tensors, save_tensors
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.parallel import init_processes, sharded_sample
 from darkminer.targets import EraseTarget
 
@@ -28,7 +28,7 @@ class ImagePool:
         return torch.randperm(len(self.latents), generator=generator)[:k]
 
     def batch(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.pick(k, generator)
+        index = host_to_device(self.pick(k, generator), self.latents.device)
         return self.latents[index], self.conds[index]
 
 
