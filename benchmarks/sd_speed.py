@@ -45,7 +45,7 @@ from darkminer.models.clip import TINY_CLIP_ID, Clip
 from darkminer.models.stable_diffusion import StableDiffusionModel
 from darkminer.models.tiny import build_tiny_sd_pipeline
 from darkminer.parallel import SpeedOptions, apply_speed_options, attention_processors
-from darkminer.parallel.speed import ATTENTIONS
+from darkminer.parallel.speed import ATTENTIONS, COMPILE_MODES
 from darkminer.targets import resolve_target
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,6 +324,8 @@ def main() -> None:
     parser.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                        help="torch.compile the UNet with this mode (warm-up then includes compiling)")
     parser.add_argument("--sections", default="unet,darkminer,attack,esd", help="comma-separated subset")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -336,7 +338,8 @@ def main() -> None:
     device = torch.device(args.device)
     bench = Bench(device, args.warmup, args.repeats)
     options = SpeedOptions(precision=args.precision, attention=args.attention,
-                           gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last)
+                           gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
+                           compile=args.compile)
     sections = args.sections.split(",")
     peak = matmul_peak_tflops(bench)
     rows: dict[str, Timing] = {}

@@ -50,6 +50,7 @@ def test_speed_flags_name_only_what_they_change():
     assert speed_options(parser.parse_args([])) is None  # the model's own defaults
     assert speed_options(parser.parse_args(["--attention", "sdpa", "--no-channels-last"])) == {"attention": "sdpa", "channels_last": False}
     assert speed_options(parser.parse_args(["--gradient-checkpointing", "--channels-last"])) == {"channels_last": True, "gradient_checkpointing": True}
+    assert speed_options(parser.parse_args(["--compile", "reduce-overhead"])) == {"compile": "reduce-overhead"}
     with pytest.raises(ConfigError, match="attention"):
         speed_options(parser.parse_args(["--attention", "xformers"]))
 
@@ -81,6 +82,7 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
     ("argv", "message"),
     [
         (["--model", "tiny-random-sd", "--precision", "fp8"], "precision must be one of"),
+        (["--model", "tiny-random-sd", "--compile", "fast"], "compile must be one of"),
         (["--model", "/no/such/folder"], "does not exist"),
         (["--model", "someone/not-cached-model"], "never downloads"),
         (["--model", "tiny-random-sd", "--prompt", " "], "--prompt is empty"),

@@ -257,8 +257,43 @@ def test_auto_attention_runs_classic_for_small_calls_sdpa_for_large_and_the_same
             torch.testing.assert_close(auto, tiny_sd.eps(x, t, cond), rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_unet_keeps_the_teacher_the_edits_and_the_gradients_and_switches_back(tiny_sd):
+    """torch.compile must not freeze what ``eps(adapter=False)`` switches: the LoRA's on/off flag and the
+    original weights swapped in for edited ones. aot_eager traces as inductor does, without building kernels."""
+    from torch._dynamo.utils import counters
+
+    params = add_lora(tiny_sd, LoraConfig(), seed=0)
+    edited = "conv_in.weight"
+    tiny_sd.remember_originals([edited])
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)
+        dict(tiny_sd.unet.named_parameters())[edited].mul_(1.5)  # an in-place edit, as UCE makes
+
+    def predictions() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        x, t, cond = torch.randn(2, *tiny_sd.latent_shape, generator=g), torch.tensor([10, 700]), tiny_sd.encode(PROMPTS[:2])
+        with torch.no_grad():
+            teacher = tiny_sd.eps(x, t, cond, adapter=False)
+        student = tiny_sd.eps(x, t, cond)
+        return student.detach(), teacher, list(torch.autograd.grad(student.square().mean(), params))
+
+    eager = predictions()
+    assert not torch.allclose(eager[0], eager[1], atol=1e-3)  # the switch matters
+    graphs = counters["stats"]["unique_graphs"]
+    apply_speed_options(tiny_sd, SpeedOptions(compile="default", compile_backend="aot_eager"))
+    compiled = predictions()
+    assert counters["stats"]["unique_graphs"] > graphs  # the UNet really ran compiled
+    for got, expected in zip([compiled[0], compiled[1], *compiled[2]], [eager[0], eager[1], *eager[2]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    apply_speed_options(tiny_sd, SpeedOptions())
+    assert "forward" not in vars(tiny_sd.unet)  # back to the class's forward
+
+
 def test_speed_options_reject_unknown_choices():
     with pytest.raises(ConfigError, match="precision"):
         SpeedOptions(precision="int8")
     with pytest.raises(ConfigError, match="attention"):
         SpeedOptions.from_dict({"attention": "xformers"})
+    with pytest.raises(ConfigError, match="compile"):
+        SpeedOptions(compile="fast")

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--gradient-checkpointing", action="store_true", help="less memory for ~30%% more training time")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC convolutions (faster with tensor cores; on by default on the testbed)")
+    speed.add_argument("--compile", default=None, metavar="MODE",
+                       help="torch.compile the UNet: off (default), default, reduce-overhead (CUDA graphs) or max-autotune; "
+                            "pays on long runs, each new batch size compiles once")
 
 
 def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -28,7 +31,7 @@ def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:
     from darkminer.parallel.speed import SpeedOptions
 
     flags = {"precision": args.precision, "attention": args.attention, "channels_last": args.channels_last,
-             "gradient_checkpointing": args.gradient_checkpointing or None}
+             "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile}
     options = {name: value for name, value in flags.items() if value is not None}
     SpeedOptions.from_dict(options)
     return options or None

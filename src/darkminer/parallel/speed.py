@@ -1,4 +1,5 @@
-"""The GPU path as options: mixed precision, the attention kernel, gradient checkpointing, channels-last.
+"""The GPU path as options: mixed precision, the attention kernel, gradient checkpointing, channels-last,
+``torch.compile`` of the UNet.
 
 ``apply_speed_options(model, SpeedOptions(precision="bf16", ...))`` switches a loaded model in place and
 can be called again to switch back. What is not an option because it always holds: classifier-free
@@ -9,6 +10,7 @@ circumventing loops keep their numbers on the device (see docs/performance.md).
 Mixed precision follows accelerate's ``prepare_model``: the module's ``forward`` runs under
 ``torch.autocast`` and its floating outputs are cast back to the weights' dtype, so the weights (and an
 adapter's Adam moments) stay in float32 while matrix products and convolutions run in bf16/fp16.
+``torch.compile`` wraps the UNet's forward outside the autocast, so the cast is part of the compiled graph.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 # testbed's many tiny heads at small batches. "auto": classic below ``AUTO_SDPA_MIN_ROWS`` rows, SDPA from
 # there (the testbed's default; docs/performance.md, "The testbed's kernels").
 ATTENTIONS = ("sdpa", "classic", "auto")
+# torch.compile's modes; "reduce-overhead" adds CUDA graphs (for the launch-bound UNet at small batches).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 AUTO_SDPA_MIN_ROWS = 64
 # Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
 _PLAIN_FORWARD = "_darkminer_plain_forward"
@@ -41,10 +45,14 @@ class SpeedOptions(Config):
     attention: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% more time
     channels_last: bool = False  # NHWC convolutions (UNet, VAE): faster with tensor cores in bf16/fp16, and for the testbed on the CPU
+    compile: str = "off"  # torch.compile the UNet's forward with this mode; each new batch size or adapter state compiles once
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" traces without generating kernels)
 
     def validate(self) -> None:
         check_choice(self, "precision", self.precision, tuple(PRECISIONS))
         check_choice(self, "attention", self.attention, ATTENTIONS)
+        check_choice(self, "compile", self.compile, COMPILE_MODES)
+        check_choice(self, "compile_backend", self.compile_backend, tuple(torch.compiler.list_backends(exclude_tags=())))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -74,7 +82,8 @@ def apply_speed_options(model: DiffusionModel, options: SpeedOptions | dict[str,
     for module in _convolutional_modules(model):
         module.to(memory_format=memory_format)
     for module in _autocast_modules(model):
-        _set_autocast(module, model.device.type, options.autocast_dtype)
+        compiled = options.compile != "off" and module is model.unet
+        _wrap_forward(module, model.device.type, options.autocast_dtype, options if compiled else None)
 
 
 def _attention_processor(attention: str) -> Any:
@@ -143,25 +152,34 @@ def _autocast_modules(model: DiffusionModel) -> Iterator[nn.Module]:
         yield from (vae.encoder, vae.decoder)
 
 
-def _set_autocast(module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+def _wrap_forward(module: nn.Module, device_type: str, dtype: torch.dtype | None, compiled: SpeedOptions | None) -> None:
+    """Put back ``module``'s plain forward, then wrap it in autocast to ``dtype`` (None: none) and in
+    ``torch.compile`` with ``compiled``'s mode and backend (None: not compiled)."""
     plain, _ = module.__dict__.pop(_PLAIN_FORWARD, (module.__dict__.get("forward"), None))
     if plain is None:
         module.__dict__.pop("forward", None)  # back to the class's forward
     else:
         module.forward = plain
-    if dtype is None:
+    if dtype is None and compiled is None:
         return
-    weights_dtype = next(module.parameters()).dtype
     forward = module.forward
+    if dtype is not None:
+        forward = _autocast(forward, device_type, dtype, next(module.parameters()).dtype)
+    if compiled is not None:
+        mode = None if compiled.compile == "default" else compiled.compile
+        forward = torch.compile(forward, mode=mode, backend=compiled.compile_backend)
+    module.forward = forward
+    module.__dict__[_PLAIN_FORWARD] = (plain, dtype)
 
+
+def _autocast(forward: Any, device_type: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Any:
     @wraps(forward)
     def autocast_forward(*args: Any, **kwargs: Any) -> Any:
         with torch.autocast(device_type, dtype=dtype):
             output = forward(*args, **kwargs)
         return _cast_floats(output, weights_dtype)
 
-    module.forward = autocast_forward
-    module.__dict__[_PLAIN_FORWARD] = (plain, dtype)
+    return autocast_forward
 
 
 def _cast_floats(output: Any, dtype: torch.dtype) -> Any:
