@@ -28,7 +28,13 @@ from darkminer.parallel import (
     init_processes,
     sharded_sample,
 )
-from darkminer.parallel.speed import AUTO_SDPA_MIN_ROWS, RowSwitchedAttnProcessor, autocast_dtype
+from darkminer.parallel.speed import (
+    AUTO_SDPA_MIN_ROWS,
+    RowSwitchedAttnProcessor,
+    autocast_dtype,
+    resolve_speed_options,
+    speed_run_record,
+)
 
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
@@ -288,6 +294,16 @@ def test_compiled_unet_keeps_the_teacher_the_edits_and_the_gradients_and_switche
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     apply_speed_options(tiny_sd, SpeedOptions())
     assert "forward" not in vars(tiny_sd.unet)  # back to the class's forward
+
+
+def test_a_resume_must_share_the_precision_and_kernels_but_not_torch_compile(tiny_sd):
+    def record(speed: dict | None) -> dict | None:
+        return speed_run_record(tiny_sd, None if speed is None else resolve_speed_options(tiny_sd, speed))
+
+    assert record(None) is None and record({}) is None  # the model's defaults: nothing to match
+    assert record({"compile": "default"}) is None  # switching compile on a resume is allowed
+    bf16 = record({"precision": "bf16", "compile": "max-autotune"})
+    assert bf16 == {"precision": "bf16", "attention": "sdpa", "gradient_checkpointing": False, "channels_last": False}
 
 
 def test_speed_options_reject_unknown_choices():

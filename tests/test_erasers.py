@@ -11,6 +11,8 @@ objective here; their effect on other concepts is measured on the testbed (bench
 from __future__ import annotations
 
 import functools
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -340,11 +342,19 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
 
 
-def test_nan_loss_raises() -> None:
+def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path: Path) -> None:
     weight = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(DarkMinerError, match="lower the learning rate"):
         train_parameters({"w": weight}, lambda i, g: weight.sum() * float("nan"), iterations=2, lr=0.1, seed=0,
                          work_dir=None, checkpoint_every=1, desc="toy")
+    # Losses are read at checkpoints: the NaN of iteration 3 surfaces at the checkpoint after iteration 4,
+    # which is not written; the one after iteration 2 stays, to resume from.
+    weight = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(DarkMinerError, match="loss became nan at iteration 3"):
+        train_parameters({"w": weight}, lambda i, g: (weight - 1).square().sum() * (float("nan") if i == 3 else 1.0),
+                         iterations=6, lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=2, desc="toy")
+    state = json.loads((tmp_path / training.CHECKPOINT_STATE).read_text())
+    assert state["iterations_done"] == 2 and len(state["losses"]) == 2 and all(math.isfinite(v) for v in state["losses"])
 
 
 def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -62,7 +62,12 @@ def erase(
     defaults), applied to the loaded model.
     """
     from darkminer.parallel import init_processes
-    from darkminer.parallel.speed import apply_speed_options, as_speed_options, resolve_speed_options
+    from darkminer.parallel.speed import (
+        apply_speed_options,
+        as_speed_options,
+        resolve_speed_options,
+        speed_run_record,
+    )
 
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
@@ -92,8 +97,8 @@ def erase(
             shutil.rmtree(work_dir)
         record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
                   "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}
-        if speed is not None:  # part of the run: a resume must not mix fp32 and bf16 rounds
-            record["speed"] = speed.to_dict()
+        if speed_record := speed_run_record(base, speed):  # a resume must not mix fp32 and bf16 rounds
+            record["speed"] = speed_record
         _claim_work_dir(work_dir, record)
     processes.barrier()
     started = time.time()

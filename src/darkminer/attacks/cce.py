@@ -15,6 +15,7 @@ the generating prompts with the concept phrase replaced by the token, as in thei
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from darkminer.attacks.soft_prompt import (
 )
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.targets import EraseTarget
 
 
@@ -104,25 +105,25 @@ class ConceptInversion(Attack):
         captions = slotted_captions(model, target, [p.text for p in pool], cfg.num_vectors)
         token = self._initial_embedding(model, target).repeat(cfg.num_vectors, 1).requires_grad_(True)
         optimizer = torch.optim.AdamW([token], lr=cfg.effective_learning_rate, weight_decay=cfg.weight_decay)
-        losses = []
-        for _ in range(cfg.steps):
+        # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
+        step_losses = torch.zeros(cfg.steps, device=latents.device)
+        for step in range(cfg.steps):
             optimizer.zero_grad()
-            total = 0.0
             for _ in range(cfg.gradient_accumulation):
-                rows = torch.randint(len(pool), (cfg.batch_size,), generator=generator)
+                rows = host_to_device(torch.randint(len(pool), (cfg.batch_size,), generator=generator), latents.device)
                 x0 = latents[rows]
                 if cfg.flip:
                     flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
-                    x0 = torch.where(flips.view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
+                    x0 = torch.where(host_to_device(flips.view(-1, 1, 1, 1), x0.device), x0.flip(-1), x0)
                 noise, t = draw_noise_and_timesteps(model, x0, generator)
                 cond = SlottedPrompts(captions.input_ids[rows], captions.slots[rows]).encode(model, token)
                 loss = denoising_loss(model, x0, cond, t, noise) / cfg.gradient_accumulation
                 loss.backward()
-                total += loss.item()
-            if not torch.isfinite(token.grad).all():
-                raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")
+                step_losses[step] += loss.detach()
             optimizer.step()
-            losses.append(total)
+        losses = step_losses.tolist()
+        if not all(math.isfinite(value) for value in losses):
+            raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")
         window = max(1, len(losses) // 10)
         summary = {"loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
                    "steps": cfg.steps}

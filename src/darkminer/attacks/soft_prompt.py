@@ -149,7 +149,7 @@ def denoising_loss(
 def draw_noise_and_timesteps(
     model: DiffusionModel, x0: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.LongTensor]:
-    noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device).to(x0.dtype)
+    noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
     return noise, model.sample_timesteps(x0.shape[0], generator)
 
 

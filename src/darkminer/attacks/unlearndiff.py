@@ -44,7 +44,7 @@ from darkminer.attacks.soft_prompt import (
     prompt_token_ids,
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.targets import EraseTarget
 
 
@@ -130,11 +130,11 @@ class UnlearnDiffAtk(Attack):
         optimizer = torch.optim.Adam([probs], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         rounds, after, ids = 0, False, slotted.input_ids
         for t in attack_timesteps(model.num_train_timesteps, cfg.rounds):
-            timestep = torch.tensor([t], device=model.device)
+            timestep = host_to_device(torch.tensor([t]), model.device)
             for _ in range(cfg.iterations):
                 optimizer.zero_grad()
                 one_hot = _SampleStraightThrough.apply(probs, generator)
-                noise = torch.randn(x0.shape, generator=generator).to(x0)
+                noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
                 loss = denoising_loss(model, x0, slotted.encode(model, one_hot @ table), timestep, noise)
                 loss.backward()
                 optimizer.step()

@@ -21,8 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC convolutions (faster with tensor cores; on by default on the testbed)")
     speed.add_argument("--compile", default=None, metavar="MODE",
-                       help="torch.compile the UNet: off (default), default, reduce-overhead (CUDA graphs) or max-autotune; "
-                            "pays on long runs, each new batch size compiles once")
+                       help="torch.compile the UNet: off (default), default, reduce-overhead (CUDA graphs; not yet run on a GPU) "
+                            "or max-autotune; compiling takes minutes, so it can only pay on long GPU runs (on the CPU it did not)")
 
 
 def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from darkminer.erasers.training import (
     trainable_unet_parameters,
 )
 from darkminer.models.adapters import TARGET_PRESETS
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.targets import EraseTarget
 
 # The authors' parameter groups: keys/values of cross-attention (default), or every attention projection
@@ -91,7 +91,7 @@ class ConceptAblation(Eraser):
             which = torch.randint(len(prompts), (cfg.batch_size,), generator=generator)
             with torch.no_grad():
                 teacher = model.eps(x_t, t, anchor_states.expand(cfg.batch_size, -1, -1), adapter=False)
-            return F.mse_loss(model.eps(x_t, t, concept_states[which.to(concept_states.device)]), teacher)
+            return F.mse_loss(model.eps(x_t, t, concept_states[host_to_device(which, concept_states.device)]), teacher)
 
         losses = train_parameters(
             params, loss_fn, iterations=cfg.iterations, lr=cfg.lr, seed=cfg.seed, work_dir=work_dir,

@@ -63,7 +63,7 @@ def ddim_path(
 
     Lazy: a caller that stops early pays only for the steps it consumed.
     """
-    states = model.ddim_states(noise.to(model.device, model.dtype), cond, uncond, guidance_scale, steps, adapter,
+    states = model.ddim_states(host_to_device(noise, model.device, model.dtype), cond, uncond, guidance_scale, steps, adapter,
                                guidance=ClassifierFreeGuidance())
     yield from itertools.takewhile(lambda state: state[1] is not None, states)  # type: ignore[misc]
 
@@ -107,9 +107,9 @@ def noised_batch(
     """A random batch of ``latents`` noised at uniform random training timesteps: (x_t, t)."""
     index = torch.randint(latents.shape[0], (batch_size,), generator=generator)
     t = torch.randint(model.num_train_timesteps, (batch_size,), generator=generator)
-    noise = host_to_device(torch.randn((batch_size, *latents.shape[1:]), generator=generator), latents.device)
-    x0 = latents[host_to_device(index, latents.device)]
-    return model.add_noise(x0, noise.to(latents.dtype), t), host_to_device(t, model.device)
+    noise = host_to_device(torch.randn((batch_size, *latents.shape[1:]), generator=generator), latents.device, latents.dtype)
+    t = host_to_device(t, model.device)
+    return model.add_noise(latents[host_to_device(index, latents.device)], noise, t), t
 
 
 def train_parameters(
@@ -130,7 +130,8 @@ def train_parameters(
     ``weight_decay`` 0 is plain Adam (ESD); the diffusers-based authors' scripts (Concept Ablation,
     Forget-Me-Not) use AdamW with decay 1e-2 and gradients clipped to norm 1. With a ``work_dir``,
     parameters and moments are saved every ``checkpoint_every`` iterations and a run that finds a
-    checkpoint there continues from it.
+    checkpoint there continues from it. The losses stay on the device and are read at each checkpoint and
+    at the end (no host sync per iteration); a NaN/inf loss stops the run there, before it is saved.
     """
     from tqdm.auto import tqdm
 
@@ -139,23 +140,30 @@ def train_parameters(
     start = 0
     if work_dir is not None and (work_dir / CHECKPOINT_STATE).is_file():
         start, losses = _load_checkpoint(work_dir, params, optimizer)
+    pending: list[torch.Tensor] = []  # losses of the iterations after ``losses``, not read yet
+
+    def read_pending() -> None:
+        for value in torch.stack(pending).tolist() if pending else []:
+            if not math.isfinite(value):
+                raise DarkMinerError(f"{desc}: loss became {value} at iteration {len(losses)}; lower the learning rate (lr)")
+            losses.append(value)
+        pending.clear()
+
     try:
         for iteration in tqdm(range(start, iterations), desc=desc, initial=start, total=iterations, leave=False,
                               disable=None):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(iteration, iteration_generator(seed, iteration))
-            if not math.isfinite(loss.item()):
-                raise DarkMinerError(
-                    f"{desc}: loss became {loss.item()} at iteration {iteration}; lower the learning rate (lr)"
-                )
             loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
             optimizer.step()
-            losses.append(loss.item())
+            pending.append(loss.detach())
             done = iteration + 1
             if work_dir is not None and done < iterations and done % checkpoint_every == 0:
+                read_pending()
                 _save_checkpoint(work_dir, params, optimizer, done, losses)
+        read_pending()
     finally:
         for p in params.values():
             p.requires_grad_(False)

@@ -22,15 +22,17 @@ from transformers import PreTrainedTokenizerBase
 from darkminer.errors import DarkMinerError
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor copied to ``device`` without making the host wait for the device's queue.
+def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor copied to ``device`` (cast to ``dtype`` first, on the host: fewer bytes to move) without
+    making the host wait for the device's queue.
 
     A copy from ordinary (pageable) host memory to a GPU is synchronous even with ``non_blocking``; from
     pinned memory it is queued. The random draws stay on CPU generators for reproducibility, so every
     draw the loops send to the device goes through here.
     """
     device = torch.device(device)
-    if device.type != "cuda":
+    tensor = tensor if dtype is None else tensor.to(dtype)
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
@@ -356,6 +358,7 @@ class DiffusionModel(ABC):
     ) -> torch.Tensor:
         return deque(self.ddim_states(latents, cond, uncond, guidance, steps, adapter), maxlen=1)[0][0]
 
+    @torch.no_grad()
     def ddim_states(
         self,
         noise: torch.Tensor,

@@ -69,6 +69,19 @@ def resolve_speed_options(model: DiffusionModel, speed: SpeedOptions | dict[str,
     return SpeedOptions.from_dict({**model.default_speed, **speed}) if isinstance(speed, dict) else speed
 
 
+def speed_run_record(model: DiffusionModel, speed: SpeedOptions | None) -> dict[str, Any] | None:
+    """What a resumed erase must share with the run it continues: the options ``model`` runs (``speed``,
+    already resolved) where they differ from its defaults, else None. torch.compile's options are left out,
+    as it changes rounding only, not the precision: a resume may switch it on or off, and the work
+    directories of runs started before it was an option still match."""
+    def record(options: SpeedOptions) -> dict[str, Any]:
+        return {k: v for k, v in options.to_dict().items() if k not in ("compile", "compile_backend")}
+
+    if speed is None or record(speed) == record(resolve_speed_options(model, {})):
+        return None
+    return record(speed)
+
+
 def apply_speed_options(model: DiffusionModel, options: SpeedOptions | dict[str, Any]) -> None:
     """Switch ``model`` to ``options`` in place. A ``SpeedOptions`` replaces every earlier choice; a dict
     changes only the options it names, over the model's defaults (``DiffusionModel.default_speed``)."""
