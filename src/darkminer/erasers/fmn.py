@@ -135,7 +135,7 @@ class ForgetMeNot(Eraser):
         cfg: FmnConfig = self.config  # type: ignore[assignment]
         images = original_latents(model, target.prompts, cfg.concept_images, cfg.seed, cfg.image_steps)
         prompt = f"a photo in the style of {target.word}" if target.kind == "style" else f"a photo of {target.word}"
-        mask = concept_token_mask(model, prompt, target.word, cfg.use_end_token)
+        mask = concept_token_mask(model, prompt, target.word, cfg.use_end_token).to(model.device)  # once, not per step
         with torch.no_grad():
             states = model.encode([prompt]).expand(cfg.batch_size, -1, -1)
         pattern = TARGET_PRESETS["cross-attn"] if cfg.only_cross_attention else WHOLE_UNET
