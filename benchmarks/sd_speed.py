@@ -325,7 +325,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
-                        help="torch.compile the UNet with this mode (warm-up then includes compiling)")
+                        help="torch.compile the UNet with this mode; only calls without gradients run compiled "
+                             "(warm-up then includes compiling)")
     parser.add_argument("--sections", default="unet,darkminer,attack,esd", help="comma-separated subset")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)

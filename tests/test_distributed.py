@@ -263,9 +263,10 @@ def test_auto_attention_runs_classic_for_small_calls_sdpa_for_large_and_the_same
             torch.testing.assert_close(auto, tiny_sd.eps(x, t, cond), rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_unet_keeps_the_teacher_the_edits_and_the_gradients_and_switches_back(tiny_sd):
-    """torch.compile must not freeze what ``eps(adapter=False)`` switches: the LoRA's on/off flag and the
-    original weights swapped in for edited ones. aot_eager traces as inductor does, without building kernels."""
+def test_compiled_unet_serves_calls_without_gradients_keeps_the_teacher_and_never_trains(tiny_sd):
+    """torch.compile must not freeze what ``eps(adapter=False)`` switches (the LoRA's on/off flag, the original
+    weights swapped in for edited ones), and calls that build a graph must run eager: inductor's backward
+    gave wrong LoRA gradients (docs/performance.md). aot_eager traces as inductor does, without building kernels."""
     from torch._dynamo.utils import counters
 
     params = add_lora(tiny_sd, LoraConfig(), seed=0)
@@ -275,23 +276,28 @@ def test_compiled_unet_keeps_the_teacher_the_edits_and_the_gradients_and_switche
         for p in params:
             p.normal_(std=0.1)
         dict(tiny_sd.unet.named_parameters())[edited].mul_(1.5)  # an in-place edit, as UCE makes
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(2, *tiny_sd.latent_shape, generator=g), torch.tensor([10, 700]), tiny_sd.encode(PROMPTS[:2])
 
-    def predictions() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        g = torch.Generator().manual_seed(0)
-        x, t, cond = torch.randn(2, *tiny_sd.latent_shape, generator=g), torch.tensor([10, 700]), tiny_sd.encode(PROMPTS[:2])
+    def without_grad() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            teacher = tiny_sd.eps(x, t, cond, adapter=False)
-        student = tiny_sd.eps(x, t, cond)
-        return student.detach(), teacher, list(torch.autograd.grad(student.square().mean(), params))
+            return tiny_sd.eps(x, t, cond), tiny_sd.eps(x, t, cond, adapter=False)
 
-    eager = predictions()
-    assert not torch.allclose(eager[0], eager[1], atol=1e-3)  # the switch matters
-    graphs = counters["stats"]["unique_graphs"]
+    def trained() -> list[torch.Tensor]:
+        return list(torch.autograd.grad(tiny_sd.eps(x, t, cond).square().mean(), params))
+
+    eager, eager_grads = without_grad(), trained()
+    assert not torch.allclose(*eager, atol=1e-3)  # the switch matters
     apply_speed_options(tiny_sd, SpeedOptions(compile="default", compile_backend="aot_eager"))
-    compiled = predictions()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = without_grad()
     assert counters["stats"]["unique_graphs"] > graphs  # the UNet really ran compiled
-    for got, expected in zip([compiled[0], compiled[1], *compiled[2]], [eager[0], eager[1], *eager[2]], strict=True):
+    for got, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    grads = trained()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the call that trains
+    assert all(torch.equal(got, expected) for got, expected in zip(grads, eager_grads, strict=True))
     apply_speed_options(tiny_sd, SpeedOptions())
     assert "forward" not in vars(tiny_sd.unet)  # back to the class's forward
 

@@ -10,7 +10,9 @@ circumventing loops keep their numbers on the device (see docs/performance.md).
 Mixed precision follows accelerate's ``prepare_model``: the module's ``forward`` runs under
 ``torch.autocast`` and its floating outputs are cast back to the weights' dtype, so the weights (and an
 adapter's Adam moments) stay in float32 while matrix products and convolutions run in bf16/fp16.
-``torch.compile`` wraps the UNet's forward outside the autocast, so the cast is part of the compiled graph.
+``torch.compile`` wraps the UNet's forward outside the autocast, so the cast is part of the compiled graph,
+and serves only calls made without gradients (sampling, evaluation, the teachers of the training loops):
+inductor's backward gave wrong LoRA gradients here (docs/performance.md), so calls that train run eager.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class SpeedOptions(Config):
     attention: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% more time
     channels_last: bool = False  # NHWC convolutions (UNet, VAE): faster with tensor cores in bf16/fp16, and for the testbed on the CPU
-    compile: str = "off"  # torch.compile the UNet's forward with this mode; each new batch size or adapter state compiles once
+    compile: str = "off"  # torch.compile the UNet's no-grad calls (sampling, teachers) with this mode
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" traces without generating kernels)
 
     def validate(self) -> None:
@@ -179,10 +181,23 @@ def _wrap_forward(module: nn.Module, device_type: str, dtype: torch.dtype | None
     if dtype is not None:
         forward = _autocast(forward, device_type, dtype, next(module.parameters()).dtype)
     if compiled is not None:
-        mode = None if compiled.compile == "default" else compiled.compile
-        forward = torch.compile(forward, mode=mode, backend=compiled.compile_backend)
+        forward = _compiled_without_grad(forward, compiled)
     module.forward = forward
     module.__dict__[_PLAIN_FORWARD] = (plain, dtype)
+
+
+def _compiled_without_grad(forward: Any, options: SpeedOptions) -> Any:
+    """``forward`` compiled for calls without gradients; calls that build a graph run it as it is. With torch
+    2.13's inductor on the CPU the compiled forward agreed with eager to 4e-6, but its backward gave wrong
+    LoRA gradients (most of them zero with classic attention): a silently failed erase."""
+    compiled = torch.compile(forward, mode=None if options.compile == "default" else options.compile,
+                             backend=options.compile_backend)
+
+    @wraps(forward)
+    def forward_by_grad_mode(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs) if torch.is_grad_enabled() else compiled(*args, **kwargs)
+
+    return forward_by_grad_mode
 
 
 def _autocast(forward: Any, device_type: str, dtype: torch.dtype, weights_dtype: torch.dtype) -> Any:
