@@ -37,7 +37,7 @@ ATTENTIONS = ("sdpa", "classic", "auto")
 # torch.compile's modes; "reduce-overhead" adds CUDA graphs (for the launch-bound UNet at small batches).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 AUTO_SDPA_MIN_ROWS = 64
-# Where the plain forward of a module wrapped for autocast is kept, so options can be switched back.
+# Where the plain forward of a module wrapped for autocast or torch.compile is kept, so options can be switched back.
 _PLAIN_FORWARD = "_darkminer_plain_forward"
 
 
