@@ -39,7 +39,7 @@ from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cro
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import train_parameters
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensors
+from darkminer.io import load_tensor_metadata, load_tensors
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
@@ -353,8 +353,21 @@ def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path
     with pytest.raises(DarkMinerError, match="loss became nan at iteration 3"):
         train_parameters({"w": weight}, lambda i, g: (weight - 1).square().sum() * (float("nan") if i == 3 else 1.0),
                          iterations=6, lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=2, desc="toy")
-    state = json.loads((tmp_path / training.CHECKPOINT_STATE).read_text())
+    state = json.loads(load_tensor_metadata(tmp_path / training.CHECKPOINT)["state"])
     assert state["iterations_done"] == 2 and len(state["losses"]) == 2 and all(math.isfinite(v) for v in state["losses"])
+    # A NaN gradient behind a finite loss (sqrt at 0: value 0, gradient 0 * inf) spoils the weights: caught
+    # before they are saved too.
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
+        if iteration == 1:
+            return (weight - weight.detach()).abs().sqrt().sum()
+        return (weight - 1).square().sum()
+
+    with pytest.raises(DarkMinerError, match="weights became NaN/inf by iteration 2"):
+        train_parameters({"w": weight}, loss_fn, iterations=4, lr=0.1, seed=0, work_dir=tmp_path / "grad",
+                         checkpoint_every=2, desc="toy")
+    assert not (tmp_path / "grad" / training.CHECKPOINT).exists()
 
 
 def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -99,6 +99,8 @@ def erase(
                   "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}
         if speed_record := speed_run_record(base, speed):  # a resume must not mix fp32 and bf16 rounds
             record["speed"] = speed_record
+        if base.dtype != torch.float32:  # nor weights stored in other dtypes (float32 unrecorded, as before)
+            record["dtype"] = str(base.dtype)
         _claim_work_dir(work_dir, record)
     processes.barrier()
     started = time.time()

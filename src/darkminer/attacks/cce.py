@@ -122,7 +122,8 @@ class ConceptInversion(Attack):
                 step_losses[step] += loss.detach()
             optimizer.step()
         losses = step_losses.tolist()
-        if not all(math.isfinite(value) for value in losses):
+        # The token too: a NaN gradient behind a finite loss (e.g. a half-precision overflow) spoils it silently.
+        if not all(math.isfinite(value) for value in losses) or not torch.isfinite(token).all():
             raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")
         window = max(1, len(losses) // 10)
         summary = {"loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,

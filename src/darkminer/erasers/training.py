@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from darkminer.errors import DarkMinerError
-from darkminer.io import load_tensors, read_json, save_tensors, write_json
+from darkminer.io import load_tensor_metadata, load_tensors, save_tensors
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
 
-CHECKPOINT_TENSORS = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
+# One file, written atomically: the weights and Adam's moments, with the iteration count, losses and Adam's
+# step counts in its metadata, so a kill can never leave weights and counts from different iterations.
+CHECKPOINT = "checkpoint.safetensors"
 
 
 def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dict[str, nn.Parameter]:
@@ -131,23 +133,27 @@ def train_parameters(
     Forget-Me-Not) use AdamW with decay 1e-2 and gradients clipped to norm 1. With a ``work_dir``,
     parameters and moments are saved every ``checkpoint_every`` iterations and a run that finds a
     checkpoint there continues from it. The losses stay on the device and are read at each checkpoint and
-    at the end (no host sync per iteration); a NaN/inf loss stops the run there, before it is saved.
+    at the end (no host sync per iteration); a NaN/inf loss or weight stops the run there, before it is saved.
     """
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     start = 0
-    if work_dir is not None and (work_dir / CHECKPOINT_STATE).is_file():
+    if work_dir is not None and (work_dir / CHECKPOINT).is_file():
         start, losses = _load_checkpoint(work_dir, params, optimizer)
     pending: list[torch.Tensor] = []  # losses of the iterations after ``losses``, not read yet
 
     def read_pending() -> None:
+        """Move the pending losses to ``losses``; stop on a NaN/inf loss, or on weights a NaN/inf gradient
+        spoilt behind a finite loss."""
         for value in torch.stack(pending).tolist() if pending else []:
             if not math.isfinite(value):
                 raise DarkMinerError(f"{desc}: loss became {value} at iteration {len(losses)}; lower the learning rate (lr)")
             losses.append(value)
         pending.clear()
+        if not torch.stack([p.isfinite().all() for p in params.values()]).all():
+            raise DarkMinerError(f"{desc}: the weights became NaN/inf by iteration {len(losses)}; lower the learning rate (lr)")
 
     try:
         for iteration in tqdm(range(start, iterations), desc=desc, initial=start, total=iterations, leave=False,
@@ -158,7 +164,7 @@ def train_parameters(
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
             optimizer.step()
-            pending.append(loss.detach())
+            pending.append(loss.detach().reshape(()))
             done = iteration + 1
             if work_dir is not None and done < iterations and done % checkpoint_every == 0:
                 read_pending()
@@ -184,16 +190,17 @@ def _save_checkpoint(
                 tensors[f"{key}/{name}"] = state[key]
         if "step" in state:
             steps[name] = float(state["step"])
-    save_tensors(work_dir / CHECKPOINT_TENSORS, tensors)
-    # The JSON is written last: its presence means the tensors beside it are complete.
-    write_json(work_dir / CHECKPOINT_STATE, {"iterations_done": done, "losses": losses, "adam_steps": steps})
+    state = {"iterations_done": done, "losses": losses, "adam_steps": steps}
+    save_tensors(work_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(state)})
 
 
 def _load_checkpoint(
     work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[float]]:
-    state = read_json(work_dir / CHECKPOINT_STATE)
-    tensors = load_tensors(work_dir / CHECKPOINT_TENSORS)
+    tensors = load_tensors(work_dir / CHECKPOINT)
+    if "state" not in (metadata := load_tensor_metadata(work_dir / CHECKPOINT)):
+        raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; run without --resume")
+    state = json.loads(metadata["state"])
     missing = [name for name in params if f"param/{name}" not in tensors]
     if missing:
         raise DarkMinerError(
