@@ -39,7 +39,7 @@ from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cro
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import train_parameters
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensor_metadata, load_tensors
+from darkminer.io import load_tensor_metadata, load_tensors, save_tensors
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
@@ -368,6 +368,13 @@ def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path
         train_parameters({"w": weight}, loss_fn, iterations=4, lr=0.1, seed=0, work_dir=tmp_path / "grad",
                          checkpoint_every=2, desc="toy")
     assert not (tmp_path / "grad" / training.CHECKPOINT).exists()
+
+
+def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_path: Path) -> None:
+    save_tensors(tmp_path / training.CHECKPOINT, {"param/w": torch.zeros(1)})  # counts were in a JSON beside it
+    with pytest.raises(DarkMinerError, match="older darkminer; run without --resume"):
+        train_parameters({"w": torch.nn.Parameter(torch.zeros(1))}, lambda i, g: torch.zeros(()), iterations=2, lr=0.1,
+                         seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")
 
 
 def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, monkeypatch) -> None:
