@@ -345,6 +345,8 @@ def main() -> None:
     peak = matmul_peak_tflops(bench)
     rows: dict[str, Timing] = {}
     notes: dict = {}
+    if options.compile != "off":  # SpeedOptions.compile: rows that take gradients run the UNet eager
+        notes["compiled"] = "calls without gradients only: the forward rows, sampling, verification, teachers"
     # Each section gets a fresh model: Dark Miner adds a LoRA, ESD edits and remembers UNet weights.
     for name in ("unet", "darkminer", "attack", "esd"):
         if name not in sections:
