@@ -65,9 +65,11 @@ def ddim_path(
 
     Lazy: a caller that stops early pays only for the steps it consumed.
     """
-    states = model.ddim_states(host_to_device(noise, model.device, model.dtype), cond, uncond, guidance_scale, steps, adapter,
-                               guidance=ClassifierFreeGuidance())
-    yield from itertools.takewhile(lambda state: state[1] is not None, states)  # type: ignore[misc]
+    for x, t in model.ddim_states(host_to_device(noise, model.device, model.dtype), cond, uncond, guidance_scale, steps,
+                                  adapter, guidance=ClassifierFreeGuidance()):
+        if t is None:  # the final sample: not a state before a step
+            return
+        yield x, t
 
 
 @torch.no_grad()
