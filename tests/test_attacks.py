@@ -324,6 +324,34 @@ def test_p4d_budget_and_reproducibility(sd, sd_target, monkeypatch):
     assert [keep.input_ids[i] for i in (2, 3, 4)] == content[:3]  # prompt tokens stay in place
 
 
+# ----------------------------------------------------------------------------- half precision
+@pytest.mark.parametrize("name, options", [
+    ("unlearndiff", {"k": 2, "iterations": 2, "rounds": 1}),
+    ("p4d", {"n_tokens": 2, "iterations": 2, "eval_every": 2, "target_images": 1}),
+    ("cce", {"steps": 2, "num_images": 2, "batch_size": 2, "gradient_accumulation": 1}),
+])
+def test_soft_prompt_attacks_run_on_a_bf16_model_and_optimise_in_float32(name, options, sd_target, monkeypatch):
+    from darkminer.models import load_model
+
+    model = load_model("tiny-random-sd", dtype="bf16")
+    model.default_sampling = FAST_SAMPLING
+    optimised: list[torch.dtype] = []
+    for optimizer in ("Adam", "AdamW"):
+        real = getattr(torch.optim, optimizer)
+
+        def recording(params, *args, _real=real, **kwargs):
+            params = list(params)
+            optimised.extend(p.dtype for p in params)
+            return _real(params, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim, optimizer, recording)
+    cls = get_attack(name)
+    results = cls(cls.config_class(**options)).run(model, sd_target, PROMPTS, never)
+    # In bf16, Adam's eps is zero and small second moments underflow: the steps would round away or be inf.
+    assert optimised and set(optimised) == {torch.float32}
+    assert len(results) == len(PROMPTS) and not any(r.success for r in results)
+
+
 # ------------------------------------------------------------------------------------ Ring-A-Bell
 def test_ringabell_concept_vector_is_the_mean_state_difference(sd):
     pairs = [("a nude woman", "a woman"), ("nudity", "a photo")]

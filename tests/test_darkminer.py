@@ -307,6 +307,22 @@ def test_a_diverging_miner_stops_the_run_with_what_to_change(tmp_path):
         erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "mining_lr": 1e30})
 
 
+def test_on_a_bf16_model_the_mined_embedding_is_optimised_in_float32(tmp_path, monkeypatch):
+    mined: list[torch.dtype] = []
+    real = torch.optim.Adam
+
+    def recording(params, *args, **kwargs):
+        params = list(params)
+        mined.extend(p.dtype for p in params)
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording)  # mining and circumventing (its LoRA is float32)
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", dtype="bf16", config={**TINY, "rounds": 1})
+    # In bf16, Adam's eps is zero and small second moments underflow: the steps would round away or be inf.
+    assert mined and set(mined) == {torch.float32}
+    assert load_tensors(out / "mined_embeddings.safetensors")["round_0.values"].dtype == torch.float32
+
+
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="space"):
         DarkMinerConfig(space="pixels")

@@ -90,7 +90,13 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
 
     erased = erase("darkminer", "nudity", out.parent / "erased", model="tiny-random-sd", config=DARK_MINER)
     dark_miner = {f"dm.{k}": v for k, v in load_tensors(erased / "pytorch_lora_weights.safetensors").items()}
-    return {"images": images, **snapshots, **dark_miner}
+    # A full-weight eraser: every process trains the same weights; only the main one writes checkpoints, and
+    # it removes the work directory only once all are done with it.
+    esd = erase("esd-x", "nudity", out.parent / "esd", model="tiny-random-sd",
+                config={"iterations": 4, "ddim_steps": 2, "checkpoint_every": 1})
+    unet = load_tensors(esd / "unet" / "diffusion_pytorch_model.safetensors")
+    esd_weights = {f"esd.{k}": v for k, v in unet.items() if ".attn2." in k}  # what ESD-x trains
+    return {"images": images, **snapshots, **dark_miner, **esd_weights}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:

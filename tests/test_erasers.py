@@ -181,6 +181,15 @@ def test_unknown_method_raises() -> None:
         get_eraser("esd-z")
 
 
+@pytest.mark.parametrize("method", ["esd-u", "ca", "fmn"])
+def test_full_weight_erasers_refuse_half_precision_weights_before_drawing_any_image(method: str, tmp_path: Path, monkeypatch) -> None:
+    model = load_model("tiny-random-sd", dtype="bf16")
+    monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
+    with pytest.raises(ConfigError, match=r"torch.bfloat16; load the model in float32 \(--dtype float32\)"):
+        erase(method, CONCEPT, tmp_path / method, model=model, anchor=ANCHOR, config=TINY_CONFIGS[method])
+    assert not any(p.requires_grad for p in model.unet.parameters())  # refused before anything was made trainable
+
+
 # ------------------------------------------------------------------------------------ each objective
 def _projections(names: list[str]) -> set[str]:
     return {n.split(".attn2.")[1].split(".")[0] for n in names}

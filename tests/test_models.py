@@ -103,6 +103,21 @@ def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_pa
     torch.testing.assert_close(merged, after, atol=1e-4, rtol=0)
 
 
+def test_switching_the_adapter_off_and_on_keeps_which_weights_train(tiny_sd, tmp_path):
+    trained = adapters.add_lora(tiny_sd, adapters.LoraConfig(rank=4))
+    with tiny_sd.original():
+        pass
+    assert all(p.requires_grad for p in trained)  # the erasers' LoRA still trains after a teacher call
+    adapters.save_lora(tiny_sd, tmp_path / "lora")
+    loaded = load_model("tiny-random-sd")
+    adapters.load_lora(loaded, tmp_path / "lora")
+    with loaded.original():  # e.g. an attack drawing the original's images
+        pass
+    # peft's enable_adapters would make the loaded adapter trainable: attacks would then compute and
+    # accumulate its gradients on every backward
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+
+
 def test_in_place_edits_keep_the_original_reachable_and_round_trip(tiny_sd, tmp_path):
     name = adapters.target_module_names(tiny_sd, adapters.TARGET_PRESETS["cross-attn-kv"])[0] + ".weight"
     noise = tiny_sd.initial_noise([5])
@@ -162,6 +177,15 @@ def test_testbed_loads_in_the_asked_dtype_without_library_warnings():
             library.set_verbosity(verbosity)
     assert [r.getMessage()[:80] for r in records] == []
     assert model.unet.dtype == torch.bfloat16 and model.text_encoder.pooler is None
+
+
+def test_tiny_random_sd_loads_on_the_asked_device():
+    # "meta" stands in for a GPU here: every weight must move, not stay on the CPU where it was built
+    model = load_model("tiny-random-sd", device="meta")
+    modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+    assert {name: {p.device.type for p in m.parameters()} for name, m in modules.items()} == {
+        name: {"meta"} for name in modules
+    }
 
 
 def test_lora_on_a_bf16_model_trains_in_float32():

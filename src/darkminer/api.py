@@ -115,6 +115,7 @@ def erase(
         config=cfg.to_dict(),
         extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
     )
+    processes.barrier()  # every process is done with the work directory before the main one removes it
     if processes.is_main:
         artifacts = work_dir / "artifacts"
         save_erased(base, out, info,

@@ -135,7 +135,7 @@ class ConceptInversion(Attack):
         ids = prompt_token_ids(model, word)
         if not ids:
             raise DarkMinerError(f"CCE initializer {word!r} has no tokens; set `initializer` to a real word")
-        return model.token_embedding.weight.detach()[ids[0]].clone().unsqueeze(0)
+        return model.token_embedding.weight.detach()[ids[0]].to(torch.float32, copy=True).unsqueeze(0)
 
     def run(
         self,

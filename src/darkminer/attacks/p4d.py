@@ -126,7 +126,7 @@ class Prompting4Debugging(Attack):
         with torch.no_grad():
             prompt_cond = model.encode([prompt.text])
             start = random_token_ids(model, (slotted.n_slots,), generator)
-        soft = model.token_embedding.weight.detach()[start].clone().requires_grad_(True)
+        soft = model.token_embedding.weight.detach()[start].float().requires_grad_(True)  # float32: Adam steps vanish in half
         optimizer = torch.optim.AdamW([soft], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         after, ids, done = False, slotted.input_ids, 0
         for step in range(cfg.iterations):

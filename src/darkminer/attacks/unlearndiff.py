@@ -135,7 +135,7 @@ class UnlearnDiffAtk(Attack):
                 optimizer.zero_grad()
                 one_hot = _SampleStraightThrough.apply(probs, generator)
                 noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
-                loss = denoising_loss(model, x0, slotted.encode(model, one_hot @ table), timestep, noise)
+                loss = denoising_loss(model, x0, slotted.encode(model, one_hot.to(table.dtype) @ table), timestep, noise)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():

@@ -79,12 +79,13 @@ class ConceptAblation(Eraser):
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: CaConfig = self.config  # type: ignore[assignment]
+        # first: it refuses half-precision weights before any image is drawn
+        params = trainable_unet_parameters(model, PARAMETER_GROUPS[cfg.parameter_group])
         anchor_latents = original_latents(model, [target.anchor], cfg.anchor_images, cfg.seed, cfg.image_steps)
         prompts = concept_prompts(target)
         with torch.no_grad():
             concept_states = model.encode(prompts)
             anchor_states = model.encode([target.anchor])
-        params = trainable_unet_parameters(model, PARAMETER_GROUPS[cfg.parameter_group])
 
         def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
             x_t, t = noised_batch(model, anchor_latents, cfg.batch_size, generator)

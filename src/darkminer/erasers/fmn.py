@@ -133,13 +133,13 @@ class ForgetMeNot(Eraser):
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: FmnConfig = self.config  # type: ignore[assignment]
+        # first: it refuses half-precision weights before any image is drawn
+        params = trainable_unet_parameters(model, TARGET_PRESETS["cross-attn"] if cfg.only_cross_attention else WHOLE_UNET)
         images = original_latents(model, target.prompts, cfg.concept_images, cfg.seed, cfg.image_steps)
         prompt = f"a photo in the style of {target.word}" if target.kind == "style" else f"a photo of {target.word}"
         mask = concept_token_mask(model, prompt, target.word, cfg.use_end_token).to(model.device)  # once, not per step
         with torch.no_grad():
             states = model.encode([prompt]).expand(cfg.batch_size, -1, -1)
-        pattern = TARGET_PRESETS["cross-attn"] if cfg.only_cross_attention else WHOLE_UNET
-        params = trainable_unet_parameters(model, pattern)
 
         def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
             x_t, t = noised_batch(model, images, cfg.batch_size, generator)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensor_metadata, load_tensors, save_tensors
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
+from darkminer.parallel import init_processes
 
 # One file, written atomically: the weights and Adam's moments, with the iteration count, losses and Adam's
 # step counts in its metadata, so a kill can never leave weights and counts from different iterations.
@@ -33,7 +34,12 @@ def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dic
     """Weights and biases of the UNet's Linear/Conv2d modules matching ``module_pattern``, made trainable.
 
     Their originals are remembered first, so ``model.eps(..., adapter=False)`` stays the frozen teacher.
+    Half-precision weights are refused: Adam's eps and small steps vanish there (updates round away, or
+    divide by a second moment that underflowed to zero).
     """
+    if model.unet.dtype != torch.float32:
+        raise ConfigError(f"this eraser trains the UNet's own weights, which are {model.unet.dtype}; load the "
+                          "model in float32 (--dtype float32) and keep the speed with --precision bf16")
     modules = set(target_module_names(model, module_pattern))
     params = {
         name: p for name, p in model.unet.named_parameters() if name.rsplit(".", 1)[0] in modules
@@ -145,6 +151,7 @@ def train_parameters(
     if work_dir is not None and (work_dir / CHECKPOINT).is_file():
         start, losses = _load_checkpoint(work_dir, params, optimizer)
     pending: list[torch.Tensor] = []  # losses of the iterations after ``losses``, not read yet
+    is_main = init_processes().is_main  # under a launcher every process trains the same; one writes
 
     def read_pending() -> None:
         """Move the pending losses to ``losses``; stop on a NaN/inf loss, or on weights a NaN/inf gradient
@@ -170,7 +177,8 @@ def train_parameters(
             done = iteration + 1
             if work_dir is not None and done < iterations and done % checkpoint_every == 0:
                 read_pending()
-                _save_checkpoint(work_dir, params, optimizer, done, losses)
+                if is_main:
+                    _save_checkpoint(work_dir, params, optimizer, done, losses)
         read_pending()
     finally:
         for p in params.values():

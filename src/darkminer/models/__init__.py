@@ -77,8 +77,9 @@ def _load_base(spec: str, *, device: str | torch.device, dtype: torch.dtype) -> 
     from darkminer.models.tiny import TINY_SD_ID, build_tiny_sd_pipeline
 
     if spec == TINY_SD_ID:
-        pipe = build_tiny_sd_pipeline()
-        return StableDiffusionModel.from_pipeline(pipe if dtype == torch.float32 else pipe.to(dtype=dtype), name=TINY_SD_ID)
+        # built in float32; casting to float32 again would only print diffusers' cast warning
+        pipe = build_tiny_sd_pipeline().to(device=device, dtype=None if dtype == torch.float32 else dtype)
+        return StableDiffusionModel.from_pipeline(pipe, name=TINY_SD_ID)
     return StableDiffusionModel.from_pretrained(spec, dtype=dtype, device=device)
 
 

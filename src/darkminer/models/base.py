@@ -239,6 +239,8 @@ class DiffusionModel(ABC):
         has_adapter = bool(getattr(self.unet, "peft_config", None)) and self._adapters_enabled()
         params = dict(self.unet.named_parameters())
         edited = {name: params[name].data for name in self._originals}
+        # peft's enable_adapters makes every adapter weight trainable; a loaded (frozen) one must stay frozen
+        trainable = {name: p.requires_grad for name, p in params.items() if "lora_" in name} if has_adapter else {}
         try:
             if has_adapter:
                 self.unet.disable_adapters()
@@ -250,6 +252,8 @@ class DiffusionModel(ABC):
                 params[name].data = value
             if has_adapter:
                 self.unet.enable_adapters()
+                for name, flag in trainable.items():
+                    params[name].requires_grad_(flag)
 
     def _adapters_enabled(self) -> bool:
         from peft.tuners.tuners_utils import BaseTunerLayer

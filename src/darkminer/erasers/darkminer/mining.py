@@ -44,7 +44,8 @@ class MinedEmbedding:
         return model.encode_embeddings(embeds, ids)
 
     def detached(self) -> MinedEmbedding:
-        return MinedEmbedding(self.space, self.values.detach().clone(), self.input_ids, self.slots)
+        """A copy to optimise, in float32 whatever the model's dtype: Adam's steps vanish in half precision."""
+        return MinedEmbedding(self.space, self.values.detach().to(torch.float32, copy=True), self.input_ids, self.slots)
 
 
 def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig, generator: torch.Generator,
