@@ -44,6 +44,8 @@ from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.models.tiny import build_tiny_sd_pipeline
+from darkminer.parallel import SpeedOptions, apply_speed_options
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import DEFAULT_SD_PRESERVE, EraseTarget
 
 torch.set_num_threads(1)
@@ -330,16 +332,27 @@ def test_sld_matches_the_diffusers_safe_pipeline(preset: str, base_dir: Path) ->
 
 
 # ------------------------------------------------------------------------------------ shared training loop
-def _toy_training(work_dir: Path, interrupt_at: int | None = None) -> torch.Tensor:
+def _toy_training(
+    work_dir: Path | None,
+    interrupt_at: int | None = None,
+    float16: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    iterations: int = 6,
+) -> torch.Tensor:
     weight = torch.nn.Parameter(torch.zeros(3))
 
     def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
         if iteration == interrupt_at:
             raise KeyboardInterrupt
-        return (weight - torch.randn(3, generator=generator)).pow(2).sum()
+        target = torch.randn(3, generator=generator)
+        # float16: the product runs in float16, as under --precision fp16; the gradient that reaches its output
+        # (~1e-9) lies below float16's range, as an SD mean loss's ~1e-6 nearly does
+        with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
+            prediction = torch.eye(3) @ weight
+        return (prediction.float() - target).pow(2).sum() * 1e-9
 
-    train_parameters({"w": weight}, loss_fn, iterations=6, lr=0.1, seed=1, work_dir=work_dir, checkpoint_every=2,
-                     desc="toy", weight_decay=0.01)
+    train_parameters({"w": weight}, loss_fn, iterations=iterations, lr=0.1, seed=1, work_dir=work_dir,
+                     checkpoint_every=2, desc="toy", weight_decay=0.01, scaler=scaler)
     return weight.detach()
 
 
@@ -349,6 +362,36 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
         _toy_training(tmp_path / "b", interrupt_at=5)
     resumed = _toy_training(tmp_path / "b")
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
+
+
+def test_a_float16_loss_trains_only_through_the_loss_scale() -> None:
+    reference = _toy_training(None)
+    assert reference.abs().max() > 0.05
+    assert torch.equal(_toy_training(None, float16=True), torch.zeros(3))  # every gradient flushed to zero
+    scaled = _toy_training(None, float16=True, scaler=torch.amp.GradScaler("cpu"))
+    torch.testing.assert_close(scaled, reference, rtol=0, atol=1e-3)  # float16's rounding of the products
+
+
+def test_the_loss_scale_is_checkpointed_and_resumed(tmp_path: Path) -> None:
+    def scaler() -> torch.amp.GradScaler:  # doubles every 2 steps: after 8, 2^4 times its start
+        return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+    straight = scaler()
+    uninterrupted = _toy_training(tmp_path / "a", float16=True, scaler=straight, iterations=8)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_training(tmp_path / "b", interrupt_at=5, float16=True, scaler=scaler(), iterations=8)
+    resumed = scaler()
+    weights = _toy_training(tmp_path / "b", float16=True, scaler=resumed, iterations=8)
+    assert resumed.get_scale() == straight.get_scale() == 2.0**14  # a fresh scale would end at 2^12
+    torch.testing.assert_close(weights, uninterrupted, rtol=0, atol=0)
+
+
+def test_gradient_scaler_is_on_exactly_when_the_model_computes_in_float16(tiny_sd) -> None:
+    assert not gradient_scaler(tiny_sd).is_enabled()
+    for precision, on in (("bf16", False), ("fp16", True), ("fp32", False)):
+        apply_speed_options(tiny_sd, SpeedOptions(precision=precision))
+        assert gradient_scaler(tiny_sd).is_enabled() is on
+    assert gradient_scaler(load_model("tiny-random-sd", dtype="fp16")).is_enabled()
 
 
 def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path: Path) -> None:

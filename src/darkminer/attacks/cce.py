@@ -46,6 +46,7 @@ from darkminer.attacks.soft_prompt import (
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
 
@@ -105,6 +106,7 @@ class ConceptInversion(Attack):
         captions = slotted_captions(model, target, [p.text for p in pool], cfg.num_vectors)
         token = self._initial_embedding(model, target).repeat(cfg.num_vectors, 1).requires_grad_(True)
         optimizer = torch.optim.AdamW([token], lr=cfg.effective_learning_rate, weight_decay=cfg.weight_decay)
+        scaler = gradient_scaler(model)
         # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
         step_losses = torch.zeros(cfg.steps, device=latents.device)
         for step in range(cfg.steps):
@@ -118,9 +120,10 @@ class ConceptInversion(Attack):
                 noise, t = draw_noise_and_timesteps(model, x0, generator)
                 cond = SlottedPrompts(captions.input_ids[rows], captions.slots[rows]).encode(model, token)
                 loss = denoising_loss(model, x0, cond, t, noise) / cfg.gradient_accumulation
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_losses[step] += loss.detach()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
         losses = step_losses.tolist()
         # The token too: a NaN gradient behind a finite loss (e.g. a half-precision overflow) spoils it silently.
         if not all(math.isfinite(value) for value in losses) or not torch.isfinite(token).all():

@@ -52,6 +52,7 @@ from darkminer.attacks.soft_prompt import (
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
 
@@ -128,6 +129,7 @@ class Prompting4Debugging(Attack):
             start = random_token_ids(model, (slotted.n_slots,), generator)
         soft = model.token_embedding.weight.detach()[start].float().requires_grad_(True)  # float32: Adam steps vanish in half
         optimizer = torch.optim.AdamW([soft], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scaler = gradient_scaler(model)
         after, ids, done = False, slotted.input_ids, 0
         for step in range(cfg.iterations):
             projected, token_ids = project_straight_through(model, soft)
@@ -138,8 +140,9 @@ class Prompting4Debugging(Attack):
                     break
             optimizer.zero_grad()
             loss = self._loss(model, original, slotted, projected, prompt_cond, x0, generator)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             done = step + 1
         else:
             ids = slotted.with_tokens(project_straight_through(model, soft)[1])

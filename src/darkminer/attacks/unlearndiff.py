@@ -45,6 +45,7 @@ from darkminer.attacks.soft_prompt import (
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
 
@@ -74,16 +75,18 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
 
 
 class _SampleStraightThrough(torch.autograd.Function):
-    """One-hot token draws from each row's distribution; the gradient passes through clipped to [-1, 1]."""
+    """One-hot token draws from each row's distribution; the gradient passes through clipped to [-1, 1]
+    (to [-scale, scale] under a loss scale, so that the clip acts on the true gradient)."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, probs: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.scale = scale
         draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
         return torch.nn.functional.one_hot(draws, probs.shape[-1]).to(probs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        return torch.nn.functional.hardtanh(grad), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        return torch.nn.functional.hardtanh(grad, -ctx.scale, ctx.scale), None, None
 
 
 def attack_timesteps(num_train_timesteps: int, rounds: int) -> list[int]:
@@ -128,16 +131,18 @@ class UnlearnDiffAtk(Attack):
         generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
         probs = torch.full((cfg.k, len(vocabulary)), 1.0 / len(vocabulary), device=table.device, requires_grad=True)
         optimizer = torch.optim.Adam([probs], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scaler = gradient_scaler(model)
         rounds, after, ids = 0, False, slotted.input_ids
         for t in attack_timesteps(model.num_train_timesteps, cfg.rounds):
             timestep = host_to_device(torch.tensor([t]), model.device)
             for _ in range(cfg.iterations):
                 optimizer.zero_grad()
-                one_hot = _SampleStraightThrough.apply(probs, generator)
+                one_hot = _SampleStraightThrough.apply(probs, generator, scaler.get_scale())
                 noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
                 loss = denoising_loss(model, x0, slotted.encode(model, one_hot.to(table.dtype) @ table), timestep, noise)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 with torch.no_grad():
                     probs.copy_(project_to_simplex(probs))
             rounds += 1

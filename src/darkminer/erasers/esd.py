@@ -26,6 +26,7 @@ from darkminer.erasers.training import (
 )
 from darkminer.models.adapters import TARGET_PRESETS
 from darkminer.models.base import DiffusionModel
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
 # Module patterns (over UNet module names) of the three variants. ESD-u follows the authors' CompVis
@@ -83,7 +84,7 @@ class EsdEraser(Eraser):
 
         losses = train_parameters(
             params, loss_fn, iterations=cfg.iterations, lr=cfg.lr, seed=cfg.seed, work_dir=work_dir,
-            checkpoint_every=cfg.checkpoint_every, desc=self.name,
+            checkpoint_every=cfg.checkpoint_every, desc=self.name, scaler=gradient_scaler(model),
         )
         return {**loss_summary(losses), "trained_parameters": len(params)}
 

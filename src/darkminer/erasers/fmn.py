@@ -28,6 +28,7 @@ from darkminer.erasers.training import (
 from darkminer.errors import DarkMinerError
 from darkminer.models.adapters import TARGET_PRESETS
 from darkminer.models.base import DiffusionModel
+from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
 WHOLE_UNET = r".+"
@@ -149,7 +150,7 @@ class ForgetMeNot(Eraser):
 
         losses = train_parameters(
             params, loss_fn, iterations=cfg.iterations, lr=cfg.lr, seed=cfg.seed, work_dir=work_dir,
-            checkpoint_every=cfg.checkpoint_every, desc=self.name, weight_decay=cfg.weight_decay,
+            checkpoint_every=cfg.checkpoint_every, desc=self.name, scaler=gradient_scaler(model), weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
         )
         return {**loss_summary(losses), "trained_parameters": len(params), "prompt": prompt}

@@ -134,22 +134,25 @@ def train_parameters(
     desc: str,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[float]:
     """AdamW on ``params`` for ``iterations`` steps of ``loss_fn(iteration, generator)``; returns the losses.
 
     ``weight_decay`` 0 is plain Adam (ESD); the diffusers-based authors' scripts (Concept Ablation,
-    Forget-Me-Not) use AdamW with decay 1e-2 and gradients clipped to norm 1. With a ``work_dir``,
-    parameters and moments are saved every ``checkpoint_every`` iterations and a run that finds a
+    Forget-Me-Not) use AdamW with decay 1e-2 and gradients clipped to norm 1. ``scaler``: loss scaling
+    (``gradient_scaler(model)``; on under float16). With a ``work_dir``, parameters, moments and the loss
+    scale are saved (by the main process) every ``checkpoint_every`` iterations and a run that finds a
     checkpoint there continues from it. The losses stay on the device and are read at each checkpoint and
     at the end (no host sync per iteration); a NaN/inf loss or weight stops the run there, before it is saved.
     """
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     losses: list[float] = []
     start = 0
     if work_dir is not None and (work_dir / CHECKPOINT).is_file():
-        start, losses = _load_checkpoint(work_dir, params, optimizer)
+        start, losses = _load_checkpoint(work_dir, params, optimizer, scaler)
     pending: list[torch.Tensor] = []  # losses of the iterations after ``losses``, not read yet
     is_main = init_processes().is_main  # under a launcher every process trains the same; one writes
 
@@ -169,16 +172,18 @@ def train_parameters(
                               disable=None):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(iteration, iteration_generator(seed, iteration))
-            loss.backward()
+            scaler.scale(loss).backward()
             if max_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             pending.append(loss.detach().reshape(()))
             done = iteration + 1
             if work_dir is not None and done < iterations and done % checkpoint_every == 0:
                 read_pending()
                 if is_main:
-                    _save_checkpoint(work_dir, params, optimizer, done, losses)
+                    _save_checkpoint(work_dir, params, optimizer, scaler, done, losses)
         read_pending()
     finally:
         for p in params.values():
@@ -188,7 +193,12 @@ def train_parameters(
 
 
 def _save_checkpoint(
-    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, done: int, losses: list[float]
+    work_dir: Path,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    done: int,
+    losses: list[float],
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
@@ -200,12 +210,12 @@ def _save_checkpoint(
                 tensors[f"{key}/{name}"] = state[key]
         if "step" in state:
             steps[name] = float(state["step"])
-    state = {"iterations_done": done, "losses": losses, "adam_steps": steps}
+    state = {"iterations_done": done, "losses": losses, "adam_steps": steps, "loss_scale": scaler.state_dict()}
     save_tensors(work_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(state)})
 
 
 def _load_checkpoint(
-    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
+    work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> tuple[int, list[float]]:
     tensors = load_tensors(work_dir / CHECKPOINT)
     if "state" not in (metadata := load_tensor_metadata(work_dir / CHECKPOINT)):
@@ -225,6 +235,8 @@ def _load_checkpoint(
                     "exp_avg": tensors[f"exp_avg/{name}"].to(p),
                     "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p),
                 }
+    if state.get("loss_scale"):  # {} when scaling is off (and in checkpoints from before it existed)
+        scaler.load_state_dict(state["loss_scale"])
     return int(state["iterations_done"]), list(state["losses"])
 
 

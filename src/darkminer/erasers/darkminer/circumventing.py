@@ -22,6 +22,7 @@ from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.training import ddim_path
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.parallel import Processes, data_parallel, init_processes
+from darkminer.parallel.speed import gradient_scaler
 
 
 def _noised(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +62,7 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     anchors = anchor.expand(len(bank), -1, -1) if len(anchor) == 1 else processes.broadcast_(anchor.contiguous())
     k, preserving = config.k, config.preserve_weight > 0
     optimizer = torch.optim.Adam(params, lr=config.circumvent_lr)
+    scaler = gradient_scaler(model)
     n_path = int(config.trajectory_share * k + 0.5)  # whole rows, half up
     adding = config.trajectory_weight > 0
     if n_path or adding:
@@ -109,8 +111,9 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
         loss = sum(weights[term] * value for term, value in zip(terms, values, strict=True))
         losses[:, step] = torch.stack(values).detach()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     curves = dict(zip(terms, processes.average_(losses).tolist(), strict=True))
     for curve in curves.values():
         for value in curve:

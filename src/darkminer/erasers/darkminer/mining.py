@@ -17,6 +17,7 @@ from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.parallel.speed import gradient_scaler
 
 
 @dataclass
@@ -77,6 +78,7 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
     mined = start.detached()
     values = mined.values.requires_grad_(True)
     optimizer = torch.optim.Adam([values], lr=config.mining_lr)
+    scaler = gradient_scaler(model)
     # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
     step_losses = torch.zeros(config.mining_steps, device=model.device)
     for step in range(config.mining_steps):
@@ -87,9 +89,10 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
         cond = mined.condition(model, index if config.mine_in_context else None)
         loss = denoising_loss(model, latents, cond.expand(len(latents), -1, -1), t, noise)
         # Gradients for the embedding only: the adapter's parameters must not accumulate any here.
-        (grad,) = torch.autograd.grad(loss, [values])
+        (grad,) = torch.autograd.grad(scaler.scale(loss), [values])
         values.grad = grad
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step_losses[step] = loss.detach()
     losses = [check_finite(value, "mining", "lower mining_lr") for value in step_losses.tolist()]
