@@ -90,6 +90,9 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),
         (["--model", "tiny-random-sd", "--device", "foo"], "unknown device 'foo'"),
         (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),
+        (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be >= 1, got -3"),
+        (["--model", "tiny-random-sd", "--steps", "0"], "(--steps) must be >= 1, got 0"),
+        (["--model", "tiny-random-sd", "--guidance", "nan"], "(--guidance) must be a finite number"),
     ],
 )
 def test_generate_bad_input_fails_with_one_line(argv, message, tmp_path, capsys):
@@ -173,3 +176,61 @@ def test_prompt_csv_reading(tmp_path):
     empty.write_text("prompt\n")
     with pytest.raises(DarkMinerError, match="holds no prompts"):
         read_prompt_csv(empty)
+
+
+def test_prompt_and_config_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path, capsys):
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("prompt,evaluation_seed\na café,3\n".encode("utf-8-sig"))  # what a spreadsheet saves
+    assert [(r.text, r.seed) for r in read_prompt_csv(excel)] == [("a café", 3)]
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("prompt\na cat\n".encode("utf-16"))
+    with pytest.raises(DarkMinerError, match="prompt file .* is not UTF-8 text; save it as UTF-8"):
+        read_prompt_csv(utf16)
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert main(["erase", "--method", "darkminer", "--concept", "nudity", "--model", "tiny-random-sd", "--config",
+                 str(binary), "--out", str(tmp_path / "o")]) == 2
+    assert "config file" in _error_line(capsys)
+
+
+def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_working(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("important")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na photo of nudity\n")
+    commands = [
+        ["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd"],
+        ["attack", "--attack", "plain", "--concept", "nudity", "--model", "tiny-random-sd", "--prompts", str(prompts)],
+        ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "1"],
+        ["benchmark", "--config", "quick"],
+    ]
+    for command in commands:
+        for out, message in ((precious, "exists and is not a"), (a_file, "exists and is not a"),
+                             (a_file / "sub", "is a file, not a folder")):
+            assert main([*command, "--out", str(out)]) == 2, command
+            assert message in _error_line(capsys)
+    assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--out", str(a_file / "x.png")]) == 2
+    assert "is a file, not a folder" in _error_line(capsys)
+    assert main(["testbed", "check", "-n", "1", "--out", str(precious)]) == 2
+    assert "is a folder; name a file" in _error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing half-written
+    assert (precious / "thesis.txt").read_text() == "important" and a_file.read_text() == "x"
+
+    # An earlier output of the same kind is replaced; a --resume with nothing to resume says so.
+    erased = tmp_path / "erased"
+    for _ in range(2):
+        assert main([*commands[0], "--resume", "--out", str(erased)]) == 0
+        assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert (erased / "darkminer.json").is_file() and (erased / "guidance.json").is_file()
+
+
+def test_erase_help_leaves_out_the_flag_it_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    assert "--erased" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--erased" in capsys.readouterr().out

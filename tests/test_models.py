@@ -253,3 +253,20 @@ def test_clip_missing_or_pickled_fails_with_one_line_naming_both_options(tmp_pat
         message = str(error.value)
         assert "\n" not in message and "`image_encoder`" in message and "`--clip-model`" in message
         assert "local CLIP folder" in message
+
+
+def test_a_guidance_erasure_loads_in_a_process_that_never_imported_its_eraser(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from darkminer.api import erase
+
+    out = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
+    # A fresh interpreter: `darkminer generate --erased DIR` imports the models, not the erasers that register SLD.
+    code = ("from darkminer.models import load_model; "
+            f"print(type(load_model('tiny-random-sd', erased={str(out)!r}).guidance).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["SafeLatentGuidance"]

@@ -12,10 +12,10 @@ import torch
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError
-from darkminer.io import claim_record
+from darkminer.io import check_output_directory, claim_record
 from darkminer.models import DEFAULT_MODEL, load_model
 from darkminer.models.base import DiffusionModel
-from darkminer.models.erased import ErasedModelInfo, save_erased
+from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
 from darkminer.targets import resolve_target
 
 if TYPE_CHECKING:
@@ -29,6 +29,12 @@ def _base_spec(spec: str | None) -> str:
 
 
 RUN_FILE = "run.json"
+
+
+def work_directory(out: str | Path) -> Path:
+    """Where an erase into ``out`` keeps its checkpoints until it completes (``resume`` continues from it)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
 
 
 def _claim_work_dir(work_dir: Path, run: dict) -> None:
@@ -72,6 +78,7 @@ def erase(
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
     processes = init_processes()
+    out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
     as_speed_options(speed)  # bad options fail before the (long) load
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
@@ -90,8 +97,7 @@ def erase(
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
-    out = Path(out)
-    work_dir = out.parent / f".{out.name}.work"
+    work_dir = work_directory(out)
     if processes.is_main:
         if work_dir.exists() and not resume:
             shutil.rmtree(work_dir)

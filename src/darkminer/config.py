@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from darkminer.errors import ConfigError
+from darkminer.io import read_text
 
 C = TypeVar("C", bound="Config")
 
@@ -102,7 +103,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = read_text(path, "config file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:

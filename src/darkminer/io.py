@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from darkminer.errors import ModelLoadError
+from darkminer.errors import DarkMinerError, ModelLoadError
 
 
 @contextmanager
@@ -33,15 +34,72 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_output_directory(out: str | Path, marker: str, what: str) -> Path:
+    """``out`` if a command may write its output folder there: absent, an empty folder, or an earlier
+    ``what`` (a folder holding ``marker``), which is replaced. Anything else (a user's folder, a file) is
+    refused, before any work is done."""
+    out = Path(out)
+    _check_parents(out)
+    if out.exists() and not (out.is_dir() and ((out / marker).is_file() or not any(out.iterdir()))):
+        raise DarkMinerError(f"--out {out} exists and is not {what}; choose another --out")
+    if out.resolve() == Path.cwd().resolve():
+        raise DarkMinerError(f"--out {out} is the current folder; name a new folder for the output")
+    return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """``path`` if a command may write its output file there (not a folder, in a folder)."""
+    path = Path(path)
+    _check_parents(path)
+    if path.is_dir():
+        raise DarkMinerError(f"--out {path} is a folder; name a file")
+    return path
+
+
+def _check_parents(path: Path) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DarkMinerError(f"--out {path}: {parent} is a file, not a folder")
+            return
+
+
+@contextmanager
+def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into, renamed onto ``out`` (replacing an earlier
+    ``what``) when the block succeeds: a folder ``out`` holding its ``marker`` file is whole."""
+    out = check_output_directory(out, marker, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The text of a UTF-8 file (a byte-order mark, as spreadsheet programs write, is dropped); a file in
+    another encoding is refused with what to do."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DarkMinerError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "JSON file"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path} does not exist") from None
     except json.JSONDecodeError as exc:

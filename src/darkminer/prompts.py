@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from darkminer.errors import DarkMinerError
+from darkminer.io import read_text
 
 
 @dataclass(frozen=True)
@@ -26,24 +28,23 @@ def read_prompt_csv(path: str | Path, default_seed: int = 0, limit: int | None =
     path = Path(path)
     if not path.is_file():
         raise DarkMinerError(f"prompt file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "prompt" not in columns:
-            raise DarkMinerError(f"{path} has no `prompt` column (columns: {columns}); add a header row with `prompt`")
-        rows = []
-        for index, row in enumerate(reader):
-            text = (row.get("prompt") or "").strip()
-            if not text:
-                continue
-            try:
-                seed = int(float(row["evaluation_seed"])) if row.get("evaluation_seed") else default_seed + index
-                guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
-            except ValueError as exc:
-                raise DarkMinerError(f"{path}, row {index + 2}: {exc}") from None
-            rows.append(PromptRow(text, seed, guidance))
-            if limit is not None and len(rows) >= limit:
-                break
+    reader = csv.DictReader(io.StringIO(read_text(path, "prompt file"), newline=""))
+    columns = reader.fieldnames or []
+    if "prompt" not in columns:
+        raise DarkMinerError(f"{path} has no `prompt` column (columns: {columns}); add a header row with `prompt`")
+    rows = []
+    for index, row in enumerate(reader):
+        text = (row.get("prompt") or "").strip()
+        if not text:
+            continue
+        try:
+            seed = int(float(row["evaluation_seed"])) if row.get("evaluation_seed") else default_seed + index
+            guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
+        except ValueError as exc:
+            raise DarkMinerError(f"{path}, row {index + 2}: {exc}") from None
+        rows.append(PromptRow(text, seed, guidance))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise DarkMinerError(f"{path} holds no prompts")
     return rows

@@ -28,12 +28,20 @@ from darkminer.attacks.base import (
 )
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.errors import DarkMinerError
-from darkminer.io import load_tensors, read_json, save_tensors, write_json
+from darkminer.io import (
+    check_output_directory,
+    load_tensors,
+    output_directory,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
+OUTPUT_KIND = "an attack output"  # what may be replaced at --out
 FORMAT_VERSION = 1
 
 
@@ -75,26 +83,24 @@ def save_results(
     target: EraseTarget,
     model: str,
 ) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
-    if soft:
-        save_tensors(directory / EMBEDDINGS_NAME, soft)
-    elif (directory / EMBEDDINGS_NAME).exists():
-        (directory / EMBEDDINGS_NAME).unlink()  # a stale file from an earlier run would mislead a replay
-    write_json(directory / RESULTS_NAME, {
-        "format": FORMAT_VERSION,
-        "attack": attack,
-        "config": config,
-        "target": target.to_dict(),
-        "model": model,
-        "attack_success_rate": attack_success_rate(results),
-        "success_before_rate": before_and_after_rates(results)[0],
-        "n_prompts": len(results),
-        "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
-        "results": [result_to_dict(r) for r in results],
-    })
-    return directory
+    """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically."""
+    with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
+        soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
+        if soft:
+            save_tensors(tmp / EMBEDDINGS_NAME, soft)
+        write_json(tmp / RESULTS_NAME, {
+            "format": FORMAT_VERSION,
+            "attack": attack,
+            "config": config,
+            "target": target.to_dict(),
+            "model": model,
+            "attack_success_rate": attack_success_rate(results),
+            "success_before_rate": before_and_after_rates(results)[0],
+            "n_prompts": len(results),
+            "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
+            "results": [result_to_dict(r) for r in results],
+        })
+    return Path(directory)
 
 
 def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResult]]:
@@ -170,6 +176,8 @@ def run_attack(
     """Run ``attack`` and, with ``out``, save what it found there."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
+    if out is not None:
+        check_output_directory(out, RESULTS_NAME, OUTPUT_KIND)  # before the attack, not after it
     results = attack.run(model, target, prompts, success, original=original)
     if out is not None:
         save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name)

@@ -17,6 +17,7 @@ phrase (on the testbed the phrase is replaced by the anchor's word, e.g. "star" 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from darkminer.attacks.prompts import concept_phrases, replace_concept
 from darkminer.attacks.soft_prompt import allowed_token_ids, build_slotted, judge_conditions, judge_texts
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.io import read_text
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
 
@@ -68,11 +70,10 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DarkMinerError(f"Ring-A-Bell pairs file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
-            raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {reader.fieldnames})")
-        pairs = [(row[PAIR_COLUMNS[0]].strip(), row[PAIR_COLUMNS[1]].strip()) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(path, "Ring-A-Bell pairs file"), newline=""))
+    if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
+        raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {reader.fieldnames})")
+    pairs = [(row[PAIR_COLUMNS[0]].strip(), row[PAIR_COLUMNS[1]].strip()) for row in reader]
     pairs = [(s, n) for s, n in pairs if s and n]
     if not pairs:
         raise DarkMinerError(f"{path} holds no prompt pairs")

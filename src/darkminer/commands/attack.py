@@ -45,7 +45,8 @@ def success_function(model: object, target: object, detector: str = "auto"):  # 
 
 def run(args: argparse.Namespace) -> None:
     from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
-    from darkminer.attacks.io import load_results, replay, run_attack, save_results
+    from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, run_attack, save_results
+    from darkminer.io import check_output_directory
     from darkminer.models import load_model
     from darkminer.prompts import read_prompt_csv
     from darkminer.targets import resolve_target
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
         raise DarkMinerError("--n-prompts must be >= 1")
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
+    check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND)  # before loading the model
     attack_cls = get_attack(args.attack) if args.attack else None  # a bad name or config fails before loading
     config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "results.json, results.md and a self-contained report.html. Rerunning with the same --out "
                     "resumes: finished cells are not computed again.",
     )
-    p.add_argument("--config", required=True, help="a preset (quick, full) or a JSON/YAML benchmark config file")
+    p.add_argument("--config", required=True, help="a preset (demo, quick, full) or a JSON/YAML benchmark config file")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 

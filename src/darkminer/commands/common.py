@@ -6,9 +6,12 @@ import argparse
 from typing import Any
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, erased: bool = True) -> None:
+    """``erased`` False: the command starts from a base model; ``--erased`` stays out of its help, and its
+    handler says where the flag belongs."""
     p.add_argument("--model", default=None, help="testbed (default; alias toy), tiny-random-sd, a diffusers folder or a cached hub id")
-    p.add_argument("--erased", default=None, help="an erased-model directory written by `darkminer erase`")
+    p.add_argument("--erased", default=None,
+                   help="an erased-model directory written by `darkminer erase`" if erased else argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), float16 or bfloat16")
     speed = p.add_argument_group("speed (the GPU path, docs/performance.md)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from darkminer.commands.common import add_concept_args, add_model_args, speed_options
 
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", required=True, help="darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece")
     add_concept_args(p)
-    add_model_args(p)
+    add_model_args(p, erased=False)
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--out", required=True, help="output directory")
@@ -22,12 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from darkminer.api import erase
+    from darkminer.api import erase, work_directory
 
     if args.erased:
         from darkminer.errors import DarkMinerError
 
         raise DarkMinerError("erase starts from a base model; --erased is for generate/attack/evaluate")
+    if args.resume and not (work_dir := work_directory(args.out)).is_dir():
+        print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
     out = erase(args.method, args.concept, args.out, model=args.model, config=args.config, anchor=args.anchor,
                 prompts=args.prompts, resume=args.resume, device=args.device, dtype=args.dtype,
                 speed=speed_options(args))

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from darkminer.imaging import make_grid, save_png
+    from darkminer.io import check_output_file
     from darkminer.models import load_model
     from darkminer.parallel import init_processes, sharded_sample
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> None:
         raise DarkMinerError("-n must be >= 1")
     if not args.out.lower().endswith(".png"):
         raise DarkMinerError(f"--out must name a .png file, got {args.out}")
+    check_output_file(args.out)
     processes = init_processes()  # before loading: under a launcher each process takes its own GPU
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     seeds = [args.seed + i for i in range(args.n)]

@@ -65,9 +65,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from darkminer.io import write_json
+    from darkminer.io import check_output_file, write_json
     from darkminer.testbed.check import CheckConfig, run_check
 
+    check_output_file(args.out)  # before the check (minutes), not after it
     overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual, "judge": args.judge}
     if args.concepts:
         overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]

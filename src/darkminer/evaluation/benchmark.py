@@ -30,7 +30,7 @@ from darkminer.evaluation.evaluate import (
     evaluation_versions,
 )
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
-from darkminer.io import atomic_path, claim_record, read_json, write_json
+from darkminer.io import atomic_path, check_output_directory, claim_record, read_json, write_json
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 
@@ -58,7 +58,7 @@ _CPU_BUDGETS: dict[str, Any] = {
     },
 }
 
-# Built-in presets (``--config quick`` / ``--config full``); benchmarks/presets/*.yaml are the same, as
+# Built-in presets (``--config demo`` / ``quick`` / ``full``); benchmarks/presets/*.yaml are the same, as
 # files to copy and edit (a test keeps them equal).
 PRESETS: dict[str, dict[str, Any]] = {
     # `darkminer demo`, the README's main job: <= 15 minutes on 2 CPU cores.
@@ -157,7 +157,7 @@ class BenchmarkConfig(Config):
 
 
 def load_benchmark_config(config: BenchmarkConfig | dict[str, Any] | str | Path) -> BenchmarkConfig:
-    """A config object, a dict, a preset name (``quick``, ``full``) or a JSON/YAML file."""
+    """A config object, a dict, a preset name (``demo``, ``quick``, ``full``) or a JSON/YAML file."""
     if isinstance(config, BenchmarkConfig):
         return config
     if isinstance(config, dict):
@@ -182,7 +182,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out`` and write results.json, results.md and report.html."""
     cfg = load_benchmark_config(config)
-    out = Path(out)
+    out = check_output_directory(out, "config.json", "a benchmark output")  # resumed in place, never replaced
     methods, attacks = cfg.method_names(), cfg.attack_names()
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})

@@ -8,8 +8,6 @@ the preservation baseline.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,7 +56,7 @@ from darkminer.evaluation.suites import (
     testbed_suites,
 )
 from darkminer.imaging import make_grid, save_png, to_pil
-from darkminer.io import write_json
+from darkminer.io import check_output_directory, output_directory, write_json
 from darkminer.models import load_model
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.clip import Clip
@@ -69,6 +67,7 @@ from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolv
 from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"
+OUTPUT_KIND = "an evaluation output"  # what may be replaced at --out
 FORMAT_VERSION = 1
 PRESERVATION_METRICS = ("accuracy", "clip", "fid")
 ORIGINAL_METHOD = "original"
@@ -219,28 +218,6 @@ def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:
     return resized.clamp(0, 1)
 
 
-def _check_output(out: Path) -> None:
-    """Only an absent or empty directory, or an earlier evaluation output, may be (re)written."""
-    if out.exists() and not (out.is_dir() and ((out / METRICS_NAME).is_file() or not any(out.iterdir()))):
-        raise DarkMinerError(f"{out} exists and is not an evaluation output; choose another --out")
-
-
-@contextmanager
-def _output_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory renamed onto ``out`` when complete, so an ``out`` with metrics.json is whole."""
-    _check_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _load(
     model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype,
     speed: SpeedOptions | dict[str, Any] | None = None,
@@ -281,7 +258,7 @@ def evaluate(
     """
     cfg = as_evaluation_config(config)
     if out is not None:
-        _check_output(Path(out))
+        check_output_directory(out, METRICS_NAME, OUTPUT_KIND)
     attack_classes = {name: get_attack(name) for name in cfg.attacks}  # unknown names fail before any work
     started = time.time()
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
@@ -367,7 +344,7 @@ def evaluate(
         "images": {name: f"images/{name}.png" for name in grids},
     }
     if out is not None and processes.is_main:
-        with _output_directory(Path(out)) as tmp:
+        with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
             for name, images in grids.items():
                 save_png(make_grid(thumbnails(images[: cfg.grid_images])), tmp / "images" / f"{name}.png")
                 for i in range(len(images) if cfg.save_images else 0):

@@ -7,6 +7,7 @@ guidance, switching the adapter off to get the frozen original as a teacher -- i
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -73,6 +74,8 @@ def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
     """Rebuild a saved guidance (``{"name": ..., **settings}``); ``None`` is plain CFG."""
     if data is None:
         return ClassifierFreeGuidance()
+    import darkminer.erasers  # noqa: F401  (registers the guidances its methods save, e.g. SLD's)
+
     name = data.get("name")
     if name not in GUIDANCES:
         raise DarkMinerError(f"unknown guidance {name!r}; known: {sorted(GUIDANCES)}")
@@ -98,8 +101,12 @@ class SamplingOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise DarkMinerError(f"sampling steps and batch size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.steps < 1:
+            raise ConfigError(f"sampling steps (--steps) must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"sampling batch size must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"the guidance scale (--guidance) must be a finite number, got {self.guidance_scale}")
 
 
 class DiffusionModel(ABC):
@@ -332,10 +339,13 @@ class DiffusionModel(ABC):
         Give ``seeds`` (one per image) or a fixed ``noise``; ``uncond`` defaults to the empty prompt.
         Returns images in [0, 1] (B, 3, H, W), or final latents.
         """
-        opts = self.default_sampling
-        steps = steps or opts.steps
-        guidance_scale = opts.guidance_scale if guidance_scale is None else guidance_scale
-        batch_size = batch_size or opts.batch_size
+        default = self.default_sampling
+        opts = SamplingOptions(  # validated: a step count of 0 or a NaN scale would draw noise, not fail
+            steps=default.steps if steps is None else steps,
+            guidance_scale=default.guidance_scale if guidance_scale is None else guidance_scale,
+            batch_size=default.batch_size if batch_size is None else batch_size,
+        )
+        steps, guidance_scale, batch_size = opts.steps, opts.guidance_scale, opts.batch_size
         if noise is None:
             if seeds is None:
                 raise DarkMinerError("sample() needs seeds (one per image) or a fixed noise tensor")

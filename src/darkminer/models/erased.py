@@ -14,8 +14,6 @@ with a ``darkminer.json`` is whole.
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -25,11 +23,12 @@ from typing import Any
 import torch
 
 from darkminer.errors import ModelLoadError
-from darkminer.io import load_tensors, read_json, write_json
+from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import DiffusionModel, guidance_from_dict
 
 INFO_NAME = "darkminer.json"
+OUTPUT_KIND = "an erased model"  # what may be replaced at --out
 FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "guidance")
 
@@ -83,10 +82,7 @@ def save_erased(
 
     ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with output_directory(directory, INFO_NAME, OUTPUT_KIND) as tmp:
         if info.kind == "lora":
             adapters.save_lora(model, tmp)
         elif info.kind == "unet":
@@ -96,13 +92,7 @@ def save_erased(
         if write_extra is not None:
             write_extra(tmp)
         write_json(tmp / INFO_NAME, asdict(info))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return directory
+    return Path(directory)
 
 
 def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInfo:
