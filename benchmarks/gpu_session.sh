@@ -25,7 +25,13 @@ if [ "${SMALL:-0}" = 1 ]; then
     size=(--small --device cpu --warmup 1 --extra-steps 1) device=(--device cpu)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"; } | tee "$OUT/versions.txt"
+  "$PYTHON" -c "import torch, diffusers, transformers, peft, accelerate, huggingface_hub as h
+print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__,
+      'peft', peft.__version__, 'accelerate', accelerate.__version__, 'huggingface_hub', h.__version__)"; } | tee "$OUT/versions.txt"
+# In seconds, not after minutes: darkminer's SD path imports on this machine's packages (transformers'
+# masking API and peft change between versions; the image's are not the project's pins).
+"$PYTHON" -c "import darkminer.models.stable_diffusion, darkminer.models.adapters, darkminer.parallel.distributed" \
+    || { echo "darkminer does not import here: carry the wheels docs/performance.md names"; exit 1; }
 
 setting() {  # LIMIT NAME ARGS...: one sd_speed run, then its table
     local limit=$1 name=$2; shift 2

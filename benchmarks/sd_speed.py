@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import statistics
@@ -364,6 +365,7 @@ def main() -> None:
             notes.update(esd_section(model, bench, rows, args.extra_steps))
         print(f"[{name}] {time.time() - started:.0f} s", flush=True)
         del model, encoder
+        gc.collect()  # the autocast wrapper's closure holds the UNet in a cycle: free it before the next peak
         if bench.cuda:
             torch.cuda.empty_cache()
 
