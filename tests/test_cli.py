@@ -234,3 +234,17 @@ def test_erase_help_leaves_out_the_flag_it_refuses(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "--erased" in capsys.readouterr().out
+
+
+def test_more_bad_inputs_say_what_to_do(tmp_path, capsys):
+    image = tmp_path / "g.png"
+    image.write_bytes(b"x")
+    assert main(["generate", "--model", "tiny-random-sd", "--erased", str(image), "--prompt", "a", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "is a file; give the folder `darkminer erase` wrote" in _error_line(capsys)
+    assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "--threshold", "7", "--out",
+                 str(tmp_path / "e")]) == 2
+    assert "(--threshold) must be in [0, 1]" in _error_line(capsys)
+    assert main(["testbed", "train", "--unet-config", "nope", "--out", str(tmp_path / "w")]) == 2
+    assert "neither a shipped recipe (unet-stage1, unet-stage2) nor a config file" in _error_line(capsys)
+    assert not (tmp_path / "w").exists()

@@ -52,13 +52,14 @@ def _train(args: argparse.Namespace) -> None:
     from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
 
     out = Path(args.out) if args.out else WEIGHTS_DIR
+    # read first: a bad recipe fails in a second, not after the judge and the encoder have trained
+    config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,
+                                         init_from=args.init_from) if args.only in (None, "unet") else None
     if args.only in (None, "judge"):
         train_aux.train_judge(seed=args.seed or 0, out_path=out / "judge.safetensors")
     if args.only in (None, "encoder"):
         train_aux.train_image_encoder(seed=args.seed or 0, out_path=out / "image_encoder.safetensors")
-    if args.only in (None, "unet"):
-        config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,
-                                             init_from=args.init_from)
+    if config is not None:
         log = train_unet(config, args.work_dir, out / "unet")
         print(f"UNet trained: {config.steps} steps in {log['seconds']:.0f} s")
     print(f"weights in {out}")

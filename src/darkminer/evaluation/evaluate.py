@@ -27,7 +27,7 @@ from darkminer.attacks.base import (
     get_attack,
 )
 from darkminer.config import Config, check_choice, check_positive, load_config_file
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_NEGATIVES,
@@ -111,6 +111,8 @@ class EvaluationConfig(Config):
             if value is not None:
                 check_positive(self, **{name: value})
         check_choice(self, "detector", self.detector, DETECTOR_KINDS)
+        if not 0 <= self.nudenet_threshold <= 1:  # NudeNet's scores are probabilities
+            raise ConfigError(f"EvaluationConfig.nudenet_threshold (--threshold) must be in [0, 1], got {self.nudenet_threshold}")
         judge_weights(self.judge)
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)

@@ -60,6 +60,8 @@ class ErasedModelInfo:
     @classmethod
     def read(cls, directory: str | Path) -> ErasedModelInfo:
         directory = Path(directory)
+        if directory.is_file():
+            raise ModelLoadError(f"erased model {directory} is a file; give the folder `darkminer erase` wrote")
         if not directory.is_dir():
             raise ModelLoadError(f"erased model {directory} does not exist (make it with `darkminer erase`)")
         data = read_json(directory / INFO_NAME)

@@ -19,6 +19,11 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 _MIN_VOCAB = 100
 
 
+def _clipped(message: str, limit: int = 200) -> str:
+    """A library's message cut at a word boundary, so that what is kept still reads."""
+    return message if len(message) <= limit else message[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _check_local_folder(path: Path) -> None:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
@@ -93,7 +98,7 @@ class StableDiffusionModel(DiffusionModel):
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                f"cannot load Stable Diffusion model {name_or_path!r} ({first[:200]}). darkminer never downloads: "
+                f"cannot load Stable Diffusion model {name_or_path!r} ({_clipped(first)}). darkminer never downloads: "
                 "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
                 "cache first (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4`)"
             ) from None

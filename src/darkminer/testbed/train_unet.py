@@ -48,6 +48,9 @@ class UNetTrainConfig(Config):
     def from_recipe(cls, recipe: str | Path, **overrides) -> UNetTrainConfig:
         """A shipped recipe by name (``unet-stage1``, ``unet-stage2``) or a YAML/JSON file; ``None`` overrides are ignored."""
         shipped = RECIPES_DIR / f"{recipe}.yaml"
+        if not shipped.is_file() and not Path(recipe).is_file():
+            names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+            raise ConfigError(f"--unet-config {recipe}: neither a shipped recipe ({names}) nor a config file")
         return cls.from_file(shipped if shipped.is_file() else recipe, **overrides)
 
     def validate(self) -> None:
