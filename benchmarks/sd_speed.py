@@ -8,11 +8,12 @@ of 1 and 1+n steps, so per-run set-up is left out. Peak memory is the CUDA alloc
 during the operation (CPU: not measured).
 
     python benchmarks/sd_speed.py --small                                   # CPU smoke run, tiny sizes
-    python benchmarks/sd_speed.py --device cuda --precision bf16 --weights bf16 --out sd_speed.json
+    python benchmarks/sd_speed.py --device cuda --precision bf16 --weights bf16 --sections unet --out unet.json
+    python benchmarks/sd_speed.py --device cuda --precision bf16 --weights fp32 --out sd_speed.json
 
-``--weights bf16`` stores all weights in bf16, the LoRA included (peft builds it in the base layer's
-dtype): right for the UNet and sampling rows, not for a faithful timing of training (ESD's lr 1e-5 and
-the LoRA's Adam steps are below bf16's resolution); time training with ``--weights fp32 --precision bf16``.
+``--weights bf16`` stores the weights in bf16 (what trains stays float32: the LoRA, the mined and
+attacking embeddings): right for the UNet and sampling rows. ESD trains the stored weights and refuses
+half-precision ones, so its section is skipped there; time training with ``--weights fp32 --precision bf16``.
 """
 
 from __future__ import annotations
@@ -349,6 +350,9 @@ def main() -> None:
     if options.compile != "off":  # SpeedOptions.compile: rows that take gradients run the UNet eager
         notes["compiled"] = "calls without gradients only: the forward rows, sampling, verification, teachers"
     # Each section gets a fresh model: Dark Miner adds a LoRA, ESD edits and remembers UNet weights.
+    if "esd" in sections and args.weights != "fp32":
+        sections.remove("esd")
+        notes["esd"] = f"skipped: ESD trains the stored weights and refuses {args.weights} ones"
     for name in ("unet", "darkminer", "attack", "esd"):
         if name not in sections:
             continue

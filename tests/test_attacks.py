@@ -253,6 +253,17 @@ def test_simplex_projection_matches_the_definition():
         assert (values[row, ~support] <= shift[row, support][0] + 1e-6).all()
 
 
+def test_straight_through_clips_the_true_gradient_and_lets_an_overflow_reach_the_scaler():
+    probs = torch.full((1, 4), 0.25, requires_grad=True)
+    for scale in (1.0, 2.0**10):
+        probs.grad = None
+        one_hot = unlearndiff_module._SampleStraightThrough.apply(probs, torch.Generator().manual_seed(0), scale)
+        assert one_hot.sum() == 1
+        one_hot.backward(torch.tensor([[3.0, -0.5, float("inf"), -3.0]]) * scale)
+        expected = torch.tensor([[1.0, -0.5, float("inf"), -1.0]]) * scale  # [-1, 1] on the unscaled gradient
+        assert torch.equal(probs.grad, expected)
+
+
 def test_unlearndiff_timesteps_are_the_authors():
     assert attack_timesteps(1000, 50) == list(range(10, 1000, 20))
     assert attack_timesteps(1000, 2) == [250, 750]

@@ -193,7 +193,7 @@ def test_prompt_and_config_files_must_be_utf8_and_may_start_with_a_byte_order_ma
     assert "config file" in _error_line(capsys)
 
 
-def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_working(tmp_path, capsys):
+def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_working(tmp_path, capsys, monkeypatch):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("important")
@@ -216,6 +216,15 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
     assert "is a file, not a folder" in _error_line(capsys)
     assert main(["testbed", "check", "-n", "1", "--out", str(precious)]) == 2
     assert "is a folder; name a file" in _error_line(capsys)
+    # The output is renamed onto --out when complete: not through a link, nor onto the folder we stand in.
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    assert main([*commands[0], "--out", str(tmp_path / "link")]) == 2
+    assert "is a link; give the folder itself" in _error_line(capsys)
+    monkeypatch.chdir(tmp_path / "empty")
+    assert main([*commands[0], "--out", "."]) == 2
+    assert "holds the current folder" in _error_line(capsys)
+    monkeypatch.chdir(tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing half-written
     assert (precious / "thesis.txt").read_text() == "important" and a_file.read_text() == "x"
 

@@ -182,6 +182,49 @@ def test_circumventing_reports_a_nan_loss_with_what_to_do(tiny_sd):
         circumvent(tiny_sd, params, conds, tiny_sd.encode([""]), pool, pool, config, torch.Generator().manual_seed(0))
 
 
+def test_every_training_loop_scales_its_loss_under_fp16(tiny_sd, tmp_path, monkeypatch):
+    import dataclasses
+
+    from darkminer.attacks.base import AttackPrompt, get_attack
+    from darkminer.erasers.base import get_eraser
+    from darkminer.erasers.darkminer.mining import initial_embedding, mine
+    from darkminer.targets import resolve_target
+
+    steps: dict[str, list[bool]] = {}
+    real = torch.amp.GradScaler.update
+
+    def recording(self, *args, **kwargs):  # one call per optimiser step
+        steps.setdefault(loop, []).append(self.is_enabled())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", recording)
+    apply_speed_options(tiny_sd, SpeedOptions(precision="fp16"))
+    target = dataclasses.replace(resolve_target(tiny_sd, "nudity"), prompts=("a nude woman",))
+    conds = tiny_sd.encode(PROMPTS[:2])
+    pool = ImagePool(torch.rand(2, 3, 32, 32), torch.randn(2, 4, 16, 16), conds)
+    config = DarkMinerConfig(k=2, pool_size=2, preserve_pool_size=2, mining_steps=2, circumvent_steps=2)
+    never = lambda images: torch.zeros(images.shape[0], dtype=torch.bool)  # noqa: E731
+    attacks = {"cce": {"steps": 2, "num_images": 1, "batch_size": 1, "gradient_accumulation": 1},
+               "p4d": {"n_tokens": 2, "iterations": 2, "eval_every": 2, "target_images": 1},
+               "unlearndiff": {"k": 2, "iterations": 2, "rounds": 1}}
+    tiny_sd.default_sampling = dataclasses.replace(tiny_sd.default_sampling, steps=2)
+
+    loop = "esd"  # on its own model: its in-place edits and a LoRA do not mix
+    eraser = get_eraser("esd-x")
+    eraser(eraser.config_class(iterations=2, ddim_steps=2)).erase(
+        load_model("tiny-random-sd", speed={"precision": "fp16"}), target, tmp_path / "esd")
+    for loop, options in attacks.items():
+        attack = get_attack(loop)
+        attack(attack.config_class(**options)).run(tiny_sd, target, [AttackPrompt("a photo of nudity", 1)], never)
+    loop = "mining"
+    generator = torch.Generator().manual_seed(0)
+    mine(tiny_sd, pool, initial_embedding(tiny_sd, "nudity", config, generator, None), config, generator)
+    loop = "circumventing"
+    params = add_lora(tiny_sd, LoraConfig(**CROSS_ATTN), seed=0)
+    circumvent(tiny_sd, params, conds, tiny_sd.encode([""]), pool, pool, config, generator)
+    assert steps == {name: [True, True] for name in ("esd", *attacks, "mining", "circumventing")}
+
+
 # ------------------------------------------------------------------------------------------ speed options
 def _prediction(model, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

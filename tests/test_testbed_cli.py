@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from darkminer.cli import main
+from darkminer.errors import ConfigError
 from darkminer.evaluation.detectors import JudgeDetector
 from darkminer.io import load_tensors
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
@@ -110,6 +111,17 @@ def test_unet_training_is_seeded_and_resumes_from_its_checkpoint(tmp_path):
     steps_run.clear()
     resumed = _train(tmp_path, "c", 4, crash_at_third_step)  # picks up at step 2: two steps left, no crash
     assert len(steps_run) == 2 and not torch.equal(resumed["conv_in.weight"], first["conv_in.weight"])
+
+
+def test_a_work_dir_resumes_only_the_recipe_that_made_it(tmp_path):
+    from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
+
+    _train(tmp_path, "s1", 2)
+    stage2 = UNetTrainConfig(seed=5, steps=2, batch_size=2, caption_bank=8, checkpoint_every=2, warmup_steps=1,
+                             learning_rate=5e-4, init_from=str(tmp_path / "s1"))
+    with pytest.raises(ConfigError, match="holds a run of another recipe .*init_from, learning_rate.* own --work-dir"):
+        train_unet(stage2, tmp_path / "s1-work", tmp_path / "s2")
+    assert not (tmp_path / "s2").exists()
 
 
 def _read_checkpoint_ema(work_dir):

@@ -34,16 +34,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def check_output_directory(out: str | Path, marker: str, what: str) -> Path:
-    """``out`` if a command may write its output folder there: absent, an empty folder, or an earlier
-    ``what`` (a folder holding ``marker``), which is replaced. Anything else (a user's folder, a file) is
-    refused, before any work is done."""
-    out = Path(out)
+def check_output_directory(out: str | Path, marker: str, what: str, replaced: bool = True) -> Path:
+    """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, or an
+    earlier ``what`` (a folder holding ``marker``). Anything else (a user's folder, a file) is refused,
+    before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
+    may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark)."""
+    out = Path(os.path.abspath(out))
     _check_parents(out)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file() or not any(out.iterdir()))):
         raise DarkMinerError(f"--out {out} exists and is not {what}; choose another --out")
-    if out.resolve() == Path.cwd().resolve():
-        raise DarkMinerError(f"--out {out} is the current folder; name a new folder for the output")
+    if replaced and out.is_symlink():
+        raise DarkMinerError(f"--out {out} is a link; give the folder itself (the output replaces it)")
+    if replaced and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise DarkMinerError(f"--out {out} holds the current folder; name a new folder for the output")
     return out
 
 
@@ -57,7 +60,7 @@ def check_output_file(path: str | Path) -> Path:
 
 
 def _check_parents(path: Path) -> None:
-    for parent in path.absolute().parents:
+    for parent in Path(os.path.abspath(path)).parents:
         if parent.exists():
             if not parent.is_dir():
                 raise DarkMinerError(f"--out {path}: {parent} is a file, not a folder")

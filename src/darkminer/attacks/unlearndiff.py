@@ -76,7 +76,8 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
 
 class _SampleStraightThrough(torch.autograd.Function):
     """One-hot token draws from each row's distribution; the gradient passes through clipped to [-1, 1]
-    (to [-scale, scale] under a loss scale, so that the clip acts on the true gradient)."""
+    (to [-scale, scale] under a loss scale, so that the clip acts on the true gradient; an inf/NaN passes
+    as it is, for the scaler to skip the step)."""
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:  # noqa: ANN001
@@ -86,7 +87,8 @@ class _SampleStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        return torch.nn.functional.hardtanh(grad, -ctx.scale, ctx.scale), None, None
+        clipped = torch.nn.functional.hardtanh(grad, -ctx.scale, ctx.scale)
+        return torch.where(grad.isfinite(), clipped, grad), None, None
 
 
 def attack_timesteps(num_train_timesteps: int, rounds: int) -> list[int]:

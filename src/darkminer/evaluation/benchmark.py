@@ -35,6 +35,7 @@ from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 
 ALL = "all"
+CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
 TESTBED_CONCEPTS = ["blood", "fire", "star", "heart", "striped", "sketch"]
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
@@ -182,7 +183,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out`` and write results.json, results.md and report.html."""
     cfg = load_benchmark_config(config)
-    out = check_output_directory(out, "config.json", "a benchmark output")  # resumed in place, never replaced
+    out = check_output_directory(out, CONFIG_NAME, "a benchmark output", replaced=False)  # resumed in place
     methods, attacks = cfg.method_names(), cfg.attack_names()
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
@@ -216,7 +217,7 @@ def run_benchmark(
 
 def _claim(out: Path, resolved: dict[str, Any]) -> None:
     """Record the config in ``out``; refuse to resume a directory made with another config."""
-    changed = claim_record(out / "config.json", resolved)
+    changed = claim_record(out / CONFIG_NAME, resolved)
     if changed:
         raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
                              "use a new --out to run this one")

@@ -150,7 +150,8 @@ def gradient_scaler(model: DiffusionModel) -> torch.amp.GradScaler:
 
     A mean loss over ~1e5 elements gives each element a gradient of ~1e-6, below float16's normal range
     (6e-5): without scaling it loses its digits or flushes to zero. Elsewhere a pass-through (bf16 has
-    float32's range). When on, each step reads one flag from the device (whether it skips on inf/NaN).
+    float32's range). When on, each step reads one flag from the device (whether it skips on inf/NaN);
+    UnlearnDiffAtk also reads the scale, beside the sync its token draws already make.
     """
     enabled = torch.float16 in (autocast_dtype(model), model.dtype)
     return torch.amp.GradScaler(model.device.type, enabled=enabled)

@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
 from darkminer.errors import ConfigError
+from darkminer.io import claim_record
 from darkminer.testbed import captions, world
 from darkminer.testbed.model import UNET_DIR, TestbedModel
 
@@ -114,6 +115,12 @@ def train_unet(
 
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint resumes only the run that wrote it: stage 2 in stage 1's work dir would take its weights,
+    # step count and learning rate.
+    changed = claim_record(work_dir / "run.json", config.to_dict())
+    if changed:
+        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe (its {', '.join(changed)} differ); "
+                          "give each run its own --work-dir")
     torch.set_num_threads(config.threads)
     if model is None:
         model = TestbedModel.untrained(config.seed)

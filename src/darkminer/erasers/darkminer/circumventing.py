@@ -154,7 +154,7 @@ def _trajectory_bank(model: DiffusionModel, conds: torch.Tensor, config: DarkMin
     n = len(conds)
     noise = torch.randn((n, *model.latent_shape), generator=generator)
     guidance = model.default_sampling.guidance_scale if config.guidance_scale is None else config.guidance_scale
-    steps = config.pool_steps or model.default_sampling.steps
+    steps = model.default_sampling.steps if config.pool_steps is None else config.pool_steps
     path = list(ddim_path(model, conds, model.encode([""]).expand(n, -1, -1), noise, steps=steps,
                           guidance_scale=guidance))
     xs = torch.cat([x for x, _ in path])

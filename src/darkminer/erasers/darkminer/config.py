@@ -84,6 +84,8 @@ class DarkMinerConfig(EraserConfig):
                        preserve_pool_size=self.preserve_pool_size)
         check_non_negative(self, concept_prompts=self.concept_prompts, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight,
                            erase_guidance=self.erase_guidance)
+        if self.pool_steps is not None:
+            check_positive(self, pool_steps=self.pool_steps)
         if not 0.0 <= self.trajectory_share <= 1.0:
             raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")
         check_choice(self, "space", self.space, SPACES)
