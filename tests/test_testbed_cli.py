@@ -122,9 +122,17 @@ def test_a_work_dir_resumes_only_the_recipe_that_made_it(tmp_path):
     with pytest.raises(ConfigError, match="holds a run of another recipe .*init_from, learning_rate.* own --work-dir"):
         train_unet(stage2, tmp_path / "s1-work", tmp_path / "s2")
     assert not (tmp_path / "s2").exists()
+    old = tmp_path / "old-work"
+    old.mkdir()
+    (old / "checkpoint.pt").write_bytes(b"a pickle")
+    with pytest.raises(ConfigError, match="pickled checkpoint from an older darkminer, which is not loaded"):
+        train_unet(stage2, old, tmp_path / "s2")
 
 
 def _read_checkpoint_ema(work_dir):
-    state = torch.load(work_dir / "checkpoint.pt", weights_only=True)
+    from darkminer.io import load_state
+    from darkminer.testbed.train_unet import CHECKPOINT
+
+    state = load_state(work_dir / CHECKPOINT)  # safetensors and JSON: nothing is unpickled
     assert state["step"] == 2
     return {k.removeprefix("module."): v for k, v in state["ema"].items()}

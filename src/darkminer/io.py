@@ -133,6 +133,43 @@ def load_tensor_metadata(path: str | Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """A nested training state (dicts and lists of tensors and JSON values: the ``state_dict`` of a model,
+    an optimiser, a scheduler) as one safetensors file, written atomically: the tensors under numbered
+    keys, the structure as JSON in the metadata. ``load_state`` reads it back without unpickling."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any) -> dict[str, Any]:
+        if isinstance(value, torch.Tensor):
+            tensors[key := str(len(tensors))] = value.detach().clone()  # clones: no two keys share memory
+            return {"tensor": key}
+        if isinstance(value, dict):  # as pairs: an optimiser's state is keyed by int
+            return {"dict": [[k, encode(v)] for k, v in value.items()]}
+        if isinstance(value, list | tuple):
+            return {"list": [encode(v) for v in value]}
+        return {"value": value}  # json.dumps refuses anything that is not JSON
+
+    save_tensors(path, tensors, metadata={"state": json.dumps(encode(state))})
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """What ``save_state`` wrote (lists come back as lists, where a tuple was saved)."""
+    tensors = load_tensors(path)
+    if "state" not in (metadata := load_tensor_metadata(path)):
+        raise ModelLoadError(f"{path} holds no saved state; it was not written by darkminer's save_state")
+
+    def decode(node: dict[str, Any]) -> Any:
+        if "tensor" in node:
+            return tensors[node["tensor"]]
+        if "dict" in node:
+            return {key: decode(value) for key, value in node["dict"]}
+        if "list" in node:
+            return [decode(value) for value in node["list"]]
+        return node["value"]
+
+    return decode(json.loads(metadata["state"]))
+
+
 def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:
     """Write ``record`` to ``path`` if it is new; otherwise the top-level keys where the stored one differs
     (empty: the same run, safe to resume)."""

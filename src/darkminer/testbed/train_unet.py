@@ -8,7 +8,6 @@ ships.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -21,11 +20,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
 from darkminer.errors import ConfigError
-from darkminer.io import claim_record
+from darkminer.io import claim_record, load_state, output_directory, save_state, write_json
 from darkminer.testbed import captions, world
 from darkminer.testbed.model import UNET_DIR, TestbedModel
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+CHECKPOINT = "checkpoint.safetensors"  # weights, EMA, optimiser, schedule, RNG, step and log: one atomic file
 
 
 @dataclass
@@ -139,17 +139,18 @@ def train_unet(
     schedule = warmup_lr(optimizer, config.steps, config.warmup_steps, config.lr_schedule)
     log: dict = {"config": config.to_dict(), "losses": [], "seconds": 0.0}
     step = 0
-    checkpoint = work_dir / "checkpoint.pt"
+    checkpoint = work_dir / CHECKPOINT
+    if (work_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
+                          "loaded; give a new --work-dir")
     if checkpoint.is_file():
-        # Our own file; weights_only refuses anything but tensors and plain containers.
-        state = torch.load(checkpoint, weights_only=True)
+        state = load_state(checkpoint)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        log = json.loads((work_dir / "log.json").read_text())
+        step, log = int(state["step"]), state["log"]
     data_rng = np.random.default_rng([config.seed, step])
     started = time.time() - log["seconds"]
     bar = tqdm(total=config.steps, initial=step, desc="training testbed UNet", unit="step")
@@ -182,12 +183,16 @@ def train_unet(
             log["losses"].append([step, round(running, 5)])
         if step % config.checkpoint_every == 0 or step == config.steps:
             log["seconds"] = time.time() - started
-            _save_checkpoint(checkpoint, unet, ema, optimizer, schedule, step)
-            (work_dir / "log.json").write_text(json.dumps(log))
-            _export(ema, out_dir)
+            # one file, written atomically: a kill cannot pair weights and counts of different steps
+            save_state(checkpoint, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                                    "log": log})
+            write_json(work_dir / "log.json", log)  # for reading
+            with output_directory(out_dir, "config.json", "a diffusers UNet folder") as tmp:
+                ema.module.save_pretrained(tmp, safe_serialization=True)
     bar.close()
     log["seconds"] = time.time() - started
-    (work_dir / "log.json").write_text(json.dumps(log))
+    write_json(work_dir / "log.json", log)
     return log
 
 
@@ -205,33 +210,3 @@ def warmup_lr(
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _save_checkpoint(path: Path, unet, ema, optimizer, schedule, step: int) -> None:
-    from darkminer.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "unet": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-            },
-            tmp,
-        )
-
-
-def _export(ema: AveragedModel, out_dir: Path) -> None:
-    """Write the EMA UNet as a diffusers folder, replacing ``out_dir`` only once complete."""
-    import shutil
-    import tempfile
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unet.", dir=out_dir.parent))
-    ema.module.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
