@@ -146,10 +146,18 @@ def test_configs_are_validated_at_the_boundary(tmp_path):
     from darkminer.erasers.darkminer import DarkMinerConfig
 
     for wrong, message in [({"lora": 5}, "lora must be a mapping of LoraConfig options"),
-                           ({"tau": "high"}, "tau must be float"), ({"rounds": 2.5}, "rounds must be int"),
+                           ({"tau": "high"}, "tau must be a finite float"), ({"tau": "nan"}, "tau must be a finite float"),
+                           ({"circumvent_lr": float("inf")}, "circumvent_lr must be a finite float"),
+                           ({"rounds": 2.5}, "rounds must be int"), ({"rounds": "8"}, "rounds must be int"),
                            ({"verify": "yes"}, "verify must be bool"), ({"guidance_scale": [1]}, "float | None")]:
         with pytest.raises(ConfigError, match=message):  # caught before any work, not deep in the loop
             DarkMinerConfig.from_dict(wrong)
+        with pytest.raises(ConfigError, match=message):  # built directly, or changed, the same checks
+            DarkMinerConfig(**wrong)
+        with pytest.raises(ConfigError, match=message):
+            DarkMinerConfig().replace(**wrong)
+    with pytest.raises(ConfigError, match="must be a mapping of option: value, got list"):
+        DarkMinerConfig.from_dict([1, 2])
     read = DarkMinerConfig.from_dict({"mining_lr": "1e-3", "lora": {"rank": 2}, "guidance_scale": None})
     assert read.mining_lr == 1e-3 and read.lora.rank == 2  # YAML reads 1e-3 as text; it is the number
     bad = tmp_path / "c.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,11 @@ class Config:
     """Base of every config. Subclasses override :meth:`validate` and call the ``check_*`` helpers."""
 
     def __post_init__(self) -> None:
+        # Types first, however the config was built (constructor, from_dict, replace): a float where an
+        # int belongs would otherwise fail deep inside a run, or not at all.
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _typed(type(self), field.name, getattr(self, field.name), hints[field.name]))
         self.validate()
 
     def validate(self) -> None:  # overridden where there is something to check
@@ -32,14 +38,13 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} options must be a mapping of option: value, got {type(data).__name__}")
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options: {sorted(names)}")
-        hints = typing.get_type_hints(cls)
-        for name, value in data.items():
-            data[name] = _typed(cls, name, value, hints[name])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -52,7 +57,7 @@ class Config:
         return cls.from_dict(data)
 
     def replace(self: C, **changes: Any) -> C:
-        return dataclasses.replace(self, **changes)
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -68,8 +73,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     if hint is bool:
         return isinstance(value, bool)
-    if hint in (int, float):
-        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint in (int, float):  # NaN and inf are no setting
+        return (isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
     if hint is Path:
         return isinstance(value, (str, Path))
     if origin in (list, tuple):
@@ -87,16 +93,19 @@ def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
         return value
     if isinstance(value, str) and _matches(1.0, hint):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None and _matches(number, hint):
+            return number
     raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}, got {value!r}")
 
 
 def _describe(hint: Any) -> str:
     if isinstance(hint, type) and issubclass(hint, Config):
         return f"a mapping of {hint.__name__} options"
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return f"a finite {text}" if hint is float else text
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
