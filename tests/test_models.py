@@ -101,6 +101,9 @@ def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_pa
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     merged = pipe([prompt] * 2, latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
     torch.testing.assert_close(merged, after, atol=1e-4, rtol=0)
+    # The merge folded the adapter into the model's weights; its original is still the base.
+    torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS, adapter=False), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS), after, atol=1e-4, rtol=0)
 
 
 def test_switching_the_adapter_off_and_on_keeps_which_weights_train(tiny_sd, tmp_path):
@@ -270,3 +273,44 @@ def test_a_guidance_erasure_loads_in_a_process_that_never_imported_its_eraser(tm
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["SafeLatentGuidance"]
+
+
+def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny_sd_dir, tmp_path):
+    from pathlib import Path
+
+    from darkminer.api import erase
+    from darkminer.attacks.base import get_attack
+    from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+    from darkminer.evaluation import evaluate
+
+    sld = {"preset": "max"}  # no warm-up: it acts from the first step
+    out = erase("sld", "nudity", tmp_path / "sld", model=Path(tiny_sd_dir), config=sld)  # a Path, not the testbed
+    recorded = ErasedModelInfo.read(out).base_model
+    assert recorded == str(Path(tiny_sd_dir).resolve())
+    assert load_model(Path(tiny_sd_dir), erased=out).guidance.registry_name == "sld"
+    with pytest.raises(ModelLoadError, match="was erased from .*leave the model out to load its own base"):
+        load_model("tiny-random-sd", erased=out)  # same architecture, other weights
+    with pytest.raises(ModelLoadError, match="a model is a name or a folder path, got int"):
+        erase("sld", "nudity", tmp_path / "x", model=5)
+    with pytest.raises(ConfigError, match="config must be a SldConfig, a dict of its options or a config file's path"):
+        erase("sld", "nudity", tmp_path / "x", model="tiny-random-sd", config=[1, 2])
+    with pytest.raises(ConfigError, match="concept must be a string"):
+        erase("sld", 3, tmp_path / "x", model="tiny-random-sd")
+
+    # An erased model given to erase would stack a second erasure on the first.
+    erased = load_model(erased=out)
+    with pytest.raises(ConfigError, match="already carries an erasure"):
+        erase("sld", "violence", tmp_path / "y", model=erased, config=sld)
+    # Its original is the base, guidance included (SLD acts at sampling time).
+    base = load_model(Path(tiny_sd_dir))
+    noise, cond = base.initial_noise([3]), base.encode(["a nude woman"])
+    with erased.original():
+        torch.testing.assert_close(erased.sample(cond, noise=noise, steps=STEPS), base.sample(cond, noise=noise, steps=STEPS))
+    assert not torch.allclose(erased.sample(cond, noise=noise, steps=STEPS), base.sample(cond, noise=noise, steps=STEPS))
+
+    with pytest.raises(DarkMinerError, match="takes a CCEConfig"):
+        get_attack("cce")({"steps": 3})
+    with pytest.raises(ConfigError, match="unknown option"):  # before any image is drawn
+        evaluate("nudity", tmp_path / "e", model="tiny-random-sd",
+                 config={"n_images": 1, "attacks": ["plain"], "attack_configs": {"plain": {"foo": 1}}})
+    assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,8 +14,8 @@ from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError
 from darkminer.io import check_output_directory, claim_record
-from darkminer.models import DEFAULT_MODEL, load_model
-from darkminer.models.base import DiffusionModel
+from darkminer.models import load_model, model_id
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
 from darkminer.targets import resolve_target
 
@@ -22,13 +23,16 @@ if TYPE_CHECKING:
     from darkminer.parallel import SpeedOptions
 
 
-def _base_spec(spec: str | None) -> str:
-    spec = spec or DEFAULT_MODEL
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
 RUN_FILE = "run.json"
+
+
+def _check_not_erased(model: DiffusionModel) -> None:
+    """A model given to ``erase`` must be a base: a second erasure would silently stack on the first."""
+    from darkminer.models.adapters import has_lora
+
+    if has_lora(model) or model.edited_parameter_names or not isinstance(model.guidance, ClassifierFreeGuidance):
+        raise ConfigError("this model already carries an erasure (erase changes the model it is given); "
+                          "erase from a freshly loaded base model")
 
 
 def work_directory(out: str | Path) -> Path:
@@ -63,6 +67,8 @@ def erase(
 ) -> Path:
     """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
 
+    ``model``: a name or path to load, or a loaded base ``DiffusionModel``, which the erasure then changes
+    in place (a model that already carries an erasure is refused).
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
     ``speed``: the speed options (``SpeedOptions``, or a dict of the ones to change over the model's
     defaults), applied to the loaded model.
@@ -78,6 +84,9 @@ def erase(
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
     processes = init_processes()
+    for name, value in (("method", method), ("concept", concept)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
     as_speed_options(speed)  # bad options fail before the (long) load
     eraser_cls = get_eraser(method)
@@ -85,15 +94,18 @@ def erase(
         cfg = config
     elif isinstance(config, dict):
         cfg = eraser_cls.config_class.from_dict(config)
-    else:
+    elif config is None or isinstance(config, str | os.PathLike):
         cfg = eraser_cls.config_class.from_dict(load_config_file(config) if config else {})
+    else:
+        raise ConfigError(f"config must be a {eraser_cls.config_class.__name__}, a dict of its options or a "
+                          f"config file's path, got {type(config).__name__}")
     if isinstance(model, DiffusionModel):
         base = model
+        _check_not_erased(base)
         if speed is not None:
             apply_speed_options(base, speed)
     else:
-        base = load_model(_base_spec(model if isinstance(model, str) else None), device=device, dtype=dtype,
-                          speed=speed)
+        base = load_model(model_id(model), device=device, dtype=dtype, speed=speed)
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
@@ -115,7 +127,7 @@ def erase(
     info = ErasedModelInfo(
         method=method,
         concept=target.name,
-        base_model=base.name if base.name in ("testbed", "tiny-random-sd") else _base_spec(base.name),
+        base_model=model_id(base.name),
         kind=eraser_cls.kind,
         anchor=target.anchor,
         config=cfg.to_dict(),

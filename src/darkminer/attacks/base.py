@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -72,6 +72,9 @@ class Attack(ABC):
 
     def __init__(self, config: AttackConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise DarkMinerError(f"{self.name} takes a {self.config_class.__name__} (from_dict builds one from a "
+                                 f"dict), got {type(self.config).__name__}")
 
     @abstractmethod
     def run(
@@ -121,3 +124,9 @@ def get_attack(name: str) -> type[Attack]:
     if name not in ATTACKS:
         raise DarkMinerError(f"unknown attack {name!r}; choose one of {', '.join(sorted(ATTACKS))}")
     return ATTACKS[name]
+
+
+def build_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
+    """The registered attack ``name`` with its config built from ``options`` (validated)."""
+    attack_cls = get_attack(name)
+    return attack_cls(attack_cls.config_class.from_dict(options))

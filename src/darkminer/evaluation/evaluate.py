@@ -24,7 +24,7 @@ from darkminer.attacks.base import (
     AttackResult,
     attack_success_rate,
     before_and_after_rates,
-    get_attack,
+    build_attack,
 )
 from darkminer.config import Config, check_choice, check_positive, load_config_file
 from darkminer.errors import ConfigError, DarkMinerError
@@ -261,7 +261,8 @@ def evaluate(
     cfg = as_evaluation_config(config)
     if out is not None:
         check_output_directory(out, METRICS_NAME, OUTPUT_KIND)
-    attack_classes = {name: get_attack(name) for name in cfg.attacks}  # unknown names fail before any work
+    attacks_to_run = {name: build_attack(name, cfg.attack_configs.get(name)) for name in cfg.attacks}  # bad names
+    # or options fail before any work
     started = time.time()
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
@@ -304,8 +305,7 @@ def evaluate(
 
     attacks, attack_details = {}, {}
     attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
-    for name, attack_cls in tqdm(attack_classes.items(), desc="attacks", unit="attack", disable=not progress):
-        attack = attack_cls(attack_cls.config_class.from_dict(cfg.attack_configs.get(name)))
+    for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
         attack_started = time.time()
         # Attacks run whole on every process; the main process's results are the ones kept and replayed.
         results = processes.broadcast_object(attack.run(net, target, attack_prompts, detector.detect, original=net))

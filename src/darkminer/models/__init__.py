@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def model_id(spec: str | os.PathLike | None) -> str:
+    """The name a base model is recorded under: ``testbed`` for its aliases, an existing local folder as
+    its absolute path, anything else (a hub id, ``tiny-random-sd``) as given; None is the default model."""
+    if spec is None:
+        return DEFAULT_MODEL
+    if not isinstance(spec, str | os.PathLike):
+        raise ModelLoadError(f"a model is a name or a folder path, got {type(spec).__name__} {spec!r}")
+    spec = os.fspath(spec)
+    if spec in TESTBED_IDS:
+        return "testbed"
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec and path.exists() else spec
+
+
 def load_model(
-    spec: str | None = None,
+    spec: str | os.PathLike | None = None,
     *,
     erased: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -33,7 +48,8 @@ def load_model(
     switches on the GPU path's options (``SpeedOptions``: autocast precision, attention kernel, gradient
     checkpointing, channels-last).
 
-    With ``erased`` and no ``spec``, the base model recorded in the directory is used.
+    With ``erased`` and no ``spec``, the base model recorded in the directory is used; another base is
+    refused (an erasure applied to other weights is neither that erasure nor that model).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -43,9 +59,19 @@ def load_model(
     from darkminer.parallel.speed import apply_speed_options, as_speed_options
 
     as_speed_options(speed)  # bad options fail before the (long) load
-    if spec is None:
-        spec = ErasedModelInfo.read(erased).base_model if erased else DEFAULT_MODEL
-    model = _load_base(spec, device=device, dtype=dtype)
+    if dtype not in DTYPES.values():
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    model_id(spec)  # a name or a path, or one line
+    if erased is not None:
+        recorded = ErasedModelInfo.read(erased).base_model
+        if spec is None:
+            spec = recorded
+        elif model_id(spec) != model_id(recorded):
+            raise ModelLoadError(
+                f"{erased} was erased from {recorded!r}, not {os.fspath(spec)!r}: leave the model out to load its own "
+                f"base (for a copy of that model at another path, set base_model in {Path(erased) / 'darkminer.json'})"
+            )
+    model = _load_base(os.fspath(spec) if spec is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
     if speed is not None:

@@ -145,6 +145,11 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
 
 
 def merge_lora(model: DiffusionModel) -> None:
-    """Fold the adapter into the UNet's weights and drop the LoRA layers."""
+    """Fold the adapter into the UNet's weights and drop the LoRA layers. The weights it changes are
+    remembered first, so ``model.original()`` is still the model before erasure."""
+    suffix = ".base_layer.weight"
+    before = {name.replace(suffix, ".weight"): p.detach().clone()
+              for name, p in model.unet.named_parameters() if name.endswith(suffix)}
     model.unet.fuse_lora()
     model.unet.unload_lora()
+    model.remember_originals(list(before), values=before)

@@ -242,12 +242,14 @@ class DiffusionModel(ABC):
 
     @contextmanager
     def original(self) -> Iterator[None]:
-        """Within the block the UNet is the original: adapters off, in-place edits swapped out."""
+        """Within the block the model is the original: adapters off, in-place edits swapped out, and plain
+        classifier-free guidance instead of an inference-time eraser's (SLD)."""
         has_adapter = bool(getattr(self.unet, "peft_config", None)) and self._adapters_enabled()
         params = dict(self.unet.named_parameters())
         edited = {name: params[name].data for name in self._originals}
         # peft's enable_adapters makes every adapter weight trainable; a loaded (frozen) one must stay frozen
         trainable = {name: p.requires_grad for name, p in params.items() if "lora_" in name} if has_adapter else {}
+        guidance, self.guidance = self.guidance, ClassifierFreeGuidance()
         try:
             if has_adapter:
                 self.unet.disable_adapters()
@@ -255,6 +257,7 @@ class DiffusionModel(ABC):
                 params[name].data = value
             yield
         finally:
+            self.guidance = guidance
             for name, value in edited.items():
                 params[name].data = value
             if has_adapter:
@@ -267,15 +270,16 @@ class DiffusionModel(ABC):
 
         return any(not m.disable_adapters for m in self.unet.modules() if isinstance(m, BaseTunerLayer))
 
-    def remember_originals(self, names: Sequence[str]) -> None:
-        """Keep a copy of these UNet parameters before an eraser edits them in place."""
+    def remember_originals(self, names: Sequence[str], values: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep a copy of these UNet parameters before an eraser edits them in place (``values``: the
+        originals themselves, when the parameters have changed already, as a merged adapter's have)."""
         params = dict(self.unet.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
             raise DarkMinerError(f"UNet has no parameters {missing[:3]}...")
         for name in names:
             if name not in self._originals:
-                self._originals[name] = params[name].detach().clone()
+                self._originals[name] = (params[name] if values is None else values[name]).detach().clone()
 
     @property
     def edited_parameter_names(self) -> list[str]:

@@ -123,7 +123,8 @@ def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
 
 
 def export_merged_unet(model: DiffusionModel, directory: str | Path) -> Path:
-    """A full diffusers UNet folder with the adapter folded in (for users of plain diffusers)."""
+    """A full diffusers UNet folder with the adapter folded in (for users of plain diffusers). The model's
+    adapter is merged in place; ``model.original()`` stays the model before erasure."""
     directory = Path(directory)
     if adapters.has_lora(model):
         adapters.merge_lora(model)
