@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from darkminer.attacks.base import AttackPrompt, attack_success_rate, before_and_after_rates, get_attack  # noqa: E402
 from darkminer.attacks.io import run_attack  # noqa: E402
-from darkminer.commands.attack import success_function  # noqa: E402
+from darkminer.evaluation import concept_detector  # noqa: E402
 from darkminer.models import load_model  # noqa: E402
 from darkminer.targets import resolve_target  # noqa: E402
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     base = load_model("testbed")
     target = resolve_target(base, args.concept, seed=args.seed)
-    success = success_function(base, target)
+    success = concept_detector(base, target)
     # Seed 1's prompts: CCE draws its training images from the target's prompts, which are seed 0's.
     rows = target.testbed_concept.direct_prompts(args.n_prompts, args.prompt_seed)
     prompts = [AttackPrompt(p.text, p.seed) for p in rows]

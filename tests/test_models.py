@@ -290,6 +290,8 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     assert load_model(Path(tiny_sd_dir), erased=out).guidance.registry_name == "sld"
     with pytest.raises(ModelLoadError, match="was erased from .*leave the model out to load its own base"):
         load_model("tiny-random-sd", erased=out)  # same architecture, other weights
+    with pytest.raises(ModelLoadError, match="is an erased model, not a base: load it with --erased"):
+        load_model(out)
     with pytest.raises(ModelLoadError, match="a model is a name or a folder path, got int"):
         erase("sld", "nudity", tmp_path / "x", model=5)
     with pytest.raises(ConfigError, match="config must be a SldConfig, a dict of its options or a config file's path"):
@@ -314,3 +316,12 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
         evaluate("nudity", tmp_path / "e", model="tiny-random-sd",
                  config={"n_images": 1, "attacks": ["plain"], "attack_configs": {"plain": {"foo": 1}}})
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_package_exports_resolve_and_one_prompt_is_drawn_once_per_seed(tiny_sd):
+    import darkminer
+
+    assert set(darkminer.__all__) <= set(dir(darkminer))
+    assert all(getattr(darkminer, name) is not None for name in darkminer.__all__)
+    one = tiny_sd.generate("a cat", seeds=[0, 1], steps=2)
+    torch.testing.assert_close(one, tiny_sd.generate(["a cat", "a cat"], seeds=[0, 1], steps=2), rtol=0, atol=0)

@@ -1,8 +1,10 @@
 """darkminer: erase concepts from text-to-image diffusion models so that no prompt brings them back.
 
-The API mirrors the CLI: ``erase``, ``evaluate``, ``run_benchmark``, ``load_model``; attacks are run with
-``darkminer.attacks.get_attack(name)`` and ``darkminer.attacks.io.run_attack``. Imports are lazy so that
-``import darkminer`` stays cheap.
+The API mirrors the CLI: ``erase``, ``evaluate``, ``run_benchmark``, ``load_model``; an attack is
+``build_attack(name, options)`` run by ``run_attack(attack, model, target, prompts, success)`` with
+``target = resolve_target(model, concept)``, ``AttackPrompt`` prompts and ``success =
+concept_detector(model, target)``. Errors are ``DarkMinerError``s. Imports are lazy so
+that ``import darkminer`` stays cheap.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ _EXPORTS = {
     "DiffusionModel": "darkminer.models",
     "get_eraser": "darkminer.erasers.base",
     "get_attack": "darkminer.attacks.base",
+    "build_attack": "darkminer.attacks.base",
+    "AttackPrompt": "darkminer.attacks.base",
+    "run_attack": "darkminer.attacks.io",
+    "resolve_target": "darkminer.targets",
+    "concept_detector": "darkminer.evaluation",
+    "SpeedOptions": "darkminer.parallel",
+    "DarkMinerError": "darkminer.errors",
+    "ConfigError": "darkminer.errors",
 }
 
 
@@ -27,6 +37,10 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'darkminer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = sorted(_EXPORTS)

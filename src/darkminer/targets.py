@@ -62,7 +62,7 @@ def resolve_target(
     seed: int = 0,
 ) -> EraseTarget:
     if not concept or not concept.strip():
-        raise DarkMinerError("--concept is empty: name the concept to erase")
+        raise DarkMinerError("the concept (--concept) is empty: name the concept to erase")
     if is_testbed(model):
         from darkminer.testbed.concepts import get_concept
 

@@ -33,19 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def success_function(model: object, target: object, detector: str = "auto"):  # noqa: ANN201  (a SuccessFn)
-    """The evaluation's detector bound to the target: the testbed judge, NudeNet for nudity, CLIP otherwise."""
-    from darkminer.evaluation.detectors import detector_kind_for
-    from darkminer.evaluation.evaluate import EvaluationConfig, build_detector
-    from darkminer.targets import is_testbed
-
-    kind = detector_kind_for(target.name, is_testbed(model), detector)  # type: ignore[attr-defined]
-    return build_detector(kind, target, EvaluationConfig(detector=detector))  # type: ignore[arg-type]
-
-
 def run(args: argparse.Namespace) -> None:
     from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
     from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, run_attack, save_results
+    from darkminer.evaluation import concept_detector
     from darkminer.io import check_output_directory
     from darkminer.models import load_model
     from darkminer.prompts import read_prompt_csv
@@ -61,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
                             n_prompts=max(args.n_prompts, 64))
-    success = success_function(model, target, args.detector)
+    success = concept_detector(model, target, args.detector)
     if args.replay:
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)

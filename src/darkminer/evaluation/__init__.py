@@ -8,7 +8,7 @@ from darkminer.evaluation.detectors import (
     JudgeDetector,
     NudeNetDetector,
 )
-from darkminer.evaluation.evaluate import EvaluationConfig, evaluate
+from darkminer.evaluation.evaluate import EvaluationConfig, concept_detector, evaluate
 from darkminer.models.clip import Clip
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "EvaluationConfig",
     "JudgeDetector",
     "NudeNetDetector",
+    "concept_detector",
     "evaluate",
     "load_benchmark_config",
     "run_benchmark",

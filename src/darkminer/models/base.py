@@ -404,8 +404,10 @@ class DiffusionModel(ABC):
             x = scheduler.step(eps, t, x).prev_sample
         yield x, None
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
-        """Images for prompts, one per (prompt, seed) pair."""
+    def generate(self, prompts: str | Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
+        """Images for prompts, one per (prompt, seed) pair; a single prompt is drawn once per seed."""
+        if isinstance(prompts, str):  # not a sequence of one-letter prompts
+            prompts = [prompts] * len(seeds)
         if any(not isinstance(p, str) for p in prompts):
             raise DarkMinerError("prompts must be strings")
         return self.sample(self.encode(list(prompts)), seeds=seeds, **kwargs)  # type: ignore[arg-type]

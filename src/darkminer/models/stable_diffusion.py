@@ -25,6 +25,8 @@ def _clipped(message: str, limit: int = 200) -> str:
 
 
 def _check_local_folder(path: Path) -> None:
+    if (path / "darkminer.json").is_file():
+        raise ModelLoadError(f"{path} is an erased model, not a base: load it with --erased (erased= in Python)")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
     for component in ("unet", "vae", "text_encoder"):
