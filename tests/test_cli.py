@@ -158,6 +158,14 @@ def test_configs_are_validated_at_the_boundary(tmp_path):
             DarkMinerConfig().replace(**wrong)
     with pytest.raises(ConfigError, match="must be a mapping of option: value, got list"):
         DarkMinerConfig.from_dict([1, 2])
+    from pathlib import Path
+
+    import numpy as np
+
+    built = DarkMinerConfig(rounds=np.int64(3), tau=torch.tensor(0.5), image_encoder=Path("/clip"))  # in code
+    assert (built.rounds, built.tau, built.image_encoder) == (3, 0.5, "/clip") and type(built.rounds) is int
+    with pytest.raises(ConfigError, match="rounds must be int"):
+        DarkMinerConfig(rounds=np.float32(2.5))
     read = DarkMinerConfig.from_dict({"mining_lr": "1e-3", "lora": {"rank": 2}, "guidance_scale": None})
     assert read.mining_lr == 1e-3 and read.lora.rank == 2  # YAML reads 1e-3 as text; it is the number
     bad = tmp_path / "c.yaml"

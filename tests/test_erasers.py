@@ -422,6 +422,31 @@ def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path
     assert not (tmp_path / "grad" / training.CHECKPOINT).exists()
 
 
+def test_a_saved_state_comes_back_whole(tmp_path: Path) -> None:
+    from darkminer.io import load_state, save_state
+
+    layer = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    optimizer.zero_grad()
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(2, 3)
+    optimizer.step()
+    state = {"layer": layer.state_dict(), "optimizer": optimizer.state_dict(), "flag": torch.tensor(True),
+             "rng": torch.get_rng_state(), "step": 7, "log": {"losses": [[50, 0.5]], "seconds": 1.5}, "none": None}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert list(back) == list(state) and back["step"] == 7 and back["log"] == state["log"] and back["none"] is None
+    assert back["layer"]["weight"].dtype == torch.bfloat16 and torch.equal(back["layer"]["weight"], layer.weight)
+    assert back["flag"].dtype == torch.bool and back["flag"].ndim == 0 and torch.equal(back["rng"], state["rng"])
+    assert list(back["optimizer"]["state"]) == [0]  # int keys stay ints
+    assert back["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]  # a tuple comes back as a list
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    fresh.load_state_dict(back["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    save_tensors(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
+    with pytest.raises(DarkMinerError, match="holds no saved state"):
+        load_state(tmp_path / "plain.safetensors")
+
+
 def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_path: Path) -> None:
     save_tensors(tmp_path / training.CHECKPOINT, {"param/w": torch.zeros(1)})  # counts were in a JSON beside it
     with pytest.raises(DarkMinerError, match="older darkminer; run without --resume"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -290,6 +293,12 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     assert load_model(Path(tiny_sd_dir), erased=out).guidance.registry_name == "sld"
     with pytest.raises(ModelLoadError, match="was erased from .*leave the model out to load its own base"):
         load_model("tiny-random-sd", erased=out)  # same architecture, other weights
+    moved = tmp_path / "from-another-machine"  # its recorded base is not here to compare with
+    shutil.copytree(out, moved)
+    info = json.loads((moved / "darkminer.json").read_text())
+    (moved / "darkminer.json").write_text(json.dumps({**info, "base_model": "/data/elsewhere/sd14"}))
+    with pytest.warns(UserWarning, match="which is not here; applying it to"):
+        assert load_model(Path(tiny_sd_dir), erased=moved).guidance.registry_name == "sld"
     with pytest.raises(ModelLoadError, match="is an erased model, not a base: load it with --erased"):
         load_model(out)
     with pytest.raises(ModelLoadError, match="a model is a name or a folder path, got int"):
@@ -298,6 +307,10 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
         erase("sld", "nudity", tmp_path / "x", model="tiny-random-sd", config=[1, 2])
     with pytest.raises(ConfigError, match="concept must be a string"):
         erase("sld", 3, tmp_path / "x", model="tiny-random-sd")
+    from darkminer.erasers.esd import EsdConfig
+
+    with pytest.raises(ConfigError, match="uce takes a UceConfig, got EsdConfig"):  # before the model loads
+        erase("uce", "nudity", tmp_path / "x", model="no/such-model", config=EsdConfig())
 
     # An erased model given to erase would stack a second erasure on the first.
     erased = load_model(erased=out)
@@ -313,7 +326,7 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     with pytest.raises(DarkMinerError, match="takes a CCEConfig"):
         get_attack("cce")({"steps": 3})
     with pytest.raises(ConfigError, match="unknown option"):  # before any image is drawn
-        evaluate("nudity", tmp_path / "e", model="tiny-random-sd",
+        evaluate("nudity", tmp_path / "e", model="no/such-model",  # before the model loads
                  config={"n_images": 1, "attacks": ["plain"], "attack_configs": {"plain": {"foo": 1}}})
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

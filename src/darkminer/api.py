@@ -99,6 +99,7 @@ def erase(
     else:
         raise ConfigError(f"config must be a {eraser_cls.config_class.__name__}, a dict of its options or a "
                           f"config file's path, got {type(config).__name__}")
+    eraser = eraser_cls(cfg)  # a config of another method fails here, before the load
     if isinstance(model, DiffusionModel):
         base = model
         _check_not_erased(base)
@@ -122,7 +123,7 @@ def erase(
         _claim_work_dir(work_dir, record)
     processes.barrier()
     started = time.time()
-    summary = eraser_cls(cfg).erase(base, target, work_dir)
+    summary = eraser.erase(base, target, work_dir)
     summary["seconds"] = round(time.time() - started, 2)
     info = ErasedModelInfo(
         method=method,

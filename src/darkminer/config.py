@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +40,7 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
-        if data is not None and not isinstance(data, dict):
+        if data is not None and not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__} options must be a mapping of option: value, got {type(data).__name__}")
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}
@@ -75,7 +77,7 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint in (int, float):  # NaN and inf are no setting
         return (isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
+                and (isinstance(value, int) or math.isfinite(value)))
     if hint is Path:
         return isinstance(value, (str, Path))
     if origin in (list, tuple):
@@ -88,9 +90,15 @@ def _matches(value: Any, hint: Any) -> bool:
 
 def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against ``hint``; a number written as a string ("1e-3", which YAML reads as text)
-    becomes that number."""
+    becomes that number, a numpy or torch number a Python one, a path a string where a string belongs."""
     if _matches(value, hint):
         return value
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # np.int64(3), torch.tensor(0.5)
+        plain = value.item()
+        if _matches(plain, hint):
+            return plain
+    if isinstance(value, os.PathLike) and _matches("", hint):
+        return os.fspath(value)
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             number = float(value)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from darkminer.config import Config
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
 
@@ -73,8 +73,8 @@ class Attack(ABC):
     def __init__(self, config: AttackConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
-            raise DarkMinerError(f"{self.name} takes a {self.config_class.__name__} (from_dict builds one from a "
-                                 f"dict), got {type(self.config).__name__}")
+            raise ConfigError(f"{self.name} takes a {self.config_class.__name__} (from_dict builds one from a "
+                              f"dict), got {type(self.config).__name__}")
 
     @abstractmethod
     def run(
@@ -126,7 +126,7 @@ def get_attack(name: str) -> type[Attack]:
     return ATTACKS[name]
 
 
-def build_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
-    """The registered attack ``name`` with its config built from ``options`` (validated)."""
+def build_attack(name: str, options: AttackConfig | dict[str, Any] | None = None) -> Attack:
+    """The registered attack ``name`` with its config (or one built from ``options``, validated)."""
     attack_cls = get_attack(name)
-    return attack_cls(attack_cls.config_class.from_dict(options))
+    return attack_cls(options if isinstance(options, AttackConfig) else attack_cls.config_class.from_dict(options))

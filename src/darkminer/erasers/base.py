@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from darkminer.config import Config
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
 
@@ -31,7 +31,7 @@ class Eraser(ABC):
     def __init__(self, config: EraserConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
-            raise DarkMinerError(f"{self.name} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
+            raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
 
     @abstractmethod
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:

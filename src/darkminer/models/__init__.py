@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,16 +68,25 @@ def load_model(
         if spec is None:
             spec = recorded
         elif model_id(spec) != model_id(recorded):
-            raise ModelLoadError(
-                f"{erased} was erased from {recorded!r}, not {os.fspath(spec)!r}: leave the model out to load its own "
-                f"base (for a copy of that model at another path, set base_model in {Path(erased) / 'darkminer.json'})"
-            )
+            _check_same_base(erased, recorded, os.fspath(spec))
     model = _load_base(os.fspath(spec) if spec is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
     if speed is not None:
         apply_speed_options(model, speed)
     return model
+
+
+def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
+    """An erasure applied to other weights is neither that erasure nor that model: refused where the
+    recorded base is here to compare with; where it is not (a folder from another machine, a hub id given
+    as its cache path), applied with a warning."""
+    from darkminer.models.tiny import TINY_SD_ID
+
+    if recorded in (*TESTBED_IDS, TINY_SD_ID) or Path(recorded).expanduser().exists():
+        raise ModelLoadError(f"{erased} was erased from {recorded!r}, not {spec!r}: leave the model out to load its own base")
+    warnings.warn(f"{erased} was erased from {recorded!r}, which is not here; applying it to {spec!r}, taken to be "
+                  "the same model", stacklevel=3)
 
 
 def check_device(device: str | torch.device) -> None:

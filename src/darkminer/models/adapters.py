@@ -148,7 +148,7 @@ def merge_lora(model: DiffusionModel) -> None:
     """Fold the adapter into the UNet's weights and drop the LoRA layers. The weights it changes are
     remembered first, so ``model.original()`` is still the model before erasure."""
     suffix = ".base_layer.weight"
-    before = {name.replace(suffix, ".weight"): p.detach().clone()
+    before = {name.replace(suffix, ".weight"): p.detach().clone()  # the only copy: remember_originals keeps it
               for name, p in model.unet.named_parameters() if name.endswith(suffix)}
     model.unet.fuse_lora()
     model.unet.unload_lora()

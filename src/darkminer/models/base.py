@@ -279,7 +279,7 @@ class DiffusionModel(ABC):
             raise DarkMinerError(f"UNet has no parameters {missing[:3]}...")
         for name in names:
             if name not in self._originals:
-                self._originals[name] = (params[name] if values is None else values[name]).detach().clone()
+                self._originals[name] = params[name].detach().clone() if values is None else values[name]
 
     @property
     def edited_parameter_names(self) -> list[str]:

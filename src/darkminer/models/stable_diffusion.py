@@ -14,6 +14,7 @@ from transformers.masking_utils import create_causal_mask
 
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
+from darkminer.models.erased import INFO_NAME
 
 # A hub tokenizer that failed to resolve offline can come back with only its special tokens.
 _MIN_VOCAB = 100
@@ -25,7 +26,7 @@ def _clipped(message: str, limit: int = 200) -> str:
 
 
 def _check_local_folder(path: Path) -> None:
-    if (path / "darkminer.json").is_file():
+    if (path / INFO_NAME).is_file():
         raise ModelLoadError(f"{path} is an erased model, not a base: load it with --erased (erased= in Python)")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")

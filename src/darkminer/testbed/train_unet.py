@@ -20,11 +20,19 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
 from darkminer.errors import ConfigError
-from darkminer.io import claim_record, load_state, output_directory, save_state, write_json
+from darkminer.io import (
+    check_output_directory,
+    claim_record,
+    load_state,
+    output_directory,
+    save_state,
+    write_json,
+)
 from darkminer.testbed import captions, world
 from darkminer.testbed.model import UNET_DIR, TestbedModel
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+UNET_MARKER, UNET_OUTPUT = "config.json", "a diffusers UNet folder"  # what --out may replace
 CHECKPOINT = "checkpoint.safetensors"  # weights, EMA, optimiser, schedule, RNG, step and log: one atomic file
 
 
@@ -114,6 +122,10 @@ def train_unet(
     from tqdm.auto import tqdm
 
     work_dir, out_dir = Path(work_dir), Path(out_dir)
+    check_output_directory(out_dir, UNET_MARKER, UNET_OUTPUT)  # now, not at the first checkpoint
+    if (work_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
+                          "loaded; give a new --work-dir")
     work_dir.mkdir(parents=True, exist_ok=True)
     # A checkpoint resumes only the run that wrote it: stage 2 in stage 1's work dir would take its weights,
     # step count and learning rate.
@@ -140,9 +152,6 @@ def train_unet(
     log: dict = {"config": config.to_dict(), "losses": [], "seconds": 0.0}
     step = 0
     checkpoint = work_dir / CHECKPOINT
-    if (work_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
-                          "loaded; give a new --work-dir")
     if checkpoint.is_file():
         state = load_state(checkpoint)
         unet.load_state_dict(state["unet"])
@@ -183,13 +192,14 @@ def train_unet(
             log["losses"].append([step, round(running, 5)])
         if step % config.checkpoint_every == 0 or step == config.steps:
             log["seconds"] = time.time() - started
+            # The export first: a kill before the checkpoint repeats steps, never skips the final export.
+            with output_directory(out_dir, UNET_MARKER, UNET_OUTPUT) as tmp:
+                ema.module.save_pretrained(tmp, safe_serialization=True)
             # one file, written atomically: a kill cannot pair weights and counts of different steps
             save_state(checkpoint, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                                     "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
                                     "log": log})
             write_json(work_dir / "log.json", log)  # for reading
-            with output_directory(out_dir, "config.json", "a diffusers UNet folder") as tmp:
-                ema.module.save_pretrained(tmp, safe_serialization=True)
     bar.close()
     log["seconds"] = time.time() - started
     write_json(work_dir / "log.json", log)
