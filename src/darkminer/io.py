@@ -116,15 +116,31 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file; any other format is refused (we never unpickle foreign files)."""
+    path = _safetensors_file(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-create it") from None
+
+
+def load_tensors_and_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``load_tensors`` and ``load_tensor_metadata`` in one open: a file replaced in between (a checkpoint
+    another process rewrites) cannot pair one version's tensors with another's metadata."""
+    path = _safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-create it") from None
+
+
+def _safetensors_file(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"{path}: only .safetensors weight files are accepted (pickled .bin/.pt/.ckpt are refused)")
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-create it") from None
+    return path
 
 
 def load_tensor_metadata(path: str | Path) -> dict[str, str]:
@@ -154,8 +170,8 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """What ``save_state`` wrote (lists come back as lists, where a tuple was saved)."""
-    tensors = load_tensors(path)
-    if "state" not in (metadata := load_tensor_metadata(path)):
+    tensors, metadata = load_tensors_and_metadata(path)
+    if "state" not in metadata:
         raise ModelLoadError(f"{path} holds no saved state; it was not written by darkminer's save_state")
 
     def decode(node: dict[str, Any]) -> Any:

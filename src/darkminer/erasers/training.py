@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensor_metadata, load_tensors, save_tensors
+from darkminer.io import load_tensors_and_metadata, save_tensors
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
 from darkminer.parallel import init_processes
@@ -217,8 +217,8 @@ def _save_checkpoint(
 def _load_checkpoint(
     work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> tuple[int, list[float]]:
-    tensors = load_tensors(work_dir / CHECKPOINT)
-    if "state" not in (metadata := load_tensor_metadata(work_dir / CHECKPOINT)):
+    tensors, metadata = load_tensors_and_metadata(work_dir / CHECKPOINT)
+    if "state" not in metadata:
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; run without --resume")
     state = json.loads(metadata["state"])
     missing = [name for name in params if f"param/{name}" not in tensors]
