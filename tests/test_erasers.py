@@ -39,7 +39,7 @@ from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cro
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import train_parameters
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensor_metadata, load_tensors, save_tensors
+from darkminer.io import load_tensors, load_tensors_and_metadata, save_tensors
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
@@ -405,7 +405,7 @@ def test_nan_loss_raises_naming_its_iteration_and_is_never_checkpointed(tmp_path
     with pytest.raises(DarkMinerError, match="loss became nan at iteration 3"):
         train_parameters({"w": weight}, lambda i, g: (weight - 1).square().sum() * (float("nan") if i == 3 else 1.0),
                          iterations=6, lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=2, desc="toy")
-    state = json.loads(load_tensor_metadata(tmp_path / training.CHECKPOINT)["state"])
+    state = json.loads(load_tensors_and_metadata(tmp_path / training.CHECKPOINT)[1]["state"])
     assert state["iterations_done"] == 2 and len(state["losses"]) == 2 and all(math.isfinite(v) for v in state["losses"])
     # A NaN gradient behind a finite loss (sqrt at 0: value 0, gradient 0 * inf) spoils the weights: caught
     # before they are saved too.

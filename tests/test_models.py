@@ -321,6 +321,8 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     noise, cond = base.initial_noise([3]), base.encode(["a nude woman"])
     with erased.original():
         torch.testing.assert_close(erased.sample(cond, noise=noise, steps=STEPS), base.sample(cond, noise=noise, steps=STEPS))
+    torch.testing.assert_close(erased.sample(cond, noise=noise, steps=STEPS, adapter=False),  # the teachers' way
+                               base.sample(cond, noise=noise, steps=STEPS))
     assert not torch.allclose(erased.sample(cond, noise=noise, steps=STEPS), base.sample(cond, noise=noise, steps=STEPS))
 
     with pytest.raises(DarkMinerError, match="takes a CCEConfig"):

@@ -124,8 +124,8 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 
 def load_tensors_and_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``load_tensors`` and ``load_tensor_metadata`` in one open: a file replaced in between (a checkpoint
-    another process rewrites) cannot pair one version's tensors with another's metadata."""
+    """A safetensors file's tensors and string metadata, in one open: a file replaced in between two
+    opens (a checkpoint another process rewrites) could pair one version's tensors with another's."""
     path = _safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -141,12 +141,6 @@ def _safetensors_file(path: str | Path) -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     return path
-
-
-def load_tensor_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file that ``load_tensors`` has accepted."""
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -7,8 +7,7 @@ optimise and against which target.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from darkminer.attacks.base import AttackPrompt, SuccessFn
 from darkminer.errors import DarkMinerError
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
+from darkminer.models.base import DiffusionModel, host_to_device
 
 # Marks a free slot in a row of token ids given to :func:`build_slotted`.
 SLOT = None
@@ -154,17 +153,6 @@ def draw_noise_and_timesteps(
 
 
 # ---------------------------------------------------------------------------------------- teacher
-@contextmanager
-def plain_guidance(model: DiffusionModel) -> Iterator[None]:
-    """Plain classifier-free guidance inside the block (inference-time erasers swap model.guidance)."""
-    saved = model.guidance
-    model.guidance = ClassifierFreeGuidance()
-    try:
-        yield
-    finally:
-        model.guidance = saved
-
-
 def teacher(model: DiffusionModel, original: DiffusionModel | None) -> tuple[DiffusionModel, bool]:
     """The model before erasure and the ``adapter`` flag that selects it: a separate object, or the
     attacked model itself with its adapter/edits switched off."""
@@ -206,7 +194,7 @@ def original_images(
 ) -> torch.Tensor:
     """Images of the prompts drawn by the model before erasure (the attack targets)."""
     source, adapter = teacher(model, original)
-    with torch.no_grad(), plain_guidance(source):
+    with torch.no_grad():
         return sample_prompts(source, source.encode([p.text for p in prompts]), prompts, adapter=adapter)
 
 

@@ -9,8 +9,7 @@ the preservation baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -58,7 +57,7 @@ from darkminer.evaluation.suites import (
 from darkminer.imaging import make_grid, save_png, to_pil
 from darkminer.io import check_output_directory, output_directory, write_json
 from darkminer.models import load_model
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.base import DiffusionModel
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
@@ -159,27 +158,15 @@ class Painter:
         images: list[torch.Tensor | None] = [None] * len(seeds)
         for scale in dict.fromkeys(guidances):
             rows = [i for i, g in enumerate(guidances) if g == scale]
-            with self._guidance(original):
-                drawn = sharded_sample(
-                    self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
-                    guidance_scale=scale if scale is not None else self.config.guidance_scale,
-                    batch_size=self.config.batch_size, progress=self.progress,
-                )
+            drawn = sharded_sample(  # adapter off: the original, with plain CFG instead of an SLD guidance
+                self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
+                guidance_scale=scale if scale is not None else self.config.guidance_scale,
+                batch_size=self.config.batch_size, progress=self.progress,
+            )
             for i, image in zip(rows, drawn.cpu(), strict=True):
                 images[i] = image
         self.count += len(seeds)
         return torch.stack(images)  # type: ignore[arg-type]
-
-    @contextmanager
-    def _guidance(self, original: bool) -> Iterator[None]:
-        # An inference-time eraser (SLD) lives in model.guidance; the original samples with plain CFG.
-        saved = self.model.guidance
-        if original:
-            self.model.guidance = ClassifierFreeGuidance()
-        try:
-            yield
-        finally:
-            self.model.guidance = saved
 
 
 def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError, ModelLoadError
-from darkminer.io import load_tensor_metadata, load_tensors
+from darkminer.io import load_tensors_and_metadata
 from darkminer.models.base import DiffusionModel
 
 ADAPTER_NAME = "darkminer"
@@ -131,8 +131,8 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
-    tensors = load_tensors(path)  # one clear error for a truncated or foreign file, before diffusers parses it
-    metadata = load_tensor_metadata(path)
+    # one clear error for a truncated or foreign file, before diffusers parses it
+    tensors, metadata = load_tensors_and_metadata(path)
     # Normalised key by key: files written before lora_state_dict used peft's format mix two formats.
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
     adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))

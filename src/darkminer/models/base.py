@@ -387,13 +387,14 @@ class DiffusionModel(ABC):
         adapter: bool = True,
         guidance: Guidance | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """DDIM from ``noise`` (on the device) under ``guidance`` (default: the model's): yields (x, t)
+        """DDIM from ``noise`` (on the device) under ``guidance`` (default: the model's, or plain CFG for the
+        original, ``adapter`` False: an inference-time eraser such as SLD lives in the guidance): yields (x, t)
         before each of the ``steps`` steps, the scaled noise first, then the final sample with t None.
 
         Lazy: a caller that stops early pays only for the steps it consumed. The UNet gets device
         timesteps copied once; the scheduler keeps its host ones.
         """
-        guidance = guidance or self.guidance
+        guidance = guidance or (self.guidance if adapter else ClassifierFreeGuidance())
         scheduler = self.sampling_scheduler(steps)
         device_timesteps = host_to_device(scheduler.timesteps, self.device)
         x = noise * scheduler.init_noise_sigma
