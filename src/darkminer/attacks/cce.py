@@ -8,9 +8,11 @@ prompts (a universal attack), so it replays on any model with the same text enco
 Defaults follow the authors' ESD script (NYU-DICE-Lab/circumventing-concept-erasure, ``esd/train.sh``
 and ``esd/concept_inversion.py``, itself diffusers' textual-inversion example): 25 training images,
 batch 4 x 4 accumulated, 5000 steps, AdamW at 5e-3 scaled by the effective batch (0.08), weight decay
-1e-2, constant rate, random horizontal flips, one vector initialised from a real token. Captions are
-the generating prompts with the concept phrase replaced by the token, as in their I2P mode
-("{token} " + prompt when the prompt does not name the concept).
+1e-2, constant rate, random horizontal flips, one vector initialised from a real token. Captions are our
+choice: the generating prompt with its concept phrase replaced by the token (the token in front when the
+prompt does not name the concept), so that training captions are the prompts the attack then uses. The
+authors' ESD script puts the token into fixed style templates instead, and their I2P mode puts it in front
+of the whole, unchanged prompt.
 """
 
 from __future__ import annotations
