@@ -38,6 +38,7 @@ from darkminer.erasers.closed_form import (
 from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cross_attention
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import train_parameters
+from darkminer.erasers.uce import UceConfig
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors, load_tensors_and_metadata, save_tensors
 from darkminer.models import load_model
@@ -252,6 +253,29 @@ def test_uce_maps_the_concept_onto_the_guide(erased_model) -> None:
     for name, w in weights.items():
         target = guide_tail @ original[name].T
         assert mse(concept_tail @ w.T, target) < 0.3 * mse(concept_tail @ original[name].T, target)
+
+
+@pytest.mark.parametrize("preserve_prompts, rule", [(0, 1.0), (3, 0.25), (12, 0.1)])
+def test_uce_preserve_scale_unset_follows_the_authors_rule(
+    preserve_prompts: int, rule: float, base_dir: Path, tmp_path: Path
+) -> None:
+    """Unset, the preserve scale is train_erase.py's max(0.1, 1 / #preserved prompts), "" included."""
+
+    def edited(name: str, **config) -> dict[str, torch.Tensor]:
+        model = load_model(str(base_dir))
+        target = EraseTarget(name=CONCEPT, word=CONCEPT, anchor=ANCHOR, prompts=(),
+                             preserve=tuple(f"a photo of object {i}" for i in range(12)))
+        info = get_eraser("uce")(UceConfig(preserve_prompts=preserve_prompts, **config)).erase(
+            model, target, tmp_path / name)
+        assert info["preserve_scale"] == (config.get("preserve_scale") or rule)
+        return {k: w.detach().clone() for k, w in kv_projection_weights(model).items()}
+
+    default, explicit = edited("default"), edited("explicit", preserve_scale=rule)
+    other = edited("other", preserve_scale=rule * 3)
+    assert default.keys() == explicit.keys()
+    for name in default:
+        torch.testing.assert_close(default[name], explicit[name], rtol=0, atol=0)
+    assert any(not torch.equal(default[name], other[name]) for name in default)
 
 
 def test_rece_leaves_less_reachable_than_uce(erased_model) -> None:

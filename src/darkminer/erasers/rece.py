@@ -22,7 +22,7 @@ from darkminer.erasers.closed_form import (
     edit_projections,
     kv_projection_weights,
 )
-from darkminer.erasers.uce import preserved_states
+from darkminer.erasers.uce import preserve_scale_for, preserved_states
 from darkminer.io import save_tensors
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
@@ -37,10 +37,10 @@ class ReceConfig(EraserConfig):
     erase_scale: float = 1.0
     preserve_scale: float = 0.1
     regularisation: float = 0.1  # γ of the closed-form embedding ("regular_scale")
-    # The UCE model RECE starts from: λ 0.5, and preserve scale max(0.1, 1/#preserved) = 1 for the
-    # empty prompt alone.
+    # The UCE model RECE starts from (train_uce.py): λ 0.5, and None = UCE's preserve-scale rule,
+    # max(0.1, 1 / #preserved prompts), 1 for the empty prompt alone.
     uce_lamb: float = 0.5
-    uce_preserve_scale: float = 1.0
+    uce_preserve_scale: float | None = None
     # As UceConfig.preserve_prompts (the authors' --preserve_concepts; none by default).
     preserve_prompts: int = 0
 
@@ -49,10 +49,9 @@ class ReceConfig(EraserConfig):
             self, epochs=self.epochs, lamb=self.lamb, erase_scale=self.erase_scale,
             regularisation=self.regularisation, uce_lamb=self.uce_lamb,
         )
-        check_non_negative(
-            self, preserve_scale=self.preserve_scale, uce_preserve_scale=self.uce_preserve_scale,
-            preserve_prompts=self.preserve_prompts,
-        )
+        check_non_negative(self, preserve_scale=self.preserve_scale, preserve_prompts=self.preserve_prompts)
+        if self.uce_preserve_scale is not None:
+            check_non_negative(self, uce_preserve_scale=self.uce_preserve_scale)
 
 
 @register_eraser("rece", kind="unet")
@@ -68,7 +67,8 @@ class Rece(Eraser):
         preserve = preserved_states(model, [""] + list(target.preserve[: cfg.preserve_prompts]))
         edit_projections(
             weights, [aligned_tails(model, target.word, target.anchor)], preserve,
-            erase_scale=cfg.erase_scale, preserve_scale=cfg.uce_preserve_scale, lamb=cfg.uce_lamb,
+            erase_scale=cfg.erase_scale, preserve_scale=preserve_scale_for(cfg.uce_preserve_scale, len(preserve)),
+            lamb=cfg.uce_lamb,
         )
         with torch.no_grad():
             concept, guide = model.encode([target.word, target.anchor]).detach()

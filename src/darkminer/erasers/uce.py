@@ -22,10 +22,12 @@ from darkminer.targets import EraseTarget
 
 @dataclass
 class UceConfig(EraserConfig):
-    """Defaults of train_erase.py: erase scale 1, preserve scale 0.1, λ 0.5."""
+    """Defaults of train_erase.py: erase scale 1, λ 0.5, and its preserve-scale rule."""
 
     erase_scale: float = 1.0
-    preserve_scale: float = 0.1
+    # None: train_erase.py's rule when --preserve_scale is unset, max(0.1, 1 / #preserved prompts), which
+    # is 1 for the empty prompt alone.
+    preserve_scale: float | None = None
     lamb: float = 0.5
     # Ours: how many of the target's ordinary prompts join the empty prompt in the preserve set (the
     # authors preserve other artists' names when erasing an artist, nothing else for objects/nudity).
@@ -33,12 +35,19 @@ class UceConfig(EraserConfig):
 
     def validate(self) -> None:
         check_positive(self, erase_scale=self.erase_scale, lamb=self.lamb)
-        check_non_negative(self, preserve_scale=self.preserve_scale, preserve_prompts=self.preserve_prompts)
+        check_non_negative(self, preserve_prompts=self.preserve_prompts)
+        if self.preserve_scale is not None:
+            check_non_negative(self, preserve_scale=self.preserve_scale)
 
 
 def preserved_states(model: DiffusionModel, prompts: list[str]) -> list[torch.Tensor]:
     """Full text states (L, D) of each preserved prompt."""
     return list(model.encode(prompts).detach())
+
+
+def preserve_scale_for(scale: float | None, n_preserved: int) -> float:
+    """``scale``, or, when unset, the UCE authors' rule: max(0.1, 1 / #preserved prompts)."""
+    return max(0.1, 1.0 / n_preserved) if scale is None else scale
 
 
 @register_eraser("uce", kind="unet")
@@ -50,8 +59,10 @@ class Uce(Eraser):
         weights = kv_projection_weights(model)
         model.remember_originals(list(weights))
         preserve = [""] + list(target.preserve[: cfg.preserve_prompts])
+        preserve_scale = preserve_scale_for(cfg.preserve_scale, len(preserve))
         edit_projections(
             weights, [aligned_tails(model, target.word, target.anchor)], preserved_states(model, preserve),
-            erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb,
+            erase_scale=cfg.erase_scale, preserve_scale=preserve_scale, lamb=cfg.lamb,
         )
-        return {"edited_projections": len(weights), "guide": target.anchor, "preserved_prompts": len(preserve)}
+        return {"edited_projections": len(weights), "guide": target.anchor, "preserved_prompts": len(preserve),
+                "preserve_scale": preserve_scale}
