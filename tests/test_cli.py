@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -250,6 +252,16 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         assert main([*commands[0], "--resume", "--out", str(erased)]) == 0
         assert "--resume: no checkpoint in" in capsys.readouterr().err
     assert (erased / "darkminer.json").is_file() and (erased / "guidance.json").is_file()
+    # Outputs are as readable as any file the user makes (tempfile alone would make them owner-only).
+    old_mask = os.umask(0o022)
+    try:
+        assert main([*commands[0], "--out", str(erased)]) == 0
+        assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--steps", "1",
+                     "--out", str(tmp_path / "g.png")]) == 0
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(erased.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [*erased.iterdir(), tmp_path / "g.png"]} == {0o644}
 
 
 def test_erase_help_leaves_out_the_flag_it_refuses(capsys):

@@ -18,6 +18,19 @@ from safetensors.torch import load_file, save_file
 from darkminer.errors import DarkMinerError, ModelLoadError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> Path:
+    """tempfile makes its files and folders owner-only; give ``path`` the mode that a plain open/mkdir
+    would (``mode`` under the umask), so that outputs are as readable as the user's other files."""
+    os.chmod(path, mode & ~_umask())
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -25,7 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _as_if_created(Path(tmp), 0o666)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -73,7 +86,7 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     ``what``) when the block succeeds: a folder ``out`` holding its ``marker`` file is whole."""
     out = check_output_directory(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _as_if_created(Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), 0o777)
     try:
         yield tmp
         if out.exists():
