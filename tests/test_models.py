@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from darkminer.errors import ModelLoadError
 from darkminer.models import adapters, load_model
 from darkminer.models.erased import ErasedModelInfo, apply_erased, export_merged_unet, save_erased
 
@@ -259,6 +262,70 @@ def test_clip_missing_or_pickled_fails_with_one_line_naming_both_options(tmp_pat
         message = str(error.value)
         assert "\n" not in message and "`image_encoder`" in message and "`--clip-model`" in message
         assert "local CLIP folder" in message
+
+
+def _damaged_copy(tiny_sd_dir: Path, tmp_path: Path, name: str) -> Path:
+    """tiny_sd_dir with one thing wrong in it, the way downloads and conversions go wrong."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_sd_dir, folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    tokenizer_json = folder / "tokenizer" / "tokenizer.json"
+    if name == "missing-weight":
+        tensors = load_file(weights)
+        del tensors["embeddings.token_embedding.weight"]
+        save_file(tensors, weights)
+    elif name == "unused-weight":
+        save_file({**load_file(weights), "extra.weight": torch.zeros(2)}, weights)
+    elif name == "no-merges":
+        data = json.loads(tokenizer_json.read_text())
+        data["model"]["merges"] = []
+        tokenizer_json.write_text(json.dumps(data))
+    elif name == "inpainting":
+        config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
+        UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    elif name == "no-max-length":
+        config_file = folder / "tokenizer" / "tokenizer_config.json"
+        config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                           if k != "model_max_length"}))
+    elif name == "listed-feature-extractor":  # a hub snapshot whose model_index names parts we never use
+        index = json.loads((folder / "model_index.json").read_text())
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [("missing-weight", "text_encoder lacks embeddings.token_embedding.weight"),
+     ("unused-weight", "text_encoder has weights the config does not use: extra.weight"),
+     ("no-merges", "merges did not load"),
+     ("inpainting", "inpainting and other conditioned UNets are not supported")],
+)
+def test_a_damaged_model_folder_is_refused_in_one_line(damage, message, tiny_sd_dir, tmp_path):
+    """Each of these used to load and draw garbage (random or dropped weights, a character-level tokenizer)
+    or fail with a traceback while sampling."""
+    with pytest.raises(ModelLoadError, match=re.escape(message)) as refused:
+        load_model(str(_damaged_copy(tiny_sd_dir, tmp_path, damage)))
+    assert "\n" not in str(refused.value)
+
+
+def test_parts_the_model_does_not_need_may_be_missing(tiny_sd_dir, tmp_path):
+    reference = load_model(str(tiny_sd_dir))
+    for damage in ("no-max-length", "listed-feature-extractor"):
+        model = load_model(str(_damaged_copy(tiny_sd_dir, tmp_path, damage)))
+        assert model.max_length == reference.max_length == 77  # the text encoder's length, not "unlimited"
+        assert torch.equal(model.tokenize(["a photo of a dog"]), reference.tokenize(["a photo of a dog"]))
+
+
+def test_a_clip_folder_without_its_tokenizer_is_refused(tmp_path):
+    from darkminer.models.clip import Clip, build_tiny_clip
+
+    model, _ = build_tiny_clip()
+    model.save_pretrained(tmp_path / "clip")  # weights and config, no tokenizer files
+    with pytest.raises(ModelLoadError, match="the tokenizer has only"):
+        Clip.load(str(tmp_path / "clip"))
 
 
 def test_a_guidance_erasure_loads_in_a_process_that_never_imported_its_eraser(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from darkminer.errors import DarkMinerError, ModelLoadError
+from darkminer.models.loading import check_tokenizer, checked_weights, first_line
 
 TINY_CLIP_ID = "tiny-random-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,13 +78,19 @@ class Clip:
                                  f"convert them to safetensors or {_HOW_TO_PASS}")
         from transformers import AutoTokenizer, CLIPModel
 
+        what = f"CLIP {name_or_path!r}"
         try:
             source = str(folder) if folder.is_dir() else name_or_path
-            model = CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True)
+            model = checked_weights(
+                CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True, output_loading_info=True),
+                what,
+            )
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise ModelLoadError(f"cannot load CLIP {name_or_path!r} ({reason}); {_HOW_TO_PASS}") from None
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # any library error while reading foreign files: one line, what to do
+            raise ModelLoadError(f"cannot load {what} ({first_line(exc, 160)}); {_HOW_TO_PASS}") from None
+        check_tokenizer(tokenizer, what)
         return cls(model.to(device, dtype), tokenizer, name_or_path)
 
     @property

@@ -15,14 +15,7 @@ from transformers.masking_utils import create_causal_mask
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import INFO_NAME
-
-# A hub tokenizer that failed to resolve offline can come back with only its special tokens.
-_MIN_VOCAB = 100
-
-
-def _clipped(message: str, limit: int = 200) -> str:
-    """A library's message cut at a word boundary, so that what is kept still reads."""
-    return message if len(message) <= limit else message[:limit].rsplit(" ", 1)[0] + " ..."
+from darkminer.models.loading import check_tokenizer, checked_weights, first_line
 
 
 def _check_local_folder(path: Path) -> None:
@@ -61,10 +54,11 @@ class StableDiffusionModel(DiffusionModel):
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
-        if len(tokenizer) < _MIN_VOCAB:
+        check_tokenizer(tokenizer, name)
+        if unet.config.in_channels != vae.config.latent_channels:
             raise ModelLoadError(
-                f"{name}: the tokenizer has only {len(tokenizer)} tokens, so it did not load; "
-                "check that the model folder (or the hub cache) holds tokenizer/vocab.json and merges.txt"
+                f"{name}: the UNet takes {unet.config.in_channels} input channels and the VAE makes "
+                f"{vae.config.latent_channels}; inpainting and other conditioned UNets are not supported"
             )
         super().__init__()
 
@@ -89,19 +83,29 @@ class StableDiffusionModel(DiffusionModel):
             raise ModelLoadError(f"model folder {path} does not exist")
         if path.exists():
             _check_local_folder(path)
+        source = str(path) if path.exists() else name_or_path
         try:
+            # The weighted components are loaded one by one, so that what each loaded can be checked.
+            loaded = {
+                name: checked_weights(
+                    model_class.from_pretrained(
+                        source, subfolder=name, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
+                        output_loading_info=True,
+                    ),
+                    f"{name_or_path!r} {name}",
+                )
+                for name, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                          ("text_encoder", CLIPTextModel))
+            }
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(path) if path.exists() else name_or_path,
-                dtype=dtype,
-                local_files_only=True,
-                use_safetensors=True,
-                safety_checker=None,
+                source, **loaded, local_files_only=True, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False,
             )
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # any library error while reading foreign files: one line, what to do
             raise ModelLoadError(
-                f"cannot load Stable Diffusion model {name_or_path!r} ({_clipped(first)}). darkminer never downloads: "
+                f"cannot load Stable Diffusion model {name_or_path!r} ({first_line(exc)}). darkminer never downloads: "
                 "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
                 "cache first (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4`)"
             ) from None
@@ -123,7 +127,8 @@ class StableDiffusionModel(DiffusionModel):
     # ----------------------------------------------------------------------------------------- text
     @property
     def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
+        # A tokenizer_config.json without model_max_length leaves it "unlimited"; the text encoder is not.
+        return min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
 
     def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
         return self.tokenizer(

@@ -1,0 +1,52 @@
+"""Checks on what diffusers and transformers load, shared by the Stable Diffusion and CLIP loaders.
+
+Both libraries fill weights missing from a checkpoint with random values and drop unexpected ones with a
+log line (which the CLI silences), and a tokenizer folder without its files loads as a near-empty one.
+Each of these gives a model that runs and draws garbage, so it is refused here, in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from darkminer.errors import ModelLoadError
+
+# A CLIP BPE tokenizer merges common words into one token; without its merges it spells them out.
+_PROBE_WORD = "photo"
+_MIN_VOCAB = 100
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's error as one line, cut at a word boundary, so that what is kept still reads."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def checked_weights(loaded: tuple[Any, dict], what: str) -> Any:
+    """The model from a ``from_pretrained(..., output_loading_info=True)`` call, if every weight it needs
+    came from the checkpoint and every checkpoint weight found a place."""
+    model, info = loaded
+    for key, problem in (("missing_keys", "lacks"), ("unexpected_keys", "has weights the config does not use:")):
+        names = sorted(info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ModelLoadError(
+                f"{what} {problem} {shown}; its weights do not match its config.json (a truncated download, "
+                "or weights from another architecture): fetch or convert it again"
+            )
+    return model
+
+
+def check_tokenizer(tokenizer: Any, what: str) -> None:
+    """Refuse a tokenizer that loaded without its vocabulary or merges."""
+    if len(tokenizer) < _MIN_VOCAB:
+        raise ModelLoadError(
+            f"{what}: the tokenizer has only {len(tokenizer)} tokens, so it did not load; check that the folder "
+            "(or the hub cache) holds the tokenizer's vocab.json and merges.txt"
+        )
+    if len(tokenizer.tokenize(_PROBE_WORD)) > 1:
+        raise ModelLoadError(
+            f"{what}: the tokenizer splits {_PROBE_WORD!r} into {tokenizer.tokenize(_PROBE_WORD)}, so its merges did "
+            "not load; check the tokenizer's merges.txt"
+        )
