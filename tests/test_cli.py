@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,6 +263,26 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         os.umask(old_mask)
     assert stat.S_IMODE(erased.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in [*erased.iterdir(), tmp_path / "g.png"]} == {0o644}
+
+
+def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):
+    """A run killed while the earlier output is removed leaves the new output whole where --out was."""
+    from darkminer import io
+
+    out = tmp_path / "erased"
+    command = ["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(out)]
+    assert main(command) == 0
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # removes one file of the folder, then the run is killed
+        (Path(path) / "darkminer.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.shutil, "rmtree", killed_midway)
+    assert main([*command[:4], "violence", *command[5:]]) == 130  # "darkminer: interrupted"
+    monkeypatch.setattr(io.shutil, "rmtree", real_rmtree)
+    assert json.loads((out / "darkminer.json").read_text())["concept"] == "violence"
+    assert (out / "guidance.json").is_file()
 
 
 def test_erase_help_leaves_out_the_flag_it_refuses(capsys):

@@ -256,6 +256,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
     assert not (tmp_path / "resumed").exists()  # nothing that looks complete
     monkeypatch.setattr(loop_module, "circumvent", real)
+    with pytest.raises(DarkMinerError, match="add --resume .* or delete that folder"):  # never discarded unasked
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
     for other in ({"concept": "violence"}, {"config": {**TINY, "k": 1}}):
         with pytest.raises(ConfigError, match="another run"):  # a checkpoint is never reused for another run
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",

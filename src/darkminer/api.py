@@ -12,7 +12,7 @@ import torch
 
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
-from darkminer.errors import ConfigError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import check_output_directory, claim_record
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
@@ -48,7 +48,14 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
     changed = claim_record(work_dir / RUN_FILE, run)
     if changed:
         raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
-                          "differ); run again without --resume to start over")
+                          "differ); delete that folder to start over")
+
+
+def _check_no_unfinished_erase(work_dir: Path, out: Path) -> None:
+    """An erase that is not resumed would start over; refuse to discard another's checkpoint unasked."""
+    if work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir()):
+        raise DarkMinerError(f"{work_dir} holds the checkpoint of an unfinished erase into {out}: add --resume "
+                             "(resume=True in Python) to continue it, or delete that folder to start over")
 
 
 def erase(
@@ -88,6 +95,9 @@ def erase(
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
+    work_dir = work_directory(out)
+    if processes.is_main and not resume:
+        _check_no_unfinished_erase(work_dir, out)
     as_speed_options(speed)  # bad options fail before the (long) load
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
@@ -110,9 +120,8 @@ def erase(
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
-    work_dir = work_directory(out)
     if processes.is_main:
-        if work_dir.exists() and not resume:
+        if work_dir.exists() and not resume:  # only the claim of a run that never checkpointed
             shutil.rmtree(work_dir)
         record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
                   "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}

@@ -89,9 +89,13 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     tmp = _as_if_created(Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), 0o777)
     try:
         yield tmp
+        # The earlier output is moved aside, not deleted, until the new one is in place: a run killed in
+        # between leaves both whole (hidden beside ``out``), never half of one where ``out`` was.
+        replaced = out.parent / f"{tmp.name}.replaced"
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(replaced)
         tmp.rename(out)
+        shutil.rmtree(replaced, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

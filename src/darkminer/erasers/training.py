@@ -219,12 +219,12 @@ def _load_checkpoint(
 ) -> tuple[int, list[float]]:
     tensors, metadata = load_tensors_and_metadata(work_dir / CHECKPOINT)
     if "state" not in metadata:
-        raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; run without --resume")
+        raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; delete that folder to start over")
     state = json.loads(metadata["state"])
     missing = [name for name in params if f"param/{name}" not in tensors]
     if missing:
         raise DarkMinerError(
-            f"the checkpoint in {work_dir} is from another method or model (no {missing[0]}); run without --resume"
+            f"the checkpoint in {work_dir} is from another method or model (no {missing[0]}); delete that folder to start over"
         )
     with torch.no_grad():
         for name, p in params.items():
