@@ -345,6 +345,30 @@ def test_a_guidance_erasure_loads_in_a_process_that_never_imported_its_eraser(tm
     assert done.stdout.split() == ["SafeLatentGuidance"]
 
 
+def test_an_erasure_from_a_cached_hub_id_is_refused_on_another_base(tiny_sd_dir, tmp_path, monkeypatch):
+    """A hub id in the cache is here: another base is refused, its own snapshot folder is the same model."""
+    import warnings
+
+    import huggingface_hub
+
+    from darkminer.api import erase
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_sd_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    out = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd", config={"preset": "max"})
+    info = json.loads((out / "darkminer.json").read_text())
+    (out / "darkminer.json").write_text(json.dumps({**info, "base_model": "someorg/tiny-sd"}))
+    with pytest.raises(ModelLoadError, match="was erased from 'someorg/tiny-sd', not 'tiny-random-sd'"):
+        load_model("tiny-random-sd", erased=out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not here" warning: it is the same model
+        assert load_model(snapshot, erased=out).guidance.registry_name == "sld"
+
+
 def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny_sd_dir, tmp_path):
     from pathlib import Path
 

@@ -67,7 +67,7 @@ def load_model(
         recorded = ErasedModelInfo.read(erased).base_model
         if spec is None:
             spec = recorded
-        elif model_id(spec) != model_id(recorded):
+        else:
             _check_same_base(erased, recorded, os.fspath(spec))
     model = _load_base(os.fspath(spec) if spec is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     if erased is not None:
@@ -77,16 +77,36 @@ def load_model(
     return model
 
 
-def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
-    """An erasure applied to other weights is neither that erasure nor that model: refused where the
-    recorded base is here to compare with; where it is not (a folder from another machine, a hub id given
-    as its cache path), applied with a warning."""
+def _local_copy(spec: str) -> str | None:
+    """Where the base model ``spec`` is on this machine: the built-in models by name, a folder as its
+    resolved path, a hub id as its snapshot folder in the Hugging Face cache; None if it is not here."""
     from darkminer.models.tiny import TINY_SD_ID
 
-    if recorded in (*TESTBED_IDS, TINY_SD_ID) or Path(recorded).expanduser().exists():
+    if spec in (*TESTBED_IDS, TINY_SD_ID):
+        return model_id(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return str(Path(snapshot_download(spec, local_files_only=True)).resolve())
+    except Exception:  # not a hub id, or not in the cache: either way not here
+        return None
+
+
+def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
+    """An erasure applied to other weights is neither that erasure nor that model: refused where the
+    recorded base is here to compare with (a hub id in the cache and its snapshot folder are the same
+    model); where it is not (a folder from another machine), applied with a warning."""
+    if model_id(spec) == model_id(recorded):
+        return
+    here = _local_copy(recorded)
+    if here is None:
+        warnings.warn(f"{erased} was erased from {recorded!r}, which is not here; applying it to {spec!r}, taken "
+                      "to be the same model", stacklevel=3)
+    elif here != _local_copy(spec):
         raise ModelLoadError(f"{erased} was erased from {recorded!r}, not {spec!r}: leave the model out to load its own base")
-    warnings.warn(f"{erased} was erased from {recorded!r}, which is not here; applying it to {spec!r}, taken to be "
-                  "the same model", stacklevel=3)
 
 
 def check_device(device: str | torch.device) -> None:
