@@ -355,6 +355,23 @@ def test_sld_matches_the_diffusers_safe_pipeline(preset: str, base_dir: Path) ->
     torch.testing.assert_close(ours, torch.from_numpy(theirs).permute(0, 3, 1, 2), rtol=0, atol=1e-4)
 
 
+def test_sld_warns_once_where_it_cannot_act(base_dir: Path) -> None:
+    """Within its warm-up, or without classifier-free guidance, SLD draws what the original draws."""
+    import warnings
+
+    model = load_model(str(base_dir))
+    erase("sld", CONCEPT, base_dir.parent / "sld-warn", model=model, config={"preset": "medium"})  # warm-up 10
+    states = model.encode([SLD_PROBE])
+    with pytest.warns(UserWarning, match="SLD steers only .* from step 10 on; at 3 steps"):
+        inactive = model.sample(states, seeds=[7], steps=3, guidance_scale=5.0)
+    torch.testing.assert_close(inactive, model.sample(states, seeds=[7], steps=3, guidance_scale=5.0, adapter=False),
+                               rtol=0, atol=0)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.sample(states, seeds=[7], steps=3, guidance_scale=5.0)  # once per model, not once per call
+        model.sample(states, seeds=[7], steps=3, guidance_scale=5.0, adapter=False)  # the original: no SLD
+
+
 # ------------------------------------------------------------------------------------ shared training loop
 def _toy_training(
     work_dir: Path | None,

@@ -8,6 +8,7 @@ ml-research/safe-latent-diffusion, src/sld/sld_pipeline.py, and the presets of d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +50,18 @@ class SafeLatentGuidance(Guidance):
         self.concept_states = concept_states
         self.settings = settings
         self._momentum: torch.Tensor | None = None
+        self._warned = False
+
+    def check_sampling(self, steps: int, guidance_scale: float) -> None:
+        if self._warned:
+            return
+        if guidance_scale == 1.0 or steps <= self.settings.warmup_steps:
+            self._warned = True
+            warnings.warn(
+                f"SLD steers only with classifier-free guidance (scale > 1) from step {self.settings.warmup_steps} "
+                f"on; at {steps} steps and guidance {guidance_scale} it leaves the images as the original draws them",
+                stacklevel=3,
+            )
 
     def predict(
         self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,

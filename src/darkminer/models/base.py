@@ -49,6 +49,9 @@ class Guidance:
 
     registry_name = "cfg"
 
+    def check_sampling(self, steps: int, guidance_scale: float) -> None:
+        """Called by each ``sample``: a guidance warns here about settings under which it does nothing."""
+
     def to_dict(self) -> dict | None:
         """Serialisable settings (with ``name``), or None for plain classifier-free guidance."""
         return None
@@ -350,6 +353,8 @@ class DiffusionModel(ABC):
             batch_size=default.batch_size if batch_size is None else batch_size,
         )
         steps, guidance_scale, batch_size = opts.steps, opts.guidance_scale, opts.batch_size
+        if adapter:
+            self.guidance.check_sampling(steps, guidance_scale)
         if noise is None:
             if seeds is None:
                 raise DarkMinerError("sample() needs seeds (one per image) or a fixed noise tensor")
