@@ -285,6 +285,25 @@ def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch
     assert (out / "guidance.json").is_file()
 
 
+@pytest.mark.parametrize("stop, rc, line", [("sigterm", 143, "darkminer: terminated"),
+                                             ("ctrl-c", 130, "darkminer: interrupted")])
+def test_a_run_stopped_while_the_libraries_import_says_so_in_one_line(stop, rc, line, monkeypatch, capsys):
+    import signal
+
+    from darkminer import cli
+
+    def stopped() -> None:
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_quiet_libraries", stopped)
+    assert main(["generate", "--prompt", "a", "--model", "tiny-random-sd", "--out", "x.png"]) == rc
+    assert capsys.readouterr().err == line + "\n"
+    assert signal.getsignal(signal.SIGTERM) == previous  # the caller's handler is back
+
+
 def test_erase_help_leaves_out_the_flag_it_refuses(capsys):
     with pytest.raises(SystemExit):
         main(["erase", "--help"])

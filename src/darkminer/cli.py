@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from darkminer.commands import COMMAND_MODULES
@@ -37,19 +39,35 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and launchers send), raised like Ctrl-C so that cleanups run."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download; fail fast instead of retrying
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _quiet_libraries()
         args.handler(args)
     except DarkMinerError as exc:
         print(f"darkminer: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Terminated:
+        print("darkminer: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:  # also while the libraries import, the first seconds
         print("darkminer: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
