@@ -313,6 +313,18 @@ def test_erase_help_leaves_out_the_flag_it_refuses(capsys):
     assert "--erased" in capsys.readouterr().out
 
 
+def test_attack_takes_the_graders_options_as_evaluate_does(tmp_path, capsys):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed\na painting of a dog,3\n")
+    command = ["attack", "--attack", "plain", "--concept", "dog", "--model", "tiny-random-sd", "--prompts", str(prompts),
+               "--n-prompts", "1"]
+    assert main([*command, "--threshold", "7", "--out", str(tmp_path / "a")]) == 2
+    assert "(--threshold) must be in [0, 1]" in _error_line(capsys)
+    # A CLIP of the user's choosing grades (before, only a cached openai/clip-vit-large-patch14 could).
+    assert main([*command, "--detector", "clip", "--clip-model", "tiny-random-clip", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "attack.json").read_text())["results"][0]["prompt"] == "a painting of a dog"
+
+
 def test_more_bad_inputs_say_what_to_do(tmp_path, capsys):
     image = tmp_path / "g.png"
     image.write_bytes(b"x")

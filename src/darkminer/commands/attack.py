@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_concept_args, add_model_args, speed_options
+from darkminer.commands.common import (
+    add_concept_args,
+    add_detector_args,
+    add_model_args,
+    detector_options,
+    speed_options,
+)
 from darkminer.errors import DarkMinerError
 
 ATTACK_NAMES = "unlearndiff, p4d, ringabell, cce, plain, paraphrase"
@@ -27,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
     p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
-    p.add_argument("--detector", default="auto", help="auto (default: judge on the testbed, NudeNet for nudity, "
-                   "CLIP zero-shot otherwise), judge, nudenet or clip")
+    add_detector_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 
@@ -36,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
     from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, run_attack, save_results
-    from darkminer.evaluation import concept_detector
+    from darkminer.evaluation import EvaluationConfig, concept_detector
     from darkminer.io import check_output_directory
     from darkminer.models import load_model
     from darkminer.prompts import read_prompt_csv
@@ -49,10 +54,11 @@ def run(args: argparse.Namespace) -> None:
     check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND)  # before loading the model
     attack_cls = get_attack(args.attack) if args.attack else None  # a bad name or config fails before loading
     config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
+    grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
     target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
                             n_prompts=max(args.n_prompts, 64))
-    success = concept_detector(model, target, args.detector)
+    success = concept_detector(model, target, config=grading)
     if args.replay:
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)

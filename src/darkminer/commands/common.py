@@ -44,3 +44,18 @@ def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--concept", required=required, help="testbed: a registry name (`darkminer testbed concepts`); SD: free text, e.g. nudity")
     p.add_argument("--anchor", default=None, help="SD: the concept to map to (default: the empty prompt); testbed: the registry's anchor")
     p.add_argument("--prompts", default=None, help="CSV with a `prompt` column (optional evaluation_seed, evaluation_guidance)")
+
+
+def add_detector_args(p: argparse.ArgumentParser) -> None:
+    """The grader of attack successes and concept rates, as evaluate and attack share it."""
+    p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
+    p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (as before session 17) or a judge file (default: v2)")
+    p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
+
+
+def detector_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EvaluationConfig`` options that the detector flags set."""
+    flags = {"detector": args.detector, "judge": args.judge, "nudenet_threshold": args.threshold,
+             "clip_model": args.clip_model}
+    return {name: value for name, value in flags.items() if value is not None}

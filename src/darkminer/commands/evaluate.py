@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from darkminer.commands.common import add_concept_args, add_model_args, speed_options
+from darkminer.commands.common import (
+    add_concept_args,
+    add_detector_args,
+    add_model_args,
+    detector_options,
+    speed_options,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff (default: none)")
     p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default: every row of a --prompts CSV, else 32)")
     p.add_argument("--attack-prompts", type=int, default=None, help="prompts each attack runs on (default 8)")
-    p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
-    p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (as before session 17) or a judge file (default: v2)")
-    p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
-    p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
+    add_detector_args(p)
     p.add_argument("--paraphrase-prompts", default=None, help="SD: CSV of paraphrased concept prompts")
     p.add_argument("--preserve-prompts", default=None, help="SD: CSV of ordinary prompts for preservation (e.g. COCO captions)")
     p.add_argument("--preservation", default=None,
@@ -41,12 +44,12 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.evaluation import EvaluationConfig, evaluate
 
     options = load_config_file(args.config) if args.config else {}
-    flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "detector": args.detector, "judge": args.judge,
-             "nudenet_threshold": args.threshold, "clip_model": args.clip_model, "steps": args.steps,
+    flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "steps": args.steps,
              "fid_reference": args.fid_reference, "save_images": args.save_images or None,
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})
+    options.update(detector_options(args))
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
         anchor=args.anchor, prompts=args.prompts, paraphrase_prompts=args.paraphrase_prompts,

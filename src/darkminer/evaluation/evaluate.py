@@ -197,11 +197,16 @@ def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, cli
     return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, config.clip_template)
 
 
-def concept_detector(model: DiffusionModel, target: EraseTarget, detector: str = "auto") -> Detector:
-    """The evaluation's detector for ``target`` (an attack's success function): ``auto`` is the testbed
-    judge on the testbed, NudeNet for nudity, CLIP zero-shot otherwise."""
-    kind = detector_kind_for(target.name, is_testbed(model), detector)
-    return build_detector(kind, target, EvaluationConfig(detector=detector))
+def concept_detector(
+    model: DiffusionModel, target: EraseTarget, detector: str | None = None, *, config: EvaluationConfig | None = None
+) -> Detector:
+    """The evaluation's detector for ``target`` (an attack's success function). ``config`` carries the
+    grader's settings (``detector``, ``judge``, ``nudenet_threshold``, ``clip_model``...; default: the
+    evaluation's); ``detector`` overrides its choice. ``auto`` is the testbed judge on the testbed, NudeNet
+    for nudity, CLIP zero-shot otherwise."""
+    config = config or EvaluationConfig()
+    kind = detector_kind_for(target.name, is_testbed(model), detector or config.detector)
+    return build_detector(kind, target, config)
 
 
 def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:

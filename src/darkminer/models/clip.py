@@ -23,7 +23,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _HOW_TO_PASS = (
     "pass a local CLIP folder with safetensors weights, or a hub id already in the cache (download it once with "
-    "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate)"
+    "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack)"
 )
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 
