@@ -18,7 +18,7 @@ from darkminer.erasers.darkminer.mining import MinedEmbedding
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.darkminer.verifying import direction_score
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensors
+from darkminer.io import load_tensors, save_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME, LoraConfig, add_lora
 from darkminer.models.erased import ErasedModelInfo
@@ -258,6 +258,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
     monkeypatch.setattr(loop_module, "circumvent", real)
     with pytest.raises(DarkMinerError, match="add --resume .* or delete that folder"):  # never discarded unasked
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
+    checkpoint = tmp_path / ".resumed.work" / "checkpoint"
+    kept = {name: (checkpoint / name).read_bytes() for name in ("state.json", "state.safetensors")}
+    (checkpoint / "state.json").write_text('{"log": [')  # cut short
+    with pytest.raises(DarkMinerError, match="is damaged .*not valid JSON"):
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+    (checkpoint / "state.json").write_bytes(kept["state.json"])
+    save_tensors(checkpoint / "state.safetensors", {k: v for k, v in load_tensors(checkpoint / "state.safetensors").items()
+                                                    if not k.startswith("round_0.")})  # its adapter lost
+    with pytest.raises(DarkMinerError, match="is damaged .*the adapter of round_0"):
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+    (checkpoint / "state.safetensors").write_bytes(kept["state.safetensors"])
     for other in ({"concept": "violence"}, {"config": {**TINY, "k": 1}}):
         with pytest.raises(ConfigError, match="another run"):  # a checkpoint is never reused for another run
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",

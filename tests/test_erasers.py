@@ -405,6 +405,20 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("damage", ["state", "moment"])
+def test_a_damaged_training_checkpoint_is_refused_in_one_line(damage: str, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _toy_training(tmp_path, interrupt_at=5)
+    tensors, metadata = load_tensors_and_metadata(tmp_path / training.CHECKPOINT)
+    if damage == "state":
+        metadata["state"] = metadata["state"][:20]  # cut short
+    else:
+        del tensors["exp_avg/w"]
+    save_tensors(tmp_path / training.CHECKPOINT, tensors, metadata=metadata)
+    with pytest.raises(DarkMinerError, match="is damaged .*; delete that folder to start over"):
+        _toy_training(tmp_path)
+
+
 def test_a_float16_loss_trains_only_through_the_loss_scale() -> None:
     reference = _toy_training(None)
     assert reference.abs().max() > 0.05

@@ -220,24 +220,27 @@ def _load_checkpoint(
     tensors, metadata = load_tensors_and_metadata(work_dir / CHECKPOINT)
     if "state" not in metadata:
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; delete that folder to start over")
-    state = json.loads(metadata["state"])
     missing = [name for name in params if f"param/{name}" not in tensors]
     if missing:
         raise DarkMinerError(
             f"the checkpoint in {work_dir} is from another method or model (no {missing[0]}); delete that folder to start over"
         )
+    try:
+        state = json.loads(metadata["state"])
+        moments = {name: (torch.tensor(state["adam_steps"][name]), tensors[f"exp_avg/{name}"], tensors[f"exp_avg_sq/{name}"])
+                   for name in params if name in state["adam_steps"]}
+        done, losses = int(state["iterations_done"]), list(state["losses"])
+    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DarkMinerError(f"the checkpoint in {work_dir} is damaged ({exc!r}); delete that folder to start over") from None
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])
-            if name in state["adam_steps"]:
-                optimizer.state[p] = {
-                    "step": torch.tensor(state["adam_steps"][name]),
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(p),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p),
-                }
+            if name in moments:
+                step, exp_avg, exp_avg_sq = moments[name]
+                optimizer.state[p] = {"step": step, "exp_avg": exp_avg.to(p), "exp_avg_sq": exp_avg_sq.to(p)}
     if state.get("loss_scale"):  # {} when scaling is off (and in checkpoints from before it existed)
         scaler.load_state_dict(state["loss_scale"])
-    return int(state["iterations_done"]), list(state["losses"])
+    return done, losses
 
 
 def loss_summary(losses: list[float]) -> dict[str, float | int]:

@@ -23,7 +23,7 @@ from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding
 from darkminer.erasers.darkminer.pool import build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.errors import DarkMinerError
-from darkminer.io import load_tensors, save_tensors, write_json
+from darkminer.io import load_tensors, read_json, save_tensors, write_json
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
@@ -202,17 +202,25 @@ class DarkMiner(Eraser):
         folder = work_dir / CHECKPOINT
         if not (folder / "state.json").is_file():
             return {"log": [], "mined": [], "failures": 0}
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_tensors(folder / "state.safetensors", device=model.device)
-        last = f"round_{len(meta['log']) - 1}."
-        adapter = {k.removeprefix(last): v for k, v in tensors.items() if k.startswith(last)}
+        try:
+            meta = read_json(folder / "state.json")
+            tensors = load_tensors(folder / "state.safetensors", device=model.device)
+            last = f"round_{len(meta['log']) - 1}."
+            adapter = {k.removeprefix(last): v for k, v in tensors.items() if k.startswith(last)}
+            expected = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).keys()
+            if adapter.keys() != expected:  # a resume from it would silently train another adapter
+                raise KeyError(f"the adapter of {last.rstrip('.')}")
+            mined = [
+                MinedEmbedding(m["space"], tensors[f"mined.{i}"],
+                               None if m["input_ids"] is None else torch.tensor(m["input_ids"], device=model.device),
+                               m["slots"])
+                for i, m in enumerate(meta["mined"])
+            ]
+            failures = int(meta["failures"])
+        except (DarkMinerError, KeyError, TypeError, ValueError) as exc:
+            raise DarkMinerError(f"the checkpoint in {folder} is damaged ({exc}); delete {work_dir} to start over") from None
         set_peft_model_state_dict(model.unet, adapter, adapter_name=ADAPTER_NAME)
-        mined = [
-            MinedEmbedding(m["space"], tensors[f"mined.{i}"],
-                           None if m["input_ids"] is None else torch.tensor(m["input_ids"], device=model.device), m["slots"])
-            for i, m in enumerate(meta["mined"])
-        ]
-        return {"log": meta["log"], "mined": mined, "failures": meta["failures"]}
+        return {"log": meta["log"], "mined": mined, "failures": failures}
 
     def _write_artifacts(self, work_dir: Path, log: list[dict], mined: list[MinedEmbedding]) -> None:
         artifacts = work_dir / "artifacts"
