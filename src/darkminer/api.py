@@ -130,10 +130,13 @@ def erase(
         if base.dtype != torch.float32:  # nor weights stored in other dtypes (float32 unrecorded, as before)
             record["dtype"] = str(base.dtype)
         _claim_work_dir(work_dir, record)
+    resumed = resume and work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir())
     processes.barrier()
     started = time.time()
     summary = eraser.erase(base, target, work_dir)
-    summary["seconds"] = round(time.time() - started, 2)
+    summary["seconds"] = round(time.time() - started, 2)  # of this run only: a resumed one did less
+    if resumed:
+        summary["resumed"] = True
     info = ErasedModelInfo(
         method=method,
         concept=target.name,

@@ -239,7 +239,9 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device,
                  speed=cfg.speed or None, progress=progress)
-    erase_seconds = ErasedModelInfo.read(erased).extra.get("seconds") if erased is not None else None
+    extra = ErasedModelInfo.read(erased).extra if erased is not None else {}
+    # A resumed erase timed only its last part: no time is better than a wrong one.
+    erase_seconds = None if extra.get("resumed") else extra.get("seconds")
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
             "metrics": read_json(metrics_path)}
 
