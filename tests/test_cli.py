@@ -304,6 +304,20 @@ def test_a_run_stopped_while_the_libraries_import_says_so_in_one_line(stop, rc, 
     assert signal.getsignal(signal.SIGTERM) == previous  # the caller's handler is back
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "erased"
+    command = ["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(out)]
+    with open(tmp_path / ".erased.lock", "w") as other_run:  # what a running erase into --out holds
+        fcntl.flock(other_run, fcntl.LOCK_EX)
+        assert main(command) == 2
+        assert "another darkminer run is writing" in _error_line(capsys)
+        assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "1", "--out", str(out)]) == 2
+    assert main(command) == 0  # the other run ended
+    assert [p.name for p in tmp_path.iterdir()] == ["erased"]  # its lock went with it
+
+
 def test_erase_help_leaves_out_the_flag_it_refuses(capsys):
     with pytest.raises(SystemExit):
         main(["erase", "--help"])

@@ -504,7 +504,7 @@ def test_a_saved_state_comes_back_whole(tmp_path: Path) -> None:
 
 def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_path: Path) -> None:
     save_tensors(tmp_path / training.CHECKPOINT, {"param/w": torch.zeros(1)})  # counts were in a JSON beside it
-    with pytest.raises(DarkMinerError, match="older darkminer; run without --resume"):
+    with pytest.raises(DarkMinerError, match="older darkminer; delete that folder to start over"):
         train_parameters({"w": torch.nn.Parameter(torch.zeros(1))}, lambda i, g: torch.zeros(()), iterations=2, lr=0.1,
                          seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")
 

@@ -13,7 +13,7 @@ import torch
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import check_output_directory, claim_record
+from darkminer.io import check_output_directory, claim_record, exclusive_output
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
@@ -58,6 +58,7 @@ def _check_no_unfinished_erase(work_dir: Path, out: Path) -> None:
                              "(resume=True in Python) to continue it, or delete that folder to start over")
 
 
+@exclusive_output()
 def erase(
     method: str,
     concept: str,

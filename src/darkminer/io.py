@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -99,6 +106,65 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+_LOCKED: set[Path] = set()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Held while a run writes ``out``: a second darkminer run on the same ``out`` (which would interleave
+    checkpoints and outputs with this one) is refused in one line. The lock is a hidden file beside
+    ``out``, removed when the run ends; a run killed with -9 leaves it, unlocked, to be reused."""
+    out = Path(os.path.abspath(out))
+    if fcntl is None or out in _LOCKED or not out.parent.is_dir():
+        yield  # (no parent folder yet: nothing there to share, and the output's own checks come next)
+        return
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DarkMinerError(f"another darkminer run is writing {out} (it holds {lock}); wait for it to end, "
+                                 "or choose another --out") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the run that held it ended and removed the file meanwhile: lock the new one
+    _LOCKED.add(out)
+    try:
+        yield
+    finally:
+        _LOCKED.discard(out)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def exclusive_output(parameter: str = "out") -> Callable[[F], F]:
+    """Decorate a command that writes its ``parameter`` folder: the main process holds ``output_lock`` on
+    it for the whole call (the other processes of a launched run write nothing)."""
+
+    def wrap(function: F) -> F:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            from darkminer.parallel import init_processes
+
+            out = signature.bind_partial(*args, **kwargs).arguments.get(parameter)
+            if out is None or not init_processes().is_main:
+                return function(*args, **kwargs)
+            with output_lock(out):
+                return function(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return wrap
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -30,6 +30,7 @@ from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.errors import DarkMinerError
 from darkminer.io import (
     check_output_directory,
+    exclusive_output,
     load_tensors,
     output_directory,
     read_json,
@@ -164,6 +165,7 @@ def replay(
     ]
 
 
+@exclusive_output()
 def run_attack(
     attack: Attack,
     model: DiffusionModel,

@@ -30,7 +30,14 @@ from darkminer.evaluation.evaluate import (
     evaluation_versions,
 )
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
-from darkminer.io import atomic_path, check_output_directory, claim_record, read_json, write_json
+from darkminer.io import (
+    atomic_path,
+    check_output_directory,
+    claim_record,
+    exclusive_output,
+    read_json,
+    write_json,
+)
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 
@@ -178,6 +185,7 @@ def _slug(name: str) -> str:
     return slug
 
 
+@exclusive_output()
 def run_benchmark(
     config: BenchmarkConfig | dict[str, Any] | str | Path, out: str | Path, *, progress: bool = True
 ) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from darkminer.evaluation.suites import (
     testbed_suites,
 )
 from darkminer.imaging import make_grid, save_png, to_pil
-from darkminer.io import check_output_directory, output_directory, write_json
+from darkminer.io import check_output_directory, exclusive_output, output_directory, write_json
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.clip import Clip
@@ -235,6 +235,7 @@ def _load(
     return loaded, info.method if info else ORIGINAL_METHOD, loaded.name
 
 
+@exclusive_output()
 def evaluate(
     concept: str,
     out: str | Path | None = None,
