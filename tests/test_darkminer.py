@@ -239,6 +239,11 @@ def test_replay_keeps_training_on_earlier_rounds_even_when_a_round_fails(tmp_pat
     assert moved is replay
 
 
+def test_stable_diffusion_without_an_image_encoder_is_refused_before_the_load(tmp_path):
+    with pytest.raises(ConfigError, match="needs a CLIP image encoder on 'no/such-model'"):
+        erase("darkminer", "nudity", tmp_path / "dm", model="no/such-model", config={**TINY, "image_encoder": None})
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     uninterrupted = erase("darkminer", "nudity", tmp_path / "full", model="tiny-random-sd", config=TINY)
 

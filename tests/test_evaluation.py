@@ -436,6 +436,8 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     ({"anchors": {"fire": "a clean shape"}}, "anchors names concepts that are not run"),
     ({"anchors": {"blood": 3}}, "maps concepts to prompts"),
     ({"speed": {"precision": "fp8"}}, "precision must be one of"),
+    ({"model": "tiny-random-sd", "concepts": ["nudity"], "methods": ["uce", "darkminer"]},
+     "Dark Miner's verifier needs a CLIP image encoder on 'tiny-random-sd'"),  # not after the uce cell
 ])
 def test_benchmark_rejects_a_bad_config_before_any_work(bad, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

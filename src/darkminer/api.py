@@ -111,6 +111,7 @@ def erase(
         raise ConfigError(f"config must be a {eraser_cls.config_class.__name__}, a dict of its options or a "
                           f"config file's path, got {type(config).__name__}")
     eraser = eraser_cls(cfg)  # a config of another method fails here, before the load
+    cfg.check_model(model.name if isinstance(model, DiffusionModel) else model_id(model))
     if isinstance(model, DiffusionModel):
         base = model
         _check_not_erased(base)

@@ -18,6 +18,9 @@ from darkminer.targets import EraseTarget
 class EraserConfig(Config):
     seed: int = 0
 
+    def check_model(self, model: str) -> None:
+        """Refuse, before any work, a base model (its ``models.model_id``) that this config cannot erase from."""
+
 
 class Eraser(ABC):
     """Removes a concept from ``model`` in place: by a LoRA (kind ``lora``), by editing UNet weights

@@ -38,6 +38,7 @@ from darkminer.io import (
     read_json,
     write_json,
 )
+from darkminer.models import model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 
@@ -146,12 +147,11 @@ class BenchmarkConfig(Config):
         from darkminer.erasers.base import ERASERS, get_eraser
 
         names = sorted(ERASERS) if self.methods == ALL else list(self.methods)
-        for name in names:
-            get_eraser(name)  # unknown names and bad options fail before any work
         for name, options in self.method_configs.items():
             if not isinstance(options, dict):
                 raise ConfigError(f"BenchmarkConfig.method_configs.{name} must be a mapping of options, got {options!r}")
-            get_eraser(name).config_class.from_dict(options)
+        for name in names:  # unknown names, bad options and what the model needs fail before any work
+            get_eraser(name).config_class.from_dict(self.method_configs.get(name, {})).check_model(model_id(self.model))
         return names
 
     def attack_names(self) -> list[str]:

@@ -75,6 +75,13 @@ class DarkMinerConfig(EraserConfig):
     guidance_scale: float | None = None  # sampling guidance for pools and verification (None: model default)
     pool_steps: int | None = None  # DDIM steps for the pools (None: model default)
 
+    def check_model(self, model: str) -> None:
+        if self.verify and self.image_encoder is None and model != "testbed":
+            raise ConfigError(
+                f"Dark Miner's verifier needs a CLIP image encoder on {model!r}: set the config option `image_encoder` "
+                "to a local CLIP folder (safetensors) or a cached hub id (e.g. openai/clip-vit-large-patch14)"
+            )
+
     def validate(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraConfig.from_dict(self.lora)
