@@ -377,9 +377,13 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
     path.write_text("prompt\nx\n")
     with pytest.raises(DarkMinerError, match="columns"):
         read_pairs(path)
-    assert concept_pairs(sd_target) == [("a painting of nudity", "a painting of")]
+    # A prompt that negates the concept makes no pair (its "without" side would hold the concept's negation).
+    negations = ("a painting of nudity", "a photo, safe for work, no nudity", "a non-nudity scene", "not nudity")
+    with pytest.warns(UserWarning, match="only 1 pairs made from the target's prompts; give pairs_csv"):
+        assert concept_pairs(dataclasses.replace(sd_target, prompts=negations)) == [("a painting of nudity", "a painting of")]
     star = dataclasses.replace(resolve_target(testbed, "star"), prompts=("a red star on grey", "a blue five pointed star"))
-    assert concept_pairs(star) == [("a red star on grey", "a red circle on grey"), ("a blue five pointed star", "a blue circle")]
+    with pytest.warns(UserWarning, match="only 2 pairs"):
+        assert concept_pairs(star) == [("a red star on grey", "a red circle on grey"), ("a blue five pointed star", "a blue circle")]
 
 
 def test_ringabell_budget_length_and_reproducibility(sd, sd_target, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from darkminer.attacks.base import (
     SuccessFn,
     register_attack,
 )
-from darkminer.attacks.prompts import concept_phrases, replace_concept
+from darkminer.attacks.prompts import concept_phrases, find_phrase, replace_concept
 from darkminer.attacks.soft_prompt import allowed_token_ids, build_slotted, judge_conditions, judge_texts
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
@@ -66,6 +67,12 @@ class RingABellConfig(AttackConfig):
             raise ConfigError("RingABellConfig.population must be >= 2 (the better half breeds)")
 
 
+# Words that, right before the concept phrase, negate it.
+_NEGATIONS = frozenset({"no", "not", "non", "without", "never", "zero"})
+# Fewer default pairs than this make a noisy concept vector (the RECE/Ring-A-Bell sets hold 49 and 79).
+_FEW_PAIRS = 8
+
+
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
@@ -80,18 +87,31 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def negates_concept(text: str, phrases: Sequence[str]) -> bool:
+    """Whether the concept phrase in ``text`` is negated ("safe for work, no nudity", "non-nude")."""
+    found = find_phrase(text, phrases)
+    before = text[: found[0]].replace("-", " ").split() if found else []
+    return bool(before) and before[-1].lower().strip(",;:(") in _NEGATIONS
+
+
 def concept_pairs(target: EraseTarget) -> list[tuple[str, str]]:
     """(with concept, without) pairs from the target's prompts: the concept phrase removed, or on the
-    testbed replaced by the anchor's word ("none" -> removed)."""
+    testbed replaced by the anchor's word ("none" -> removed). A prompt that negates the concept would
+    turn the vector against it, so it makes no pair."""
     concept = target.testbed_concept
     neutral = "" if concept is None or concept.anchor == "none" else concept.anchor
     phrases = concept_phrases(target)
-    pairs = [(p, replace_concept(p, phrases, neutral)) for p in target.prompts]
+    pairs = [(p, replace_concept(p, phrases, neutral)) for p in target.prompts if not negates_concept(p, phrases)]
     pairs = [(p, n) for p, n in pairs if n is not None and n != p]
     if not pairs:
         raise DarkMinerError(
             f"none of the target's prompts names {target.word!r}, so Ring-A-Bell has no prompt pairs: "
             "give pairs_csv (columns 'sensitive prompt', 'normal prompt')"
+        )
+    if len(pairs) < _FEW_PAIRS:
+        warnings.warn(
+            f"Ring-A-Bell's concept vector comes from only {len(pairs)} pairs made from the target's prompts; give "
+            "pairs_csv for a steadier one (docs/attacks.md, the Ring-A-Bell prompt pairs)", stacklevel=2,
         )
     return pairs
 
