@@ -453,3 +453,11 @@ def test_presets_resolve_by_name_and_match_the_shipped_yaml_files():
     assert len(load_benchmark_config("full").concepts) == 6
     with pytest.raises(DarkMinerError, match="preset"):
         load_benchmark_config("no-such-preset")
+
+
+def test_an_attack_that_cannot_run_on_the_target_fails_before_any_image(tmp_path, monkeypatch):
+    from darkminer.models.base import DiffusionModel
+
+    monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
+    with pytest.raises(DarkMinerError, match="paraphrase attack needs paraphrases of 'nudity'"):
+        evaluate("nudity", tmp_path / "e", model="tiny-random-sd", config={"attacks": ["paraphrase"], "n_images": 1})

@@ -76,6 +76,10 @@ class Attack(ABC):
             raise ConfigError(f"{self.name} takes a {self.config_class.__name__} (from_dict builds one from a "
                               f"dict), got {type(self.config).__name__}")
 
+    def check_target(self, target: EraseTarget) -> None:
+        """Refuse, before any work, a target this attack cannot run on; every target by default."""
+        return None
+
     @abstractmethod
     def run(
         self,

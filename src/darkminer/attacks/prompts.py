@@ -124,6 +124,13 @@ class ParaphrasedPrompts(Attack):
 
     config_class = ParaphraseConfig
 
+    def check_target(self, target: EraseTarget) -> None:
+        if target.testbed_concept is None and not self.config.paraphrases:
+            raise DarkMinerError(
+                f"the paraphrase attack needs paraphrases of {target.word!r} on this model: "
+                "set `paraphrases` in the attack config (e.g. paraphrases: [\"...\", \"...\"])"
+            )
+
     def run(
         self,
         model: DiffusionModel,
@@ -132,6 +139,7 @@ class ParaphrasedPrompts(Attack):
         success: SuccessFn,
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
+        self.check_target(target)
         started = time.time()
         rewritten = [self._paraphrase(target, p.text, i) for i, p in enumerate(prompts)]
         texts = [new if new is not None else p.text for p, new in zip(prompts, rewritten, strict=True)]
@@ -149,11 +157,6 @@ class ParaphrasedPrompts(Attack):
         """The prompt said with a paraphrase, or None when it holds no concept phrase."""
         concept = target.testbed_concept
         if concept is None:
-            if not self.config.paraphrases:
-                raise DarkMinerError(
-                    f"the paraphrase attack needs paraphrases of {target.word!r} on this model: "
-                    "set `paraphrases` in the attack config (e.g. paraphrases: [\"...\", \"...\"])"
-                )
             options = self.config.paraphrases
             return replace_concept(text, (target.word,), options[index % len(options)])
         from darkminer.testbed.captions import heldout_phrases, trigger_phrases

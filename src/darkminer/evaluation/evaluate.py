@@ -9,7 +9,7 @@ the preservation baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -272,6 +272,8 @@ def evaluate(
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
+    for attack in attacks_to_run.values():
+        attack.check_target(target)
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
     kind = detector_kind_for(target.word, testbed, cfg.detector)
     needs_clip = not testbed and ("clip" in cfg.preservation or kind == "clip")
@@ -290,9 +292,14 @@ def evaluate(
     grids: dict[str, torch.Tensor] = {}
     judgements: list[dict[str, Any]] = []
 
+    def keep(name: str, images: torch.Tensor) -> None:
+        """What the output needs of a set's images: every one with save_images, else the grid's (a copy, so
+        that the set's images are freed: at 512 px, 20k preservation images would be 63 GB)."""
+        grids[name] = images if cfg.save_images else images[: cfg.grid_images].clone()
+
     def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
         flags = processes.map_rows(detector.detect, images)  # each process grades its share
-        grids[name] = images
+        keep(name, images)
         judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f),
                            **({"image": image_path(name, i)} if cfg.save_images else {})}
                           for i, (p, f) in enumerate(zip(suite_prompts, flags.tolist(), strict=True)))
@@ -322,7 +329,7 @@ def evaluate(
                        "success_before": r.success_before, "success_after": r.success_after} for r in results],
         }
 
-    preservation = _preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, grids)
+    preservation = _preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep)
     metrics = {
         "format": FORMAT_VERSION,
         "concept": target.name,
@@ -368,12 +375,13 @@ def _preservation(
     detector: Detector,
     aligner: Aligner | None,
     fid: FrechetDistance | None,
-    grids: dict[str, torch.Tensor],
+    keep: Callable[[str, torch.Tensor], None],
 ) -> dict[str, Any]:
     """Ordinary prompts on the erased model, against their labels, their text and the original's images."""
     images = painter.prompts(suite)
     reference = painter.prompts(suite, original=True)
-    grids[PRESERVATION], grids[f"{PRESERVATION}-original"] = images, reference
+    keep(PRESERVATION, images)
+    keep(f"{PRESERVATION}-original", reference)
     result: dict[str, Any] = {"accuracy": None, "clip": None, "fid": None, "reference": {}}
     has_labels = all(p.expected for p in suite.prompts)
     if "accuracy" in cfg.preservation and has_labels and isinstance(detector, JudgeDetector):
