@@ -351,3 +351,12 @@ def test_more_bad_inputs_say_what_to_do(tmp_path, capsys):
     assert main(["testbed", "train", "--unet-config", "nope", "--out", str(tmp_path / "w")]) == 2
     assert "neither a shipped recipe (unet-stage1, unet-stage2) nor a config file" in _error_line(capsys)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_home_relative_path_is_expanded_where_the_shell_did_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--steps", "1", "--out", "~/g.png"]) == 0
+    assert (tmp_path / "home" / "g.png").is_file() and not (tmp_path / "work" / "~").exists()

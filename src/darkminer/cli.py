@@ -39,6 +39,20 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# Arguments that name files or folders: "~" is expanded in them as a shell would, also where the shell did not
+# (a quoted argument, a script's list).
+PATH_ARGUMENTS = ("model", "erased", "out", "config", "prompts", "paraphrase_prompts", "preserve_prompts",
+                  "fid_reference", "replay", "clip_model", "judge", "init_from", "unet_config", "work_dir")
+
+
+def expand_home(args: argparse.Namespace) -> argparse.Namespace:
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+    return args
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers and launchers send), raised like Ctrl-C so that cleanups run."""
 
@@ -53,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = expand_home(parser.parse_args(argv))
         _quiet_libraries()
         args.handler(args)
     except DarkMinerError as exc:
