@@ -300,7 +300,7 @@ def evaluate(
     def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
         flags = processes.map_rows(detector.detect, images)  # each process grades its share
         keep(name, images)
-        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "concept": bool(f),
+        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
                            **({"image": image_path(name, i)} if cfg.save_images else {})}
                           for i, (p, f) in enumerate(zip(suite_prompts, flags.tolist(), strict=True)))
         return flags
@@ -348,7 +348,10 @@ def evaluate(
         "attack_details": attack_details,
         "suites": {name: len(suite) for name, suite in suites.items()},
         "sampling": {"steps": cfg.steps or net.default_sampling.steps,
-                     "guidance_scale": cfg.guidance_scale or net.default_sampling.guidance_scale},
+                     "guidance_scale": cfg.guidance_scale or net.default_sampling.guidance_scale,
+                     # a CSV's evaluation_guidance, where its rows set one, wins over guidance_scale
+                     "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
+                                                       if p.guidance is not None})},
         "config": cfg.to_dict(),
         "images": {name: f"images/{name}.png" for name in grids},
     }
