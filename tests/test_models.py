@@ -431,3 +431,25 @@ def test_the_package_exports_resolve_and_one_prompt_is_drawn_once_per_seed(tiny_
     assert all(getattr(darkminer, name) is not None for name in darkminer.__all__)
     one = tiny_sd.generate("a cat", seeds=[0, 1], steps=2)
     torch.testing.assert_close(one, tiny_sd.generate(["a cat", "a cat"], seeds=[0, 1], steps=2), rtol=0, atol=0)
+
+
+def test_a_unet_folder_from_another_tool_loads_as_an_erasure_of_the_named_base(tmp_path, capsys):
+    """A published unlearned UNet (diffusers format) is attacked and evaluated against the base it came from."""
+    from darkminer.cli import main
+    from darkminer.models.tiny import build_tiny_sd_pipeline
+
+    unet = build_tiny_sd_pipeline().unet
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)  # what "unlearning" changed
+    unet.save_pretrained(tmp_path / "their-unet", safe_serialization=True)
+    model = load_model("tiny-random-sd", erased=tmp_path / "their-unet")
+    assert model.edited_parameter_names == ["conv_out.bias"]
+    with model.original():
+        torch.testing.assert_close(model.unet.conv_out.bias + 0.5, unet.conv_out.bias)
+    with pytest.raises(ModelLoadError, match="UNet folder from another tool: name the base model"):
+        load_model(erased=tmp_path / "their-unet")
+    assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--erased", str(tmp_path / "their-unet"),
+                 "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["generate", "--prompt", "a cat", "--model", "testbed", "--erased", str(tmp_path / "their-unet"),
+                 "--steps", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert "another architecture than the base model 'testbed'" in capsys.readouterr().err

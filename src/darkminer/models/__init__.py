@@ -66,8 +66,11 @@ def load_model(
     if erased is not None:
         recorded = ErasedModelInfo.read(erased).base_model
         if spec is None:
+            if not recorded:
+                raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
+                                     "fine-tuned from with --model (model= in Python)")
             spec = recorded
-        else:
+        elif recorded:
             _check_same_base(erased, recorded, os.fspath(spec))
     model = _load_base(os.fspath(spec) if spec is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     if erased is not None:

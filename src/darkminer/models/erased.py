@@ -7,6 +7,10 @@
     DIR/unet/                               kind "unet": a full diffusers UNet folder (edited weights)
     DIR/guidance.json                       kind "guidance": inference-time settings (SLD)
 
+A diffusers UNet folder made by another tool (``config.json`` and ``diffusion_pytorch_model.safetensors``,
+e.g. a published unlearned model) loads the same way, as method ``external`` of kind ``unet`` on the base
+model the user names: attacks and evaluation then take that base as the original.
+
 The directory is written under a temporary name and renamed when complete, so a directory that exists
 with a ``darkminer.json`` is whole.
 """
@@ -31,6 +35,8 @@ INFO_NAME = "darkminer.json"
 OUTPUT_KIND = "an erased model"  # what may be replaced at --out
 FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "guidance")
+EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def package_versions() -> dict[str, str]:
@@ -64,6 +70,10 @@ class ErasedModelInfo:
             raise ModelLoadError(f"erased model {directory} is a file; give the folder `darkminer erase` wrote")
         if not directory.is_dir():
             raise ModelLoadError(f"erased model {directory} does not exist (make it with `darkminer erase`)")
+        if not (directory / INFO_NAME).exists() and (directory / "config.json").is_file() and (
+            directory / UNET_WEIGHTS
+        ).is_file():
+            return cls(method=EXTERNAL_METHOD, concept="", base_model="", kind="unet")
         data = read_json(directory / INFO_NAME)
         missing = [k for k in ("method", "concept", "base_model", "kind") if k not in data]
         if missing:
@@ -104,17 +114,18 @@ def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInf
     if info.kind == "lora":
         adapters.load_lora(model, directory)
     elif info.kind == "unet":
-        _load_unet_weights(model, directory / "unet")
+        _load_unet_weights(model, directory if info.method == EXTERNAL_METHOD else directory / "unet")
     else:
         model.guidance = guidance_from_dict(model, read_json(directory / "guidance.json"))
     return info
 
 
 def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
-    state = load_tensors(folder / "diffusion_pytorch_model.safetensors", device=model.device)
+    state = load_tensors(folder / UNET_WEIGHTS, device=model.device)
     params = dict(model.unet.named_parameters())
-    if set(state) != set(params):
-        raise ModelLoadError(f"{folder} holds a UNet of another shape than the base model's; check darkminer.json's base_model")
+    if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
+        raise ModelLoadError(f"{folder} holds a UNet of another architecture than the base model {model.name!r}'s; "
+                             "name its own base model")
     changed = [n for n, v in state.items() if not torch.equal(v.to(params[n].dtype), params[n].data)]
     model.remember_originals(changed)
     with torch.no_grad():
