@@ -530,3 +530,15 @@ def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, 
     resumed = load_model(str(base_dir))
     erase("esd-x-strict", CONCEPT, tmp_path / "resumed", model=resumed, config=config, resume=True)
     torch.testing.assert_close(eps_of(resumed, [CONCEPT]), eps_of(straight, [CONCEPT]), rtol=0, atol=1e-6)
+
+
+def test_a_stable_diffusion_concept_declared_a_style_gets_the_style_templates(base_dir: Path, tmp_path: Path) -> None:
+    config = {**TINY_CONFIGS["ca"], "iterations": 1}
+    out = erase("ca", "Van Gogh", tmp_path / "ca", model=str(base_dir), anchor="a painting", kind="style", config=config)
+    info = ErasedModelInfo.read(out)
+    assert info.extra["target"]["kind"] == "style"
+    assert info.extra["concept_prompts"] == ["a painting, in the style of Van Gogh", "in Van Gogh's style, a painting"]
+    with pytest.raises(DarkMinerError, match="--kind 'styel': use one of"):  # before the (missing) model loads
+        erase("ca", "Van Gogh", tmp_path / "x", model="no/such-model", kind="styel")
+    with pytest.raises(DarkMinerError, match="a testbed concept's kind is the registry's"):
+        erase("uce", "blood", tmp_path / "x", model="testbed", kind="style")

@@ -17,7 +17,7 @@ from darkminer.io import check_output_directory, claim_record, exclusive_output
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
-from darkminer.targets import resolve_target
+from darkminer.targets import check_kind, resolve_target
 
 if TYPE_CHECKING:
     from darkminer.parallel import SpeedOptions
@@ -68,6 +68,7 @@ def erase(
     config: EraserConfig | dict[str, Any] | str | Path | None = None,
     anchor: str | None = None,
     prompts: str | Path | None = None,
+    kind: str | None = None,
     resume: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
@@ -77,6 +78,8 @@ def erase(
 
     ``model``: a name or path to load, or a loaded base ``DiffusionModel``, which the erasure then changes
     in place (a model that already carries an erasure is refused).
+    ``kind`` declares what a Stable Diffusion concept is (``targets.SD_KINDS``; e.g. ``style`` for an artist,
+    which CA and FMN prompt differently); the testbed's concepts have theirs.
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
     ``speed``: the speed options (``SpeedOptions``, or a dict of the ones to change over the model's
     defaults), applied to the loaded model.
@@ -100,6 +103,7 @@ def erase(
     if processes.is_main and not resume:
         _check_no_unfinished_erase(work_dir, out)
     as_speed_options(speed)  # bad options fail before the (long) load
+    check_kind(kind)
     eraser_cls = get_eraser(method)
     if isinstance(config, EraserConfig):
         cfg = config
@@ -121,7 +125,7 @@ def erase(
         base = load_model(model_id(model), device=device, dtype=dtype, speed=speed)
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
-    target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
+    target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     if processes.is_main:
         if work_dir.exists() and not resume:  # only the claim of a run that never checkpointed
             shutil.rmtree(work_dir)

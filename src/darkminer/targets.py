@@ -52,6 +52,16 @@ TESTBED_CSV_ERROR = ("prompt CSVs are for Stable Diffusion: the testbed draws ev
                      "registry (`darkminer testbed concepts`); drop the CSV option or pass --model")
 
 
+# What a free-text concept on Stable Diffusion may be declared as; erasers that treat kinds apart (CA's and
+# FMN's prompt templates for styles) read it.
+SD_KINDS = ("free", "style", "object", "inappropriate")
+
+
+def check_kind(kind: str | None) -> None:
+    if kind is not None and kind not in SD_KINDS:
+        raise DarkMinerError(f"--kind {kind!r}: use one of {list(SD_KINDS)}")
+
+
 def resolve_target(
     model: DiffusionModel,
     concept: str,
@@ -60,9 +70,13 @@ def resolve_target(
     prompts_csv: str | Path | None = None,
     n_prompts: int = 64,
     seed: int = 0,
+    kind: str | None = None,
 ) -> EraseTarget:
     if not concept or not concept.strip():
         raise DarkMinerError("the concept (--concept) is empty: name the concept to erase")
+    check_kind(kind)
+    if kind is not None and is_testbed(model):
+        raise DarkMinerError("--kind is for Stable Diffusion concepts: a testbed concept's kind is the registry's")
     if is_testbed(model):
         from darkminer.testbed.concepts import get_concept
 
@@ -91,7 +105,7 @@ def resolve_target(
     anchor = anchor or ""
     return EraseTarget(
         name=concept, word=concept, anchor=anchor, prompts=tuple(prompts), preserve=DEFAULT_SD_PRESERVE,
-        anchor_twins={p: _with_anchor(p, concept, anchor) for p in prompts},
+        kind=kind or "free", anchor_twins={p: _with_anchor(p, concept, anchor) for p in prompts},
     )
 
 

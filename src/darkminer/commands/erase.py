@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help="darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece")
     add_concept_args(p)
     add_model_args(p, erased=False)
+    p.add_argument("--kind", default=None, help="SD: what the concept is, free (default), style, object or "
+                   "inappropriate (CA and FMN prompt styles differently)")
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--out", required=True, help="output directory")
@@ -32,6 +34,6 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and not (work_dir := work_directory(args.out)).is_dir():
         print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
     out = erase(args.method, args.concept, args.out, model=args.model, config=args.config, anchor=args.anchor,
-                prompts=args.prompts, resume=args.resume, device=args.device, dtype=args.dtype,
+                prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device, dtype=args.dtype,
                 speed=speed_options(args))
     print(f"wrote erased model {out}")
