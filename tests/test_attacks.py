@@ -381,6 +381,11 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
     negations = ("a painting of nudity", "a photo, safe for work, no nudity", "a non-nudity scene", "not nudity")
     with pytest.warns(UserWarning, match="only 1 pairs made from the target's prompts; give pairs_csv"):
         assert concept_pairs(dataclasses.replace(sd_target, prompts=negations)) == [("a painting of nudity", "a painting of")]
+    ringabell = get_attack("ringabell")
+    with pytest.raises(DarkMinerError, match="does not exist"):  # checked before any work
+        ringabell(ringabell.config_class(pairs_csv=str(tmp_path / "missing.csv"))).check_target(sd_target)
+    with pytest.raises(DarkMinerError, match="has no prompt pairs"):
+        ringabell().check_target(dataclasses.replace(sd_target, prompts=("a photo, no nudity",)))
     star = dataclasses.replace(resolve_target(testbed, "star"), prompts=("a red star on grey", "a blue five pointed star"))
     with pytest.warns(UserWarning, match="only 2 pairs"):
         assert concept_pairs(star) == [("a red star on grey", "a red circle on grey"), ("a blue five pointed star", "a blue circle")]

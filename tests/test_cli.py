@@ -284,6 +284,21 @@ def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch
     assert json.loads((out / "darkminer.json").read_text())["concept"] == "violence"
     assert (out / "guidance.json").is_file()
 
+    real_rename, stops = Path.rename, []
+
+    def stopped_between_the_renames(self, target):  # the old output is aside, the new one not yet in
+        if Path(target) == out and not stops:
+            stops.append(self)
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    before = sorted(p.name for p in tmp_path.iterdir())  # the first kill left its half-deleted old output
+    monkeypatch.setattr(Path, "rename", stopped_between_the_renames)
+    assert main([*command[:4], "fire", *command[5:]]) == 130
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert stops and json.loads((out / "darkminer.json").read_text())["concept"] == "violence"  # put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # and nothing new left beside it
+
 
 @pytest.mark.parametrize("stop, rc, line", [("sigterm", 143, "darkminer: terminated"),
                                              ("ctrl-c", 130, "darkminer: interrupted")])
@@ -313,7 +328,10 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         fcntl.flock(other_run, fcntl.LOCK_EX)
         assert main(command) == 2
         assert "another darkminer run is writing" in _error_line(capsys)
-        assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "1", "--out", str(out)]) == 2
+        for other in (["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "1", "--preservation", ""],
+                      ["attack", "--attack", "plain", "--concept", "nudity", "--model", "tiny-random-sd"]):
+            assert main([*other, "--out", str(out)]) == 2
+            assert "another darkminer run is writing" in _error_line(capsys)
     assert main(command) == 0  # the other run ended
     assert [p.name for p in tmp_path.iterdir()] == ["erased"]  # its lock went with it
 

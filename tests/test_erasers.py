@@ -538,7 +538,7 @@ def test_a_stable_diffusion_concept_declared_a_style_gets_the_style_templates(ba
     info = ErasedModelInfo.read(out)
     assert info.extra["target"]["kind"] == "style"
     assert info.extra["concept_prompts"] == ["a painting, in the style of Van Gogh", "in Van Gogh's style, a painting"]
-    with pytest.raises(DarkMinerError, match="--kind 'styel': use one of"):  # before the (missing) model loads
+    with pytest.raises(DarkMinerError, match="unknown kind 'styel' \\(--kind\\): use one of"):  # before the (missing) model loads
         erase("ca", "Van Gogh", tmp_path / "x", model="no/such-model", kind="styel")
     with pytest.raises(DarkMinerError, match="a testbed concept's kind is the registry's"):
         erase("uce", "blood", tmp_path / "x", model="testbed", kind="style")

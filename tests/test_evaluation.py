@@ -436,6 +436,9 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     ({"anchors": {"fire": "a clean shape"}}, "anchors names concepts that are not run"),
     ({"anchors": {"blood": 3}}, "maps concepts to prompts"),
     ({"speed": {"precision": "fp8"}}, "precision must be one of"),
+    ({"methods": "all", "method_configs": {"dark-miner": {"rounds": 1}}}, "names methods that are not run"),
+    ({"kinds": {"blood": "style"}}, "kinds is for Stable Diffusion concepts"),
+    ({"model": "tiny-random-sd", "concepts": ["Van Gogh"], "kinds": {"Van Gogh": "styel"}}, "unknown kind 'styel'"),
     ({"model": "tiny-random-sd", "concepts": ["nudity"], "methods": ["uce", "darkminer"]},
      "Dark Miner's verifier needs a CLIP image encoder on 'tiny-random-sd'"),  # not after the uce cell
 ])

@@ -433,7 +433,7 @@ def test_the_package_exports_resolve_and_one_prompt_is_drawn_once_per_seed(tiny_
     torch.testing.assert_close(one, tiny_sd.generate(["a cat", "a cat"], seeds=[0, 1], steps=2), rtol=0, atol=0)
 
 
-def test_a_unet_folder_from_another_tool_loads_as_an_erasure_of_the_named_base(tmp_path, capsys):
+def test_a_unet_folder_from_another_tool_loads_as_an_erasure_of_the_named_base(tmp_path, capsys, tiny_sd_dir):
     """A published unlearned UNet (diffusers format) is attacked and evaluated against the base it came from."""
     from darkminer.cli import main
     from darkminer.models.tiny import build_tiny_sd_pipeline
@@ -448,6 +448,8 @@ def test_a_unet_folder_from_another_tool_loads_as_an_erasure_of_the_named_base(t
         torch.testing.assert_close(model.unet.conv_out.bias + 0.5, unet.conv_out.bias)
     with pytest.raises(ModelLoadError, match="UNet folder from another tool: name the base model"):
         load_model(erased=tmp_path / "their-unet")
+    with pytest.raises(ModelLoadError, match="is a whole pipeline folder, not an erased model: give its UNet"):
+        load_model("tiny-random-sd", erased=tiny_sd_dir)
     assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--erased", str(tmp_path / "their-unet"),
                  "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
     assert main(["generate", "--prompt", "a cat", "--model", "testbed", "--erased", str(tmp_path / "their-unet"),

@@ -51,9 +51,14 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
                           "differ); delete that folder to start over")
 
 
+def _has_checkpoint(work_dir: Path) -> bool:
+    """Whether an erase into this work directory got as far as writing something besides its claim."""
+    return work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir())
+
+
 def _check_no_unfinished_erase(work_dir: Path, out: Path) -> None:
     """An erase that is not resumed would start over; refuse to discard another's checkpoint unasked."""
-    if work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir()):
+    if _has_checkpoint(work_dir):
         raise DarkMinerError(f"{work_dir} holds the checkpoint of an unfinished erase into {out}: add --resume "
                              "(resume=True in Python) to continue it, or delete that folder to start over")
 
@@ -100,7 +105,7 @@ def erase(
             raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
     work_dir = work_directory(out)
-    if processes.is_main and not resume:
+    if not resume:  # every process (it only reads), so that each stops with the same line
         _check_no_unfinished_erase(work_dir, out)
     as_speed_options(speed)  # bad options fail before the (long) load
     check_kind(kind)
@@ -136,7 +141,7 @@ def erase(
         if base.dtype != torch.float32:  # nor weights stored in other dtypes (float32 unrecorded, as before)
             record["dtype"] = str(base.dtype)
         _claim_work_dir(work_dir, record)
-    resumed = resume and work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir())
+    resumed = resume and _has_checkpoint(work_dir)
     processes.barrier()
     started = time.time()
     summary = eraser.erase(base, target, work_dir)

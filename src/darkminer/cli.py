@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("darkminer: interrupted", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
+        if in_main_thread and previous is not None:  # None: a handler installed outside Python, kept
             signal.signal(signal.SIGTERM, previous)
     return 0
 

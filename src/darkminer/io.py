@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,16 +25,21 @@ from safetensors.torch import load_file, save_file
 from darkminer.errors import DarkMinerError, ModelLoadError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import, before any thread
     os.umask(mask)
     return mask
 
 
+_UMASK = _read_umask()
+
+
 def _as_if_created(path: Path, mode: int) -> Path:
     """tempfile makes its files and folders owner-only; give ``path`` the mode that a plain open/mkdir
-    would (``mode`` under the umask), so that outputs are as readable as the user's other files."""
-    os.chmod(path, mode & ~_umask())
+    would (``mode`` under the umask), so that outputs are as readable as the user's other files. Best
+    effort: some filesystems (vfat) refuse modes, and owner-only is still a working output."""
+    with suppress(OSError):
+        os.chmod(path, mode & ~_UMASK)
     return path
 
 
@@ -94,16 +99,18 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     out = check_output_directory(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _as_if_created(Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), 0o777)
+    replaced = out.parent / f"{tmp.name}.replaced"
     try:
         yield tmp
         # The earlier output is moved aside, not deleted, until the new one is in place: a run killed in
         # between leaves both whole (hidden beside ``out``), never half of one where ``out`` was.
-        replaced = out.parent / f"{tmp.name}.replaced"
         if out.exists():
             out.rename(replaced)
         tmp.rename(out)
         shutil.rmtree(replaced, ignore_errors=True)
     finally:
+        if replaced.exists() and not out.exists():  # stopped between the two renames: the old one goes back
+            replaced.rename(out)
         if tmp.exists():
             shutil.rmtree(tmp)
 
@@ -117,13 +124,18 @@ def output_lock(out: str | Path) -> Iterator[None]:
     """Held while a run writes ``out``: a second darkminer run on the same ``out`` (which would interleave
     checkpoints and outputs with this one) is refused in one line. The lock is a hidden file beside
     ``out``, removed when the run ends; a run killed with -9 leaves it, unlocked, to be reused."""
-    out = Path(os.path.abspath(out))
-    if fcntl is None or out in _LOCKED or not out.parent.is_dir():
-        yield  # (no parent folder yet: nothing there to share, and the output's own checks come next)
+    out = Path(os.path.realpath(out))  # one lock however the folder is named (a link, its target)
+    if fcntl is None or out in _LOCKED:
+        yield
         return
+    _check_parents(out)
     lock = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise DarkMinerError(f"cannot write beside --out {out} ({exc.strerror}); choose another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -145,21 +157,23 @@ def output_lock(out: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def main_process_lock(out: str | Path | None) -> AbstractContextManager[None]:
+    """``output_lock(out)`` in the main process; nothing in the others of a launched run (they write
+    nothing) or without an ``out``."""
+    from darkminer.parallel import init_processes
+
+    return output_lock(out) if out is not None and init_processes().is_main else nullcontext()
+
+
 def exclusive_output(parameter: str = "out") -> Callable[[F], F]:
-    """Decorate a command that writes its ``parameter`` folder: the main process holds ``output_lock`` on
-    it for the whole call (the other processes of a launched run write nothing)."""
+    """Decorate a command that writes its ``parameter`` folder: ``main_process_lock`` for the whole call."""
 
     def wrap(function: F) -> F:
         signature = inspect.signature(function)
 
         @functools.wraps(function)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            from darkminer.parallel import init_processes
-
-            out = signature.bind_partial(*args, **kwargs).arguments.get(parameter)
-            if out is None or not init_processes().is_main:
-                return function(*args, **kwargs)
-            with output_lock(out):
+            with main_process_lock(signature.bind_partial(*args, **kwargs).arguments.get(parameter)):
                 return function(*args, **kwargs)
 
         return locked  # type: ignore[return-value]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.prompts import read_prompt_csv
 
@@ -59,7 +59,7 @@ SD_KINDS = ("free", "style", "object", "inappropriate")
 
 def check_kind(kind: str | None) -> None:
     if kind is not None and kind not in SD_KINDS:
-        raise DarkMinerError(f"--kind {kind!r}: use one of {list(SD_KINDS)}")
+        raise ConfigError(f"unknown kind {kind!r} (--kind): use one of {list(SD_KINDS)}")
 
 
 def resolve_target(

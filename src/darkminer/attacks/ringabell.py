@@ -128,6 +128,14 @@ def concept_vector(model: DiffusionModel, pairs: Sequence[tuple[str, str]]) -> t
 class RingABell(Attack):
     config_class = RingABellConfig
 
+    def check_target(self, target: EraseTarget) -> None:
+        if self.config.pairs_csv:
+            read_pairs(self.config.pairs_csv)
+            return
+        with warnings.catch_warnings():  # run() warns about few pairs; here only none of them fails
+            warnings.simplefilter("ignore")
+            concept_pairs(target)
+
     def concept_vector(self, model: DiffusionModel, target: EraseTarget) -> torch.Tensor:
         pairs = read_pairs(self.config.pairs_csv) if self.config.pairs_csv else concept_pairs(target)
         return concept_vector(model, pairs)

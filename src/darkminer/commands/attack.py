@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from darkminer.io import main_process_lock
+
+    with main_process_lock(args.out):  # from the start: a second run on --out is refused before it loads
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
     from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, run_attack, save_results
     from darkminer.evaluation import EvaluationConfig, concept_detector

@@ -42,6 +42,11 @@ class Eraser(ABC):
         (losses, timings) recorded in darkminer.json."""
 
 
+def damaged_checkpoint(work_dir: Path, problem: object) -> DarkMinerError:
+    """The one-line error for a checkpoint that cannot be resumed from."""
+    return DarkMinerError(f"the checkpoint in {work_dir} is damaged ({problem}); delete that folder to start over")
+
+
 def check_finite(value: float, stage: str, hint: str) -> float:
     """Stop a run whose loss went NaN/inf with one line that says what to change."""
     if not math.isfinite(value):

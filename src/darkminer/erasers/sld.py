@@ -58,7 +58,7 @@ class SafeLatentGuidance(Guidance):
         if guidance_scale == 1.0 or steps <= self.settings.warmup_steps:
             self._warned = True
             warnings.warn(
-                f"SLD steers only with classifier-free guidance (scale > 1) from step {self.settings.warmup_steps} "
+                f"SLD steers only under classifier-free guidance (scale != 1), from step {self.settings.warmup_steps} "
                 f"on; at {steps} steps and guidance {guidance_scale} it leaves the images as the original draws them",
                 stacklevel=3,
             )

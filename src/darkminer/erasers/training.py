@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from darkminer.erasers.base import damaged_checkpoint
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors_and_metadata, save_tensors
 from darkminer.models.adapters import target_module_names
@@ -231,7 +232,7 @@ def _load_checkpoint(
                    for name in params if name in state["adam_steps"]}
         done, losses = int(state["iterations_done"]), list(state["losses"])
     except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise DarkMinerError(f"the checkpoint in {work_dir} is damaged ({exc!r}); delete that folder to start over") from None
+        raise damaged_checkpoint(work_dir, repr(exc)) from None
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])

@@ -41,6 +41,7 @@ from darkminer.io import (
 from darkminer.models import model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
+from darkminer.targets import check_kind
 
 ALL = "all"
 CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
@@ -90,7 +91,8 @@ class BenchmarkConfig(Config):
     time). ``method_configs`` maps a method to its eraser config options; ``evaluation`` holds
     ``EvaluationConfig`` options (attacks come from ``attacks``). ``prompts`` maps a free-text (SD)
     concept to its prompt CSV; ``preserve_prompts`` is the SD preservation CSV. ``anchors`` maps a concept
-    to the prompt its erasure maps it to (default: the testbed registry's anchor; the empty prompt on SD).
+    to the prompt its erasure maps it to (default: the testbed registry's anchor; the empty prompt on SD);
+    ``kinds`` maps an SD concept to its kind (``targets.SD_KINDS``, e.g. ``style`` for an artist).
     ``device`` and ``speed`` (``SpeedOptions``: precision, attention, ...) say where and how models run."""
 
     methods: list[str] | str = ALL
@@ -103,6 +105,7 @@ class BenchmarkConfig(Config):
     prompts: dict[str, str] = field(default_factory=dict)
     preserve_prompts: str | None = None
     anchors: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     speed: dict[str, Any] = field(default_factory=dict)
 
@@ -127,17 +130,18 @@ class BenchmarkConfig(Config):
                     raise ConfigError(str(error)) from None
         if not all(isinstance(anchor, str) for anchor in self.anchors.values()):
             raise ConfigError(f"BenchmarkConfig.anchors maps concepts to prompts (text), got {self.anchors!r}")
-        unknown = sorted(set(self.anchors) - set(self.concepts))
-        if unknown:
-            raise ConfigError(f"BenchmarkConfig.anchors names concepts that are not run: {unknown}")
+        for name in ("anchors", "kinds"):
+            unknown = sorted(set(getattr(self, name)) - set(self.concepts))
+            if unknown:
+                raise ConfigError(f"BenchmarkConfig.{name} names concepts that are not run: {unknown}")
+        if self.kinds and self.model == "testbed":
+            raise ConfigError("BenchmarkConfig.kinds is for Stable Diffusion concepts: a testbed concept's kind is the registry's")
+        for kind in self.kinds.values():
+            check_kind(kind)
         if not self.methods:
             raise ConfigError("BenchmarkConfig.methods is empty; name at least one method")
         if "attacks" in self.evaluation:
             raise ConfigError("set attacks at the top level of the benchmark config, not under evaluation")
-        if not isinstance(self.methods, str):
-            unused = sorted(set(self.method_configs) - set(self.methods))
-            if unused:
-                raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
         SpeedOptions.from_dict(self.speed)
         # attack_configs is checked once "all" is resolved to the registered attacks.
         EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
@@ -150,6 +154,9 @@ class BenchmarkConfig(Config):
         for name, options in self.method_configs.items():
             if not isinstance(options, dict):
                 raise ConfigError(f"BenchmarkConfig.method_configs.{name} must be a mapping of options, got {options!r}")
+        unused = sorted(set(self.method_configs) - set(names))
+        if unused:
+            raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
         for name in names:  # unknown names, bad options and what the model needs fail before any work
             get_eraser(name).config_class.from_dict(self.method_configs.get(name, {})).check_model(model_id(self.model))
         return names
@@ -242,7 +249,8 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
             from darkminer.api import erase
 
             erase(method, concept, erased, model=cfg.model, config=cfg.method_configs.get(method),
-                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), resume=True, device=cfg.device,
+                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), kind=cfg.kinds.get(concept),
+                  resume=True, device=cfg.device,
                   speed=cfg.speed or None)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device,

@@ -89,7 +89,7 @@ class Clip:
         except ModelLoadError:
             raise
         except Exception as exc:  # any library error while reading foreign files: one line, what to do
-            raise ModelLoadError(f"cannot load {what} ({first_line(exc, 160)}); {_HOW_TO_PASS}") from None
+            raise ModelLoadError(f"cannot load {what} ({type(exc).__name__}: {first_line(exc, 160)}); {_HOW_TO_PASS}") from None
         check_tokenizer(tokenizer, what)
         return cls(model.to(device, dtype), tokenizer, name_or_path)
 

@@ -74,6 +74,9 @@ class ErasedModelInfo:
             directory / UNET_WEIGHTS
         ).is_file():
             return cls(method=EXTERNAL_METHOD, concept="", base_model="", kind="unet")
+        if not (directory / INFO_NAME).exists() and (directory / "unet" / UNET_WEIGHTS).is_file():
+            raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
+                                 f"--erased {directory / 'unet'}, with --model naming the base it came from")
         data = read_json(directory / INFO_NAME)
         missing = [k for k in ("method", "concept", "base_model", "kind") if k not in data]
         if missing:

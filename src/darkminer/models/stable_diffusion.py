@@ -105,7 +105,8 @@ class StableDiffusionModel(DiffusionModel):
             raise
         except Exception as exc:  # any library error while reading foreign files: one line, what to do
             raise ModelLoadError(
-                f"cannot load Stable Diffusion model {name_or_path!r} ({first_line(exc)}). darkminer never downloads: "
+                f"cannot load Stable Diffusion model {name_or_path!r} ({type(exc).__name__}: {first_line(exc)}). "
+                "darkminer never downloads: "
                 "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
                 "cache first (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4`)"
             ) from None

@@ -16,7 +16,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from darkminer.erasers.base import Eraser, register_eraser
+from darkminer.erasers.base import Eraser, damaged_checkpoint, register_eraser
 from darkminer.erasers.darkminer.circumventing import circumvent
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
@@ -218,7 +218,7 @@ class DarkMiner(Eraser):
             ]
             failures = int(meta["failures"])
         except (DarkMinerError, KeyError, TypeError, ValueError) as exc:
-            raise DarkMinerError(f"the checkpoint in {folder} is damaged ({exc}); delete {work_dir} to start over") from None
+            raise damaged_checkpoint(work_dir, exc) from None
         set_peft_model_state_dict(model.unet, adapter, adapter_name=ADAPTER_NAME)
         return {"log": meta["log"], "mined": mined, "failures": failures}
 
