@@ -203,7 +203,8 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise ModelLoadError(f"{path} does not exist") from None
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ModelLoadError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): a run that wrote it was "
+                             "cut short, or it was edited; repair it, or remove what holds it and rerun") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
