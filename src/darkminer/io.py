@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,12 +157,27 @@ def output_lock(out: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def main_process_lock(out: str | Path | None) -> AbstractContextManager[None]:
-    """``output_lock(out)`` in the main process; nothing in the others of a launched run (they write
-    nothing) or without an ``out``."""
+@contextmanager
+def main_process_lock(out: str | Path | None) -> Iterator[None]:
+    """``output_lock(out)``, held by the main process of a launched run (the others write nothing); when it
+    is refused, every process stops with the same line, not only the main one. Nothing without an ``out``."""
     from darkminer.parallel import init_processes
 
-    return output_lock(out) if out is not None and init_processes().is_main else nullcontext()
+    if out is None:
+        yield
+        return
+    processes = init_processes()
+    refusal = None
+    with ExitStack() as held:
+        if processes.is_main:
+            try:
+                held.enter_context(output_lock(out))
+            except DarkMinerError as exc:
+                refusal = str(exc)
+        refusal = processes.broadcast_object(refusal)
+        if refusal:
+            raise DarkMinerError(refusal)
+        yield
 
 
 def exclusive_output(parameter: str = "out") -> Callable[[F], F]:
