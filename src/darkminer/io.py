@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import glob
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -92,12 +94,20 @@ def _check_parents(path: Path) -> None:
             return
 
 
+_LOCKED: set[Path] = set()  # the outputs this process holds output_lock on (resolved paths)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 @contextmanager
 def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     """A temporary folder beside ``out`` to write into, renamed onto ``out`` (replacing an earlier
     ``what``) when the block succeeds: a folder ``out`` holding its ``marker`` file is whole."""
     out = check_output_directory(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if Path(os.path.realpath(out)) in _LOCKED:  # this run holds --out: a temporary folder beside it is a dead run's
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
+            if stale.is_dir() and re.fullmatch(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}(\.replaced)?", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = _as_if_created(Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), 0o777)
     replaced = out.parent / f"{tmp.name}.replaced"
     try:
@@ -115,8 +125,6 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-_LOCKED: set[Path] = set()
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
