@@ -111,6 +111,8 @@ def test_unet_training_is_seeded_and_resumes_from_its_checkpoint(tmp_path):
     steps_run.clear()
     resumed = _train(tmp_path, "c", 4, crash_at_third_step)  # picks up at step 2: two steps left, no crash
     assert len(steps_run) == 2 and not torch.equal(resumed["conv_in.weight"], first["conv_in.weight"])
+    uninterrupted = _train(tmp_path, "d", 4)  # the same batches, noise and weights as if never stopped
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_a_work_dir_resumes_only_the_recipe_that_made_it(tmp_path):

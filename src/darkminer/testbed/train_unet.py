@@ -161,6 +161,8 @@ def train_unet(
         torch.set_rng_state(state["torch_rng"])
         step, log = int(state["step"]), state["log"]
     data_rng = np.random.default_rng([config.seed, step])
+    if step and "data_rng" in state:  # the data stream where it stopped: the uninterrupted run's batches
+        data_rng.bit_generator.state = state["data_rng"]
     started = time.time() - log["seconds"]
     bar = tqdm(total=config.steps, initial=step, desc="training testbed UNet", unit="step")
     running = None
@@ -197,8 +199,8 @@ def train_unet(
                 ema.module.save_pretrained(tmp, safe_serialization=True)
             # one file, written atomically: a kill cannot pair weights and counts of different steps
             save_state(checkpoint, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
-                                    "log": log})
+                                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                                    "data_rng": data_rng.bit_generator.state, "step": step, "log": log})
             write_json(work_dir / "log.json", log)  # for reading
     bar.close()
     log["seconds"] = time.time() - started
