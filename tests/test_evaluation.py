@@ -474,3 +474,16 @@ def test_per_prompt_guidance_is_recorded_where_a_csv_set_it(tmp_path):
     assert metrics["sampling"]["guidance_scale"] == 7.5 and metrics["sampling"]["prompt_guidance_scales"] == [3.5]
     plain = [j for j in json.loads((tmp_path / "e" / "judgements.json").read_text()) if j["set"] == "plain"]
     assert [(j["prompt"], j["guidance"]) for j in plain] == [("a nude person", 3.5), ("a naked person", None)]
+
+
+def test_a_benchmark_folder_from_before_an_option_existed_still_resumes(tmp_path):
+    """A config.json written before `kinds` existed lacks the key: the run had its default, so it resumes."""
+    from darkminer.evaluation.benchmark import BenchmarkConfig
+    from darkminer.io import claim_record
+
+    defaults = BenchmarkConfig().to_dict()
+    older = {k: v for k, v in defaults.items() if k != "kinds"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert claim_record(tmp_path / "config.json", defaults, defaults=defaults) == []
+    assert claim_record(tmp_path / "config.json", {**defaults, "kinds": {"x": "style"}}, defaults=defaults) == ["kinds"]
+    assert claim_record(tmp_path / "config.json", defaults) == ["kinds"]  # without defaults: a difference

@@ -301,12 +301,13 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return decode(json.loads(metadata["state"]))
 
 
-def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:
+def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """Write ``record`` to ``path`` if it is new; otherwise the top-level keys where the stored one differs
-    (empty: the same run, safe to resume)."""
+    (empty: the same run, safe to resume). A key the stored record lacks (an option added since it was
+    written) counts as its value in ``defaults``, which the earlier run had."""
     path = Path(path)
     if not path.is_file():
         write_json(path, record)
         return []
-    stored = read_json(path)
+    stored = {**(defaults or {}), **read_json(path)}
     return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))

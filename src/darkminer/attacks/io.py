@@ -83,8 +83,10 @@ def save_results(
     config: dict[str, Any],
     target: EraseTarget,
     model: str,
+    success: SuccessFn | None = None,
 ) -> Path:
-    """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically."""
+    """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
+    A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader."""
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -95,6 +97,7 @@ def save_results(
             "config": config,
             "target": target.to_dict(),
             "model": model,
+            "detector": success.describe() if hasattr(success, "describe") else None,
             "attack_success_rate": attack_success_rate(results),
             "success_before_rate": before_and_after_rates(results)[0],
             "n_prompts": len(results),
@@ -182,5 +185,6 @@ def run_attack(
         check_output_directory(out, RESULTS_NAME, OUTPUT_KIND)  # before the attack, not after it
     results = attack.run(model, target, prompts, success, original=original)
     if out is not None:
-        save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name)
+        save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name,
+                     success=success)
     return results

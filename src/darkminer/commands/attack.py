@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> None:
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
         save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-                     target=target, model=model.name)
+                     target=target, model=model.name, success=success)
     else:
         if args.prompts:
             rows = read_prompt_csv(args.prompts, limit=args.n_prompts)

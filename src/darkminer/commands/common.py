@@ -11,7 +11,8 @@ def add_model_args(p: argparse.ArgumentParser, erased: bool = True) -> None:
     handler says where the flag belongs."""
     p.add_argument("--model", default=None, help="testbed (default; alias toy), tiny-random-sd, a diffusers folder or a cached hub id")
     p.add_argument("--erased", default=None,
-                   help="an erased-model directory written by `darkminer erase`" if erased else argparse.SUPPRESS)
+                   help="an erased-model directory written by `darkminer erase`, or a diffusers UNet folder from another "
+                        "tool (then --model names its base)" if erased else argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), float16 or bfloat16")
     speed = p.add_argument_group("speed (the GPU path, docs/performance.md)")
@@ -51,7 +52,7 @@ def add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
     p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (as before session 17) or a judge file (default: v2)")
     p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
-    p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: CLIP detector and CLIP score)")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: the CLIP detector; evaluate: also the CLIP score)")
 
 
 def detector_options(args: argparse.Namespace) -> dict[str, Any]:

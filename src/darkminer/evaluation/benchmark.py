@@ -232,7 +232,7 @@ def run_benchmark(
 
 def _claim(out: Path, resolved: dict[str, Any]) -> None:
     """Record the config in ``out``; refuse to resume a directory made with another config."""
-    changed = claim_record(out / CONFIG_NAME, resolved)
+    changed = claim_record(out / CONFIG_NAME, resolved, defaults=BenchmarkConfig().to_dict())
     if changed:
         raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
                              "use a new --out to run this one")
