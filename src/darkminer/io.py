@@ -125,8 +125,6 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-
-
 @contextmanager
 def output_lock(out: str | Path) -> Iterator[None]:
     """Held while a run writes ``out``: a second darkminer run on the same ``out`` (which would interleave
