@@ -455,3 +455,14 @@ def test_a_unet_folder_from_another_tool_loads_as_an_erasure_of_the_named_base(t
     assert main(["generate", "--prompt", "a cat", "--model", "testbed", "--erased", str(tmp_path / "their-unet"),
                  "--steps", "1", "--out", str(tmp_path / "g.png")]) == 2
     assert "another architecture than the base model 'testbed'" in capsys.readouterr().err
+
+
+def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_sd_dir):
+    """Some hub snapshots hold `*.fp16.safetensors` only (diffusers' variant files)."""
+    from darkminer.models.tiny import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline().save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    model, reference = load_model(str(tmp_path / "fp16")), load_model(str(tiny_sd_dir))
+    for name, weight in reference.unet.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[name], weight), name

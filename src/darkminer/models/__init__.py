@@ -90,12 +90,10 @@ def _local_copy(spec: str) -> str | None:
     path = Path(spec).expanduser()
     if path.exists():
         return str(path.resolve())
-    from huggingface_hub import snapshot_download
+    from darkminer.models.loading import cached_snapshot
 
-    try:
-        return str(Path(snapshot_download(spec, local_files_only=True)).resolve())
-    except Exception:  # not a hub id, or not in the cache: either way not here
-        return None
+    snapshot = cached_snapshot(spec)
+    return None if snapshot is None else str(snapshot)
 
 
 def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:

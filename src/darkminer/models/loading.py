@@ -7,6 +7,7 @@ Each of these gives a model that runs and draws garbage, so it is refused here, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from darkminer.errors import ModelLoadError
@@ -50,3 +51,21 @@ def check_tokenizer(tokenizer: Any, what: str) -> None:
             f"{what}: the tokenizer splits {_PROBE_WORD!r} into {tokenizer.tokenize(_PROBE_WORD)}, so its merges did "
             "not load; check the tokenizer's merges.txt"
         )
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of hub id ``repo_id`` in the Hugging Face cache; None if it is not there (or is
+    not a hub id). Never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True)).resolve()
+    except Exception:  # not a hub id, or not in the cache: either way not here
+        return None
+
+
+def fp16_variant_only(folder: Path) -> bool:
+    """Whether a component folder holds its weights only as diffusers' fp16 variant (``*.fp16.safetensors``),
+    as some hub snapshots do; such a folder loads with ``variant="fp16"``."""
+    files = list(folder.glob("*.safetensors"))
+    return bool(files) and all(f.name.endswith(".fp16.safetensors") for f in files)

@@ -15,7 +15,13 @@ from transformers.masking_utils import create_causal_mask
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import INFO_NAME
-from darkminer.models.loading import check_tokenizer, checked_weights, first_line
+from darkminer.models.loading import (
+    cached_snapshot,
+    check_tokenizer,
+    checked_weights,
+    first_line,
+    fp16_variant_only,
+)
 
 
 def _check_local_folder(path: Path) -> None:
@@ -84,6 +90,7 @@ class StableDiffusionModel(DiffusionModel):
         if path.exists():
             _check_local_folder(path)
         source = str(path) if path.exists() else name_or_path
+        folder = path if path.exists() else cached_snapshot(name_or_path)
         try:
             # The weighted components are loaded one by one, so that what each loaded can be checked.
             loaded = {
@@ -91,6 +98,7 @@ class StableDiffusionModel(DiffusionModel):
                     model_class.from_pretrained(
                         source, subfolder=name, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
                         output_loading_info=True,
+                        variant="fp16" if folder is not None and fp16_variant_only(folder / name) else None,
                     ),
                     f"{name_or_path!r} {name}",
                 )
