@@ -11,6 +11,9 @@ from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.clip import Clip
 
+SET_IMAGE_ENCODER = ("set the config option `image_encoder` to a local CLIP folder (safetensors) or a cached hub id "
+                     "(e.g. openai/clip-vit-large-patch14)")
+
 
 class ImageEmbedder(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,6 @@ def load_image_encoder(model: DiffusionModel, spec: str | None = None) -> ImageE
         return ImageEncoder.load(device=model.device)
     if spec is None:
         raise ModelLoadError(
-            "this model needs a CLIP image encoder for verification: set the config option `image_encoder` to a "
-            "local CLIP folder (safetensors) or cached hub id (e.g. openai/clip-vit-large-patch14)"
+            f"this model needs a CLIP image encoder for verification: {SET_IMAGE_ENCODER}"
         )
     return Clip.load(spec, device=model.device)

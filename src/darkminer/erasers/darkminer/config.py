@@ -8,6 +8,7 @@ from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.erasers.base import EraserConfig
 from darkminer.errors import ConfigError
 from darkminer.models.adapters import LoraConfig
+from darkminer.models.image_encoders import SET_IMAGE_ENCODER
 
 SPACES = ("token", "condition")
 INITS = ("concept", "random", "previous")
@@ -78,8 +79,7 @@ class DarkMinerConfig(EraserConfig):
     def check_model(self, model: str) -> None:
         if self.verify and self.image_encoder is None and model != "testbed":
             raise ConfigError(
-                f"Dark Miner's verifier needs a CLIP image encoder on {model!r}: set the config option `image_encoder` "
-                "to a local CLIP folder (safetensors) or a cached hub id (e.g. openai/clip-vit-large-patch14)"
+                f"Dark Miner's verifier needs a CLIP image encoder on {model!r}: {SET_IMAGE_ENCODER}"
             )
 
     def validate(self) -> None:
