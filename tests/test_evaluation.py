@@ -411,6 +411,26 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     with pytest.raises(DarkMinerError, match="another config"):
         run_benchmark({**config, "concepts": ["nudity"]}, out, progress=False)
 
+    # The same config, but a finished cell made under other resolved options (a default that changed since):
+    # refused before any work, naming the cell and the option, rather than mixed into the table.
+    cell = out / "cells" / "test-nudge" / "van-gogh"
+    for path, edit, what in [
+        (cell / "erased" / "darkminer.json", lambda d: d["config"].update(seed=7), r"test-nudge options .*'seed'"),
+        (cell / "evaluation" / "metrics.json", lambda d: d["config"].update(steps=3), r"evaluation options .*'steps'"),
+        (cell / "evaluation" / "metrics.json", lambda d: d["attack_details"]["test-echo"]["config"].update(seed=7),
+         r"test-echo options .*'seed'"),
+    ]:
+        original = path.read_text()
+        stored = json.loads(original)
+        edit(stored)
+        path.write_text(json.dumps(stored))
+        nudge.calls = []
+        with pytest.raises(DarkMinerError, match=f"{re.escape(str(cell))} was made with other {what}.*delete"):
+            run_benchmark(config, out, progress=False)
+        assert nudge.calls == []
+        path.write_text(original)
+    run_benchmark(config, out, progress=False)  # as stored: resumes
+
 
 def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     def cell(method: str, plain: float, clip: float) -> dict:

@@ -307,5 +307,11 @@ def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, A
     if not path.is_file():
         write_json(path, record)
         return []
-    stored = {**(defaults or {}), **read_json(path)}
+    return changed_keys(read_json(path), record, defaults)
+
+
+def changed_keys(stored: dict[str, Any], record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The top-level keys where ``stored`` differs from ``record``; a key ``stored`` lacks counts as its
+    value in ``defaults``."""
+    stored = {**(defaults or {}), **stored}
     return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))

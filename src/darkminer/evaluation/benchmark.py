@@ -32,6 +32,7 @@ from darkminer.evaluation.evaluate import (
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
 from darkminer.io import (
     atomic_path,
+    changed_keys,
     check_output_directory,
     claim_record,
     exclusive_output,
@@ -204,6 +205,7 @@ def run_benchmark(
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
     resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
     _claim(out, resolved)
+    _check_finished_cells(cfg, eval_cfg, out, rows)
     started = time.time()
     cells = []
     plan = [(method, concept) for concept in cfg.concepts for method in rows]
@@ -238,10 +240,46 @@ def _claim(out: Path, resolved: dict[str, Any]) -> None:
                              "use a new --out to run this one")
 
 
+def _cell_dir(out: Path, method: str, concept: str) -> Path:
+    return out / "cells" / _slug(method) / _slug(concept)
+
+
+def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, rows: list[str]) -> None:
+    """Refuse to resume where a finished cell was made with other resolved options than this run's: the
+    benchmark config can be the same while a default changed in between (a newer darkminer), and the table
+    would then silently mix cells made under both."""
+    from darkminer.attacks.base import build_attack
+    from darkminer.erasers.base import get_eraser
+
+    attacks = {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
+
+    def changed(have: dict[str, Any], want: Config) -> list[str]:
+        return changed_keys(have, want.to_dict(), defaults=type(want)().to_dict())
+
+    for concept in cfg.concepts:
+        for method in rows:
+            cell = _cell_dir(out, method, concept)
+            checks = []
+            if method != ORIGINAL_METHOD and (cell / "erased" / INFO_NAME).is_file():
+                want = get_eraser(method).config_class.from_dict(cfg.method_configs.get(method, {}))
+                checks.append((f"{method} options", changed(ErasedModelInfo.read(cell / "erased").config, want)))
+            if (cell / "evaluation" / METRICS_NAME).is_file():
+                metrics = read_json(cell / "evaluation" / METRICS_NAME)
+                checks.append(("evaluation options", changed(metrics.get("config", {}), eval_cfg)))
+                for name, details in metrics.get("attack_details", {}).items():
+                    if name in attacks and "config" in details:  # cells evaluated before it was recorded lack it
+                        checks.append((f"{name} options", changed(details["config"], attacks[name])))
+            for what, keys in checks:
+                if keys:
+                    raise DarkMinerError(f"{cell} was made with other {what} than this run resolves (they differ "
+                                         f"in {keys}; a default may have changed since): delete {cell} to redo "
+                                         "that cell, or use a new --out")
+
+
 def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str,
               progress: bool = False) -> dict[str, Any]:
-    relative = Path("cells") / _slug(method) / _slug(concept)
-    cell = out / relative
+    cell = _cell_dir(out, method, concept)
+    relative = cell.relative_to(out)
     metrics_path = cell / "evaluation" / METRICS_NAME
     erased = None if method == ORIGINAL_METHOD else cell / "erased"
     if not metrics_path.is_file():

@@ -320,6 +320,7 @@ def evaluate(
         replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
         before, after = before_and_after_rates(results)
         attack_details[name] = {
+            "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
             "n_prompts": len(results),
             "success_before": before,
             "success_after": after,
