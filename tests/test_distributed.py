@@ -17,7 +17,7 @@ from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.erasers.darkminer.circumventing import circumvent
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensors, save_tensors
+from darkminer.io import load_tensors, output_lock, save_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import LoraConfig, add_lora
 from darkminer.parallel import (
@@ -105,6 +105,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     processes = init_processes()
     assert (processes.rank, processes.world_size) == (rank, WORLD)
+    from darkminer.api import erase
+
+    try:  # the test holds this output's lock: the main process is refused, and every process stops with it
+        erase("esd-x", "nudity", Path(folder) / "locked", model="tiny-random-sd")
+    except DarkMinerError as exc:
+        (Path(folder) / f"refused{rank}.txt").write_text(str(exc))
     results = _scenario(processes, Path(folder) / "evaluation")
     save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
 
@@ -120,7 +126,8 @@ def two_processes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("two-processes")
     # A fork server that imported torch and diffusers once forks both workers: one import instead of two.
     mp.get_context("forkserver").set_forkserver_preload(["darkminer.models", "darkminer.evaluation"])
-    mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
+    with output_lock(folder / "locked"):  # as another darkminer run writing there would
+        mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
     return folder
 
 
@@ -144,6 +151,9 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     # The sharded evaluation wrote once (main process) the same metrics and the same image grids.
     one, two = tmp_path / "evaluation", two_processes / "evaluation"
     assert not [p for p in two_processes.iterdir() if p.name.startswith(".")]  # no temp files or work dirs left
+    refusals = {(two_processes / f"refused{r}.txt").read_text() for r in range(WORLD)}
+    assert len(refusals) == 1 and "another darkminer run is writing" in refusals.pop()
+    assert not (two_processes / "locked").exists()
     metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
         assert metrics_one[key] == metrics_two[key]

@@ -55,6 +55,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = _as_if_created(Path(tmp), 0o666)
     try:
         yield tmp_path
+        with open(tmp_path, "rb") as written:  # on disk before the rename: a crash must not leave an empty file
+            os.fsync(written.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
