@@ -178,6 +178,21 @@ def test_judge_versions_are_selectable_and_recorded(tmp_path):
             EvaluationConfig(judge=bad)
 
 
+def test_missing_or_foreign_testbed_networks_fail_in_one_line_that_says_how_to_train_them(tmp_path):
+    from darkminer.errors import ModelLoadError
+    from darkminer.io import save_tensors
+    from darkminer.testbed.image_encoder import ImageEncoder
+    from darkminer.testbed.judge import Judge
+
+    foreign = tmp_path / "foreign.safetensors"  # weights, but not a judge's or an encoder's (no config)
+    save_tensors(foreign, {"w": torch.zeros(2)}, metadata={"config": "{not json"})
+    for load, what in ((Judge.load, "judge"), (ImageEncoder.load, "encoder")):
+        with pytest.raises(ModelLoadError, match=f"no {what} config.*darkminer testbed train --only {what}"):
+            load(foreign)
+    with pytest.raises(ModelLoadError, match="encoder weights not found.*darkminer testbed train --only encoder"):
+        ImageEncoder.load(tmp_path / "missing.safetensors")
+
+
 # --------------------------------------------------------------------------------------------- arithmetic
 def test_concept_rate_and_attribute_accuracy_on_hand_made_cases():
     assert concept_rate(torch.tensor([True, False, False, True])) == 0.5

@@ -83,10 +83,7 @@ def resolve_target(
         if prompts_csv:
             raise DarkMinerError(TESTBED_CSV_ERROR)
 
-        try:
-            c = get_concept(concept)
-        except ValueError as exc:
-            raise DarkMinerError(str(exc)) from None
+        c = get_concept(concept)
         direct = c.direct_prompts(n_prompts, seed, split="erasure")
         twins = c.anchor_twins(n_prompts, seed, split="erasure")
         return EraseTarget(

@@ -125,10 +125,7 @@ class BenchmarkConfig(Config):
                 raise ConfigError(TESTBED_CSV_ERROR)
 
             for concept in self.concepts:
-                try:
-                    get_concept(concept)  # an unknown name fails before any work
-                except ValueError as error:
-                    raise ConfigError(str(error)) from None
+                get_concept(concept)  # an unknown name fails before any work
         if not all(isinstance(anchor, str) for anchor in self.anchors.values()):
             raise ConfigError(f"BenchmarkConfig.anchors maps concepts to prompts (text), got {self.anchors!r}")
         for name in ("anchors", "kinds"):

@@ -174,10 +174,7 @@ class JudgeDetector(Detector):
 
         self.concept: Concept = get_concept(concept) if isinstance(concept, str) else concept  # type: ignore[assignment]
         self.weights = judge_weights(weights)
-        try:
-            self.judge = Judge.load(self.weights)
-        except ValueError as exc:
-            raise DarkMinerError(str(exc)) from None
+        self.judge = Judge.load(self.weights)
 
     def detect(self, images: torch.Tensor) -> torch.Tensor:
         return self.judge.has_concept(images.float().cpu(), self.concept)

@@ -62,10 +62,7 @@ class TestbedAligner:
     def __init__(self) -> None:
         from darkminer.testbed.image_encoder import WEIGHTS_PATH, ImageEncoder, SentenceEmbedder
 
-        try:
-            self.encoder = ImageEncoder.load()
-        except ValueError as exc:
-            raise DarkMinerError(str(exc)) from None
+        self.encoder = ImageEncoder.load()
         self.embedder = SentenceEmbedder()
         self.weights = WEIGHTS_PATH
 
@@ -87,10 +84,7 @@ class _TestbedEncoderFeatures(nn.Module):
         super().__init__()
         from darkminer.testbed.image_encoder import EMBEDDING_DIM, ImageEncoder
 
-        try:
-            self.net = ImageEncoder.load().net
-        except ValueError as exc:
-            raise DarkMinerError(str(exc)) from None
+        self.net = ImageEncoder.load().net
         self.num_features = EMBEDDING_DIM
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

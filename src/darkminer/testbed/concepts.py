@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from darkminer.errors import ConfigError
 from darkminer.testbed.captions import Phrase, caption, heldout_phrases, trigger_phrases
 from darkminer.testbed.world import HEADS, OVERLAY_PROBABILITIES, Scene, sample_scene
 
@@ -194,10 +195,10 @@ def concept_names() -> list[str]:
 
 
 def get_concept(name: str) -> Concept:
-    """The concept called ``name``; raises ValueError listing the valid names otherwise."""
+    """The concept called ``name``; raises ConfigError listing the valid names otherwise."""
     try:
         return CONCEPTS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown testbed concept {name!r}; choose one of {', '.join(concept_names())}"
         ) from None

@@ -9,19 +9,16 @@ different architecture and objective from the judge, so no method is tuned again
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from darkminer.io import load_tensors
 from darkminer.testbed.captions import ADJECTIVE, NOUN, VOCABULARY, Phrase
-from darkminer.testbed.judge import check_images
+from darkminer.testbed.judge import check_images, load_trained_weights
 from darkminer.testbed.world import HEADS
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "image_encoder.safetensors"
@@ -145,19 +142,7 @@ class ImageEncoder:
 
     @classmethod
     def load(cls, path: str | Path = WEIGHTS_PATH, device: str | torch.device = "cpu") -> ImageEncoder:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(
-                f"image encoder weights not found at {path}; train them with "
-                "`python -m darkminer.testbed.train_aux --only encoder`"
-            )
-        with safe_open(str(path), framework="pt") as handle:
-            config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        if "widths" not in config:
-            raise ValueError(
-                f"{path} has no encoder config in its metadata; retrain it with darkminer.testbed.train_aux"
-            )
-        tensors = load_tensors(path)
+        tensors, config = load_trained_weights(Path(path), "encoder", required="widths")
         classifiers = {
             k.removeprefix(_ZERO_SHOT_PREFIX): v
             for k, v in tensors.items()

@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from darkminer.errors import ConfigError
-from darkminer.io import load_tensors
+from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.io import load_tensors_and_metadata
 from darkminer.testbed.concepts import Concept, get_concept
 from darkminer.testbed.world import HEADS, IMAGE_SIZE
 
@@ -37,6 +36,23 @@ def judge_weights(judge: str | Path | None = None) -> Path:
         raise ConfigError(f"judge {str(judge)!r} is neither a shipped judge ({', '.join(SHIPPED_JUDGES)}) "
                           "nor a judge .safetensors file")
     return path
+
+
+def load_trained_weights(path: Path, what: str, required: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a testbed network trained by ``darkminer testbed train --only WHAT`` and the config
+    it stores in its metadata (which must hold ``required``); one open, one-line errors."""
+    if not path.is_file():
+        raise ModelLoadError(f"{what} weights not found at {path}; train them with `darkminer testbed train "
+                             f"--only {what}`, or reinstall darkminer")
+    tensors, metadata = load_tensors_and_metadata(path)
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError:
+        config = {}
+    if required not in config:
+        raise ModelLoadError(f"{path} has no {what} config in its metadata; retrain it with "
+                             f"`darkminer testbed train --only {what}`")
+    return tensors, config
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -90,20 +106,10 @@ class Judge:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
         """The shipped judge (``None``), a shipped version by name (``"v1"``) or a weights file."""
-        path = judge_weights(path)
-        if not path.is_file():
-            raise ValueError(
-                f"judge weights not found at {path}; train them with `python -m darkminer.testbed.train_aux --only judge`"
-            )
-        with safe_open(str(path), framework="pt") as handle:
-            config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        if "heads" not in config:
-            raise ValueError(
-                f"{path} has no judge config in its metadata; retrain it with darkminer.testbed.train_aux"
-            )
+        tensors, config = load_trained_weights(judge_weights(path), "judge", required="heads")
         head_values = {head: tuple(values) for head, values in config["heads"].items()}
         net = JudgeNet({h: len(v) for h, v in head_values.items()}, tuple(config["widths"]))
-        net.load_state_dict(load_tensors(path))
+        net.load_state_dict(tensors)
         return cls(net.to(device), head_values)
 
     @property
