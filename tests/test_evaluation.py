@@ -522,3 +522,27 @@ def test_a_benchmark_folder_from_before_an_option_existed_still_resumes(tmp_path
     assert claim_record(tmp_path / "config.json", defaults, defaults=defaults) == []
     assert claim_record(tmp_path / "config.json", {**defaults, "kinds": {"x": "style"}}, defaults=defaults) == ["kinds"]
     assert claim_record(tmp_path / "config.json", defaults) == ["kinds"]  # without defaults: a difference
+
+
+@needs_judge
+def test_attacks_sample_with_the_evaluations_steps_and_guidance(tmp_path):
+    """The plain attack judges the plain prompts' own images: at the evaluation's (non-default) steps its
+    success rate is the plain erasure rate of those prompts, which it was not while attacks sampled at the
+    model's defaults (5 steps: plain 87.5%, ASR plain 100%)."""
+    config = {"steps": 5, "n_images": 8, "attack_prompts": 8, "attacks": ["plain"], "preservation": []}
+    metrics = evaluate("blood", tmp_path / "e", model="testbed", config=config)
+    assert metrics["sampling"]["steps"] == 5
+    assert metrics["attacks"]["plain"] == metrics["erasure"]["plain"] == metrics["attack_details"]["plain"]["replayed_concept_rate"]
+
+
+def test_sampling_defaults_hold_inside_the_block_only():
+    from darkminer.testbed.model import TestbedModel
+
+    model = TestbedModel.untrained()
+    cond = model.encode(["a red star"])
+    five, default = model.sample(cond, seeds=[3], steps=5), model.sample(cond, seeds=[3])
+    assert not torch.equal(five, default)
+    with model.sampling_defaults(steps=5):
+        assert torch.equal(model.sample(cond, seeds=[3]), five)
+        assert model.default_sampling.guidance_scale == type(model).default_sampling.guidance_scale  # None: kept
+    assert torch.equal(model.sample(cond, seeds=[3]), default) and "default_sampling" not in vars(model)

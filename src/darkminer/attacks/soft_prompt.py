@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from darkminer.attacks.base import AttackPrompt, SuccessFn
 from darkminer.errors import DarkMinerError
-from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.models.base import DiffusionModel, host_to_device, per_guidance_scale
 
 # Marks a free slot in a row of token ids given to :func:`build_slotted`.
 SLOT = None
@@ -179,14 +179,8 @@ def sample_prompts(
     """One image per prompt from conditioning states (B, L, D), each with the prompt's seed and guidance."""
     if cond.shape[0] != len(prompts):
         raise DarkMinerError(f"{cond.shape[0]} conditionings for {len(prompts)} prompts")
-    images: list[torch.Tensor | None] = [None] * len(prompts)
-    scales = {p.guidance for p in prompts}
-    for scale in scales:
-        rows = [i for i, p in enumerate(prompts) if p.guidance == scale]
-        out = model.sample(cond[rows], seeds=[prompts[i].seed for i in rows], guidance_scale=scale, adapter=adapter)
-        for row, image in zip(rows, out, strict=True):
-            images[row] = image
-    return torch.stack(images)  # type: ignore[arg-type]
+    return per_guidance_scale([p.guidance for p in prompts], lambda rows, scale: model.sample(
+        cond[rows], seeds=[prompts[i].seed for i in rows], guidance_scale=scale, adapter=adapter))
 
 
 def original_images(

@@ -25,6 +25,7 @@ from darkminer.attacks.base import (
     before_and_after_rates,
     build_attack,
 )
+from darkminer.attacks.io import adversarial_conditions
 from darkminer.config import Config, check_choice, check_positive, load_config_file
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
@@ -57,7 +58,7 @@ from darkminer.evaluation.suites import (
 from darkminer.imaging import make_grid, save_png, to_pil
 from darkminer.io import check_output_directory, exclusive_output, output_directory, write_json
 from darkminer.models import load_model
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, package_versions
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
@@ -155,36 +156,20 @@ class Painter:
         self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False
     ) -> torch.Tensor:
         """Images for conditioning states (B, L, D); rows with the same guidance scale share a sampling call."""
-        images: list[torch.Tensor | None] = [None] * len(seeds)
-        for scale in dict.fromkeys(guidances):
-            rows = [i for i, g in enumerate(guidances) if g == scale]
-            drawn = sharded_sample(  # adapter off: the original, with plain CFG instead of an SLD guidance
-                self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
-                guidance_scale=scale if scale is not None else self.config.guidance_scale,
-                batch_size=self.config.batch_size, progress=self.progress,
-            )
-            for i, image in zip(rows, drawn.cpu(), strict=True):
-                images[i] = image
+        images = per_guidance_scale(guidances, lambda rows, scale: sharded_sample(
+            # adapter off: the original, with plain CFG instead of an SLD guidance
+            self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
+            guidance_scale=scale if scale is not None else self.config.guidance_scale,
+            batch_size=self.config.batch_size, progress=self.progress,
+        ).cpu())
         self.count += len(seeds)
-        return torch.stack(images)  # type: ignore[arg-type]
+        return images
 
 
 def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Tensor:
     """Images of what each attack found, drawn on the attacked model with the prompt's seed."""
-    model = painter.model
-    conds = []
-    with torch.no_grad():
-        for result in results:
-            if result.input_ids is not None:
-                ids = torch.tensor([result.input_ids], dtype=torch.long, device=model.device)
-            else:
-                ids = model.tokenize([result.adversarial_text])
-            if result.embeddings is not None:
-                embeds = result.embeddings.detach().unsqueeze(0).to(model.device, model.token_embedding.weight.dtype)
-                conds.append(model.encode_embeddings(embeds, ids))
-            else:
-                conds.append(model.encode_ids(ids))
-    return painter.conditions(torch.cat(conds), [r.prompt.seed for r in results], [r.prompt.guidance for r in results])
+    return painter.conditions(adversarial_conditions(painter.model, results), [r.prompt.seed for r in results],
+                              [r.prompt.guidance for r in results])
 
 
 # ---------------------------------------------------------------------------------------------- grading
@@ -315,7 +300,9 @@ def evaluate(
     for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
         attack_started = time.time()
         # Attacks run whole on every process; the main process's results are the ones kept and replayed.
-        results = processes.broadcast_object(attack.run(net, target, attack_prompts, detector.detect, original=net))
+        with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
+            found = attack.run(net, target, attack_prompts, detector.detect, original=net)
+        results = processes.broadcast_object(found)
         attacks[name] = attack_success_rate(results)
         replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
         before, after = before_and_after_rates(results)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,19 @@ def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torc
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def per_guidance_scale(
+    guidances: Sequence[float | None], draw: Callable[[list[int], float | None], torch.Tensor]
+) -> torch.Tensor:
+    """Images for rows that may each set their own guidance scale (None: the default): ``draw(rows,
+    scale)`` once per distinct scale, so that rows sharing one share a sampling call; in row order."""
+    images: list[torch.Tensor | None] = [None] * len(guidances)
+    for scale in dict.fromkeys(guidances):
+        rows = [i for i, g in enumerate(guidances) if g == scale]
+        for i, image in zip(rows, draw(rows, scale), strict=True):
+            images[i] = image
+    return torch.stack(images)  # type: ignore[arg-type]
 
 
 class Guidance:
@@ -303,6 +316,21 @@ class DiffusionModel(ABC):
     @abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the UNet's input."""
+
+    @contextmanager
+    def sampling_defaults(self, steps: int | None = None, guidance_scale: float | None = None) -> Iterator[None]:
+        """Within the block, ``sample`` calls that leave ``steps`` or ``guidance_scale`` unset use these (None:
+        unchanged): an evaluation's sampling then also holds for the attacks it runs, which sample by default."""
+        previous = self.__dict__.get("default_sampling")  # an instance's own, else the class's
+        changes = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
+        self.default_sampling = replace(self.default_sampling, **changes)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del self.default_sampling
+            else:
+                self.default_sampling = previous
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """One noise tensor per seed, each from its own generator: an image depends on its seed only,
