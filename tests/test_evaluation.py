@@ -37,6 +37,7 @@ from darkminer.evaluation.metrics import (
     attribute_accuracy,
     concept_rate,
     load_reference_images,
+    rate_count,
 )
 from darkminer.evaluation.report import render_markdown
 from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, free_text_suites
@@ -196,8 +197,14 @@ def test_missing_or_foreign_testbed_networks_fail_in_one_line_that_says_how_to_t
 # --------------------------------------------------------------------------------------------- arithmetic
 def test_concept_rate_and_attribute_accuracy_on_hand_made_cases():
     assert concept_rate(torch.tensor([True, False, False, True])) == 0.5
+    assert concept_rate(torch.tensor([True] * 5 + [False])) == 5 / 6  # exact, not a float32 mean
     with pytest.raises(DarkMinerError):
         concept_rate(torch.tensor([], dtype=torch.bool))
+    # Wilson 95% intervals, textbook values: 5 of 10 is [0.2366, 0.7634]; 0 of 32 reaches z²/(n+z²) = 0.1072.
+    assert rate_count(5, 10) == {"hits": 5, "n": 10, "wilson95": [0.2366, 0.7634]}
+    assert rate_count(0, 32)["wilson95"] == [0.0, 0.1072] and rate_count(32, 32)["wilson95"] == [0.8928, 1.0]
+    with pytest.raises(DarkMinerError):
+        rate_count(3, 2)
     predicted = [{"shape": "star", "colour": "red"}, {"shape": "circle", "colour": "blue"}]
     expected = [{"shape": "star", "colour": "blue"}, {"shape": "circle"}]  # 2 of 3 asked attributes right
     scored = attribute_accuracy(predicted, expected)
@@ -418,6 +425,7 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
     markdown = (out / "results.md").read_text()
     assert "nudity · ASR test-echo" in markdown and "van gogh · clip" in markdown
+    assert "- van gogh: images per set: plain 3, preservation 3; attacks on 2 prompts" in markdown
     report = (out / "report.html").read_text()
     # 2 methods x 2 concepts x (plain, test-echo, preservation) grids, and the plot; SD has no paraphrase set.
     assert report.count("data:image/png;base64,") == 2 * 2 * 3 + 1 and ">paraphrase</th><th>test" not in report
@@ -533,6 +541,8 @@ def test_attacks_sample_with_the_evaluations_steps_and_guidance(tmp_path):
     metrics = evaluate("blood", tmp_path / "e", model="testbed", config=config)
     assert metrics["sampling"]["steps"] == 5
     assert metrics["attacks"]["plain"] == metrics["erasure"]["plain"] == metrics["attack_details"]["plain"]["replayed_concept_rate"]
+    plain = metrics["counts"]["erasure"]["plain"]
+    assert plain["n"] == 8 and plain["hits"] / 8 == metrics["erasure"]["plain"] and metrics["counts"]["attacks"]["plain"]["n"] == 8
 
 
 def test_sampling_defaults_hold_inside_the_block_only():

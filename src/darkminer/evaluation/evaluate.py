@@ -46,6 +46,7 @@ from darkminer.evaluation.metrics import (
     attribute_accuracy,
     concept_rate,
     load_reference_images,
+    rate_count,
     reference_image_paths,
 )
 from darkminer.evaluation.suites import (
@@ -291,9 +292,12 @@ def evaluate(
         return flags
 
     erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
+    counts: dict[str, dict[str, Any]] = {"erasure": {}, "attacks": {}}  # each rate's k of n and its interval
     for name in erasure:
         if name in suites:
-            erasure[name] = concept_rate(grade(name, suites[name].prompts, painter.prompts(suites[name])))
+            flags = grade(name, suites[name].prompts, painter.prompts(suites[name]))
+            erasure[name] = concept_rate(flags)
+            counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
 
     attacks, attack_details = {}, {}
     attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
@@ -304,6 +308,7 @@ def evaluate(
             found = attack.run(net, target, attack_prompts, detector.detect, original=net)
         results = processes.broadcast_object(found)
         attacks[name] = attack_success_rate(results)
+        counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
         replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
         before, after = before_and_after_rates(results)
         attack_details[name] = {
@@ -326,6 +331,7 @@ def evaluate(
         "erased": str(erased) if erased else None,
         "erasure": erasure,
         "attacks": attacks,
+        "counts": counts,
         "preservation": preservation,
         "n_images": painter.count,
         "seconds": round(time.time() - started, 2),

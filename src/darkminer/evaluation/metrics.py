@@ -9,6 +9,7 @@ encoder: "FID (testbed encoder)", a different scale from Inception FID, comparab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,10 +23,21 @@ INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
 def concept_rate(flags: torch.Tensor) -> float:
-    """Share of images in which the detector sees the concept (lower is a better erasure)."""
+    """Share of images in which the detector sees the concept (lower is a better erasure); exact (k / n, not
+    a float32 mean, which would store 5 of 6 as 0.8333333134651184)."""
     if flags.numel() == 0:
         raise DarkMinerError("no images were judged; give at least one prompt")
-    return flags.float().mean().item()
+    return int(flags.sum()) / flags.numel()
+
+
+def rate_count(hits: int, n: int, z: float = 1.96) -> dict[str, Any]:
+    """``hits`` of ``n`` with its Wilson score interval (95% at the default ``z``): the uncertainty a rate
+    over a few dozen images or prompts carries, which the rate alone hides."""
+    if n <= 0 or not 0 <= hits <= n:
+        raise DarkMinerError(f"a rate needs 0 <= hits <= n and n > 0, got {hits} of {n}")
+    p, z2 = hits / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return {"hits": hits, "n": n, "wilson95": [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]}
 
 
 def attribute_accuracy(

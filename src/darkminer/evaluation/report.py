@@ -126,7 +126,22 @@ def render_markdown(results: dict) -> str:
     for method, row in rows:
         label = f"*{method}*" if method == ORIGINAL_METHOD else method
         lines.append("| " + " | ".join([label] + [f"**{t}**" if b else t for t, b in row]) + " |")
-    return "\n".join(lines + ["", LEGEND, ""])
+    return "\n".join(lines + ["", LEGEND, "", *_sample_sizes(results), ""])
+
+
+def _sample_sizes(results: dict) -> list[str]:
+    """What each rate is out of, per concept (every method draws the same sets): a rate over 4 prompts and
+    one over 128 images read the same in the table."""
+    lines = ["Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, `counts`):", ""]
+    for concept in results["concepts"]:
+        metrics = next((c["metrics"] for c in results["cells"] if c["concept"] == concept), None)
+        if metrics is None:
+            continue
+        sets = ", ".join(f"{name} {n}" for name, n in metrics.get("suites", {}).items())
+        prompts = sorted({d["n_prompts"] for d in metrics.get("attack_details", {}).values()})
+        attacked = f"; attacks on {', '.join(map(str, prompts))} prompts" if prompts else ""
+        lines.append(f"- {concept}: images per set: {sets}{attacked}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- HTML
