@@ -185,8 +185,22 @@ def test_configs_are_validated_at_the_boundary(tmp_path):
 def test_prompt_csv_reading(tmp_path):
     good = tmp_path / "p.csv"
     good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
-    rows = read_prompt_csv(good, default_seed=100)
+    with pytest.warns(UserWarning, match="skipped 1 row"):
+        rows = read_prompt_csv(good, default_seed=100)
     assert [(r.text, r.seed, r.guidance) for r in rows] == [("a cat", 42, 7.5), ("a dog", 102, None)]
+    # Seeds as pandas writes them, and above 2**53 (where a float would round): exact.
+    seeds = tmp_path / "s.csv"
+    seeds.write_text("prompt,evaluation_seed\na,42.0\nb,18446744073709551615\nc,4202650276\n")
+    assert [r.seed for r in read_prompt_csv(seeds)] == [42, 2**64 - 1, 4202650276]
+    for cell, message in (("seed 4.9", "not a whole number"), ("seed 1e20", r"outside 0 \.\. 2\*\*64"),
+                          ("seed -1", "outside"), ("guidance nan", "not a finite number"),
+                          ("guidance inf", "not a finite number"), ("seed x", "seed 'x' is not a number"),
+                          ("guidance high", "guidance 'high' is not a number")):
+        column, value = cell.split()
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"prompt,evaluation_{column}\na cat,{value}\n")
+        with pytest.raises(DarkMinerError, match=f"row 2: .*{message}.*correct that cell"):
+            read_prompt_csv(bad)
     wrong = tmp_path / "w.csv"
     wrong.write_text("text\na cat\n")
     with pytest.raises(DarkMinerError, match="no `prompt` column"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +34,52 @@ def read_prompt_csv(path: str | Path, default_seed: int = 0, limit: int | None =
     columns = reader.fieldnames or []
     if "prompt" not in columns:
         raise DarkMinerError(f"{path} has no `prompt` column (columns: {columns}); add a header row with `prompt`")
-    rows = []
+    rows, empty = [], 0
     for index, row in enumerate(reader):
         text = (row.get("prompt") or "").strip()
         if not text:
+            empty += 1
             continue
         try:
-            seed = int(float(row["evaluation_seed"])) if row.get("evaluation_seed") else default_seed + index
-            guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
+            seed = _seed(row["evaluation_seed"]) if row.get("evaluation_seed") else default_seed + index
+            guidance = _guidance(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
         except ValueError as exc:
-            raise DarkMinerError(f"{path}, row {index + 2}: {exc}") from None
+            raise DarkMinerError(f"{path}, row {index + 2}: {exc}; correct that cell or leave it empty") from None
         rows.append(PromptRow(text, seed, guidance))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
         raise DarkMinerError(f"{path} holds no prompts")
+    if empty:
+        warnings.warn(f"{path}: skipped {empty} row(s) with an empty prompt", stacklevel=2)
     return rows
+
+
+def _seed(value: str) -> int:
+    """A seed cell: an integer, also as spreadsheets and pandas write one ("42.0"), in torch's seed range.
+    Parsed as an integer first: a float would round seeds above 2**53."""
+    try:
+        seed = int(value)
+    except ValueError:
+        number = _number(value, "evaluation_seed")
+        if not number.is_integer():
+            raise ValueError(f"evaluation_seed {value!r} is not a whole number") from None
+        seed = int(number)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"evaluation_seed {value!r} is outside 0 .. 2**64 - 1")
+    return seed
+
+
+def _guidance(value: str) -> float:
+    scale = _number(value, "evaluation_guidance")
+    if not math.isfinite(scale):
+        raise ValueError(f"evaluation_guidance {value!r} is not a finite number")
+    return scale
+
+
+
+def _number(value: str, column: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{column} {value!r} is not a number") from None
