@@ -32,10 +32,12 @@ from darkminer.evaluation import (
     load_benchmark_config,
     run_benchmark,
 )
+from darkminer.evaluation.evaluate import Painter
 from darkminer.evaluation.metrics import (
     FrechetDistance,
     attribute_accuracy,
     concept_rate,
+    load_images,
     load_reference_images,
     rate_count,
 )
@@ -384,6 +386,11 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
     (folder / "notes.txt").write_text("not an image")
     loaded = load_reference_images(folder, (32, 32))
     assert loaded.shape == (3, 3, 32, 32) and loaded.min() >= 0 and loaded.max() <= 1
+    # A wide photo is centre-cropped, not stretched: 64x32 to 32x32 keeps its middle columns as they are.
+    wide = torch.rand(3, 32, 64, generator=torch.Generator().manual_seed(9))
+    save_png(to_pil(wide), tmp_path / "wide.png")
+    cropped = load_images([tmp_path / "wide.png"], (32, 32))[0]
+    assert torch.allclose(cropped, wide[:, :, 16:48], atol=1 / 255)
     config = {**FAST, "n_images": 4, "fid_reference": str(folder)}
     again = evaluate("star", tmp_path / "tb2", model=TestbedModel.untrained(), config={**config, "n_images": 6, "save_images": True})
     kept = again["preservation"]
@@ -556,3 +563,36 @@ def test_sampling_defaults_hold_inside_the_block_only():
         assert torch.equal(model.sample(cond, seeds=[3]), five)
         assert model.default_sampling.guidance_scale == type(model).default_sampling.guidance_scale  # None: kept
     assert torch.equal(model.sample(cond, seeds=[3]), default) and "default_sampling" not in vars(model)
+
+
+@needs_testbed_graders
+def test_an_evaluation_drawn_in_chunks_equals_one_drawn_whole(tmp_path, monkeypatch):
+    """Sets are drawn, graded and let go chunk by chunk (memory stays flat on COCO-size sets): with chunks of
+    2 images the numbers, verdicts, grids and saved images are those of one chunk per set."""
+    import importlib
+
+    from darkminer.testbed.model import TestbedModel
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")  # the module: the package exports the function
+
+    config = {**FAST, "n_images": 6, "batch_size": 2, "grid_images": 3, "attacks": ["plain"], "attack_prompts": 3,
+              "save_images": True}
+    whole = evaluate("star", tmp_path / "whole", model=TestbedModel.untrained(), config=config)
+    monkeypatch.setattr(evaluation, "CHUNK_IMAGES", 2)
+    assert Painter(TestbedModel.untrained(), EvaluationConfig.from_dict(config)).chunks(5) == [
+        slice(0, 2), slice(2, 4), slice(4, 5)]
+    chunked = evaluate("star", tmp_path / "chunked", model=TestbedModel.untrained(), config=config)
+    # FID and the CLIP-score mean to float rounding (the encoders see batches of another size), the rest exactly.
+    assert chunked["preservation"].pop("fid") == pytest.approx(whole["preservation"].pop("fid"), abs=1e-6)
+    for part in (lambda m: m["preservation"], lambda m: m["preservation"]["reference"]):
+        assert part(chunked).pop("clip") == pytest.approx(part(whole).pop("clip"), rel=1e-6)
+    for key in ("erasure", "attacks", "counts", "preservation", "n_images", "attack_details"):
+        if key == "attack_details":
+            for details in (whole, chunked):
+                details[key]["plain"].pop("seconds")
+        assert chunked[key] == whole[key], key
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert len(files) > 4 * 6  # grids, and every image of the plain, paraphrase, attack and preservation sets
+    for name in files:
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes() or \
+            name.name == "metrics.json", name

@@ -8,6 +8,7 @@ the preservation baseline.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from darkminer.attacks.base import (
@@ -45,7 +47,7 @@ from darkminer.evaluation.metrics import (
     TestbedAligner,
     attribute_accuracy,
     concept_rate,
-    load_reference_images,
+    load_images,
     rate_count,
     reference_image_paths,
 )
@@ -76,6 +78,9 @@ IN_MEMORY_METHOD = "in-memory"  # a loaded model handed to evaluate(): what was 
 # Grid tiles: testbed images (32 px) are enlarged, SD images (512 px) shrunk, so grids stay light enough
 # to inline many of them in one HTML report.
 GRID_TILE = 64
+# Images drawn, graded and let go at a time: memory stays flat however large a set is (20k COCO-caption
+# preservation images at 512 px would be 63 GB whole).
+CHUNK_IMAGES = 256
 
 
 @dataclass
@@ -149,9 +154,16 @@ class Painter:
         self.model, self.config, self.progress = model, config, progress
         self.count = 0
 
-    def prompts(self, suite: Suite, original: bool = False) -> torch.Tensor:
-        conds = self.model.encode(suite.texts)
-        return self.conditions(conds, [p.seed for p in suite.prompts], [p.guidance for p in suite.prompts], original)
+    def chunks(self, n: int) -> list[slice]:
+        """Rows 0..n in chunks of about ``CHUNK_IMAGES``: whole sampling batches, at least one per process."""
+        batch = self.config.batch_size or self.model.default_sampling.batch_size
+        size = batch * max(init_processes().world_size, CHUNK_IMAGES // batch)
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def prompts(self, suite: Suite, rows: slice = slice(None), original: bool = False) -> torch.Tensor:
+        chosen = suite.prompts[rows]
+        conds = self.model.encode([p.text for p in chosen])
+        return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original)
 
     def conditions(
         self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False
@@ -275,17 +287,26 @@ def evaluate(
         suites = free_text_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
 
     painter = Painter(net, cfg, progress)
-    grids: dict[str, torch.Tensor] = {}
+    grids: dict[str, torch.Tensor] = {}  # the first grid_images of each set
+    pngs: dict[str, list[Image.Image]] = {}  # with save_images, all of them, as the 8-bit images written
     judgements: list[dict[str, Any]] = []
 
-    def keep(name: str, images: torch.Tensor) -> None:
-        """What the output needs of a set's images: every one with save_images, else the grid's (a copy, so
-        that the set's images are freed: at 512 px, 20k preservation images would be 63 GB)."""
-        grids[name] = images if cfg.save_images else images[: cfg.grid_images].clone()
+    def keep(name: str, images: torch.Tensor, start: int) -> None:
+        """What the output needs of a chunk of a set (its rows from ``start``); copies, so the chunk is freed."""
+        if start < cfg.grid_images:
+            part = images[: cfg.grid_images - start].clone()
+            grids[name] = torch.cat([grids[name], part]) if name in grids else part
+        if cfg.save_images and out is not None and processes.is_main:
+            pngs.setdefault(name, []).extend(to_pil(image) for image in images)
 
-    def grade(name: str, suite_prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
-        flags = processes.map_rows(detector.detect, images)  # each process grades its share
-        keep(name, images)
+    def grade(name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """Draw a set chunk by chunk (``draw(rows)``), judge it, keep what the output needs; the verdicts."""
+        chunks = []
+        for rows in painter.chunks(len(suite_prompts)):
+            images = draw(rows)
+            chunks.append(processes.map_rows(detector.detect, images))  # each process grades its share
+            keep(name, images, rows.start)
+        flags = torch.cat(chunks)
         judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
                            **({"image": image_path(name, i)} if cfg.save_images else {})}
                           for i, (p, f) in enumerate(zip(suite_prompts, flags.tolist(), strict=True)))
@@ -295,7 +316,7 @@ def evaluate(
     counts: dict[str, dict[str, Any]] = {"erasure": {}, "attacks": {}}  # each rate's k of n and its interval
     for name in erasure:
         if name in suites:
-            flags = grade(name, suites[name].prompts, painter.prompts(suites[name]))
+            flags = grade(name, suites[name].prompts, functools.partial(painter.prompts, suites[name]))
             erasure[name] = concept_rate(flags)
             counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
 
@@ -309,7 +330,7 @@ def evaluate(
         results = processes.broadcast_object(found)
         attacks[name] = attack_success_rate(results)
         counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
-        replayed = grade(f"attack-{name}", [r.prompt for r in results], replay_attack(painter, results))
+        replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))
         before, after = before_and_after_rates(results)
         attack_details[name] = {
             "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
@@ -352,9 +373,9 @@ def evaluate(
     if out is not None and processes.is_main:
         with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
             for name, images in grids.items():
-                save_png(make_grid(thumbnails(images[: cfg.grid_images])), tmp / "images" / f"{name}.png")
-                for i in range(len(images) if cfg.save_images else 0):
-                    save_png(to_pil(images[i]), tmp / image_path(name, i))
+                save_png(make_grid(thumbnails(images)), tmp / "images" / f"{name}.png")
+                for i, image in enumerate(pngs.get(name, [])):
+                    save_png(image, tmp / image_path(name, i))
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
     return metrics
@@ -372,26 +393,40 @@ def _preservation(
     detector: Detector,
     aligner: Aligner | None,
     fid: FrechetDistance | None,
-    keep: Callable[[str, torch.Tensor], None],
+    keep: Callable[[str, torch.Tensor, int], None],
 ) -> dict[str, Any]:
-    """Ordinary prompts on the erased model, against their labels, their text and the original's images."""
-    images = painter.prompts(suite)
-    reference = painter.prompts(suite, original=True)
-    keep(PRESERVATION, images)
-    keep(f"{PRESERVATION}-original", reference)
-    result: dict[str, Any] = {"accuracy": None, "clip": None, "fid": None, "reference": {}}
-    has_labels = all(p.expected for p in suite.prompts)
-    if "accuracy" in cfg.preservation and has_labels and isinstance(detector, JudgeDetector):
-        expected = [p.expected for p in suite.prompts]
-        scored = attribute_accuracy(detector.judge.predict_values(images), expected)
-        result["accuracy"], result["per_attribute"] = scored["accuracy"], scored["per_attribute"]
-        result["reference"]["accuracy"] = attribute_accuracy(detector.judge.predict_values(reference), expected)["accuracy"]
-    if aligner is not None:
-        result["clip"] = aligner.score(images, suite.texts).mean().item()
-        result["reference"]["clip"] = aligner.score(reference, suite.texts).mean().item()
+    """Ordinary prompts on the erased model, against their labels, their text and the original's images;
+    drawn and scored chunk by chunk."""
+    accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
+    predicted: dict[bool, list[dict[str, str]]] = {False: [], True: []}  # keyed by "drawn by the original"
+    scores: dict[bool, list[torch.Tensor]] = {False: [], True: []}
     if fid is not None:
-        real = load_reference_images(cfg.fid_reference, tuple(images.shape[-2:])) if cfg.fid_reference else reference
-        result["fid"] = fid(real, images)
-        result["fid_reference"] = {"folder": cfg.fid_reference, "n_images": real.shape[0]} if cfg.fid_reference \
-            else {"folder": None, "n_images": real.shape[0], "what": "the original model's images of the same prompts"}
+        fid.reset()
+    for rows in painter.chunks(len(suite)):
+        for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
+            images = painter.prompts(suite, rows, original=original)
+            keep(name, images, rows.start)
+            if accuracy:
+                predicted[original] += detector.judge.predict_values(images)
+            if aligner is not None:
+                scores[original].append(aligner.score(images, suite.texts[rows]))
+            if fid is not None and not (original and cfg.fid_reference):
+                fid.update(images, real=original)
+    result: dict[str, Any] = {"accuracy": None, "clip": None, "fid": None, "reference": {}}
+    if accuracy:
+        expected = [p.expected for p in suite.prompts]
+        scored = attribute_accuracy(predicted[False], expected)
+        result["accuracy"], result["per_attribute"] = scored["accuracy"], scored["per_attribute"]
+        result["reference"]["accuracy"] = attribute_accuracy(predicted[True], expected)["accuracy"]
+    if aligner is not None:
+        result["clip"] = torch.cat(scores[False]).mean().item()
+        result["reference"]["clip"] = torch.cat(scores[True]).mean().item()
+    if fid is not None:
+        if cfg.fid_reference:
+            paths = reference_image_paths(cfg.fid_reference)
+            for start in range(0, len(paths), CHUNK_IMAGES):
+                fid.update(load_images(paths[start : start + CHUNK_IMAGES], tuple(images.shape[-2:])), real=True)
+        result["fid"] = fid.compute()
+        result["fid_reference"] = {"folder": cfg.fid_reference, "n_images": fid.counts[True]} if cfg.fid_reference \
+            else {"folder": None, "n_images": fid.counts[True], "what": "the original model's images of the same prompts"}
     return result

@@ -138,37 +138,66 @@ def reference_image_paths(folder: str | Path) -> list[Path]:
 
 
 def load_reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """The folder's images as RGB in [0, 1], resized to ``size`` (H, W) like the generated ones: (N, 3, H, W)."""
+    """The folder's images as RGB in [0, 1] at ``size`` (H, W) like the generated ones: (N, 3, H, W)."""
+    return load_images(reference_image_paths(folder), size)
+
+
+def load_images(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+    """Images as RGB in [0, 1], (N, 3, H, W): each scaled (bicubic) until it covers ``size`` and centre-
+    cropped to it, as FID protocols treat real photos (a 640x480 COCO photo stretched square would add
+    distortion the generated images lack, and raise FID)."""
     import numpy as np
     from PIL import Image
 
+    height, width = size
     images = []
-    for path in reference_image_paths(folder):
+    for path in paths:
         with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            rgb = image.convert("RGB")
+        scale = max(height / rgb.height, width / rgb.width)
+        scaled = (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale)))
+        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+        rgb = rgb.resize(scaled, Image.Resampling.BICUBIC).crop((left, top, left + width, top + height))
         images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255.0)
     return torch.stack(images)
 
 
+FEATURE_BATCH = 32  # images per forward pass of a feature network: its activations stay bounded
+
+
 class FrechetDistance:
-    """FID between reference images (the original model's) and generated ones, in a named feature space."""
+    """FID between reference images (the original model's, or real photos) and generated ones, in a named
+    feature space. Fed set by set (``reset``, ``update``, ``compute``), so no set needs to be whole in memory."""
 
     def __init__(self, testbed: bool, inception_weights: str | Path | None = None) -> None:
         self.testbed = testbed
         self.weights = None if testbed else inception_weights_path(inception_weights)
+        self.reset()
 
-    def __call__(self, reference: torch.Tensor, generated: torch.Tensor) -> float:
+    def reset(self) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        if min(reference.shape[0], generated.shape[0]) < 2:
-            raise DarkMinerError("FID needs at least 2 images on each side; raise the number of preservation images")
         if self.testbed:
-            metric = FrechetInceptionDistance(feature=_TestbedEncoderFeatures(), normalize=True)
+            self.metric = FrechetInceptionDistance(feature=_TestbedEncoderFeatures(), normalize=True)
         else:
-            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(self.weights))
-        metric.update(reference.float().cpu().clamp(0, 1), real=True)
-        metric.update(generated.float().cpu().clamp(0, 1), real=False)
-        return max(metric.compute().item(), 0.0)
+            self.metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(self.weights))
+        self.counts = {True: 0, False: 0}
+
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        for batch in images.split(FEATURE_BATCH):
+            self.metric.update(batch.float().cpu().clamp(0, 1), real=real)
+        self.counts[real] += images.shape[0]
+
+    def compute(self) -> float:
+        if min(self.counts.values()) < 2:
+            raise DarkMinerError("FID needs at least 2 images on each side; raise the number of preservation images")
+        return max(self.metric.compute().item(), 0.0)
+
+    def __call__(self, reference: torch.Tensor, generated: torch.Tensor) -> float:
+        self.reset()
+        self.update(reference, real=True)
+        self.update(generated, real=False)
+        return self.compute()
 
     def describe(self) -> dict[str, Any]:
         if self.testbed:

@@ -21,6 +21,7 @@ from darkminer.models.loading import check_tokenizer, checked_weights, first_lin
 TINY_CLIP_ID = "tiny-random-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_BATCH = 32  # images per forward pass
 _HOW_TO_PASS = (
     "pass a local CLIP folder with safetensors weights, or a hub id already in the cache (download it once with "
     "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack)"
@@ -120,9 +121,11 @@ class Clip:
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> L2-normalised embeddings (B, D), on the model's device."""
-        output = self.model.get_image_features(pixel_values=self.preprocess(images))
-        return F.normalize(output.pooler_output.float(), dim=-1)
+        """Images (B, 3, H, W) in [0, 1] -> L2-normalised embeddings (B, D), on the model's device; in
+        batches of ``IMAGE_BATCH``, so that a large set does not pass through ViT-L at once."""
+        features = [self.model.get_image_features(pixel_values=self.preprocess(batch)).pooler_output
+                    for batch in images.split(IMAGE_BATCH)]
+        return F.normalize(torch.cat(features).float(), dim=-1)
 
     encode = image_features  # the verifier's ImageEmbedder protocol
 
