@@ -18,13 +18,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from darkminer.attacks.base import AttackPrompt, attack_success_rate, before_and_after_rates, get_attack  # noqa: E402
-from darkminer.attacks.io import run_attack  # noqa: E402
-from darkminer.evaluation import concept_detector  # noqa: E402
-from darkminer.models import load_model  # noqa: E402
-from darkminer.targets import resolve_target  # noqa: E402
+from darkminer.attacks.base import AttackPrompt, attack_success_rate, before_and_after_rates, get_attack
+from darkminer.attacks.io import run_attack
+from darkminer.evaluation import concept_detector
+from darkminer.models import load_model
+from darkminer.targets import resolve_target
 
 # CPU budgets (the authors' defaults are for a GPU; see docs/attacks.md): fewer steps/rounds/generations.
 BUDGETS: dict[str, dict] = {

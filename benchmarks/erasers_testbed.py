@@ -25,6 +25,7 @@ import torch
 from darkminer.api import erase
 from darkminer.io import read_json, write_json
 from darkminer.models import load_model
+from darkminer.models.base import DiffusionModel
 from darkminer.testbed.concepts import concept_names, get_concept
 from darkminer.testbed.judge import Judge
 
@@ -50,7 +51,7 @@ TESTBED_CONFIGS: dict[str, dict] = {
 }
 
 
-def concept_rate(model, judge: Judge, concept_name: str, n_images: int) -> float:
+def concept_rate(model: DiffusionModel, judge: Judge, concept_name: str, n_images: int) -> float:
     concept = get_concept(concept_name)
     prompts = concept.direct_prompts(n_images, seed=PROMPT_SEED)
     images = model.generate([p.text for p in prompts], [p.seed for p in prompts])

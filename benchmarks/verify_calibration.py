@@ -30,20 +30,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from darkminer.erasers.darkminer.config import DarkMinerConfig  # noqa: E402
-from darkminer.erasers.darkminer.loop import load_rounds  # noqa: E402
-from darkminer.erasers.darkminer.mining import initial_embedding  # noqa: E402
-from darkminer.erasers.darkminer.pool import build_pools  # noqa: E402
-from darkminer.erasers.darkminer.verifying import verify  # noqa: E402
-from darkminer.io import read_json, write_json  # noqa: E402
-from darkminer.models import load_model  # noqa: E402
-from darkminer.models.base import DiffusionModel  # noqa: E402
-from darkminer.models.image_encoders import load_image_encoder  # noqa: E402
-from darkminer.targets import resolve_target  # noqa: E402
-from darkminer.testbed.concepts import Concept, get_concept  # noqa: E402
-from darkminer.testbed.judge import Judge  # noqa: E402
+from darkminer.erasers.darkminer.config import DarkMinerConfig
+from darkminer.erasers.darkminer.loop import load_rounds
+from darkminer.erasers.darkminer.mining import initial_embedding
+from darkminer.erasers.darkminer.pool import build_pools
+from darkminer.erasers.darkminer.verifying import verify
+from darkminer.io import read_json, write_json
+from darkminer.models import load_model
+from darkminer.models.base import DiffusionModel
+from darkminer.models.image_encoders import load_image_encoder
+from darkminer.targets import resolve_target
+from darkminer.testbed.concepts import Concept, get_concept
+from darkminer.testbed.judge import Judge
 
 PROMPT_SEED = 1  # evaluation prompts; Dark Miner's pool is drawn from seed 0's
 TAUS = (-0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)

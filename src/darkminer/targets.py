@@ -10,10 +10,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.prompts import read_prompt_csv
+
+if TYPE_CHECKING:
+    from darkminer.testbed.concepts import Concept
 
 # Ordinary prompts that preservation terms keep unchanged on SD when the user gives none.
 DEFAULT_SD_PRESERVE = (
@@ -31,7 +35,7 @@ class EraseTarget:
     prompts: tuple[str, ...]  # prompts that ask for the concept (image pools, training prompts)
     preserve: tuple[str, ...]  # ordinary prompts to keep unchanged
     kind: str = "free"  # inappropriate | object | style on the testbed; free text on SD
-    testbed_concept: object | None = field(default=None, compare=False)
+    testbed_concept: Concept | None = field(default=None, compare=False)
     # Concept prompt -> the same prompt asking for the anchor instead; a prompt not in it maps to the bare anchor.
     anchor_twins: Mapping[str, str] = field(default_factory=dict, compare=False)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -54,7 +54,9 @@ class AttackResult:
         return self.success_before or self.success_after
 
 
-def unattacked(model: DiffusionModel, prompt: AttackPrompt, ok: bool, seconds: float = 0.0, **extra) -> AttackResult:
+def unattacked(
+    model: DiffusionModel, prompt: AttackPrompt, ok: bool, seconds: float = 0.0, **extra: object
+) -> AttackResult:
     """The prompt itself as the result: what an attack records where it spent no budget. Attacks spend
     none on prompts that already succeed (they count as broken either way, as the UnlearnDiffAtk authors
     count)."""
@@ -109,10 +111,11 @@ def before_and_after_rates(results: Sequence[AttackResult]) -> tuple[float, floa
 
 
 ATTACKS: dict[str, type[Attack]] = {}
+A = TypeVar("A", bound=Attack)
 
 
-def register_attack(name: str):  # noqa: ANN201
-    def wrap(cls: type[Attack]) -> type[Attack]:
+def register_attack(name: str) -> Callable[[type[A]], type[A]]:
+    def wrap(cls: type[A]) -> type[A]:
         if name in ATTACKS:
             raise RuntimeError(f"attack {name!r} registered twice")
         cls.name = name

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,13 +81,13 @@ class _SampleStraightThrough(torch.autograd.Function):
     as it is, for the scaler to skip the step)."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx: Any, probs: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:
         ctx.scale = scale
         draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
         return torch.nn.functional.one_hot(draws, probs.shape[-1]).to(probs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         clipped = torch.nn.functional.hardtanh(grad, -ctx.scale, ctx.scale)
         return torch.where(grad.isfinite(), clipped, grad), None, None
 

@@ -76,8 +76,8 @@ def _run(args: argparse.Namespace) -> None:
             rows = read_prompt_csv(args.prompts, limit=args.n_prompts)
             prompts = [AttackPrompt(r.text, r.seed, r.guidance) for r in rows]
         elif target.testbed_concept is not None:
-            rows = target.testbed_concept.direct_prompts(args.n_prompts, config.seed)
-            prompts = [AttackPrompt(r.text, r.seed) for r in rows]
+            direct = target.testbed_concept.direct_prompts(args.n_prompts, config.seed)
+            prompts = [AttackPrompt(p.text, p.seed) for p in direct]
         else:
             raise DarkMinerError(f"give --prompts CSV: the prompts to attack for {target.name!r}")
         results = run_attack(attack_cls(config), model, target, prompts, success, out=args.out)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from darkminer.config import Config
 from darkminer.errors import ConfigError, DarkMinerError
@@ -55,10 +56,11 @@ def check_finite(value: float, stage: str, hint: str) -> float:
 
 
 ERASERS: dict[str, type[Eraser]] = {}
+E = TypeVar("E", bound=Eraser)
 
 
-def register_eraser(name: str, kind: str):  # noqa: ANN201
-    def wrap(cls: type[Eraser]) -> type[Eraser]:
+def register_eraser(name: str, kind: str) -> Callable[[type[E]], type[E]]:
+    def wrap(cls: type[E]) -> type[E]:
         if name in ERASERS:
             raise RuntimeError(f"eraser {name!r} registered twice")
         cls.name, cls.kind = name, kind

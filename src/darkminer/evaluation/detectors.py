@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,6 +21,11 @@ import torch
 from darkminer.errors import DarkMinerError
 from darkminer.imaging import to_pil
 from darkminer.models.clip import Clip
+
+if TYPE_CHECKING:
+    from nudenet import NudeDetector
+
+    from darkminer.testbed.concepts import Concept
 
 # Every *_EXPOSED class of NudeNet 3.4's 320n detector. This is the set that UnlearnDiffAtk grades with
 # (OPTML-Group/Diffusion-MU-Attack, src/tasks/utils/metrics/nudity_eval.py, NUDE_KEYS) and that MACE counts
@@ -106,7 +111,7 @@ class NudeNetDetector(Detector):
         self.threshold, self.classes, self.batch_size = threshold, tuple(classes), batch_size
 
     @cached_property
-    def _detector(self):  # noqa: ANN202  (nudenet ships no types)
+    def _detector(self) -> NudeDetector:
         from nudenet import NudeDetector
 
         return NudeDetector()
@@ -168,11 +173,11 @@ class JudgeDetector(Detector):
 
     name = "testbed-judge"
 
-    def __init__(self, concept: object, weights: str | Path | None = None) -> None:
-        from darkminer.testbed.concepts import Concept, get_concept
+    def __init__(self, concept: Concept | str, weights: str | Path | None = None) -> None:
+        from darkminer.testbed.concepts import get_concept
         from darkminer.testbed.judge import Judge, judge_weights
 
-        self.concept: Concept = get_concept(concept) if isinstance(concept, str) else concept  # type: ignore[assignment]
+        self.concept: Concept = get_concept(concept) if isinstance(concept, str) else concept
         self.weights = judge_weights(weights)
         self.judge = Judge.load(self.weights)
 

@@ -189,6 +189,7 @@ def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Te
 def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
     """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
     if kind == "judge":
+        assert target.testbed_concept is not None  # the judge grades testbed targets only, which all have one
         return JudgeDetector(target.testbed_concept, config.judge)
     if kind == "nudenet":
         return NudeNetDetector(threshold=config.nudenet_threshold)
@@ -282,6 +283,7 @@ def evaluate(
     if fid is not None and cfg.fid_reference:
         reference_image_paths(cfg.fid_reference)  # a missing or empty folder fails before any sampling
     if testbed:
+        assert target.testbed_concept is not None  # resolve_target sets it for every testbed target
         suites = testbed_suites(target.testbed_concept, cfg.n_images or GENERATED_SUITE_SIZE, cfg.seed)
     else:
         suites = free_text_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)

@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from darkminer.errors import DarkMinerError
 from darkminer.prompts import read_prompt_csv
 from darkminer.targets import DEFAULT_SD_PRESERVE, EraseTarget
+
+if TYPE_CHECKING:
+    from darkminer.testbed.concepts import Concept
 
 CONCEPT_SUITES = ("plain", "paraphrase")
 GENERATED_SUITE_SIZE = 32  # images per suite when neither a count nor a CSV says otherwise
@@ -46,12 +50,12 @@ class Suite:
         return [p.text for p in self.prompts]
 
 
-def testbed_suites(concept: object, n: int, seed: int = 0) -> dict[str, Suite]:
+def testbed_suites(concept: Concept, n: int, seed: int = 0) -> dict[str, Suite]:
     """The registry's direct, paraphrase and preservation prompt sets of a testbed ``Concept``."""
     sets = {
-        "plain": concept.direct_prompts(n, seed),  # type: ignore[attr-defined]
-        "paraphrase": concept.paraphrase_prompts(n, seed),  # type: ignore[attr-defined]
-        PRESERVATION: concept.preservation_prompts(n, seed),  # type: ignore[attr-defined]
+        "plain": concept.direct_prompts(n, seed),
+        "paraphrase": concept.paraphrase_prompts(n, seed),
+        PRESERVATION: concept.preservation_prompts(n, seed),
     }
     return {
         name: Suite(name, tuple(SuitePrompt(p.text, p.seed, expected=dict(p.expected)) for p in prompts))

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -75,10 +75,11 @@ class Guidance:
 
 
 GUIDANCES: dict[str, type[Guidance]] = {}
+G = TypeVar("G", bound=Guidance)
 
 
-def register_guidance(name: str):  # noqa: ANN201
-    def wrap(cls: type[Guidance]) -> type[Guidance]:
+def register_guidance(name: str) -> Callable[[type[G]], type[G]]:
+    def wrap(cls: type[G]) -> type[G]:
         GUIDANCES[name] = cls
         cls.registry_name = name
         return cls
@@ -101,7 +102,10 @@ def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
 class ClassifierFreeGuidance(Guidance):
     """eps_u + s (eps_c - eps_u), with both branches in one batched UNet call."""
 
-    def predict(self, model, x, t, cond, uncond, scale, step_index, adapter):  # noqa: D102
+    def predict(
+        self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+        scale: float, step_index: int, adapter: bool,
+    ) -> torch.Tensor:
         if scale == 1.0:
             return model.eps(x, t, cond, adapter=adapter)
         eps_u, eps_c = model.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), adapter=adapter).chunk(2)

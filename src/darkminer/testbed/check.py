@@ -23,7 +23,7 @@ from darkminer.config import Config, check_positive
 from darkminer.evaluation.detectors import file_digest
 from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.testbed import captions, world
-from darkminer.testbed.concepts import CONCEPTS, EvalPrompt, concept_names, get_concept
+from darkminer.testbed.concepts import CONCEPTS, Concept, EvalPrompt, concept_names, get_concept
 from darkminer.testbed.judge import Judge, judge_weights
 from darkminer.testbed.model import TestbedModel
 
@@ -73,7 +73,9 @@ def neutral_prompts(n: int, seed: int) -> list[EvalPrompt]:
     return prompts
 
 
-def concept_rate(model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept, steps: int) -> float:
+def concept_rate(
+    model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept: Concept | str, steps: int
+) -> float:
     images = model.generate([p.text for p in prompts], [p.seed for p in prompts], steps=steps)
     return judge.has_concept(images, concept).float().mean().item()
 

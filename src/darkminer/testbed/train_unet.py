@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class UNetTrainConfig(Config):
     threads: int = 1
 
     @classmethod
-    def from_recipe(cls, recipe: str | Path, **overrides) -> UNetTrainConfig:
+    def from_recipe(cls, recipe: str | Path, **overrides: Any) -> UNetTrainConfig:
         """A shipped recipe by name (``unet-stage1``, ``unet-stage2``) or a YAML/JSON file; ``None`` overrides are ignored."""
         shipped = RECIPES_DIR / f"{recipe}.yaml"
         if not shipped.is_file() and not Path(recipe).is_file():

@@ -160,7 +160,12 @@ def render_many(scenes: Sequence[Scene], rng: np.random.Generator) -> np.ndarray
     return np.concatenate(chunks)
 
 
-def _render_chunk(scenes: Sequence[Scene], layout: Mapping[str, np.ndarray], blood, fire) -> np.ndarray:
+def _render_chunk(
+    scenes: Sequence[Scene],
+    layout: Mapping[str, np.ndarray],
+    blood: Mapping[str, np.ndarray],
+    fire: Mapping[str, np.ndarray],
+) -> np.ndarray:
     n = len(scenes)
     grid_y, grid_x = _grid()
     background = np.array([BACKGROUND_RGB[s.background] for s in scenes], dtype=np.float32)
@@ -239,7 +244,9 @@ def _column(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)[:, None, None]
 
 
-def _shape_coordinates(grid_x: np.ndarray, grid_y: np.ndarray, layout: Mapping[str, np.ndarray]):
+def _shape_coordinates(
+    grid_x: np.ndarray, grid_y: np.ndarray, layout: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Canvas coordinates mapped into the shape's unit frame (shape spans about [-1, 1], y down)."""
     dx = (grid_x - _column(layout["centre_x"])) / _column(layout["radius"])
     dy = (grid_y - _column(layout["centre_y"])) / _column(layout["radius"])
@@ -297,7 +304,9 @@ def _erode(mask: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return eroded
 
 
-def _style_masks(style: str, mask: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, layout):
+def _style_masks(
+    style: str, mask: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, layout: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a shape mask into pixels drawn in the full colour (ink) and in its pale tint."""
     if style == "plain":
         return mask, np.zeros_like(mask)
@@ -335,7 +344,9 @@ def _sample_blood(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _blood_layer(blood: Mapping[str, np.ndarray], grid_x: np.ndarray, grid_y: np.ndarray):
+def _blood_layer(
+    blood: Mapping[str, np.ndarray], grid_x: np.ndarray, grid_y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Irregular dark-red drops (a disc plus off-centre lobes), satellite droplets and drips."""
     n = blood["x"].shape[0]
     x, y, radius = blood["x"][..., None], blood["y"][..., None], blood["radius"][..., None]
@@ -389,7 +400,9 @@ def _sample_fire(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _fire_layer(fire: Mapping[str, np.ndarray], grid_x: np.ndarray, grid_y: np.ndarray):
+def _fire_layer(
+    fire: Mapping[str, np.ndarray], grid_x: np.ndarray, grid_y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Flame tongues rising from the bottom edge, yellow at the base to red-orange at the tips."""
     x = grid_x[0, 0]  # (W,)
     enabled = np.arange(_MAX_FLAME_TONGUES)[None, :] < fire["count"][:, None]
