@@ -50,7 +50,7 @@ def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def add_detector_args(p: argparse.ArgumentParser) -> None:
     """The grader of attack successes and concept rates, as evaluate and attack share it."""
     p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
-    p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (as before session 17) or a judge file (default: v2)")
+    p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (the judge shipped before v2) or a judge file (default: v2)")
     p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
     p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: the CLIP detector; evaluate: also the CLIP score)")
 

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
     k.add_argument("--cce-steps", type=int, default=None,
                    help="CCE optimiser steps of the residual's attack (default 900; docs/testbed.md)")
-    k.add_argument("--judge", default=None, help="grade with judge v1 (as before session 17) or a judge file (default: v2)")
+    k.add_argument("--judge", default=None, help="grade with judge v1 (the judge shipped before v2) or a judge file (default: v2)")
     k.set_defaults(handler=_check)
 
 

@@ -95,7 +95,7 @@ class EvaluationConfig(Config):
     attack_prompts: int = 8
     attack_configs: dict[str, dict] = field(default_factory=dict)
     detector: str = "auto"  # auto | judge | nudenet | clip
-    judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (graded before session 17), or a file
+    judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (the judge shipped before v2), or a file
     nudenet_threshold: float = NUDENET_THRESHOLD
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_template: str = "a photo of {}"

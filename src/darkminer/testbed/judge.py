@@ -19,8 +19,8 @@ from darkminer.testbed.concepts import Concept, get_concept
 from darkminer.testbed.world import HEADS, IMAGE_SIZE
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "judge.safetensors"
-# Judge v2 is the default since session 17. v1 ships so that numbers it graded (their files record its digest,
-# dc1406377b389ddb) can be reproduced; it misses washed-out fire (docs/testbed_world.md, "Judge v2").
+# Judge v2 is the default. v1, the judge shipped before it, ships so that numbers it graded (their files record
+# its digest, dc1406377b389ddb) can be reproduced; it misses washed-out fire (docs/testbed_world.md, "Judge v2").
 SHIPPED_JUDGES: dict[str, Path] = {"v1": WEIGHTS_PATH.with_name("judge-v1.safetensors"), "v2": WEIGHTS_PATH}
 DEFAULT_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 _HIDDEN = 128

@@ -44,12 +44,13 @@ class DarkMinerConfig(EraserConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
     circumvent_steps: int = 80
     circumvent_lr: float = 1e-3
-    # 12 with erase_guidance 1 (session 11): every gate met on five of the six testbed concepts, where weight 4
-    # without guidance left heart and sketch drawn (direct 0.14-0.15) and weight 8 lost 3.6-4.8 points of
-    # preservation on fire and striped (docs/darkminer.md, "Preservation weight 12").
+    # 12 with erase_guidance 1: every gate met on five of the six testbed concepts, where weight 4 without
+    # guidance left heart and sketch drawn (direct 0.14-0.15) and weight 8 lost 3.6-4.8 points of preservation
+    # on fire and striped (docs/darkminer.md, "Preservation weight 12"; the table in "Defaults").
     preserve_weight: float = 12.0
-    # 64 since session 13 (with heart's anchor the square): every gate on all six testbed concepts, two eraser
-    # seeds each (session 14); at 32 heart seed 1 lost 4.4 points and striped 3.0-3.7 (docs/darkminer.md, "Heart's anchor").
+    # 64, with heart's anchor the square: every gate on all six testbed concepts, two eraser seeds each; at 32
+    # heart seed 1 lost 4.4 points and striped 3.0-3.7 (docs/darkminer.md, "Heart's anchor" and "Two eraser
+    # seeds on every concept"; the table in "Defaults").
     preserve_pool_size: int = 64
     # Share of the erase rows whose x_t comes from the adapted model's own DDIM trajectories (k of them,
     # sampled once per round under conditions from the round's bank) instead of noised concept-pool images;
@@ -60,8 +61,8 @@ class DarkMinerConfig(EraserConfig):
     trajectory_weight: float = 0.0
     # ESD-style negative guidance on the erase target: eps0(c0) - erase_guidance * (eps0(c) - eps0(c0)), so
     # the student is pushed past the anchor, away from what the original draws for c; 0 is the paper's
-    # target (the anchor's prediction alone). 1.0 (session 11, with preserve_weight 12): heart's and
-    # sketch's direct rates 0.14-0.15 -> 0.045-0.05 (docs/darkminer.md).
+    # target (the anchor's prediction alone). 1.0 (with preserve_weight 12): heart's and sketch's direct
+    # rates 0.14-0.15 -> 0.045-0.05 (docs/darkminer.md, "Preservation weight 12"; the table in "Defaults").
     erase_guidance: float = 1.0
     concept_word_first_round: bool = True
     # How many of the concept's prompts (target.prompts, the erasure split on the testbed) join its word
