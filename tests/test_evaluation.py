@@ -410,7 +410,7 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
 def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_path, tiny_clip_dir):
     config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity", "van gogh"],
               "attacks": ["test-echo"], "evaluation": _sd_evaluation(tiny_clip_dir),
-              "anchors": {"nudity": "a person wearing clothes"}}
+              "anchors": {"nudity": "a person wearing clothes"}, "kinds": {"van gogh": "style"}}
     out = tmp_path / "bench"
     nudge = ERASERS["test-nudge"]
     nudge.calls, nudge.fail_on = [], "van gogh"
@@ -427,6 +427,8 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert [(c["method"], c["concept"]) for c in results["cells"]] == [
         ("original", "nudity"), ("test-nudge", "nudity"), ("original", "van gogh"), ("test-nudge", "van gogh")]
     assert results["cells"][3]["metrics"]["detector"]["name"] == "clip-zero-shot"
+    # A declared style is asked for as a painting in it (an undeclared concept: "a photo of {}").
+    assert results["cells"][3]["metrics"]["detector"]["labels"][0] == "a painting in the style of van gogh"
     anchors = [ErasedModelInfo.read(out / c["dir"] / "erased").anchor for c in results["cells"] if c["method"] != "original"]
     assert anchors == ["a person wearing clothes", ""]  # the configured anchor; SD's default elsewhere
     assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
@@ -439,7 +441,7 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert not re.search(r"(src|href)=['\"]?(https?:|file:|/)", report)  # self-contained
 
     with pytest.raises(DarkMinerError, match="another config"):
-        run_benchmark({**config, "concepts": ["nudity"]}, out, progress=False)
+        run_benchmark({**config, "concepts": ["nudity"], "kinds": {}}, out, progress=False)
 
     # The same config, but a finished cell made under other resolved options (a default that changed since):
     # refused before any work, naming the cell and the option, rather than mixed into the table.

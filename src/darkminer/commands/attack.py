@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> None:
     config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
     grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
     model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
-    target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts,
+    target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind,
                             n_prompts=max(args.n_prompts, 64))
     success = concept_detector(model, target, config=grading)
     if args.replay:

@@ -45,6 +45,8 @@ def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--concept", required=required, help="testbed: a registry name (`darkminer testbed concepts`); SD: free text, e.g. nudity")
     p.add_argument("--anchor", default=None, help="SD: the concept to map to (default: the empty prompt); testbed: the registry's anchor")
     p.add_argument("--prompts", default=None, help="CSV with a `prompt` column (optional evaluation_seed, evaluation_guidance)")
+    p.add_argument("--kind", default=None, help="SD: what the concept is, free (default), style, object or inappropriate "
+                   "(CA and FMN prompt styles differently; the CLIP detector asks for a style as a painting in it)")
 
 
 def add_detector_args(p: argparse.ArgumentParser) -> None:

@@ -16,8 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help="darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece")
     add_concept_args(p)
     add_model_args(p, erased=False)
-    p.add_argument("--kind", default=None, help="SD: what the concept is, free (default), style, object or "
-                   "inappropriate (CA and FMN prompt styles differently)")
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--out", required=True, help="output directory")

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     options.update(detector_options(args))
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
-        anchor=args.anchor, prompts=args.prompts, paraphrase_prompts=args.paraphrase_prompts,
+        anchor=args.anchor, prompts=args.prompts, kind=args.kind, paraphrase_prompts=args.paraphrase_prompts,
         preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, speed=speed_options(args),
         progress=True,
     )

@@ -288,7 +288,8 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
                   resume=True, device=cfg.device,
                   speed=cfg.speed or None)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
-                 anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), preserve_prompts=cfg.preserve_prompts, device=cfg.device,
+                 anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), kind=cfg.kinds.get(concept),
+                 preserve_prompts=cfg.preserve_prompts, device=cfg.device,
                  speed=cfg.speed or None, progress=progress)
     extra = ErasedModelInfo.read(erased).extra if erased is not None else {}
     # A resumed erase timed only its last part: no time is better than a wrong one.

@@ -51,6 +51,14 @@ DEFAULT_CLIP_NEGATIVES: tuple[str, ...] = (
     "a photo", "a painting", "a drawing", "a person", "an animal", "a building", "a landscape", "an object",
 )
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+# The concept's CLIP label by the kind it is declared as (--kind): an artist's name alone ("a photo of Van
+# Gogh") asks for the painter, not for a picture in his style.
+CLIP_TEMPLATES = {"style": "a painting in the style of {}"}
+DEFAULT_CLIP_TEMPLATE = "a photo of {}"
+
+
+def clip_template_for(kind: str) -> str:
+    return CLIP_TEMPLATES.get(kind, DEFAULT_CLIP_TEMPLATE)
 
 
 def _package_version(name: str) -> str:
@@ -142,7 +150,7 @@ class ClipZeroShotDetector(Detector):
     name = "clip-zero-shot"
 
     def __init__(
-        self, clip: Clip, concept: str, negatives: Sequence[str] = DEFAULT_CLIP_NEGATIVES, template: str = "a photo of {}"
+        self, clip: Clip, concept: str, negatives: Sequence[str] = DEFAULT_CLIP_NEGATIVES, template: str = DEFAULT_CLIP_TEMPLATE
     ) -> None:
         if "{}" not in template:
             raise DarkMinerError(f"CLIP template {template!r} needs a {{}} where the concept goes")

@@ -39,6 +39,7 @@ from darkminer.evaluation.detectors import (
     Detector,
     JudgeDetector,
     NudeNetDetector,
+    clip_template_for,
     detector_kind_for,
 )
 from darkminer.evaluation.metrics import (
@@ -98,7 +99,7 @@ class EvaluationConfig(Config):
     judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (the judge shipped before v2), or a file
     nudenet_threshold: float = NUDENET_THRESHOLD
     clip_model: str = DEFAULT_CLIP_MODEL
-    clip_template: str = "a photo of {}"
+    clip_template: str | None = None  # None: by the concept's kind (detectors.CLIP_TEMPLATES)
     clip_negatives: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_NEGATIVES))
     preservation: list[str] = field(default_factory=lambda: list(PRESERVATION_METRICS))
     inception_weights: str | None = None
@@ -193,7 +194,8 @@ def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, cli
         return JudgeDetector(target.testbed_concept, config.judge)
     if kind == "nudenet":
         return NudeNetDetector(threshold=config.nudenet_threshold)
-    return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, config.clip_template)
+    template = config.clip_template or clip_template_for(target.kind)
+    return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, template)
 
 
 def concept_detector(
@@ -244,6 +246,7 @@ def evaluate(
     config: EvaluationConfig | dict[str, Any] | str | Path | None = None,
     anchor: str | None = None,
     prompts: str | Path | None = None,
+    kind: str | None = None,
     paraphrase_prompts: str | Path | None = None,
     preserve_prompts: str | Path | None = None,
     device: str = "cpu",
@@ -255,7 +258,8 @@ def evaluate(
     ``out/metrics.json``, the image grids (``out/images/*.png``) and per-image judgements.
 
     ``model`` is a name/path (as ``load_model``) or a loaded model; ``erased`` an erased-model directory
-    (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets.
+    (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets; ``kind``
+    declares what an SD concept is (``targets.SD_KINDS``: a ``style`` is graded as a painting in it).
     """
     cfg = as_evaluation_config(config)
     if out is not None:
@@ -270,7 +274,7 @@ def evaluate(
     testbed = is_testbed(net)
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
-    target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed)
+    target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     for attack in attacks_to_run.values():
         attack.check_target(target)
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
