@@ -449,6 +449,9 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     for path, edit, what in [
         (cell / "erased" / "darkminer.json", lambda d: d["config"].update(seed=7), r"test-nudge options .*'seed'"),
         (cell / "evaluation" / "metrics.json", lambda d: d["config"].update(steps=3), r"evaluation options .*'steps'"),
+        # graded as "a photo of van gogh", before a declared style chose its own template
+        (cell / "evaluation" / "metrics.json", lambda d: d["config"].update(clip_template="a photo of {}"),
+         r"evaluation options .*'clip_template'"),
         (cell / "evaluation" / "metrics.json", lambda d: d["attack_details"]["test-echo"]["config"].update(seed=7),
          r"test-echo options .*'seed'"),
     ]:

@@ -28,6 +28,7 @@ from darkminer.evaluation.evaluate import (
     EvaluationConfig,
     evaluate,
     evaluation_versions,
+    resolved_options,
 )
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
 from darkminer.io import (
@@ -247,6 +248,7 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
     would then silently mix cells made under both."""
     from darkminer.attacks.base import build_attack
     from darkminer.erasers.base import get_eraser
+    from darkminer.testbed.concepts import get_concept
 
     attacks = {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
 
@@ -262,7 +264,9 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
                 checks.append((f"{method} options", changed(ErasedModelInfo.read(cell / "erased").config, want)))
             if (cell / "evaluation" / METRICS_NAME).is_file():
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)
-                checks.append(("evaluation options", changed(metrics.get("config", {}), eval_cfg)))
+                kind = get_concept(concept).kind if cfg.model == "testbed" else cfg.kinds.get(concept, "free")
+                have = resolved_options(metrics.get("config", {}), kind)  # as they applied to this concept
+                checks.append(("evaluation options", changed_keys(have, eval_cfg.resolved(kind))))
                 for name, details in metrics.get("attack_details", {}).items():
                     if name in attacks and "config" in details:  # cells evaluated before it was recorded lack it
                         checks.append((f"{name} options", changed(details["config"], attacks[name])))

@@ -128,6 +128,17 @@ class EvaluationConfig(Config):
             raise DarkMinerError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
         self.attacks, self.preservation = list(self.attacks), list(self.preservation)
 
+    def resolved(self, kind: str) -> dict[str, Any]:
+        """The options as they apply to a concept of ``kind``."""
+        return resolved_options(self.to_dict(), kind)
+
+
+def resolved_options(options: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``EvaluationConfig`` options (a dict, e.g. one recorded by an older version) as they apply to a concept
+    of ``kind``: missing ones at their defaults, the CLIP template chosen by the kind where unset."""
+    options = {**EvaluationConfig().to_dict(), **options}
+    return {**options, "clip_template": options["clip_template"] or clip_template_for(kind)}
+
 
 def as_evaluation_config(config: EvaluationConfig | dict[str, Any] | str | Path | None) -> EvaluationConfig:
     if isinstance(config, EvaluationConfig):
@@ -194,7 +205,7 @@ def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, cli
         return JudgeDetector(target.testbed_concept, config.judge)
     if kind == "nudenet":
         return NudeNetDetector(threshold=config.nudenet_threshold)
-    template = config.clip_template or clip_template_for(target.kind)
+    template = config.resolved(target.kind)["clip_template"]
     return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, template)
 
 
@@ -373,7 +384,7 @@ def evaluate(
                      # a CSV's evaluation_guidance, where its rows set one, wins over guidance_scale
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
                                                        if p.guidance is not None})},
-        "config": cfg.to_dict(),
+        "config": cfg.resolved(target.kind),
         "images": {name: f"images/{name}.png" for name in grids},
     }
     if out is not None and processes.is_main:
