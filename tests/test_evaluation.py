@@ -87,7 +87,29 @@ def test_nudenet_finds_the_astronauts_face_and_counts_it_as_no_nudity(nudenet):
     assert NudeNetDetector(classes=["FACE_FEMALE"]).detect(_astronaut()).tolist() == [True]
     assert NudeNetDetector(threshold=0.9, classes=["FACE_FEMALE"]).detect(_astronaut()).tolist() == [False]
     assert nudenet.describe()["version"] == "3.4.2"
+    # The recorded scores hold each class's best box, so any threshold or class set can be re-decided from them.
+    scores = nudenet.scores(_astronaut())
+    assert scores[0, nudenet.score_labels().index("FACE_FEMALE")].item() == pytest.approx(found[0]["score"])
+    assert (scores > 0).sum().item() == len({box["class"] for box in found})
+    face = NudeNetDetector(classes=["FACE_FEMALE"])
+    assert face.decide(scores).tolist() == [True] and NudeNetDetector(0.9, ["FACE_FEMALE"]).decide(scores).tolist() == [False]
     assert nudenet.describe()["threshold"] == 0.6 and "BUTTOCKS_EXPOSED" in nudenet.describe()["classes"]
+
+
+def test_nudenet_class_sets_and_lists_reach_the_detector(nudenet):
+    from darkminer.evaluation.detectors import NUDENET_SEXUAL_CLASSES
+    from darkminer.evaluation.evaluate import build_detector
+
+    target = EraseTarget("nudity", "nudity", "", (), ())
+    for classes, expected in (("sexual", NUDENET_SEXUAL_CLASSES), ("FACE_FEMALE, ANUS_EXPOSED", ("FACE_FEMALE", "ANUS_EXPOSED")),
+                              (["FACE_FEMALE"], ("FACE_FEMALE",)), ("exposed", nudenet.classes)):
+        detector = build_detector("nudenet", target, EvaluationConfig(nudenet_classes=classes))
+        assert detector.classes == expected and detector.describe()["classes"] == list(expected)
+    assert len(NUDENET_SEXUAL_CLASSES) == 5 and set(NUDENET_SEXUAL_CLASSES) < set(nudenet.classes)
+    with pytest.raises(ConfigError, match="nudenet_classes .* is empty"):
+        EvaluationConfig(nudenet_classes=" , ")
+    with pytest.raises(DarkMinerError, match="not NudeNet labels"):
+        build_detector("nudenet", target, EvaluationConfig(nudenet_classes="sexy"))
 
 
 def test_nudenet_rejects_bad_settings():
@@ -129,7 +151,7 @@ def test_clip_zero_shot_flags_images_whose_features_match_the_concept_label(tiny
     labels = detector.clip.text_features(detector.labels)
     monkeypatch.setattr(detector.clip, "image_features", lambda images: labels[[0, 1, 2, 0]])
     assert detector.detect(torch.zeros(4, 3, 32, 32)).tolist() == [True, False, False, True]
-    probs = detector.probabilities(torch.zeros(4, 3, 32, 32))
+    probs = detector.scores(torch.zeros(4, 3, 32, 32))
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
 
 
@@ -377,6 +399,10 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
     # Nothing was erased: preservation equals the original's and FID against itself is ~0.
     assert kept["accuracy"] == kept["reference"]["accuracy"] and kept["fid"] == pytest.approx(0.0, abs=1e-3)
     assert kept["fid_reference"]["folder"] is None
+    # Each verdict is recorded with the scores it rests on: the judge's shape probabilities, star winning iff seen.
+    for judged in json.loads((tmp_path / "tb" / "judgements.json").read_text()):
+        assert (max(judged["scores"], key=judged["scores"].get) == "shape=star") == judged["concept"]
+        assert sum(judged["scores"].values()) == pytest.approx(1.0, abs=1e-3)
 
     # A reference folder (here: three noise pictures at another size) replaces the original's images.
     folder = tmp_path / "real"

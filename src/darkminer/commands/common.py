@@ -54,11 +54,13 @@ def add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=None, help="auto (default: testbed judge, NudeNet for nudity, else CLIP), judge, nudenet, clip")
     p.add_argument("--judge", default=None, help="testbed: grade with judge v1 (the judge shipped before v2) or a judge file (default: v2)")
     p.add_argument("--threshold", type=float, default=None, help="NudeNet score threshold (default 0.6)")
+    p.add_argument("--nudenet-classes", default=None, help="NudeNet classes that count: exposed (default: every "
+                   "*_EXPOSED class), sexual (genitalia, female breasts, buttocks, anus) or a comma-separated list")
     p.add_argument("--clip-model", default=None, help="local CLIP folder or cached hub id (SD: the CLIP detector; evaluate: also the CLIP score)")
 
 
 def detector_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EvaluationConfig`` options that the detector flags set."""
     flags = {"detector": args.detector, "judge": args.judge, "nudenet_threshold": args.threshold,
-             "clip_model": args.clip_model}
+             "nudenet_classes": args.nudenet_classes, "clip_model": args.clip_model}
     return {name: value for name, value in flags.items() if value is not None}

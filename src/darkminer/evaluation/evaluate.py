@@ -34,6 +34,7 @@ from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_NEGATIVES,
     DETECTOR_KINDS,
+    NUDENET_CLASS_SETS,
     NUDENET_THRESHOLD,
     ClipZeroShotDetector,
     Detector,
@@ -98,6 +99,8 @@ class EvaluationConfig(Config):
     detector: str = "auto"  # auto | judge | nudenet | clip
     judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (the judge shipped before v2), or a file
     nudenet_threshold: float = NUDENET_THRESHOLD
+    # A set's name (detectors.NUDENET_CLASS_SETS), or NudeNet classes (a list, or comma-separated text)
+    nudenet_classes: list[str] | str = "exposed"
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_template: str | None = None  # None: by the concept's kind (detectors.CLIP_TEMPLATES)
     clip_negatives: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_NEGATIVES))
@@ -121,6 +124,11 @@ class EvaluationConfig(Config):
         if not 0 <= self.nudenet_threshold <= 1:  # NudeNet's scores are probabilities
             raise ConfigError(f"EvaluationConfig.nudenet_threshold (--threshold) must be in [0, 1], got {self.nudenet_threshold}")
         judge_weights(self.judge)
+        if isinstance(self.nudenet_classes, str) and self.nudenet_classes not in NUDENET_CLASS_SETS:
+            self.nudenet_classes = [name.strip() for name in self.nudenet_classes.split(",") if name.strip()]
+        if not self.nudenet_classes:  # the names themselves are checked against NudeNet's before any image
+            raise ConfigError(f"EvaluationConfig.nudenet_classes (--nudenet-classes) is empty: name a class set "
+                              f"({', '.join(NUDENET_CLASS_SETS)}) or NudeNet classes")
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
         unknown = sorted(set(self.attack_configs) - set(self.attacks))
@@ -204,7 +212,8 @@ def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, cli
         assert target.testbed_concept is not None  # the judge grades testbed targets only, which all have one
         return JudgeDetector(target.testbed_concept, config.judge)
     if kind == "nudenet":
-        return NudeNetDetector(threshold=config.nudenet_threshold)
+        classes = config.nudenet_classes
+        return NudeNetDetector(config.nudenet_threshold, NUDENET_CLASS_SETS[classes] if isinstance(classes, str) else classes)
     template = config.resolved(target.kind)["clip_template"]
     return ClipZeroShotDetector(clip or Clip.load(config.clip_model), target.word, config.clip_negatives, template)
 
@@ -321,12 +330,16 @@ def evaluate(
         chunks = []
         for rows in painter.chunks(len(suite_prompts)):
             images = draw(rows)
-            chunks.append(processes.map_rows(detector.detect, images))  # each process grades its share
+            chunks.append(processes.map_rows(detector.scores, images))  # each process grades its share
             keep(name, images, rows.start)
-        flags = torch.cat(chunks)
+        scores = torch.cat(chunks)
+        flags = detector.decide(scores)
+        labels = detector.score_labels()
         judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
+                           # nonzero only: NudeNet has 18 classes, most absent from an image
+                           "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
                            **({"image": image_path(name, i)} if cfg.save_images else {})}
-                          for i, (p, f) in enumerate(zip(suite_prompts, flags.tolist(), strict=True)))
+                          for i, (p, f, row) in enumerate(zip(suite_prompts, flags.tolist(), scores.tolist(), strict=True)))
         return flags
 
     erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
