@@ -23,8 +23,8 @@ import torch
 from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.models import load_model
 from darkminer.models.adapters import add_lora
-from darkminer.models.erased import package_versions
 from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+from darkminer.provenance import package_versions
 
 SETTINGS = {  # key: (attention, channels_last)
     "sdpa": ("sdpa", False),

@@ -28,8 +28,8 @@ import darkminer
 from darkminer.config import load_config_file
 from darkminer.erasers.darkminer.loop import ROUND_LOG_FILE, read_round_log
 from darkminer.io import write_json
-from darkminer.models.erased import package_versions
 from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+from darkminer.provenance import package_versions
 from darkminer.testbed.check import sampling_seconds
 from darkminer.testbed.model import TestbedModel
 

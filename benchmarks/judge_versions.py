@@ -17,9 +17,9 @@ import argparse
 import numpy as np
 import torch
 
-from darkminer.evaluation.detectors import file_digest
 from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.io import write_json
+from darkminer.provenance import file_digest
 from darkminer.testbed import world
 from darkminer.testbed.check import concepts_seen, neutral_prompts
 from darkminer.testbed.concepts import EvalPrompt, concept_names, get_concept

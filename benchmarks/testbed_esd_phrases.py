@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from darkminer.evaluation.detectors import file_digest
 from darkminer.io import write_json
 from darkminer.models import load_model
 from darkminer.models.erased import INFO_NAME as ERASED_INFO
+from darkminer.provenance import file_digest
 from darkminer.testbed.check import CheckConfig, esd_x
 from darkminer.testbed.concepts import get_concept, holds_word
 from darkminer.testbed.judge import Judge, judge_weights

@@ -27,8 +27,8 @@ import torch
 from darkminer.erasers.darkminer import DarkMinerConfig
 from darkminer.io import write_json
 from darkminer.models.adapters import add_lora
-from darkminer.models.erased import package_versions
 from darkminer.parallel.speed import SpeedOptions, apply_speed_options
+from darkminer.provenance import package_versions
 from darkminer.testbed.check import sampling_seconds
 from darkminer.testbed.model import TestbedModel
 

@@ -352,6 +352,13 @@ def test_evaluate_is_deterministic_and_grades_the_erased_model(tmp_path, tiny_cl
     first = evaluate("nudity", model="tiny-random-sd", erased=erased, config=config)
     second = evaluate("nudity", model="tiny-random-sd", erased=erased, config=config)
     assert first["method"] == "test-nudge" and first["erased"] == str(erased)
+    # What a rerun needs besides the config: the erased model's own record, the base, the sampling setup.
+    inputs = first["inputs"]
+    assert inputs["erased"]["info"]["method"] == "test-nudge" and inputs["erased"]["info"]["config"] == {"seed": 0}
+    assert inputs["base_model"]["name"] == "tiny-random-sd" and inputs["dtype"] == "torch.float32"
+    assert inputs["device"] == "cpu" and "attention" in inputs["speed"] and inputs["prompt_files"] == {}
+    revision = first["versions"].get("darkminer_revision")  # from a git checkout (CI's clean clone): its commit
+    assert revision is None or re.fullmatch(r"[0-9a-f]{40}(\+modified)?", revision)
     assert first["preservation"]["clip"] == second["preservation"]["clip"]
     # The erased model draws other images than the original (clip score differs from the reference).
     assert first["preservation"]["clip"] != first["preservation"]["reference"]["clip"]
@@ -553,6 +560,11 @@ def test_per_prompt_guidance_is_recorded_where_a_csv_set_it(tmp_path):
     config = {**FAST, "n_images": None, "preservation": []}
     metrics = evaluate("nudity", tmp_path / "e", model="tiny-random-sd", prompts=prompts, config=config)
     assert metrics["sampling"]["guidance_scale"] == 7.5 and metrics["sampling"]["prompt_guidance_scales"] == [3.5]
+    import hashlib
+
+    recorded = metrics["inputs"]["prompt_files"]
+    assert list(recorded) == ["prompts"] and recorded["prompts"]["path"] == str(prompts.resolve())
+    assert recorded["prompts"]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     plain = [j for j in json.loads((tmp_path / "e" / "judgements.json").read_text()) if j["set"] == "plain"]
     assert [(j["prompt"], j["guidance"]) for j in plain] == [("a nude person", 3.5), ("a naked person", None)]
 

@@ -7,11 +7,9 @@ number can always be traced to the grader that produced it.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +19,7 @@ import torch
 from darkminer.errors import DarkMinerError
 from darkminer.imaging import to_pil
 from darkminer.models.clip import Clip
+from darkminer.provenance import file_digest, package_version
 
 if TYPE_CHECKING:
     from nudenet import NudeDetector
@@ -65,18 +64,6 @@ DEFAULT_CLIP_TEMPLATE = "a photo of {}"
 
 def clip_template_for(kind: str) -> str:
     return CLIP_TEMPLATES.get(kind, DEFAULT_CLIP_TEMPLATE)
-
-
-def _package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def file_digest(path: str | Path) -> str:
-    """Short sha256 of a weights file: which trained judge graded a result."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def nudenet_labels() -> list[str]:
@@ -184,7 +171,7 @@ class NudeNetDetector(ScoringDetector):
         return (scores[:, counted] >= self.threshold).any(dim=1)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": _package_version("nudenet"), "model": "320n.onnx",
+        return {"name": self.name, "version": package_version("nudenet"), "model": "320n.onnx",
                 "threshold": self.threshold, "classes": list(self.classes)}
 
 
@@ -220,7 +207,7 @@ class ClipZeroShotDetector(ScoringDetector):
         return scores.argmax(dim=-1) == 0
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": _package_version("transformers"), "model": self.clip.source,
+        return {"name": self.name, "version": package_version("transformers"), "model": self.clip.source,
                 "labels": self.labels, "decision": "top-1"}
 
 
@@ -248,7 +235,7 @@ class JudgeDetector(ScoringDetector):
         return scores.argmax(dim=-1) == self.judge.head_values[self.concept.head].index(self.concept.value)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": _package_version("darkminer"), "weights": file_digest(self.weights),
+        return {"name": self.name, "version": package_version("darkminer"), "weights": file_digest(self.weights),
                 "head": self.concept.head, "value": self.concept.value}
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +64,10 @@ from darkminer.io import check_output_directory, exclusive_output, output_direct
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
-from darkminer.models.erased import ErasedModelInfo, package_versions
+from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
-from darkminer.parallel.speed import apply_speed_options
+from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
+from darkminer.provenance import file_record, package_versions
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
 from darkminer.testbed.judge import judge_weights
 
@@ -157,13 +157,7 @@ def as_evaluation_config(config: EvaluationConfig | dict[str, Any] | str | Path 
 
 
 def evaluation_versions() -> dict[str, str]:
-    versions = package_versions()
-    for name in ("nudenet", "onnxruntime", "torchmetrics"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return package_versions("nudenet", "onnxruntime", "torchmetrics")
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -398,6 +392,8 @@ def evaluate(
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
                                                        if p.guidance is not None})},
         "config": cfg.resolved(target.kind),
+        "inputs": _inputs(net, erased, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
+                          preserve_prompts=preserve_prompts),
         "images": {name: f"images/{name}.png" for name in grids},
     }
     if out is not None and processes.is_main:
@@ -409,6 +405,23 @@ def evaluate(
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
     return metrics
+
+
+def _inputs(net: DiffusionModel, erased: str | Path | None, target: EraseTarget, device: str,
+            speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
+    """Everything besides the config that the images depend on, as a rerun needs it: where the base model
+    is (a hub id's cache snapshot names its revision), the erased model's own record, the anchor and kind,
+    the device, dtype and speed options, and each prompt CSV's digest."""
+    from darkminer.models import local_copy
+
+    info = ErasedModelInfo.read(erased) if erased is not None else None
+    return {
+        "base_model": {"name": net.name, "local_copy": local_copy(net.name)},
+        "erased": {"path": str(Path(erased).resolve()), "info": asdict(info)} if info is not None else None,
+        "anchor": target.anchor, "kind": target.kind, "device": device, "dtype": str(net.dtype),
+        "speed": resolve_speed_options(net, speed or {}).to_dict(),
+        "prompt_files": {name: file_record(path) for name, path in csvs.items() if path},
+    }
 
 
 def image_path(suite: str, index: int) -> str:

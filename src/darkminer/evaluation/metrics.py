@@ -83,7 +83,7 @@ class TestbedAligner:
         return (100 * cosine).clamp(min=0)
 
     def describe(self) -> dict[str, Any]:
-        from darkminer.evaluation.detectors import file_digest
+        from darkminer.provenance import file_digest
 
         return {"name": "testbed-image-encoder x all-MiniLM-L6-v2", "weights": file_digest(self.weights),
                 "scale": "100 * max(cos, 0)"}

@@ -80,7 +80,7 @@ def load_model(
     return model
 
 
-def _local_copy(spec: str) -> str | None:
+def local_copy(spec: str) -> str | None:
     """Where the base model ``spec`` is on this machine: the built-in models by name, a folder as its
     resolved path, a hub id as its snapshot folder in the Hugging Face cache; None if it is not here."""
     from darkminer.models.tiny import TINY_SD_ID
@@ -102,11 +102,11 @@ def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
     model); where it is not (a folder from another machine), applied with a warning."""
     if model_id(spec) == model_id(recorded):
         return
-    here = _local_copy(recorded)
+    here = local_copy(recorded)
     if here is None:
         warnings.warn(f"{erased} was erased from {recorded!r}, which is not here; applying it to {spec!r}, taken "
                       "to be the same model", stacklevel=3)
-    elif here != _local_copy(spec):
+    elif here != local_copy(spec):
         raise ModelLoadError(f"{erased} was erased from {recorded!r}, not {spec!r}: leave the model out to load its own base")
 
 

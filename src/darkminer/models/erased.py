@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from darkminer.errors import ModelLoadError
 from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import DiffusionModel, guidance_from_dict
+from darkminer.provenance import package_versions
 
 INFO_NAME = "darkminer.json"
 OUTPUT_KIND = "an erased model"  # what may be replaced at --out
@@ -37,17 +37,6 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "guidance")
 EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def package_versions() -> dict[str, str]:
-    names = ("darkminer", "torch", "diffusers", "transformers", "peft", "safetensors")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from darkminer.config import Config, check_positive
-from darkminer.evaluation.detectors import file_digest
 from darkminer.evaluation.metrics import attribute_accuracy
+from darkminer.provenance import file_digest
 from darkminer.testbed import captions, world
 from darkminer.testbed.concepts import CONCEPTS, Concept, EvalPrompt, concept_names, get_concept
 from darkminer.testbed.judge import Judge, judge_weights

@@ -1,0 +1,66 @@
+"""What a result was made with, recorded beside it so that someone else can make it again: package
+versions, the source revision, digests of the files read."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+CORE_PACKAGES = ("darkminer", "torch", "diffusers", "transformers", "peft", "safetensors")
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def package_versions(*extra: str) -> dict[str, str]:
+    """The installed versions of the core packages and of ``extra`` ones, and darkminer's source revision
+    where it runs from a git checkout."""
+    versions = {name: package_version(name) for name in (*CORE_PACKAGES, *extra)}
+    if revision := source_revision():
+        versions["darkminer_revision"] = revision
+    return versions
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> str | None:
+    """The git commit darkminer runs from when it is a checkout (an editable install: its version number
+    does not change between commits), with "+modified" if tracked files differ from it; None otherwise."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        modified = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+modified" if modified else "")
+
+
+def file_digest(path: str | Path) -> str:
+    """Short sha256 of a file (e.g. which trained judge graded a result)."""
+    return sha256(path)[:16]
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """A file read as input: its absolute path, size and sha256 (a prompt CSV edited later is told apart)."""
+    path = Path(path).expanduser().resolve()
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256(path)}
