@@ -386,7 +386,9 @@ def evaluate(
         "fid_features": fid.describe() if fid else None,
         "attack_details": attack_details,
         "suites": {name: len(suite) for name, suite in suites.items()},
-        "sampling": {"steps": cfg.steps or net.default_sampling.steps,
+        "sampling": {"sampler": "DDIM, eta 0",
+                     "image_size": list(next(iter(grids.values())).shape[-2:]),
+                     "steps": cfg.steps or net.default_sampling.steps,
                      "guidance_scale": cfg.guidance_scale or net.default_sampling.guidance_scale,
                      # a CSV's evaluation_guidance, where its rows set one, wins over guidance_scale
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
