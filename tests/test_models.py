@@ -11,9 +11,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from darkminer.cli import main
 from darkminer.errors import ModelLoadError
 from darkminer.models import adapters, load_model
-from darkminer.models.erased import ErasedModelInfo, apply_erased, export_merged_unet, save_erased
+from darkminer.models.erased import ErasedModelInfo, apply_erased, save_erased
 
 STEPS = 4
 
@@ -100,16 +101,14 @@ def test_lora_train_save_reload_in_plain_diffusers_and_merge(tiny_sd_dir, tmp_pa
     plain = pipe([prompt] * 2, latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
     torch.testing.assert_close(plain, after, atol=1e-4, rtol=0)
 
-    merged_dir = export_merged_unet(reloaded, tmp_path / "merged-unet")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_sd_dir, unet=UNet2DConditionModel.from_pretrained(merged_dir), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # `darkminer export`: a plain pipeline folder with the adapter folded in, loaded by diffusers alone.
+    assert main(["export", "--erased", str(out), "--out", str(tmp_path / "pipeline")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", safety_checker=None, requires_safety_checker=False)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and not any("lora" in n for n, _ in pipe.unet.named_parameters())
     merged = pipe([prompt] * 2, latents=noise, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt").images
     torch.testing.assert_close(merged, after, atol=1e-4, rtol=0)
-    # The merge folded the adapter into the model's weights; its original is still the base.
-    torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS, adapter=False), before, atol=1e-6, rtol=0)
-    torch.testing.assert_close(reloaded.sample(cond, noise=noise, steps=STEPS), after, atol=1e-4, rtol=0)
+    record = json.loads((tmp_path / "pipeline" / "darkminer_export.json").read_text())
+    assert record["erasure"]["method"] == "test" and record["erased"] == str(out.resolve())
 
 
 def test_switching_the_adapter_off_and_on_keeps_which_weights_train(tiny_sd, tmp_path):
@@ -466,3 +465,14 @@ def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_sd_dir):
     model, reference = load_model(str(tmp_path / "fp16")), load_model(str(tiny_sd_dir))
     for name, weight in reference.unet.state_dict().items():
         assert torch.equal(model.unet.state_dict()[name], weight), name
+
+
+def test_export_refuses_what_no_plain_pipeline_can_carry(tmp_path, capsys):
+    from darkminer.api import erase
+
+    sld = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
+    assert main(["export", "--erased", str(sld), "--out", str(tmp_path / "p1")]) == 2
+    assert "inference-time erasure (sld)" in capsys.readouterr().err and not (tmp_path / "p1").exists()
+    uce = erase("uce", "blood", tmp_path / "uce", model="testbed")
+    assert main(["export", "--erased", str(uce), "--out", str(tmp_path / "p2")]) == 2
+    assert "'testbed' is not one" in capsys.readouterr().err and not (tmp_path / "p2").exists()

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "erase": "darkminer.api",
+    "export": "darkminer.api",
     "evaluate": "darkminer.evaluation",
     "run_benchmark": "darkminer.evaluation",
     "load_model": "darkminer.models",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +14,11 @@ import torch
 from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import check_output_directory, claim_record, exclusive_output
+from darkminer.io import check_output_directory, claim_record, exclusive_output, output_directory, write_json
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
+from darkminer.provenance import package_versions
 from darkminer.targets import check_kind, resolve_target
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 
 RUN_FILE = "run.json"
+EXPORTED_KIND = "an exported pipeline"  # what `export` may replace at --out
 
 
 def _check_not_erased(model: DiffusionModel) -> None:
@@ -164,4 +167,40 @@ def erase(
                     write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
         shutil.rmtree(work_dir, ignore_errors=True)
     processes.barrier()
+    return out
+
+
+EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure the pipeline carries
+
+
+@exclusive_output()
+def export(
+    erased: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    dtype: str | torch.dtype = torch.float32,
+) -> Path:
+    """Write the erased model as a plain diffusers Stable Diffusion pipeline folder (``out``), the erasure
+    folded into its weights (an adapter merged), loadable by ``StableDiffusionPipeline.from_pretrained``
+    without darkminer. ``model`` names the base where the erased directory's record is not enough (as
+    ``load_model``). An inference-time erasure (SLD) lives in the sampling loop, not the weights, and is
+    refused; so is the testbed, which is no diffusers pipeline."""
+    from darkminer.models.adapters import has_lora, merge_lora
+    from darkminer.models.stable_diffusion import StableDiffusionModel
+
+    info = ErasedModelInfo.read(erased)
+    if info.kind == "guidance":
+        raise DarkMinerError(f"{erased} is an inference-time erasure ({info.method}): it changes sampling, not "
+                             "weights, so no plain pipeline carries it; deploy it through darkminer")
+    out = check_output_directory(out, "model_index.json", EXPORTED_KIND)
+    loaded = load_model(model, erased=erased, dtype=dtype)
+    if not isinstance(loaded, StableDiffusionModel):
+        raise DarkMinerError(f"export writes a diffusers Stable Diffusion pipeline; {loaded.name!r} is not one")
+    if has_lora(loaded):
+        merge_lora(loaded)
+    with output_directory(out, "model_index.json", EXPORTED_KIND) as tmp:
+        loaded.to_pipeline().save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / EXPORT_INFO, {"erased": str(Path(erased).resolve()), "erasure": asdict(info),
+                                       "dtype": str(loaded.dtype), "versions": package_versions()})
     return out

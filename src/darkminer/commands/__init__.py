@@ -8,5 +8,6 @@ COMMAND_MODULES = (
     "darkminer.commands.attack",
     "darkminer.commands.evaluate",
     "darkminer.commands.benchmark",
+    "darkminer.commands.export",
     "darkminer.commands.testbed",
 )

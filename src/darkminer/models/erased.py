@@ -125,11 +125,3 @@ def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
             params[name].copy_(state[name])
 
 
-def export_merged_unet(model: DiffusionModel, directory: str | Path) -> Path:
-    """A full diffusers UNet folder with the adapter folded in (for users of plain diffusers). The model's
-    adapter is merged in place; ``model.original()`` stays the model before erasure."""
-    directory = Path(directory)
-    if adapters.has_lora(model):
-        adapters.merge_lora(model)
-    model.unet.save_pretrained(directory, safe_serialization=True)
-    return directory

@@ -1,0 +1,25 @@
+"""``darkminer export``: an erased model as a plain diffusers pipeline folder, for deployment."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write an erased model as a plain diffusers pipeline",
+        description="Fold an erasure into the base model's weights and write a Stable Diffusion pipeline folder "
+                    "that StableDiffusionPipeline.from_pretrained loads without darkminer.",
+    )
+    p.add_argument("--erased", required=True, help="an erased-model directory written by `darkminer erase`")
+    p.add_argument("--model", default=None, help="the base model (default: the one the erased directory records)")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype in the export: float32 (default), float16 or bfloat16")
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from darkminer.api import export
+
+    out = export(args.erased, args.out, model=args.model, dtype=args.dtype)
+    print(f"wrote diffusers pipeline {out}")
