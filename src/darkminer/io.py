@@ -205,8 +205,13 @@ def exclusive_output(parameter: str = "out") -> Callable[[F], F]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` as UTF-8 at ``path``, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text, encoding="utf-8")
 
 
 def read_text(path: str | Path, what: str = "file") -> str:

@@ -32,13 +32,13 @@ from darkminer.evaluation.evaluate import (
 )
 from darkminer.evaluation.report import cell_summary, render_html, render_markdown
 from darkminer.io import (
-    atomic_path,
     changed_keys,
     check_output_directory,
     claim_record,
     exclusive_output,
     read_json,
     write_json,
+    write_text,
 )
 from darkminer.models import model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
@@ -225,8 +225,8 @@ def run_benchmark(
     }
     results["table"] = cell_summary(results)
     write_json(out / "results.json", results)
-    _write_text(out / "results.md", render_markdown(results))
-    _write_text(out / "report.html", render_html(results, out))
+    write_text(out / "results.md", render_markdown(results))
+    write_text(out / "report.html", render_html(results, out))
     return results
 
 
@@ -300,9 +300,4 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
     erase_seconds = None if extra.get("resumed") else extra.get("seconds")
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
             "metrics": read_json(metrics_path)}
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 

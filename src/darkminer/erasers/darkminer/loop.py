@@ -23,7 +23,7 @@ from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding
 from darkminer.erasers.darkminer.pool import build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.errors import DarkMinerError
-from darkminer.io import load_tensors, read_json, save_tensors, write_json
+from darkminer.io import load_tensors, read_json, save_tensors, write_json, write_text
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
@@ -38,7 +38,7 @@ ROUND_LOG_FILE = "rounds.jsonl"
 
 def write_round_log(folder: Path, log: list[dict]) -> None:
     """The round log as JSON lines, one round per line."""
-    (folder / ROUND_LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in log))
+    write_text(folder / ROUND_LOG_FILE, "".join(json.dumps(e) + "\n" for e in log))
 
 
 def read_round_log(erased_dir: str | Path) -> list[dict]:
