@@ -22,6 +22,7 @@ import torch
 
 from darkminer.models.adapters import TARGET_PRESETS, target_module_names
 from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,33 @@ def edit_projections(
         terms = [EditTerm(keys, guide @ weight.T, erase_scale) for keys, guide in erase]
         terms += [EditTerm(states, states @ weight.T, preserve_scale) for states in preserve]
         weight.copy_(closed_form_edit(weight, terms, lamb))
+
+
+def preserve_scale_for(scale: float | None, n_preserved: int) -> float:
+    """``scale``, or, when unset, the UCE authors' rule: max(0.1, 1 / #preserved prompts)."""
+    return max(0.1, 1.0 / n_preserved) if scale is None else scale
+
+
+@dataclass(frozen=True)
+class UceEdit:
+    """What ``uce_edit`` did, for the erasers built on it: the edited weights and the preserved states."""
+
+    weights: dict[str, torch.nn.Parameter]
+    preserve: list[torch.Tensor]
+    preserve_scale: float
+
+
+def uce_edit(
+    model: DiffusionModel, target: EraseTarget, *, erase_scale: float, preserve_scale: float | None, lamb: float,
+    preserve_prompts: int,
+) -> UceEdit:
+    """UCE's erasure of ``target`` (train_erase.py, "replace"): the concept's aligned text states map to the
+    anchor's, the empty prompt and the target's first ``preserve_prompts`` ordinary prompts are preserved.
+    The projections' originals are remembered first, so ``model.original()`` stays the model before it."""
+    weights = kv_projection_weights(model)
+    model.remember_originals(list(weights))
+    preserve = list(model.encode([""] + list(target.preserve[:preserve_prompts])).detach())
+    scale = preserve_scale_for(preserve_scale, len(preserve))
+    edit_projections(weights, [aligned_tails(model, target.word, target.anchor)], preserve,
+                     erase_scale=erase_scale, preserve_scale=scale, lamb=lamb)
+    return UceEdit(weights, preserve, scale)

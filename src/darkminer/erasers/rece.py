@@ -16,13 +16,7 @@ import torch
 
 from darkminer.config import check_non_negative, check_positive
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
-from darkminer.erasers.closed_form import (
-    adversarial_states,
-    aligned_tails,
-    edit_projections,
-    kv_projection_weights,
-)
-from darkminer.erasers.uce import preserve_scale_for, preserved_states
+from darkminer.erasers.closed_form import adversarial_states, edit_projections, uce_edit
 from darkminer.io import save_tensors
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
@@ -60,16 +54,11 @@ class Rece(Eraser):
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: ReceConfig = self.config  # type: ignore[assignment]
-        weights = kv_projection_weights(model)
-        model.remember_originals(list(weights))
+        start = uce_edit(model, target, erase_scale=cfg.erase_scale, preserve_scale=cfg.uce_preserve_scale,
+                         lamb=cfg.uce_lamb, preserve_prompts=cfg.preserve_prompts)
+        weights, preserve = start.weights, start.preserve
         with model.original():
             original = [w.detach().clone() for w in weights.values()]
-        preserve = preserved_states(model, [""] + list(target.preserve[: cfg.preserve_prompts]))
-        edit_projections(
-            weights, [aligned_tails(model, target.word, target.anchor)], preserve,
-            erase_scale=cfg.erase_scale, preserve_scale=preserve_scale_for(cfg.uce_preserve_scale, len(preserve)),
-            lamb=cfg.uce_lamb,
-        )
         with torch.no_grad():
             concept, guide = model.encode([target.word, target.anchor]).detach()
         found: dict[str, torch.Tensor] = {}

@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from darkminer.config import check_non_negative, check_positive
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
-from darkminer.erasers.closed_form import aligned_tails, edit_projections, kv_projection_weights
+from darkminer.erasers.closed_form import uce_edit
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
 
@@ -40,29 +38,13 @@ class UceConfig(EraserConfig):
             check_non_negative(self, preserve_scale=self.preserve_scale)
 
 
-def preserved_states(model: DiffusionModel, prompts: list[str]) -> list[torch.Tensor]:
-    """Full text states (L, D) of each preserved prompt."""
-    return list(model.encode(prompts).detach())
-
-
-def preserve_scale_for(scale: float | None, n_preserved: int) -> float:
-    """``scale``, or, when unset, the UCE authors' rule: max(0.1, 1 / #preserved prompts)."""
-    return max(0.1, 1.0 / n_preserved) if scale is None else scale
-
-
 @register_eraser("uce", kind="unet")
 class Uce(Eraser):
     config_class = UceConfig
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: UceConfig = self.config  # type: ignore[assignment]
-        weights = kv_projection_weights(model)
-        model.remember_originals(list(weights))
-        preserve = [""] + list(target.preserve[: cfg.preserve_prompts])
-        preserve_scale = preserve_scale_for(cfg.preserve_scale, len(preserve))
-        edit_projections(
-            weights, [aligned_tails(model, target.word, target.anchor)], preserved_states(model, preserve),
-            erase_scale=cfg.erase_scale, preserve_scale=preserve_scale, lamb=cfg.lamb,
-        )
-        return {"edited_projections": len(weights), "guide": target.anchor, "preserved_prompts": len(preserve),
-                "preserve_scale": preserve_scale}
+        done = uce_edit(model, target, erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb,
+                        preserve_prompts=cfg.preserve_prompts)
+        return {"edited_projections": len(done.weights), "guide": target.anchor, "preserved_prompts": len(done.preserve),
+                "preserve_scale": done.preserve_scale}
