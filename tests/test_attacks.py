@@ -13,12 +13,12 @@ from darkminer.attacks import unlearndiff as unlearndiff_module
 from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
 from darkminer.attacks.p4d import p4d_rows
-from darkminer.attacks.prompts import find_phrase, replace_concept, split_at_concept
 from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
 from darkminer.attacks.soft_prompt import SLOT, build_slotted, prompt_token_ids, sample_prompts
 from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import SamplingOptions
+from darkminer.prompts import find_phrase, replace_concept, split_at_concept
 from darkminer.targets import EraseTarget, resolve_target
 
 FAST_SAMPLING = SamplingOptions(steps=2, guidance_scale=3.0, batch_size=8)
@@ -91,6 +91,9 @@ def test_concept_phrase_is_found_as_whole_words_longest_first():
     assert replace_concept("a star", phrases, "X") is None
     assert replace_concept("An bloody star", ("bloody",), "injured") == "An injured star"
     assert replace_concept("an injured star", ("injured",), "") == "a star"
+    # every: each occurrence (the SD anchor twins), but a replacement holding the phrase only once
+    assert replace_concept("blood on blood", phrases, "paint", every=True) == "paint on paint"
+    assert replace_concept("a dog, a dog", ("dog",), "dog in a hat", every=True) == "a dog in a hat, a dog"
 
 
 def test_slotted_sequences_keep_slots_and_truncate_prompt_tokens(sd):

@@ -175,6 +175,10 @@ def test_a_prompt_without_the_concepts_word_has_the_bare_anchor_for_twin(tmp_pat
     target = resolve_target(load_model("tiny-random-sd"), "nudity", anchor="a dog", prompts_csv=csv)
     assert [target.anchor_twin(p) for p in target.prompts] == ["a dog", "A photo of a dog on a beach", "a dog"]
     assert target.anchor_twin("a prompt it was never given") == "a dog"
+    # The twin reads as the attacks' replacements do: articles agree with the anchor.
+    csv.write_text("prompt\nan apple on a table\n")
+    apple = resolve_target(load_model("tiny-random-sd"), "apple", anchor="banana", prompts_csv=csv)
+    assert [apple.anchor_twin(p) for p in apple.prompts] == ["banana", "a banana on a table"]
 
 
 def test_circumvent_maps_each_row_to_its_own_teacher_condition():

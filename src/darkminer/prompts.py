@@ -1,11 +1,14 @@
-"""Prompt sets from CSV files, in the format the field shares (I2P, UnlearnDiffAtk, Ring-A-Bell)."""
+"""Prompt sets from CSV files, in the format the field shares (I2P, UnlearnDiffAtk, Ring-A-Bell), and
+the text helpers that find and replace a concept's words in a prompt."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +86,48 @@ def _number(value: str, column: str) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"{column} {value!r} is not a number") from None
+
+
+# ------------------------------------------------------------------------------------------ text helpers
+def find_phrase(text: str, phrases: Sequence[str]) -> tuple[int, int, str] | None:
+    """(start, end, phrase) of the first whole-word occurrence of the longest matching phrase."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        match = re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE)
+        if match:
+            return match.start(), match.end(), phrase
+    return None
+
+
+def split_at_concept(text: str, phrases: Sequence[str]) -> tuple[str, str]:
+    """The text before and after the concept phrase; without one, ("", text) -- the place CCE's I2P
+    captions put their token: in front of the prompt."""
+    found = find_phrase(text, phrases)
+    if found is None:
+        return "", text
+    start, end, _ = found
+    return text[:start].strip(), text[end:].strip()
+
+
+def splice(text: str, start: int, end: int, replacement: str) -> str:
+    """``text`` with ``text[start:end]`` replaced, spaces tidied and the article before it agreeing
+    ("a injured star" -> "an injured star", "an injured star" minus the phrase -> "a star")."""
+    head = text[:start].split()
+    tail = f"{replacement} {text[end:]}".split()
+    if head and tail and head[-1].lower() in ("a", "an"):
+        article = "an" if tail[0][:1].lower() in "aeiou" else "a"
+        head[-1] = article.capitalize() if head[-1][0].isupper() else article
+    return re.sub(r" ([,.;:!?])", r"\1", " ".join(head + tail))  # "a dog , a cat" -> "a dog, a cat"
+
+
+def replace_concept(text: str, phrases: Sequence[str], replacement: str, every: bool = False) -> str | None:
+    """``text`` with its (first, or ``every``) concept phrase replaced, articles kept agreeing; None when it
+    has none."""
+    found = find_phrase(text, phrases)
+    if found is None:
+        return None
+    while found is not None:
+        start, end, _ = found
+        text = splice(text, start, end, replacement)
+        # A replacement that holds a phrase itself would be found again: it is replaced once only.
+        found = find_phrase(text, phrases) if every and find_phrase(replacement, phrases) is None else None
+    return text

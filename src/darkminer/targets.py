@@ -6,7 +6,6 @@ Stable Diffusion it is free text, with an anchor (default: the empty prompt) and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
-from darkminer.prompts import read_prompt_csv
+from darkminer.prompts import read_prompt_csv, replace_concept
 
 if TYPE_CHECKING:
     from darkminer.testbed.concepts import Concept
@@ -112,7 +111,4 @@ def resolve_target(
 
 def _with_anchor(prompt: str, word: str, anchor: str) -> str:
     """``prompt`` with the concept's words replaced by the anchor's; the bare anchor where it lacks them."""
-    pattern = rf"\b{re.escape(word)}\b"
-    if re.search(pattern, prompt, flags=re.IGNORECASE) is None:
-        return anchor
-    return " ".join(re.sub(pattern, anchor, prompt, flags=re.IGNORECASE).split())
+    return replace_concept(prompt, [word], anchor, every=True) or anchor

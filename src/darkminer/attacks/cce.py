@@ -33,7 +33,7 @@ from darkminer.attacks.base import (
     register_attack,
     unattacked,
 )
-from darkminer.attacks.prompts import concept_phrases, split_at_concept
+from darkminer.attacks.prompts import concept_phrases
 from darkminer.attacks.soft_prompt import (
     SLOT,
     SlottedPrompts,
@@ -49,6 +49,7 @@ from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.parallel.speed import gradient_scaler
+from darkminer.prompts import split_at_concept
 from darkminer.targets import EraseTarget
 
 

@@ -1,5 +1,5 @@
-"""Prompt sets without optimisation -- ``plain`` and ``paraphrase`` -- and the text helpers that find
-the concept's words in a prompt (CCE and Ring-A-Bell use them too).
+"""Prompt sets without optimisation -- ``plain`` and ``paraphrase`` -- and the concept's phrases in a
+prompt (CCE and Ring-A-Bell use them too; the text helpers are in ``darkminer.prompts``).
 
 ``plain`` is the baseline of every table: the prompts as they are. ``paraphrase`` says the concept
 without its own words: on the testbed each prompt's concept phrase is swapped for one of the concept's
@@ -9,7 +9,6 @@ Diffusion the user gives the paraphrases of the concept word.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from darkminer.attacks.base import (
 from darkminer.attacks.soft_prompt import judge_texts
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
+from darkminer.prompts import find_phrase, replace_concept, splice
 from darkminer.targets import EraseTarget
 
 
@@ -34,45 +34,6 @@ def concept_phrases(target: EraseTarget) -> tuple[str, ...]:
     concept = target.testbed_concept
     phrases = tuple(concept.trigger_phrases) if concept is not None else (target.word,)
     return tuple(sorted({p for p in phrases if p.strip()}, key=len, reverse=True))
-
-
-def find_phrase(text: str, phrases: Sequence[str]) -> tuple[int, int, str] | None:
-    """(start, end, phrase) of the first whole-word occurrence of the longest matching phrase."""
-    for phrase in sorted(phrases, key=len, reverse=True):
-        match = re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE)
-        if match:
-            return match.start(), match.end(), phrase
-    return None
-
-
-def split_at_concept(text: str, phrases: Sequence[str]) -> tuple[str, str]:
-    """The text before and after the concept phrase; without one, ("", text) -- the place CCE's I2P
-    captions put their token: in front of the prompt."""
-    found = find_phrase(text, phrases)
-    if found is None:
-        return "", text
-    start, end, _ = found
-    return text[:start].strip(), text[end:].strip()
-
-
-def splice(text: str, start: int, end: int, replacement: str) -> str:
-    """``text`` with ``text[start:end]`` replaced, spaces tidied and the article before it agreeing
-    ("a injured star" -> "an injured star", "an injured star" minus the phrase -> "a star")."""
-    head = text[:start].split()
-    tail = f"{replacement} {text[end:]}".split()
-    if head and tail and head[-1].lower() in ("a", "an"):
-        article = "an" if tail[0][:1].lower() in "aeiou" else "a"
-        head[-1] = article.capitalize() if head[-1][0].isupper() else article
-    return " ".join(head + tail)
-
-
-def replace_concept(text: str, phrases: Sequence[str], replacement: str) -> str | None:
-    """``text`` with its concept phrase replaced, or None when it has none."""
-    found = find_phrase(text, phrases)
-    if found is None:
-        return None
-    start, end, _ = found
-    return splice(text, start, end, replacement)
 
 
 @dataclass
