@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from darkminer.config import load_config_file
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import check_output_directory, claim_record, exclusive_output, output_directory, write_json
@@ -113,16 +111,8 @@ def erase(
     as_speed_options(speed)  # bad options fail before the (long) load
     check_kind(kind)
     eraser_cls = get_eraser(method)
-    if isinstance(config, EraserConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = eraser_cls.config_class.from_dict(config)
-    elif config is None or isinstance(config, str | os.PathLike):
-        cfg = eraser_cls.config_class.from_dict(load_config_file(config) if config else {})
-    else:
-        raise ConfigError(f"config must be a {eraser_cls.config_class.__name__}, a dict of its options or a "
-                          f"config file's path, got {type(config).__name__}")
-    eraser = eraser_cls(cfg)  # a config of another method fails here, before the load
+    cfg = eraser_cls.config_class.coerce(config)  # a config of another method fails here, before the load
+    eraser = eraser_cls(cfg)
     cfg.check_model(model.name if isinstance(model, DiffusionModel) else model_id(model))
     if isinstance(model, DiffusionModel):
         base = model

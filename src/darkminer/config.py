@@ -53,6 +53,19 @@ class Config:
             raise ConfigError(f"{cls.__name__}: {exc}") from None
 
     @classmethod
+    def coerce(cls: type[C], value: C | Mapping[str, Any] | str | os.PathLike | None) -> C:
+        """``value`` as this config: itself, built from a mapping of options or from a JSON/YAML file's path;
+        None gives the defaults."""
+        if isinstance(value, cls):
+            return value
+        if value is None or isinstance(value, Mapping):
+            return cls.from_dict(value)
+        if isinstance(value, str | os.PathLike):
+            return cls.from_file(value)
+        raise ConfigError(f"config must be a {cls.__name__}, a mapping of its options or a config file's path, "
+                          f"got {type(value).__name__}")
+
+    @classmethod
     def from_file(cls: type[C], path: str | Path | None, **overrides: Any) -> C:
         data = load_config_file(path) if path else {}
         data.update({k: v for k, v in overrides.items() if v is not None})

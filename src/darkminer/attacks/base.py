@@ -136,4 +136,4 @@ def get_attack(name: str) -> type[Attack]:
 def build_attack(name: str, options: AttackConfig | dict[str, Any] | None = None) -> Attack:
     """The registered attack ``name`` with its config (or one built from ``options``, validated)."""
     attack_cls = get_attack(name)
-    return attack_cls(options if isinstance(options, AttackConfig) else attack_cls.config_class.from_dict(options))
+    return attack_cls(attack_cls.config_class.coerce(options))

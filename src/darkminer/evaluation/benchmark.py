@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darkminer.config import Config, load_config_file
+from darkminer.config import Config
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.evaluate import (
     METRICS_NAME,
@@ -172,15 +172,11 @@ class BenchmarkConfig(Config):
 
 def load_benchmark_config(config: BenchmarkConfig | dict[str, Any] | str | Path) -> BenchmarkConfig:
     """A config object, a dict, a preset name (``demo``, ``quick``, ``full``) or a JSON/YAML file."""
-    if isinstance(config, BenchmarkConfig):
-        return config
-    if isinstance(config, dict):
-        return BenchmarkConfig.from_dict(config)
-    if str(config) in PRESETS:
+    if isinstance(config, str | Path) and str(config) in PRESETS:
         return BenchmarkConfig.from_dict(PRESETS[str(config)])
-    if not Path(config).is_file():
+    if isinstance(config, str | Path) and not Path(config).is_file():
         raise ConfigError(f"benchmark config {config} is neither a file nor a preset ({', '.join(PRESETS)})")
-    return BenchmarkConfig.from_dict(load_config_file(config))
+    return BenchmarkConfig.coerce(config)
 
 
 def _slug(name: str) -> str:

@@ -27,7 +27,7 @@ from darkminer.attacks.base import (
     build_attack,
 )
 from darkminer.attacks.io import adversarial_conditions
-from darkminer.config import Config, check_choice, check_positive, load_config_file
+from darkminer.config import Config, check_choice, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
@@ -149,11 +149,7 @@ def resolved_options(options: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def as_evaluation_config(config: EvaluationConfig | dict[str, Any] | str | Path | None) -> EvaluationConfig:
-    if isinstance(config, EvaluationConfig):
-        return config
-    if isinstance(config, dict):
-        return EvaluationConfig.from_dict(config)
-    return EvaluationConfig.from_dict(load_config_file(config) if config else {})
+    return EvaluationConfig.coerce(config)
 
 
 def evaluation_versions() -> dict[str, str]:

@@ -63,7 +63,7 @@ class SpeedOptions(Config):
 
 def as_speed_options(speed: SpeedOptions | dict[str, Any] | None) -> SpeedOptions | None:
     """``speed`` validated (a dict of options becomes ``SpeedOptions``); None stays None."""
-    return SpeedOptions.from_dict(speed) if isinstance(speed, dict) else speed
+    return None if speed is None else SpeedOptions.coerce(speed)
 
 
 def resolve_speed_options(model: DiffusionModel, speed: SpeedOptions | dict[str, Any]) -> SpeedOptions:
