@@ -62,8 +62,8 @@ class Config:
             return cls.from_dict(value)
         if isinstance(value, str | os.PathLike):
             return cls.from_file(value)
-        raise ConfigError(f"config must be a {cls.__name__}, a mapping of its options or a config file's path, "
-                          f"got {type(value).__name__}")
+        raise ConfigError(f"expected a {cls.__name__}, a mapping of its options or a config file's path, got "
+                          f"{type(value).__name__}")
 
     @classmethod
     def from_file(cls: type[C], path: str | Path | None, **overrides: Any) -> C:
