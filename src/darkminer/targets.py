@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.models import is_testbed
 from darkminer.models.base import DiffusionModel
 from darkminer.prompts import read_prompt_csv, replace_concept
 
@@ -45,10 +46,6 @@ class EraseTarget:
     def to_dict(self) -> dict:
         return {"name": self.name, "word": self.word, "anchor": self.anchor, "kind": self.kind,
                 "n_prompts": len(self.prompts), "n_preserve": len(self.preserve)}
-
-
-def is_testbed(model: DiffusionModel) -> bool:
-    return model.name == "testbed"
 
 
 TESTBED_CSV_ERROR = ("prompt CSVs are for Stable Diffusion: the testbed draws every prompt set from its concept "

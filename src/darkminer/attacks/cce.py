@@ -38,8 +38,6 @@ from darkminer.attacks.soft_prompt import (
     SLOT,
     SlottedPrompts,
     build_slotted,
-    denoising_loss,
-    draw_noise_and_timesteps,
     judge_conditions,
     judge_texts,
     original_images,
@@ -48,6 +46,7 @@ from darkminer.attacks.soft_prompt import (
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.prompts import split_at_concept
 from darkminer.targets import EraseTarget

@@ -40,7 +40,6 @@ from darkminer.attacks.soft_prompt import (
     SLOT,
     SlottedPrompts,
     build_slotted,
-    draw_noise_and_timesteps,
     judge,
     judge_conditions,
     judge_texts,
@@ -52,6 +51,7 @@ from darkminer.attacks.soft_prompt import (
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
+from darkminer.models.objectives import draw_noise_and_timesteps
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from darkminer.attacks.base import AttackPrompt, SuccessFn
 from darkminer.errors import DarkMinerError
-from darkminer.models.base import DiffusionModel, host_to_device, per_guidance_scale
+from darkminer.models.base import DiffusionModel, per_guidance_scale
 
 # Marks a free slot in a row of token ids given to :func:`build_slotted`.
 SLOT = None
@@ -126,30 +125,6 @@ def project_straight_through(model: DiffusionModel, embeds: torch.Tensor) -> tup
 def random_token_ids(model: DiffusionModel, shape: tuple[int, ...], generator: torch.Generator) -> torch.LongTensor:
     allowed = allowed_token_ids(model).cpu()
     return allowed[torch.randint(len(allowed), shape, generator=generator)].to(model.token_embedding.weight.device)
-
-
-# ----------------------------------------------------------------------------------------- losses
-def noise_target(model: DiffusionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models (SD 2)."""
-    if model.noise_scheduler.config.prediction_type == "v_prediction":
-        return model.noise_scheduler.get_velocity(x0, noise, t.to(x0.device))
-    return noise
-
-
-def denoising_loss(
-    model: DiffusionModel, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-) -> torch.Tensor:
-    """|| eps - eps_theta(x_t | cond, t) ||^2 on the attacked model: low when ``cond`` explains ``x0``."""
-    x_t = model.add_noise(x0, noise, t)
-    prediction = model.eps(x_t, t, cond)
-    return F.mse_loss(prediction.float(), noise_target(model, x0, noise, t).float())
-
-
-def draw_noise_and_timesteps(
-    model: DiffusionModel, x0: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.LongTensor]:
-    noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
-    return noise, model.sample_timesteps(x0.shape[0], generator)
 
 
 # ---------------------------------------------------------------------------------------- teacher

@@ -38,7 +38,6 @@ from darkminer.attacks.soft_prompt import (
     SLOT,
     allowed_token_ids,
     build_slotted,
-    denoising_loss,
     judge_conditions,
     judge_texts,
     original_images,
@@ -46,6 +45,7 @@ from darkminer.attacks.soft_prompt import (
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.models.objectives import denoising_loss
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 

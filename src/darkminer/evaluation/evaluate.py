@@ -61,14 +61,14 @@ from darkminer.evaluation.suites import (
 )
 from darkminer.imaging import make_grid, save_png, to_pil
 from darkminer.io import check_output_directory, exclusive_output, output_directory, write_json
-from darkminer.models import load_model
+from darkminer.models import is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
-from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, is_testbed, resolve_target
+from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, resolve_target
 from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"

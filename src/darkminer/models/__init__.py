@@ -22,6 +22,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def is_testbed(model: DiffusionModel) -> bool:
+    return model.name == "testbed"
+
+
 def model_id(spec: str | os.PathLike | None) -> str:
     """The name a base model is recorded under: ``testbed`` for its aliases, an existing local folder as
     its absolute path, anything else (a hub id, ``tiny-random-sd``) as given; None is the default model."""

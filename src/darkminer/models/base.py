@@ -91,7 +91,7 @@ def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
     """Rebuild a saved guidance (``{"name": ..., **settings}``); ``None`` is plain CFG."""
     if data is None:
         return ClassifierFreeGuidance()
-    import darkminer.erasers  # noqa: F401  (registers the guidances its methods save, e.g. SLD's)
+    import darkminer.models.guidance  # noqa: F401  (registers the guidances erased models save, e.g. SLD's)
 
     name = data.get("name")
     if name not in GUIDANCES:

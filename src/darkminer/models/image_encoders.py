@@ -23,7 +23,7 @@ class ImageEmbedder(Protocol):
 
 def load_image_encoder(model: DiffusionModel, spec: str | None = None) -> ImageEmbedder:
     """The verifier's encoder for ``model``: the testbed encoder on the testbed; a CLIP otherwise."""
-    from darkminer.targets import is_testbed
+    from darkminer.models import is_testbed
 
     if spec in (None, "testbed") and is_testbed(model):
         from darkminer.testbed.image_encoder import ImageEncoder

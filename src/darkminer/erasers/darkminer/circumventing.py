@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from darkminer.attacks.soft_prompt import draw_noise_and_timesteps
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.training import ddim_path
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.models.objectives import draw_noise_and_timesteps
 from darkminer.parallel import Processes, data_parallel, init_processes
 from darkminer.parallel.speed import gradient_scaler
 

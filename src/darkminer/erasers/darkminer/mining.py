@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from darkminer.attacks.soft_prompt import denoising_loss, draw_noise_and_timesteps
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.models.base import DiffusionModel, host_to_device
+from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
 from darkminer.parallel.speed import gradient_scaler
 
 

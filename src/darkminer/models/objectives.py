@@ -1,0 +1,35 @@
+"""The denoising objective shared by the attacks and Dark Miner: what the UNet is trained to predict, and
+how well a conditioning explains an image under it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from darkminer.models.base import DiffusionModel, host_to_device
+
+
+def noise_target(model: DiffusionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models (SD 2)."""
+    if model.noise_scheduler.config.prediction_type == "v_prediction":
+        return model.noise_scheduler.get_velocity(x0, noise, t.to(x0.device))
+    return noise
+
+
+def denoising_loss(
+    model: DiffusionModel, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """|| eps - eps_theta(x_t | cond, t) ||^2 (adapter on): low when ``cond`` explains ``x0``. What the
+    attacks minimise over prompts and Dark Miner's mining over embeddings."""
+    x_t = model.add_noise(x0, noise, t)
+    prediction = model.eps(x_t, t, cond)
+    return F.mse_loss(prediction.float(), noise_target(model, x0, noise, t).float())
+
+
+def draw_noise_and_timesteps(
+    model: DiffusionModel, x0: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """Noise like ``x0`` and one training timestep per row, drawn on the host from ``generator`` (the
+    same draws on any device) and sent to ``x0``'s device without a sync."""
+    noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
+    return noise, model.sample_timesteps(x0.shape[0], generator)
