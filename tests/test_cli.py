@@ -8,6 +8,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,14 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     image = Image.open(out)
     assert image.size[0] > 2 * 32  # two tiles side by side, enlarged
     assert "wrote" in capsys.readouterr().out
+    # The grid is the model's images at seeds 0 and 1, tile for tile.
+    from darkminer.imaging import make_grid
+    from darkminer.models import load_model
+
+    model = load_model("tiny-random-sd")
+    expected = model.sample(model.encode(["a cat"]).expand(2, -1, -1), seeds=[0, 1], steps=2)
+    assert not torch.equal(expected[0], expected[1])
+    assert np.array_equal(np.asarray(image), np.asarray(make_grid(expected, scale=256 // expected.shape[-1])))
 
 
 def test_speed_flags_name_only_what_they_change():
@@ -277,6 +286,17 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         os.umask(old_mask)
     assert stat.S_IMODE(erased.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in [*erased.iterdir(), tmp_path / "g.png"]} == {0o644}
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from darkminer.io import atomic_path
+
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("the run stopped")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):

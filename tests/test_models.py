@@ -476,3 +476,11 @@ def test_export_refuses_what_no_plain_pipeline_can_carry(tmp_path, capsys):
     uce = erase("uce", "blood", tmp_path / "uce", model="testbed")
     assert main(["export", "--erased", str(uce), "--out", str(tmp_path / "p2")]) == 2
     assert "'testbed' is not one" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_lora_alpha_sets_the_adapters_scale():
+    for alpha, scale in ((8.0, 2.0), (None, 1.0)):  # None: alpha = rank, scale 1
+        model = load_model("tiny-random-sd")
+        adapters.add_lora(model, adapters.LoraConfig(rank=4, alpha=alpha), seed=0)
+        scales = {m.scaling[adapters.ADAPTER_NAME] for m in model.unet.modules() if hasattr(m, "scaling")}
+        assert scales == {scale}
