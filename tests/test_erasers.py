@@ -25,7 +25,7 @@ from diffusers import (
 from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 from darkminer.api import erase
-from darkminer.erasers import training
+from darkminer.erasers import esd, training
 from darkminer.erasers.base import get_eraser
 from darkminer.erasers.ca import concept_prompts
 from darkminer.erasers.closed_form import (
@@ -37,7 +37,7 @@ from darkminer.erasers.closed_form import (
 )
 from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cross_attention
 from darkminer.erasers.sld import PRESETS
-from darkminer.erasers.training import train_parameters
+from darkminer.erasers.training import loss_summary, train_parameters
 from darkminer.erasers.uce import UceConfig
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors, load_tensors_and_metadata, save_tensors
@@ -215,6 +215,41 @@ def test_esd_moves_the_concept_toward_negative_guidance(erased_model) -> None:
     assert mse(erased_concept, teacher) < 0.5 * mse(eps_concept, teacher)
 
 
+def test_esd_draws_x_t_from_the_model_being_trained(base_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each iteration's partial DDIM runs the UNet with the weights trained so far (as the student's own
+    forward of that iteration sees them), not the frozen original's."""
+    model = load_model(str(base_dir))
+    probe = next(iter(kv_projection_weights(model).values()))  # trained by esd-x-strict
+    sampling = False
+    students: list[torch.Tensor] = []  # the probe as the student's forward saw it, one per iteration
+    sampled: list[tuple[int, torch.Tensor]] = []  # (iteration, the probe as a sampling step saw it)
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if sampling:
+            sampled.append((len(students), probe.detach().clone()))
+        elif torch.is_grad_enabled():  # the teacher runs without gradients
+            students.append(probe.detach().clone())
+
+    def spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal sampling
+        sampling = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            sampling = False
+
+    real = esd.partial_ddim_sample
+    monkeypatch.setattr(esd, "partial_ddim_sample", spy)
+    model.unet.register_forward_pre_hook(record)
+    config = {"iterations": 3, "lr": 1e-3, "ddim_steps": 4}
+    get_eraser("esd-x-strict")(esd.EsdConfig.from_dict(config)).erase(model, EraseTarget(
+        name=CONCEPT, word=CONCEPT, anchor="", prompts=(), preserve=()), tmp_path)
+    assert len(students) == 3 and not torch.equal(students[1], students[0])  # training moved the probe
+    assert any(i > 0 for i, _ in sampled)  # sampling ran the UNet after a training step
+    for i, w in sampled:
+        torch.testing.assert_close(w, students[i], rtol=0, atol=0)
+
+
 def test_closed_form_edit_solves_its_least_squares_problem() -> None:
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -278,6 +313,62 @@ def test_uce_preserve_scale_unset_follows_the_authors_rule(
     assert any(not torch.equal(default[name], other[name]) for name in default)
 
 
+def _uce_edit_by_hand(
+    weights: dict[str, torch.Tensor], keys: torch.Tensor, guide: torch.Tensor, preserve: list[torch.Tensor], *,
+    erase_scale: float, preserve_scale: float, lamb: float,
+) -> dict[str, torch.Tensor]:
+    """UCE's edit from closed_form_edit alone: keys map to what each projection gives for the guide, the
+    preserved states keep what it gives them."""
+    return {name: closed_form_edit(w, [EditTerm(keys, guide @ w.T, erase_scale)]
+                                   + [EditTerm(p, p @ w.T, preserve_scale) for p in preserve], lamb)
+            for name, w in weights.items()}
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_closed_form_erasers_match_their_edits_rebuilt_by_hand(method: str, base_dir: Path, tmp_path: Path) -> None:
+    """UCE, and RECE's UCE start plus one epoch on the adversarial states, equal the closed forms composed
+    here. Every scale and λ differs from the others (and erase_scale from 1), so a swapped one shows."""
+    model = load_model(str(base_dir))
+    target = EraseTarget(name=CONCEPT, word=CONCEPT, anchor=ANCHOR, prompts=(),
+                         preserve=("a photo of a cat", "a red car"))
+    original = {name: w.detach().clone() for name, w in kv_projection_weights(model).items()}
+    with torch.no_grad():
+        concept_tail, guide_tail = aligned_tails(model, CONCEPT, ANCHOR)
+        preserve = list(model.encode(["", "a photo of a cat"]))  # "" always, then preserve_prompts=1 of the target's
+        concept, guide = model.encode([CONCEPT, ANCHOR])
+    # uce_preserve_scale unset: max(0.1, 1 / 2 preserved prompts) = 0.5
+    start = _uce_edit_by_hand(original, concept_tail, guide_tail, preserve, erase_scale=2.0, preserve_scale=0.5, lamb=0.7)
+    if method == "uce":
+        config = {"erase_scale": 2.0, "lamb": 0.7, "preserve_prompts": 1}
+        expected = start
+    else:
+        config = {"epochs": 1, "erase_scale": 2.0, "uce_lamb": 0.7, "lamb": 0.2, "preserve_scale": 0.3,
+                  "regularisation": 0.05, "preserve_prompts": 1}
+        adversarial = adversarial_states(list(start.values()), list(original.values()), concept, 0.05)
+        expected = _uce_edit_by_hand(start, adversarial, guide, preserve, erase_scale=2.0, preserve_scale=0.3, lamb=0.2)
+    eraser = get_eraser(method)
+    eraser(eraser.config_class.from_dict(config)).erase(model, target, tmp_path)
+    edited = kv_projection_weights(model)
+    assert edited.keys() == expected.keys()
+    for name, w in edited.items():
+        torch.testing.assert_close(w.detach(), expected[name], rtol=0, atol=1e-6)
+    if method == "rece":  # the states the epoch erased, as saved beside the model
+        found = load_tensors(tmp_path / "artifacts" / "rece_adversarial_states.safetensors")
+        torch.testing.assert_close(found["epoch_0"], adversarial, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("source", "guide"), [(CONCEPT, ANCHOR), (ANCHOR, ""), (UNRELATED, CONCEPT)])
+def test_aligned_tails_start_at_each_prompts_last_word(source: str, guide: str, tiny_sd) -> None:
+    ids = tiny_sd.tokenize([source, guide])
+    states = tiny_sd.encode([source, guide])
+    # The last word sits just before the first end token; the empty prompt's "last word" is the start token.
+    starts = [int((row == tiny_sd.eos_id).nonzero()[0]) - 1 for row in ids]
+    length = tiny_sd.max_length - max(starts)
+    tails = aligned_tails(tiny_sd, source, guide)
+    for i in range(2):
+        torch.testing.assert_close(tails[i], states[i, starts[i] : starts[i] + length], rtol=0, atol=0)
+
+
 def test_rece_leaves_less_reachable_than_uce(erased_model) -> None:
     """The text states that best reproduce the original's concept outputs reproduce them worse after RECE."""
 
@@ -294,6 +385,25 @@ def test_rece_leaves_less_reachable_than_uce(erased_model) -> None:
     assert reachability_gap(rece) > reachability_gap(uce)
     found = load_tensors(out / "rece_adversarial_states.safetensors")
     assert sorted(found) == ["epoch_0", "epoch_1"]
+
+
+def test_ca_draws_its_anchor_images_from_the_original_with_the_anchor_prompt(base_dir: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    model = load_model(str(base_dir))
+    calls: list[tuple[torch.Tensor, dict]] = []
+    real = model.sample
+
+    def spy(cond: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append((cond.detach().clone(), kwargs))
+        return real(cond, **kwargs)
+
+    monkeypatch.setattr(model, "sample", spy)
+    config = {**TINY_CONFIGS["ca"], "iterations": 1}
+    target = EraseTarget(name=CONCEPT, word=CONCEPT, anchor=ANCHOR, prompts=(CONCEPT,), preserve=())
+    get_eraser("ca")(get_eraser("ca").config_class.from_dict(config)).erase(model, target, tmp_path)
+    ((cond, kwargs),) = calls  # the anchor images are the only images drawn
+    torch.testing.assert_close(cond, model.encode([ANCHOR] * config["anchor_images"]), rtol=0, atol=0)
+    assert kwargs["adapter"] is False
 
 
 def test_ca_pulls_concept_prompts_toward_the_anchor(erased_model) -> None:
@@ -320,6 +430,21 @@ def test_fmn_lowers_attention_on_the_concept_tokens(erased_model) -> None:
     assert attention[True] < 0.9 * attention[False]
     # The recorder is gone afterwards: the UNet runs its own processors again.
     assert all(type(p).__name__ != "_RecordingAttnProcessor" for p in model.unet.attn_processors.values())
+
+
+def test_fmn_masks_every_occurrence_of_the_concept_word(tiny_sd) -> None:
+    prompt = f"{CONCEPT} and {CONCEPT}"
+    word = len(tiny_sd.tokenizer(CONCEPT, add_special_tokens=False).input_ids)
+    between = len(tiny_sd.tokenizer("and", add_special_tokens=False).input_ids)
+    # <start> word "and" word <end>: the word's tokens at 1.. and again after "and"
+    first = list(range(1, 1 + word))
+    second = [p + word + between for p in first]
+    end = second[-1] + 1
+    assert tiny_sd.tokenize([prompt])[0][end] == tiny_sd.eos_id
+    mask = concept_token_mask(tiny_sd, prompt, CONCEPT, use_end_token=False)
+    assert mask.nonzero().flatten().tolist() == first + second
+    mask = concept_token_mask(tiny_sd, prompt, CONCEPT, use_end_token=True)
+    assert mask.nonzero().flatten().tolist() == first + second + [end]
 
 
 def test_fmn_refuses_a_concept_that_is_not_in_the_prompt(erased_model) -> None:
@@ -395,6 +520,13 @@ def _toy_training(
     train_parameters({"w": weight}, loss_fn, iterations=iterations, lr=0.1, seed=1, work_dir=work_dir,
                      checkpoint_every=2, desc="toy", weight_decay=0.01, scaler=scaler)
     return weight.detach()
+
+
+def test_loss_summary_reports_the_mean_of_the_last_tenth_as_the_final_loss() -> None:
+    losses = [float(i) for i in range(1, 31)]  # the last tenth: 28, 29, 30
+    assert loss_summary(losses) == {"iterations": 30, "first_loss": 1.0, "final_loss": 29.0}
+    assert loss_summary([0.5, 0.25, 0.125])["final_loss"] == 0.125  # under ten losses: the last one
+    assert loss_summary([]) == {"iterations": 0}
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
