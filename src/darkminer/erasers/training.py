@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch
 from torch import nn
 
 from darkminer.erasers.base import damaged_checkpoint
-from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import load_tensors_and_metadata, save_tensors
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.io import load_state, save_state
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
 from darkminer.parallel import init_processes
@@ -201,46 +200,38 @@ def _save_checkpoint(
     done: int,
     losses: list[float],
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    steps: dict[str, float] = {}
-    for name, p in params.items():
-        tensors[f"param/{name}"] = p.detach()
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"{key}/{name}"] = state[key]
-        if "step" in state:
-            steps[name] = float(state["step"])
-    state = {"iterations_done": done, "losses": losses, "adam_steps": steps, "loss_scale": scaler.state_dict()}
-    save_tensors(work_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(state)})
+    save_state(work_dir / CHECKPOINT, {
+        "iterations_done": done, "losses": losses, "params": {name: p.detach() for name, p in params.items()},
+        "optimizer": optimizer.state_dict(), "loss_scale": scaler.state_dict(),
+    })
 
 
 def _load_checkpoint(
     work_dir: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> tuple[int, list[float]]:
-    tensors, metadata = load_tensors_and_metadata(work_dir / CHECKPOINT)
-    if "state" not in metadata:
+    try:
+        state = load_state(work_dir / CHECKPOINT)
+    except ModelLoadError as exc:
+        raise damaged_checkpoint(work_dir, exc) from None
+    except (KeyError, TypeError, ValueError) as exc:  # a lost tensor or cut-short JSON (a JSONDecodeError)
+        raise damaged_checkpoint(work_dir, repr(exc)) from None
+    if not isinstance(state, dict) or "optimizer" not in state:  # counts beside named tensors, before save_state
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; delete that folder to start over")
-    missing = [name for name in params if f"param/{name}" not in tensors]
+    missing = [name for name in params if name not in state["params"]]
     if missing:
         raise DarkMinerError(
             f"the checkpoint in {work_dir} is from another method or model (no {missing[0]}); delete that folder to start over"
         )
     try:
-        state = json.loads(metadata["state"])
-        moments = {name: (torch.tensor(state["adam_steps"][name]), tensors[f"exp_avg/{name}"], tensors[f"exp_avg_sq/{name}"])
-                   for name in params if name in state["adam_steps"]}
+        optimizer.load_state_dict(state["optimizer"])
+        if state["loss_scale"]:  # {} when scaling is off
+            scaler.load_state_dict(state["loss_scale"])
         done, losses = int(state["iterations_done"]), list(state["losses"])
-    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+    except (KeyError, TypeError, ValueError) as exc:
         raise damaged_checkpoint(work_dir, repr(exc)) from None
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
-            if name in moments:
-                step, exp_avg, exp_avg_sq = moments[name]
-                optimizer.state[p] = {"step": step, "exp_avg": exp_avg.to(p), "exp_avg_sq": exp_avg_sq.to(p)}
-    if state.get("loss_scale"):  # {} when scaling is off (and in checkpoints from before it existed)
-        scaler.load_state_dict(state["loss_scale"])
+            p.copy_(state["params"][name])
     return done, losses
 
 
