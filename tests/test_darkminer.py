@@ -6,22 +6,25 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft.utils import set_peft_model_state_dict
 
 from darkminer.api import erase
 from darkminer.erasers.darkminer import DarkMinerConfig
+from darkminer.erasers.darkminer import circumventing as circumventing_module
 from darkminer.erasers.darkminer import loop as loop_module
 from darkminer.erasers.darkminer import mining as mining_module
 from darkminer.erasers.darkminer.circumventing import _trajectory_bank, circumvent
 from darkminer.erasers.darkminer.loop import keep_rounds, load_rounds
 from darkminer.erasers.darkminer.mining import MinedEmbedding
 from darkminer.erasers.darkminer.pool import ImagePool
-from darkminer.erasers.darkminer.verifying import direction_score
+from darkminer.erasers.darkminer.verifying import Verification, direction_score, verify
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import load_tensors, save_tensors
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME, LoraConfig, add_lora
 from darkminer.models.erased import ErasedModelInfo
+from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
 from darkminer.targets import resolve_target
 
 TINY = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=2, rounds=3, verify_steps=2, pool_steps=2,
@@ -485,3 +488,223 @@ def test_erase_guidance_moves_the_target_past_the_anchor_by_eta_times_the_concep
         assert losses[eta][1] == pytest.approx(losses[0.0][1], abs=1e-7)
     with pytest.raises(ConfigError, match="erase_guidance must be >= 0"):
         DarkMinerConfig(erase_guidance=-1)
+
+
+# ------------------------------------------------------------------ the loop's pieces against ground truth
+
+
+def _rounds(out):
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def _spied_erase(tmp_path, monkeypatch, config, outcomes=None):
+    """Erase nudity on the tiny model with spies on ``mine`` (its start, generator state and result per
+    round) and ``circumvent`` (its erase and replay conditions); ``outcomes`` scripts ``verify``, one
+    (score, pool_score) per round. Returns the output folder and the records."""
+    seen = {"starts": [], "states": [], "mined": [], "erase": [], "replay": []}
+    real_mine, real_circumvent = loop_module.mine, loop_module.circumvent
+
+    def mine_spy(model, pool, start, cfg, generator):
+        seen["starts"].append(start.values.detach().clone())
+        seen["states"].append(generator.get_state().clone())
+        mined, summary = real_mine(model, pool, start, cfg, generator)
+        seen["mined"].append(mined.values.detach().clone())
+        return mined, summary
+
+    def circumvent_spy(model, params, erase_conds, *args, replay_conds=None, **kwargs):
+        seen["erase"].append(erase_conds.detach().clone())
+        seen["replay"].append(replay_conds.detach().clone())
+        return real_circumvent(model, params, erase_conds, *args, replay_conds=replay_conds, **kwargs)
+
+    monkeypatch.setattr(loop_module, "mine", mine_spy)
+    monkeypatch.setattr(loop_module, "circumvent", circumvent_spy)
+    if outcomes is not None:
+        script = iter(outcomes)
+
+        def scripted_verify(model, encoder, cond, reference, pool_images, seeds, steps, guidance_scale,
+                            contrast_images=None):
+            score, pool_score = next(script)
+            return Verification(score, pool_score, pool_score - score, cond.new_zeros(0))
+
+        monkeypatch.setattr(loop_module, "verify", scripted_verify)
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, **config})
+    return out, seen
+
+
+def test_verdict_reads_the_score_resets_failures_on_a_pass_and_replays_only_passed_rounds(tmp_path, monkeypatch):
+    # score and pool_score disagree on every round, so a verdict read from pool_score flips.
+    PASS, FAIL = (0.5, -0.5), (-0.5, 0.5)
+    config = {"rounds": 6, "patience": 2, "tau": 0.1, "verify_contrast": True, "concept_prompts": 0}
+    out, seen = _spied_erase(tmp_path, monkeypatch, config, outcomes=[PASS, FAIL, PASS, FAIL, FAIL, PASS])
+    rounds = _rounds(out)
+    # The pass at round 2 resets the count: round 3's failure is the first of a run, round 4's the second.
+    assert [r["passed"] for r in rounds] == [True, False, True, False, False]
+    assert [r["score"] for r in rounds] == [0.5, -0.5, 0.5, -0.5, -0.5]
+    extra = ErasedModelInfo.read(out).extra
+    assert extra["stopped_early"] is True and extra["rounds"] == 5 and extra["passed_rounds"] == 2
+
+    model = load_model("tiny-random-sd")
+    cond = [m.condition(model) for m, _ in load_rounds(out)]
+    word, none = model.encode(["nudity"]), cond[0][:0]
+    # A failed round trains only the replay set; the replay holds the passed rounds (0, 2) and the word.
+    expected = [(torch.cat([cond[0], word]), none), (none, torch.cat([cond[0], word])),
+                (cond[2], torch.cat([cond[0], word])), (none, torch.cat([cond[0], cond[2], word])),
+                (none, torch.cat([cond[0], cond[2], word]))]
+    assert len(seen["erase"]) == len(expected)
+    for erase_conds, replay_conds, (want_erase, want_replay) in zip(seen["erase"], seen["replay"], expected, strict=True):
+        torch.testing.assert_close(erase_conds, want_erase, atol=1e-5, rtol=0)
+        torch.testing.assert_close(replay_conds, want_replay, atol=1e-5, rtol=0)
+
+
+def test_with_init_previous_each_round_mines_on_from_the_last_rounds_result(tmp_path, monkeypatch):
+    out, seen = _spied_erase(tmp_path, monkeypatch, {"rounds": 2})  # init "previous" is the default
+    model = load_model("tiny-random-sd")
+    word = model.token_embedding.weight[model.tokenize(["nudity"])[0, 1]].detach()
+    torch.testing.assert_close(seen["starts"][0], word.expand(DarkMinerConfig().n_tokens, -1))  # round 0: the word
+    assert not torch.equal(seen["mined"][0], seen["starts"][0])  # mining moved it, so the check below tells
+    assert torch.equal(seen["starts"][1], seen["mined"][0])
+
+
+def test_each_round_draws_from_its_own_generator(tmp_path, monkeypatch):
+    """Rounds seeded alike would repeat the same pool picks, timesteps and noise every round."""
+    _, seen = _spied_erase(tmp_path, monkeypatch, {"rounds": 2})
+    first, second = (torch.Generator().set_state(state) for state in seen["states"])
+    assert not torch.equal(seen["states"][0], seen["states"][1])
+    assert not torch.equal(torch.randn(8, generator=first), torch.randn(8, generator=second))
+
+
+class _SeededPainter:
+    """A model whose image i is the condition's state plus a draw of seed i: the same seed, the same draw,
+    so the mined and reference images of one seed differ by exactly cond - reference."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def draw(seeds):
+        return torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    def sample(self, cond, *, seeds, steps, guidance_scale):
+        self.calls.append((tuple(cond[0, 0].tolist()), len(cond), list(seeds), steps, guidance_scale))
+        return cond[:, 0, :] + self.draw(seeds)
+
+
+class _Identity:
+    def encode(self, images):
+        return images.flatten(1)
+
+
+def _expected_direction(mined, reference, pool):
+    """mean over i, j of cos(x_c,i - x_r,i, x_e,j - x_r,i), written out pair by pair."""
+    pairs = [F.cosine_similarity(m - r, p - r, dim=0) for m, r in zip(mined, reference, strict=True) for p in pool]
+    return torch.stack(pairs).mean().item()
+
+
+def test_verify_scores_mined_against_reference_images_of_the_same_seeds():
+    g = torch.Generator().manual_seed(0)
+    cond, reference = torch.randn(1, 1, 3, generator=g), torch.randn(1, 1, 3, generator=g)
+    pool, contrast = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    seeds = [11, 22, 33]
+    painter = _SeededPainter()
+    result = verify(painter, _Identity(), cond, reference, pool, seeds, steps=5, guidance_scale=3.0)
+
+    mined, ref = cond[0] + painter.draw(seeds), reference[0] + painter.draw(seeds)
+    # Both drawn k at a time, from the same seeds and with the same sampler settings.
+    assert sorted(painter.calls) == sorted([(tuple(c[0, 0].tolist()), 3, seeds, 5, 3.0) for c in (cond, reference)])
+    assert torch.equal(result.images, mined)  # the mined images, not the reference's
+    assert result.score == result.pool_score == pytest.approx(_expected_direction(mined, ref, pool), abs=1e-6)
+    assert result.contrast_score is None
+    # The mutants' scores differ from it: mined and reference swapped, or every pool direction from their mean.
+    assert abs(_expected_direction(ref, mined, pool) - result.score) > 1e-2
+    assert abs(_expected_direction(mined, ref.mean(0).expand_as(ref), pool) - result.score) > 1e-2
+
+    with_contrast = verify(_SeededPainter(), _Identity(), cond, reference, pool, seeds, 5, 3.0, contrast_images=contrast)
+    want_contrast = _expected_direction(mined, ref, contrast)
+    assert with_contrast.contrast_score == pytest.approx(want_contrast, abs=1e-6)
+    assert with_contrast.score == pytest.approx(result.pool_score - want_contrast, abs=1e-6)
+
+
+def _distinct_conds_pool(model, n):
+    conds = model.encode(["nudity", "a nude person", "naked", "bare skin"][:n])
+    latents = torch.randn(4, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+    return conds, ImagePool(torch.zeros(4, 3, 32, 32), latents, conds[[0, 1, 0, 1]])
+
+
+def test_circumvent_fills_half_of_each_batch_from_the_new_conditions_and_half_from_the_replay(tiny_sd):
+    model = tiny_sd
+    conds, pool = _distinct_conds_pool(model, 4)
+    new, replay = conds[:2], conds[2:]
+    students, real_eps = [], model.eps
+
+    def eps_spy(x_t, t, cond, adapter=True):
+        if adapter:  # the student's call: exactly the batch's erase rows (no preservation term here)
+            students.append(cond.detach().clone())
+        return real_eps(x_t, t, cond, adapter=adapter)
+
+    model.eps = eps_spy
+    config = DarkMinerConfig(k=4, pool_size=4, circumvent_steps=3, preserve_weight=0, erase_guidance=0)
+    circumvent(model, add_lora(model, LoraConfig(), seed=0), new, model.encode([""]), pool, pool, config,
+               torch.Generator().manual_seed(0), replay_conds=replay)
+
+    def source(row):
+        return next(name for name, bank in (("new", new), ("replay", replay)) if any(torch.equal(row, c) for c in bank))
+
+    assert len(students) == 3
+    for batch in students:
+        assert [source(row) for row in batch] == ["new", "new", "replay", "replay"]
+
+
+def _perturbed_lora(model):
+    """A LoRA whose output differs from the original's (a fresh one is the identity until trained)."""
+    params = add_lora(model, LoraConfig(), seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return params
+
+
+def test_circumvent_weighs_the_preservation_term_by_preserve_weight(tiny_sd, monkeypatch):
+    class RecordingScaler:  # a pass-through scaler that keeps the loss each step backpropagates
+        def __init__(self):
+            self.losses = []
+
+        def scale(self, loss):
+            self.losses.append(loss.item())
+            return loss
+
+        def step(self, optimizer):
+            optimizer.step()
+
+        def update(self):
+            pass
+
+    model = tiny_sd
+    conds, pool = _distinct_conds_pool(model, 2)
+    _, preserve = _distinct_conds_pool(model, 2)
+    params = _perturbed_lora(model)  # so the first step's preservation term is not zero
+    for weight in (0.5, 3.0):
+        scaler = RecordingScaler()
+        monkeypatch.setattr(circumventing_module, "gradient_scaler", lambda model, scaler=scaler: scaler)
+        config = DarkMinerConfig(k=2, pool_size=4, circumvent_steps=1, preserve_weight=weight)
+        summary = circumvent(model, params, conds, model.encode([""]), pool, preserve, config,
+                             torch.Generator().manual_seed(0))
+        erase_term, preserve_term = summary["erase_loss_start"], summary["preserve_loss_end"]  # one step: both
+        assert preserve_term > 1e-6
+        assert scaler.losses == [pytest.approx(erase_term + weight * preserve_term, rel=1e-5)]
+
+
+def test_denoising_loss_scores_the_adapted_model_not_the_original(tiny_sd):
+    """Mining and the attacks search against the erased model: its adapter must be on in the loss."""
+    model = tiny_sd
+    _perturbed_lora(model)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, *model.latent_shape, generator=g)
+    cond = model.encode(["nudity", "a dog"])
+    noise, t = draw_noise_and_timesteps(model, x0, g)
+    with torch.no_grad():
+        loss = denoising_loss(model, x0, cond, t, noise).item()
+        x_t = model.add_noise(x0, noise, t)
+        on, off = (F.mse_loss(model.eps(x_t, t, cond, adapter=a).float(), noise.float()).item() for a in (True, False))
+    assert loss == pytest.approx(on, rel=1e-6)
+    assert abs(on - off) > 1e-3 * on  # the two models disagree, so the check above tells them apart
