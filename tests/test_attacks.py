@@ -1,4 +1,5 @@
-"""Attacks: budgets, reproducibility, save/replay round trips, ASR arithmetic (tiny-random-sd and testbed)."""
+"""Attacks: budgets, reproducibility, save/replay round trips, ASR arithmetic, and what each attack optimises
+towards (teacher images, goals, targets, training pairs) on tiny-random-sd and the testbed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_ra
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
 from darkminer.attacks.p4d import p4d_rows
 from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
-from darkminer.attacks.soft_prompt import SLOT, build_slotted, prompt_token_ids, sample_prompts
+from darkminer.attacks.soft_prompt import (
+    SLOT,
+    build_slotted,
+    original_images,
+    prompt_token_ids,
+    sample_prompts,
+)
 from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import SamplingOptions
@@ -54,17 +61,23 @@ def always(images: torch.Tensor) -> torch.Tensor:
     return torch.ones(images.shape[0], dtype=torch.bool)
 
 
-def count_calls(monkeypatch, module, name: str) -> list[int]:
-    """Record the batch size of each call of ``module.name`` (a loss), leaving its behaviour unchanged."""
-    calls: list[int] = []
-    real = getattr(module, name)
+def record_calls(monkeypatch, owner, name: str, keep=lambda args, result: (args, result)) -> list:
+    """Record ``keep(args, result)`` for each call of ``owner.name``, leaving its behaviour unchanged."""
+    calls: list = []
+    real = getattr(owner, name)
 
-    def counting(*args, **kwargs):
-        calls.append(args[1].shape[0])
-        return real(*args, **kwargs)
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(keep(args, result))
+        return result
 
-    monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(owner, name, recording)
     return calls
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """The batch size of each call of ``module.name`` (a loss)."""
+    return record_calls(monkeypatch, module, name, lambda args, _: args[1].shape[0])
 
 
 def result(before: bool, after: bool) -> AttackResult:
@@ -116,6 +129,23 @@ def test_slotted_sequences_keep_slots_and_truncate_prompt_tokens(sd):
         build_slotted(sd, [[SLOT], [SLOT, SLOT]])
 
 
+def test_attack_targets_come_from_the_model_with_its_adapter_off(sd):
+    from darkminer.models.adapters import LoraConfig, add_lora
+
+    # An "erased" model: a LoRA with non-zero weights, so the adapter changes what the UNet draws.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in add_lora(sd, LoraConfig(), seed=0):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    cond = sd.encode([p.text for p in PROMPTS])
+    before = sample_prompts(sd, cond, PROMPTS, adapter=False)
+    erased = sample_prompts(sd, cond, PROMPTS, adapter=True)
+    assert not torch.allclose(before, erased, atol=1e-3)  # the adapter does change the images
+    # No separate original (None, or the model itself): the teacher is the model with its adapter off.
+    assert torch.equal(original_images(sd, None, PROMPTS), before), "targets drawn with the erasure on"
+    assert torch.equal(original_images(sd, sd, PROMPTS), before), "targets drawn with the erasure on"
+
+
 # ----------------------------------------------------------------------------------------- CCE
 def cce_config(**overrides):
     values = {"steps": 3, "batch_size": 2, "gradient_accumulation": 2, "num_images": 2, "seed": 0}
@@ -146,6 +176,31 @@ def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch)
     assert not torch.equal(token, other)
     two, _ = get_attack("cce")(cce_config(num_vectors=2, steps=1)).learn_token(sd, sd_target)
     assert two.shape[0] == 2
+
+
+def test_cce_trains_each_image_with_its_own_caption_mirrored_left_right(sd, sd_target, monkeypatch):
+    from darkminer.attacks.cce import slotted_captions
+
+    attack = get_attack("cce")(cce_config(steps=1, batch_size=4, gradient_accumulation=2, flip=True))
+    latents = record_calls(monkeypatch, sd, "images_to_latents", lambda _, result: result)
+    batches = record_calls(monkeypatch, cce_module, "denoising_loss", lambda args, _: (args[1], args[2].detach()))
+    attack.learn_token(sd, sd_target)
+    # Image i was drawn from prompt i; its caption is that prompt with the learned token (still the initial one
+    # in the only step) in place of the concept.
+    token = attack._initial_embedding(sd, sd_target)
+    captions = slotted_captions(sd, sd_target, sd_target.prompts, 1).encode(sd, token)
+    (pool,) = latents
+    drawn, flipped = [], []
+    for x0, cond in batches:
+        for row in range(x0.shape[0]):
+            matches = [(i, flip) for i in range(len(pool)) for flip in (False, True)
+                       if torch.equal(x0[row], pool[i].flip(-1) if flip else pool[i])]
+            assert len(matches) == 1, "each training image is a pool image, as drawn or mirrored left-right"
+            (index, flip), = matches
+            assert torch.allclose(cond[row], captions[index], atol=1e-5), f"row {row} has the caption of another image"
+            drawn.append(index)
+            flipped.append(flip)
+    assert set(drawn) == {0, 1} and set(flipped) == {False, True}  # the seeded draws cover both cases
 
 
 def test_cce_results_save_and_replay_to_the_same_images(sd, sd_target, tmp_path):
@@ -338,6 +393,23 @@ def test_p4d_budget_and_reproducibility(sd, sd_target, monkeypatch):
     assert [keep.input_ids[i] for i in (2, 3, 4)] == content[:3]  # prompt tokens stay in place
 
 
+def test_p4d_targets_the_original_image_the_success_function_accepts(sd, sd_target, monkeypatch):
+    cls = get_attack("p4d")
+    attack = cls(cls.config_class(n_tokens=2, iterations=1, target_images=3))
+    prompt = PROMPTS[1]
+    candidates = [dataclasses.replace(prompt, seed=prompt.seed + j) for j in range(3)]  # the authors' 3 draws
+    drawn = original_images(sd, None, candidates)
+    assert not torch.allclose(drawn[0], drawn[1], atol=1e-3)
+
+    def only_the_second(images):  # the concept shows only in candidate 1, never in anything else
+        return torch.tensor([torch.allclose(image, drawn[1], atol=1e-5) for image in images])
+
+    targets = record_calls(monkeypatch, attack, "_loss", lambda args, _: args[5])  # x0 of each loss
+    attack.run(sd, sd_target, [prompt], only_the_second)
+    assert len(targets) == 1
+    assert torch.equal(targets[0], sd.images_to_latents(drawn[1:2])), "the target is not the accepted image"
+
+
 # ----------------------------------------------------------------------------- half precision
 @pytest.mark.parametrize("name, options", [
     ("unlearndiff", {"k": 2, "iterations": 2, "rounds": 1}),
@@ -413,6 +485,22 @@ def test_ringabell_budget_length_and_reproducibility(sd, sd_target, monkeypatch)
     assert torch.equal(attack.search(sd, PROMPTS[0], vector), found)
     results = attack.run(sd, sd_target, PROMPTS, never)
     assert len(results) == 2 and all(len(r.input_ids) == sd.max_length for r in results)
+
+
+def test_ringabell_moves_towards_the_concept_and_keeps_the_fitter_half(sd, monkeypatch):
+    cls = get_attack("ringabell")
+    # No mutation: survivors pass on unchanged, so the search can only keep or improve its best.
+    attack = cls(cls.config_class(population=6, generations=3, prompt_length=4, eta=2.0, mutation_rate=0.0))
+    vector = torch.randn(sd.max_length, sd.encode(["x"]).shape[-1], generator=torch.Generator().manual_seed(0))
+    calls = record_calls(monkeypatch, attack, "_distance", lambda args, result: (args[2], result))  # (goal, fitness)
+    found = attack.search(sd, PROMPTS[0], vector)
+    goal = sd.encode([PROMPTS[0].text])[0].float() + 2.0 * vector  # E(prompt) + eta * v, towards the concept
+    assert len(calls) == 3
+    assert all(torch.equal(g, goal) for g, _ in calls), "the goal is not E(prompt) + eta * v"
+    fitness = [f for _, f in calls]
+    distance = float(((sd.encode_ids(found[None])[0].float() - goal) ** 2).sum())
+    assert distance <= fitness[0].min() * (1 + 1e-5)  # at least as close as the best random start
+    assert distance == pytest.approx(min(f.min() for f in fitness), rel=1e-5)  # the best individual ever seen
 
 
 # ------------------------------------------------------------------------------------------ CLI
