@@ -235,6 +235,10 @@ def test_failed_verifications_stop_the_loop(tmp_path):
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 2 and not any(r["passed"] for r in rounds)  # cosine never exceeds 2
     assert json.loads((out / "darkminer.json").read_text())["extra"]["stopped_early"] is True
+    # Patience running out in the last round stops nothing: every configured round ran.
+    two = erase("darkminer", "nudity", tmp_path / "dm2", model="tiny-random-sd", config={**TINY, "tau": 2.0, "patience": 2, "rounds": 2})
+    assert ErasedModelInfo.read(two).extra["stopped_early"] is False
+    assert ErasedModelInfo.read(keep_rounds(out, 2, tmp_path / "kept")).extra["stopped_early"] is False  # = the 2-round run
 
 
 @pytest.mark.parametrize("replay", [True, False])
@@ -708,3 +712,21 @@ def test_denoising_loss_scores_the_adapted_model_not_the_original(tiny_sd):
         on, off = (F.mse_loss(model.eps(x_t, t, cond, adapter=a).float(), noise.float()).item() for a in (True, False))
     assert loss == pytest.approx(on, rel=1e-6)
     assert abs(on - off) > 1e-3 * on  # the two models disagree, so the check above tells them apart
+
+
+def test_the_verifier_never_draws_from_a_pool_images_noise(tmp_path, monkeypatch):
+    """A verification image from a pool image's own seed shares its layout: at seed 0, round 0's seeds met the
+    pool's, so that round was scored unlike the others."""
+    from darkminer.models.base import DiffusionModel
+
+    drawn = {"pools": set(), "verifier": set()}
+    real_sample = DiffusionModel.sample
+
+    def sample_spy(self, cond, *, seeds=None, return_latents=False, **kwargs):
+        drawn["pools" if return_latents else "verifier"].update(seeds or [])
+        return real_sample(self, cond, seeds=seeds, return_latents=return_latents, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "sample", sample_spy)
+    erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "seed": 0, "tau": -1.0})
+    assert drawn["pools"] >= set(range(TINY["pool_size"])) and len(drawn["verifier"]) == TINY["k"] * TINY["rounds"]
+    assert not drawn["pools"] & drawn["verifier"]

@@ -20,7 +20,7 @@ from darkminer.erasers.base import Eraser, damaged_checkpoint, register_eraser
 from darkminer.erasers.darkminer.circumventing import circumvent
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
-from darkminer.erasers.darkminer.pool import build_pools
+from darkminer.erasers.darkminer.pool import VERIFY_SEED_OFFSET, build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, read_json, save_tensors, write_json, write_text
@@ -109,7 +109,7 @@ class DarkMiner(Eraser):
 
             tick = time.time()
             if encoder is not None:
-                seeds = [cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
+                seeds = [VERIFY_SEED_OFFSET + cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
                 contrast = preserve.images[: cfg.k] if cfg.verify_contrast else None
                 result = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps,
                                 cfg.guidance_scale, contrast_images=contrast)
@@ -146,7 +146,8 @@ class DarkMiner(Eraser):
         return {
             "rounds": len(log),
             "passed_rounds": sum(e["passed"] for e in log),
-            "stopped_early": failures >= cfg.patience,
+            # patience ran out before the last round (a last-round failure stops nothing)
+            "stopped_early": failures >= cfg.patience and len(log) < cfg.rounds,
             "final_score": log[-1].get("score") if log else None,
         }
 
@@ -275,12 +276,10 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
     snapshots = load_rounds(erased_dir, device=model.device)[:rounds]
     set_peft_model_state_dict(model.unet, snapshots[-1][1], adapter_name=ADAPTER_NAME)
     kept = log[:rounds]
-    failures = 0
-    for entry in kept:
-        failures = 0 if entry["passed"] else failures + 1
     info.config["rounds"] = rounds
+    # A run configured with ``rounds`` would have run every kept round: it did not stop early.
     info.extra.update(rounds=rounds, passed_rounds=sum(e["passed"] for e in kept), final_score=kept[-1].get("score"),
-                      stopped_early=failures >= info.config["patience"],
+                      stopped_early=False,
                       seconds=None, kept_rounds_of=str(erased_dir))  # this erase was not timed on its own
 
     def write_rounds(folder: Path) -> None:

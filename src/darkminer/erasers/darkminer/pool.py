@@ -14,6 +14,9 @@ from darkminer.parallel import init_processes, sharded_sample
 from darkminer.targets import EraseTarget
 
 PRESERVE_SEED_OFFSET = 500_000  # the preservation pool's seeds never overlap the concept pool's
+# Nor do the verifier's: an image drawn from a pool image's own noise would share its layout, and the round
+# whose seeds met the pool's (seed 0's round 0) would be scored unlike the others.
+VERIFY_SEED_OFFSET = 1_000_000
 
 
 @dataclass
