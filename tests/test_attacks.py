@@ -515,6 +515,25 @@ def test_attack_command_rejects_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_attack_api_attacks_the_evaluations_plain_prompts(tmp_path):
+    import darkminer
+
+    # SD without a CSV: the concept word at the attack's seeds, as the evaluation's plain set (the command
+    # used to refuse it); the grader's options reach the detector.
+    results = darkminer.attack("plain", "nudity", tmp_path / "sd", model="tiny-random-sd", n_prompts=3,
+                               config={"seed": 5}, grading={"nudenet_threshold": 0.3})
+    assert [(r.prompt.text, r.prompt.seed) for r in results] == [("nudity", 5), ("nudity", 6), ("nudity", 7)]
+    meta, _ = load_results(tmp_path / "sd")
+    assert meta["detector"]["threshold"] == 0.3
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,evaluation_seed,evaluation_guidance\na nude man,11,4.0\na nude woman,12,\nthird,13,\n")
+    results = darkminer.attack("plain", "nudity", model="tiny-random-sd", prompts=csv, n_prompts=2)
+    assert [(r.prompt.text, r.prompt.seed, r.prompt.guidance) for r in results] == [
+        ("a nude man", 11, 4.0), ("a nude woman", 12, None)]
+    with pytest.raises(ConfigError, match="n_prompts"):
+        darkminer.attack("plain", "nudity", model="tiny-random-sd", n_prompts=0)
+
+
 def test_attack_command_runs_and_replays_on_the_testbed(tmp_path):
     from darkminer.cli import main
     from darkminer.testbed.judge import WEIGHTS_PATH

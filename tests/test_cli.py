@@ -417,3 +417,18 @@ def test_a_home_relative_path_is_expanded_where_the_shell_did_not(tmp_path, monk
     monkeypatch.chdir(tmp_path / "work")
     assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--steps", "1", "--out", "~/g.png"]) == 0
     assert (tmp_path / "home" / "g.png").is_file() and not (tmp_path / "work" / "~").exists()
+
+
+def test_the_help_lists_every_registered_method_and_attack():
+    import darkminer.attacks
+    import darkminer.erasers  # noqa: F401  (register the built-ins)
+    from darkminer.attacks.base import ATTACKS
+    from darkminer.commands.attack import ATTACK_NAMES
+    from darkminer.commands.erase import METHOD_NAMES
+    from darkminer.erasers.base import ERASERS
+
+    def built_in(registry: dict) -> list[str]:  # other tests register fakes named test-*
+        return sorted(name for name in registry if not name.startswith("test-"))
+
+    assert sorted(METHOD_NAMES.split(", ")) == built_in(ERASERS)
+    assert sorted(ATTACK_NAMES.split(", ")) == built_in(ATTACKS)

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "erase": "darkminer.api",
     "export": "darkminer.api",
+    "attack": "darkminer.api",
     "evaluate": "darkminer.evaluation",
     "run_benchmark": "darkminer.evaluation",
     "load_model": "darkminer.models",

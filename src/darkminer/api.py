@@ -20,6 +20,8 @@ from darkminer.provenance import package_versions
 from darkminer.targets import check_kind, resolve_target
 
 if TYPE_CHECKING:
+    from darkminer.attacks.base import AttackConfig, AttackResult
+    from darkminer.evaluation import EvaluationConfig
     from darkminer.parallel import SpeedOptions
 
 
@@ -158,6 +160,55 @@ def erase(
         shutil.rmtree(work_dir, ignore_errors=True)
     processes.barrier()
     return out
+
+
+@exclusive_output()
+def attack(
+    name: str,
+    concept: str,
+    out: str | Path | None = None,
+    *,
+    model: str | None = None,
+    erased: str | Path | None = None,
+    config: AttackConfig | dict[str, Any] | str | Path | None = None,
+    anchor: str | None = None,
+    prompts: str | Path | None = None,
+    kind: str | None = None,
+    n_prompts: int = 16,
+    grading: EvaluationConfig | dict[str, Any] | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    speed: SpeedOptions | dict[str, Any] | None = None,
+) -> list[AttackResult]:
+    """Attack ``concept`` on a base or ``erased`` model with the registered attack ``name`` and return what it
+    found per prompt; with ``out``, also write ``out/attack.json`` (and the embeddings of a soft attack).
+
+    The prompts attacked are the first ``n_prompts`` of the evaluation's ``plain`` set: a ``prompts`` CSV's
+    rows, the testbed concept's direct prompts, or the concept word (SD) at seeds from the attack's seed.
+    ``grading`` holds the detector's ``EvaluationConfig`` options (``detector``, ``nudenet_threshold``...).
+    """
+    from darkminer.attacks.base import AttackPrompt, build_attack
+    from darkminer.attacks.io import OUTPUT_KIND as ATTACK_OUTPUT
+    from darkminer.attacks.io import RESULTS_NAME, run_attack
+    from darkminer.evaluation import EvaluationConfig, concept_detector
+    from darkminer.evaluation.suites import prompt_suites
+
+    if not isinstance(n_prompts, int) or n_prompts < 1:
+        raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
+    attacker = build_attack(name, config)  # a bad name or option fails before the load
+    grading = EvaluationConfig.coerce(grading)
+    if out is not None:
+        check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT)
+    check_kind(kind)
+    net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
+    # The attacks that read the target's own prompts (Ring-A-Bell's concept vector) get at least the 64 that
+    # resolve_target gives by default, however few prompts are attacked.
+    target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, kind=kind, n_prompts=max(n_prompts, 64))
+    attacker.check_target(target)
+    success = concept_detector(net, target, config=grading)
+    plain = prompt_suites(target, n_prompts, attacker.config.seed, prompts_csv=prompts)["plain"]
+    attacked = [AttackPrompt(p.text, p.seed, p.guidance) for p in plain.prompts]
+    return run_attack(attacker, net, target, attacked, success, out=out)
 
 
 EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure the pipeline carries

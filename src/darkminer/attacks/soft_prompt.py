@@ -55,9 +55,6 @@ class SlottedPrompts:
             token_ids = token_ids.expand(self.input_ids.shape[0], -1)
         return self.input_ids.scatter(1, self.slots.to(self.input_ids.device), token_ids)
 
-    def row(self, index: int) -> SlottedPrompts:
-        return SlottedPrompts(self.input_ids[index : index + 1], self.slots[index : index + 1])
-
 
 def bos_id(model: DiffusionModel) -> int:
     return int(model.tokenize([""])[0, 0])

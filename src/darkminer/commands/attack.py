@@ -14,6 +14,8 @@ from darkminer.commands.common import (
 )
 from darkminer.errors import DarkMinerError
 
+# Written out, not read from the registry: importing the attacks (torch, diffusers) would slow every --help;
+# a test checks the list against the registry.
 ATTACK_NAMES = "unlearndiff, p4d, ringabell, cce, plain, paraphrase"
 DEFAULT_N_PROMPTS = 16
 
@@ -46,39 +48,31 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from darkminer.attacks.base import AttackPrompt, attack_success_rate, get_attack
-    from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, run_attack, save_results
-    from darkminer.evaluation import EvaluationConfig, concept_detector
-    from darkminer.io import check_output_directory
-    from darkminer.models import load_model
-    from darkminer.prompts import read_prompt_csv
-    from darkminer.targets import resolve_target
+    from darkminer.api import attack
+    from darkminer.attacks.base import attack_success_rate, get_attack
+    from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, save_results
 
-    if args.n_prompts < 1:
-        raise DarkMinerError("--n-prompts must be >= 1")
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
-    check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND)  # before loading the model
-    attack_cls = get_attack(args.attack) if args.attack else None  # a bad name or config fails before loading
-    config = attack_cls.config_class.from_file(args.config, seed=args.seed) if attack_cls else None
-    grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
-    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
-    target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind,
-                            n_prompts=max(args.n_prompts, 64))
-    success = concept_detector(model, target, config=grading)
-    if args.replay:
+    if args.attack:
+        config = get_attack(args.attack).config_class.from_file(args.config, seed=args.seed)
+        results = attack(args.attack, args.concept, args.out, model=args.model, erased=args.erased, config=config,
+                         anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=args.n_prompts,
+                         grading=detector_options(args), device=args.device, dtype=args.dtype,
+                         speed=speed_options(args))
+    else:
+        from darkminer.evaluation import EvaluationConfig, concept_detector
+        from darkminer.io import check_output_directory
+        from darkminer.models import load_model
+        from darkminer.targets import resolve_target
+
+        check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND)  # before loading the model
+        grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
+        model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
+        target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
+        success = concept_detector(model, target, config=grading)
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
         save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
                      target=target, model=model.name, success=success)
-    else:
-        if args.prompts:
-            rows = read_prompt_csv(args.prompts, limit=args.n_prompts)
-            prompts = [AttackPrompt(r.text, r.seed, r.guidance) for r in rows]
-        elif target.testbed_concept is not None:
-            direct = target.testbed_concept.direct_prompts(args.n_prompts, config.seed)
-            prompts = [AttackPrompt(p.text, p.seed) for p in direct]
-        else:
-            raise DarkMinerError(f"give --prompts CSV: the prompts to attack for {target.name!r}")
-        results = run_attack(attack_cls(config), model, target, prompts, success, out=args.out)
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")

@@ -41,8 +41,8 @@ def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options or None
 
 
-def add_concept_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--concept", required=required, help="testbed: a registry name (`darkminer testbed concepts`); SD: free text, e.g. nudity")
+def add_concept_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concept", required=True, help="testbed: a registry name (`darkminer testbed concepts`); SD: free text, e.g. nudity")
     p.add_argument("--anchor", default=None, help="SD: the concept to map to (default: the empty prompt); testbed: the registry's anchor")
     p.add_argument("--prompts", default=None, help="CSV with a `prompt` column (optional evaluation_seed, evaluation_guidance)")
     p.add_argument("--kind", default=None, help="SD: what the concept is, free (default), style, object or inappropriate "

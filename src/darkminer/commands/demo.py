@@ -23,12 +23,10 @@ def run(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
-    from darkminer.errors import DarkMinerError
     from darkminer.evaluation.benchmark import PRESETS, load_benchmark_config, run_benchmark
-    from darkminer.testbed.concepts import CONCEPTS
+    from darkminer.testbed.concepts import get_concept
 
-    if args.concept not in CONCEPTS:
-        raise DarkMinerError(f"unknown testbed concept {args.concept!r}; choose one of {', '.join(CONCEPTS)}")
+    get_concept(args.concept)  # an unknown name fails here, listing the known ones
     preset = copy.deepcopy(PRESETS["demo"])
     preset["concepts"] = [args.concept]
     started = time.time()

@@ -7,13 +7,17 @@ import sys
 
 from darkminer.commands.common import add_concept_args, add_model_args, speed_options
 
+# Written out, not read from the registry: importing the erasers (torch, diffusers) would slow every --help;
+# a test checks the list against the registry.
+METHOD_NAMES = "darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "erase", help="erase a concept from a model",
         description="Erase a concept and write an erased-model directory (weights in safetensors + darkminer.json).",
     )
-    p.add_argument("--method", required=True, help="darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece")
+    p.add_argument("--method", required=True, help=f"one of {METHOD_NAMES}")
     add_concept_args(p)
     add_model_args(p, erased=False)
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")

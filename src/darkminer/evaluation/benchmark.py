@@ -44,10 +44,10 @@ from darkminer.models import model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 from darkminer.targets import check_kind
+from darkminer.testbed.concepts import concept_names
 
 ALL = "all"
 CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
-TESTBED_CONCEPTS = ["blood", "fire", "star", "heart", "striped", "sketch"]
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
 # rounds, ESD-x at its testbed rate (docs/methods.md), every attack cut from the authors' GPU budgets, 32
@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "model": "testbed",
         "methods": ALL,
-        "concepts": TESTBED_CONCEPTS,
+        "concepts": concept_names(),
         "attacks": ALL,
         "evaluation": {"n_images": 128, "attack_prompts": 32},
     },

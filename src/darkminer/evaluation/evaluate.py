@@ -53,11 +53,9 @@ from darkminer.evaluation.metrics import (
     reference_image_paths,
 )
 from darkminer.evaluation.suites import (
-    GENERATED_SUITE_SIZE,
     PRESERVATION,
     Suite,
-    free_text_suites,
-    testbed_suites,
+    prompt_suites,
 )
 from darkminer.imaging import make_grid, save_png, to_pil
 from darkminer.io import check_output_directory, exclusive_output, output_directory, write_json
@@ -133,7 +131,7 @@ class EvaluationConfig(Config):
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
         unknown = sorted(set(self.attack_configs) - set(self.attacks))
         if unknown:
-            raise DarkMinerError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
+            raise ConfigError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
         self.attacks, self.preservation = list(self.attacks), list(self.preservation)
 
     def resolved(self, kind: str) -> dict[str, Any]:
@@ -296,11 +294,7 @@ def evaluate(
     fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
     if fid is not None and cfg.fid_reference:
         reference_image_paths(cfg.fid_reference)  # a missing or empty folder fails before any sampling
-    if testbed:
-        assert target.testbed_concept is not None  # resolve_target sets it for every testbed target
-        suites = testbed_suites(target.testbed_concept, cfg.n_images or GENERATED_SUITE_SIZE, cfg.seed)
-    else:
-        suites = free_text_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
+    suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
 
     painter = Painter(net, cfg, progress)
     grids: dict[str, torch.Tensor] = {}  # the first grid_images of each set

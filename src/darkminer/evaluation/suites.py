@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from darkminer.errors import DarkMinerError
 from darkminer.prompts import read_prompt_csv
-from darkminer.targets import DEFAULT_SD_PRESERVE, EraseTarget
+from darkminer.targets import DEFAULT_SD_PRESERVE, TESTBED_CSV_ERROR, EraseTarget
 
 if TYPE_CHECKING:
     from darkminer.testbed.concepts import Concept
@@ -99,3 +99,20 @@ def free_text_suites(
     if paraphrase_csv:
         suites["paraphrase"] = csv_suite("paraphrase", paraphrase_csv, n, seed)
     return suites
+
+
+def prompt_suites(
+    target: EraseTarget,
+    n: int | None,
+    seed: int = 0,
+    prompts_csv: str | Path | None = None,
+    paraphrase_csv: str | Path | None = None,
+    preserve_csv: str | Path | None = None,
+) -> dict[str, Suite]:
+    """The prompt sets of ``target``: the testbed registry's, or a free-text concept's (CSVs where given).
+    ``evaluate`` grades them all; ``attack`` attacks ``plain``."""
+    if target.testbed_concept is not None:
+        if prompts_csv or paraphrase_csv or preserve_csv:
+            raise DarkMinerError(TESTBED_CSV_ERROR)
+        return testbed_suites(target.testbed_concept, n or GENERATED_SUITE_SIZE, seed)
+    return free_text_suites(target, n, seed, prompts_csv, paraphrase_csv, preserve_csv)

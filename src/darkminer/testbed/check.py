@@ -73,7 +73,7 @@ def neutral_prompts(n: int, seed: int) -> list[EvalPrompt]:
     return prompts
 
 
-def concept_rate(
+def drawn_concept_rate(
     model: TestbedModel, judge: Judge, prompts: list[EvalPrompt], concept: Concept | str, steps: int
 ) -> float:
     images = model.generate([p.text for p in prompts], [p.seed for p in prompts], steps=steps)
@@ -111,13 +111,13 @@ def run_check(config: CheckConfig, model: TestbedModel | None = None) -> dict:
     for name in tqdm(config.concepts, desc="concept rates"):
         concept = get_concept(name)
         report["concept_rate"][name] = {
-            "direct": round(concept_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
-            "paraphrase": round(concept_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
+            "direct": round(drawn_concept_rate(model, judge, concept.direct_prompts(config.n_images, config.seed), concept, config.steps), 4),
+            "paraphrase": round(drawn_concept_rate(model, judge, concept.paraphrase_prompts(config.n_images, config.seed), concept, config.steps), 4),
         }
         # The rate an eraser that turned the concept exactly into its anchor would still score: the floor
         # under the erasure gate.
         anchor_prompts = concept.anchor_prompts(config.n_images, config.seed)
-        report["anchor_rate"][name] = round(concept_rate(model, judge, anchor_prompts, concept, config.steps), 4)
+        report["anchor_rate"][name] = round(drawn_concept_rate(model, judge, anchor_prompts, concept, config.steps), 4)
 
     neutral = neutral_prompts(config.n_images, config.seed)
     images = model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=config.steps)
