@@ -50,9 +50,14 @@ def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dic
     return params
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of draw ``index`` of a run seeded ``seed``: distinct for every (seed, index) a run reaches."""
+    return seed * 1_000_003 + index
+
+
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    """The random source of one iteration; independent of what ran before (so resuming is exact)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    """The random source of one iteration (or round); independent of what ran before, so resuming is exact."""
+    return torch.Generator().manual_seed(derived_seed(seed, iteration))
 
 
 @torch.no_grad()
@@ -107,7 +112,7 @@ def original_latents(
     """``n`` samples of the frozen original, cycling through ``prompts``, returned in the UNet's input
     space (latents for SD, pixels in [-1, 1] for the testbed). ``steps`` None: the model's default."""
     chosen = [prompts[i % len(prompts)] for i in range(n)]
-    seeds = [seed * 1_000_003 + i for i in range(n)]
+    seeds = [derived_seed(seed, i) for i in range(n)]
     return model.sample(model.encode(chosen), seeds=seeds, steps=steps, adapter=False, return_latents=True)
 
 

@@ -22,6 +22,7 @@ from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.mining import MinedEmbedding, initial_embedding, mine
 from darkminer.erasers.darkminer.pool import VERIFY_SEED_OFFSET, build_pools
 from darkminer.erasers.darkminer.verifying import verify
+from darkminer.erasers.training import iteration_generator
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, read_json, save_tensors, write_json, write_text
 from darkminer.models.adapters import ADAPTER_NAME, add_lora
@@ -60,10 +61,6 @@ class Teachers:
         return self.context[:n] if mined.in_context else self.anchor.expand(n, -1, -1)
 
 
-def _round_generator(seed: int, round_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + round_index)
-
-
 @register_eraser("darkminer", kind="lora")
 class DarkMiner(Eraser):
     """Dark Miner (Meng et al., arXiv 2409.17682), with the choices documented in docs/darkminer.md."""
@@ -94,7 +91,7 @@ class DarkMiner(Eraser):
         for round_index in bar:
             if failures >= cfg.patience:
                 break
-            g = _round_generator(cfg.seed, round_index)
+            g = iteration_generator(cfg.seed, round_index)
             entry: dict = {"round": round_index}
             tick = time.time()
             start = initial_embedding(model, target.word, cfg, g, previous, pool.prompts if cfg.mine_in_context else None)
