@@ -15,16 +15,11 @@ from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_ra
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
 from darkminer.attacks.p4d import p4d_rows
 from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
-from darkminer.attacks.soft_prompt import (
-    SLOT,
-    build_slotted,
-    original_images,
-    prompt_token_ids,
-    sample_prompts,
-)
+from darkminer.attacks.soft_prompt import original_images, sample_prompts
 from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import SamplingOptions
+from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
 from darkminer.prompts import find_phrase, replace_concept, split_at_concept
 from darkminer.targets import EraseTarget, resolve_target
 

@@ -130,16 +130,17 @@ def test_mining_in_context_denoises_each_image_under_its_own_prompt_with_the_tok
     prompts = ["nudity", "nudity scene 0", "nudity scene 1", "nudity scene 2"]  # on SD the word comes first
     first, _ = load_rounds(out)[0]
     # The tokens sit after each pool prompt's first token; the rest of every row is that prompt.
-    assert first.input_ids.shape == (TINY["pool_size"], model.max_length)
+    ids, slots = first.stored_ids()
+    assert ids.shape == (TINY["pool_size"], model.max_length) and first.in_context
     plain = model.tokenize(prompts)
-    kept = [i for i in range(model.max_length) if i not in first.slots]
-    torch.testing.assert_close(first.input_ids[:, kept], plain[:, : len(kept)])
+    kept = [i for i in range(model.max_length) if i not in slots]
+    torch.testing.assert_close(ids[:, kept], plain[:, : len(kept)])
     # Round 0's first mining step (the run's first pick): each picked image under its own prompt with the
     # starting tokens (the word).
     cond = seen[0]
     assert picks[0].tolist() != list(range(TINY["k"]))  # seed 1: rows that tell a per-image prompt from the first k
     word = model.token_embedding.weight[model.tokenize(["nudity"])[0, 1]].detach()
-    start = MinedEmbedding("token", word.expand(len(first.slots), -1).clone(), first.input_ids, first.slots)
+    start = MinedEmbedding.of_tokens(word.expand(len(slots), -1).clone(), ids, slots)
     torch.testing.assert_close(cond, start.condition(model, picks[0]), atol=1e-5, rtol=0)
     assert not torch.allclose(cond[0], cond[1])  # two prompts, two conditions
     # Each round circumvents the tokens in the first k pool prompts (round 0 also the word and 1 prompt).

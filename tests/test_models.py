@@ -41,9 +41,12 @@ def test_encode_from_token_embeddings_equals_text_encoding(tiny_sd):
 
 
 def test_slots_and_nearest_tokens_project_back_to_the_vocabulary(tiny_sd):
-    ids, slots = tiny_sd.insert_slots(["a cat"], 3)
-    assert slots == [1, 2, 3]
-    assert ids.shape == (1, 77)
+    from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
+
+    slotted = build_slotted(tiny_sd, [[SLOT] * 3 + prompt_token_ids(tiny_sd, "a cat")])
+    ids = slotted.input_ids
+    assert slotted.slots.tolist() == [[1, 2, 3]] and ids.shape == (1, 77)
+    assert torch.equal(ids[0, 4:], tiny_sd.tokenize(["a cat"])[0, 1:74])  # the prompt follows the slots
     assert tiny_sd.decode_ids(ids[:, :1]) == [""]  # BOS is special
     table = tiny_sd.token_embedding.weight
     wanted = tiny_sd.tokenize(["dog"])[0, 1]

@@ -34,19 +34,17 @@ from darkminer.attacks.base import (
     unattacked,
 )
 from darkminer.attacks.prompts import concept_phrases
-from darkminer.attacks.soft_prompt import (
-    SLOT,
-    SlottedPrompts,
-    build_slotted,
-    judge_conditions,
-    judge_texts,
-    original_images,
-    prompt_token_ids,
-)
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, original_images
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
+from darkminer.models.slots import (
+    SLOT,
+    SlottedPrompts,
+    build_slotted,
+    prompt_token_ids,
+)
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.prompts import split_at_concept
 from darkminer.targets import EraseTarget
@@ -120,7 +118,7 @@ class ConceptInversion(Attack):
                     flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
                     x0 = torch.where(host_to_device(flips.view(-1, 1, 1, 1), x0.device), x0.flip(-1), x0)
                 noise, t = draw_noise_and_timesteps(model, x0, generator)
-                cond = SlottedPrompts(captions.input_ids[rows], captions.slots[rows]).encode(model, token)
+                cond = captions.select(rows).encode(model, token)
                 loss = denoising_loss(model, x0, cond, t, noise) / cfg.gradient_accumulation
                 scaler.scale(loss).backward()
                 step_losses[step] += loss.detach()

@@ -37,21 +37,23 @@ from darkminer.attacks.base import (
     unattacked,
 )
 from darkminer.attacks.soft_prompt import (
-    SLOT,
-    SlottedPrompts,
-    build_slotted,
     judge,
     judge_conditions,
     judge_texts,
     original_images,
     project_straight_through,
-    prompt_token_ids,
-    random_token_ids,
     teacher_eps,
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
 from darkminer.models.objectives import draw_noise_and_timesteps
+from darkminer.models.slots import (
+    SLOT,
+    SlottedPrompts,
+    build_slotted,
+    prompt_token_ids,
+    random_token_ids,
+)
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 

@@ -36,11 +36,12 @@ from darkminer.attacks.base import (
     register_attack,
 )
 from darkminer.attacks.prompts import concept_phrases
-from darkminer.attacks.soft_prompt import allowed_token_ids, build_slotted, judge_conditions, judge_texts
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import read_text
 from darkminer.models.base import DiffusionModel
+from darkminer.models.slots import allowed_token_ids, build_slotted
 from darkminer.prompts import find_phrase, replace_concept
 from darkminer.targets import EraseTarget
 

@@ -34,18 +34,16 @@ from darkminer.attacks.base import (
     register_attack,
     unattacked,
 )
-from darkminer.attacks.soft_prompt import (
-    SLOT,
-    allowed_token_ids,
-    build_slotted,
-    judge_conditions,
-    judge_texts,
-    original_images,
-    prompt_token_ids,
-)
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, original_images
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_loss
+from darkminer.models.slots import (
+    SLOT,
+    allowed_token_ids,
+    build_slotted,
+    prompt_token_ids,
+)
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 

@@ -207,21 +207,6 @@ class DiffusionModel(ABC):
             raise DarkMinerError("no prompts to encode: give at least one prompt")
         return self.encode_ids(self.tokenize(list(prompts)))
 
-    def insert_slots(self, prompts: Sequence[str], n_slots: int, position: int = 1) -> tuple[torch.LongTensor, list[int]]:
-        """Token ids of ``prompts`` with ``n_slots`` free positions inserted at ``position`` (after BOS).
-
-        The slots hold a placeholder id; callers overwrite their embeddings. Returns (ids, slot positions).
-        """
-        ids = self.tokenize(list(prompts))
-        if n_slots + position >= self.max_length:
-            raise DarkMinerError(f"{n_slots} slots do not fit in {self.max_length} token positions")
-        placeholder = self.placeholder_id
-        slots = torch.full((ids.shape[0], n_slots), placeholder, dtype=ids.dtype, device=ids.device)
-        ids = torch.cat([ids[:, :position], slots, ids[:, position:]], dim=1)[:, : self.max_length]
-        # A truncated prompt must still end with its closing token.
-        ids[:, -1] = torch.where(ids[:, -1] == self.pad_id, ids[:, -1], self.eos_id)
-        return ids, list(range(position, position + n_slots))
-
     @property
     @abstractmethod
     def placeholder_id(self) -> int:

@@ -151,7 +151,7 @@ class DarkMiner(Eraser):
     def _conditions(self, model: DiffusionModel, mined: MinedEmbedding) -> torch.Tensor:
         """What a round verifies and circumvents: the mined embedding, or its tokens in the first k pool prompts."""
         # Only the k prompts used, not all the pool's: replay re-encodes every earlier round each round.
-        rows = torch.arange(min(self.config.k, len(mined.input_ids))) if mined.in_context else None
+        rows = torch.arange(min(self.config.k, len(mined.prompts.input_ids))) if mined.in_context else None
         return mined.condition(model, rows).detach()
 
     def _twins(self, model: DiffusionModel, target: EraseTarget, anchor: torch.Tensor,
@@ -191,10 +191,7 @@ class DarkMiner(Eraser):
         tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
         save_tensors(folder / "state.safetensors", tensors)
         # The JSON is written last: a checkpoint counts only once both files are complete.
-        write_json(folder / "state.json", {"log": log, "failures": failures,
-                                           "mined": [{"space": m.space, "slots": m.slots,
-                                                      "input_ids": None if m.input_ids is None else m.input_ids.tolist()}
-                                                     for m in mined]})
+        write_json(folder / "state.json", {"log": log, "failures": failures, "mined": [_mined_record(m) for m in mined]})
 
     def _load_checkpoint(self, model: DiffusionModel, work_dir: Path) -> dict:
         folder = work_dir / CHECKPOINT
@@ -209,9 +206,8 @@ class DarkMiner(Eraser):
             if adapter.keys() != expected:  # a resume from it would silently train another adapter
                 raise KeyError(f"the adapter of {last.rstrip('.')}")
             mined = [
-                MinedEmbedding(m["space"], tensors[f"mined.{i}"],
-                               None if m["input_ids"] is None else torch.tensor(m["input_ids"], device=model.device),
-                               m["slots"])
+                MinedEmbedding(m["space"], tensors[f"mined.{i}"]) if m["input_ids"] is None else
+                MinedEmbedding.of_tokens(tensors[f"mined.{i}"], torch.tensor(m["input_ids"], device=model.device), m["slots"])
                 for i, m in enumerate(meta["mined"])
             ]
             failures = int(meta["failures"])
@@ -229,12 +225,21 @@ class DarkMiner(Eraser):
         embeddings = {}
         for i, m in enumerate(mined):
             embeddings[f"round_{i}.values"] = m.values
-            if m.input_ids is not None:
-                embeddings[f"round_{i}.input_ids"] = m.input_ids.clone()
-                embeddings[f"round_{i}.slots"] = torch.tensor(m.slots, dtype=torch.long)
+            if m.prompts is not None:
+                ids, slots = m.stored_ids()
+                embeddings[f"round_{i}.input_ids"] = ids.clone()
+                embeddings[f"round_{i}.slots"] = torch.tensor(slots, dtype=torch.long)
         save_tensors(artifacts / MINED_FILE, embeddings)
         state = load_tensors(work_dir / CHECKPOINT / "state.safetensors")
         save_tensors(artifacts / ROUND_ADAPTERS_FILE, {k: v for k, v in state.items() if k.startswith("round_")})
+
+
+def _mined_record(mined: MinedEmbedding) -> dict:
+    """What a checkpoint's state.json keeps of a mined embedding besides its values."""
+    if mined.prompts is None:
+        return {"space": mined.space, "slots": [], "input_ids": None}
+    ids, slots = mined.stored_ids()
+    return {"space": mined.space, "slots": slots, "input_ids": ids.tolist()}
 
 
 def load_rounds(erased_dir: str | Path, device: str | torch.device = "cpu") -> list[tuple[MinedEmbedding, dict[str, torch.Tensor]]]:
@@ -243,9 +248,9 @@ def load_rounds(erased_dir: str | Path, device: str | torch.device = "cpu") -> l
     mined, adapters = load_tensors(erased_dir / MINED_FILE, device=device), load_tensors(erased_dir / ROUND_ADAPTERS_FILE, device=device)
     rounds = []
     for i in range(len({k.split(".")[0] for k in mined})):
-        ids = mined.get(f"round_{i}.input_ids")
-        embedding = MinedEmbedding("token" if ids is not None else "condition", mined[f"round_{i}.values"], ids,
-                                   mined[f"round_{i}.slots"].tolist() if ids is not None else [])
+        ids, values = mined.get(f"round_{i}.input_ids"), mined[f"round_{i}.values"]
+        embedding = MinedEmbedding("condition", values) if ids is None else \
+            MinedEmbedding.of_tokens(values, ids, mined[f"round_{i}.slots"].tolist())
         prefix = f"round_{i}."
         rounds.append((embedding, {k.removeprefix(prefix): v for k, v in adapters.items() if k.startswith(prefix)}))
     return rounds

@@ -17,6 +17,7 @@ from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
+from darkminer.models.slots import SLOT, SlottedPrompts, build_slotted, prompt_token_ids, random_token_ids
 from darkminer.parallel.speed import gradient_scaler
 
 
@@ -24,29 +25,33 @@ from darkminer.parallel.speed import gradient_scaler
 class MinedEmbedding:
     space: str
     values: torch.Tensor  # token: (n, E) input embeddings; condition: (L, D) states
-    # Token space: the ids with slots, (L,) for the tokens alone or (P, L) for them in P prompts
-    # (mine_in_context); for masks and positions.
-    input_ids: torch.Tensor | None
-    slots: list[int]
+    # Token space: the token sequences the n tokens sit in: one row (the tokens alone), or one per pool
+    # prompt (mine_in_context).
+    prompts: SlottedPrompts | None = None
+    in_context: bool = False
 
-    @property
-    def in_context(self) -> bool:
-        """Whether the tokens were mined inside prompts (one row of ids per prompt)."""
-        return self.input_ids is not None and self.input_ids.dim() == 2
+    @classmethod
+    def of_tokens(cls, values: torch.Tensor, input_ids: torch.Tensor, slots: list[int]) -> MinedEmbedding:
+        """From stored ids, (L,) for the tokens alone or (P, L) in P prompts, and the slot positions every row shares."""
+        in_context = input_ids.dim() == 2
+        ids = input_ids if in_context else input_ids[None]
+        positions = torch.tensor(slots, dtype=torch.long, device=ids.device).repeat(ids.shape[0], 1)
+        return cls("token", values, SlottedPrompts(ids, positions), in_context)
+
+    def stored_ids(self) -> tuple[torch.Tensor, list[int]]:
+        """The ids and slot positions ``of_tokens`` takes back (token space)."""
+        assert self.prompts is not None
+        return (self.prompts.input_ids if self.in_context else self.prompts.input_ids[0]), self.prompts.slots[0].tolist()
 
     def condition(self, model: DiffusionModel, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(1, L, D) conditioning states, or (P, L, D) for tokens mined in P prompts (only ``rows`` of them if given)."""
-        if self.space == "condition":
+        if self.prompts is None:
             return self.values[None]
-        ids = self.input_ids if self.in_context else self.input_ids[None]
-        ids = ids if rows is None else ids[rows.to(ids.device)]
-        embeds = model.embed_ids(ids).detach().clone()
-        embeds[:, self.slots] = self.values.to(embeds.dtype)
-        return model.encode_embeddings(embeds, ids)
+        return (self.prompts if rows is None else self.prompts.select(rows)).encode(model, self.values)
 
     def detached(self) -> MinedEmbedding:
         """A copy to optimise, in float32 whatever the model's dtype: Adam's steps vanish in half precision."""
-        return MinedEmbedding(self.space, self.values.detach().to(torch.float32, copy=True), self.input_ids, self.slots)
+        return MinedEmbedding(self.space, self.values.detach().to(torch.float32, copy=True), self.prompts, self.in_context)
 
 
 def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig, generator: torch.Generator,
@@ -60,16 +65,15 @@ def initial_embedding(model: DiffusionModel, word: str, config: DarkMinerConfig,
             values = torch.randn(model.max_length, model.encode([""]).shape[-1], generator=generator).to(model.device)
         else:
             values = model.encode([word])[0]
-        return MinedEmbedding("condition", values.detach().clone(), None, [])
-    ids, slots = model.insert_slots(contexts or [""], config.n_tokens)
+        return MinedEmbedding("condition", values.detach().clone())
+    prompts = build_slotted(model, [[SLOT] * config.n_tokens + prompt_token_ids(model, c) for c in contexts or [""]])
     table = model.token_embedding.weight.detach()
     if config.init == "random":
-        allowed = [i for i in range(table.shape[0]) if i not in model.special_token_ids]
-        pick = torch.tensor(allowed)[torch.randint(len(allowed), (config.n_tokens,), generator=generator)]
+        pick = random_token_ids(model, (config.n_tokens,), generator)
     else:
         word_ids = [i for i in model.tokenize([word])[0].tolist() if i not in model.special_token_ids]
         pick = torch.tensor([word_ids[i % len(word_ids)] for i in range(config.n_tokens)])
-    return MinedEmbedding("token", table[pick.to(table.device)].clone(), ids if contexts else ids[0], slots)
+    return MinedEmbedding("token", table[pick.to(table.device)].clone(), prompts, in_context=bool(contexts))
 
 
 def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: DarkMinerConfig,
