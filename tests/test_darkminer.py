@@ -325,14 +325,10 @@ def test_the_first_rounds_of_a_run_are_the_shorter_run(tmp_path):
 
 
 def test_direction_score_is_one_when_mined_images_are_the_pool_and_minus_one_opposite():
-    class Identity:
-        def encode(self, images):
-            return images.flatten(1)
-
-    reference = torch.zeros(2, 3, 1, 1)
-    pool = torch.ones(2, 3, 1, 1)
-    assert direction_score(Identity(), pool, reference, pool) == pytest.approx(1.0)
-    assert direction_score(Identity(), -pool, reference, pool) == pytest.approx(-1.0)
+    reference = torch.zeros(2, 3)
+    pool = torch.ones(2, 3)
+    assert direction_score(pool, reference, pool) == pytest.approx(1.0)
+    assert direction_score(-pool, reference, pool) == pytest.approx(-1.0)
 
 
 def test_a_diverging_miner_stops_the_run_with_what_to_change(tmp_path):

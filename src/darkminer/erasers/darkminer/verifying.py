@@ -29,14 +29,9 @@ class Verification:
     images: torch.Tensor  # the k images drawn from the mined embedding
 
 
-@torch.no_grad()
-def direction_score(encoder: ImageEmbedder, mined_images: torch.Tensor, reference_images: torch.Tensor,
-                    pool_images: torch.Tensor) -> float:
-    """Mean cosine between the mined-vs-reference direction and every pool-vs-reference direction."""
-    return _direction(encoder.encode(mined_images), encoder.encode(reference_images), encoder.encode(pool_images))
-
-
-def _direction(e_c: torch.Tensor, e_r: torch.Tensor, e_p: torch.Tensor) -> float:
+def direction_score(e_c: torch.Tensor, e_r: torch.Tensor, e_p: torch.Tensor) -> float:
+    """Mean cosine between each mined-vs-reference direction and every pool-vs-reference direction, from the
+    embeddings of the mined (k, D), reference (k, D) and pool (P, D) images."""
     towards_mined = (e_c - e_r)[:, None, :]  # (k, 1, D)
     towards_pool = e_p[None, :, :] - e_r[:, None, :]  # (k, P, D)
     return F.cosine_similarity(towards_mined, towards_pool, dim=-1).mean().item()
@@ -50,8 +45,8 @@ def verify(model: DiffusionModel, encoder: ImageEmbedder, cond: torch.Tensor, re
     mined = model.sample(cond.expand(k, -1, -1), seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     ref = model.sample(reference.expand(k, -1, -1), seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     e_c, e_r = encoder.encode(mined), encoder.encode(ref)  # once, for the pool and the contrast set
-    pool_score = _direction(e_c, e_r, encoder.encode(pool_images))
+    pool_score = direction_score(e_c, e_r, encoder.encode(pool_images))
     if contrast_images is None:
         return Verification(pool_score, pool_score, None, mined)
-    contrast_score = _direction(e_c, e_r, encoder.encode(contrast_images))
+    contrast_score = direction_score(e_c, e_r, encoder.encode(contrast_images))
     return Verification(pool_score - contrast_score, pool_score, contrast_score, mined)
