@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from darkminer.cli import main
-from darkminer.errors import ModelLoadError
+from darkminer.errors import DarkMinerError, ModelLoadError
 from darkminer.models import adapters, load_model
 from darkminer.models.erased import ErasedModelInfo, apply_erased, save_erased
 
@@ -487,3 +487,17 @@ def test_lora_alpha_sets_the_adapters_scale():
         adapters.add_lora(model, adapters.LoraConfig(rank=4, alpha=alpha), seed=0)
         scales = {m.scaling[adapters.ADAPTER_NAME] for m in model.unet.modules() if hasattr(m, "scaling")}
         assert scales == {scale}
+
+
+def test_a_hand_edited_sld_record_is_refused_in_one_line(tmp_path):
+    from darkminer.api import erase
+
+    out = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
+    record = json.loads((out / "guidance.json").read_text())
+    for key, value, problem in (("warmup_steps", "ten", "must be int"), ("momentum_beta", 1.5, r"in \[0, 1\]"),
+                                ("threshold", None, "must be")):
+        (out / "guidance.json").write_text(json.dumps({**record, key: value}))
+        with pytest.raises(DarkMinerError, match=f"SLD settings are incomplete or wrong .*{problem}.*re-create"):
+            load_model(erased=out)
+    (out / "guidance.json").write_text(json.dumps(record))
+    assert load_model(erased=out).guidance.settings.warmup_steps == record["warmup_steps"]

@@ -6,23 +6,30 @@ diffusers' SafetyConfig. ``erasers.sld`` builds one for a target."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from darkminer.errors import DarkMinerError
+from darkminer.config import Config, check_non_negative
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel, Guidance, register_guidance
 
 
-@dataclass(frozen=True)
-class SldSettings:
-    """One SLD hyper-parameter set (the paper's eq. 3-8)."""
+@dataclass
+class SldSettings(Config):
+    """One SLD hyper-parameter set (the paper's eq. 3-8); validated, as it is read back from guidance.json."""
 
     warmup_steps: int  # sampling steps before the safety guidance is applied (momentum builds from step 0)
     guidance_scale: float  # s_S: scale of the element-wise safety term, clipped to 1
     threshold: float  # λ: where eps_prompt - eps_concept >= λ the element is left alone
     momentum_scale: float  # s_m
     momentum_beta: float  # β_m
+
+    def validate(self) -> None:
+        check_non_negative(self, warmup_steps=self.warmup_steps, guidance_scale=self.guidance_scale,
+                           momentum_scale=self.momentum_scale, momentum_beta=self.momentum_beta)
+        if self.momentum_beta > 1:
+            raise ConfigError(f"SldSettings.momentum_beta must be in [0, 1], got {self.momentum_beta}")
 
 
 # diffusers' SafetyConfig (the values of the SLD paper's hyper-parameter study).
@@ -81,14 +88,14 @@ class SafeLatentGuidance(Guidance):
         return eps_u + scale * guidance
 
     def to_dict(self) -> dict:
-        return {"name": self.registry_name, "concept": self.concept, **asdict(self.settings)}
+        return {"name": self.registry_name, "concept": self.concept, **self.settings.to_dict()}
 
     @classmethod
     def from_dict(cls, model: DiffusionModel, data: dict) -> SafeLatentGuidance:
         try:
-            settings = SldSettings(**{k: v for k, v in data.items() if k not in ("name", "concept")})
+            settings = SldSettings.from_dict({k: v for k, v in data.items() if k not in ("name", "concept")})
             concept = data["concept"]
-        except (TypeError, KeyError) as exc:
-            raise DarkMinerError(f"SLD settings are incomplete or unknown ({exc}); re-create the erased model") from None
+        except (ConfigError, KeyError) as exc:
+            raise DarkMinerError(f"SLD settings are incomplete or wrong ({exc}); re-create the erased model") from None
         with torch.no_grad():
             return cls(concept, model.encode([concept]), settings)
