@@ -18,6 +18,7 @@ import torch
 from darkminer.config import Config
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
+from darkminer.registry import Registry
 from darkminer.targets import EraseTarget
 
 
@@ -110,27 +111,16 @@ def before_and_after_rates(results: Sequence[AttackResult]) -> tuple[float, floa
             sum(r.success_after for r in results) / len(results))
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack", "darkminer.attacks")
 A = TypeVar("A", bound=Attack)
 
 
 def register_attack(name: str) -> Callable[[type[A]], type[A]]:
-    def wrap(cls: type[A]) -> type[A]:
-        if name in ATTACKS:
-            raise RuntimeError(f"attack {name!r} registered twice")
-        cls.name = name
-        ATTACKS[name] = cls
-        return cls
-
-    return wrap
+    return ATTACKS.register(name)
 
 
 def get_attack(name: str) -> type[Attack]:
-    import darkminer.attacks  # noqa: F401  (registers the built-in attacks)
-
-    if name not in ATTACKS:
-        raise DarkMinerError(f"unknown attack {name!r}; choose one of {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
+    return ATTACKS.lookup(name)
 
 
 def build_attack(name: str, options: AttackConfig | dict[str, Any] | None = None) -> Attack:

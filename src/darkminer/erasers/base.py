@@ -12,6 +12,7 @@ from typing import ClassVar, TypeVar
 from darkminer.config import Config
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
+from darkminer.registry import Registry
 from darkminer.targets import EraseTarget
 
 
@@ -55,24 +56,13 @@ def check_finite(value: float, stage: str, hint: str) -> float:
     return value
 
 
-ERASERS: dict[str, type[Eraser]] = {}
+ERASERS: Registry[type[Eraser]] = Registry("method", "darkminer.erasers")
 E = TypeVar("E", bound=Eraser)
 
 
 def register_eraser(name: str, kind: str) -> Callable[[type[E]], type[E]]:
-    def wrap(cls: type[E]) -> type[E]:
-        if name in ERASERS:
-            raise RuntimeError(f"eraser {name!r} registered twice")
-        cls.name, cls.kind = name, kind
-        ERASERS[name] = cls
-        return cls
-
-    return wrap
+    return ERASERS.register(name, kind=kind)
 
 
 def get_eraser(name: str) -> type[Eraser]:
-    import darkminer.erasers  # noqa: F401  (registers the built-in erasers)
-
-    if name not in ERASERS:
-        raise DarkMinerError(f"unknown method {name!r}; choose one of {', '.join(sorted(ERASERS))}")
-    return ERASERS[name]
+    return ERASERS.lookup(name)

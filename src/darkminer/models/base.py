@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.registry import Registry
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -74,29 +75,20 @@ class Guidance:
         raise NotImplementedError
 
 
-GUIDANCES: dict[str, type[Guidance]] = {}
+# The guidances erased models save (models/guidance.py registers them); a name, as recorded, rebuilds one.
+GUIDANCES: Registry[type[Guidance]] = Registry("guidance", "darkminer.models.guidance", name_attribute="registry_name")
 G = TypeVar("G", bound=Guidance)
 
 
 def register_guidance(name: str) -> Callable[[type[G]], type[G]]:
-    def wrap(cls: type[G]) -> type[G]:
-        GUIDANCES[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return wrap
+    return GUIDANCES.register(name)
 
 
 def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
     """Rebuild a saved guidance (``{"name": ..., **settings}``); ``None`` is plain CFG."""
     if data is None:
         return ClassifierFreeGuidance()
-    import darkminer.models.guidance  # noqa: F401  (registers the guidances erased models save, e.g. SLD's)
-
-    name = data.get("name")
-    if name not in GUIDANCES:
-        raise DarkMinerError(f"unknown guidance {name!r}; known: {sorted(GUIDANCES)}")
-    return GUIDANCES[name].from_dict(model, data)
+    return GUIDANCES.lookup(data.get("name")).from_dict(model, data)
 
 
 class ClassifierFreeGuidance(Guidance):
