@@ -36,7 +36,7 @@ from darkminer.io import read_json, write_json
 from darkminer.models import load_model
 from darkminer.models.adapters import ADAPTER_NAME
 from darkminer.targets import resolve_target
-from darkminer.testbed.check import concept_rate
+from darkminer.testbed.check import drawn_concept_rate
 from darkminer.testbed.concepts import get_concept
 from darkminer.testbed.judge import Judge
 
@@ -71,8 +71,8 @@ def main() -> None:
         tick = time.time()
         set_peft_model_state_dict(model.unet, states[index], adapter_name=ADAPTER_NAME)
         entry = {"after_round": index - 1,
-                 "direct": concept_rate(model, judge, direct, concept, STEPS),
-                 "paraphrase": concept_rate(model, judge, paraphrase, concept, STEPS)}
+                 "direct": drawn_concept_rate(model, judge, direct, concept, STEPS),
+                 "paraphrase": drawn_concept_rate(model, judge, paraphrase, concept, STEPS)}
         target = resolve_target(model, args.concept, seed=0)
         found = ConceptInversion(CCEConfig(steps=args.cce_steps, seed=0)).run(
             model, target, attacked, lambda images: judge.has_concept(images, concept))

@@ -16,7 +16,7 @@ import json
 import torch
 
 from darkminer.evaluation.metrics import attribute_accuracy
-from darkminer.testbed.check import concept_rate, neutral_prompts
+from darkminer.testbed.check import drawn_concept_rate, neutral_prompts
 from darkminer.testbed.concepts import concept_names, get_concept
 from darkminer.testbed.judge import Judge
 from darkminer.testbed.model import UNET_DIR, TestbedModel
@@ -38,7 +38,7 @@ def main() -> None:
     for scale in (float(s) for s in args.scales.split(",")):
         model.default_sampling = dataclasses.replace(model.default_sampling, guidance_scale=scale)
         concepts = [get_concept(name) for name in concept_names()]
-        row = {c.name: round(concept_rate(model, judge, c.direct_prompts(args.n, SEED), c, 25), 4) for c in concepts}
+        row = {c.name: round(drawn_concept_rate(model, judge, c.direct_prompts(args.n, SEED), c, 25), 4) for c in concepts}
         neutral = neutral_prompts(args.n, SEED)
         predicted = judge.predict_values(model.generate([p.text for p in neutral], [p.seed for p in neutral], steps=25))
         row["attribute_accuracy"] = round(attribute_accuracy(predicted, [p.expected for p in neutral])["accuracy"], 4)

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from testbed_paraphrases import SEED, paraphrase_report
 
 from darkminer.io import write_json
-from darkminer.testbed.check import concept_rate
+from darkminer.testbed.check import drawn_concept_rate
 from darkminer.testbed.concepts import concept_names, get_concept
 from darkminer.testbed.judge import Judge
 from darkminer.testbed.model import UNET_DIR, TestbedModel, load_text_encoder
@@ -69,7 +69,7 @@ def main() -> None:
     model = load(work / "unet")
     torch.set_num_threads(1)
     judge = Judge.load()
-    direct = {name: round(concept_rate(model, judge, get_concept(name).direct_prompts(args.n, SEED), get_concept(name), 25), 4)
+    direct = {name: round(drawn_concept_rate(model, judge, get_concept(name).direct_prompts(args.n, SEED), get_concept(name), 25), 4)
               for name in concept_names()}
     print("direct", direct, flush=True)
     write_json(args.out, {"n": args.n, "seed": SEED, "config": config.to_dict(), "token_dropout": args.token_dropout,

@@ -432,3 +432,40 @@ def test_the_help_lists_every_registered_method_and_attack():
 
     assert sorted(METHOD_NAMES.split(", ")) == built_in(ERASERS)
     assert sorted(ATTACK_NAMES.split(", ")) == built_in(ATTACKS)
+
+
+def test_every_benchmark_script_imports(monkeypatch):
+    """The scripts under benchmarks/ are not run by the suite; a renamed function they import must still fail it."""
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(scripts))  # as when run from there: some import their siblings
+    for path in sorted(scripts.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)  # their main() runs only as __main__
+
+
+def test_the_source_revision_is_darkminers_own_checkout_never_a_repo_it_sits_in(tmp_path):
+    import importlib.util
+    import shutil as sh
+    import subprocess
+
+    from darkminer import provenance
+
+    if sh.which("git") is None:
+        pytest.skip("no git")
+    # darkminer installed inside another project's repository (a venv in it), untracked there
+    package = tmp_path / "project" / ".venv" / "darkminer"
+    package.mkdir(parents=True)
+    sh.copy(provenance.__file__, package / "provenance.py")
+    (package / "__init__.py").write_text("")
+    subprocess.run(["git", "init", "-q", str(tmp_path / "project")], check=True)
+    subprocess.run(["git", "-C", str(tmp_path / "project"), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "theirs"], check=True)
+    spec = importlib.util.spec_from_file_location("copied_provenance", package / "provenance.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    assert copied.source_revision() is None

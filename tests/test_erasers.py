@@ -11,6 +11,7 @@ objective here; their effect on other concepts is measured on the testbed (bench
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -634,10 +635,14 @@ def test_a_saved_state_comes_back_whole(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_path: Path) -> None:
-    save_tensors(tmp_path / training.CHECKPOINT, {"param/w": torch.zeros(1)})  # counts were in a JSON beside it
-    with pytest.raises(DarkMinerError, match="holds no saved state.*; delete that folder to start over"):
-        train_parameters({"w": torch.nn.Parameter(torch.zeros(1))}, lambda i, g: torch.zeros(()), iterations=2, lr=0.1,
-                         seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")
+    # The two earlier layouts: counts in a JSON beside the tensors, then in the metadata beside named tensors.
+    earlier = ({}, {"state": json.dumps({"iterations_done": 1, "losses": [0.5], "adam_steps": {"w": 1.0}, "loss_scale": {}})})
+    for metadata in earlier:
+        tensors = {"param/w": torch.zeros(1), "exp_avg/w": torch.zeros(1), "exp_avg_sq/w": torch.zeros(1)}
+        save_tensors(tmp_path / training.CHECKPOINT, tensors, metadata=metadata)
+        with pytest.raises(DarkMinerError, match="from an older darkminer .*; delete that folder to start over"):
+            train_parameters({"w": torch.nn.Parameter(torch.zeros(1))}, lambda i, g: torch.zeros(()), iterations=2,
+                             lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")
 
 
 def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, monkeypatch) -> None:

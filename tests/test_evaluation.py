@@ -95,6 +95,10 @@ def test_nudenet_finds_the_astronauts_face_and_counts_it_as_no_nudity(nudenet):
     assert (scores > 0).sum().item() == len({box["class"] for box in found})
     face = NudeNetDetector(classes=["FACE_FEMALE"])
     assert face.decide(scores).tolist() == [True] and NudeNetDetector(0.9, ["FACE_FEMALE"]).decide(scores).tolist() == [False]
+    # From judgements.json's sparse record (nonzero scores by label, rounded) back to the tensor decide takes.
+    record = {label: round(v, 4) for label, v in zip(nudenet.score_labels(), scores[0].tolist(), strict=True) if v >= 1e-4}
+    torch.testing.assert_close(nudenet.recorded_scores([record]), scores, atol=1e-4, rtol=0)
+    assert face.decide(face.recorded_scores([record, {}])).tolist() == [True, False]
     assert nudenet.describe()["threshold"] == 0.6 and "BUTTOCKS_EXPOSED" in nudenet.describe()["classes"]
 
 
@@ -709,3 +713,23 @@ def test_preservation_clip_is_the_mean_score_over_images(tmp_path, monkeypatch):
     monkeypatch.setattr(TestbedAligner, "score", lambda self, images, texts: torch.tensor([50.0, 0.0] * (len(texts) // 2)))
     metrics = evaluate("star", tmp_path / "e", model=TestbedModel.untrained(), config={**FAST, "n_images": 4, "preservation": ["clip"]})
     assert metrics["preservation"]["clip"] == 25.0 and metrics["preservation"]["reference"]["clip"] == 25.0
+
+
+def test_a_finished_cell_whose_options_went_through_json_still_resumes(tmp_path):
+    """Options are compared as JSON stores them: a tuple option (the paraphrase attack's) comes back a list."""
+    from darkminer.attacks.base import build_attack
+    from darkminer.evaluation.benchmark import _check_finished_cells, _slug
+    from darkminer.io import write_json
+
+    cfg = load_benchmark_config({"model": "toy", "methods": ["uce"], "concepts": ["striped"], "attacks": ["paraphrase"]})
+    eval_cfg = EvaluationConfig.from_dict({"attacks": ["paraphrase"]})
+    cell = tmp_path / "cells" / "uce" / _slug("striped") / "evaluation"
+    paraphrase = build_attack("paraphrase").config.to_dict()
+    assert isinstance(paraphrase["paraphrases"], tuple)
+    # "toy" is the testbed: striped is a style there, and its template was the style's
+    write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"), "attack_details": {"paraphrase": {"config": paraphrase}}})
+    _check_finished_cells(cfg, eval_cfg, tmp_path, ["uce"])  # resumes
+    write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"),
+                                       "attack_details": {"paraphrase": {"config": {**paraphrase, "paraphrases": ["bare"]}}}})
+    with pytest.raises(DarkMinerError, match="other paraphrase options .*'paraphrases'"):
+        _check_finished_cells(cfg, eval_cfg, tmp_path, ["uce"])

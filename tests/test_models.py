@@ -476,6 +476,16 @@ def test_export_refuses_what_no_plain_pipeline_can_carry(tmp_path, capsys):
     sld = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
     assert main(["export", "--erased", str(sld), "--out", str(tmp_path / "p1")]) == 2
     assert "inference-time erasure (sld)" in capsys.readouterr().err and not (tmp_path / "p1").exists()
+    # A pipeline folder darkminer did not export (a user's base model) is never replaced.
+    base = tmp_path / "my-base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    (base / "weights.safetensors").write_text("mine")
+    lora = erase("uce", "nudity", tmp_path / "uce-sd", model="tiny-random-sd")
+    assert main(["export", "--erased", str(lora), "--out", str(base)]) == 2
+    assert "is not an exported pipeline" in capsys.readouterr().err and (base / "weights.safetensors").read_text() == "mine"
+    assert main(["export", "--erased", str(lora), "--out", str(tmp_path / "p3")]) == 0
+    assert main(["export", "--erased", str(lora), "--out", str(tmp_path / "p3")]) == 0  # its own export: replaced
     uce = erase("uce", "blood", tmp_path / "uce", model="testbed")
     assert main(["export", "--erased", str(uce), "--out", str(tmp_path / "p2")]) == 2
     assert "'testbed' is not one" in capsys.readouterr().err and not (tmp_path / "p2").exists()

@@ -234,13 +234,15 @@ def export(
     if info.kind == "guidance":
         raise DarkMinerError(f"{erased} is an inference-time erasure ({info.method}): it changes sampling, not "
                              "weights, so no plain pipeline carries it; deploy it through darkminer")
-    out = check_output_directory(out, "model_index.json", EXPORTED_KIND)
+    # The marker is darkminer's own record, not model_index.json: every pipeline folder has one, and a
+    # user's base model given as --out would be replaced.
+    out = check_output_directory(out, EXPORT_INFO, EXPORTED_KIND)
     loaded = load_model(model, erased=erased, dtype=dtype)
     if not isinstance(loaded, StableDiffusionModel):
         raise DarkMinerError(f"export writes a diffusers Stable Diffusion pipeline; {loaded.name!r} is not one")
     if has_lora(loaded):
         merge_lora(loaded)
-    with output_directory(out, "model_index.json", EXPORTED_KIND) as tmp:
+    with output_directory(out, EXPORT_INFO, EXPORTED_KIND) as tmp:
         loaded.to_pipeline().save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / EXPORT_INFO, {"erased": str(Path(erased).resolve()), "erasure": asdict(info),
                                        "dtype": str(loaded.dtype), "versions": package_versions()})

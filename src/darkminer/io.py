@@ -291,7 +291,8 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 def load_state(path: str | Path) -> dict[str, Any]:
     """What ``save_state`` wrote (lists come back as lists, where a tuple was saved)."""
     tensors, metadata = load_tensors_and_metadata(path)
-    if "state" not in metadata:
+    state = json.loads(metadata["state"]) if "state" in metadata else None
+    if not isinstance(state, dict) or not state.keys() & {"tensor", "dict", "list", "value"}:
         raise ModelLoadError(f"{path} holds no saved state; it was not written by darkminer's save_state")
 
     def decode(node: dict[str, Any]) -> Any:
@@ -303,7 +304,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
             return [decode(value) for value in node["list"]]
         return node["value"]
 
-    return decode(json.loads(metadata["state"]))
+    return decode(state)
 
 
 def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:

@@ -40,6 +40,7 @@ def source_revision() -> str | None:
                               check=True).stdout.strip()
 
     try:
+        git("ls-files", "--error-unmatch", "__init__.py")  # darkminer's own checkout, not a repo it sits inside
         commit = git("rev-parse", "HEAD")
         modified = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
     except (OSError, subprocess.SubprocessError):

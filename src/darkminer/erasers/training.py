@@ -216,11 +216,12 @@ def _load_checkpoint(
 ) -> tuple[int, list[float]]:
     try:
         state = load_state(work_dir / CHECKPOINT)
-    except ModelLoadError as exc:
-        raise damaged_checkpoint(work_dir, exc) from None
+    except ModelLoadError as exc:  # another format: written by an older darkminer (or not by darkminer)
+        raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer ({exc}); delete that folder "
+                             "to start over") from None
     except (KeyError, TypeError, ValueError) as exc:  # a lost tensor or cut-short JSON (a JSONDecodeError)
         raise damaged_checkpoint(work_dir, repr(exc)) from None
-    if not isinstance(state, dict) or "optimizer" not in state:  # counts beside named tensors, before save_state
+    if not isinstance(state, dict) or "optimizer" not in state:
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; delete that folder to start over")
     missing = [name for name in params if name not in state["params"]]
     if missing:

@@ -14,6 +14,7 @@ its checkpoint, nothing finished is computed again.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class BenchmarkConfig(Config):
                 raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r}")
         if isinstance(self.concepts, str) or not self.concepts:
             raise ConfigError(f"BenchmarkConfig.concepts must be a non-empty list of names, got {self.concepts!r}")
-        if self.model == "testbed":
+        if model_id(self.model) == "testbed":
             from darkminer.targets import TESTBED_CSV_ERROR
             from darkminer.testbed.concepts import get_concept
 
@@ -133,7 +134,7 @@ class BenchmarkConfig(Config):
             unknown = sorted(set(getattr(self, name)) - set(self.concepts))
             if unknown:
                 raise ConfigError(f"BenchmarkConfig.{name} names concepts that are not run: {unknown}")
-        if self.kinds and self.model == "testbed":
+        if self.kinds and model_id(self.model) == "testbed":
             raise ConfigError("BenchmarkConfig.kinds is for Stable Diffusion concepts: a testbed concept's kind is the registry's")
         for kind in self.kinds.values():
             check_kind(kind)
@@ -248,8 +249,11 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
 
     attacks = {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
 
+    def as_stored(options: dict[str, Any]) -> dict[str, Any]:  # as read back from JSON: tuples are lists
+        return json.loads(json.dumps(options, default=str))
+
     def changed(have: dict[str, Any], want: Config) -> list[str]:
-        return changed_keys(have, want.to_dict(), defaults=type(want)().to_dict())
+        return changed_keys(have, as_stored(want.to_dict()), defaults=as_stored(type(want)().to_dict()))
 
     for concept in cfg.concepts:
         for method in rows:
@@ -260,9 +264,9 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
                 checks.append((f"{method} options", changed(ErasedModelInfo.read(cell / "erased").config, want)))
             if (cell / "evaluation" / METRICS_NAME).is_file():
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)
-                kind = get_concept(concept).kind if cfg.model == "testbed" else cfg.kinds.get(concept, "free")
+                kind = get_concept(concept).kind if model_id(cfg.model) == "testbed" else cfg.kinds.get(concept, "free")
                 have = resolved_options(metrics.get("config", {}), kind)  # as they applied to this concept
-                checks.append(("evaluation options", changed_keys(have, eval_cfg.resolved(kind))))
+                checks.append(("evaluation options", changed_keys(have, as_stored(eval_cfg.resolved(kind)))))
                 for name, details in metrics.get("attack_details", {}).items():
                     if name in attacks and "config" in details:  # cells evaluated before it was recorded lack it
                         checks.append((f"{name} options", changed(details["config"], attacks[name])))

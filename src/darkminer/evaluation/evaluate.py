@@ -435,9 +435,7 @@ def _preservation(
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
     predicted: dict[bool, list[dict[str, str]]] = {False: [], True: []}  # keyed by "drawn by the original"
     scores: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-    if fid is not None:
-        fid.reset()
-    for rows in painter.chunks(len(suite)):
+    for rows in painter.chunks(len(suite)):  # fid was built for this evaluation: empty (its network loads once)
         for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
             images = painter.prompts(suite, rows, original=original)
             keep(name, images, rows.start)
