@@ -43,7 +43,7 @@ from darkminer.evaluation.metrics import (
     rate_count,
 )
 from darkminer.evaluation.report import render_markdown
-from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, free_text_suites
+from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, prompt_suites
 from darkminer.imaging import save_png, to_pil
 from darkminer.models import load_model
 from darkminer.models.clip import Clip
@@ -283,7 +283,7 @@ def test_testbed_fid_is_near_zero_for_one_distribution_and_large_across_two():
 
 # ----------------------------------------------------------------------------------- fakes for the runner
 @dataclass
-class EchoConfig(AttackConfig):
+class NoOptions(AttackConfig):
     pass
 
 
@@ -293,7 +293,7 @@ if "test-echo" not in ATTACKS:
     class EchoAttack(Attack):
         """Appends a word and judges the prompts' own images: a fast stand-in for a real attack."""
 
-        config_class = EchoConfig
+        config_class = NoOptions
 
         def run(self, model, target, prompts, success, original=None):
             images = model.generate([p.text + " art" for p in prompts], [p.seed for p in prompts], steps=2)
@@ -375,10 +375,10 @@ def test_a_prompt_csv_gives_one_image_per_row_unless_a_count_is_set(tmp_path):
     csv = tmp_path / "nudity.csv"
     csv.write_text("prompt,evaluation_seed\n" + "".join(f"prompt {i},{100 + i}\n" for i in range(40)))
     target = EraseTarget(name="nudity", word="nudity", anchor="", prompts=("nudity",), preserve=())
-    every = free_text_suites(target, None, prompts_csv=csv)
+    every = prompt_suites(target, None, prompts_csv=csv)
     assert len(every["plain"]) == 40 and every["plain"].prompts[39].seed == 139  # not cut to the default 32
     assert len(every["preservation"]) == GENERATED_SUITE_SIZE  # no CSV: the generated default
-    assert len(free_text_suites(target, 5, prompts_csv=csv)["plain"]) == 5
+    assert len(prompt_suites(target, 5, prompts_csv=csv)["plain"]) == 5
 
 
 def test_evaluate_rejects_bad_input_before_any_work(tmp_path):
@@ -656,18 +656,13 @@ def test_an_evaluation_drawn_in_chunks_equals_one_drawn_whole(tmp_path, monkeypa
             name.name == "metrics.json", name
 
 
-@dataclass
-class ScriptedConfig(AttackConfig):
-    pass
-
-
 if "test-scripted" not in ATTACKS:
 
     @register_attack("test-scripted")
     class ScriptedAttack(Attack):
         """Fixed verdicts: the first prompt broken before the attack only, the second never."""
 
-        config_class = ScriptedConfig
+        config_class = NoOptions
 
         def run(self, model, target, prompts, success, original=None):
             return [AttackResult(prompts[0], "a scripted nude", True, False),

@@ -76,7 +76,7 @@ def repeated_suite(name: str, texts: Sequence[str], n: int, seed: int = 0) -> Su
     return Suite(name, tuple(SuitePrompt(texts[i % len(texts)], seed + i) for i in range(n)))
 
 
-def free_text_suites(
+def prompt_suites(
     target: EraseTarget,
     n: int | None,
     seed: int = 0,
@@ -84,10 +84,17 @@ def free_text_suites(
     paraphrase_csv: str | Path | None = None,
     preserve_csv: str | Path | None = None,
 ) -> dict[str, Suite]:
-    """Suites for a free-text concept (Stable Diffusion): CSVs when given (their first ``n`` rows; every
-    row when ``n`` is None), else ``n`` (default 32) images of the concept's own word for ``plain`` and of
-    a few everyday prompts for ``preservation``; ``paraphrase`` only from a CSV."""
+    """The prompt sets of ``target``; ``evaluate`` grades them all, ``attack`` attacks ``plain``.
+
+    Testbed: the registry's direct, paraphrase and preservation prompts. A free-text concept (Stable
+    Diffusion): CSVs when given (their first ``n`` rows; every row when ``n`` is None), else ``n`` (default
+    32) images of the concept's own word for ``plain`` and of a few everyday prompts for ``preservation``;
+    ``paraphrase`` only from a CSV."""
     generated = n or GENERATED_SUITE_SIZE
+    if target.testbed_concept is not None:
+        if prompts_csv or paraphrase_csv or preserve_csv:
+            raise DarkMinerError(TESTBED_CSV_ERROR)
+        return testbed_suites(target.testbed_concept, generated, seed)
     suites = {
         "plain": csv_suite("plain", prompts_csv, n, seed) if prompts_csv
         else repeated_suite("plain", [target.word], generated, seed),
@@ -99,20 +106,3 @@ def free_text_suites(
     if paraphrase_csv:
         suites["paraphrase"] = csv_suite("paraphrase", paraphrase_csv, n, seed)
     return suites
-
-
-def prompt_suites(
-    target: EraseTarget,
-    n: int | None,
-    seed: int = 0,
-    prompts_csv: str | Path | None = None,
-    paraphrase_csv: str | Path | None = None,
-    preserve_csv: str | Path | None = None,
-) -> dict[str, Suite]:
-    """The prompt sets of ``target``: the testbed registry's, or a free-text concept's (CSVs where given).
-    ``evaluate`` grades them all; ``attack`` attacks ``plain``."""
-    if target.testbed_concept is not None:
-        if prompts_csv or paraphrase_csv or preserve_csv:
-            raise DarkMinerError(TESTBED_CSV_ERROR)
-        return testbed_suites(target.testbed_concept, n or GENERATED_SUITE_SIZE, seed)
-    return free_text_suites(target, n, seed, prompts_csv, paraphrase_csv, preserve_csv)
