@@ -48,6 +48,9 @@ def test_generate_writes_a_grid(tmp_path, capsys):
 
     model = load_model("tiny-random-sd")
     expected = model.sample(model.encode(["a cat"]).expand(2, -1, -1), seeds=[0, 1], steps=2)
+    import darkminer
+
+    torch.testing.assert_close(darkminer.generate("a cat", model="tiny-random-sd", n=2, steps=2), expected, atol=0, rtol=0)
     assert not torch.equal(expected[0], expected[1])
     assert np.array_equal(np.asarray(image), np.asarray(make_grid(expected, scale=256 // expected.shape[-1])))
 
@@ -97,8 +100,8 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--compile", "fast"], "compile must be one of"),
         (["--model", "/no/such/folder"], "does not exist"),
         (["--model", "someone/not-cached-model"], "never downloads"),
-        (["--model", "tiny-random-sd", "--prompt", " "], "--prompt is empty"),
-        (["--model", "tiny-random-sd", "-n", "0"], "-n must be >= 1"),
+        (["--model", "tiny-random-sd", "--prompt", " "], "the prompt is empty"),
+        (["--model", "tiny-random-sd", "-n", "0"], "n (-n) must be >= 1"),
         (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),
         (["--model", "tiny-random-sd", "--device", "foo"], "unknown device 'foo'"),
         (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),

@@ -18,6 +18,7 @@ _EXPORTS = {
     "erase": "darkminer.api",
     "export": "darkminer.api",
     "attack": "darkminer.api",
+    "generate": "darkminer.api",
     "evaluate": "darkminer.evaluation",
     "run_benchmark": "darkminer.evaluation",
     "load_model": "darkminer.models",

@@ -162,6 +162,48 @@ def erase(
     return out
 
 
+def generate(
+    prompt: str,
+    out: str | Path | None = None,
+    *,
+    model: str | None = None,
+    erased: str | Path | None = None,
+    n: int = 4,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    allow_empty: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    speed: SpeedOptions | dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """``n`` images (n, 3, H, W) in [0, 1] of ``prompt`` from a base or ``erased`` model, image ``i`` at seed
+    ``seed + i`` (model defaults for ``steps`` and ``guidance_scale``); with ``out``, also a PNG grid of them.
+    Under a launcher the processes share the batches and the main one writes."""
+    from darkminer.imaging import make_grid, save_png
+    from darkminer.io import check_output_file
+    from darkminer.parallel import init_processes, sharded_sample
+
+    if not prompt.strip() and not allow_empty:
+        raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
+    if n < 1:
+        raise ConfigError(f"n (-n) must be >= 1, got {n}")
+    if out is not None:
+        if not str(out).lower().endswith(".png"):
+            raise ConfigError(f"--out must name a .png file, got {out}")
+        check_output_file(out)
+    processes = init_processes()  # before loading: under a launcher each process takes its own GPU
+    net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
+    seeds = [seed + i for i in range(n)]
+    with torch.no_grad():
+        cond = net.encode([prompt]).expand(n, -1, -1)
+    images = sharded_sample(net, cond, seeds, steps=steps, guidance_scale=guidance_scale, progress=True,
+                            processes=processes)
+    if out is not None and processes.is_main:
+        save_png(make_grid(images, scale=max(1, 256 // images.shape[-1])), out)  # small tiles enlarged
+    return images
+
+
 @exclusive_output()
 def attack(
     name: str,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from darkminer.commands.common import add_model_args, speed_options
-from darkminer.errors import DarkMinerError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,29 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
+    from darkminer.api import generate
+    from darkminer.parallel import init_processes
 
-    from darkminer.imaging import make_grid, save_png
-    from darkminer.io import check_output_file
-    from darkminer.models import load_model
-    from darkminer.parallel import init_processes, sharded_sample
-
-    if not args.prompt.strip() and not args.allow_empty:
-        raise DarkMinerError("--prompt is empty; give a prompt (or --allow-empty for unconditional samples)")
-    if args.n < 1:
-        raise DarkMinerError("-n must be >= 1")
-    if not args.out.lower().endswith(".png"):
-        raise DarkMinerError(f"--out must name a .png file, got {args.out}")
-    check_output_file(args.out)
-    processes = init_processes()  # before loading: under a launcher each process takes its own GPU
-    model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
-    seeds = [args.seed + i for i in range(args.n)]
-    with torch.no_grad():
-        cond = model.encode([args.prompt]).expand(args.n, -1, -1)
-    images = sharded_sample(model, cond, seeds, steps=args.steps, guidance_scale=args.guidance, progress=True,
-                            processes=processes)
-    if not processes.is_main:
-        return
-    scale = max(1, 256 // images.shape[-1])
-    path = save_png(make_grid(images, scale=scale), args.out)
-    print(f"wrote {path} ({args.n} images, seeds {seeds[0]}..{seeds[-1]})")
+    generate(args.prompt, args.out, model=args.model, erased=args.erased, n=args.n, seed=args.seed, steps=args.steps,
+             guidance_scale=args.guidance, allow_empty=args.allow_empty, device=args.device, dtype=args.dtype,
+             speed=speed_options(args))
+    if init_processes().is_main:
+        print(f"wrote {args.out} ({args.n} images, seeds {args.seed}..{args.seed + args.n - 1})")
