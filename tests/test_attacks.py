@@ -102,6 +102,8 @@ def test_concept_phrase_is_found_as_whole_words_longest_first():
     # every: each occurrence (the SD anchor twins), but a replacement holding the phrase only once
     assert replace_concept("blood on blood", phrases, "paint", every=True) == "paint on paint"
     assert replace_concept("a dog, a dog", ("dog",), "dog in a hat", every=True) == "a dog in a hat, a dog"
+    assert replace_concept("blood on blood", phrases, "paint") == "paint on blood"  # by default the first only
+    assert replace_concept("A bloody apple", ("bloody",), "") == "An apple"  # the article's case is kept
 
 
 def test_slotted_sequences_keep_slots_and_truncate_prompt_tokens(sd):
@@ -560,3 +562,36 @@ def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_
     assert loaded[0].input_ids == results[0].input_ids
     assert [r.success_after for r in replay(testbed, loaded, bright)] == bright(
         sample_prompts(testbed, testbed.encode_ids(torch.tensor([results[0].input_ids])), prompts)).tolist()
+
+
+def test_slotted_prompts_select_the_rows_asked_for_in_their_order(sd):
+    from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
+
+    slotted = build_slotted(sd, [[SLOT] + prompt_token_ids(sd, text) for text in ("a cat", "a red car", "dog")])
+    picked = slotted.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.input_ids, slotted.input_ids[[2, 0]]) and torch.equal(picked.slots, slotted.slots[[2, 0]])
+
+
+def test_the_attack_command_forwards_its_seed_and_its_kind_on_replay(tmp_path):
+    from darkminer.cli import main
+
+    first = tmp_path / "first"
+    base = ["--model", "tiny-random-sd", "--detector", "clip", "--clip-model", "tiny-random-clip"]
+    assert main(["attack", "--attack", "plain", "--concept", "van gogh", "--n-prompts", "2", "--seed", "5", *base,
+                 "--out", str(first)]) == 0
+    _, results = load_results(first)
+    assert [r.prompt.seed for r in results] == [5, 6]
+    assert main(["attack", "--replay", str(first), "--concept", "van gogh", "--kind", "style", *base,
+                 "--out", str(tmp_path / "replayed")]) == 0
+    meta, _ = load_results(tmp_path / "replayed")
+    assert meta["detector"]["labels"][0] == "a painting in the style of van gogh"
+
+
+def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
+    import darkminer.api as api
+
+    seen = {}
+    real = api.resolve_target
+    monkeypatch.setattr(api, "resolve_target", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
+    api.attack("plain", "nudity", model="tiny-random-sd", n_prompts=3)
+    assert seen["n_prompts"] == 64  # Ring-A-Bell's concept vector reads the target's prompts

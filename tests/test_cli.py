@@ -205,6 +205,7 @@ def test_prompt_csv_reading(tmp_path):
     seeds.write_text("prompt,evaluation_seed\na,42.0\nb,18446744073709551615\nc,4202650276\n")
     assert [r.seed for r in read_prompt_csv(seeds)] == [42, 2**64 - 1, 4202650276]
     for cell, message in (("seed 4.9", "not a whole number"), ("seed 1e20", r"outside 0 \.\. 2\*\*64"),
+                          ("seed 18446744073709551616", "outside"),
                           ("seed -1", "outside"), ("guidance nan", "not a finite number"),
                           ("guidance inf", "not a finite number"), ("seed x", "seed 'x' is not a number"),
                           ("guidance high", "guidance 'high' is not a number")):
@@ -472,3 +473,33 @@ def test_the_source_revision_is_darkminers_own_checkout_never_a_repo_it_sits_in(
     copied = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copied)
     assert copied.source_revision() is None
+
+
+def test_atomic_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
+    from darkminer import io
+
+    calls = []
+    real_fsync, real_replace = io.os.fsync, io.os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    io.write_json(tmp_path / "x.json", {"a": 1})
+    assert calls == ["fsync", "replace"]
+
+
+def test_a_registry_refuses_a_second_class_under_one_name():
+    from darkminer.registry import Registry
+
+    registry = Registry("thing", "darkminer")
+    registry.register("x")(type("A", (), {}))
+    with pytest.raises(RuntimeError, match="thing 'x' registered twice"):
+        registry.register("x")(type("B", (), {}))
+    with pytest.raises(DarkMinerError, match="unknown thing 'y'; choose one of x"):
+        registry.lookup("y")
+
+
+def test_config_files_are_read_from_a_path_object_too(tmp_path):
+    from darkminer.evaluation import EvaluationConfig
+
+    (tmp_path / "c.yaml").write_text("steps: 3\n")
+    assert EvaluationConfig.coerce(tmp_path / "c.yaml") == EvaluationConfig.coerce(str(tmp_path / "c.yaml"))
+    assert EvaluationConfig.coerce(tmp_path / "c.yaml").steps == 3

@@ -727,3 +727,12 @@ def test_the_verifier_never_draws_from_a_pool_images_noise(tmp_path, monkeypatch
     erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "seed": 0, "tau": -1.0})
     assert drawn["pools"] >= set(range(TINY["pool_size"])) and len(drawn["verifier"]) == TINY["k"] * TINY["rounds"]
     assert not drawn["pools"] & drawn["verifier"]
+
+
+def test_mined_tokens_alone_are_stored_as_one_row_and_come_back_so(tmp_path):
+    out = erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "rounds": 1})
+    (mined, _), = load_rounds(out)
+    ids, slots = mined.stored_ids()
+    assert ids.shape == (load_model("tiny-random-sd").max_length,) and not mined.in_context
+    again = MinedEmbedding.of_tokens(mined.values, ids, slots)
+    assert torch.equal(again.prompts.input_ids, mined.prompts.input_ids) and again.stored_ids()[1] == slots

@@ -678,3 +678,12 @@ def test_a_stable_diffusion_concept_declared_a_style_gets_the_style_templates(ba
         erase("ca", "Van Gogh", tmp_path / "x", model="no/such-model", kind="styel")
     with pytest.raises(DarkMinerError, match="a testbed concept's kind is the registry's"):
         erase("uce", "blood", tmp_path / "x", model="testbed", kind="style")
+
+
+def test_a_saved_state_that_is_no_training_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    from darkminer.io import save_state
+
+    save_state(tmp_path / training.CHECKPOINT, {"iterations_done": 1})  # save_state's format, not this loop's
+    with pytest.raises(DarkMinerError, match="older darkminer; delete that folder to start over"):
+        train_parameters({"w": torch.nn.Parameter(torch.zeros(1))}, lambda i, g: torch.zeros(()), iterations=2,
+                         lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")

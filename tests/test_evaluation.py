@@ -48,7 +48,7 @@ from darkminer.imaging import save_png, to_pil
 from darkminer.models import load_model
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo
-from darkminer.targets import EraseTarget
+from darkminer.targets import EraseTarget, resolve_target
 from darkminer.testbed.image_encoder import WEIGHTS_PATH as ENCODER_WEIGHTS
 from darkminer.testbed.judge import WEIGHTS_PATH as JUDGE_WEIGHTS
 
@@ -485,10 +485,11 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
 
     # The same config, but a finished cell made under other resolved options (a default that changed since):
     # refused before any work, naming the cell and the option, rather than mixed into the table.
-    cell = out / "cells" / "test-nudge" / "van-gogh"
+    cell, original_cell = out / "cells" / "test-nudge" / "van-gogh", out / "cells" / "original" / "nudity"
     for path, edit, what in [
         (cell / "erased" / "darkminer.json", lambda d: d["config"].update(seed=7), r"test-nudge options .*'seed'"),
         (cell / "evaluation" / "metrics.json", lambda d: d["config"].update(steps=3), r"evaluation options .*'steps'"),
+        (original_cell / "evaluation" / "metrics.json", lambda d: d["config"].update(steps=3), r"evaluation options .*'steps'"),
         # graded as "a photo of van gogh", before a declared style chose its own template
         (cell / "evaluation" / "metrics.json", lambda d: d["config"].update(clip_template="a photo of {}"),
          r"evaluation options .*'clip_template'"),
@@ -500,7 +501,7 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
         edit(stored)
         path.write_text(json.dumps(stored))
         nudge.calls = []
-        with pytest.raises(DarkMinerError, match=f"{re.escape(str(cell))} was made with other {what}.*delete"):
+        with pytest.raises(DarkMinerError, match=f"{re.escape(str(path.parent.parent))} was made with other {what}.*delete"):
             run_benchmark(config, out, progress=False)
         assert nudge.calls == []
         path.write_text(original)
@@ -728,3 +729,62 @@ def test_a_finished_cell_whose_options_went_through_json_still_resumes(tmp_path)
                                        "attack_details": {"paraphrase": {"config": {**paraphrase, "paraphrases": ["bare"]}}}})
     with pytest.raises(DarkMinerError, match="other paraphrase options .*'paraphrases'"):
         _check_finished_cells(cfg, eval_cfg, tmp_path, ["uce"])
+
+
+def test_testbed_suites_follow_the_seed_and_refuse_csvs(tmp_path):
+    from darkminer.evaluation.suites import testbed_suites
+    from darkminer.testbed.concepts import get_concept
+
+    target = resolve_target(TestbedModelForSuites(), "blood")
+    seven = prompt_suites(target, 4, seed=7)["plain"]
+    assert seven == testbed_suites(get_concept("blood"), 4, 7)["plain"] != prompt_suites(target, 4, seed=0)["plain"]
+    (tmp_path / "p.csv").write_text("prompt\na\n")
+    with pytest.raises(DarkMinerError, match="prompt CSVs are for Stable Diffusion"):
+        prompt_suites(target, 4, prompts_csv=tmp_path / "p.csv")
+
+
+class TestbedModelForSuites:
+    """resolve_target reads only the model's name to know the testbed."""
+
+    name = "testbed"
+
+
+def test_nudenet_scores_keep_each_classs_best_box_and_decide_at_the_threshold_inclusive():
+    detector = NudeNetDetector(0.6)
+
+    class Boxes:  # NudeNet's output for one image: two boxes of one class, the better one first
+        def detect_batch(self, arrays, batch_size):
+            return [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]},
+                     {"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 1, 1]}]]
+
+    detector.__dict__["_detector"] = Boxes()
+    column = detector.score_labels().index("FEMALE_BREAST_EXPOSED")
+    scores = detector.scores(torch.zeros(1, 3, 8, 8))
+    assert scores[0, column].item() == pytest.approx(0.9) and scores.sum().item() == pytest.approx(0.9)
+    at_threshold = torch.zeros_like(scores)
+    at_threshold[0, column] = 0.6
+    assert detector.decide(at_threshold).tolist() == [True]  # >= threshold counts
+
+
+@needs_testbed_graders
+def test_preservation_reference_accuracy_grades_the_originals_images(tmp_path, monkeypatch):
+    """The erased model draws dark images and the original bright ones; the judge's stand-in labels by brightness."""
+    import importlib
+
+    from darkminer.testbed.judge import Judge
+    from darkminer.testbed.model import TestbedModel
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")
+    real_prompts = evaluation.Painter.prompts
+
+    def painted(self, suite, rows=slice(None), original=False):
+        images = real_prompts(self, suite, rows, original)
+        return torch.full_like(images, 1.0 if original else 0.0)
+
+    monkeypatch.setattr(evaluation.Painter, "prompts", painted)
+    monkeypatch.setattr(Judge, "predict_values", lambda self, images: [{"bright": bool(i.mean() > 0.5)} for i in images])
+    monkeypatch.setattr(evaluation, "attribute_accuracy", lambda predicted, expected: {
+        "accuracy": sum(p["bright"] for p in predicted) / len(predicted), "per_attribute": {}})
+    metrics = evaluate("star", tmp_path / "e", model=TestbedModel.untrained(),
+                       config={**FAST, "n_images": 4, "preservation": ["accuracy"]})
+    assert metrics["preservation"]["accuracy"] == 0.0 and metrics["preservation"]["reference"]["accuracy"] == 1.0

@@ -511,3 +511,24 @@ def test_a_hand_edited_sld_record_is_refused_in_one_line(tmp_path):
             load_model(erased=out)
     (out / "guidance.json").write_text(json.dumps(record))
     assert load_model(erased=out).guidance.settings.warmup_steps == record["warmup_steps"]
+
+
+def test_export_checks_its_output_before_loading_records_where_the_erasure_was_and_takes_the_flags(tmp_path, monkeypatch):
+    import darkminer.api as api
+
+    erased = api.erase("uce", "nudity", tmp_path / "lora", model="tiny-random-sd")
+    foreign = tmp_path / "pipeline"
+    foreign.mkdir()
+    (foreign / "model_index.json").write_text("{}")
+    real_load = api.load_model
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded before refusing the output"))
+    with pytest.raises(DarkMinerError, match="is not an exported pipeline"):
+        api.export(erased, foreign)
+    monkeypatch.setattr(api, "load_model", real_load)
+    monkeypatch.chdir(tmp_path)
+    api.export("lora", "exported")  # relative paths: the record names the folder itself
+    assert json.loads((tmp_path / "exported" / api.EXPORT_INFO).read_text())["erased"] == str(erased.resolve())
+    seen = {}
+    monkeypatch.setattr(api, "export", lambda erased, out, **kwargs: seen.update(kwargs) or Path(out))
+    assert main(["export", "--erased", "lora", "--out", "x", "--model", "m", "--dtype", "float16"]) == 0
+    assert seen == {"model": "m", "dtype": "float16"}
