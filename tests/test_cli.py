@@ -71,11 +71,13 @@ def test_speed_flags_name_only_what_they_change():
 
 
 def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
+    import darkminer.api
     import darkminer.models
     from darkminer.parallel.speed import attention_processors, autocast_dtype
 
     loaded, real = [], darkminer.models.load_model
-    monkeypatch.setattr(darkminer.models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    for module in (darkminer.models, darkminer.api):  # the API's own reference too: generate loads through it
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     argv = ["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2"]
     assert main([*argv, "--out", str(tmp_path / "a.png"), "--precision", "bf16", "--attention", "classic",
                  "--gradient-checkpointing", "--channels-last"]) == 0
