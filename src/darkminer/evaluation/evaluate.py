@@ -146,10 +146,6 @@ def resolved_options(options: dict[str, Any], kind: str) -> dict[str, Any]:
     return {**options, "clip_template": options["clip_template"] or clip_template_for(kind)}
 
 
-def as_evaluation_config(config: EvaluationConfig | dict[str, Any] | str | Path | None) -> EvaluationConfig:
-    return EvaluationConfig.coerce(config)
-
-
 def evaluation_versions() -> dict[str, str]:
     return package_versions("nudenet", "onnxruntime", "torchmetrics")
 
@@ -231,17 +227,17 @@ def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:
 def _load(
     model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype,
     speed: SpeedOptions | dict[str, Any] | None = None,
-) -> tuple[DiffusionModel, str, str]:
-    """The model to evaluate, the erasure method that made it and the base model's name."""
+) -> tuple[DiffusionModel, str, ErasedModelInfo | None]:
+    """The model to evaluate, the erasure method that made it and the erased model's record (if any)."""
     if isinstance(model, DiffusionModel):
         if erased is not None:
             raise DarkMinerError("give either a loaded model or --erased, not both")
         if speed is not None:
             apply_speed_options(model, speed)
-        return model, IN_MEMORY_METHOD, model.name
+        return model, IN_MEMORY_METHOD, None
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
-    return loaded, info.method if info else ORIGINAL_METHOD, loaded.name
+    return loaded, info.method if info else ORIGINAL_METHOD, info
 
 
 @exclusive_output()
@@ -269,7 +265,7 @@ def evaluate(
     (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets; ``kind``
     declares what an SD concept is (``targets.SD_KINDS``: a ``style`` is graded as a painting in it).
     """
-    cfg = as_evaluation_config(config)
+    cfg = EvaluationConfig.coerce(config)
     if out is not None:
         check_output_directory(out, METRICS_NAME, OUTPUT_KIND)
     attacks_to_run = {name: build_attack(name, cfg.attack_configs.get(name)) for name in cfg.attacks}  # bad names
@@ -278,7 +274,7 @@ def evaluate(
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
     processes = init_processes()
-    net, method, model_name = _load(model, erased, device, dtype, speed)
+    net, method, info = _load(model, erased, device, dtype, speed)
     testbed = is_testbed(net)
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
@@ -362,7 +358,7 @@ def evaluate(
         "format": FORMAT_VERSION,
         "concept": target.name,
         "method": method,
-        "model": model_name,
+        "model": net.name,
         "erased": str(erased) if erased else None,
         "erasure": erasure,
         "attacks": attacks,
@@ -384,7 +380,7 @@ def evaluate(
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
                                                        if p.guidance is not None})},
         "config": cfg.resolved(target.kind),
-        "inputs": _inputs(net, erased, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
+        "inputs": _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                           preserve_prompts=preserve_prompts),
         "images": {name: f"images/{name}.png" for name in grids},
     }
@@ -399,14 +395,13 @@ def evaluate(
     return metrics
 
 
-def _inputs(net: DiffusionModel, erased: str | Path | None, target: EraseTarget, device: str,
-            speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
+def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInfo | None, target: EraseTarget,
+            device: str, speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
     """Everything besides the config that the images depend on, as a rerun needs it: where the base model
     is (a hub id's cache snapshot names its revision), the erased model's own record, the anchor and kind,
     the device, dtype and speed options, and each prompt CSV's digest."""
     from darkminer.models import local_copy
 
-    info = ErasedModelInfo.read(erased) if erased is not None else None
     return {
         "base_model": {"name": net.name, "local_copy": local_copy(net.name)},
         "erased": {"path": str(Path(erased).resolve()), "info": asdict(info)} if info is not None else None,
@@ -435,7 +430,9 @@ def _preservation(
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
     predicted: dict[bool, list[dict[str, str]]] = {False: [], True: []}  # keyed by "drawn by the original"
     scores: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-    for rows in painter.chunks(len(suite)):  # fid was built for this evaluation: empty (its network loads once)
+    if fid is not None:
+        fid.reset()
+    for rows in painter.chunks(len(suite)):
         for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
             images = painter.prompts(suite, rows, original=original)
             keep(name, images, rows.start)

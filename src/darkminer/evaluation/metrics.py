@@ -172,15 +172,17 @@ class FrechetDistance:
     def __init__(self, testbed: bool, inception_weights: str | Path | None = None) -> None:
         self.testbed = testbed
         self.weights = None if testbed else inception_weights_path(inception_weights)
-        self.reset()
-
-    def reset(self) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        if self.testbed:
+        # Built once (a missing network fails here, before any sampling); reset() only empties its statistics.
+        if testbed:
             self.metric = FrechetInceptionDistance(feature=_TestbedEncoderFeatures(), normalize=True)
         else:
             self.metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(self.weights))
+        self.counts = {True: 0, False: 0}
+
+    def reset(self) -> None:
+        self.metric.reset()
         self.counts = {True: 0, False: 0}
 
     def update(self, images: torch.Tensor, real: bool) -> None:
