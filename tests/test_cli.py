@@ -305,6 +305,25 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_pat
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_stale_temporaries_of_killed_writes_are_swept_but_nothing_else(tmp_path):
+    from darkminer.io import atomic_path, is_temporary_file, remove_stale_temporaries
+
+    stale = [tmp_path / ".checkpoint.safetensors.k3x_9q2a.tmp", tmp_path / "cells" / "a" / ".metrics.json.0abc_def.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / ".x.tmp", tmp_path / ".metrics.json.short.tmp",
+            tmp_path / ".metrics.json.ABCDEFGH.tmp", tmp_path / "metrics.json"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (tmp_path / ".folder.k3x_9q2a.tmp").mkdir()  # a folder is never an atomic write's temporary
+    with atomic_path(tmp_path / "results.json") as tmp:  # the name atomic_path really gives
+        assert is_temporary_file(tmp)
+        tmp.unlink()
+        assert remove_stale_temporaries(tmp_path) == 2
+        tmp.write_text("{}")
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    assert (tmp_path / ".folder.k3x_9q2a.tmp").is_dir() and (tmp_path / "results.json").read_text() == "{}"
+
+
 def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):
     """A run killed while the earlier output is removed leaves the new output whole where --out was."""
     from darkminer import io
@@ -377,6 +396,18 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         (tmp_path / stale / "unet").mkdir(parents=True)
     assert main(command) == 0  # the other run ended
     assert sorted(p.name for p in tmp_path.iterdir()) == ["erased"]  # its lock went with it, and the stale folders
+
+
+def test_a_killed_write_alone_is_no_unfinished_erase(tmp_path):
+    work = tmp_path / ".erased.work"  # a run killed while writing its first checkpoint
+    work.mkdir()
+    (work / ".checkpoint.safetensors.k3x_9q2a.tmp").write_bytes(b"half")
+    assert main(["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd",
+                 "--out", str(tmp_path / "erased")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erased"]
+    (work / "artifacts").mkdir(parents=True)  # anything else is a checkpoint, never discarded unasked
+    assert main(["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd",
+                 "--out", str(tmp_path / "erased")]) == 2
 
 
 def test_erase_help_leaves_out_the_flag_it_refuses(capsys):

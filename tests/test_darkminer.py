@@ -276,6 +276,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
     with pytest.raises(DarkMinerError, match="add --resume .* or delete that folder"):  # never discarded unasked
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
     checkpoint = tmp_path / ".resumed.work" / "checkpoint"
+    # What a write killed mid-way leaves is swept by the resume (the work folder goes when the erase completes).
+    (checkpoint / ".state.safetensors.k3x_9q2a.tmp").write_bytes(b"half a checkpoint")
     kept = {name: (checkpoint / name).read_bytes() for name in ("state.json", "state.safetensors")}
     (checkpoint / "state.json").write_text('{"log": [')  # cut short
     with pytest.raises(DarkMinerError, match="is damaged .*not valid JSON"):
@@ -291,7 +293,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",
                   config=other.get("config", TINY), resume=True)
     capsys.readouterr()
+    swept = []
+    monkeypatch.setattr(loop_module, "circumvent", lambda *a, **k: (
+        swept.append(not (checkpoint / ".state.safetensors.k3x_9q2a.tmp").exists()), real(*a, **k))[1])
     resumed = erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+    assert swept and all(swept)
     assert "resuming Dark Miner on nudity: 1 of 3 rounds done" in capsys.readouterr().out
     # Its "seconds" timed only the resumed part, and it says so (a benchmark then reports no erase time).
     assert ErasedModelInfo.read(resumed).extra["resumed"] is True

@@ -461,8 +461,12 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     stamp = finished.stat().st_mtime_ns
 
     nudge.calls, nudge.fail_on = [], None
+    killed_writes = [out / ".results.json.k3x_9q2a.tmp", out / "cells" / "test-nudge" / ".x.json.0abc_def.tmp"]
+    for path in killed_writes:
+        path.write_text("half")
     results = run_benchmark(config, out, progress=False)
     assert nudge.calls == ["van gogh"]  # only the unfinished cell was erased
+    assert not any(path.exists() for path in killed_writes)
     assert finished.stat().st_mtime_ns == stamp
     assert [(c["method"], c["concept"]) for c in results["cells"]] == [
         ("original", "nudity"), ("test-nudge", "nudity"), ("original", "van gogh"), ("test-nudge", "van gogh")]

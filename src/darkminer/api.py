@@ -12,7 +12,15 @@ import torch
 
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import check_output_directory, claim_record, exclusive_output, output_directory, write_json
+from darkminer.io import (
+    check_output_directory,
+    claim_record,
+    exclusive_output,
+    is_temporary_file,
+    output_directory,
+    remove_stale_temporaries,
+    write_json,
+)
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
 from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
@@ -48,6 +56,7 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
     """Record what this erase is in its work directory; a resumed erase must be the same run, or its
     checkpoint and image pool would silently be reused for another concept or config."""
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)  # the erase holds --out's lock, and the work directory is --out's
     changed = claim_record(work_dir / RUN_FILE, run)
     if changed:
         raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
@@ -55,8 +64,9 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
 
 
 def _has_checkpoint(work_dir: Path) -> bool:
-    """Whether an erase into this work directory got as far as writing something besides its claim."""
-    return work_dir.is_dir() and any(p.name != RUN_FILE for p in work_dir.iterdir())
+    """Whether an erase into this work directory got as far as writing something besides its claim (a
+    killed write's temporary file is not a checkpoint)."""
+    return work_dir.is_dir() and any(p.name != RUN_FILE and not is_temporary_file(p) for p in work_dir.iterdir())
 
 
 def _check_no_unfinished_erase(work_dir: Path, out: Path) -> None:

@@ -63,6 +63,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# What ``atomic_path`` names its temporary file: tempfile's 8 random characters between ``.NAME.`` and ``.tmp``.
+_TEMPORARY_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def is_temporary_file(path: Path) -> bool:
+    """Whether ``path`` is an ``atomic_path`` temporary: a write in progress, or one a killed run left."""
+    return _TEMPORARY_FILE.fullmatch(path.name) is not None
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files that writes killed mid-way left in ``folder`` and below (a checkpoint's
+    can be gigabytes on Stable Diffusion); returns how many. Only for a run that holds ``output_lock`` on
+    the output that ``folder`` belongs to: another run's write in progress would lose its file."""
+    stale = [p for p in Path(folder).rglob("*.tmp") if p.is_file() and is_temporary_file(p)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def check_output_directory(out: str | Path, marker: str, what: str, replaced: bool = True) -> Path:
     """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, or an
     earlier ``what`` (a folder holding ``marker``). Anything else (a user's folder, a file) is refused,

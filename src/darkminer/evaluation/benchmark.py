@@ -38,6 +38,7 @@ from darkminer.io import (
     claim_record,
     exclusive_output,
     read_json,
+    remove_stale_temporaries,
     write_json,
     write_text,
 )
@@ -200,6 +201,7 @@ def run_benchmark(
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
     resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
     _claim(out, resolved)
+    remove_stale_temporaries(out)  # what a killed run was writing (this run holds --out's lock)
     _check_finished_cells(cfg, eval_cfg, out, rows)
     started = time.time()
     cells = []
