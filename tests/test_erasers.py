@@ -529,6 +529,16 @@ def test_loss_summary_reports_the_mean_of_the_last_tenth_as_the_final_loss() -> 
     assert loss_summary([]) == {"iterations": 0}
 
 
+def test_curve_ends_average_the_first_and_last_share_of_a_curve() -> None:
+    from darkminer.models.objectives import curve_ends
+
+    assert curve_ends([float(i) for i in range(1, 11)], 5) == (1.5, 9.5)  # fifths of ten: 1, 2 and 9, 10
+    assert curve_ends([4.0, 8.0, 16.0], 5) == (4.0, 16.0)  # under five values: the first and the last
+    assert curve_ends([float(i) for i in range(1, 12)], 5) == (1.5, 10.5)  # 11 // 5 = 2 values each end
+    with pytest.raises(ValueError, match="empty loss curve"):
+        curve_ends([], 5)
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     uninterrupted = _toy_training(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):

@@ -38,7 +38,7 @@ from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, origina
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, host_to_device
-from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
+from darkminer.models.objectives import curve_ends, denoising_loss, draw_noise_and_timesteps
 from darkminer.models.slots import (
     SLOT,
     SlottedPrompts,
@@ -128,9 +128,8 @@ class ConceptInversion(Attack):
         # The token too: a NaN gradient behind a finite loss (e.g. a half-precision overflow) spoils it silently.
         if not all(math.isfinite(value) for value in losses) or not torch.isfinite(token).all():
             raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")
-        window = max(1, len(losses) // 10)
-        summary = {"loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
-                   "steps": cfg.steps}
+        first, last = curve_ends(losses, 10)
+        summary = {"loss_first": first, "loss_last": last, "steps": cfg.steps}
         return token.detach(), summary
 
     def _initial_embedding(self, model: DiffusionModel, target: EraseTarget) -> torch.Tensor:

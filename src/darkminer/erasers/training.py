@@ -23,6 +23,7 @@ from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.io import load_state, save_state
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
+from darkminer.models.objectives import curve_ends
 from darkminer.parallel import init_processes
 
 # One file, written atomically: the weights and Adam's moments, with the iteration count, losses and Adam's
@@ -245,5 +246,5 @@ def loss_summary(losses: list[float]) -> dict[str, float | int]:
     """What darkminer.json records of a training run."""
     if not losses:
         return {"iterations": 0}
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"iterations": len(losses), "first_loss": round(losses[0], 6), "final_loss": round(sum(tail) / len(tail), 6)}
+    return {"iterations": len(losses), "first_loss": round(losses[0], 6),
+            "final_loss": round(curve_ends(losses, 10)[1], 6)}

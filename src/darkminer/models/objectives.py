@@ -3,6 +3,8 @@ how well a conditioning explains an image under it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +35,12 @@ def draw_noise_and_timesteps(
     same draws on any device) and sent to ``x0``'s device without a sync."""
     noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
     return noise, model.sample_timesteps(x0.shape[0], generator)
+
+
+def curve_ends(losses: Sequence[float], share: int) -> tuple[float, float]:
+    """The means of the first and of the last ``1/share`` of a loss curve (at least one value each): where
+    it started and ended, steadier than single noisy steps."""
+    if not losses:
+        raise ValueError("an empty loss curve has no ends")
+    n = max(1, len(losses) // share)
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n

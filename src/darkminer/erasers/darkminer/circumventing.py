@@ -20,7 +20,7 @@ from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.erasers.training import ddim_path
 from darkminer.models.base import DiffusionModel, host_to_device
-from darkminer.models.objectives import draw_noise_and_timesteps
+from darkminer.models.objectives import curve_ends, draw_noise_and_timesteps
 from darkminer.parallel import Processes, data_parallel, init_processes
 from darkminer.parallel.speed import gradient_scaler
 
@@ -118,11 +118,10 @@ def circumvent(model: DiffusionModel, params: list[torch.nn.Parameter], erase_co
     for curve in curves.values():
         for value in curve:
             check_finite(value, "circumventing", "lower circumvent_lr")
-    head = max(1, config.circumvent_steps // 5)
+    ends = {term: curve_ends(curve, 5) for term, curve in curves.items()}
     return {
-        "erase_loss_start": sum(curves["erase"][:head]) / head,
-        **{f"{term}_loss_end": sum(curves[term][-head:]) / head if term in curves else None
-           for term in ("erase", "trajectory", "preserve")},
+        "erase_loss_start": ends["erase"][0],
+        **{f"{term}_loss_end": ends[term][1] if term in ends else None for term in ("erase", "trajectory", "preserve")},
     }
 
 

@@ -16,7 +16,7 @@ from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
 from darkminer.models.base import DiffusionModel, host_to_device
-from darkminer.models.objectives import denoising_loss, draw_noise_and_timesteps
+from darkminer.models.objectives import curve_ends, denoising_loss, draw_noise_and_timesteps
 from darkminer.models.slots import SLOT, SlottedPrompts, build_slotted, prompt_token_ids, random_token_ids
 from darkminer.parallel.speed import gradient_scaler
 
@@ -101,5 +101,5 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
         step_losses[step] = loss.detach()
     losses = [check_finite(value, "mining", "lower mining_lr") for value in step_losses.tolist()]
     mined = mined.detached()
-    head = max(1, len(losses) // 5)
-    return mined, {"loss_start": sum(losses[:head]) / head, "loss_end": sum(losses[-head:]) / head}
+    start, end = curve_ends(losses, 5)
+    return mined, {"loss_start": start, "loss_end": end}
