@@ -233,12 +233,13 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
+def read_text(path: str | Path, what: str = "file", newline: str | None = None) -> str:
     """The text of a UTF-8 file (a byte-order mark, as spreadsheet programs write, is dropped); a file in
-    another encoding is refused with what to do."""
+    another encoding is refused with what to do. ``newline`` as in ``open`` ("": line endings untouched)."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline=newline) as handle:
+            return handle.read()
     except UnicodeDecodeError:
         raise DarkMinerError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
 

@@ -1,19 +1,25 @@
-"""Prompt sets from CSV files, in the format the field shares (I2P, UnlearnDiffAtk, Ring-A-Bell), and
-the text helpers that find and replace a concept's words in a prompt."""
+"""Prompt sets from CSV files, in the format the field shares (I2P, UnlearnDiffAtk, Ring-A-Bell); row
+conditions that cut a subset out of such a file (``darkminer prompts``); and the text helpers that find and
+replace a concept's words in a prompt."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import operator
+import os
 import re
+import statistics
 import warnings
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from darkminer.errors import DarkMinerError
-from darkminer.io import read_text
+from darkminer.io import atomic_path, check_output_file, read_text
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,227 @@ def _guidance(value: str) -> float:
     return scale
 
 
-
 def _number(value: str, column: str) -> float:
     try:
         return float(value)
     except ValueError:
         raise ValueError(f"{column} {value!r} is not a number") from None
+
+
+# ------------------------------------------------------------------------------------- filtering rows
+@dataclass(frozen=True)
+class RowCondition:
+    """One test on one column of a CSV row, written ``COLUMN OP VALUE``:
+
+    - ``categories~sexual``: the cell, a comma-separated list, holds the item (trimmed, any case);
+    - ``hard=1`` / ``hard!=1``: the cell equals the value, as numbers where both are numbers ("1.0" = "1"),
+      else as text (trimmed, case kept); ``!=`` keeps exactly the rows ``=`` drops, empty cells included;
+    - ``nudity_percentage>=50`` (also ``>``, ``<=``, ``<``): a numeric comparison; a cell that is empty or
+      not a number does not match.
+    """
+
+    column: str
+    operator: str
+    value: str
+
+    OPERATORS: ClassVar[tuple[str, ...]] = ("~", "!=", ">=", "<=", "=", ">", "<")  # two-character ones first
+    NUMERIC: ClassVar[frozenset[str]] = frozenset((">=", "<=", ">", "<"))
+    FORMS: ClassVar[str] = ("COLUMN~ITEM (list cell holds ITEM), COLUMN=VALUE, COLUMN!=VALUE, "
+                            "COLUMN>=NUMBER, COLUMN>NUMBER, COLUMN<=NUMBER, COLUMN<NUMBER")
+
+    def __post_init__(self) -> None:
+        if self.operator not in self.OPERATORS:
+            raise DarkMinerError(f"unknown operator {self.operator!r} in a row condition; accepted forms: {self.FORMS}")
+        if not self.column.strip():
+            raise DarkMinerError(f"row condition {self} names no column; accepted forms: {self.FORMS}")
+        if self.operator in self.NUMERIC and _as_number(self.value) is None:
+            raise DarkMinerError(f"row condition {self} compares with {self.value!r}, which is not a number; "
+                                 f"accepted forms: {self.FORMS}")
+        if self.operator == "~" and not self.value.strip():
+            raise DarkMinerError(f"row condition {self} names no item; accepted forms: {self.FORMS}")
+
+    @classmethod
+    def parse(cls, text: str) -> RowCondition:
+        """``text`` such as ``categories~sexual`` or ``nudity_percentage>=50`` as a condition."""
+        operators = "|".join(re.escape(op) for op in cls.OPERATORS)
+        match = re.fullmatch(rf"\s*([^~=!<>]+?)\s*({operators})\s*(.*?)\s*", text, flags=re.DOTALL)
+        # "hard==1" or "a=>5" would otherwise compare with the text "=1" or ">5": a typo, not a wish
+        if match is None or match.group(3)[:1] in ("~", "=", "!", "<", ">"):
+            raise DarkMinerError(f"cannot read the row condition {text!r}; accepted forms: {cls.FORMS}")
+        return cls(*match.groups())
+
+    def __str__(self) -> str:
+        return f"{self.column}{self.operator}{self.value}"
+
+    def matches(self, cell: str | None) -> bool:
+        """Whether a cell (None: the row is too short to have one) passes."""
+        cell = (cell or "").strip()
+        value = self.value.strip()
+        if self.operator == "~":
+            return value.casefold() in {item.strip().casefold() for item in cell.split(",")}
+        if self.operator in ("=", "!="):
+            cell_number, value_number = _as_number(cell), _as_number(value)
+            if cell_number is not None and value_number is not None:
+                equal = cell_number == value_number
+            else:
+                equal = cell == value
+            return equal if self.operator == "=" else not equal
+        number, bound = _as_number(cell), _as_number(value)
+        if number is None or bound is None:
+            return False
+        return _COMPARISONS[self.operator](number, bound)
+
+
+_COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def _as_number(text: str) -> int | float | None:
+    """A cell as a number, None if it is not one (or NaN). Integers stay integers: seeds reach 2**64,
+    beyond what a float holds exactly."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return None if math.isnan(number) else number
+
+
+@dataclass(frozen=True)
+class CsvRecord:
+    """One data row of a CSV: its cells by column, and its text in the file, line ending included."""
+
+    cells: dict[str, str | None]
+    text: str
+
+
+@dataclass(frozen=True)
+class CsvTable:
+    path: Path
+    columns: list[str]
+    header_text: str
+    records: list[CsvRecord]
+
+    def require_column(self, column: str) -> None:
+        if column not in self.columns:
+            raise DarkMinerError(f"{self.path} has no column {column!r} (columns: {', '.join(self.columns)})")
+
+
+def read_csv_table(path: str | Path) -> CsvTable:
+    """A CSV's header and rows, each row with the exact text it has in the file, so that a subset can be
+    written back without re-quoting anything. Read as ``read_prompt_csv`` reads (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DarkMinerError(f"prompt file {path} does not exist")
+    lines = io.StringIO(read_text(path, "prompt file", newline=""), newline="")  # "\r\n" kept
+    consumed: list[str] = []
+
+    def feed() -> Iterator[str]:
+        for line in lines:
+            consumed.append(line)
+            yield line
+
+    header: list[str] | None = None
+    header_text = ""
+    records: list[CsvRecord] = []
+    reader = csv.reader(feed())  # asks for one line at a time: what it has consumed is the record's text
+    try:
+        for row in reader:
+            text = "".join(consumed)
+            consumed.clear()
+            if not row:
+                continue
+            if header is None:
+                header, header_text = row, text
+            else:
+                padded = row + [None] * (len(header) - len(row))  # a short row: missing cells, as DictReader
+                records.append(CsvRecord(dict(zip(header, padded, strict=False)), text))
+    except csv.Error as exc:
+        raise DarkMinerError(f"{path}, line {reader.line_num}: not readable as CSV ({exc})") from None
+    if header is None:
+        raise DarkMinerError(f"{path} is empty; a prompt CSV starts with a header row")
+    return CsvTable(path, header, header_text, records)
+
+
+def parse_conditions(conditions: Sequence[RowCondition | str]) -> list[RowCondition]:
+    return [c if isinstance(c, RowCondition) else RowCondition.parse(c) for c in conditions]
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    kept: int
+    total: int
+    out: Path
+
+
+def filter_prompt_csv(source: str | Path, out: str | Path, conditions: Sequence[RowCondition | str]) -> FilterResult:
+    """Write the rows of ``source`` that pass every condition to ``out`` (atomically): all columns, the
+    header and each row exactly as in ``source``, in its order. Refuses an unknown column, a condition it
+    cannot read, an ``out`` that is ``source``, and a selection with no row."""
+    parsed = parse_conditions(conditions)
+    source, out = Path(source), check_output_file(out)
+    if out.exists() and source.exists() and os.path.samefile(source, out):
+        raise DarkMinerError(f"--out {out} is the input file; name another file (the input is never overwritten)")
+    table = read_csv_table(source)
+    for condition in parsed:
+        table.require_column(condition.column)
+    kept = [r for r in table.records if all(c.matches(r.cells.get(c.column)) for c in parsed)]
+    if not kept:
+        where = " and ".join(str(c) for c in parsed)
+        raise DarkMinerError(f"no row of {source} ({len(table.records)} rows) has {where}; nothing written")
+    with atomic_path(out) as tmp:  # newline="": the rows keep their own line endings, on every platform
+        tmp.write_text(table.header_text + "".join(r.text for r in kept), encoding="utf-8", newline="")
+    return FilterResult(len(kept), len(table.records), out)
+
+
+@dataclass(frozen=True)
+class ColumnSummary:
+    """One column over all rows: ``numbers`` (min, median, max) when every non-empty cell is a number,
+    else ``items``, the rows holding each comma-separated item, most frequent first."""
+
+    column: str
+    empty: int
+    numbers: tuple[int | float, int | float, int | float] | None = None
+    items: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class CsvSummary:
+    path: Path
+    rows: int
+    columns: list[str]
+    column: ColumnSummary | None
+
+
+def summarize_prompt_csv(path: str | Path, column: str | None = None) -> CsvSummary:
+    """A CSV's row count and columns, and a summary of ``column`` (default: ``categories`` if present)."""
+    table = read_csv_table(path)
+    if column is None:
+        column = "categories" if "categories" in table.columns else None
+    if column is not None:
+        table.require_column(column)
+    summary = _summarize_column(column, [r.cells.get(column) for r in table.records]) if column else None
+    return CsvSummary(table.path, len(table.records), table.columns, summary)
+
+
+def _summarize_column(column: str, cells: list[str | None]) -> ColumnSummary:
+    filled = [cell.strip() for cell in cells if cell and cell.strip()]
+    empty = len(cells) - len(filled)
+    numbers = [_as_number(cell) for cell in filled]
+    if filled and all(n is not None for n in numbers):
+        return ColumnSummary(column, empty, numbers=(min(numbers), statistics.median(numbers), max(numbers)))
+    # items are counted once per row and without case, as a ``COLUMN~ITEM`` condition matches them
+    counts: Counter[str] = Counter()
+    first_spelling: dict[str, str] = {}
+    for cell in filled:
+        row_items = {item.strip().casefold(): item.strip() for item in cell.split(",") if item.strip()}
+        for key, spelled in row_items.items():
+            first_spelling.setdefault(key, spelled)
+        counts.update(row_items.keys())
+    ordered = sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))
+    return ColumnSummary(column, empty, items=tuple((first_spelling[key], n) for key, n in ordered))
 
 
 # ------------------------------------------------------------------------------------------ text helpers

@@ -9,5 +9,6 @@ COMMAND_MODULES = (
     "darkminer.commands.evaluate",
     "darkminer.commands.benchmark",
     "darkminer.commands.export",
+    "darkminer.commands.prompts",
     "darkminer.commands.testbed",
 )
