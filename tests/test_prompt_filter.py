@@ -286,6 +286,18 @@ def test_cli_filter_refuses_to_write_over_its_input(source, capsys):
     assert source.read_bytes() == before
 
 
+def test_cli_prompts_commands_do_not_import_the_model_libraries(source, tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from darkminer.cli import main; "
+              f"assert main(['prompts', 'info', {str(source)!r}]) == 0; "
+              f"assert main(['prompts', 'filter', {str(source)!r}, '--where', 'hard=1', '--out', {str(tmp_path / 'o.csv')!r}]) == 0; "
+              "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_cli_filter_needs_a_condition(source, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["prompts", "filter", str(source), "--out", str(tmp_path / "out.csv")])

@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
-        _quiet_libraries()
+        if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
+            _quiet_libraries()
         args.handler(args)
     except DarkMinerError as exc:
         print(f"darkminer: error: {exc}", file=sys.stderr)
