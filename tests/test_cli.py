@@ -224,6 +224,9 @@ def test_prompt_csv_reading(tmp_path):
     empty.write_text("prompt\n")
     with pytest.raises(DarkMinerError, match="holds no prompts"):
         read_prompt_csv(empty)
+    empty.write_text("")
+    with pytest.raises(DarkMinerError, match="is empty; a prompt CSV starts with a header row"):
+        read_prompt_csv(empty)
 
 
 def test_prompt_and_config_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path, capsys):

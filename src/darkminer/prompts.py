@@ -36,15 +36,12 @@ def read_prompt_csv(path: str | Path, default_seed: int = 0, limit: int | None =
 
     Rows without a seed get ``default_seed + row index`` so that every image has a recorded seed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DarkMinerError(f"prompt file {path} does not exist")
-    reader = csv.DictReader(io.StringIO(read_text(path, "prompt file"), newline=""))
-    columns = reader.fieldnames or []
-    if "prompt" not in columns:
-        raise DarkMinerError(f"{path} has no `prompt` column (columns: {columns}); add a header row with `prompt`")
+    table = read_csv_table(path)
+    path = table.path
+    if "prompt" not in table.columns:
+        raise DarkMinerError(f"{path} has no `prompt` column (columns: {table.columns}); add a header row with `prompt`")
     rows, empty = [], 0
-    for index, row in enumerate(reader):
+    for index, row in enumerate(record.cells for record in table.records):
         text = (row.get("prompt") or "").strip()
         if not text:
             empty += 1
