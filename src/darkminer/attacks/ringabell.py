@@ -16,8 +16,6 @@ phrase (on the testbed the phrase is replaced by the anchor's word, e.g. "star" 
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,10 +37,9 @@ from darkminer.attacks.prompts import concept_phrases
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
-from darkminer.io import read_text
 from darkminer.models.base import DiffusionModel
 from darkminer.models.slots import allowed_token_ids, build_slotted
-from darkminer.prompts import find_phrase, replace_concept
+from darkminer.prompts import find_phrase, read_csv_table, replace_concept
 from darkminer.targets import EraseTarget
 
 PAIR_COLUMNS = ("sensitive prompt", "normal prompt")
@@ -76,13 +73,11 @@ _FEW_PAIRS = 8
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DarkMinerError(f"Ring-A-Bell pairs file {path} does not exist")
-    reader = csv.DictReader(io.StringIO(read_text(path, "Ring-A-Bell pairs file"), newline=""))
-    if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
-        raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {reader.fieldnames})")
-    pairs = [(row[PAIR_COLUMNS[0]].strip(), row[PAIR_COLUMNS[1]].strip()) for row in reader]
+    table = read_csv_table(path)
+    if not set(PAIR_COLUMNS) <= set(table.columns):
+        raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {table.columns})")
+    sensitive, normal = PAIR_COLUMNS
+    pairs = [((r.cells[sensitive] or "").strip(), (r.cells[normal] or "").strip()) for r in table.records]
     pairs = [(s, n) for s, n in pairs if s and n]
     if not pairs:
         raise DarkMinerError(f"{path} holds no prompt pairs")
