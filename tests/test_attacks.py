@@ -345,6 +345,29 @@ def test_unlearndiff_budget_tokens_and_reproducibility(sd, sd_target, monkeypatc
     assert [r.input_ids for r in other] != [r.input_ids for r in results]
 
 
+def test_a_promptwise_attack_searches_only_the_prompts_that_do_not_already_work(sd, sd_target):
+    from darkminer.attacks.soft_prompt import PromptwiseAttack
+
+    class Probe(PromptwiseAttack):
+        unattacked_extra = {"steps": 0}
+
+        def target_latents(self, model, original, prompts, success):
+            self.asked = [p.text for p in prompts]
+            return [torch.full((1, 1, 1, 1), float(i)) for i in range(len(prompts))]
+
+        def search(self, model, original, prompt, x0, success):
+            return AttackResult(prompt, prompt.text + " !", False, True, extra={"x0": float(x0)})
+
+    prompts = [AttackPrompt("a", 1), AttackPrompt("b", 2), AttackPrompt("c", 3), AttackPrompt("d", 4)]
+    probe = Probe()
+    results = probe.run(sd, sd_target, prompts, lambda images: torch.tensor([True, False, True, False]))
+    assert probe.asked == ["b", "d"]  # only those the goal is not reached for, in order, each with its own target
+    assert [r.adversarial_text for r in results] == ["a", "b !", "c", "d !"]
+    assert [r.extra for r in results] == [{"steps": 0}, {"x0": 0.0}, {"steps": 0}, {"x0": 1.0}]
+    assert [(r.success_before, r.success_after) for r in results] == [(True, True), (False, True)] * 2
+    assert results[0].input_ids == sd.tokenize(["a"])[0].tolist() and all(r.seconds > 0 for r in results)
+
+
 def test_unlearndiff_skips_broken_prompts_and_stops_at_first_success(sd, sd_target, monkeypatch):
     calls = count_calls(monkeypatch, unlearndiff_module, "denoising_loss")
     results = unlearndiff().run(sd, sd_target, PROMPTS, always)

@@ -20,26 +20,18 @@ since no CLIP image model ships with Stable Diffusion.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from darkminer.attacks.base import (
-    Attack,
-    AttackConfig,
-    AttackPrompt,
-    AttackResult,
-    SuccessFn,
-    register_attack,
-    unattacked,
-)
+from darkminer.attacks.base import AttackConfig, AttackPrompt, AttackResult, SuccessFn, register_attack
 from darkminer.attacks.soft_prompt import (
+    PromptwiseAttack,
     judge,
     judge_conditions,
-    judge_texts,
     original_images,
     project_straight_through,
     teacher_eps,
@@ -55,7 +47,6 @@ from darkminer.models.slots import (
     random_token_ids,
 )
 from darkminer.parallel.speed import gradient_scaler
-from darkminer.targets import EraseTarget
 
 
 @dataclass
@@ -88,44 +79,32 @@ def p4d_rows(content: Sequence[int], config: P4DConfig) -> list[int | None]:
 
 
 @register_attack("p4d")
-class Prompting4Debugging(Attack):
+class Prompting4Debugging(PromptwiseAttack):
     config_class = P4DConfig
+    unattacked_extra: ClassVar[dict[str, int]] = {"iterations": 0}
 
-    def run(
-        self,
-        model: DiffusionModel,
-        target: EraseTarget,
-        prompts: Sequence[AttackPrompt],
-        success: SuccessFn,
-        original: DiffusionModel | None = None,
-    ) -> list[AttackResult]:
-        results = []
-        started = time.time()
-        before = judge_texts(model, prompts, success)
-        shared = (time.time() - started) / len(prompts)  # the judging of the prompts as they are, as every attack counts it
-        for prompt, ok in zip(prompts, before, strict=True):
-            started = time.time()
-            result = unattacked(model, prompt, True, iterations=0) if ok else self._attack_one(model, original, prompt, success)
-            result.seconds = shared + time.time() - started
-            results.append(result)
-        return results
+    def target_latents(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt], success: SuccessFn
+    ) -> Sequence[torch.Tensor]:
+        return [self._target_latents(model, original, prompt, success) for prompt in prompts]
 
     def _target_latents(
         self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, success: SuccessFn
     ) -> torch.Tensor:
+        """The first of ``target_images`` original-model images of the prompt that the success function accepts
+        (the first image when none is)."""
         cfg: P4DConfig = self.config  # type: ignore[assignment]
         candidates = [AttackPrompt(prompt.text, prompt.seed + j, prompt.guidance) for j in range(cfg.target_images)]
         images = original_images(model, original, candidates)
         verdicts = judge(success, images)
         chosen = verdicts.index(True) if True in verdicts else 0
-        with torch.no_grad():
-            return model.images_to_latents(images[chosen : chosen + 1])
+        return model.images_to_latents(images[chosen : chosen + 1])
 
-    def _attack_one(
-        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, success: SuccessFn
+    def search(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
+        success: SuccessFn,
     ) -> AttackResult:
         cfg: P4DConfig = self.config  # type: ignore[assignment]
-        x0 = self._target_latents(model, original, prompt, success)
         slotted = build_slotted(model, [p4d_rows(prompt_token_ids(model, prompt.text), cfg)])
         generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
         with torch.no_grad():

@@ -1,6 +1,6 @@
-"""What the optimisation attacks share: projection to real tokens, the frozen original as a teacher, and
-generating + judging images (token sequences with free slots are ``models.slots``, the denoising loss
-``models.objectives``, which Dark Miner's mining shares).
+"""What the optimisation attacks share: projection to real tokens, the frozen original as a teacher,
+generating + judging images, and the per-prompt skeleton of UnlearnDiffAtk and P4D (token sequences with
+free slots are ``models.slots``, the denoising loss ``models.objectives``, which Dark Miner's mining shares).
 
 One piece of code for all of them, so that CCE, UnlearnDiffAtk and P4D differ only in what they
 optimise and against which target.
@@ -8,13 +8,17 @@ optimise and against which target.
 
 from __future__ import annotations
 
+import time
+from abc import abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from darkminer.attacks.base import AttackPrompt, SuccessFn
+from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, unattacked
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
+from darkminer.targets import EraseTarget
 
 
 # ------------------------------------------------------------------------------------ vocabulary
@@ -92,3 +96,50 @@ def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success:
     with torch.no_grad():
         cond = model.encode([p.text for p in prompts])
     return judge_conditions(model, cond, prompts, success)
+
+
+# ------------------------------------------------------------------------------ per-prompt attacks
+class PromptwiseAttack(Attack):
+    """An attack that searches each prompt on its own, toward a target image of it, once the goal is checked:
+    a prompt whose own text already makes the attacked model draw the concept is not attacked (it counts as
+    broken either way, as the UnlearnDiffAtk authors count). Each result's ``seconds`` is its share of the
+    unattacked judging and of the target drawing, plus its own search."""
+
+    unattacked_extra: ClassVar[dict[str, int]] = {}  # what a result records where no budget was spent
+
+    def run(
+        self,
+        model: DiffusionModel,
+        target: EraseTarget,
+        prompts: Sequence[AttackPrompt],
+        success: SuccessFn,
+        original: DiffusionModel | None = None,
+    ) -> list[AttackResult]:
+        started = time.time()
+        before = judge_texts(model, prompts, success)
+        shared = (time.time() - started) / len(prompts)
+        results = [unattacked(model, p, ok, shared, **self.unattacked_extra) for p, ok in zip(prompts, before, strict=True)]
+        todo = [i for i, ok in enumerate(before) if not ok]
+        if todo:
+            started = time.time()
+            with torch.no_grad():
+                targets = self.target_latents(model, original, [prompts[i] for i in todo], success)
+            drawn = (time.time() - started) / len(todo)
+            for i, x0 in zip(todo, targets, strict=True):
+                started = time.time()
+                results[i] = self.search(model, original, prompts[i], x0, success)
+                results[i].seconds = shared + drawn + time.time() - started
+        return results
+
+    @abstractmethod
+    def target_latents(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt], success: SuccessFn
+    ) -> Sequence[torch.Tensor]:
+        """The latents (1, C, H, W) that each prompt's search aims at, drawn by the model before erasure."""
+
+    @abstractmethod
+    def search(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
+        success: SuccessFn,
+    ) -> AttackResult:
+        """Search one prompt that the attacked model does not draw the concept for."""

@@ -18,34 +18,23 @@ is the exact sort-based one, equal to the authors' bisection (the upper bound 1 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from darkminer.attacks.base import (
-    Attack,
-    AttackConfig,
-    AttackPrompt,
-    AttackResult,
-    SuccessFn,
-    register_attack,
-    unattacked,
+from darkminer.attacks.base import AttackConfig, AttackPrompt, AttackResult, SuccessFn, register_attack
+from darkminer.attacks.soft_prompt import (
+    PromptwiseAttack,
+    judge_conditions,
+    original_images,
 )
-from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, original_images
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_loss
-from darkminer.models.slots import (
-    SLOT,
-    allowed_token_ids,
-    build_slotted,
-    prompt_token_ids,
-)
+from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, prompt_token_ids
 from darkminer.parallel.speed import gradient_scaler
-from darkminer.targets import EraseTarget
 
 
 @dataclass
@@ -97,32 +86,20 @@ def attack_timesteps(num_train_timesteps: int, rounds: int) -> list[int]:
 
 
 @register_attack("unlearndiff")
-class UnlearnDiffAtk(Attack):
+class UnlearnDiffAtk(PromptwiseAttack):
     config_class = UnlearnDiffConfig
+    unattacked_extra: ClassVar[dict[str, int]] = {"rounds": 0}
 
-    def run(
-        self,
-        model: DiffusionModel,
-        target: EraseTarget,
-        prompts: Sequence[AttackPrompt],
+    def target_latents(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt], success: SuccessFn
+    ) -> Sequence[torch.Tensor]:
+        """Each prompt's image by the original model, with the prompt's seed (all in one batch)."""
+        return model.images_to_latents(original_images(model, original, prompts)).split(1)
+
+    def search(
+        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
         success: SuccessFn,
-        original: DiffusionModel | None = None,
-    ) -> list[AttackResult]:
-        started = time.time()
-        before = judge_texts(model, prompts, success)
-        todo = [i for i, ok in enumerate(before) if not ok]
-        shared = (time.time() - started) / len(prompts)
-        results = [unattacked(model, p, ok, shared, rounds=0) for p, ok in zip(prompts, before, strict=True)]
-        if todo:
-            with torch.no_grad():
-                targets = model.images_to_latents(original_images(model, original, [prompts[i] for i in todo]))
-            for x0, i in zip(targets, todo, strict=True):
-                started = time.time()
-                results[i] = self._attack_one(model, prompts[i], x0.unsqueeze(0), success)
-                results[i].seconds += time.time() - started + shared
-        return results
-
-    def _attack_one(self, model: DiffusionModel, prompt: AttackPrompt, x0: torch.Tensor, success: SuccessFn) -> AttackResult:
+    ) -> AttackResult:
         cfg: UnlearnDiffConfig = self.config  # type: ignore[assignment]
         content = prompt_token_ids(model, prompt.text)
         slots = [SLOT] * cfg.k
