@@ -291,10 +291,19 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         assert main([*commands[0], "--out", str(erased)]) == 0
         assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--steps", "1",
                      "--out", str(tmp_path / "g.png")]) == 0
+        # Weight files too, which safetensors and diffusers' save_pretrained create owner-only.
+        assert main(["erase", "--method", "uce", "--concept", "nudity", "--model", "tiny-random-sd",
+                     "--out", str(tmp_path / "uce")]) == 0
+        assert main(["export", "--erased", str(tmp_path / "uce"), "--out", str(tmp_path / "pipe")]) == 0
     finally:
         os.umask(old_mask)
     assert stat.S_IMODE(erased.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in [*erased.iterdir(), tmp_path / "g.png"]} == {0o644}
+    written = [p for p in [*(tmp_path / "uce").rglob("*"), *(tmp_path / "pipe").rglob("*")] if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written) and len(written) > 10
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
+    folders = [tmp_path / "pipe", *(p for p in (tmp_path / "pipe").rglob("*") if p.is_dir())]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o755}
 
 
 def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -45,6 +45,14 @@ def _as_if_created(path: Path, mode: int) -> Path:
     return path
 
 
+def _as_if_created_tree(folder: Path) -> None:
+    """``_as_if_created`` for everything under ``folder``: libraries that write into it (safetensors,
+    diffusers' ``save_pretrained``) leave weight files owner-only."""
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            _as_if_created(path, 0o777 if path.is_dir() else 0o666)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -55,6 +63,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = _as_if_created(Path(tmp), 0o666)
     try:
         yield tmp_path
+        _as_if_created(tmp_path, 0o666)  # again: a writer that recreates the file (safetensors) makes it owner-only
         with open(tmp_path, "rb") as written:  # on disk before the rename: a crash must not leave an empty file
             os.fsync(written.fileno())
         os.replace(tmp_path, path)
@@ -133,6 +142,7 @@ def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
     replaced = out.parent / f"{tmp.name}.replaced"
     try:
         yield tmp
+        _as_if_created_tree(tmp)
         # The earlier output is moved aside, not deleted, until the new one is in place: a run killed in
         # between leaves both whole (hidden beside ``out``), never half of one where ``out`` was.
         if out.exists():
