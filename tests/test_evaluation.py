@@ -512,6 +512,27 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     run_benchmark(config, out, progress=False)  # as stored: resumes
 
 
+def test_a_benchmark_evaluates_erased_models_put_into_its_cells_before_its_first_run(tmp_path, tiny_clip_dir):
+    from darkminer.api import erase
+
+    config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity"], "include_original": False,
+              "attacks": ["plain"],
+              "evaluation": _sd_evaluation(tiny_clip_dir)}
+    out = tmp_path / "bench"
+    erased = erase("test-nudge", "nudity", out / "cells" / "test-nudge" / "nudity" / "erased", model="tiny-random-sd")
+    stamp = (erased / "darkminer.json").read_text()
+    nudge = ERASERS["test-nudge"]
+    nudge.calls, nudge.fail_on = [], None
+    results = run_benchmark(config, out, progress=False)  # out holds only cells/: a benchmark being assembled
+    assert nudge.calls == [] and (erased / "darkminer.json").read_text() == stamp  # evaluated, not erased again
+    assert [c["dir"] for c in results["cells"]] == ["cells/test-nudge/nudity"]
+    other = tmp_path / "mine"
+    (other / "cells").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DarkMinerError, match="exists and is not a benchmark output"):
+        run_benchmark(config, other, progress=False)
+
+
 def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     def cell(method: str, plain: float, clip: float, asr: float, fid: float) -> dict:
         metrics = {"erasure": {"plain": plain, "paraphrase": None}, "attacks": {"cce": asr},

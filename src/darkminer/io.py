@@ -91,14 +91,18 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return len(stale)
 
 
-def check_output_directory(out: str | Path, marker: str, what: str, replaced: bool = True) -> Path:
-    """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, or an
-    earlier ``what`` (a folder holding ``marker``). Anything else (a user's folder, a file) is refused,
+def check_output_directory(
+    out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = ()
+) -> Path:
+    """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, an
+    earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
+    of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
     may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark)."""
     out = Path(os.path.abspath(out))
     _check_parents(out)
-    if out.exists() and not (out.is_dir() and ((out / marker).is_file() or not any(out.iterdir()))):
+    if out.exists() and not (out.is_dir() and ((out / marker).is_file()
+                                               or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"--out {out} exists and is not {what}; choose another --out")
     if replaced and out.is_symlink():
         raise DarkMinerError(f"--out {out} is a link; give the folder itself (the output replaces it)")

@@ -50,6 +50,7 @@ from darkminer.testbed.concepts import concept_names
 
 ALL = "all"
 CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
+CELLS = "cells"  # cells/METHOD/CONCEPT/{erased,evaluation}
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
 # rounds, ESD-x at its testbed rate (docs/methods.md), every attack cut from the authors' GPU budgets, 32
@@ -195,7 +196,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out`` and write results.json, results.md and report.html."""
     cfg = load_benchmark_config(config)
-    out = check_output_directory(out, CONFIG_NAME, "a benchmark output", replaced=False)  # resumed in place
+    # Resumed in place; a folder holding only cells/ has erased models put there to be evaluated (keep_rounds).
+    out = check_output_directory(out, CONFIG_NAME, "a benchmark output", replaced=False, prepared=(CELLS,))
     methods, attacks = cfg.method_names(), cfg.attack_names()
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
@@ -238,7 +240,7 @@ def _claim(out: Path, resolved: dict[str, Any]) -> None:
 
 
 def _cell_dir(out: Path, method: str, concept: str) -> Path:
-    return out / "cells" / _slug(method) / _slug(concept)
+    return out / CELLS / _slug(method) / _slug(concept)
 
 
 def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, rows: list[str]) -> None:
