@@ -232,8 +232,14 @@ def test_cce_learns_no_token_when_every_prompt_already_works(sd, sd_target, monk
 def test_replay_refuses_embeddings_of_another_width(sd, sd_target, tmp_path):
     bad = AttackResult(PROMPTS[0], "x", False, False, input_ids=[0] * sd.max_length,
                        embeddings=torch.zeros(sd.max_length, 7))
-    with pytest.raises(DarkMinerError, match="use_text"):
+    with pytest.raises(DarkMinerError, match="7-d embeddings\\) does not fit .* only on a model with the same text encoder"):
         adversarial_conditions(sd, [bad])
+    good = dataclasses.replace(bad, embeddings=sd.token_embedding.weight[:sd.max_length].detach())
+    assert adversarial_conditions(sd, [good]).shape[1] == sd.max_length
+    with pytest.raises(DarkMinerError, match="no readable text to replay; replay it without --use-text"):
+        adversarial_conditions(sd, [good], use_text=True)
+    with pytest.raises(DarkMinerError, match="3 token positions"):
+        adversarial_conditions(sd, [dataclasses.replace(good, input_ids=[0, 1, 2])])
     with pytest.raises(DarkMinerError):
         load_results(tmp_path / "missing")
 

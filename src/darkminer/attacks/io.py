@@ -129,23 +129,25 @@ def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult
     """
     conds = []
     embed_dim = model.token_embedding.weight.shape[1]
+    device = model.token_embedding.weight.device
     with torch.no_grad():
         for r in results:
-            exact = not use_text and r.input_ids is not None and len(r.input_ids) == model.max_length
-            ids = torch.tensor([r.input_ids], device=model.token_embedding.weight.device) if exact else None
-            if exact and r.embeddings is not None:
-                if r.embeddings.shape[-1] != embed_dim:
+            if r.embeddings is not None:  # a learned embedding (CCE's token): only the same text encoder reads it
+                if use_text:
+                    raise DarkMinerError("a soft attack's result (a learned embedding, such as CCE's token) has no "
+                                         "readable text to replay; replay it without --use-text (use_text=False)")
+                positions = len(r.input_ids) if r.input_ids is not None else 0
+                if positions != model.max_length or r.embeddings.shape[-1] != embed_dim:
                     raise DarkMinerError(
-                        f"saved embeddings are {r.embeddings.shape[-1]}-d but this model's tokens are {embed_dim}-d; "
-                        "replay with use_text=True (--use-text)"
+                        f"a soft attack's result ({positions} token positions, {r.embeddings.shape[-1]}-d embeddings) "
+                        f"does not fit this model ({model.max_length} positions, {embed_dim}-d); it replays only on "
+                        "a model with the same text encoder"
                     )
+                ids = torch.tensor([r.input_ids], device=device)
                 conds.append(model.encode_embeddings(r.embeddings.unsqueeze(0).to(model.token_embedding.weight), ids))
-            elif exact:
-                conds.append(model.encode_ids(ids))
+            elif not use_text and r.input_ids is not None and len(r.input_ids) == model.max_length:
+                conds.append(model.encode_ids(torch.tensor([r.input_ids], device=device)))
             else:
-                if r.embeddings is not None:
-                    raise DarkMinerError("a soft attack result has no usable token ids for this model; it replays only "
-                                         "on a model with the same text encoder")
                 conds.append(model.encode([r.adversarial_text]))
     return torch.cat(conds)
 
