@@ -560,21 +560,33 @@ def test_the_attack_api_attacks_the_evaluations_plain_prompts(tmp_path):
         darkminer.attack("plain", "nudity", model="tiny-random-sd", n_prompts=0)
 
 
-def test_attack_command_runs_and_replays_on_the_testbed(tmp_path):
+def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
     from darkminer.cli import main
     from darkminer.testbed.judge import WEIGHTS_PATH
     from darkminer.testbed.model import UNET_DIR
 
     if not (WEIGHTS_PATH.is_file() and (UNET_DIR / "diffusion_pytorch_model.safetensors").is_file()):
         pytest.skip("the testbed's weights are not trained yet")
+    monkeypatch.chdir(tmp_path)  # "--erased uce" below is relative
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["attack", "--attack", "plain", "--concept", "blood", "--n-prompts", "2", "--out", str(first)]) == 0
     meta, results = load_results(first)
-    assert meta["attack"] == "plain" and len(results) == 2
+    assert meta["attack"] == "plain" and len(results) == 2 and meta["erased"] is None
+    for ignored in (["--n-prompts", "1"], ["--seed", "3"], ["--config", str(tmp_path / "c.yaml")]):
+        assert main(["attack", "--replay", str(first), "--concept", "blood", *ignored, "--out", str(second)]) == 2
+    assert main(["attack", "--attack", "plain", "--use-text", "--concept", "blood", "--out", str(second)]) == 2
+    assert not second.exists()
     assert main(["attack", "--replay", str(first), "--concept", "blood", "--out", str(second)]) == 0
     replayed_meta, replayed = load_results(second)
     assert [r.success for r in replayed] == [r.success for r in results]
     assert replayed_meta["config"]["replayed_from"] == str(first)
+    # Which erased model was attacked, or replayed on, is recorded (a transfer table needs it).
+    assert main(["erase", "--method", "uce", "--concept", "blood", "--out", str(tmp_path / "uce")]) == 0
+    for command in (["--attack", "plain", "--n-prompts", "1"], ["--replay", str(first)]):
+        out = tmp_path / f"on-uce-{command[0][2:]}"
+        assert main(["attack", *command, "--concept", "blood", "--erased", "uce", "--out", str(out)]) == 0
+        erased = load_results(out)[0]["erased"]
+        assert erased["path"] == str((tmp_path / "uce").resolve()) and erased["info"]["method"] == "uce"
 
 
 @pytest.mark.parametrize(

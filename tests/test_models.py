@@ -528,6 +528,16 @@ def test_export_checks_its_output_before_loading_records_where_the_erasure_was_a
     monkeypatch.chdir(tmp_path)
     api.export("lora", "exported")  # relative paths: the record names the folder itself
     assert json.loads((tmp_path / "exported" / api.EXPORT_INFO).read_text())["erased"] == str(erased.resolve())
+    # Evaluated as a model of its own, the pipeline is graded under the erasure it carries, not as "original".
+    from darkminer.evaluation import evaluate
+
+    metrics = evaluate("nudity", model="exported", config={"n_images": 1, "steps": 1, "preservation": []})
+    assert metrics["method"] == "uce" and metrics["inputs"]["erased"] is None
+    # No preservation metric asked for: only the plain set is drawn, not the preservation sets.
+    assert metrics["suites"] == {"plain": 1} and metrics["n_images"] == 1 and metrics["preservation"]["clip"] is None
+    assert metrics["inputs"]["base_model"]["exported"]["erasure"]["method"] == "uce"
+    assert evaluate("nudity", model="tiny-random-sd", config={"n_images": 1, "steps": 1, "preservation": []}
+                    )["inputs"]["base_model"]["exported"] is None
     seen = {}
     monkeypatch.setattr(api, "export", lambda erased, out, **kwargs: seen.update(kwargs) or Path(out))
     assert main(["export", "--erased", "lora", "--out", "x", "--model", "m", "--dtype", "float16"]) == 0

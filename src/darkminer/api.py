@@ -23,7 +23,7 @@ from darkminer.io import (
 )
 from darkminer.models import load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
-from darkminer.models.erased import INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
+from darkminer.models.erased import EXPORT_INFO, INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
 from darkminer.provenance import package_versions
 from darkminer.targets import check_kind, resolve_target
 
@@ -260,10 +260,7 @@ def attack(
     success = concept_detector(net, target, config=grading)
     plain = prompt_suites(target, n_prompts, attacker.config.seed, prompts_csv=prompts)["plain"]
     attacked = [AttackPrompt(p.text, p.seed, p.guidance) for p in plain.prompts]
-    return run_attack(attacker, net, target, attacked, success, out=out)
-
-
-EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure the pipeline carries
+    return run_attack(attacker, net, target, attacked, success, out=out, erased=erased)
 
 
 @exclusive_output()

@@ -38,6 +38,7 @@ from darkminer.io import (
     write_json,
 )
 from darkminer.models.base import DiffusionModel
+from darkminer.models.erased import ErasedModelInfo
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -84,9 +85,12 @@ def save_results(
     target: EraseTarget,
     model: str,
     success: SuccessFn | None = None,
+    erased: str | Path | None = None,
 ) -> Path:
     """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
-    A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader."""
+    A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader;
+    ``erased``, the erased model's folder the attacked model was loaded from, with its record."""
+    erased_record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -97,6 +101,7 @@ def save_results(
             "config": config,
             "target": target.to_dict(),
             "model": model,
+            "erased": erased_record,
             "detector": success.describe() if hasattr(success, "describe") else None,
             "attack_success_rate": attack_success_rate(results),
             "success_before_rate": before_and_after_rates(results)[0],
@@ -179,8 +184,10 @@ def run_attack(
     success: SuccessFn,
     out: str | Path | None = None,
     original: DiffusionModel | None = None,
+    erased: str | Path | None = None,
 ) -> list[AttackResult]:
-    """Run ``attack`` and, with ``out``, save what it found there."""
+    """Run ``attack`` and, with ``out``, save what it found there (``erased``: the erased model's folder
+    ``model`` was loaded from, recorded with the results)."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
     if out is not None:
@@ -188,5 +195,5 @@ def run_attack(
     results = attack.run(model, target, prompts, success, original=original)
     if out is not None:
         save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name,
-                     success=success)
+                     success=success, erased=erased)
     return results

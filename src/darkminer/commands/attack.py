@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_concept_args(p)
     add_model_args(p)
     p.add_argument("--config", default=None, help="JSON or YAML file of the attack's config options")
-    p.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
+    p.add_argument("--n-prompts", type=int, default=None,
                    help=f"prompts to attack: the first N of --prompts, else N concept prompts (default {DEFAULT_N_PROMPTS})")
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
@@ -54,10 +54,19 @@ def _run(args: argparse.Namespace) -> None:
 
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
+    if args.replay:
+        ignored = [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
+                                            ("--n-prompts", args.n_prompts)) if value is not None]
+        if ignored:
+            raise DarkMinerError(f"--replay judges the saved prompts again, as they were found; {', '.join(ignored)} "
+                                 "would change nothing: leave them out")
+    elif args.use_text:
+        raise DarkMinerError("--use-text goes with --replay (it replays a saved attack's readable text)")
     if args.attack:
         config = get_attack(args.attack).config_class.from_file(args.config, seed=args.seed)
+        n_prompts = DEFAULT_N_PROMPTS if args.n_prompts is None else args.n_prompts
         results = attack(args.attack, args.concept, args.out, model=args.model, erased=args.erased, config=config,
-                         anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=args.n_prompts,
+                         anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=n_prompts,
                          grading=detector_options(args), device=args.device, dtype=args.dtype,
                          speed=speed_options(args))
     else:
@@ -74,5 +83,5 @@ def _run(args: argparse.Namespace) -> None:
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
         save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-                     target=target, model=model.name, success=success)
+                     target=target, model=model.name, success=success, erased=args.erased)
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")

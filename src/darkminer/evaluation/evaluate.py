@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from darkminer.io import check_output_directory, exclusive_output, output_direct
 from darkminer.models import is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
-from darkminer.models.erased import ErasedModelInfo
+from darkminer.models.erased import ErasedModelInfo, exported_erasure
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
@@ -237,7 +237,9 @@ def _load(
         return model, IN_MEMORY_METHOD, None
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
-    return loaded, info.method if info else ORIGINAL_METHOD, info
+    exported = exported_erasure(model) if info is None else None  # a pipeline folder `export` wrote
+    method = info.method if info else exported["erasure"]["method"] if exported else ORIGINAL_METHOD
+    return loaded, method, info
 
 
 @exclusive_output()
@@ -291,6 +293,8 @@ def evaluate(
     if fid is not None and cfg.fid_reference:
         reference_image_paths(cfg.fid_reference)  # a missing or empty folder fails before any sampling
     suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
+    if not cfg.preservation:  # no preservation metric: its images (the erased model's and the original's) are not drawn
+        del suites[PRESERVATION]
 
     painter = Painter(net, cfg, progress)
     grids: dict[str, torch.Tensor] = {}  # the first grid_images of each set
@@ -353,7 +357,8 @@ def evaluate(
                        "success_before": r.success_before, "success_after": r.success_after} for r in results],
         }
 
-    preservation = _preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep)
+    preservation = (_preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep) if cfg.preservation
+                    else {"accuracy": None, "clip": None, "fid": None, "reference": {}})
     metrics = {
         "format": FORMAT_VERSION,
         "concept": target.name,
@@ -403,8 +408,8 @@ def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInf
     from darkminer.models import local_copy
 
     return {
-        "base_model": {"name": net.name, "local_copy": local_copy(net.name)},
-        "erased": {"path": str(Path(erased).resolve()), "info": asdict(info)} if info is not None else None,
+        "base_model": {"name": net.name, "local_copy": local_copy(net.name), "exported": exported_erasure(net.name)},
+        "erased": info.record(erased) if info is not None and erased is not None else None,
         "anchor": target.anchor, "kind": target.kind, "device": device, "dtype": str(net.dtype),
         "speed": resolve_speed_options(net, speed or {}).to_dict(),
         "prompt_files": {name: file_record(path) for name, path in csvs.items() if path},

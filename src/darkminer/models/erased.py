@@ -75,6 +75,21 @@ class ErasedModelInfo:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def record(self, directory: str | Path) -> dict[str, Any]:
+        """Which erased model a result was made on, as results files (metrics.json, attack.json) keep it."""
+        return {"path": str(Path(directory).resolve()), "info": asdict(self)}
+
+
+EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure an exported pipeline carries
+
+
+def exported_erasure(model: str | Path | None) -> dict[str, Any] | None:
+    """What ``darkminer export`` recorded in a pipeline folder (the erased model it came from and its
+    record), or None for any other model name or folder."""
+    if model is None or not (Path(model) / EXPORT_INFO).is_file():
+        return None
+    return read_json(Path(model) / EXPORT_INFO)
+
 
 def save_erased(
     model: DiffusionModel,
