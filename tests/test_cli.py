@@ -101,7 +101,7 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--precision", "fp8"], "precision must be one of"),
         (["--model", "tiny-random-sd", "--compile", "fast"], "compile must be one of"),
         (["--model", "/no/such/folder"], "does not exist"),
-        (["--model", "someone/not-cached-model"], "never downloads"),
+        (["--model", "someone/not-cached-model"], "the Hugging Face cache first (`hf download someone/not-cached-model`)"),
         (["--model", "tiny-random-sd", "--prompt", " "], "the prompt is empty"),
         (["--model", "tiny-random-sd", "-n", "0"], "n (-n) must be >= 1"),
         (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),

@@ -392,6 +392,9 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     (moved / "darkminer.json").write_text(json.dumps({**info, "base_model": "/data/elsewhere/sd14"}))
     with pytest.warns(UserWarning, match="which is not here; applying it to"):
         assert load_model(Path(tiny_sd_dir), erased=moved).guidance.registry_name == "sld"
+    with pytest.raises(ModelLoadError, match="from the folder /data/elsewhere/sd14, which is not there any more: name "
+                                             "where that base model is now with --model"):
+        load_model(erased=moved)  # its own base, which has moved: the error says how to name it
     with pytest.raises(ModelLoadError, match="is an erased model, not a base: load it with --erased"):
         load_model(out)
     with pytest.raises(ModelLoadError, match="a model is a name or a folder path, got int"):

@@ -60,7 +60,7 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
     changed = claim_record(work_dir / RUN_FILE, run)
     if changed:
         raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
-                          "differ); delete that folder to start over")
+                          f"{'differs' if len(changed) == 1 else 'differ'}); delete that folder to start over")
 
 
 def _has_checkpoint(work_dir: Path) -> bool:

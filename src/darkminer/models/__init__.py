@@ -73,6 +73,9 @@ def load_model(
             if not recorded:
                 raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
                                      "fine-tuned from with --model (model= in Python)")
+            if recorded.startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
+                raise ModelLoadError(f"{erased} was erased from the folder {recorded}, which is not there any more: "
+                                     "name where that base model is now with --model (model= in Python)")
             spec = recorded
         elif recorded:
             _check_same_base(erased, recorded, os.fspath(spec))

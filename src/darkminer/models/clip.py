@@ -24,7 +24,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_BATCH = 32  # images per forward pass
 _HOW_TO_PASS = (
     "pass a local CLIP folder with safetensors weights, or a hub id already in the cache (download it once with "
-    "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack)"
+    "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack); "
+    "for a dry run on tiny-random-sd, tiny-random-clip"
 )
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 

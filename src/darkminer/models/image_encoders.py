@@ -12,7 +12,7 @@ from darkminer.models.base import DiffusionModel
 from darkminer.models.clip import Clip
 
 SET_IMAGE_ENCODER = ("set the config option `image_encoder` to a local CLIP folder (safetensors) or a cached hub id "
-                     "(e.g. openai/clip-vit-large-patch14)")
+                     "(e.g. openai/clip-vit-large-patch14); for a dry run on tiny-random-sd, tiny-random-clip")
 
 
 class ImageEmbedder(Protocol):

@@ -116,7 +116,7 @@ class StableDiffusionModel(DiffusionModel):
                 f"cannot load Stable Diffusion model {name_or_path!r} ({type(exc).__name__}: {first_line(exc)}). "
                 "darkminer never downloads: "
                 "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
-                "cache first (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4`)"
+                f"cache first (`hf download {name_or_path if not path.exists() else 'CompVis/stable-diffusion-v1-4'}`)"
             ) from None
         return cls.from_pipeline(pipe.to(device), name=name_or_path)
 

@@ -132,7 +132,7 @@ def train_unet(
     # step count and learning rate.
     changed = claim_record(work_dir / "run.json", config.to_dict())
     if changed:
-        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe (its {', '.join(changed)} differ); "
+        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe (its {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
                           "give each run its own --work-dir")
     torch.set_num_threads(config.threads)
     if model is None:
