@@ -238,7 +238,8 @@ def _load(
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     exported = exported_erasure(model) if info is None else None  # a pipeline folder `export` wrote
-    method = info.method if info else exported["erasure"]["method"] if exported else ORIGINAL_METHOD
+    carried = (exported or {}).get("erasure") or {}
+    method = info.method if info else carried.get("method", ORIGINAL_METHOD)
     return loaded, method, info
 
 
