@@ -109,7 +109,7 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),
         (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be >= 1, got -3"),
         (["--model", "tiny-random-sd", "--steps", "0"], "(--steps) must be >= 1, got 0"),
-        (["--model", "tiny-random-sd", "--guidance", "nan"], "(--guidance) must be a finite number"),
+        (["--model", "tiny-random-sd", "--guidance", "nan"], "guidance_scale (--guidance) must be a finite float | None, got nan"),
     ],
 )
 def test_generate_bad_input_fails_with_one_line(argv, message, tmp_path, capsys):

@@ -401,7 +401,7 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
         erase("sld", "nudity", tmp_path / "x", model=5)
     with pytest.raises(ConfigError, match="expected a SldConfig, a mapping of its options or a config file's path, got list"):
         erase("sld", "nudity", tmp_path / "x", model="tiny-random-sd", config=[1, 2])
-    with pytest.raises(ConfigError, match="concept must be a string"):
+    with pytest.raises(ConfigError, match="concept must be str, got"):
         erase("sld", 3, tmp_path / "x", model="tiny-random-sd")
     from darkminer.erasers.esd import EsdConfig
 

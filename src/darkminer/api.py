@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from darkminer.config import check_argument, check_seed
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import (
@@ -113,9 +114,8 @@ def erase(
     # Under `accelerate launch` every process runs the whole erase (DDP in circumventing); only the main
     # process writes the work directory's checkpoints and the output.
     processes = init_processes()
-    for name, value in (("method", method), ("concept", concept)):
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    for name, value, hint in (("method", method, str), ("concept", concept, str), ("anchor", anchor, str | None)):
+        check_argument(name, value, hint)
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
     work_dir = work_directory(out)
     if not resume:  # every process (it only reads), so that each stops with the same line
@@ -194,6 +194,10 @@ def generate(
     from darkminer.io import check_output_file
     from darkminer.parallel import init_processes, sharded_sample
 
+    for name, value, hint in (("prompt", prompt, str), ("n (-n)", n, int), ("steps (--steps)", steps, int | None),
+                              ("guidance_scale (--guidance)", guidance_scale, float | None)):
+        check_argument(name, value, hint)
+    check_seed("seed (--seed)", seed)
     if not prompt.strip() and not allow_empty:
         raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
     if n < 1:
@@ -245,7 +249,8 @@ def attack(
     from darkminer.evaluation import EvaluationConfig, concept_detector
     from darkminer.evaluation.suites import prompt_suites
 
-    if not isinstance(n_prompts, int) or n_prompts < 1:
+    check_argument("n_prompts (--n-prompts)", n_prompts, int)
+    if n_prompts < 1:
         raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     grading = EvaluationConfig.coerce(grading)

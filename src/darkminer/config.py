@@ -30,6 +30,8 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             setattr(self, field.name, _typed(type(self), field.name, getattr(self, field.name), hints[field.name]))
+            if field.name == "seed":
+                check_seed(self, self.seed)
         self.validate()
 
     def validate(self) -> None:  # overridden where there is something to check
@@ -44,7 +46,7 @@ class Config:
             raise ConfigError(f"{cls.__name__} options must be a mapping of option: value, got {type(data).__name__}")
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options: {sorted(names)}")
         try:
@@ -94,7 +96,16 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is Path:
         return isinstance(value, (str, Path))
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = [arg for arg in typing.get_args(hint) if arg is not Ellipsis]
+        if origin is tuple and len(items) > 1:  # a fixed-length tuple: one annotation per position
+            return len(value) == len(items) and all(_matches(v, a) for v, a in zip(value, items, strict=True))
+        return not items or all(_matches(v, items[0]) for v in value)
+    if origin is dict:
+        keys_and_values = typing.get_args(hint)
+        return isinstance(value, dict) and (not keys_and_values or all(
+            _matches(k, keys_and_values[0]) and _matches(v, keys_and_values[1]) for k, v in value.items()))
     if isinstance(hint, type) and issubclass(hint, Config):
         return isinstance(value, (hint, dict))  # a nested config is built from its mapping in validate()
     target = origin or hint
@@ -126,7 +137,9 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type) and issubclass(hint, Config):
         return f"a mapping of {hint.__name__} options"
     text = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return f"a finite {text}" if hint is float else text
+    if hint is float:
+        return "a finite float"
+    return text.replace("float", "a finite float") if float in typing.get_args(hint) else text
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -147,6 +160,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     return data
+
+
+def check_argument(name: str, value: Any, hint: Any) -> None:
+    """An API argument checked against its annotation as config fields are: one line that names it, rather
+    than a TypeError deep inside."""
+    if not _matches(value, hint):
+        raise ConfigError(f"{name} must be {_describe(hint)}, got {value!r}")
+
+
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1, as numpy's legacy seeds: sums with a prompt's seed stay in torch's range
+
+
+def check_seed(owner: object, seed: int, name: str = "seed") -> None:
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT):
+        where = f"{type(owner).__name__}.{name}" if not isinstance(owner, str) else owner
+        raise ConfigError(f"{where} must be a whole number in 0 .. 2**32 - 1, got {seed!r}")
 
 
 def check_positive(owner: object, **values: float) -> None:

@@ -99,7 +99,7 @@ def check_output_directory(
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
     may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark)."""
-    out = Path(os.path.abspath(out))
+    out = Path(os.path.abspath(_as_path(out)))
     _check_parents(out)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file()
                                                or all(p.name in prepared for p in out.iterdir()))):
@@ -112,12 +112,21 @@ def check_output_directory(
 
 
 def check_output_file(path: str | Path) -> Path:
-    """``path`` if a command may write its output file there (not a folder, in a folder)."""
-    path = Path(path)
+    """``path`` if a command may write its output file there (not a folder, in a folder we may write)."""
+    path = Path(_as_path(path))
     _check_parents(path)
+    parent = Path(os.path.abspath(path)).parent
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise DarkMinerError(f"--out {path}: cannot write in {parent}; choose another --out")
     if path.is_dir():
         raise DarkMinerError(f"--out {path} is a folder; name a file")
     return path
+
+
+def _as_path(value: object, what: str = "--out") -> str | os.PathLike:
+    if not isinstance(value, str | os.PathLike):
+        raise DarkMinerError(f"{what} must be a path (a string or pathlib.Path), got {type(value).__name__} {value!r}")
+    return value
 
 
 def _check_parents(path: Path) -> None:
@@ -165,7 +174,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
     """Held while a run writes ``out``: a second darkminer run on the same ``out`` (which would interleave
     checkpoints and outputs with this one) is refused in one line. The lock is a hidden file beside
     ``out``, removed when the run ends; a run killed with -9 leaves it, unlocked, to be reused."""
-    out = Path(os.path.realpath(out))  # one lock however the folder is named (a link, its target)
+    out = Path(os.path.realpath(_as_path(out)))  # one lock however the folder is named (a link, its target)
     if fcntl is None or out in _LOCKED:
         yield
         return
@@ -264,6 +273,9 @@ def read_json(path: str | Path) -> Any:
         return json.loads(read_text(path, "JSON file"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path} does not exist") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise ModelLoadError(f"{path} is not a file where one was expected: a folder is in its place, or one of "
+                             "its parents is a file") from None
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): a run that wrote it was "
                              "cut short, or it was edited; repair it, or remove what holds it and rerun") from None

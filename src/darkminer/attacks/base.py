@@ -8,6 +8,7 @@ Every attack saves what it found so that it can be replayed on another model.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,15 @@ class AttackPrompt:
     text: str
     seed: int
     guidance: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise DarkMinerError(f"an attack prompt's text must be a string, got {self.text!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise DarkMinerError(f"an attack prompt's seed must be a whole number in 0 .. 2**64 - 1, got {self.seed!r}")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float)
+                                          or not math.isfinite(self.guidance)):
+            raise DarkMinerError(f"an attack prompt's guidance must be a finite number or None, got {self.guidance!r}")
 
 
 @dataclass

@@ -116,7 +116,8 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
     """The run's metadata (``attack.json`` without its results) and its results, embeddings included."""
     directory = Path(directory)
     data = read_json(directory / RESULTS_NAME)
-    if not isinstance(data, dict) or "results" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) or not all(
+            isinstance(row, dict) for row in data["results"]):
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds no attack results; re-run `darkminer attack`")
     rows = data.pop("results")
     needs_embeddings = any(row.get("soft") for row in rows)
@@ -124,7 +125,11 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
     missing = [i for i, row in enumerate(rows) if row.get("soft") and str(i) not in tensors]
     if missing:
         raise DarkMinerError(f"{directory / EMBEDDINGS_NAME} lacks embeddings of results {missing[:5]}; re-run the attack")
-    return data, [result_from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
+    try:
+        return data, [result_from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged result ({type(exc).__name__}: {exc}); "
+                             "re-run the attack") from None
 
 
 def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult], use_text: bool = False) -> torch.Tensor:
@@ -133,8 +138,12 @@ def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult
     ``use_text`` replays the readable text only (for a model with another tokenizer or text encoder).
     """
     conds = []
-    embed_dim = model.token_embedding.weight.shape[1]
+    vocabulary, embed_dim = model.token_embedding.weight.shape
     device = model.token_embedding.weight.device
+    for r in results:
+        if not use_text and r.input_ids is not None and not all(isinstance(i, int) and 0 <= i < vocabulary for i in r.input_ids):
+            raise DarkMinerError(f"a saved result's token ids fall outside this model's vocabulary of {vocabulary} "
+                                 "(damaged, or from another tokenizer); replay its text with --use-text")
     with torch.no_grad():
         for r in results:
             if r.embeddings is not None:  # a learned embedding (CCE's token): only the same text encoder reads it

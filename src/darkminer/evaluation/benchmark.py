@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from darkminer.config import Config
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.evaluation.evaluate import (
     METRICS_NAME,
     ORIGINAL_METHOD,
@@ -42,7 +42,7 @@ from darkminer.io import (
     write_json,
     write_text,
 )
-from darkminer.models import model_id
+from darkminer.models import check_device, model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions
 from darkminer.targets import check_kind
@@ -130,8 +130,6 @@ class BenchmarkConfig(Config):
 
             for concept in self.concepts:
                 get_concept(concept)  # an unknown name fails before any work
-        if not all(isinstance(anchor, str) for anchor in self.anchors.values()):
-            raise ConfigError(f"BenchmarkConfig.anchors maps concepts to prompts (text), got {self.anchors!r}")
         for name in ("anchors", "kinds"):
             unknown = sorted(set(getattr(self, name)) - set(self.concepts))
             if unknown:
@@ -145,6 +143,10 @@ class BenchmarkConfig(Config):
         if "attacks" in self.evaluation:
             raise ConfigError("set attacks at the top level of the benchmark config, not under evaluation")
         SpeedOptions.from_dict(self.speed)
+        try:  # now, not in the first cell after the output folder is made
+            check_device(self.device)
+        except ModelLoadError as exc:
+            raise ConfigError(f"BenchmarkConfig.device: {exc}") from None
         # attack_configs is checked once "all" is resolved to the registered attacks.
         EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
 
@@ -153,9 +155,6 @@ class BenchmarkConfig(Config):
         from darkminer.erasers.base import ERASERS, get_eraser
 
         names = sorted(ERASERS) if self.methods == ALL else list(self.methods)
-        for name, options in self.method_configs.items():
-            if not isinstance(options, dict):
-                raise ConfigError(f"BenchmarkConfig.method_configs.{name} must be a mapping of options, got {options!r}")
         unused = sorted(set(self.method_configs) - set(names))
         if unused:
             raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")

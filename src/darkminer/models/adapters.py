@@ -133,14 +133,24 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
     # one clear error for a truncated or foreign file, before diffusers parses it
     tensors, metadata = load_tensors_and_metadata(path)
+    foreign = sorted(k for k in tensors if not k.startswith("unet."))
+    if foreign:  # e.g. a text-encoder LoRA from another tool: applying the UNet part alone would be another model
+        raise ModelLoadError(f"{path} holds weights for other parts than the UNet ({foreign[0]}, ...); only UNet "
+                             "LoRA adapters are loaded")
     # Normalised key by key: files written before lora_state_dict used peft's format mix two formats.
-    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items()})
     adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
     try:
         model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"{path} does not fit this base model's UNet ({str(exc).splitlines()[0][:200]})") from None
+        raise ModelLoadError(f"{path} does not fit this base model's UNet ({' '.join(str(exc).split())[:300]})") from None
+    # diffusers only logs the LoRA weights a file lacks, and those layers keep their random initialisation.
+    made = {n.replace(f".{ADAPTER_NAME}.", ".") for n, _ in model.unet.named_parameters() if f".{ADAPTER_NAME}." in n}
+    missing, unused = sorted(made - set(state)), sorted(set(state) - made)
+    if missing or unused:
+        raise ModelLoadError(f"{path} does not fit the adapter it describes ({len(missing)} LoRA weights missing, e.g. "
+                             f"{missing[:1]}; {len(unused)} unused, e.g. {unused[:1]}): damaged or edited; re-create it")
     model.unet.requires_grad_(False)
 
 

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.registry import Registry
 
 
@@ -88,6 +88,9 @@ def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
     """Rebuild a saved guidance (``{"name": ..., **settings}``); ``None`` is plain CFG."""
     if data is None:
         return ClassifierFreeGuidance()
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"a saved guidance must be a JSON object with a name, got {type(data).__name__}; "
+                             "re-create the erased model")
     return GUIDANCES.lookup(data.get("name")).from_dict(model, data)
 
 

@@ -18,6 +18,7 @@ with a ``darkminer.json`` is whole.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,13 @@ EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.js
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+# What each field of darkminer.json holds: a damaged or hand-edited record is refused when read.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str, "concept": str, "base_model": str, "kind": str, "anchor": str, "config": dict, "extra": dict,
+    "versions": dict, "created": str, "format": int,
+}
+
+
 @dataclass
 class ErasedModelInfo:
     method: str
@@ -54,6 +62,8 @@ class ErasedModelInfo:
 
     @classmethod
     def read(cls, directory: str | Path) -> ErasedModelInfo:
+        if not isinstance(directory, str | os.PathLike):
+            raise ModelLoadError(f"an erased model is a folder path (--erased), got {type(directory).__name__} {directory!r}")
         directory = Path(directory)
         if directory.is_file():
             raise ModelLoadError(f"erased model {directory} is a file; give the folder `darkminer erase` wrote")
@@ -67,9 +77,15 @@ class ErasedModelInfo:
             raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
                                  f"--erased {directory / 'unet'}, with --model naming the base it came from")
         data = read_json(directory / INFO_NAME)
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{directory / INFO_NAME} is not an erased model's record (a JSON object); re-create it")
         missing = [k for k in ("method", "concept", "base_model", "kind") if k not in data]
         if missing:
             raise ModelLoadError(f"{directory / INFO_NAME} lacks {missing}; the directory is not an erased model")
+        wrong = [k for k, kind in _FIELD_TYPES.items() if k in data and not isinstance(data[k], kind)]
+        if wrong:
+            raise ModelLoadError(f"{directory / INFO_NAME}: {', '.join(wrong)} of the wrong type (edited or damaged); "
+                                 "re-create the erased model")
         if data["kind"] not in KINDS:
             raise ModelLoadError(f"{directory / INFO_NAME}: unknown kind {data['kind']!r}, expected one of {KINDS}")
         known = set(cls.__dataclass_fields__)

@@ -1,0 +1,147 @@
+"""Bad input, as a bad-input audit found it: damaged records and weights, wrong argument types, seeds out of
+range. Each is refused with one line (a DarkMinerError), never a traceback from deep inside or a silent
+acceptance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import darkminer
+from darkminer.attacks.base import AttackPrompt, AttackResult
+from darkminer.attacks.io import adversarial_conditions, load_results, save_results
+from darkminer.config import Config
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.io import load_tensors, read_json, save_tensors
+from darkminer.models import load_model
+from darkminer.targets import resolve_target
+
+TINY_DARKMINER = {"rounds": 1, "pool_size": 2, "k": 1, "mining_steps": 1, "circumvent_steps": 1, "verify_steps": 1,
+                  "pool_steps": 1, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip"}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    return darkminer.erase("darkminer", "nudity", tmp_path_factory.mktemp("dm") / "dm", model="tiny-random-sd",
+                           config=TINY_DARKMINER)
+
+
+def test_damaged_erased_model_records_are_refused_in_one_line(lora_dir, tmp_path):
+    info = json.loads((lora_dir / "darkminer.json").read_text())
+    for record, message in [
+        ("a string", "is not an erased model's record"),
+        ({**info, "base_model": 123}, "base_model of the wrong type"),
+        ({**info, "config": "oops"}, "config of the wrong type"),
+        ({**info, "method": None, "extra": "x"}, "method, extra of the wrong type"),
+    ]:
+        damaged = tmp_path / "damaged"
+        shutil.copytree(lora_dir, damaged, dirs_exist_ok=True)
+        (damaged / "darkminer.json").write_text(json.dumps(record))
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(erased=damaged)
+    sld = darkminer.erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
+    (sld / "guidance.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="a saved guidance must be a JSON object with a name, got list"):
+        load_model(erased=sld)
+    with pytest.raises(ModelLoadError, match="an erased model is a folder path \\(--erased\\), got int 5"):
+        load_model(erased=5)
+
+
+def test_a_lora_file_with_weights_missing_renamed_or_foreign_is_refused(lora_dir, tmp_path):
+    weights = load_tensors(lora_dir / "pytorch_lora_weights.safetensors")
+    first = next(iter(weights))
+    renamed = {("unet.bogus." + k.removeprefix("unet.")) if k == first else k: v for k, v in weights.items()}
+    for tensors, message in [
+        ({k: v for k, v in weights.items() if k != first}, "1 LoRA weights missing"),
+        (renamed, "1 LoRA weights missing, .*1 unused"),
+        ({**weights, "text_encoder.layer.lora_A.weight": weights[first].clone()}, "holds weights for other parts than the UNet"),
+    ]:
+        damaged = tmp_path / "damaged"
+        shutil.copytree(lora_dir, damaged, dirs_exist_ok=True)
+        save_tensors(damaged / "pytorch_lora_weights.safetensors", tensors)
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(erased=damaged)
+    assert load_model(erased=lora_dir) is not None  # the file as written loads
+
+
+@dataclass
+class _Options(Config):
+    seed: int = 0
+    names: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    pair: tuple[int, str] = (0, "a")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"seed": -1}, "_Options.seed must be a whole number in 0 .. 2\\*\\*32 - 1, got -1"),
+    ({"seed": 2**40}, "_Options.seed must be a whole number"),
+    ({"names": [["uce"]]}, "_Options.names must be list\\[str\\]"),
+    ({"names": ["a", 1]}, "_Options.names must be list\\[str\\]"),
+    ({"weights": {"a": "heavy"}}, "_Options.weights must be dict\\[str, a finite float\\]"),
+    ({"weights": {1: 2.0}}, "_Options.weights must be dict"),
+    ({"pair": [1, 2]}, "_Options.pair must be tuple\\[int, str\\]"),
+    ({"pair": [1, "a", "b"]}, "_Options.pair must be tuple"),
+    ({1: 2, "bogus": 3}, "unknown option\\(s\\) \\[1, 'bogus'\\]"),
+])
+def test_config_values_are_checked_inside_containers_and_seeds_in_range(options, message):
+    with pytest.raises(ConfigError, match=message):
+        _Options.from_dict(options)
+    assert _Options.from_dict({"seed": 2**32 - 1, "names": ["a"], "weights": {"a": 1}, "pair": [3, "b"]}).pair == [3, "b"]
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: darkminer.generate(None), "prompt must be str, got None"),
+    (lambda: darkminer.generate("a cat", n="2"), "n \\(-n\\) must be int, got '2'"),
+    (lambda: darkminer.generate("a cat", n=True), "n \\(-n\\) must be int, got True"),
+    (lambda: darkminer.generate("a cat", seed=-1), "seed \\(--seed\\) must be a whole number in 0 .. 2\\*\\*32 - 1"),
+    (lambda: darkminer.generate("a cat", steps="1"), "steps \\(--steps\\) must be int \\| None"),
+    (lambda: darkminer.erase("uce", "blood", 123), "--out must be a path \\(a string or pathlib.Path\\), got int 123"),
+    (lambda: darkminer.erase("uce", "blood", "x", anchor=5), "anchor must be str \\| None, got 5"),
+    (lambda: darkminer.attack("plain", "blood", n_prompts=True), "n_prompts \\(--n-prompts\\) must be int"),
+    (lambda: darkminer.evaluate("blood", 5), "--out must be a path"),
+    (lambda: AttackPrompt("a heart", "zero"), "seed must be a whole number in 0 .. 2\\*\\*64 - 1, got 'zero'"),
+    (lambda: AttackPrompt("a heart", -1), "seed must be a whole number"),
+    (lambda: AttackPrompt("a heart", 0, float("nan")), "guidance must be a finite number or None"),
+    (lambda: AttackPrompt(None, 0), "text must be a string"),
+])
+def test_api_arguments_of_the_wrong_type_fail_in_one_line(call, message):
+    with pytest.raises(DarkMinerError, match=message):
+        call()
+
+
+def test_damaged_attack_results_are_refused_in_one_line(tiny_sd, tmp_path):
+    target = resolve_target(tiny_sd, "nudity")
+    result = AttackResult(AttackPrompt("a nude", 1), "a nude", False, True, input_ids=[0] * tiny_sd.max_length)
+    saved = save_results(tmp_path / "att", [result], attack="plain", config={}, target=target, model=tiny_sd.name)
+    data = read_json(saved / "attack.json")
+    for edit, message in [
+        (lambda d: d["results"][0].pop("prompt"), "holds a damaged result \\(KeyError"),
+        (lambda d: d["results"][0].update(seed="abc"), "holds a damaged result \\(ValueError"),
+        (lambda d: d.update(results="x"), "holds no attack results"),
+    ]:
+        damaged = json.loads(json.dumps(data))
+        edit(damaged)
+        (saved / "attack.json").write_text(json.dumps(damaged))
+        with pytest.raises(DarkMinerError, match=message):
+            load_results(saved)
+    with pytest.raises(DarkMinerError, match="is not a file where one was expected"):
+        load_results(saved / "attack.json")  # a file given for the folder
+    huge = AttackResult(result.prompt, "x", False, True, input_ids=[10**9] * tiny_sd.max_length)
+    with pytest.raises(DarkMinerError, match="token ids fall outside this model's vocabulary .*--use-text"):
+        adversarial_conditions(tiny_sd, [huge])
+    assert adversarial_conditions(tiny_sd, [huge], use_text=True).shape[0] == 1  # the text still replays
+
+
+def test_an_output_file_in_a_folder_we_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    from darkminer import io
+
+    real_access = os.access
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    with pytest.raises(DarkMinerError, match=f"cannot write in {tmp_path}; choose another --out"):
+        darkminer.generate("a cat", tmp_path / "g.png", model="no/such-model")  # refused before the (failing) load
