@@ -145,3 +145,11 @@ def test_an_output_file_in_a_folder_we_cannot_write_is_refused_before_any_work(t
     monkeypatch.setattr(io.os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
     with pytest.raises(DarkMinerError, match=f"cannot write in {tmp_path}; choose another --out"):
         darkminer.generate("a cat", tmp_path / "g.png", model="no/such-model")  # refused before the (failing) load
+
+
+def test_a_lora_placement_that_matches_nothing_fails_before_the_pools_and_leaves_nothing_to_resume(tmp_path):
+    out = tmp_path / "dm"
+    with pytest.raises(ConfigError, match="the target 'zzz_nomatch' matches no Linear/Conv2d module of this UNet"):
+        darkminer.erase("darkminer", "nudity", out, model="tiny-random-sd",
+                        config={**TINY_DARKMINER, "lora": {"target": "zzz_nomatch"}})
+    assert darkminer.erase("darkminer", "nudity", out, model="tiny-random-sd", config=TINY_DARKMINER) == out  # no --resume

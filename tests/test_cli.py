@@ -34,6 +34,19 @@ def test_help(argv, capsys):
     assert "usage: darkminer" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "--prompt", "a cat", "--seed", "abc", "--out", "x.png"], "argument --seed: invalid int value: 'abc' "
+                                                                            "(see `darkminer generate --help`)"),
+    (["erase", "--method", "uce"], "the following arguments are required: --concept, --out"),
+    (["testbed", "check"], "required: --out (see `darkminer testbed check --help`)"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_usage_errors_are_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in _error_line(capsys)
+
+
 def test_generate_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2", "--out", str(out)]) == 0

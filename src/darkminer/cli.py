@@ -9,13 +9,22 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from darkminer.commands import COMMAND_MODULES
 from darkminer.errors import DarkMinerError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (argparse prints its usage block first); the
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"darkminer: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="darkminer",
         description="Erase a concept from a text-to-image diffusion model so that no prompt brings it back.",
     )

@@ -25,7 +25,7 @@ from darkminer.erasers.darkminer.verifying import verify
 from darkminer.erasers.training import iteration_generator
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_tensors, read_json, save_tensors, write_json, write_text
-from darkminer.models.adapters import ADAPTER_NAME, add_lora
+from darkminer.models.adapters import ADAPTER_NAME, add_lora, target_module_names
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
 from darkminer.parallel import init_processes
@@ -70,6 +70,7 @@ class DarkMiner(Eraser):
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: DarkMinerConfig = self.config
         processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
+        target_module_names(model, cfg.lora.pattern)  # a placement that matches nothing fails before the pools
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
         pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
