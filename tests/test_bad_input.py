@@ -153,3 +153,15 @@ def test_a_lora_placement_that_matches_nothing_fails_before_the_pools_and_leaves
         darkminer.erase("darkminer", "nudity", out, model="tiny-random-sd",
                         config={**TINY_DARKMINER, "lora": {"target": "zzz_nomatch"}})
     assert darkminer.erase("darkminer", "nudity", out, model="tiny-random-sd", config=TINY_DARKMINER) == out  # no --resume
+
+
+def test_an_output_may_neither_lie_in_nor_hold_the_erased_model_it_reads(tmp_path):
+    erased = darkminer.erase("uce", "nudity", tmp_path / "uce", model="tiny-random-sd")
+    overlapping = "--out .* and --erased .* overlap; write the output outside the erased model's folder"
+    for call in (lambda: darkminer.attack("plain", "nudity", erased / "attack", erased=erased),
+                 lambda: darkminer.export(erased, erased / "pipeline"),
+                 lambda: darkminer.evaluate("nudity", tmp_path, erased=erased),  # holds it
+                 lambda: darkminer.generate("a cat", erased / "cat.png", erased=erased)):
+        with pytest.raises(DarkMinerError, match=overlapping):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uce"] and not (erased / "attack").exists()

@@ -205,7 +205,7 @@ def generate(
     if out is not None:
         if not str(out).lower().endswith(".png"):
             raise ConfigError(f"--out must name a .png file, got {out}")
-        check_output_file(out)
+        check_output_file(out, apart_from=erased)
     processes = init_processes()  # before loading: under a launcher each process takes its own GPU
     net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     seeds = [seed + i for i in range(n)]
@@ -255,7 +255,7 @@ def attack(
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     grading = EvaluationConfig.coerce(grading)
     if out is not None:
-        check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT)
+        check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
     check_kind(kind)
     net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     # The attacks that read the target's own prompts (Ring-A-Bell's concept vector) get at least the 64 that
@@ -290,7 +290,7 @@ def export(
                              "weights, so no plain pipeline carries it; deploy it through darkminer")
     # The marker is darkminer's own record, not model_index.json: every pipeline folder has one, and a
     # user's base model given as --out would be replaced.
-    out = check_output_directory(out, EXPORT_INFO, EXPORTED_KIND)
+    out = check_output_directory(out, EXPORT_INFO, EXPORTED_KIND, apart_from=erased)
     loaded = load_model(model, erased=erased, dtype=dtype)
     if not isinstance(loaded, StableDiffusionModel):
         raise DarkMinerError(f"export writes a diffusers Stable Diffusion pipeline; {loaded.name!r} is not one")

@@ -92,15 +92,18 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 
 def check_output_directory(
-    out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = ()
+    out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = (),
+    apart_from: str | Path | None = None,
 ) -> Path:
     """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, an
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
-    may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark)."""
+    may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark).
+    ``apart_from``: the erased model the command reads, which ``out`` may neither lie in nor hold."""
     out = Path(os.path.abspath(_as_path(out)))
     _check_parents(out)
+    _check_apart(out, apart_from)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file()
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"--out {out} exists and is not {what}; choose another --out")
@@ -111,10 +114,12 @@ def check_output_directory(
     return out
 
 
-def check_output_file(path: str | Path) -> Path:
-    """``path`` if a command may write its output file there (not a folder, in a folder we may write)."""
+def check_output_file(path: str | Path, apart_from: str | Path | None = None) -> Path:
+    """``path`` if a command may write its output file there (not a folder, in a folder we may write, not
+    inside the erased model ``apart_from`` the command reads)."""
     path = Path(_as_path(path))
     _check_parents(path)
+    _check_apart(path, apart_from)
     parent = Path(os.path.abspath(path)).parent
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise DarkMinerError(f"--out {path}: cannot write in {parent}; choose another --out")
@@ -127,6 +132,17 @@ def _as_path(value: object, what: str = "--out") -> str | os.PathLike:
     if not isinstance(value, str | os.PathLike):
         raise DarkMinerError(f"{what} must be a path (a string or pathlib.Path), got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_apart(out: Path, erased: str | Path | None) -> None:
+    """An output inside the erased model it was made from would be deleted with it by the next erase into
+    that folder; one that holds it would replace it."""
+    if erased is None or not isinstance(erased, str | os.PathLike):  # a wrong type is the loader's to name
+        return
+    source, target = Path(os.path.realpath(erased)), Path(os.path.realpath(out))
+    if target.is_relative_to(source) or source.is_relative_to(target):
+        raise DarkMinerError(f"--out {out} and --erased {erased} overlap; write the output outside the erased "
+                             "model's folder")
 
 
 def _check_parents(path: Path) -> None:

@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.models import load_model
         from darkminer.targets import resolve_target
 
-        check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND)  # before loading the model
+        check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased)  # before loading
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)

@@ -270,7 +270,7 @@ def evaluate(
     """
     cfg = EvaluationConfig.coerce(config)
     if out is not None:
-        check_output_directory(out, METRICS_NAME, OUTPUT_KIND)
+        check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased)
     attacks_to_run = {name: build_attack(name, cfg.attack_configs.get(name)) for name in cfg.attacks}  # bad names
     # or options fail before any work
     started = time.time()
