@@ -165,3 +165,23 @@ def test_an_output_may_neither_lie_in_nor_hold_the_erased_model_it_reads(tmp_pat
         with pytest.raises(DarkMinerError, match=overlapping):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uce"] and not (erased / "attack").exists()
+
+
+def test_wrong_kinds_of_paths_and_empty_or_negative_settings_are_named(tmp_path):
+    from darkminer.config import load_config_file
+    from darkminer.erasers.darkminer import DarkMinerConfig
+    from darkminer.evaluation.metrics import reference_image_paths
+    from darkminer.prompts import read_prompt_csv
+    from darkminer.testbed.check import CheckConfig
+
+    with pytest.raises(ConfigError, match="config file .* is a folder; give a JSON or YAML file"):
+        load_config_file(tmp_path)
+    with pytest.raises(DarkMinerError, match="prompt file .* is a folder; give a CSV file"):
+        read_prompt_csv(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"")
+    with pytest.raises(DarkMinerError, match="FID reference folder .* is a file; give a folder of images"):
+        reference_image_paths(tmp_path / "photo.png")
+    with pytest.raises(ConfigError, match="CheckConfig.concepts is empty"):
+        CheckConfig(concepts=[])
+    with pytest.raises(ConfigError, match="DarkMinerConfig.guidance_scale must be > 0, got -1"):
+        DarkMinerConfig(guidance_scale=-1.0)

@@ -145,7 +145,7 @@ def _describe(hint: Any) -> str:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} {'is a folder; give a JSON or YAML file' if path.is_dir() else 'does not exist'}")
     text = read_text(path, "config file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -196,7 +196,7 @@ def read_csv_table(path: str | Path) -> CsvTable:
     written back without re-quoting anything. Read as ``read_prompt_csv`` reads (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise DarkMinerError(f"prompt file {path} does not exist")
+        raise DarkMinerError(f"prompt file {path} {'is a folder; give a CSV file' if path.is_dir() else 'does not exist'}")
     lines = io.StringIO(read_text(path, "prompt file", newline=""), newline="")  # "\r\n" kept
     consumed: list[str] = []
 

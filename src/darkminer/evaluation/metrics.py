@@ -129,7 +129,7 @@ def reference_image_paths(folder: str | Path) -> list[Path]:
     """The image files of a FID reference folder (e.g. real COCO photos), sorted; at least two."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DarkMinerError(f"FID reference folder {folder} does not exist")
+        raise DarkMinerError(f"FID reference folder {folder} {'is a file; give a folder of images' if folder.exists() else 'does not exist'}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(paths) < 2:
         raise DarkMinerError(f"FID reference folder {folder} holds {len(paths)} image(s) ({', '.join(IMAGE_SUFFIXES)}); "

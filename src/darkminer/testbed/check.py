@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darkminer.config import Config, check_positive
+from darkminer.errors import ConfigError
 from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.provenance import file_digest
 from darkminer.testbed import captions, world
@@ -57,6 +58,8 @@ class CheckConfig(Config):
                        cce_steps=self.cce_steps, esd_lr=self.esd_lr, judge_images=self.judge_images,
                        timing_images=self.timing_images)
         judge_weights(self.judge)
+        if not self.concepts:
+            raise ConfigError("CheckConfig.concepts is empty; name at least one concept (darkminer testbed concepts)")
         for name in self.concepts:
             get_concept(name)
 

@@ -94,6 +94,8 @@ class DarkMinerConfig(EraserConfig):
                            erase_guidance=self.erase_guidance)
         if self.pool_steps is not None:
             check_positive(self, pool_steps=self.pool_steps)
+        if self.guidance_scale is not None:
+            check_positive(self, guidance_scale=self.guidance_scale)
         if not 0.0 <= self.trajectory_share <= 1.0:
             raise ConfigError(f"DarkMinerConfig.trajectory_share must lie in [0, 1], not {self.trajectory_share}")
         check_choice(self, "space", self.space, SPACES)
