@@ -105,8 +105,8 @@ def test_config_values_are_checked_inside_containers_and_seeds_in_range(options,
     (lambda: darkminer.evaluate("blood", 5), "--out must be a path"),
     (lambda: AttackPrompt("a heart", "zero"), "seed must be a whole number in 0 .. 2\\*\\*64 - 1, got 'zero'"),
     (lambda: AttackPrompt("a heart", -1), "seed must be a whole number"),
-    (lambda: AttackPrompt("a heart", 0, float("nan")), "guidance must be a finite number or None"),
-    (lambda: AttackPrompt(None, 0), "text must be a string"),
+    (lambda: AttackPrompt("a heart", 0, float("nan")), "guidance must be a finite float \\| None, got nan"),
+    (lambda: AttackPrompt(None, 0), "text must be str, got None"),
 ])
 def test_api_arguments_of_the_wrong_type_fail_in_one_line(call, message):
     with pytest.raises(DarkMinerError, match=message):
@@ -131,7 +131,7 @@ def test_damaged_attack_results_are_refused_in_one_line(tiny_sd, tmp_path):
     with pytest.raises(DarkMinerError, match="is not a file where one was expected"):
         load_results(saved / "attack.json")  # a file given for the folder
     huge = AttackResult(result.prompt, "x", False, True, input_ids=[10**9] * tiny_sd.max_length)
-    with pytest.raises(DarkMinerError, match="token ids fall outside this model's vocabulary .*--use-text"):
+    with pytest.raises(DarkMinerError, match="token ids fall outside this model's vocabulary of .*re-run the attack"):
         adversarial_conditions(tiny_sd, [huge])
     assert adversarial_conditions(tiny_sd, [huge], use_text=True).shape[0] == 1  # the text still replays
 
@@ -185,3 +185,54 @@ def test_wrong_kinds_of_paths_and_empty_or_negative_settings_are_named(tmp_path)
         CheckConfig(concepts=[])
     with pytest.raises(ConfigError, match="DarkMinerConfig.guidance_scale must be > 0, got -1"):
         DarkMinerConfig(guidance_scale=-1.0)
+
+
+def test_what_the_stricter_checks_still_accept_and_where_they_apply(tiny_sd, tmp_path):
+    import numpy as np
+
+    from darkminer.attacks.base import build_attack
+    from darkminer.attacks.cce import CCEConfig
+    from darkminer.attacks.ringabell import read_pairs
+    from darkminer.config import check_argument, check_seed
+    from darkminer.evaluation import EvaluationConfig
+    from darkminer.evaluation.benchmark import BenchmarkConfig
+    from darkminer.prompts import RowCondition
+
+    # Paths and numpy numbers inside containers become plain values; build_attack's inputs stay accepted.
+    config = BenchmarkConfig(model="tiny-random-sd", concepts=["nudity"], methods=["uce"], prompts={"nudity": Path("b.csv")})
+    assert config.prompts == {"nudity": "b.csv"}
+    evaluation = EvaluationConfig(attacks=["cce", "plain"], attack_configs={"cce": CCEConfig(steps=3), "plain": None})
+    assert build_attack("cce", evaluation.attack_configs["cce"]).config.steps == 3
+    check_seed("seed", np.int64(3))
+    check_argument("n", np.int64(2), int)
+    # A prompt's seed may be up to 2**64 - 1; the attack's own seed added to it wraps into torch's range.
+    attack = build_attack("p4d", {"seed": 5})
+    assert attack.generator(AttackPrompt("x", 2**64 - 1)).initial_seed() == 4
+    assert not RowCondition.parse("n=10").matches("1_0")  # Python's digit separators are no CSV number
+    with pytest.raises(DarkMinerError, match="Ring-A-Bell pairs file .* does not exist"):
+        read_pairs(tmp_path / "pairs.csv")
+    # Ids of another tokenizer's length replay from the text: only ids that would be used are checked.
+    foreign = AttackResult(AttackPrompt("a nude", 1), "a nude", False, True, input_ids=[10**9] * (tiny_sd.max_length + 1))
+    assert adversarial_conditions(tiny_sd, [foreign]).shape[0] == 1
+    saved = save_results(tmp_path / "att", [foreign], attack="plain", config={}, target=resolve_target(tiny_sd, "nudity"),
+                         model=tiny_sd.name)
+    data = read_json(saved / "attack.json")
+    data["results"][0]["seed"] = -1
+    (saved / "attack.json").write_text(json.dumps(data))
+    with pytest.raises(DarkMinerError, match="attack.json holds a damaged result .*seed must be a whole number"):
+        load_results(saved)
+
+
+def test_run_attack_checks_the_erased_model_and_its_output_before_attacking(tiny_sd, tmp_path):
+    from darkminer.attacks.base import build_attack
+    from darkminer.attacks.io import run_attack
+
+    erased = darkminer.erase("uce", "nudity", tmp_path / "uce", model="tiny-random-sd")
+    attack = build_attack("plain")
+    attack.run = lambda *args, **kwargs: pytest.fail("attacked before the checks")
+    target, prompts = resolve_target(tiny_sd, "nudity"), [AttackPrompt("a nude", 1)]
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        run_attack(attack, tiny_sd, target, prompts, lambda images: images.mean() > 2, out=tmp_path / "a",
+                   erased=tmp_path / "no-such")
+    with pytest.raises(DarkMinerError, match="overlap"):
+        run_attack(attack, tiny_sd, target, prompts, lambda images: images.mean() > 2, out=erased / "a", erased=erased)

@@ -264,7 +264,9 @@ def test_cli_info_prints_rows_columns_and_item_counts(source, capsys):
     assert main(["prompts", "info", str(source), "--column", "evaluation_seed"]) == 0
     assert capsys.readouterr().out.splitlines()[2] == f"evaluation_seed: min 1, median 3.5, max {2**60 + 1}"
     assert main(["prompts", "info", str(source), "--column", "nudity_percentage"]) == 0
-    assert "nudity_percentage" in capsys.readouterr().out  # "n/a" makes it a text column: items, not a range
+    lines = capsys.readouterr().out.splitlines()  # "n/a" makes it a text column: items, not a range
+    assert lines[2] == "nudity_percentage (rows holding each item, 1 empty):"
+    assert [line.split() for line in lines[3:]] == [["1", v] for v in ("10.0", "60.0", "75", "90", "n/a")]
 
 
 @pytest.mark.parametrize(("where", "message"), [

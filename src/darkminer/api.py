@@ -20,6 +20,7 @@ from darkminer.io import (
     is_temporary_file,
     output_directory,
     remove_stale_temporaries,
+    what_differs,
     write_json,
 )
 from darkminer.models import load_model, model_id
@@ -60,8 +61,8 @@ def _claim_work_dir(work_dir: Path, run: dict) -> None:
     remove_stale_temporaries(work_dir)  # the erase holds --out's lock, and the work directory is --out's
     changed = claim_record(work_dir / RUN_FILE, run)
     if changed:
-        raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run (its {', '.join(changed)} "
-                          f"{'differs' if len(changed) == 1 else 'differ'}); delete that folder to start over")
+        raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run ({what_differs(changed)}); "
+                          "delete that folder to start over")
 
 
 def _has_checkpoint(work_dir: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -77,6 +78,11 @@ class Config:
         return type(self).from_dict({**self.to_dict(), **changes})
 
 
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON/YAML fits a type annotation, as config fields are checked."""
+    return _matches(value, hint)
+
+
 def _matches(value: Any, hint: Any) -> bool:
     """Whether ``value`` (as read from JSON/YAML) fits the annotation ``hint``; containers by their outer type."""
     origin = typing.get_origin(hint)
@@ -117,7 +123,11 @@ def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
     becomes that number, a numpy or torch number a Python one, a path a string where a string belongs."""
     if _matches(value, hint):
         return value
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # np.int64(3), torch.tensor(0.5)
+    if isinstance(value, list | tuple | dict):  # items as at the top level: a Path or numpy number inside a list
+        plain = _plain_items(value)
+        if _matches(plain, hint):
+            return plain
+    if _is_scalar(value):  # np.int64(3), torch.tensor(0.5)
         plain = value.item()
         if _matches(plain, hint):
             return plain
@@ -131,6 +141,22 @@ def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
         if number is not None and _matches(number, hint):
             return number
     raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}, got {value!r}")
+
+
+def _is_scalar(value: Any) -> bool:
+    """A numpy or torch number (0-d), which JSON and the checks above know only as its Python value."""
+    return getattr(value, "ndim", None) == 0 and hasattr(value, "item")
+
+
+def _plain_items(value: Any) -> Any:
+    """A container with its paths as strings and its numpy/torch numbers as Python numbers, at any depth."""
+    if isinstance(value, dict):
+        return {_plain_items(k): _plain_items(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain_items(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value.item() if _is_scalar(value) else value
 
 
 def _describe(hint: Any) -> str:
@@ -165,17 +191,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def check_argument(name: str, value: Any, hint: Any) -> None:
     """An API argument checked against its annotation as config fields are: one line that names it, rather
     than a TypeError deep inside."""
-    if not _matches(value, hint):
+    if not _matches(value.item() if _is_scalar(value) else value, hint):
         raise ConfigError(f"{name} must be {_describe(hint)}, got {value!r}")
 
 
-SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1, as numpy's legacy seeds: sums with a prompt's seed stay in torch's range
+SEED_LIMIT = 2**32  # config seeds are 0 .. 2**32 - 1, as numpy's legacy seeds
+PROMPT_SEED_LIMIT = 2**64  # a prompt's own seed (a CSV's evaluation_seed): torch's whole range
 
 
-def check_seed(owner: object, seed: int, name: str = "seed") -> None:
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT):
+def check_seed(owner: object, seed: int, name: str = "seed", limit: int = SEED_LIMIT) -> None:
+    """``owner``: the config the seed belongs to, or the text that names it."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < limit):
         where = f"{type(owner).__name__}.{name}" if not isinstance(owner, str) else owner
-        raise ConfigError(f"{where} must be a whole number in 0 .. 2**32 - 1, got {seed!r}")
+        raise ConfigError(f"{where} must be a whole number in 0 .. 2**{limit.bit_length() - 1} - 1, got {seed!r}")
 
 
 def check_positive(owner: object, **values: float) -> None:

@@ -380,6 +380,11 @@ def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, A
     return changed_keys(read_json(path), record, defaults)
 
 
+def what_differs(changed: list[str]) -> str:
+    """``changed`` keys in an error: "its config differs", "its config, target differ"."""
+    return f"its {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
+
+
 def changed_keys(stored: dict[str, Any], record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """The top-level keys where ``stored`` differs from ``record``; a key ``stored`` lacks counts as its
     value in ``defaults``."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from darkminer.config import PROMPT_SEED_LIMIT
 from darkminer.errors import DarkMinerError
 from darkminer.io import atomic_path, check_output_file, read_text
 
@@ -71,7 +72,7 @@ def _seed(value: str) -> int:
         if not number.is_integer():
             raise ValueError(f"evaluation_seed {value!r} is not a whole number") from None
         seed = int(number)
-    if not 0 <= seed < 2**64:
+    if not 0 <= seed < PROMPT_SEED_LIMIT:
         raise ValueError(f"evaluation_seed {value!r} is outside 0 .. 2**64 - 1")
     return seed
 
@@ -160,6 +161,8 @@ _COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": ope
 def _as_number(text: str) -> int | float | None:
     """A cell as a number, None if it is not one (or NaN). Integers stay integers: seeds reach 2**64,
     beyond what a float holds exactly."""
+    if "_" in text:  # Python reads "1_0" as 10; a CSV cell does not mean that
+        return None
     try:
         return int(text)
     except ValueError:
@@ -191,13 +194,13 @@ class CsvTable:
             raise DarkMinerError(f"{self.path} has no column {column!r} (columns: {', '.join(self.columns)})")
 
 
-def read_csv_table(path: str | Path) -> CsvTable:
+def read_csv_table(path: str | Path, what: str = "prompt file") -> CsvTable:
     """A CSV's header and rows, each row with the exact text it has in the file, so that a subset can be
     written back without re-quoting anything. Read as ``read_prompt_csv`` reads (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise DarkMinerError(f"prompt file {path} {'is a folder; give a CSV file' if path.is_dir() else 'does not exist'}")
-    lines = io.StringIO(read_text(path, "prompt file", newline=""), newline="")  # "\r\n" kept
+        raise DarkMinerError(f"{what} {path} {'is a folder; give a CSV file' if path.is_dir() else 'does not exist'}")
+    lines = io.StringIO(read_text(path, what, newline=""), newline="")  # "\r\n" kept
     consumed: list[str] = []
 
     def feed() -> Iterator[str]:

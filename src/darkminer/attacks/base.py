@@ -8,7 +8,6 @@ Every attack saves what it found so that it can be replayed on another model.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from darkminer.config import Config
+from darkminer.config import PROMPT_SEED_LIMIT, Config, check_argument, check_seed
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.registry import Registry
@@ -37,13 +36,9 @@ class AttackPrompt:
     guidance: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise DarkMinerError(f"an attack prompt's text must be a string, got {self.text!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise DarkMinerError(f"an attack prompt's seed must be a whole number in 0 .. 2**64 - 1, got {self.seed!r}")
-        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float)
-                                          or not math.isfinite(self.guidance)):
-            raise DarkMinerError(f"an attack prompt's guidance must be a finite number or None, got {self.guidance!r}")
+        check_argument("an attack prompt's text", self.text, str)
+        check_seed("an attack prompt's seed", self.seed, limit=PROMPT_SEED_LIMIT)
+        check_argument("an attack prompt's guidance", self.guidance, float | None)
 
 
 @dataclass

@@ -85,12 +85,11 @@ def save_results(
     target: EraseTarget,
     model: str,
     success: SuccessFn | None = None,
-    erased: str | Path | None = None,
+    erased: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
     A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader;
-    ``erased``, the erased model's folder the attacked model was loaded from, with its record."""
-    erased_record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
+    ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``)."""
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -101,7 +100,7 @@ def save_results(
             "config": config,
             "target": target.to_dict(),
             "model": model,
-            "erased": erased_record,
+            "erased": erased,
             "detector": success.describe() if hasattr(success, "describe") else None,
             "attack_success_rate": attack_success_rate(results),
             "success_before_rate": before_and_after_rates(results)[0],
@@ -127,7 +126,7 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
         raise DarkMinerError(f"{directory / EMBEDDINGS_NAME} lacks embeddings of results {missing[:5]}; re-run the attack")
     try:
         return data, [result_from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, DarkMinerError) as exc:
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged result ({type(exc).__name__}: {exc}); "
                              "re-run the attack") from None
 
@@ -140,10 +139,14 @@ def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult
     conds = []
     vocabulary, embed_dim = model.token_embedding.weight.shape
     device = model.token_embedding.weight.device
-    for r in results:
-        if not use_text and r.input_ids is not None and not all(isinstance(i, int) and 0 <= i < vocabulary for i in r.input_ids):
+
+    def token_ids(r: AttackResult) -> torch.Tensor:
+        """The saved ids as a batch of one, checked: a damaged file's would index outside the embedding table."""
+        if not all(isinstance(i, int) and 0 <= i < vocabulary for i in r.input_ids):
             raise DarkMinerError(f"a saved result's token ids fall outside this model's vocabulary of {vocabulary} "
-                                 "(damaged, or from another tokenizer); replay its text with --use-text")
+                                 "(damaged, or from another tokenizer); re-run the attack on a model like this one")
+        return torch.tensor([r.input_ids], device=device)
+
     with torch.no_grad():
         for r in results:
             if r.embeddings is not None:  # a learned embedding (CCE's token): only the same text encoder reads it
@@ -157,10 +160,10 @@ def adversarial_conditions(model: DiffusionModel, results: Sequence[AttackResult
                         f"does not fit this model ({model.max_length} positions, {embed_dim}-d); it replays only on "
                         "a model with the same text encoder"
                     )
-                ids = torch.tensor([r.input_ids], device=device)
-                conds.append(model.encode_embeddings(r.embeddings.unsqueeze(0).to(model.token_embedding.weight), ids))
+                conds.append(model.encode_embeddings(r.embeddings.unsqueeze(0).to(model.token_embedding.weight),
+                                                     token_ids(r)))
             elif not use_text and r.input_ids is not None and len(r.input_ids) == model.max_length:
-                conds.append(model.encode_ids(torch.tensor([r.input_ids], device=device)))
+                conds.append(model.encode_ids(token_ids(r)))
             else:
                 conds.append(model.encode([r.adversarial_text]))
     return torch.cat(conds)
@@ -199,10 +202,11 @@ def run_attack(
     ``model`` was loaded from, recorded with the results)."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
-    if out is not None:
-        check_output_directory(out, RESULTS_NAME, OUTPUT_KIND)  # before the attack, not after it
+    if out is not None:  # before the attack, not after it
+        check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
+    record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
     results = attack.run(model, target, prompts, success, original=original)
     if out is not None:
         save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name,
-                     success=success, erased=erased)
+                     success=success, erased=record)
     return results

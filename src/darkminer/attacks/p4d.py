@@ -106,7 +106,7 @@ class Prompting4Debugging(PromptwiseAttack):
     ) -> AttackResult:
         cfg: P4DConfig = self.config  # type: ignore[assignment]
         slotted = build_slotted(model, [p4d_rows(prompt_token_ids(model, prompt.text), cfg)])
-        generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
+        generator = self.generator(prompt)
         with torch.no_grad():
             prompt_cond = model.encode([prompt.text])
             start = random_token_ids(model, (slotted.n_slots,), generator)

@@ -73,7 +73,7 @@ _FEW_PAIRS = 8
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    table = read_csv_table(path)
+    table = read_csv_table(path, "Ring-A-Bell pairs file")
     if not set(PAIR_COLUMNS) <= set(table.columns):
         raise DarkMinerError(f"{path} needs the columns {list(PAIR_COLUMNS)} (has {table.columns})")
     sensitive, normal = PAIR_COLUMNS

@@ -131,6 +131,11 @@ class PromptwiseAttack(Attack):
                 results[i].seconds = shared + drawn + time.time() - started
         return results
 
+    def generator(self, prompt: AttackPrompt) -> torch.Generator:
+        """The search's randomness for one prompt: the attack's seed plus the prompt's (which a CSV may set
+        up to 2**64 - 1, so the sum wraps into torch's seed range)."""
+        return torch.Generator().manual_seed((self.config.seed + prompt.seed) % 2**64)
+
     @abstractmethod
     def target_latents(
         self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt], success: SuccessFn

@@ -106,7 +106,7 @@ class UnlearnDiffAtk(PromptwiseAttack):
         slotted = build_slotted(model, [slots + content if cfg.insertion == "prefix" else content + slots])
         vocabulary = allowed_token_ids(model)
         table = model.token_embedding.weight.detach()[vocabulary]
-        generator = torch.Generator().manual_seed(cfg.seed + prompt.seed)
+        generator = self.generator(prompt)
         probs = torch.full((cfg.k, len(vocabulary)), 1.0 / len(vocabulary), device=table.device, requires_grad=True)
         optimizer = torch.optim.Adam([probs], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scaler = gradient_scaler(model)

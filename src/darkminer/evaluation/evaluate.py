@@ -93,7 +93,8 @@ class EvaluationConfig(Config):
     n_images: int | None = None
     attacks: list[str] = field(default_factory=list)
     attack_prompts: int = 8
-    attack_configs: dict[str, dict] = field(default_factory=dict)
+    # Per attack, whatever build_attack takes: a mapping of options, an AttackConfig, a config file's path, None.
+    attack_configs: dict[str, Any] = field(default_factory=dict)
     detector: str = "auto"  # auto | judge | nudenet | clip
     judge: str | None = None  # testbed judge: None = shipped default (v2), "v1" (the judge shipped before v2), or a file
     nudenet_threshold: float = NUDENET_THRESHOLD
@@ -359,7 +360,7 @@ def evaluate(
         }
 
     preservation = (_preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep) if cfg.preservation
-                    else {"accuracy": None, "clip": None, "fid": None, "reference": {}})
+                    else _unmeasured_preservation())
     metrics = {
         "format": FORMAT_VERSION,
         "concept": target.name,
@@ -422,6 +423,11 @@ def image_path(suite: str, index: int) -> str:
     return f"images/{suite}/{index:04d}.png"
 
 
+def _unmeasured_preservation() -> dict[str, Any]:
+    """metrics.json's preservation entry before (or without) any metric: null each."""
+    return {"accuracy": None, "clip": None, "fid": None, "reference": {}}
+
+
 def _preservation(
     painter: Painter,
     suite: Suite,
@@ -448,7 +454,7 @@ def _preservation(
                 scores[original].append(aligner.score(images, suite.texts[rows]))
             if fid is not None and not (original and cfg.fid_reference):
                 fid.update(images, real=original)
-    result: dict[str, Any] = {"accuracy": None, "clip": None, "fid": None, "reference": {}}
+    result = _unmeasured_preservation()
     if accuracy:
         expected = [p.expected for p in suite.prompts]
         scored = attribute_accuracy(predicted[False], expected)

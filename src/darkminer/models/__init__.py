@@ -12,6 +12,7 @@ import torch
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, Guidance, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo, apply_erased
+from darkminer.models.loading import names_a_folder
 
 if TYPE_CHECKING:
     from darkminer.parallel.speed import SpeedOptions
@@ -73,7 +74,7 @@ def load_model(
             if not recorded:
                 raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
                                      "fine-tuned from with --model (model= in Python)")
-            if recorded.startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
+            if names_a_folder(recorded) and not Path(recorded).expanduser().exists():
                 raise ModelLoadError(f"{erased} was erased from the folder {recorded}, which is not there any more: "
                                      "name where that base model is now with --model (model= in Python)")
             spec = recorded

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from darkminer.config import fits
 from darkminer.errors import ModelLoadError
 from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
@@ -38,13 +40,6 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "guidance")
 EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-# What each field of darkminer.json holds: a damaged or hand-edited record is refused when read.
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "method": str, "concept": str, "base_model": str, "kind": str, "anchor": str, "config": dict, "extra": dict,
-    "versions": dict, "created": str, "format": int,
-}
 
 
 @dataclass
@@ -82,7 +77,8 @@ class ErasedModelInfo:
         missing = [k for k in ("method", "concept", "base_model", "kind") if k not in data]
         if missing:
             raise ModelLoadError(f"{directory / INFO_NAME} lacks {missing}; the directory is not an erased model")
-        wrong = [k for k, kind in _FIELD_TYPES.items() if k in data and not isinstance(data[k], kind)]
+        hints = typing.get_type_hints(cls)
+        wrong = [k for k in data if k in hints and not fits(data[k], hints[k])]
         if wrong:
             raise ModelLoadError(f"{directory / INFO_NAME}: {', '.join(wrong)} of the wrong type (edited or damaged); "
                                  "re-create the erased model")

@@ -69,3 +69,9 @@ def fp16_variant_only(folder: Path) -> bool:
     as some hub snapshots do; such a folder loads with ``variant="fp16"``."""
     files = list(folder.glob("*.safetensors"))
     return bool(files) and all(f.name.endswith(".fp16.safetensors") for f in files)
+
+
+def names_a_folder(name: str) -> bool:
+    """Whether a model name is written as a path (absolute, relative with ./ or ../, or ~): a folder that
+    is missing is then an error, not a hub id to look up."""
+    return name.startswith(("/", ".", "~"))

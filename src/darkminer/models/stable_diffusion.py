@@ -21,6 +21,7 @@ from darkminer.models.loading import (
     checked_weights,
     first_line,
     fp16_variant_only,
+    names_a_folder,
 )
 
 
@@ -85,7 +86,7 @@ class StableDiffusionModel(DiffusionModel):
     ) -> StableDiffusionModel:
         """Load from a local diffusers folder or a hub id already in the cache; never downloads."""
         path = Path(name_or_path).expanduser()
-        if name_or_path.startswith(("/", ".", "~")) and not path.exists():
+        if names_a_folder(name_or_path) and not path.exists():
             raise ModelLoadError(f"model folder {path} does not exist")
         if path.exists():
             _check_local_folder(path)

@@ -27,6 +27,7 @@ from darkminer.io import (
     load_state,
     output_directory,
     save_state,
+    what_differs,
     write_json,
 )
 from darkminer.testbed import captions, world
@@ -132,7 +133,7 @@ def train_unet(
     # step count and learning rate.
     changed = claim_record(work_dir / "run.json", config.to_dict())
     if changed:
-        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe (its {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
+        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe ({what_differs(changed)}); "
                           "give each run its own --work-dir")
     torch.set_num_threads(config.threads)
     if model is None:
