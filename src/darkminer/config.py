@@ -84,7 +84,7 @@ def fits(value: Any, hint: Any) -> bool:
 
 
 def _matches(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as read from JSON/YAML) fits the annotation ``hint``; containers by their outer type."""
+    """Whether ``value`` (as read from JSON/YAML) fits the annotation ``hint``; containers item by item."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
