@@ -68,6 +68,24 @@ def test_a_lora_file_with_weights_missing_renamed_or_foreign_is_refused(lora_dir
     assert load_model(erased=lora_dir) is not None  # the file as written loads
 
 
+def test_a_lora_weight_of_the_wrong_shape_is_one_line_on_the_command_line(lora_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    weights = load_tensors(lora_dir / "pytorch_lora_weights.safetensors")
+    first = next(iter(weights))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(lora_dir, damaged)
+    save_tensors(damaged / "pytorch_lora_weights.safetensors", {**weights, first: weights[first].new_zeros(3, 3)})
+    done = subprocess.run([sys.executable, "-m", "darkminer.cli", "generate", "--prompt", "a cat", "--erased",
+                           str(damaged), "--steps", "1", "-n", "1", "--out", str(tmp_path / "g.png")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = [line for line in done.stderr.splitlines() if line.strip()]  # diffusers' own log of it was a 3-line block
+    assert done.returncode == 2 and len(err) == 1, err
+    assert "does not fit this base model's UNet (" in err[0] and "size mismatch" in err[0]
+
+
 @dataclass
 class _Options(Config):
     seed: int = 0
