@@ -254,3 +254,15 @@ def test_run_attack_checks_the_erased_model_and_its_output_before_attacking(tiny
                    erased=tmp_path / "no-such")
     with pytest.raises(DarkMinerError, match="overlap"):
         run_attack(attack, tiny_sd, target, prompts, lambda images: images.mean() > 2, out=erased / "a", erased=erased)
+
+
+def test_a_model_not_in_the_cache_is_one_line_on_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "darkminer.cli", "generate", "--prompt", "a cat", "--model",
+                           "no-such/model", "--out", str(tmp_path / "g.png")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = [line for line in done.stderr.splitlines() if line.strip()]  # huggingface_hub's notice came first
+    assert done.returncode == 2 and len(err) == 1 and "(`hf download no-such/model`)" in err[0], err

@@ -39,6 +39,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # huggingface_hub's notice about an argument diffusers still passes, printed before our "not cached" error
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
