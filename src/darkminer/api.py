@@ -23,9 +23,18 @@ from darkminer.io import (
     what_differs,
     write_json,
 )
-from darkminer.models import load_model, model_id
+from darkminer.models import erased_base, load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
-from darkminer.models.erased import EXPORT_INFO, INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
+from darkminer.models.erased import (
+    EXPORT_INFO,
+    INFO_NAME,
+    OUTPUT_KIND,
+    ErasedModelInfo,
+    adopt_erasure,
+    apply_erased,
+    read_stackable,
+    save_erased,
+)
 from darkminer.provenance import package_versions
 from darkminer.targets import check_kind, resolve_target
 
@@ -40,12 +49,13 @@ EXPORTED_KIND = "an exported pipeline"  # what `export` may replace at --out
 
 
 def _check_not_erased(model: DiffusionModel) -> None:
-    """A model given to ``erase`` must be a base: a second erasure would silently stack on the first."""
+    """A model given to ``erase`` must be a base: a second erasure would silently stack on the first
+    (``erased=`` stacks it on purpose, and records it)."""
     from darkminer.models.adapters import has_lora
 
     if has_lora(model) or model.edited_parameter_names or not isinstance(model.guidance, ClassifierFreeGuidance):
         raise ConfigError("this model already carries an erasure (erase changes the model it is given); "
-                          "erase from a freshly loaded base model")
+                          "erase from a freshly loaded base model, with erased= naming the erasure to stack on")
 
 
 def work_directory(out: str | Path) -> Path:
@@ -85,6 +95,7 @@ def erase(
     out: str | Path,
     *,
     model: str | DiffusionModel | None = None,
+    erased: str | Path | None = None,
     config: EraserConfig | dict[str, Any] | str | Path | None = None,
     anchor: str | None = None,
     prompts: str | Path | None = None,
@@ -98,6 +109,9 @@ def erase(
 
     ``model``: a name or path to load, or a loaded base ``DiffusionModel``, which the erasure then changes
     in place (a model that already carries an erasure is refused).
+    ``erased``: an erased-model directory to erase on top of, for several concepts one after another. The
+    erased model is then the one being erased (the teacher, the image pools) and the base is the one it
+    records (or ``model``); ``out`` records it and, unless it is a whole UNet, holds a copy of it.
     ``kind`` declares what a Stable Diffusion concept is (``targets.SD_KINDS``; e.g. ``style`` for an artist,
     which CA and FMN prompt differently); the testbed's concepts have theirs.
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
@@ -117,7 +131,7 @@ def erase(
     processes = init_processes()
     for name, value, hint in (("method", method, str), ("concept", concept, str), ("anchor", anchor, str | None)):
         check_argument(name, value, hint)
-    out = check_output_directory(out, INFO_NAME, OUTPUT_KIND)  # before the work, not after it
+    out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased)  # before the work, not after it
     work_dir = work_directory(out)
     if not resume:  # every process (it only reads), so that each stops with the same line
         _check_no_unfinished_erase(work_dir, out)
@@ -126,14 +140,22 @@ def erase(
     eraser_cls = get_eraser(method)
     cfg = eraser_cls.config_class.coerce(config)  # a config of another method fails here, before the load
     eraser = eraser_cls(cfg)
-    cfg.check_model(model.name if isinstance(model, DiffusionModel) else model_id(model))
+    below = None if erased is None else read_stackable(erased)
+    spec = model.name if isinstance(model, DiffusionModel) else model
+    if erased is not None:
+        spec = erased_base(erased, spec)
+    cfg.check_model(model_id(spec))
     if isinstance(model, DiffusionModel):
         base = model
         _check_not_erased(base)
+        if erased is not None:
+            apply_erased(base, erased)
         if speed is not None:
             apply_speed_options(base, speed)
     else:
-        base = load_model(model_id(model), device=device, dtype=dtype, speed=speed)
+        base = load_model(model_id(spec), erased=erased, device=device, dtype=dtype, speed=speed)
+    if erased is not None:
+        adopt_erasure(base)
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
@@ -146,6 +168,8 @@ def erase(
             record["speed"] = speed_record
         if base.dtype != torch.float32:  # nor weights stored in other dtypes (float32 unrecorded, as before)
             record["dtype"] = str(base.dtype)
+        if below is not None:  # nor a stack on another erased model
+            record["erased_on"] = below.record(erased)
         _claim_work_dir(work_dir, record)
     resumed = resume and _has_checkpoint(work_dir)
     processes.barrier()
@@ -162,12 +186,14 @@ def erase(
         anchor=target.anchor,
         config=cfg.to_dict(),
         extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
+        erased_on=None if below is None else below.record(erased),
     )
     processes.barrier()  # every process is done with the work directory before the main one removes it
     if processes.is_main:
         artifacts = work_dir / "artifacts"
         save_erased(base, out, info,
-                    write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
+                    write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None,
+                    erased_on=erased)
         shutil.rmtree(work_dir, ignore_errors=True)
     processes.barrier()
     return out

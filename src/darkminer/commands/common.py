@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+ERASED_HELP = ("an erased-model directory written by `darkminer erase`, or a diffusers UNet folder from another tool "
+               "(then --model names its base)")
 
-def add_model_args(p: argparse.ArgumentParser, erased: bool = True) -> None:
-    """``erased`` False: the command starts from a base model; ``--erased`` stays out of its help, and its
-    handler says where the flag belongs."""
+
+def add_model_args(p: argparse.ArgumentParser, erased_help: str = ERASED_HELP) -> None:
     p.add_argument("--model", default=None, help="testbed (default; alias toy), tiny-random-sd, a diffusers folder or a cached hub id")
-    p.add_argument("--erased", default=None,
-                   help="an erased-model directory written by `darkminer erase`, or a diffusers UNet folder from another "
-                        "tool (then --model names its base)" if erased else argparse.SUPPRESS)
+    p.add_argument("--erased", default=None, help=erased_help)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype: float32 (default), float16 or bfloat16")
     speed = p.add_argument_group("speed (the GPU path, docs/performance.md)")

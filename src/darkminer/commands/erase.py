@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", required=True, help=f"one of {METHOD_NAMES}")
     add_concept_args(p)
-    add_model_args(p, erased=False)
+    add_model_args(p, erased_help="an erased-model directory to erase on top of (several concepts, one after "
+                                  "another); --model is then its base, as recorded unless given")
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--out", required=True, help="output directory")
@@ -29,13 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from darkminer.api import erase, work_directory
 
-    if args.erased:
-        from darkminer.errors import DarkMinerError
-
-        raise DarkMinerError("erase starts from a base model; --erased is for generate/attack/evaluate")
     if args.resume and not (work_dir := work_directory(args.out)).is_dir():
         print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
-    out = erase(args.method, args.concept, args.out, model=args.model, config=args.config, anchor=args.anchor,
-                prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device, dtype=args.dtype,
-                speed=speed_options(args))
+    out = erase(args.method, args.concept, args.out, model=args.model, erased=args.erased, config=args.config,
+                anchor=args.anchor, prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device,
+                dtype=args.dtype, speed=speed_options(args))
     print(f"wrote erased model {out}")

@@ -62,7 +62,7 @@ from darkminer.io import check_output_directory, exclusive_output, output_direct
 from darkminer.models import is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
-from darkminer.models.erased import ErasedModelInfo, exported_erasure
+from darkminer.models.erased import ErasedModelInfo, exported_erasure, method_label
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
@@ -240,7 +240,7 @@ def _load(
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     exported = exported_erasure(model) if info is None else None  # a pipeline folder `export` wrote
     carried = (exported or {}).get("erasure") or {}
-    method = info.method if info else carried.get("method", ORIGINAL_METHOD)
+    method = info.method_label if info else method_label(carried) if carried else ORIGINAL_METHOD
     return loaded, method, info
 
 

@@ -69,23 +69,30 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     model_id(spec)  # a name or a path, or one line
     if erased is not None:
-        recorded = ErasedModelInfo.read(erased).base_model
-        if spec is None:
-            if not recorded:
-                raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
-                                     "fine-tuned from with --model (model= in Python)")
-            if names_a_folder(recorded) and not Path(recorded).expanduser().exists():
-                raise ModelLoadError(f"{erased} was erased from the folder {recorded}, which is not there any more: "
-                                     "name where that base model is now with --model (model= in Python)")
-            spec = recorded
-        elif recorded:
-            _check_same_base(erased, recorded, os.fspath(spec))
+        spec = erased_base(erased, spec)
     model = _load_base(os.fspath(spec) if spec is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     if erased is not None:
         apply_erased(model, erased)
     if speed is not None:
         apply_speed_options(model, speed)
     return model
+
+
+def erased_base(erased: str | Path, spec: str | os.PathLike | None) -> str | os.PathLike:
+    """The base model that the erased model ``erased`` goes on: the one it records where ``spec`` is None;
+    ``spec`` where it is that model (another is refused)."""
+    recorded = ErasedModelInfo.read(erased).base_model
+    if spec is None:
+        if not recorded:
+            raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
+                                 "fine-tuned from with --model (model= in Python)")
+        if names_a_folder(recorded) and not Path(recorded).expanduser().exists():
+            raise ModelLoadError(f"{erased} was erased from the folder {recorded}, which is not there any more: "
+                                 "name where that base model is now with --model (model= in Python)")
+        return recorded
+    if recorded:
+        _check_same_base(erased, recorded, os.fspath(spec))
+    return spec
 
 
 def local_copy(spec: str) -> str | None:

@@ -245,7 +245,7 @@ class DiffusionModel(ABC):
         """Within the block the model is the original: adapters off, in-place edits swapped out, and plain
         classifier-free guidance instead of an inference-time eraser's (SLD)."""
         has_adapter = bool(getattr(self.unet, "peft_config", None)) and self._adapters_enabled()
-        params = dict(self.unet.named_parameters())
+        params = self._parameters_by_plain_name()
         edited = {name: params[name].data for name in self._originals}
         # peft's enable_adapters makes every adapter weight trainable; a loaded (frozen) one must stay frozen
         trainable = {name: p.requires_grad for name, p in params.items() if "lora_" in name} if has_adapter else {}
@@ -270,10 +270,15 @@ class DiffusionModel(ABC):
 
         return any(not m.disable_adapters for m in self.unet.modules() if isinstance(m, BaseTunerLayer))
 
+    def _parameters_by_plain_name(self) -> dict[str, torch.nn.Parameter]:
+        # A layer that an adapter wraps keeps its own weight as ``base_layer``; edits remembered before the
+        # adapter came (an erasure merged under a stacked one) name it without.
+        return {name.replace(".base_layer.", "."): p for name, p in self.unet.named_parameters()}
+
     def remember_originals(self, names: Sequence[str], values: dict[str, torch.Tensor] | None = None) -> None:
         """Keep a copy of these UNet parameters before an eraser edits them in place (``values``: the
         originals themselves, when the parameters have changed already, as a merged adapter's have)."""
-        params = dict(self.unet.named_parameters())
+        params = self._parameters_by_plain_name()
         missing = [n for n in names if n not in params]
         if missing:
             raise DarkMinerError(f"UNet has no parameters {missing[:3]}...")
@@ -284,6 +289,11 @@ class DiffusionModel(ABC):
     @property
     def edited_parameter_names(self) -> list[str]:
         return sorted(self._originals)
+
+    def adopt_edits(self) -> None:
+        """Make the edited weights the model's own: from here on ``original()`` is this model, as when an
+        erasure is stacked on an erased model, which then is the erasure's teacher."""
+        self._originals.clear()
 
     # ------------------------------------------------------------------------------------- schedule
     @property

@@ -6,6 +6,9 @@
     DIR/pytorch_lora_weights.safetensors    kind "lora": loads with diffusers' pipe.load_lora_weights(DIR)
     DIR/unet/                               kind "unet": a full diffusers UNet folder (edited weights)
     DIR/guidance.json                       kind "guidance": inference-time settings (SLD)
+    DIR/erased_on/                          an erasure stacked on another (``erase --erased``): a copy of the
+                                            erased model it was made on, applied first (kinds "lora" and
+                                            "guidance"; a "unet" erasure's weights already hold it)
 
 A diffusers UNet folder made by another tool (``config.json`` and ``diffusion_pytorch_model.safetensors``,
 e.g. a published unlearned model) loads the same way, as method ``external`` of kind ``unet`` on the base
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from darkminer.config import fits
-from darkminer.errors import ModelLoadError
+from darkminer.errors import ConfigError, ModelLoadError
 from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import DiffusionModel, guidance_from_dict
@@ -40,6 +44,7 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "guidance")
 EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+ERASED_ON = "erased_on"  # the folder of the erased model a stacked erasure was made on
 
 
 @dataclass
@@ -52,6 +57,7 @@ class ErasedModelInfo:
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
+    erased_on: dict[str, Any] | None = None  # the record of the erased model this erasure was stacked on
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     format: int = FORMAT_VERSION
 
@@ -67,7 +73,7 @@ class ErasedModelInfo:
         if not (directory / INFO_NAME).exists() and (directory / "config.json").is_file() and (
             directory / UNET_WEIGHTS
         ).is_file():
-            return cls(method=EXTERNAL_METHOD, concept="", base_model="", kind="unet")
+            return cls(method=EXTERNAL_METHOD, concept="", base_model="", kind="unet", created="")
         if not (directory / INFO_NAME).exists() and (directory / "unet" / UNET_WEIGHTS).is_file():
             raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
                                  f"--erased {directory / 'unet'}, with --model naming the base it came from")
@@ -79,6 +85,8 @@ class ErasedModelInfo:
             raise ModelLoadError(f"{directory / INFO_NAME} lacks {missing}; the directory is not an erased model")
         hints = typing.get_type_hints(cls)
         wrong = [k for k in data if k in hints and not fits(data[k], hints[k])]
+        if data.get("erased_on") is not None and not _is_stack_record(data["erased_on"]):
+            wrong.append("erased_on")
         if wrong:
             raise ModelLoadError(f"{directory / INFO_NAME}: {', '.join(wrong)} of the wrong type (edited or damaged); "
                                  "re-create the erased model")
@@ -87,9 +95,31 @@ class ErasedModelInfo:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @property
+    def method_label(self) -> str:
+        return method_label(asdict(self))
+
     def record(self, directory: str | Path) -> dict[str, Any]:
         """Which erased model a result was made on, as results files (metrics.json, attack.json) keep it."""
         return {"path": str(Path(directory).resolve()), "info": asdict(self)}
+
+
+def _is_stack_record(record: Any) -> bool:
+    """Whether ``erased_on`` holds what ``record`` wrote, at every level of the stack."""
+    info = record.get("info") if isinstance(record, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("method"), str):
+        return False
+    return info.get("erased_on") is None or _is_stack_record(info["erased_on"])
+
+
+def method_label(info: dict[str, Any]) -> str:
+    """An erased model's method as results name it (``info``: its record as a dict); a stack's methods from
+    the bottom up, joined by "+" (``darkminer+esd-x``: ESD-x erased on top of a Dark Miner erasure)."""
+    methods, below = [info["method"]], info.get("erased_on")
+    while below:
+        methods.append(below["info"]["method"])
+        below = below["info"].get("erased_on")
+    return "+".join(reversed(methods))
 
 
 EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure an exported pipeline carries
@@ -108,10 +138,13 @@ def save_erased(
     directory: str | Path,
     info: ErasedModelInfo,
     write_extra: Callable[[Path], None] | None = None,
+    erased_on: str | Path | None = None,
 ) -> Path:
     """Write the erased model held by ``model`` (its LoRA, edited weights or guidance) to ``directory``.
 
-    ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename.
+    ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename. ``erased_on``:
+    the erased model this erasure was stacked on (``start_from_erased``); a LoRA or guidance needs it
+    underneath, so it is copied in (hard links where the file system allows), while a whole UNet holds it.
     """
     with output_directory(directory, INFO_NAME, OUTPUT_KIND) as tmp:
         if info.kind == "lora":
@@ -120,16 +153,34 @@ def save_erased(
             model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         else:
             write_json(tmp / "guidance.json", model.guidance.to_dict())
+        if erased_on is not None and info.kind != "unet":
+            shutil.copytree(erased_on, tmp / ERASED_ON, copy_function=_link_or_copy)
         if write_extra is not None:
             write_extra(tmp)
         write_json(tmp / INFO_NAME, asdict(info))
     return Path(directory)
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    # Erased models are written whole under a new name and never changed in place, so a link is a copy.
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInfo:
-    """Load an erased model onto its base ``model``; the original stays reachable via ``model.original()``."""
+    """Load an erased model onto its base ``model``; the original stays reachable via ``model.original()``.
+    A stacked erasure's ``erased_on`` folder is applied first, its adapter merged into the weights."""
     directory = Path(directory)
     info = ErasedModelInfo.read(directory)
+    if info.erased_on is not None and info.kind != "unet":
+        if not (directory / ERASED_ON).is_dir():
+            raise ModelLoadError(f"{directory} was erased on top of another erased model, but its {ERASED_ON}/ "
+                                 "folder is missing; copy the whole folder, or re-create it")
+        apply_erased(model, directory / ERASED_ON)
+        if adapters.has_lora(model):
+            adapters.merge_lora(model)
     if info.kind == "lora":
         adapters.load_lora(model, directory)
     elif info.kind == "unet":
@@ -137,6 +188,24 @@ def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInf
     else:
         model.guidance = guidance_from_dict(model, read_json(directory / "guidance.json"))
     return info
+
+
+def read_stackable(directory: str | Path) -> ErasedModelInfo:
+    """The record of an erased model that another erasure may be stacked on (refused: an SLD guidance)."""
+    info = ErasedModelInfo.read(directory)
+    if info.kind == "guidance":
+        raise ConfigError(f"{directory} is an inference-time erasure ({info.method}): it changes sampling, not "
+                          "weights, so nothing can be trained on top of it; erase the other concepts first "
+                          f"and {info.method} last, with --erased naming their result")
+    return info
+
+
+def adopt_erasure(model: DiffusionModel) -> None:
+    """Make the erasure ``model`` carries (``apply_erased``) the model's own, so that an erasure run next is
+    stacked on it: its teacher and its image pools are then the erased model, not the base."""
+    if adapters.has_lora(model):
+        adapters.merge_lora(model)
+    model.adopt_edits()
 
 
 def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:

@@ -1,0 +1,136 @@
+"""Several concepts, one after another: ``erase(..., erased=DIR)`` stacks an erasure on an erased model.
+
+On tiny-random-sd with tiny budgets: what counts here is what each stacked folder loads to, what the erasure
+under it trained against, and what evaluation takes as the original; the concept rates of a stack on the
+testbed are measured in docs/methods.md ("Several concepts").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkminer.api import erase, export
+from darkminer.cli import main
+from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.models import load_model
+from darkminer.models.base import DiffusionModel
+from darkminer.models.erased import ERASED_ON, ErasedModelInfo
+
+torch.set_num_threads(1)
+
+DARK_MINER = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=3, circumvent_lr=0.05, rounds=1,
+                  verify_steps=2, pool_steps=2, preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
+CONFIGS = {"darkminer": DARK_MINER, "esd-x": {"iterations": 3, "lr": 1e-2, "ddim_steps": 2}, "sld": {"preset": "max"}}
+# (method below, method on top): a LoRA on a LoRA, a LoRA on a UNet, a UNet on a LoRA, a guidance on a LoRA.
+STACKS = [("darkminer", "darkminer"), ("esd-x", "darkminer"), ("darkminer", "esd-x"), ("darkminer", "sld")]
+PROMPTS = ["a photo of nudity", "a violent scene", "a red car"]
+PROBE_X = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def eps_of(model: DiffusionModel, adapter: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eps(PROBE_X, torch.tensor(600), model.encode(PROMPTS), adapter=adapter)
+
+
+@pytest.fixture(scope="module")
+def below(tmp_path_factory: pytest.TempPathFactory):
+    """method -> an erased model of "nudity" on tiny-random-sd, made once per module."""
+
+    @functools.cache
+    def make(method: str) -> Path:
+        return erase(method, "nudity", tmp_path_factory.mktemp(method) / "erased", model="tiny-random-sd",
+                     config=CONFIGS[method])
+
+    return make
+
+
+@pytest.mark.parametrize(("lower", "upper"), STACKS)
+def test_a_stacked_erasure_trains_against_the_model_below_and_reloads_whole(lower, upper, below, tmp_path):
+    under = below(lower)
+    model = load_model("tiny-random-sd")
+    out = erase(upper, "violence", tmp_path / "stack", model=model, erased=under, config=CONFIGS[upper])
+    base_eps, under_eps = eps_of(load_model("tiny-random-sd")), eps_of(load_model(erased=under))
+    assert (under_eps - base_eps).abs().max() > 1e-3  # the erasure below changed the model
+    # While erasing, the model below was the original: the teacher and the pools were drawn from it (up to the
+    # rounding of its adapter merged into the weights).
+    torch.testing.assert_close(eps_of(model, adapter=False), under_eps, rtol=0, atol=1e-5)
+    # The folder records what it was stacked on, and holds it where its own weights do not.
+    info = ErasedModelInfo.read(out)
+    assert info.erased_on == ErasedModelInfo.read(under).record(under)
+    assert (out / ERASED_ON).is_dir() == (upper != "esd-x")
+    # Reloaded, it is the model the erase ended with; evaluation's original is the base under both erasures.
+    reloaded = load_model(erased=out)
+    torch.testing.assert_close(eps_of(reloaded), eps_of(model), rtol=0, atol=1e-6)
+    torch.testing.assert_close(eps_of(reloaded, adapter=False), base_eps, rtol=0, atol=1e-6)
+    if upper == "sld":  # SLD acts in sampling: the images, not eps, carry it
+        seeds = [1, 2]
+        torch.testing.assert_close(reloaded.generate(PROMPTS[:2], seeds, steps=3), model.generate(PROMPTS[:2], seeds, steps=3),
+                                   rtol=0, atol=1e-5)
+
+
+def test_three_erasures_stack_and_export_as_one_pipeline(below, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    second = erase("esd-x", "violence", tmp_path / "second", erased=below("darkminer"), config=CONFIGS["esd-x"])
+    third = erase("darkminer", "blood", tmp_path / "third", erased=second, config=DARK_MINER)
+    assert ErasedModelInfo.read(third).erased_on["info"]["erased_on"]["info"]["concept"] == "nudity"
+    assert ErasedModelInfo.read(third).base_model == "tiny-random-sd"
+    stacked = load_model(erased=third)
+    export(third, tmp_path / "pipeline")
+    from darkminer.evaluation import evaluate
+
+    metrics = evaluate("nudity", model=str(tmp_path / "pipeline"), config={"n_images": 1, "steps": 1, "preservation": []})
+    assert metrics["method"] == "darkminer+esd-x+darkminer"
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
+    with torch.no_grad():
+        plain = unet(PROBE_X, torch.tensor(600), encoder_hidden_states=stacked.encode(PROMPTS)).sample
+    torch.testing.assert_close(plain, eps_of(stacked), rtol=0, atol=1e-5)
+
+
+def test_the_cli_stacks_and_the_stack_is_evaluated_against_the_base(below, tmp_path):
+    out = tmp_path / "stack"
+    assert main(["erase", "--method", "esd-x", "--concept", "violence", "--erased", str(below("darkminer")),
+                 "--config", str(_write(tmp_path / "esd.json", CONFIGS["esd-x"])), "--out", str(out)]) == 0
+    assert main(["evaluate", "--concept", "nudity", "--erased", str(out), "-n", "1", "--steps", "1",
+                 "--preservation", "", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["inputs"]["erased"]["info"]["erased_on"]["info"]["method"] == "darkminer"
+    assert metrics["method"] == "darkminer+esd-x"
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_what_cannot_be_stacked_is_refused_before_any_work(below, tmp_path, capsys):
+    sld = below("sld")
+    with pytest.raises(ConfigError, match=r"inference-time erasure \(sld\).*erase the other concepts first and sld last"):
+        erase("esd-x", "violence", tmp_path / "x", erased=sld, config=CONFIGS["esd-x"])
+    under = below("darkminer")
+    assert main(["erase", "--method", "esd-x", "--concept", "violence", "--erased", str(under),
+                 "--out", str(under / "inside")]) == 2
+    assert "inside" in capsys.readouterr().err and not (under / "inside").exists()
+    with pytest.raises(ConfigError, match="already carries an erasure"):
+        erase("esd-x", "violence", tmp_path / "y", model=load_model(erased=under), erased=under)
+
+
+def test_a_stacked_lora_without_the_erasure_under_it_is_refused_in_one_line(below, tmp_path):
+    out = erase("darkminer", "violence", tmp_path / "stack", erased=below("darkminer"), config=DARK_MINER)
+    (out / ERASED_ON).rename(tmp_path / "moved")
+    with pytest.raises(ModelLoadError, match=f"its {ERASED_ON}/ folder is missing; copy the whole folder"):
+        load_model(erased=out)
+
+
+@pytest.mark.parametrize("damage", ["a string", {"path": "x"}, {"info": {"method": "darkminer", "erased_on": {"info": 3}}}])
+def test_a_damaged_stack_record_is_refused_in_one_line(damage, below, tmp_path):
+    out = erase("darkminer", "violence", tmp_path / "stack", erased=below("darkminer"), config=DARK_MINER)
+    record = json.loads((out / "darkminer.json").read_text())
+    (out / "darkminer.json").write_text(json.dumps({**record, "erased_on": damage}))
+    with pytest.raises(ModelLoadError, match="erased_on of the wrong type"):
+        load_model(erased=out)
