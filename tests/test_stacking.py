@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,14 @@ def test_a_damaged_stack_record_is_refused_in_one_line(damage, below, tmp_path):
     (out / "darkminer.json").write_text(json.dumps({**record, "erased_on": damage}))
     with pytest.raises(ModelLoadError, match="erased_on of the wrong type"):
         load_model(erased=out)
+
+
+def test_a_unet_folder_from_another_tool_can_be_the_erasure_below(below, tmp_path):
+    external = tmp_path / "published-unet"
+    shutil.copytree(below("esd-x") / "unet", external)
+    with pytest.raises(ModelLoadError, match="name the base model it was fine-tuned from with --model"):
+        erase("darkminer", "violence", tmp_path / "x", erased=external, config=DARK_MINER)
+    model = load_model("tiny-random-sd")
+    out = erase("darkminer", "violence", tmp_path / "stack", model=model, erased=external, config=DARK_MINER)
+    assert ErasedModelInfo.read(out).method_label == "external+darkminer"
+    torch.testing.assert_close(eps_of(load_model(erased=out)), eps_of(model), rtol=0, atol=1e-6)
