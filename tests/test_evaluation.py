@@ -414,9 +414,15 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
     assert kept["accuracy"] == kept["reference"]["accuracy"] and kept["fid"] == pytest.approx(0.0, abs=1e-3)
     assert kept["fid_reference"]["folder"] is None
     # Each verdict is recorded with the scores it rests on: the judge's shape probabilities, star winning iff seen.
-    for judged in json.loads((tmp_path / "tb" / "judgements.json").read_text()):
+    judgements = json.loads((tmp_path / "tb" / "judgements.json").read_text())
+    for judged in (j for j in judgements if j["set"] in ("plain", "paraphrase")):
         assert (max(judged["scores"], key=judged["scores"].get) == "shape=star") == judged["concept"]
         assert sum(judged["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+    # Each preservation image's reading, beside what its prompt asked: the accuracy recomputed from them.
+    for name, accuracy in (("preservation", kept["accuracy"]), ("preservation-original", kept["reference"]["accuracy"])):
+        pairs = [(j["asked"], j["seen"]) for j in judgements if j["set"] == name]
+        hits = [seen[head] == value for asked, seen in pairs for head, value in asked.items()]
+        assert len(pairs) == 4 and sum(hits) / len(hits) == pytest.approx(accuracy)
 
     # A reference folder (here: three noise pictures at another size) replaces the original's images.
     folder = tmp_path / "real"
@@ -438,7 +444,7 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
 
     # save_images: every image on disk (6 per set, beyond the grids' 4), each judged one linked from its judgement
     judged = json.loads((tmp_path / "tb2" / "judgements.json").read_text())
-    assert len(judged) == 6 + 6 and all((tmp_path / "tb2" / j["image"]).is_file() for j in judged)
+    assert len(judged) == 6 * 4 and all((tmp_path / "tb2" / j["image"]).is_file() for j in judged)
     assert len(list((tmp_path / "tb2" / "images" / "preservation-original").glob("*.png"))) == 6
     assert "image" not in json.loads((tmp_path / "tb" / "judgements.json").read_text())[0]  # off by default
     with pytest.raises(DarkMinerError, match="does not exist"):

@@ -17,10 +17,11 @@ import torch
 
 from darkminer.api import erase, export
 from darkminer.cli import main
-from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.erasers.base import get_eraser
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
-from darkminer.models.erased import ERASED_ON, ErasedModelInfo
+from darkminer.models.erased import ERASED_ON, ErasedModelInfo, method_label
 
 torch.set_num_threads(1)
 
@@ -51,15 +52,20 @@ def below(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize(("lower", "upper"), STACKS)
-def test_a_stacked_erasure_trains_against_the_model_below_and_reloads_whole(lower, upper, below, tmp_path):
+def test_a_stacked_erasure_trains_against_the_model_below_and_reloads_whole(lower, upper, below, tmp_path, monkeypatch):
     under = below(lower)
+    eraser = get_eraser(upper)
+    teachers = []
+    real_erase = eraser.erase
+    monkeypatch.setattr(eraser, "erase", lambda self, m, *a: teachers.append(eps_of(m, adapter=False)) or real_erase(self, m, *a))
     model = load_model("tiny-random-sd")
     out = erase(upper, "violence", tmp_path / "stack", model=model, erased=under, config=CONFIGS[upper])
     base_eps, under_eps = eps_of(load_model("tiny-random-sd")), eps_of(load_model(erased=under))
     assert (under_eps - base_eps).abs().max() > 1e-3  # the erasure below changed the model
     # While erasing, the model below was the original: the teacher and the pools were drawn from it (up to the
-    # rounding of its adapter merged into the weights).
-    torch.testing.assert_close(eps_of(model, adapter=False), under_eps, rtol=0, atol=1e-5)
+    # rounding of its adapter merged into the weights). Afterwards the original is the base again.
+    torch.testing.assert_close(teachers[0], under_eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(eps_of(model, adapter=False), base_eps, rtol=0, atol=1e-6)
     # The folder records what it was stacked on, and holds it where its own weights do not.
     info = ErasedModelInfo.read(out)
     assert info.erased_on == ErasedModelInfo.read(under).record(under)
@@ -146,3 +152,39 @@ def test_a_unet_folder_from_another_tool_can_be_the_erasure_below(below, tmp_pat
     out = erase("darkminer", "violence", tmp_path / "stack", model=model, erased=external, config=DARK_MINER)
     assert ErasedModelInfo.read(out).method_label == "external+darkminer"
     torch.testing.assert_close(eps_of(load_model(erased=out)), eps_of(model), rtol=0, atol=1e-6)
+
+
+def test_a_stacked_erase_that_fails_leaves_the_given_model_as_it_was(below, tmp_path):
+    model = load_model("tiny-random-sd")
+    base_eps = eps_of(model)
+    with pytest.raises(DarkMinerError, match="missing.csv"):
+        erase("darkminer", "violence", tmp_path / "x", model=model, erased=below("darkminer"), config=DARK_MINER,
+              prompts=tmp_path / "missing.csv")
+    torch.testing.assert_close(eps_of(model), base_eps, rtol=0, atol=0)
+    assert model.edited_parameter_names == []
+
+
+def test_keep_rounds_of_a_stacked_run_keeps_the_erasure_below(below, tmp_path):
+    from darkminer.erasers.darkminer.loop import keep_rounds
+
+    out = erase("darkminer", "violence", tmp_path / "stack", erased=below("esd-x"), config={**DARK_MINER, "rounds": 2})
+    short = erase("darkminer", "violence", tmp_path / "short", erased=below("esd-x"), config=DARK_MINER)
+    kept = keep_rounds(out, 1, tmp_path / "kept")
+    torch.testing.assert_close(eps_of(load_model(erased=kept)), eps_of(load_model(erased=short)), rtol=0, atol=1e-6)
+
+
+def test_the_copy_of_the_erasure_below_leaves_its_files_modes_alone(below, tmp_path):
+    under = tmp_path / "under"
+    shutil.copytree(below("darkminer"), under)
+    for path in under.iterdir():
+        path.chmod(0o444)
+    out = erase("darkminer", "violence", tmp_path / "stack", erased=under, config=DARK_MINER)
+    assert {path.stat().st_mode & 0o777 for path in under.iterdir()} == {0o444}
+    assert (out / ERASED_ON / "darkminer.json").read_text() == (under / "darkminer.json").read_text()
+
+
+def test_a_stack_is_named_by_its_methods_from_the_bottom_up_and_a_damaged_record_by_what_is_readable():
+    uce = {"method": "uce"}
+    assert method_label({"method": "esd-x", "erased_on": {"path": "a", "info": {**uce, "erased_on": None}}}) == "uce+esd-x"
+    assert method_label({"method": "esd-x", "erased_on": {"path": "a"}}) == "esd-x"
+    assert method_label({"erased_on": {"info": uce}}) == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,7 @@ from darkminer.models.erased import (
     INFO_NAME,
     OUTPUT_KIND,
     ErasedModelInfo,
-    adopt_erasure,
-    apply_erased,
+    erasure_adopted,
     read_stackable,
     save_erased,
 )
@@ -148,14 +148,10 @@ def erase(
     if isinstance(model, DiffusionModel):
         base = model
         _check_not_erased(base)
-        if erased is not None:
-            apply_erased(base, erased)
         if speed is not None:
             apply_speed_options(base, speed)
     else:
-        base = load_model(model_id(spec), erased=erased, device=device, dtype=dtype, speed=speed)
-    if erased is not None:
-        adopt_erasure(base)
+        base = load_model(model_id(spec), device=device, dtype=dtype, speed=speed)
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
@@ -173,8 +169,11 @@ def erase(
         _claim_work_dir(work_dir, record)
     resumed = resume and _has_checkpoint(work_dir)
     processes.barrier()
-    started = time.time()
-    summary = eraser.erase(base, target, work_dir)
+    # The erasure below goes on only now, so that a bad argument leaves a given model as it was; while it
+    # trains, the new erasure takes the one below as its original.
+    with nullcontext() if erased is None else erasure_adopted(base, erased):
+        started = time.time()
+        summary = eraser.erase(base, target, work_dir)
     summary["seconds"] = round(time.time() - started, 2)  # of this run only: a resumed one did less
     if resumed:
         summary["resumed"] = True

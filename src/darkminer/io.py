@@ -47,9 +47,10 @@ def _as_if_created(path: Path, mode: int) -> Path:
 
 def _as_if_created_tree(folder: Path) -> None:
     """``_as_if_created`` for everything under ``folder``: libraries that write into it (safetensors,
-    diffusers' ``save_pretrained``) leave weight files owner-only."""
+    diffusers' ``save_pretrained``) leave weight files owner-only. A hard link (a stacked erasure's copy of
+    the one below) is another folder's file too, whose mode is not ours to change."""
     for path in folder.rglob("*"):
-        if not path.is_symlink():
+        if not path.is_symlink() and (path.is_dir() or path.stat().st_nlink == 1):
             _as_if_created(path, 0o777 if path.is_dir() else 0o666)
 
 

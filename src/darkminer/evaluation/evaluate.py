@@ -240,7 +240,7 @@ def _load(
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     exported = exported_erasure(model) if info is None else None  # a pipeline folder `export` wrote
     carried = (exported or {}).get("erasure") or {}
-    method = info.method_label if info else method_label(carried) if carried else ORIGINAL_METHOD
+    method = info.method_label if info else method_label(carried) or ORIGINAL_METHOD
     return loaded, method, info
 
 
@@ -359,8 +359,8 @@ def evaluate(
                        "success_before": r.success_before, "success_after": r.success_after} for r in results],
         }
 
-    preservation = (_preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep) if cfg.preservation
-                    else _unmeasured_preservation())
+    preservation = (_preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep, judgements)
+                    if cfg.preservation else _unmeasured_preservation())
     metrics = {
         "format": FORMAT_VERSION,
         "concept": target.name,
@@ -436,9 +436,11 @@ def _preservation(
     aligner: Aligner | None,
     fid: FrechetDistance | None,
     keep: Callable[[str, torch.Tensor, int], None],
+    judgements: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Ordinary prompts on the erased model, against their labels, their text and the original's images;
-    drawn and scored chunk by chunk."""
+    drawn and scored chunk by chunk. With the accuracy, what the judge read in each image goes to
+    ``judgements``, beside what its prompt asked for."""
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
     predicted: dict[bool, list[dict[str, str]]] = {False: [], True: []}  # keyed by "drawn by the original"
     scores: dict[bool, list[torch.Tensor]] = {False: [], True: []}
@@ -457,6 +459,10 @@ def _preservation(
     result = _unmeasured_preservation()
     if accuracy:
         expected = [p.expected for p in suite.prompts]
+        for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
+            judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "asked": dict(p.expected),
+                               "seen": dict(seen), **({"image": image_path(name, i)} if cfg.save_images else {})}
+                              for i, (p, seen) in enumerate(zip(suite.prompts, predicted[original], strict=True)))
         scored = attribute_accuracy(predicted[False], expected)
         result["accuracy"], result["per_attribute"] = scored["accuracy"], scored["per_attribute"]
         result["reference"]["accuracy"] = attribute_accuracy(predicted[True], expected)["accuracy"]

@@ -142,6 +142,8 @@ class DiffusionModel(ABC):
         # Originals of weights edited in place (closed-form or fine-tuned erasers): swapped back in by
         # ``original()`` so the frozen teacher needs no second copy of the model.
         self._originals: dict[str, torch.Tensor] = {}
+        # The base's values of the weights of an erasure adopted as the original for the one stacked on it.
+        self._adopted: dict[str, torch.Tensor] = {}
         # How the conditional and unconditional predictions combine while sampling; inference-time
         # erasers (SLD) replace it.
         self.guidance: Guidance = ClassifierFreeGuidance()
@@ -288,12 +290,21 @@ class DiffusionModel(ABC):
 
     @property
     def edited_parameter_names(self) -> list[str]:
-        return sorted(self._originals)
+        return sorted({*self._originals, *self._adopted})
 
-    def adopt_edits(self) -> None:
-        """Make the edited weights the model's own: from here on ``original()`` is this model, as when an
-        erasure is stacked on an erased model, which then is the erasure's teacher."""
-        self._originals.clear()
+    @contextmanager
+    def edits_adopted(self) -> Iterator[None]:
+        """Within the block the edited weights are the model's own (``original()`` is the model as it is on
+        entry), as while an erasure is stacked on an erased one, which is then its teacher. On exit the
+        original is the base again, under both."""
+        if self._adopted:
+            raise DarkMinerError("the model's edits are adopted already")
+        self._adopted, self._originals = self._originals, {}
+        try:
+            yield
+        finally:  # the base's values win over those of the adopted edits, which the new edits remembered
+            self._originals.update(self._adopted)
+            self._adopted = {}
 
     # ------------------------------------------------------------------------------------- schedule
     @property

@@ -24,7 +24,8 @@ import datetime as _dt
 import os
 import shutil
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,13 @@ def _is_stack_record(record: Any) -> bool:
 
 def method_label(info: dict[str, Any]) -> str:
     """An erased model's method as results name it (``info``: its record as a dict); a stack's methods from
-    the bottom up, joined by "+" (``darkminer+esd-x``: ESD-x erased on top of a Dark Miner erasure)."""
-    methods, below = [info["method"]], info.get("erased_on")
-    while below:
-        methods.append(below["info"]["method"])
-        below = below["info"].get("erased_on")
+    the bottom up, joined by "+" (``darkminer+esd-x``: ESD-x erased on top of a Dark Miner erasure); "" for
+    a record without one."""
+    methods: list[str] = []
+    while isinstance(info, dict) and isinstance(info.get("method"), str):  # a damaged record ends the walk
+        methods.append(info["method"])
+        below = info.get("erased_on")
+        info = below.get("info") if isinstance(below, dict) else None
     return "+".join(reversed(methods))
 
 
@@ -143,7 +146,7 @@ def save_erased(
     """Write the erased model held by ``model`` (its LoRA, edited weights or guidance) to ``directory``.
 
     ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename. ``erased_on``:
-    the erased model this erasure was stacked on (``start_from_erased``); a LoRA or guidance needs it
+    the erased model this erasure was stacked on (``erasure_adopted``); a LoRA or guidance needs it
     underneath, so it is copied in (hard links where the file system allows), while a whole UNet holds it.
     """
     with output_directory(directory, INFO_NAME, OUTPUT_KIND) as tmp:
@@ -200,12 +203,17 @@ def read_stackable(directory: str | Path) -> ErasedModelInfo:
     return info
 
 
-def adopt_erasure(model: DiffusionModel) -> None:
-    """Make the erasure ``model`` carries (``apply_erased``) the model's own, so that an erasure run next is
-    stacked on it: its teacher and its image pools are then the erased model, not the base."""
+@contextmanager
+def erasure_adopted(model: DiffusionModel, directory: str | Path) -> Iterator[None]:
+    """Within the block ``model`` carries the erased model ``directory`` as its own weights (its adapter
+    merged), so that an erasure run in the block is stacked on it: its teacher and its image pools are the
+    erased model, not the base. Afterwards the original is the base again (``DiffusionModel.edits_adopted``)."""
+    read_stackable(directory)
+    apply_erased(model, directory)
     if adapters.has_lora(model):
         adapters.merge_lora(model)
-    model.adopt_edits()
+    with model.edits_adopted():
+        yield
 
 
 def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:

@@ -266,7 +266,7 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
     judged from one long run's snapshots instead of one erase per budget.
     """
     from darkminer.models import load_model
-    from darkminer.models.erased import ErasedModelInfo, save_erased
+    from darkminer.models.erased import ERASED_ON, ErasedModelInfo, save_erased
 
     erased_dir = Path(erased_dir)
     info = ErasedModelInfo.read(erased_dir)
@@ -292,4 +292,5 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
             tensors = load_tensors(erased_dir / name)
             save_tensors(folder / name, {k: v for k, v in tensors.items() if k.startswith(prefixes)})
 
-    return save_erased(model, out, info, write_extra=write_rounds)
+    return save_erased(model, out, info, write_extra=write_rounds,
+                       erased_on=erased_dir / ERASED_ON if info.erased_on is not None else None)
