@@ -181,9 +181,7 @@ def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInf
         if not (directory / ERASED_ON).is_dir():
             raise ModelLoadError(f"{directory} was erased on top of another erased model, but its {ERASED_ON}/ "
                                  "folder is missing; copy the whole folder, or re-create it")
-        apply_erased(model, directory / ERASED_ON)
-        if adapters.has_lora(model):
-            adapters.merge_lora(model)
+        _apply_folded(model, directory / ERASED_ON)
     if info.kind == "lora":
         adapters.load_lora(model, directory)
     elif info.kind == "unet":
@@ -209,11 +207,16 @@ def erasure_adopted(model: DiffusionModel, directory: str | Path) -> Iterator[No
     merged), so that an erasure run in the block is stacked on it: its teacher and its image pools are the
     erased model, not the base. Afterwards the original is the base again (``DiffusionModel.edits_adopted``)."""
     read_stackable(directory)
+    _apply_folded(model, directory)
+    with model.edits_adopted():
+        yield
+
+
+def _apply_folded(model: DiffusionModel, directory: Path | str) -> None:
+    """``apply_erased`` with its adapter merged into the weights, so that another erasure can go on top."""
     apply_erased(model, directory)
     if adapters.has_lora(model):
         adapters.merge_lora(model)
-    with model.edits_adopted():
-        yield
 
 
 def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
