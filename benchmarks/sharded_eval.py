@@ -9,10 +9,13 @@ warm-up (so interpreter start-up and imports are reported apart):
   sharing the batches through ``darkminer.parallel.sharded_sample``.
 
 ``--mode generation`` times ``sharded_sample`` alone; ``--mode evaluate`` times ``darkminer.evaluate``
-(drawing sharded; loading, detection and metrics on every process). The N-process images are checked
-to equal the 1-process ones bit for bit.
+(drawing sharded; loading, detection and metrics on every process); ``--mode attack`` times
+``darkminer.attack`` (loading included) on ``--images`` prompts, which a per-prompt attack shares out.
+The N-process images (attack: what the attack found) are checked to equal the 1-process ones bit for bit.
 
     python benchmarks/sharded_eval.py --mode generation --images 16 --steps 50 --out sharded_generation.json
+    python benchmarks/sharded_eval.py --mode attack --model testbed --erased runs/blood --concept blood \
+        --attack unlearndiff --attack-config '{"rounds": 5}' --images 8 --runs 1x1,Nx1
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.mode == "generation":
         images = sharded_sample(model, conds, seeds, steps=args.steps, batch_size=args.batch_size)
         digest, drawn = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16], len(images)
+    elif args.mode == "attack":
+        from darkminer.api import attack
+
+        results = attack(args.attack, args.concept, model=args.model, erased=args.erased, n_prompts=args.images,
+                         config=json.loads(args.attack_config))
+        found = [(r.adversarial_text, r.input_ids, r.success_before, r.success_after) for r in results]
+        digest, drawn = hashlib.sha256(json.dumps(found).encode()).hexdigest()[:16], len(results)
     else:
         from darkminer.evaluation import evaluate
 
@@ -78,7 +88,8 @@ def run(args: argparse.Namespace, processes: int, threads: int) -> dict:
     result = folder / "result.json"
     own = [__file__, "--worker", "--mode", args.mode, "--model", args.model, "--images", str(args.images),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(threads),
-           "--result", str(result)]
+           "--concept", args.concept, "--attack", args.attack, "--attack-config", args.attack_config,
+           "--result", str(result), *(["--erased", args.erased] if args.erased else [])]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *own]
     else:
@@ -95,8 +106,12 @@ def run(args: argparse.Namespace, processes: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["generation", "evaluate"], default="generation")
+    parser.add_argument("--mode", choices=["generation", "evaluate", "attack"], default="generation")
     parser.add_argument("--model", default="tiny-random-sd")
+    parser.add_argument("--erased", default=None, help="attack mode: the erased model's folder")
+    parser.add_argument("--concept", default="nudity", help="attack mode: the concept attacked")
+    parser.add_argument("--attack", default="unlearndiff", help="attack mode: the attack")
+    parser.add_argument("--attack-config", default="{}", help="attack mode: the attack's options, as JSON")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -120,18 +135,23 @@ def main() -> None:
         r["speedup"] = round(base / r["seconds"], 2)
     sharded = [r for r in runs if r["processes"] > 1]
     same = all(r["digest"] == runs[0]["digest"] for r in sharded) if sharded else None
-    print(f"{args.mode}: {args.images} images, {args.steps} steps, batch {args.batch_size}, model {args.model}; "
+    what = (f"{args.attack} {args.attack_config} on {args.images} {args.concept} prompts" if args.mode == "attack"
+            else f"{args.images} images, {args.steps} steps, batch {args.batch_size}")
+    print(f"{args.mode}: {what}, model {args.model}{f' erased {args.erased}' if args.erased else ''}; "
           f"load average before: {load:.1f}")
-    print("| processes x threads | seconds | images/s | speedup | wall incl. start-up (s) |")
+    unit = "prompts" if args.mode == "attack" else "images"
+    print(f"| processes x threads | seconds | {unit}/s | speedup | wall incl. start-up (s) |")
     print("|---|---:|---:|---:|---:|")
     for r in runs:
         print(f"| {r['processes']} x {r['threads']} | {r['seconds']} | {r['images_per_s']} | {r['speedup']} | "
               f"{r['wall_with_startup_s']} |")
     print(f"{n}-process output equals the 1-process output bit for bit: {same}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"mode": args.mode, "images": args.images, "steps": args.steps,
-                                              "batch_size": args.batch_size, "model": args.model, "runs": runs,
-                                              "identical": same}, indent=2) + "\n")
+        setting = ({"attack": args.attack, "attack_config": json.loads(args.attack_config), "concept": args.concept,
+                    "erased": args.erased} if args.mode == "attack" else {"steps": args.steps, "batch_size": args.batch_size})
+        Path(args.out).write_text(json.dumps({"mode": args.mode, "images": args.images, "model": args.model, **setting,
+                                              "load_average_before": round(load, 1), "runs": runs, "identical": same},
+                                             indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,12 @@ from darkminer.parallel.speed import (
 
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
-EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4, "attacks": ["plain"],
-              "attack_prompts": 2}
+# Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1.
+EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4,
+              "attacks": ["plain", "unlearndiff", "p4d", "ringabell"], "attack_prompts": 3,
+              "attack_configs": {"unlearndiff": {"k": 2, "iterations": 2, "rounds": 2},
+                                 "p4d": {"n_tokens": 2, "iterations": 3, "eval_every": 2, "target_images": 1},
+                                 "ringabell": {"population": 4, "generations": 2, "prompt_length": 3}}}
 
 # The LoRA on cross-attention in both DDP scenarios: a LoRA A on a convolution (the default placement) starts
 # with near-zero gradients, where Adam (a step of ~lr whatever the gradient's size) turns float
@@ -111,6 +115,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
         erase("esd-x", "nudity", Path(folder) / "locked", model="tiny-random-sd")
     except DarkMinerError as exc:
         (Path(folder) / f"refused{rank}.txt").write_text(str(exc))
+    # Which process computed each of five items; every process gets all of them back, in order.
+    done_by = processes.map_items(lambda unit: [unit, processes.rank], range(5))
+    (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
     results = _scenario(processes, Path(folder) / "evaluation")
     save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
 
@@ -147,6 +154,8 @@ def test_two_processes_equal_one(two_processes, tmp_path):
                 torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
+    for r in range(WORLD):  # map_items: blocks of 3 + 2 items, computed once each, gathered in order
+        assert json.loads((two_processes / f"map{r}.json").read_text()) == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
     # The sharded evaluation wrote once (main process) the same metrics and the same image grids.
     one, two = tmp_path / "evaluation", two_processes / "evaluation"
@@ -157,6 +166,10 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
         assert metrics_one[key] == metrics_two[key]
+    # What each attack found, prompt by prompt, though each process searched only its share of the prompts.
+    for name in EVALUATION["attacks"]:
+        found = [metrics["attack_details"][name]["found"] for metrics in (metrics_one, metrics_two)]
+        assert found[0] == found[1] and len(found[0]) == EVALUATION["attack_prompts"]
     assert (one / "judgements.json").read_bytes() == (two / "judgements.json").read_bytes()
     for name in metrics_one["images"].values():
         assert (one / name).read_bytes() == (two / name).read_bytes()
@@ -169,6 +182,7 @@ def test_shares_cover_every_unit_once_in_order_and_balance_the_load():
             assert [u for block in blocks for u in block] == list(range(n_units))
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
     assert Processes(1, 2).rows(8) == slice(4, 8)
+    assert Processes().map_items(lambda unit: 2 * unit, range(3)) == [0, 2, 4]
     with pytest.raises(DarkMinerError, match="multiple of 3"):
         Processes(0, 3).rows(8)
 

@@ -274,6 +274,7 @@ def attack(
     from darkminer.attacks.io import RESULTS_NAME, run_attack
     from darkminer.evaluation import EvaluationConfig, concept_detector
     from darkminer.evaluation.suites import prompt_suites
+    from darkminer.parallel import init_processes
 
     check_argument("n_prompts (--n-prompts)", n_prompts, int)
     if n_prompts < 1:
@@ -283,6 +284,9 @@ def attack(
     if out is not None:
         check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
     check_kind(kind)
+    # Under a launcher the per-prompt attacks share their prompts out over the processes (run_attack); opened
+    # before loading, so "cuda" is this process's GPU.
+    init_processes()
     net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     # The attacks that read the target's own prompts (Ring-A-Bell's concept vector) get at least the 64 that
     # resolve_target gives by default, however few prompts are attacked.

@@ -39,6 +39,7 @@ from darkminer.io import (
 )
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
+from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -199,14 +200,18 @@ def run_attack(
     erased: str | Path | None = None,
 ) -> list[AttackResult]:
     """Run ``attack`` and, with ``out``, save what it found there (``erased``: the erased model's folder
-    ``model`` was loaded from, recorded with the results)."""
+    ``model`` was loaded from, recorded with the results).
+
+    Under a launcher every process calls this: the per-prompt attacks share their prompts out, the others
+    run whole on every process; every process returns the main process's results, and the main one writes."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
     if out is not None:  # before the attack, not after it
         check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
     record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
-    results = attack.run(model, target, prompts, success, original=original)
-    if out is not None:
+    processes = init_processes()
+    results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
+    if out is not None and processes.is_main:
         save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name,
                      success=success, erased=record)
     return results

@@ -39,6 +39,7 @@ from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.slots import allowed_token_ids, build_slotted
+from darkminer.parallel import init_processes
 from darkminer.prompts import find_phrase, read_csv_table, replace_concept
 from darkminer.targets import EraseTarget
 
@@ -149,13 +150,15 @@ class RingABell(Attack):
         vector = self.concept_vector(model, target)
         before = judge_texts(model, prompts, success)
         shared = (time.time() - started) / len(prompts)
-        found, seconds = [], []
-        for prompt in prompts:
+        def search(prompt: AttackPrompt) -> tuple[torch.Tensor, float]:
             started = time.time()
-            found.append(self.search(model, prompt, vector))
-            seconds.append(time.time() - started)
+            return self.search(model, prompt, vector).cpu(), time.time() - started
+
+        # Under a launcher each process runs the genetic search of its block of the prompts (each seeded by
+        # its prompt) and all get every sequence; the judging stays whole, in one process's batches.
+        found, seconds = zip(*init_processes().map_items(search, prompts), strict=True)
         started = time.time()
-        ids = torch.stack(found)
+        ids = torch.stack(found).to(model.device)
         with torch.no_grad():
             after = judge_conditions(model, model.encode_ids(ids), prompts, success)
         judged = (time.time() - started) / len(prompts)

@@ -18,6 +18,7 @@ import torch
 from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, unattacked
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
+from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
 
 
@@ -125,10 +126,18 @@ class PromptwiseAttack(Attack):
             with torch.no_grad():
                 targets = self.target_latents(model, original, [prompts[i] for i in todo], success)
             drawn = (time.time() - started) / len(todo)
-            for i, x0 in zip(todo, targets, strict=True):
+
+            def search(j: int) -> AttackResult:
                 started = time.time()
-                results[i] = self.search(model, original, prompts[i], x0, success)
-                results[i].seconds = shared + drawn + time.time() - started
+                found = self.search(model, original, prompts[todo[j]], targets[j], success)
+                found.seconds = shared + drawn + time.time() - started
+                return found
+
+            # Under a launcher each process searches its block of the prompts (the searches are independent,
+            # each seeded by its prompt) and all get every result; the judging and the targets above are drawn
+            # whole by every process, in the batches one process draws, so the results equal one process's.
+            for i, found in zip(todo, init_processes().map_items(search, range(len(todo))), strict=True):
+                results[i] = found
         return results
 
     def generator(self, prompt: AttackPrompt) -> torch.Generator:

@@ -74,6 +74,7 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.io import check_output_directory
         from darkminer.models import load_model
         from darkminer.models.erased import ErasedModelInfo
+        from darkminer.parallel import init_processes
         from darkminer.targets import resolve_target
 
         check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased)  # before loading
@@ -83,7 +84,8 @@ def _run(args: argparse.Namespace) -> None:
         success = concept_detector(model, target, config=grading)
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
-        save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-                     target=target, model=model.name, success=success,
-                     erased=ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None)
+        if init_processes().is_main:  # under a launcher every process replays the whole set; one writes
+            save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
+                         target=target, model=model.name, success=success,
+                         erased=ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None)
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")

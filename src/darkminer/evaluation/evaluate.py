@@ -26,7 +26,7 @@ from darkminer.attacks.base import (
     before_and_after_rates,
     build_attack,
 )
-from darkminer.attacks.io import adversarial_conditions
+from darkminer.attacks.io import adversarial_conditions, run_attack
 from darkminer.config import Config, check_choice, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
@@ -340,10 +340,9 @@ def evaluate(
     attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
     for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
         attack_started = time.time()
-        # Attacks run whole on every process; the main process's results are the ones kept and replayed.
+        # Under a launcher the per-prompt attacks share their prompts out; every process gets the main one's results.
         with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
-            found = attack.run(net, target, attack_prompts, detector.detect, original=net)
-        results = processes.broadcast_object(found)
+            results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net)
         attacks[name] = attack_success_rate(results)
         counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
         replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))

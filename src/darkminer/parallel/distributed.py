@@ -104,6 +104,14 @@ class Processes:
         gathered = self.gather_rows(local)
         return gathered.to(local.device if local is not None else rows.device)
 
+    def map_items(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn`` applied to every item, each process taking its block of ``items``; every process gets all
+        results, in order. ``fn`` must not call collectives, and its results travel pickled, so they should
+        hold CPU tensors only (a CUDA tensor would come back on the sending process's GPU)."""
+        if not self.distributed:
+            return [fn(item) for item in items]
+        return self.gather_objects([fn(items[i]) for i in self.share(len(items))])
+
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` with the main process's values, in place."""
         if self.distributed:
