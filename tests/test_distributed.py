@@ -38,12 +38,15 @@ from darkminer.parallel.speed import (
 
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
-# Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1.
+# Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1; CCE
+# splits its three accumulated batches 2 + 1.
+CCE = {"steps": 3, "num_images": 3, "batch_size": 2, "gradient_accumulation": 3}
 EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4,
-              "attacks": ["plain", "unlearndiff", "p4d", "ringabell"], "attack_prompts": 3,
+              "attacks": ["plain", "unlearndiff", "p4d", "ringabell", "cce"], "attack_prompts": 3,
               "attack_configs": {"unlearndiff": {"k": 2, "iterations": 2, "rounds": 2},
                                  "p4d": {"n_tokens": 2, "iterations": 3, "eval_every": 2, "target_images": 1},
-                                 "ringabell": {"population": 4, "generations": 2, "prompt_length": 3}}}
+                                 "ringabell": {"population": 4, "generations": 2, "prompt_length": 3},
+                                 "cce": CCE}}
 
 # The LoRA on cross-attention in both DDP scenarios: a LoRA A on a convolution (the default placement) starts
 # with near-zero gradients, where Adam (a step of ~lr whatever the gradient's size) turns float
@@ -58,7 +61,8 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     """What both runs compute: 5 images in batches of 2 (shared 2+1 batches over two processes), three
     circumventing steps with k=4 (2 rows each; half of the erase rows from the model's own trajectories),
     the same three again from the same start with a trajectory term on 4 more rows (adapter and losses under
-    ``traj.``) and with erase_guidance 1.0 (``guided.``), and a whole evaluation written to ``out``."""
+    ``traj.``) and with erase_guidance 1.0 (``guided.``), a whole evaluation written to ``out`` (with every
+    attack), CCE's token (``cce.``) and two whole erases (Dark Miner, ESD-x)."""
     model = load_model("tiny-random-sd")
     with torch.no_grad():
         conds = model.encode(PROMPTS)
@@ -89,6 +93,12 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     from darkminer.evaluation import evaluate
 
     evaluate("nudity", out, model="tiny-random-sd", config=EVALUATION)
+    # CCE's token, learnt from the batches each process took, the gradients summed.
+    from darkminer.attacks.cce import CCEConfig, ConceptInversion
+    from darkminer.targets import resolve_target
+
+    token, summary = ConceptInversion(CCEConfig(**CCE)).learn_token(model, resolve_target(model, "nudity"))
+    snapshots |= {"cce.token": token, "cce.losses": torch.tensor([summary["loss_first"], summary["loss_last"]])}
     # A whole Dark Miner erase: every process runs it, DDP in circumventing, the main process writes.
     from darkminer.api import erase
 
@@ -120,6 +130,23 @@ def _worker(rank: int, port: int, folder: str) -> None:
     (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
     results = _scenario(processes, Path(folder) / "evaluation")
     save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
+    # Mining that ends elsewhere on the other process (GPU kernels need not round alike): the erase must still
+    # equal the one-process run, every process circumventing the main process's conditions.
+    import darkminer.erasers.darkminer.loop as loop
+
+    mine = loop.mine
+
+    def drifting(*args: object, **kwargs: object) -> tuple:
+        mined, summary = mine(*args, **kwargs)
+        if processes.rank:  # far off: Adam's first steps follow the gradients' signs, not their size
+            mined.values.copy_(torch.randn(mined.values.shape, generator=torch.Generator().manual_seed(rank)))
+        return mined, summary
+
+    loop.mine = drifting
+    try:
+        erase("darkminer", "nudity", Path(folder) / "drifting", model="tiny-random-sd", config=DARK_MINER)
+    finally:
+        loop.mine = mine
 
 
 def _free_port() -> int:
@@ -157,6 +184,9 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     for r in range(WORLD):  # map_items: blocks of 3 + 2 items, computed once each, gathered in order
         assert json.loads((two_processes / f"map{r}.json").read_text()) == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
+    drifting = load_tensors(two_processes / "drifting" / "pytorch_lora_weights.safetensors")
+    for name, value in drifting.items():
+        torch.testing.assert_close(value, single[f"dm.{name}"], rtol=1e-4, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
     # The sharded evaluation wrote once (main process) the same metrics and the same image grids.
     one, two = tmp_path / "evaluation", two_processes / "evaluation"
     assert not [p for p in two_processes.iterdir() if p.name.startswith(".")]  # no temp files or work dirs left

@@ -45,6 +45,7 @@ from darkminer.models.slots import (
     build_slotted,
     prompt_token_ids,
 )
+from darkminer.parallel import init_processes
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.prompts import split_at_concept
 from darkminer.targets import EraseTarget
@@ -107,24 +108,34 @@ class ConceptInversion(Attack):
         token = self._initial_embedding(model, target).repeat(cfg.num_vectors, 1).requires_grad_(True)
         optimizer = torch.optim.AdamW([token], lr=cfg.effective_learning_rate, weight_decay=cfg.weight_decay)
         scaler = gradient_scaler(model)
+        # Under a launcher each process takes its block of the accumulated batches and the gradients are summed:
+        # every process draws every batch's randomness, so all keep one generator and learn the same token.
+        processes = init_processes()
+        mine = processes.share(cfg.gradient_accumulation)
         # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
         step_losses = torch.zeros(cfg.steps, device=latents.device)
         for step in range(cfg.steps):
             optimizer.zero_grad()
-            for _ in range(cfg.gradient_accumulation):
+            for batch in range(cfg.gradient_accumulation):
                 rows = host_to_device(torch.randint(len(pool), (cfg.batch_size,), generator=generator), latents.device)
+                flips = torch.rand(cfg.batch_size, generator=generator) < 0.5 if cfg.flip else None
                 x0 = latents[rows]
-                if cfg.flip:
-                    flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
-                    x0 = torch.where(host_to_device(flips.view(-1, 1, 1, 1), x0.device), x0.flip(-1), x0)
                 noise, t = draw_noise_and_timesteps(model, x0, generator)
+                if batch not in mine:
+                    continue
+                if flips is not None:
+                    x0 = torch.where(host_to_device(flips.view(-1, 1, 1, 1), x0.device), x0.flip(-1), x0)
                 cond = captions.select(rows).encode(model, token)
                 loss = denoising_loss(model, x0, cond, t, noise) / cfg.gradient_accumulation
                 scaler.scale(loss).backward()
                 step_losses[step] += loss.detach()
+            if processes.distributed:
+                if token.grad is None:  # more processes than accumulated batches: this one had none
+                    token.grad = torch.zeros_like(token)
+                processes.sum_(token.grad)
             scaler.step(optimizer)
             scaler.update()
-        losses = step_losses.tolist()
+        losses = processes.sum_(step_losses).tolist()
         # The token too: a NaN gradient behind a finite loss (e.g. a half-precision overflow) spoils it silently.
         if not all(math.isfinite(value) for value in losses) or not torch.isfinite(token).all():
             raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")

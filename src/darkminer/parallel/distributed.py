@@ -131,10 +131,16 @@ class Processes:
         if self.distributed:
             dist.barrier()
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Replace ``tensor`` by its sum over the processes, in place."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace ``tensor`` by its mean over the processes, in place (gloo has no AVG: sum, then divide)."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            self.sum_(tensor)
             tensor /= self.world_size
         return tensor
 
