@@ -10,8 +10,9 @@ warm-up (so interpreter start-up and imports are reported apart):
 
 ``--mode generation`` times ``sharded_sample`` alone; ``--mode evaluate`` times ``darkminer.evaluate``
 (drawing sharded; loading, detection and metrics on every process); ``--mode attack`` times
-``darkminer.attack`` (loading included) on ``--images`` prompts, which a per-prompt attack shares out.
-The N-process images (attack: what the attack found) are checked to equal the 1-process ones bit for bit.
+``darkminer.attack`` (loading included) on ``--images`` prompts, which the attack shares out.
+The N-process images (attack: the adversarial texts, token ids and verdicts) are checked to equal the
+1-process ones bit for bit.
 
     python benchmarks/sharded_eval.py --mode generation --images 16 --steps 50 --out sharded_generation.json
     python benchmarks/sharded_eval.py --mode attack --model testbed --erased runs/blood --concept blood \
