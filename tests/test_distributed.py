@@ -52,6 +52,10 @@ EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "g
 # with near-zero gradients, where Adam (a step of ~lr whatever the gradient's size) turns float
 # summation-order noise into ~1e-4 differences between runs. DDP itself treats every parameter alike.
 CROSS_ATTN = {"target": "cross-attn"}
+BENCHMARK = {"model": "tiny-random-sd", "methods": ["esd-x"], "concepts": ["nudity"], "attacks": ["plain", "unlearndiff"],
+             "method_configs": {"esd-x": {"iterations": 2, "ddim_steps": 2}},
+             "evaluation": {"steps": 2, "n_images": 2, "batch_size": 1, "preservation": [], "attack_prompts": 2,
+                            "attack_configs": {"unlearndiff": EVALUATION["attack_configs"]["unlearndiff"]}}}
 DARK_MINER = {"pool_size": 4, "k": 2, "mining_steps": 2, "circumvent_steps": 2, "rounds": 2, "verify_steps": 2,
               "pool_steps": 2, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip", "tau": -1.0,
               "lora": CROSS_ATTN}
@@ -110,6 +114,10 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
                 config={"iterations": 4, "ddim_steps": 2, "checkpoint_every": 1})
     unet = load_tensors(esd / "unet" / "diffusion_pytorch_model.safetensors")
     esd_weights = {f"esd.{k}": v for k, v in unet.items() if ".attn2." in k}  # what ESD-x trains
+    # A benchmark: every process runs every cell, the main one writes the cells and the report.
+    from darkminer.evaluation import run_benchmark
+
+    run_benchmark(BENCHMARK, out.parent / "benchmark", progress=False)
     return {"images": images, **snapshots, **dark_miner, **esd_weights}
 
 
@@ -196,6 +204,10 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
         assert metrics_one[key] == metrics_two[key]
+    benchmarks = [json.loads((folder / "benchmark" / "results.json").read_text()) for folder in (tmp_path, two_processes)]
+    assert benchmarks[0]["table"] == benchmarks[1]["table"] and len(benchmarks[1]["cells"]) == 2  # original, esd-x
+    for cells in zip(*(b["cells"] for b in benchmarks), strict=True):
+        assert cells[0]["metrics"]["attack_details"]["unlearndiff"]["found"] == cells[1]["metrics"]["attack_details"]["unlearndiff"]["found"]
     # What each attack found, prompt by prompt, though each process searched only its share of the prompts.
     for name in EVALUATION["attacks"]:
         found = [metrics["attack_details"][name]["found"] for metrics in (metrics_one, metrics_two)]

@@ -233,17 +233,8 @@ def main_process_lock(out: str | Path | None) -> Iterator[None]:
     if out is None:
         yield
         return
-    processes = init_processes()
-    refusal = None
     with ExitStack() as held:
-        if processes.is_main:
-            try:
-                held.enter_context(output_lock(out))
-            except DarkMinerError as exc:
-                refusal = str(exc)
-        refusal = processes.broadcast_object(refusal)
-        if refusal:
-            raise DarkMinerError(refusal)
+        init_processes().on_main(lambda: held.enter_context(output_lock(out)))
         yield
 
 

@@ -44,7 +44,7 @@ from darkminer.io import (
 )
 from darkminer.models import check_device, model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
-from darkminer.parallel import SpeedOptions
+from darkminer.parallel import SpeedOptions, init_processes
 from darkminer.targets import check_kind
 from darkminer.testbed.concepts import concept_names
 
@@ -201,14 +201,21 @@ def run_benchmark(
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
     resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
-    _claim(out, resolved)
-    remove_stale_temporaries(out)  # what a killed run was writing (this run holds --out's lock)
+    # Under a launcher every process runs every cell (the erase and the evaluation share their work) and the
+    # main process writes; each cell's erase and evaluation return once their output is written.
+    processes = init_processes()
+
+    def claim() -> None:
+        _claim(out, resolved)
+        remove_stale_temporaries(out)  # what a killed run was writing (this run holds --out's lock)
+
+    processes.on_main(claim)
     _check_finished_cells(cfg, eval_cfg, out, rows)
     started = time.time()
     cells = []
     plan = [(method, concept) for concept in cfg.concepts for method in rows]
     for index, (method, concept) in enumerate(plan, 1):
-        if progress:
+        if progress and processes.is_main:
             print(f"[{index}/{len(plan)}] {method} x {concept}", flush=True)
         cells.append(_run_cell(cfg, eval_cfg, out, method, concept, progress))
     results = {
@@ -224,9 +231,13 @@ def run_benchmark(
         "cells": cells,
     }
     results["table"] = cell_summary(results)
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", render_markdown(results))
-    write_text(out / "report.html", render_html(results, out))
+
+    def report() -> None:
+        write_json(out / "results.json", results)
+        write_text(out / "results.md", render_markdown(results))
+        write_text(out / "report.html", render_html(results, out))
+
+    processes.on_main(report)
     return results
 
 

@@ -398,6 +398,7 @@ def evaluate(
                     save_png(image, tmp / image_path(name, i))
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
+    processes.barrier()  # every process returns once the output is there (a benchmark reads it back)
     return metrics
 
 

@@ -126,6 +126,24 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn: Callable[[], None]) -> None:
+        """``fn()`` run by the main process alone (what writes), the others waiting for it; when it refuses
+        (a ``DarkMinerError``), every process stops with the same line, not only the main one."""
+        if not self.distributed:
+            fn()
+            return
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except DarkMinerError as exc:
+                error = exc
+        refusal = self.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if refusal:
+            raise DarkMinerError(refusal)
+
     def barrier(self) -> None:
         """Wait until every process got here (e.g. until the main process finished writing)."""
         if self.distributed:
