@@ -47,6 +47,15 @@ def test_usage_errors_are_one_line_too(argv, message, capsys):
     assert exc.value.code == 2 and message in _error_line(capsys)
 
 
+def test_under_a_launcher_only_the_main_process_reports_and_every_process_its_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process (run alone here: no group)
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert out.is_file() and capsys.readouterr() == ("", "")  # no "wrote" line, no sampling bar
+    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "--steps", "0", "--out", str(out)]) == 2
+    assert _error_line(capsys).startswith("darkminer: error:")
+
+
 def test_generate_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "2", "--steps", "2", "--out", str(out)]) == 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from darkminer.commands import COMMAND_MODULES
@@ -64,6 +65,18 @@ def expand_home(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _reports_from_main_process_only() -> Iterator[None]:
+    """Under a launcher (torchrun and ``accelerate launch`` set ``RANK``) only the main process prints what a
+    command reports and its progress bars; N copies would bury them. Errors leave this block and are printed
+    by every process."""
+    if int(os.environ.get("RANK") or 0) == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers and launchers send), raised like Ctrl-C so that cleanups run."""
 
@@ -81,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = expand_home(parser.parse_args(argv))
         if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
             _quiet_libraries()
-        args.handler(args)
+        with _reports_from_main_process_only():
+            args.handler(args)
     except DarkMinerError as exc:
         print(f"darkminer: error: {exc}", file=sys.stderr)
         return 2
