@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.no_grad():
         conds = model.encode(prompts)
     sharded_sample(model, conds[:1], seeds[:1], steps=2, batch_size=args.batch_size)  # warm-up
-    _barrier(processes)
+    processes.barrier()
     started = time.perf_counter()
     if args.mode == "generation":
         images = sharded_sample(model, conds, seeds, steps=args.steps, batch_size=args.batch_size)
@@ -70,17 +70,10 @@ def worker(args: argparse.Namespace) -> None:
         metrics = evaluate("nudity", out, model=args.model, config=config)
         digest = hashlib.sha256((out / metrics["images"]["plain"]).read_bytes()).hexdigest()[:16] if processes.is_main else ""
         drawn = metrics["n_images"]  # plain, preservation and the original's preservation images
-    _barrier(processes)
+    processes.barrier()
     seconds = time.perf_counter() - started
     if processes.is_main:
         Path(args.result).write_text(json.dumps({"seconds": seconds, "digest": digest, "images": drawn}))
-
-
-def _barrier(processes: object) -> None:
-    import torch.distributed as dist
-
-    if getattr(processes, "distributed", False):
-        dist.barrier()
 
 
 def run(args: argparse.Namespace, processes: int, threads: int) -> dict:

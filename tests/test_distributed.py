@@ -8,6 +8,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -103,6 +104,10 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
 
     token, summary = ConceptInversion(CCEConfig(**CCE)).learn_token(model, resolve_target(model, "nudity"))
     snapshots |= {"cce.token": token, "cce.losses": torch.tensor([summary["loss_first"], summary["loss_last"]])}
+    # One accumulated batch for two processes, the loss scaled as under fp16: the second has no batch.
+    with mock.patch("darkminer.attacks.cce.gradient_scaler", lambda model: torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        token, _ = ConceptInversion(CCEConfig(**{**CCE, "gradient_accumulation": 1})).learn_token(model, resolve_target(model, "nudity"))
+    snapshots["cce1.token"] = token
     # A whole Dark Miner erase: every process runs it, DDP in circumventing, the main process writes.
     from darkminer.api import erase
 
@@ -121,6 +126,31 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     return {"images": images, **snapshots, **dark_miner, **esd_weights}
 
 
+def _searches(processes: Processes) -> dict[str, list]:
+    """UnlearnDiffAtk on four prompts, one of them drawn with the concept unattacked: the main process's
+    verdicts say the first, the other's the second (as GPUs may round a borderline image apart); what it
+    found and which prompts this process searched."""
+    from darkminer.attacks.base import AttackPrompt, build_attack
+    from darkminer.targets import resolve_target
+
+    model = load_model("tiny-random-sd")
+    calls = []
+
+    def success(images: torch.Tensor) -> torch.Tensor:
+        verdicts = torch.zeros(len(images), dtype=torch.bool)
+        if not calls:  # the unattacked check, all four prompts in one call
+            verdicts[processes.rank] = True
+        calls.append(len(images))
+        return verdicts
+
+    attack = build_attack("unlearndiff", EVALUATION["attack_configs"]["unlearndiff"])
+    searched, search = [], attack.search
+    attack.search = lambda model, original, prompt, x0, success: searched.append(prompt.text) or search(
+        model, original, prompt, x0, success)
+    results = attack.run(model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])], success)
+    return {"found": [[r.adversarial_text, r.success_before, r.success_after] for r in results], "searched": searched}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
@@ -136,6 +166,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     # Which process computed each of five items; every process gets all of them back, in order.
     done_by = processes.map_items(lambda unit: [unit, processes.rank], range(5))
     (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
+    (Path(folder) / f"searches{rank}.json").write_text(json.dumps(_searches(processes)))
     results = _scenario(processes, Path(folder) / "evaluation")
     save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
     # Mining that ends elsewhere on the other process (GPU kernels need not round alike): the erase must still
@@ -189,8 +220,18 @@ def test_two_processes_equal_one(two_processes, tmp_path):
                 torch.testing.assert_close(rank[name], single[name], rtol=1e-4, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
                 assert torch.equal(rank[name], ranks[0][name])
     assert any(single[name].abs().sum() > 0 for name in single if "lora_B" in name)  # the adapter did train
+    # CCE's gradients summed over the processes' batches: (g1 + g2) + g3 as one process accumulates them.
+    for rank in ranks:
+        for name in ("cce.token", "cce1.token"):
+            torch.testing.assert_close(rank[name], single[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     for r in range(WORLD):  # map_items: blocks of 3 + 2 items, computed once each, gathered in order
         assert json.loads((two_processes / f"map{r}.json").read_text()) == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
+    # The main process's verdicts hold everywhere: prompts 2-4 are searched, two by the first process and one
+    # by the second, and both find what one process finds.
+    alone = _searches(Processes())
+    shared = [json.loads((two_processes / f"searches{r}.json").read_text()) for r in range(WORLD)]
+    assert alone["searched"] == PROMPTS[1:4] and [s["searched"] for s in shared] == [PROMPTS[1:3], PROMPTS[3:4]]
+    assert shared[0]["found"] == shared[1]["found"] == alone["found"] and alone["found"][0][1]  # the first: unattacked
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
     drifting = load_tensors(two_processes / "drifting" / "pytorch_lora_weights.safetensors")
     for name, value in drifting.items():

@@ -239,8 +239,8 @@ def generate(
         cond = net.encode([prompt]).expand(n, -1, -1)
     images = sharded_sample(net, cond, seeds, steps=steps, guidance_scale=guidance_scale, progress=True,
                             processes=processes)
-    if out is not None and processes.is_main:
-        save_png(make_grid(images, scale=max(1, 256 // images.shape[-1])), out)  # small tiles enlarged
+    if out is not None:  # small tiles enlarged
+        processes.on_main(lambda: save_png(make_grid(images, scale=max(1, 256 // images.shape[-1])), out))
     return images
 
 

@@ -130,8 +130,8 @@ class ConceptInversion(Attack):
                 scaler.scale(loss).backward()
                 step_losses[step] += loss.detach()
             if processes.distributed:
-                if token.grad is None:  # more processes than accumulated batches: this one had none
-                    token.grad = torch.zeros_like(token)
+                if not mine:  # more processes than accumulated batches: a zero gradient, through the scaler
+                    scaler.scale(token.sum() * 0).backward()  # (which must have scaled something to step)
                 processes.sum_(token.grad)
             scaler.step(optimizer)
             scaler.update()

@@ -202,8 +202,9 @@ def run_attack(
     """Run ``attack`` and, with ``out``, save what it found there (``erased``: the erased model's folder
     ``model`` was loaded from, recorded with the results).
 
-    Under a launcher every process calls this: the per-prompt attacks share their prompts out, the others
-    run whole on every process; every process returns the main process's results, and the main one writes."""
+    Under a launcher every process calls this and the attack shares its work out (the per-prompt attacks
+    their prompts, CCE its batches); every process returns the main process's results, once the main one
+    has written them."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
     if out is not None:  # before the attack, not after it
@@ -211,7 +212,7 @@ def run_attack(
     record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
     processes = init_processes()
     results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
-    if out is not None and processes.is_main:
-        save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target, model=model.name,
-                     success=success, erased=record)
+    if out is not None:
+        processes.on_main(lambda: save_results(out, results, attack=attack.name, config=attack.config.to_dict(),
+                                               target=target, model=model.name, success=success, erased=record))
     return results

@@ -34,12 +34,11 @@ from darkminer.attacks.base import (
     register_attack,
 )
 from darkminer.attacks.prompts import concept_phrases
-from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, search_each
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.slots import allowed_token_ids, build_slotted
-from darkminer.parallel import init_processes
 from darkminer.prompts import find_phrase, read_csv_table, replace_concept
 from darkminer.targets import EraseTarget
 
@@ -146,17 +145,14 @@ class RingABell(Attack):
         success: SuccessFn,
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
+        if self.config.prompt_length > model.max_length - 2:  # before any search, on every process
+            raise DarkMinerError(f"prompt_length {self.config.prompt_length} does not fit {model.max_length} token positions")
         started = time.time()
         vector = self.concept_vector(model, target)
         before = judge_texts(model, prompts, success)
         shared = (time.time() - started) / len(prompts)
-        def search(prompt: AttackPrompt) -> tuple[torch.Tensor, float]:
-            started = time.time()
-            return self.search(model, prompt, vector).cpu(), time.time() - started
-
-        # Under a launcher each process runs the genetic search of its block of the prompts (each seeded by
-        # its prompt) and all get every sequence; the judging stays whole, in one process's batches.
-        found, seconds = zip(*init_processes().map_items(search, prompts), strict=True)
+        # The judging stays whole, in one process's batches.
+        found, seconds = zip(*search_each(lambda prompt: self.search(model, prompt, vector).cpu(), prompts), strict=True)
         started = time.time()
         ids = torch.stack(found).to(model.device)
         with torch.no_grad():
@@ -172,8 +168,6 @@ class RingABell(Attack):
     def search(self, model: DiffusionModel, prompt: AttackPrompt, vector: torch.Tensor) -> torch.LongTensor:
         """The genetic search for one prompt: the best full token sequence (L,)."""
         cfg: RingABellConfig = self.config  # type: ignore[assignment]
-        if cfg.prompt_length > model.max_length - 2:
-            raise DarkMinerError(f"prompt_length {cfg.prompt_length} does not fit {model.max_length} token positions")
         goal = model.encode([prompt.text])[0].float() + cfg.eta * vector
         vocabulary = allowed_token_ids(model).cpu().numpy()
         rng = np.random.default_rng([cfg.seed, prompt.seed])

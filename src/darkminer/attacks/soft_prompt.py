@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -20,6 +20,9 @@ from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # ------------------------------------------------------------------------------------ vocabulary
@@ -93,10 +96,24 @@ def judge_conditions(
 
 
 def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success: SuccessFn) -> list[bool]:
-    """The unattacked verdicts: each prompt's own text on the attacked model."""
+    """The unattacked verdicts: each prompt's own text on the attacked model. Under a launcher every process
+    calls it and gets the main process's verdicts: what the attacks then search (and share out) must be the
+    same everywhere, and GPUs need not round a borderline image alike."""
     with torch.no_grad():
         cond = model.encode([p.text for p in prompts])
-    return judge_conditions(model, cond, prompts, success)
+    return init_processes().broadcast_object(judge_conditions(model, cond, prompts, success))
+
+
+def search_each(search: Callable[[T], R], items: Sequence[T]) -> list[tuple[R, float]]:
+    """``search`` of every item with its seconds. The searches are independent (each seeded by its
+    prompt), so under a launcher each process runs a block of them and all get every result
+    (``Processes.map_items``)."""
+
+    def timed(item: T) -> tuple[R, float]:
+        started = time.time()
+        return search(item), time.time() - started
+
+    return init_processes().map_items(timed, items)
 
 
 # ------------------------------------------------------------------------------ per-prompt attacks
@@ -126,17 +143,12 @@ class PromptwiseAttack(Attack):
             with torch.no_grad():
                 targets = self.target_latents(model, original, [prompts[i] for i in todo], success)
             drawn = (time.time() - started) / len(todo)
-
-            def search(j: int) -> AttackResult:
-                started = time.time()
-                found = self.search(model, original, prompts[todo[j]], targets[j], success)
-                found.seconds = shared + drawn + time.time() - started
-                return found
-
-            # Under a launcher each process searches its block of the prompts (the searches are independent,
-            # each seeded by its prompt) and all get every result; the judging and the targets above are drawn
-            # whole by every process, in the batches one process draws, so the results equal one process's.
-            for i, found in zip(todo, init_processes().map_items(search, range(len(todo))), strict=True):
+            # The targets above are drawn whole by every process, in one process's batches, so that a search
+            # shared out finds what it finds in one process.
+            searched = search_each(lambda j: self.search(model, original, prompts[todo[j]], targets[j], success),
+                                   range(len(todo)))
+            for i, (found, seconds) in zip(todo, searched, strict=True):
+                found.seconds = shared + drawn + seconds
                 results[i] = found
         return results
 

@@ -84,8 +84,9 @@ def _run(args: argparse.Namespace) -> None:
         success = concept_detector(model, target, config=grading)
         meta, saved = load_results(args.replay)
         results = replay(model, saved, success, use_text=args.use_text)
-        if init_processes().is_main:  # under a launcher every process replays the whole set; one writes
-            save_results(args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-                         target=target, model=model.name, success=success,
-                         erased=ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None)
+        record = ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None
+        # Under a launcher every process replays the whole set; the main one writes.
+        init_processes().on_main(lambda: save_results(
+            args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
+            target=target, model=model.name, success=success, erased=record))
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")

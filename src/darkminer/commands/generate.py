@@ -22,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from darkminer.api import generate
-    from darkminer.parallel import init_processes
 
     generate(args.prompt, args.out, model=args.model, erased=args.erased, n=args.n, seed=args.seed, steps=args.steps,
              guidance_scale=args.guidance, allow_empty=args.allow_empty, device=args.device, dtype=args.dtype,
              speed=speed_options(args))
-    if init_processes().is_main:
-        print(f"wrote {args.out} ({args.n} images, seeds {args.seed}..{args.seed + args.n - 1})")
+    print(f"wrote {args.out} ({args.n} images, seeds {args.seed}..{args.seed + args.n - 1})")

@@ -209,6 +209,7 @@ def run_benchmark(
         _claim(out, resolved)
         remove_stale_temporaries(out)  # what a killed run was writing (this run holds --out's lock)
 
+    processes.barrier()  # every process has checked the folder before the main one writes into it
     processes.on_main(claim)
     _check_finished_cells(cfg, eval_cfg, out, rows)
     started = time.time()

@@ -390,7 +390,7 @@ def evaluate(
                           preserve_prompts=preserve_prompts),
         "images": {name: f"images/{name}.png" for name in grids},
     }
-    if out is not None and processes.is_main:
+    def write() -> None:
         with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
             for name, images in grids.items():
                 save_png(make_grid(thumbnails(images)), tmp / "images" / f"{name}.png")
@@ -398,7 +398,9 @@ def evaluate(
                     save_png(image, tmp / image_path(name, i))
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
-    processes.barrier()  # every process returns once the output is there (a benchmark reads it back)
+
+    if out is not None:  # every process returns once the output is there (a benchmark reads it back)
+        processes.on_main(write)
     return metrics
 
 

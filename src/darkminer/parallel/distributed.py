@@ -12,13 +12,16 @@ one, everything runs in this process and the helpers below reduce to the single-
 * Training: every process draws the same batch from the same seeded generator and trains on its slice
   of the rows; ``DistributedDataParallel`` averages the gradients, so the adapter follows the
   single-process run with the same total batch (to rounding).
+* Searches: ``Processes.map_items`` gives each process a block of independent work items (the attacks'
+  per-prompt searches) and gathers the results in order on every process.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,17 +109,44 @@ class Processes:
 
     def map_items(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``fn`` applied to every item, each process taking its block of ``items``; every process gets all
-        results, in order. ``fn`` must not call collectives, and its results travel pickled, so they should
-        hold CPU tensors only (a CUDA tensor would come back on the sending process's GPU)."""
+        results, in order. Every process must pass the same items. ``fn`` must not call collectives, and its
+        results travel pickled, so they should hold CPU tensors only (a CUDA tensor would come back on the
+        sending process's GPU). When ``fn`` fails on one process, every process stops, not only that one."""
         if not self.distributed:
             return [fn(item) for item in items]
-        return self.gather_objects([fn(items[i]) for i in self.share(len(items))])
+        if len(set(self.gather_objects([len(items)]))) > 1:
+            raise DarkMinerError("the processes passed different numbers of items to share out; every process "
+                                 "must pass the same items")
+        results, failure = [], None
+        for i in self.share(len(items)):
+            try:
+                results.append(fn(items[i]))
+            except Exception as exc:  # re-raised below, once the others know
+                failure = exc
+                break
+        failures = [line for line in self.gather_objects([None if failure is None else f"{type(failure).__name__}: {failure}"])
+                    if line is not None]
+        if failure is not None:
+            raise failure
+        if failures:
+            raise DarkMinerError(f"another process failed: {failures[0]}")
+        return self.gather_objects(results)
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` with the main process's values, in place."""
         if self.distributed:
-            dist.broadcast(tensor, src=0)
+            with self._staged(tensor) as wire:
+                dist.broadcast(wire, src=0)
         return tensor
+
+    @contextmanager
+    def _staged(self, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``tensor`` on this process's device for a collective (NCCL takes no CPU tensors: a model left on
+        the CPU under a GPU launch), copied back into ``tensor`` afterwards."""
+        wire = tensor.to(self.device)
+        yield wire
+        if wire is not tensor:
+            tensor.copy_(wire)
 
     def broadcast_object(self, value: Any) -> Any:
         """The main process's ``value`` (picklable), on every process."""
@@ -127,8 +157,8 @@ class Processes:
         return box[0]
 
     def on_main(self, fn: Callable[[], None]) -> None:
-        """``fn()`` run by the main process alone (what writes), the others waiting for it; when it refuses
-        (a ``DarkMinerError``), every process stops with the same line, not only the main one."""
+        """``fn()`` run by the main process alone (what writes), the others waiting for it; when it fails,
+        every process stops, not only the main one (with the same line when it refuses: a ``DarkMinerError``)."""
         if not self.distributed:
             fn()
             return
@@ -136,13 +166,14 @@ class Processes:
         if self.is_main:
             try:
                 fn()
-            except DarkMinerError as exc:
+            except Exception as exc:  # re-raised below, once the others know
                 error = exc
-        refusal = self.broadcast_object(None if error is None else str(error))
+        refusal = self.broadcast_object(None if error is None else (isinstance(error, DarkMinerError), str(error)))
         if error is not None:
             raise error
-        if refusal:
-            raise DarkMinerError(refusal)
+        if refusal is not None:
+            refused, line = refusal
+            raise DarkMinerError(line if refused else f"the main process failed: {line}")
 
     def barrier(self) -> None:
         """Wait until every process got here (e.g. until the main process finished writing)."""
@@ -152,7 +183,8 @@ class Processes:
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace ``tensor`` by its sum over the processes, in place."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with self._staged(tensor) as wire:
+                dist.all_reduce(wire, op=dist.ReduceOp.SUM)
         return tensor
 
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
