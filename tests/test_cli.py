@@ -48,12 +48,16 @@ def test_usage_errors_are_one_line_too(argv, message, capsys):
 
 
 def test_under_a_launcher_only_the_main_process_reports_and_every_process_its_errors(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process (run alone here: no group)
-    out = tmp_path / "grid.png"
-    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "1", "--steps", "2", "--out", str(out)]) == 0
-    assert out.is_file() and capsys.readouterr() == ("", "")  # no "wrote" line, no sampling bar
-    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "--steps", "0", "--out", str(out)]) == 2
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt\na cat\na dog\n")
+    monkeypatch.setenv("RANK", "1")  # alone, not a launch: it reports
+    assert main(["prompts", "info", str(csv)]) == 0 and "2 rows" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them for the second process
+    assert main(["prompts", "info", str(csv)]) == 0 and capsys.readouterr() == ("", "")
+    assert main(["prompts", "info", str(tmp_path / "missing.csv")]) == 2
     assert _error_line(capsys).startswith("darkminer: error:")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["prompts", "info", str(csv)]) == 0 and "2 rows" in capsys.readouterr().out
 
 
 def test_generate_writes_a_grid(tmp_path, capsys):

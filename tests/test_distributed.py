@@ -167,6 +167,26 @@ def _worker(rank: int, port: int, folder: str) -> None:
     done_by = processes.map_items(lambda unit: [unit, processes.rank], range(5))
     (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
     (Path(folder) / f"searches{rank}.json").write_text(json.dumps(_searches(processes)))
+    # A failure in one process's share, results that cannot travel, a failure on the main process: every
+    # process stops with a line, and all stay in step for what follows (the scenario's collectives).
+    def fail_on_second(unit: int) -> int:
+        if rank == 1:
+            raise ValueError("boom")
+        return unit
+
+    def fail_on_main() -> None:
+        raise AssertionError
+
+    errors = []
+    for call in (lambda: processes.map_items(fail_on_second, range(4)),
+                 lambda: processes.map_items(lambda unit: lambda: unit, range(4)),  # a local function: unpicklable
+                 lambda: processes.on_main(fail_on_main)):
+        try:
+            call()
+            errors.append(None)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    (Path(folder) / f"errors{rank}.json").write_text(json.dumps(errors))
     results = _scenario(processes, Path(folder) / "evaluation")
     save_tensors(Path(folder) / f"rank{rank}.safetensors", results)
     # Mining that ends elsewhere on the other process (GPU kernels need not round alike): the erase must still
@@ -226,6 +246,10 @@ def test_two_processes_equal_one(two_processes, tmp_path):
             torch.testing.assert_close(rank[name], single[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     for r in range(WORLD):  # map_items: blocks of 3 + 2 items, computed once each, gathered in order
         assert json.loads((two_processes / f"map{r}.json").read_text()) == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
+    first, second = (json.loads((two_processes / f"errors{r}.json").read_text()) for r in range(WORLD))
+    assert (first[0], second[0]) == ("DarkMinerError: another process failed: ValueError: boom", "ValueError: boom")
+    assert first[1] and second[1] and "pickle" in first[1]
+    assert first[2] == "AssertionError: " and second[2] == "DarkMinerError: the main process failed: AssertionError: "
     # The main process's verdicts hold everywhere: prompts 2-4 are searched, two by the first process and one
     # by the second, and both find what one process finds.
     alone = _searches(Processes())

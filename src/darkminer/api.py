@@ -155,7 +155,7 @@ def erase(
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
-    if processes.is_main:
+    def claim() -> None:
         if work_dir.exists() and not resume:  # only the claim of a run that never checkpointed
             shutil.rmtree(work_dir)
         record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
@@ -167,8 +167,9 @@ def erase(
         if below is not None:  # nor a stack on another erased model
             record["erased_on"] = below.record(erased)
         _claim_work_dir(work_dir, record)
+
+    processes.on_main(claim)  # a refused resume stops every process with its line
     resumed = resume and _has_checkpoint(work_dir)
-    processes.barrier()
     # The erasure below goes on only now, so that a bad argument leaves a given model as it was; while it
     # trains, the new erasure takes the one below as its original.
     with nullcontext() if erased is None else erasure_adopted(base, erased):
@@ -187,14 +188,15 @@ def erase(
         extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
         erased_on=None if below is None else below.record(erased),
     )
-    processes.barrier()  # every process is done with the work directory before the main one removes it
-    if processes.is_main:
+    def save() -> None:
         artifacts = work_dir / "artifacts"
         save_erased(base, out, info,
                     write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None,
                     erased_on=erased)
         shutil.rmtree(work_dir, ignore_errors=True)
-    processes.barrier()
+
+    processes.barrier()  # every process is done with the work directory before the main one removes it
+    processes.on_main(save)
     return out
 
 

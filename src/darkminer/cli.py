@@ -67,10 +67,14 @@ def expand_home(args: argparse.Namespace) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _reports_from_main_process_only() -> Iterator[None]:
-    """Under a launcher (torchrun and ``accelerate launch`` set ``RANK``) only the main process prints what a
-    command reports and its progress bars; N copies would bury them. Errors leave this block and are printed
-    by every process."""
-    if int(os.environ.get("RANK") or 0) == 0:
+    """Under a launcher (torchrun and ``accelerate launch`` set ``RANK`` and ``WORLD_SIZE``) only the main
+    process prints what a command reports and its progress bars; N copies would bury them. Errors leave this
+    block and are printed by every process."""
+    try:
+        other = int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("RANK") or 0) != 0
+    except ValueError:  # not a launcher's values: print, and let the process group's opening say what is wrong
+        other = False
+    if not other:
         yield
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

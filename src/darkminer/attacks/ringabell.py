@@ -145,8 +145,7 @@ class RingABell(Attack):
         success: SuccessFn,
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
-        if self.config.prompt_length > model.max_length - 2:  # before any search, on every process
-            raise DarkMinerError(f"prompt_length {self.config.prompt_length} does not fit {model.max_length} token positions")
+        self._check_length(model)  # before any search, on every process
         started = time.time()
         vector = self.concept_vector(model, target)
         before = judge_texts(model, prompts, success)
@@ -168,6 +167,7 @@ class RingABell(Attack):
     def search(self, model: DiffusionModel, prompt: AttackPrompt, vector: torch.Tensor) -> torch.LongTensor:
         """The genetic search for one prompt: the best full token sequence (L,)."""
         cfg: RingABellConfig = self.config  # type: ignore[assignment]
+        self._check_length(model)
         goal = model.encode([prompt.text])[0].float() + cfg.eta * vector
         vocabulary = allowed_token_ids(model).cpu().numpy()
         rng = np.random.default_rng([cfg.seed, prompt.seed])
@@ -179,6 +179,10 @@ class RingABell(Attack):
             if generation < cfg.generations - 1:
                 population = self._mutate(self._crossover(population, rng), vocabulary, rng)
         return self._sequences(model, population[:1])[0]
+
+    def _check_length(self, model: DiffusionModel) -> None:
+        if self.config.prompt_length > model.max_length - 2:
+            raise DarkMinerError(f"prompt_length {self.config.prompt_length} does not fit {model.max_length} token positions")
 
     @staticmethod
     def _sequences(model: DiffusionModel, population: np.ndarray) -> torch.LongTensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,20 +118,18 @@ class Processes:
         if len(set(self.gather_objects([len(items)]))) > 1:
             raise DarkMinerError("the processes passed different numbers of items to share out; every process "
                                  "must pass the same items")
-        results, failure = [], None
-        for i in self.share(len(items)):
-            try:
-                results.append(fn(items[i]))
-            except Exception as exc:  # re-raised below, once the others know
-                failure = exc
-                break
-        failures = [line for line in self.gather_objects([None if failure is None else f"{type(failure).__name__}: {failure}"])
+        payload, failure = b"", None
+        try:  # the results pickled here too, so that an unpicklable one fails like any other error
+            payload = pickle.dumps([fn(items[i]) for i in self.share(len(items))])
+        except Exception as exc:  # re-raised below, once the others know
+            failure = exc
+        failures = [line for line in self.gather_objects([None if failure is None else _error_line(failure)])
                     if line is not None]
         if failure is not None:
             raise failure
         if failures:
             raise DarkMinerError(f"another process failed: {failures[0]}")
-        return self.gather_objects(results)
+        return [result for part in self.gather_objects([payload]) for result in pickle.loads(part)]
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` with the main process's values, in place."""
@@ -143,10 +142,11 @@ class Processes:
     def _staged(self, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
         """``tensor`` on this process's device for a collective (NCCL takes no CPU tensors: a model left on
         the CPU under a GPU launch), copied back into ``tensor`` afterwards."""
-        wire = tensor.to(self.device)
+        wire = tensor.to(self.device).contiguous()
         yield wire
         if wire is not tensor:
-            tensor.copy_(wire)
+            with torch.no_grad():
+                tensor.copy_(wire)
 
     def broadcast_object(self, value: Any) -> Any:
         """The main process's ``value`` (picklable), on every process."""
@@ -168,7 +168,13 @@ class Processes:
                 fn()
             except Exception as exc:  # re-raised below, once the others know
                 error = exc
-        refusal = self.broadcast_object(None if error is None else (isinstance(error, DarkMinerError), str(error)))
+        if error is None:
+            refusal = None
+        elif isinstance(error, DarkMinerError):
+            refusal = (True, str(error))
+        else:
+            refusal = (False, _error_line(error))
+        refusal = self.broadcast_object(refusal)
         if error is not None:
             raise error
         if refusal is not None:
@@ -193,6 +199,11 @@ class Processes:
             self.sum_(tensor)
             tensor /= self.world_size
         return tensor
+
+
+def _error_line(error: BaseException) -> str:
+    """An error as one line for the other processes, its kind named (an AssertionError may have no text)."""
+    return f"{type(error).__name__}: {error}"
 
 
 def init_processes() -> Processes:
