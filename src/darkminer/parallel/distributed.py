@@ -115,21 +115,22 @@ class Processes:
         sending process's GPU). When ``fn`` fails on one process, every process stops, not only that one."""
         if not self.distributed:
             return [fn(item) for item in items]
-        if len(set(self.gather_objects([len(items)]))) > 1:
-            raise DarkMinerError("the processes passed different numbers of items to share out; every process "
-                                 "must pass the same items")
         payload, failure = b"", None
         try:  # the results pickled here too, so that an unpicklable one fails like any other error
             payload = pickle.dumps([fn(items[i]) for i in self.share(len(items))])
         except Exception as exc:  # re-raised below, once the others know
             failure = exc
-        failures = [line for line in self.gather_objects([None if failure is None else _error_line(failure)])
-                    if line is not None]
+        # One exchange: each process's item count, its failure (if any) and its results.
+        parts = self.gather_objects([(len(items), None if failure is None else _error_line(failure), payload)])
         if failure is not None:
             raise failure
+        if len({count for count, _, _ in parts}) > 1:
+            raise DarkMinerError("the processes passed different numbers of items to share out; every process "
+                                 "must pass the same items")
+        failures = [line for _, line, _ in parts if line is not None]
         if failures:
             raise DarkMinerError(f"another process failed: {failures[0]}")
-        return [result for part in self.gather_objects([payload]) for result in pickle.loads(part)]
+        return [result for _, _, part in parts for result in pickle.loads(part)]
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` with the main process's values, in place."""
