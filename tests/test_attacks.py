@@ -636,3 +636,46 @@ def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
     monkeypatch.setattr(api, "resolve_target", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
     api.attack("plain", "nudity", model="tiny-random-sd", n_prompts=3)
     assert seen["n_prompts"] == 64  # Ring-A-Bell's concept vector reads the target's prompts
+
+
+# ------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("name, options", [("unlearndiff", {"rounds": 1, "iterations": 2}),
+                                           ("ringabell", {"population": 6, "generations": 2, "prompt_length": 5})])
+def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(name, options, sd, sd_target,
+                                                                                tmp_path, monkeypatch):
+    from darkminer.io import work_directory
+
+    cls = get_attack(name)
+    prompts = [AttackPrompt("a photo of nudity", 1), AttackPrompt("nudity at night", 2),
+               AttackPrompt("a woman on the beach", 3, 3.0)]
+    whole = run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=tmp_path / "whole")
+    searched, real = [], cls.search
+
+    def killed_after_two(self, *args):
+        prompt = next(a for a in args if isinstance(a, AttackPrompt))
+        if len(searched) == 2 and kill:
+            raise KeyboardInterrupt
+        searched.append(prompt.text)
+        return real(self, *args)
+
+    monkeypatch.setattr(cls, "search", killed_after_two)
+    out, kill = tmp_path / "cut", True
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out)
+    journal = work_directory(out) / "searches"
+    assert not out.exists() and sorted(p.name for p in journal.iterdir()) == ["0.safetensors", "1.safetensors"]
+    with pytest.raises(DarkMinerError, match="add --resume"):  # never discarded unasked
+        run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out)
+    with pytest.raises(ConfigError, match="its config differs"):  # nor reused for another run
+        run_attack(cls(cls.config_class(**{**options, "seed": 1})), sd, sd_target, prompts, never, out=out, resume=True)
+    searched.clear()
+    kill = False
+    resumed = run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out, resume=True)
+    assert searched == ["a woman on the beach"]  # the two journaled prompts were not searched again
+    assert not work_directory(out).exists()
+
+    def without_seconds(results):
+        return [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in results]
+
+    assert without_seconds(resumed) == without_seconds(whole) == without_seconds(load_results(out)[1])
+    assert resumed[0].seconds > 0  # a journaled search keeps the seconds it took

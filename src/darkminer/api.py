@@ -15,13 +15,13 @@ from darkminer.config import check_argument, check_seed
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import (
+    check_no_unfinished_run,
     check_output_directory,
-    claim_record,
+    claim_work_directory,
     exclusive_output,
-    is_temporary_file,
+    has_checkpoint,
     output_directory,
-    remove_stale_temporaries,
-    what_differs,
+    work_directory,
     write_json,
 )
 from darkminer.models import erased_base, load_model, model_id
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from darkminer.parallel import SpeedOptions
 
 
-RUN_FILE = "run.json"
 EXPORTED_KIND = "an exported pipeline"  # what `export` may replace at --out
 
 
@@ -56,36 +55,6 @@ def _check_not_erased(model: DiffusionModel) -> None:
     if has_lora(model) or model.edited_parameter_names or not isinstance(model.guidance, ClassifierFreeGuidance):
         raise ConfigError("this model already carries an erasure (erase changes the model it is given); "
                           "erase from a freshly loaded base model, with erased= naming the erasure to stack on")
-
-
-def work_directory(out: str | Path) -> Path:
-    """Where an erase into ``out`` keeps its checkpoints until it completes (``resume`` continues from it)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.work"
-
-
-def _claim_work_dir(work_dir: Path, run: dict) -> None:
-    """Record what this erase is in its work directory; a resumed erase must be the same run, or its
-    checkpoint and image pool would silently be reused for another concept or config."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(work_dir)  # the erase holds --out's lock, and the work directory is --out's
-    changed = claim_record(work_dir / RUN_FILE, run)
-    if changed:
-        raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run ({what_differs(changed)}); "
-                          "delete that folder to start over")
-
-
-def _has_checkpoint(work_dir: Path) -> bool:
-    """Whether an erase into this work directory got as far as writing something besides its claim (a
-    killed write's temporary file is not a checkpoint)."""
-    return work_dir.is_dir() and any(p.name != RUN_FILE and not is_temporary_file(p) for p in work_dir.iterdir())
-
-
-def _check_no_unfinished_erase(work_dir: Path, out: Path) -> None:
-    """An erase that is not resumed would start over; refuse to discard another's checkpoint unasked."""
-    if _has_checkpoint(work_dir):
-        raise DarkMinerError(f"{work_dir} holds the checkpoint of an unfinished erase into {out}: add --resume "
-                             "(resume=True in Python) to continue it, or delete that folder to start over")
 
 
 @exclusive_output()
@@ -134,7 +103,7 @@ def erase(
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased)  # before the work, not after it
     work_dir = work_directory(out)
     if not resume:  # every process (it only reads), so that each stops with the same line
-        _check_no_unfinished_erase(work_dir, out)
+        check_no_unfinished_run(work_dir)
     as_speed_options(speed)  # bad options fail before the (long) load
     check_kind(kind)
     eraser_cls = get_eraser(method)
@@ -156,8 +125,6 @@ def erase(
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     def claim() -> None:
-        if work_dir.exists() and not resume:  # only the claim of a run that never checkpointed
-            shutil.rmtree(work_dir)
         record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
                   "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}
         if speed_record := speed_run_record(base, speed):  # a resume must not mix fp32 and bf16 rounds
@@ -166,10 +133,10 @@ def erase(
             record["dtype"] = str(base.dtype)
         if below is not None:  # nor a stack on another erased model
             record["erased_on"] = below.record(erased)
-        _claim_work_dir(work_dir, record)
+        claim_work_directory(work_dir, record, resume)
 
     processes.on_main(claim)  # a refused resume stops every process with its line
-    resumed = resume and _has_checkpoint(work_dir)
+    resumed = resume and has_checkpoint(work_dir)
     # The erasure below goes on only now, so that a bad argument leaves a given model as it was; while it
     # trains, the new erasure takes the one below as its original.
     with nullcontext() if erased is None else erasure_adopted(base, erased):
@@ -260,6 +227,7 @@ def attack(
     kind: str | None = None,
     n_prompts: int = 16,
     grading: EvaluationConfig | dict[str, Any] | None = None,
+    resume: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
     speed: SpeedOptions | dict[str, Any] | None = None,
@@ -270,6 +238,8 @@ def attack(
     The prompts attacked are the first ``n_prompts`` of the evaluation's ``plain`` set: a ``prompts`` CSV's
     rows, the testbed concept's direct prompts, or the concept word (SD) at seeds from the attack's seed.
     ``grading`` holds the detector's ``EvaluationConfig`` options (``detector``, ``nudenet_threshold``...).
+    ``resume`` continues a killed run into ``out`` from its journal: the prompts it finished are not searched
+    again (``run_attack``).
     """
     from darkminer.attacks.base import AttackPrompt, build_attack
     from darkminer.attacks.io import OUTPUT_KIND as ATTACK_OUTPUT
@@ -284,7 +254,9 @@ def attack(
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     grading = EvaluationConfig.coerce(grading)
     if out is not None:
-        check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
+        out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
+        if not resume:  # an unfinished run's journal is refused before the load, not after it
+            check_no_unfinished_run(work_directory(out))
     check_kind(kind)
     # Under a launcher the per-prompt attacks share their prompts out over the processes (run_attack); opened
     # before loading, so "cuda" is this process's GPU.
@@ -297,7 +269,7 @@ def attack(
     success = concept_detector(net, target, config=grading)
     plain = prompt_suites(target, n_prompts, attacker.config.seed, prompts_csv=prompts)["plain"]
     attacked = [AttackPrompt(p.text, p.seed, p.guidance) for p in plain.prompts]
-    return run_attack(attacker, net, target, attacked, success, out=out, erased=erased)
+    return run_attack(attacker, net, target, attacked, success, out=out, erased=erased, resume=resume)
 
 
 @exclusive_output()

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from darkminer.errors import DarkMinerError, ModelLoadError
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 
 
 def _read_umask() -> int:
@@ -382,3 +382,42 @@ def changed_keys(stored: dict[str, Any], record: dict[str, Any], defaults: dict[
     value in ``defaults``."""
     stored = {**(defaults or {}), **stored}
     return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))
+
+
+# -------------------------------------------------------------------------- work directories (resume)
+WORK_RECORD = "run.json"  # what a work directory's run is: a resume must be the same run
+
+
+def work_directory(out: str | Path) -> Path:
+    """Where a run into ``out`` keeps its checkpoints until its output is whole: a hidden folder beside
+    ``out``, which ``resume`` continues from and the finished run removes."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def has_checkpoint(work_dir: Path) -> bool:
+    """Whether a run got as far as writing something besides its claim into ``work_dir`` (a killed write's
+    temporary file is not a checkpoint)."""
+    return work_dir.is_dir() and any(p.name != WORK_RECORD and not is_temporary_file(p) for p in work_dir.iterdir())
+
+
+def check_no_unfinished_run(work_dir: Path) -> None:
+    """A run that is not resumed would start over: refuse to discard another's checkpoint unasked."""
+    if has_checkpoint(work_dir):
+        raise DarkMinerError(f"{work_dir} holds the checkpoint of an unfinished run into the same --out: add "
+                             "--resume (resume=True in Python) to continue it, or delete that folder to start over")
+
+
+def claim_work_directory(work_dir: Path, record: dict[str, Any], resume: bool) -> None:
+    """Make ``work_dir`` this run's, recording what the run is. A run not resumed starts it afresh; a resumed
+    one must be the run that wrote it, or its checkpoints would silently be reused for another concept,
+    config or model. Only for a run that holds ``output_lock`` on the output the folder belongs to."""
+    if not resume:
+        check_no_unfinished_run(work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)  # the claim of a run that never checkpointed
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)
+    changed = claim_record(work_dir / WORK_RECORD, record)
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run ({what_differs(changed)}); "
+                          "delete that folder to start over")

@@ -59,6 +59,35 @@ class AttackResult:
         """Counted as the UnlearnDiffAtk authors do: a prompt that works unattacked counts as broken."""
         return self.success_before or self.success_after
 
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON values; the embeddings are stored apart (``soft`` says whether there are any)."""
+        return {
+            "prompt": self.prompt.text,
+            "seed": self.prompt.seed,
+            "guidance": self.prompt.guidance,
+            "adversarial_text": self.adversarial_text,
+            "success_before": self.success_before,
+            "success_after": self.success_after,
+            "success": self.success,
+            "input_ids": self.input_ids,
+            "soft": self.embeddings is not None,
+            "seconds": round(self.seconds, 3),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], embeddings: torch.Tensor | None) -> AttackResult:
+        return cls(
+            prompt=AttackPrompt(data["prompt"], int(data["seed"]), data.get("guidance")),
+            adversarial_text=data["adversarial_text"],
+            success_before=bool(data["success_before"]),
+            success_after=bool(data["success_after"]),
+            input_ids=data.get("input_ids"),
+            embeddings=embeddings,
+            seconds=float(data.get("seconds", 0.0)),
+            extra=data.get("extra", {}),
+        )
+
 
 def unattacked(
     model: DiffusionModel, prompt: AttackPrompt, ok: bool, seconds: float = 0.0, **extra: object

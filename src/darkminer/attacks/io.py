@@ -6,13 +6,16 @@
     DIR/embeddings.safetensors input-embedding sequences of soft results (key = result index)
 
 Both files are written atomically (temporary name, then rename); ``attack.json`` is written last, so a
-directory that has it is whole.
+directory that has it is whole. Until then the run keeps its journal of finished searches in a hidden work
+directory beside DIR (``io.work_directory``), which ``resume`` continues from.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,19 @@ from darkminer.attacks.base import (
     attack_success_rate,
     before_and_after_rates,
 )
+from darkminer.attacks.journal import SearchJournal, journaled
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.errors import DarkMinerError
 from darkminer.io import (
+    check_no_unfinished_run,
     check_output_directory,
+    claim_work_directory,
     exclusive_output,
     load_tensors,
     output_directory,
     read_json,
     save_tensors,
+    work_directory,
     write_json,
 )
 from darkminer.models.base import DiffusionModel
@@ -46,35 +53,7 @@ RESULTS_NAME = "attack.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 OUTPUT_KIND = "an attack output"  # what may be replaced at --out
 FORMAT_VERSION = 1
-
-
-def result_to_dict(result: AttackResult) -> dict[str, Any]:
-    return {
-        "prompt": result.prompt.text,
-        "seed": result.prompt.seed,
-        "guidance": result.prompt.guidance,
-        "adversarial_text": result.adversarial_text,
-        "success_before": result.success_before,
-        "success_after": result.success_after,
-        "success": result.success,
-        "input_ids": result.input_ids,
-        "soft": result.embeddings is not None,
-        "seconds": round(result.seconds, 3),
-        "extra": result.extra,
-    }
-
-
-def result_from_dict(data: dict[str, Any], embeddings: torch.Tensor | None) -> AttackResult:
-    return AttackResult(
-        prompt=AttackPrompt(data["prompt"], int(data["seed"]), data.get("guidance")),
-        adversarial_text=data["adversarial_text"],
-        success_before=bool(data["success_before"]),
-        success_after=bool(data["success_after"]),
-        input_ids=data.get("input_ids"),
-        embeddings=embeddings,
-        seconds=float(data.get("seconds", 0.0)),
-        extra=data.get("extra", {}),
-    )
+JOURNAL_NAME = "searches"  # in the work directory: the per-prompt searches that ended (SearchJournal)
 
 
 def save_results(
@@ -107,7 +86,7 @@ def save_results(
             "success_before_rate": before_and_after_rates(results)[0],
             "n_prompts": len(results),
             "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
-            "results": [result_to_dict(r) for r in results],
+            "results": [r.to_dict() for r in results],
         })
     return Path(directory)
 
@@ -126,7 +105,7 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
     if missing:
         raise DarkMinerError(f"{directory / EMBEDDINGS_NAME} lacks embeddings of results {missing[:5]}; re-run the attack")
     try:
-        return data, [result_from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
+        return data, [AttackResult.from_dict(row, tensors.get(str(i))) for i, row in enumerate(rows)]
     except (KeyError, TypeError, ValueError, DarkMinerError) as exc:
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged result ({type(exc).__name__}: {exc}); "
                              "re-run the attack") from None
@@ -198,21 +177,42 @@ def run_attack(
     out: str | Path | None = None,
     original: DiffusionModel | None = None,
     erased: str | Path | None = None,
+    resume: bool = False,
 ) -> list[AttackResult]:
     """Run ``attack`` and, with ``out``, save what it found there (``erased``: the erased model's folder
     ``model`` was loaded from, recorded with the results).
+
+    With ``out``, the per-prompt searches are journaled in ``out``'s work directory as they end; ``resume``
+    continues a killed run from it (the same attack, config, prompts and model), searching only the prompts
+    it had not finished. The unattacked judging and the target images are drawn again, as the whole run
+    draws them, so the results equal an uninterrupted run's.
 
     Under a launcher every process calls this and the attack shares its work out (the per-prompt attacks
     their prompts, CCE its batches); every process returns the main process's results, once the main one
     has written them."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
+    work_dir = None
     if out is not None:  # before the attack, not after it
-        check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
+        out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
+        work_dir = work_directory(out)
+        if not resume:  # every process (it only reads), so that each stops with the same line
+            check_no_unfinished_run(work_dir)
     record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
     processes = init_processes()
-    results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
+    if work_dir is not None:
+        run = {"attack": attack.name, "config": attack.config.to_dict(), "target": target.to_dict(),
+               "prompts": [asdict(p) for p in prompts], "model": model.name, "erased": record,
+               "detector": success.describe() if hasattr(success, "describe") else None,
+               "dtype": str(model.dtype), "sampling": asdict(model.default_sampling)}
+        processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
+    with journaled(None if work_dir is None else SearchJournal(work_dir / JOURNAL_NAME)):
+        results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
     if out is not None:
-        processes.on_main(lambda: save_results(out, results, attack=attack.name, config=attack.config.to_dict(),
-                                               target=target, model=model.name, success=success, erased=record))
+        def save() -> None:
+            save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
+                         model=model.name, success=success, erased=record)
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+        processes.on_main(save)
     return results

@@ -151,7 +151,7 @@ class RingABell(Attack):
         before = judge_texts(model, prompts, success)
         shared = (time.time() - started) / len(prompts)
         # The judging stays whole, in one process's batches.
-        found, seconds = zip(*search_each(lambda prompt: self.search(model, prompt, vector).cpu(), prompts), strict=True)
+        found, seconds = zip(*search_each(lambda i: self.search(model, prompts[i], vector).cpu(), range(len(prompts))), strict=True)
         started = time.time()
         ids = torch.stack(found).to(model.device)
         with torch.no_grad():

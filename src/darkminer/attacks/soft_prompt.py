@@ -16,12 +16,12 @@ from typing import ClassVar, TypeVar
 import torch
 
 from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, unattacked
+from darkminer.attacks.journal import open_journal
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -104,16 +104,28 @@ def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success:
     return init_processes().broadcast_object(judge_conditions(model, cond, prompts, success))
 
 
-def search_each(search: Callable[[T], R], items: Sequence[T]) -> list[tuple[R, float]]:
-    """``search`` of every item with its seconds. The searches are independent (each seeded by its
-    prompt), so under a launcher each process runs a block of them and all get every result
-    (``Processes.map_items``)."""
+def search_each(search: Callable[[int], R], indices: Sequence[int]) -> list[tuple[R, float]]:
+    """``search`` of every prompt (by its index in the attacked list), with its seconds. The searches are
+    independent (each seeded by its prompt), so under a launcher each process runs a block of them and all
+    get every result (``Processes.map_items``). Within ``journaled`` (``run_attack`` into a folder), each
+    search is written to the journal as it ends, and the prompts the journal holds are read back, not
+    searched again: a killed attack resumes where it stopped."""
+    journal = open_journal()
+    processes = init_processes()
+    # The main process's reading on every process: all must search the same prompts.
+    done = {} if journal is None else processes.broadcast_object(journal.read(indices) if processes.is_main else None)
 
-    def timed(item: T) -> tuple[R, float]:
+    def timed(index: int) -> tuple[R, float]:
         started = time.time()
-        return search(item), time.time() - started
+        found = search(index)
+        seconds = time.time() - started
+        if journal is not None:  # by the process that searched it: its work survives a kill of the others
+            journal.write(index, found, seconds)
+        return found, seconds
 
-    return init_processes().map_items(timed, items)
+    todo = [i for i in indices if i not in done]
+    fresh = dict(zip(todo, processes.map_items(timed, todo), strict=True))
+    return [done[i] if i in done else fresh[i] for i in indices]
 
 
 # ------------------------------------------------------------------------------ per-prompt attacks
@@ -143,10 +155,10 @@ class PromptwiseAttack(Attack):
             with torch.no_grad():
                 targets = self.target_latents(model, original, [prompts[i] for i in todo], success)
             drawn = (time.time() - started) / len(todo)
-            # The targets above are drawn whole by every process, in one process's batches, so that a search
-            # shared out finds what it finds in one process.
-            searched = search_each(lambda j: self.search(model, original, prompts[todo[j]], targets[j], success),
-                                   range(len(todo)))
+            # The targets above are drawn whole by every process, in one process's batches (and again on a
+            # resume), so that a search shared out or resumed finds what it finds in one uninterrupted process.
+            aim = dict(zip(todo, targets, strict=True))
+            searched = search_each(lambda i: self.search(model, original, prompts[i], aim[i], success), todo)
             for i, (found, seconds) in zip(todo, searched, strict=True):
                 found.seconds = shared + drawn + seconds
                 results[i] = found

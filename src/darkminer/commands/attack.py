@@ -9,7 +9,9 @@ from darkminer.commands.common import (
     add_concept_args,
     add_detector_args,
     add_model_args,
+    add_resume_arg,
     detector_options,
+    note_resume,
     speed_options,
 )
 from darkminer.errors import DarkMinerError
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
     p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
+    add_resume_arg(p, "its journal: the prompts it finished are not searched again")
     add_detector_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
@@ -56,18 +59,20 @@ def _run(args: argparse.Namespace) -> None:
         raise DarkMinerError("give either --attack NAME or --replay DIR")
     if args.replay:
         ignored = [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
-                                            ("--n-prompts", args.n_prompts)) if value is not None]
+                                            ("--n-prompts", args.n_prompts), ("--resume", args.resume or None))
+                   if value is not None]
         if ignored:
             raise DarkMinerError(f"--replay judges the saved prompts again, as they were found; {', '.join(ignored)} "
                                  "would change nothing: leave them out")
     elif args.use_text:
         raise DarkMinerError("--use-text goes with --replay (it replays a saved attack's readable text)")
     if args.attack:
+        note_resume(args)
         config = get_attack(args.attack).config_class.from_file(args.config, seed=args.seed)
         n_prompts = DEFAULT_N_PROMPTS if args.n_prompts is None else args.n_prompts
         results = attack(args.attack, args.concept, args.out, model=args.model, erased=args.erased, config=config,
                          anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=n_prompts,
-                         grading=detector_options(args), device=args.device, dtype=args.dtype,
+                         grading=detector_options(args), resume=args.resume, device=args.device, dtype=args.dtype,
                          speed=speed_options(args))
     else:
         from darkminer.evaluation import EvaluationConfig, concept_detector

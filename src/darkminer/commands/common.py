@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 ERASED_HELP = ("an erased-model directory written by `darkminer erase`, or a diffusers UNet folder from another tool "
@@ -63,3 +64,15 @@ def detector_options(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"detector": args.detector, "judge": args.judge, "nudenet_threshold": args.threshold,
              "nudenet_classes": args.nudenet_classes, "clip_model": args.clip_model}
     return {name: value for name, value in flags.items() if value is not None}
+
+
+def add_resume_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resume", action="store_true", help=f"continue a killed run into --out from {what}")
+
+
+def note_resume(args: argparse.Namespace) -> None:
+    """Say so when ``--resume`` finds nothing to continue: the run starts from the beginning."""
+    from darkminer.io import work_directory
+
+    if args.resume and not (work_dir := work_directory(args.out)).is_dir():
+        print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)

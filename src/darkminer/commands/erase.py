@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from darkminer.commands.common import add_concept_args, add_model_args, speed_options
+from darkminer.commands.common import (
+    add_concept_args,
+    add_model_args,
+    add_resume_arg,
+    note_resume,
+    speed_options,
+)
 
 # Written out, not read from the registry: importing the erasers (torch, diffusers) would slow every --help;
 # a test checks the list against the registry.
@@ -22,16 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, erased_help="an erased-model directory to erase on top of (several concepts, one after "
                                   "another); --model is then its base, as recorded unless given")
     p.add_argument("--config", default=None, help="JSON or YAML file of the method's config options")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    add_resume_arg(p, "its last checkpoint")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from darkminer.api import erase, work_directory
+    from darkminer.api import erase
 
-    if args.resume and not (work_dir := work_directory(args.out)).is_dir():
-        print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
+    note_resume(args)
     out = erase(args.method, args.concept, args.out, model=args.model, erased=args.erased, config=args.config,
                 anchor=args.anchor, prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device,
                 dtype=args.dtype, speed=speed_options(args))
