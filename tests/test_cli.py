@@ -574,3 +574,31 @@ def test_config_files_are_read_from_a_path_object_too(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 3\n")
     assert EvaluationConfig.coerce(tmp_path / "c.yaml") == EvaluationConfig.coerce(str(tmp_path / "c.yaml"))
     assert EvaluationConfig.coerce(tmp_path / "c.yaml").steps == 3
+
+
+def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")
+    out = tmp_path / "e"
+    command = ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2", "--steps", "2",
+               "--attacks", "plain", "--attack-prompts", "2", "--preservation", "", "--out", str(out)]
+    real, calls = evaluation.Painter.conditions, []
+
+    def killed_at_the_second_set(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation.Painter, "conditions", killed_at_the_second_set)
+    assert main(command) == 130  # interrupted: the plain set is done and kept, the attack's replay cut short
+    assert "darkminer: interrupted" in capsys.readouterr().err
+    assert main(command) == 2 and "add --resume" in _error_line(capsys)  # never discarded unasked
+    assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again
+    assert "metrics.json" in capsys.readouterr().out and json.loads((out / "metrics.json").read_text())["resumed"]
+    assert main([*command[:-1], str(tmp_path / "fresh"), "--resume"]) == 0
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    attack = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "a")]
+    assert main([*attack, "--replay", str(tmp_path / "x"), "--resume"]) == 2
+    assert "--resume would change nothing" in _error_line(capsys)

@@ -689,6 +689,82 @@ def test_an_evaluation_drawn_in_chunks_equals_one_drawn_whole(tmp_path, monkeypa
             name.name == "metrics.json", name
 
 
+@needs_testbed_graders
+def test_an_evaluation_killed_again_and_again_resumes_to_the_numbers_and_files_of_one_run(tmp_path, monkeypatch):
+    """Killed every third piece of work (a chunk of images drawn, a prompt searched), in every stage (the
+    plain and paraphrase sets, an attack's searches and its replay, preservation with FID), and resumed each
+    time: the metrics, judgements, grids and saved images are those of an uninterrupted run, and no finished
+    piece is done again."""
+    import importlib
+
+    from darkminer.attacks.unlearndiff import UnlearnDiffAtk
+    from darkminer.io import work_directory
+    from darkminer.testbed.model import TestbedModel
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")
+    monkeypatch.setattr(evaluation, "CHUNK_IMAGES", 2)
+    config = {**FAST, "n_images": 6, "batch_size": 2, "grid_images": 3, "attacks": ["unlearndiff"], "attack_prompts": 3,
+              "attack_configs": {"unlearndiff": {"k": 2, "iterations": 1, "rounds": 1}}, "save_images": True}
+    done: list[str] = []  # each piece of work as it completes
+    kill_at = [None]  # the run's piece (counted from 1) that is killed; None: none
+
+    def counted(owner, name, what):
+        real = getattr(owner, name)
+
+        def piece(*args, **kwargs):
+            if kill_at[0] is not None:
+                kill_at[0] -= 1
+                if kill_at[0] == 0:
+                    raise KeyboardInterrupt
+            result = real(*args, **kwargs)
+            done.append(what(args, kwargs))
+            return result
+
+        monkeypatch.setattr(owner, name, piece)
+
+    def nudged() -> TestbedModel:
+        """An 'erased' model (an in-place edit, which the original swaps out): FID and the attack have work."""
+        model = TestbedModel.untrained()
+        model.remember_originals(["conv_in.weight"])
+        with torch.no_grad():
+            model.unet.conv_in.weight.mul_(1.5)
+        return model
+
+    counted(evaluation.Painter, "conditions", lambda args, kwargs: "original" if args[-1] is True else "chunk")
+    counted(UnlearnDiffAtk, "search", lambda args, kwargs: "search")
+    whole = evaluate("star", tmp_path / "whole", model=nudged(), config=config)
+    assert whole["preservation"]["fid"] > 0
+    pieces, done[:] = list(done), []
+    assert pieces.count("search") >= 2  # the untrained model draws no star for most prompts: they are searched
+    assert (pieces.count("chunk"), pieces.count("original")) == (3 + 3 + 2 + 3, 3)  # plain, paraphrase, replay, preservation
+
+    out = tmp_path / "resumed"
+    for kills in range(len(pieces)):
+        kill_at[0] = 2 + kills % 2  # every second or third piece: each stage is cut somewhere
+        try:
+            resumed = evaluate("star", out, model=nudged(), config=config, resume=kills > 0)
+            break
+        except KeyboardInterrupt:
+            assert not out.exists() and work_directory(out).is_dir()
+    else:
+        pytest.fail("the evaluation never ended: its resumes made no progress")
+    assert kills >= len(pieces) // 3 - 1
+    # Nothing finished is done again, but for the erased model's preservation chunk a kill may cut off before
+    # the original's, which is saved with it.
+    assert (done.count("search"), done.count("original")) == (pieces.count("search"), pieces.count("original"))
+    assert pieces.count("chunk") <= done.count("chunk") <= pieces.count("chunk") + kills
+    assert resumed.pop("resumed") is True and not work_directory(out).exists()
+    for metrics in (whole, resumed):
+        metrics.pop("seconds")
+        for details in metrics["attack_details"].values():
+            details.pop("seconds")
+    assert resumed == whole
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == files
+    for name in files:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes() or name.name == "metrics.json", name
+
+
 if "test-scripted" not in ATTACKS:
 
     @register_attack("test-scripted")

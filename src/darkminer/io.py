@@ -366,6 +366,7 @@ def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, A
     (empty: the same run, safe to resume). A key the stored record lacks (an option added since it was
     written) counts as its value in ``defaults``, which the earlier run had."""
     path = Path(path)
+    record = json.loads(json.dumps(record, default=str))  # as it reads back: tuples are lists, paths text
     if not path.is_file():
         write_json(path, record)
         return []
@@ -382,6 +383,19 @@ def changed_keys(stored: dict[str, Any], record: dict[str, Any], defaults: dict[
     value in ``defaults``."""
     stored = {**(defaults or {}), **stored}
     return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """``source``'s files under ``destination``, hard-linked where the file system allows (an output made of
+    a work directory's images: thousands of PNGs, not copied), else copied."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, destination, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 # -------------------------------------------------------------------------- work directories (resume)

@@ -113,7 +113,7 @@ def search_each(search: Callable[[int], R], indices: Sequence[int]) -> list[tupl
     journal = open_journal()
     processes = init_processes()
     # The main process's reading on every process: all must search the same prompts.
-    done = {} if journal is None else processes.broadcast_object(journal.read(indices) if processes.is_main else None)
+    done = {} if journal is None else processes.on_main(lambda: journal.read(indices))
 
     def timed(index: int) -> tuple[R, float]:
         started = time.time()

@@ -8,7 +8,9 @@ from darkminer.commands.common import (
     add_concept_args,
     add_detector_args,
     add_model_args,
+    add_resume_arg,
     detector_options,
+    note_resume,
     speed_options,
 )
 
@@ -36,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
+    add_resume_arg(p, "what it had drawn, graded and attacked")
     p.set_defaults(handler=run)
 
 
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.config import load_config_file
     from darkminer.evaluation import EvaluationConfig, evaluate
 
+    note_resume(args)
     options = load_config_file(args.config) if args.config else {}
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "steps": args.steps,
              "fid_reference": args.fid_reference, "save_images": args.save_images or None,
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
         anchor=args.anchor, prompts=args.prompts, kind=args.kind, paraphrase_prompts=args.paraphrase_prompts,
         preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, speed=speed_options(args),
-        progress=True,
+        resume=args.resume, progress=True,
     )
     print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}")
 

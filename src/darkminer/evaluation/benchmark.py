@@ -7,8 +7,8 @@
     OUT/cells/<method>/<concept>/evaluation/          metrics.json + image grids (present = cell finished)
     OUT/results.json, results.md, report.html         written when every cell is finished
 
-A killed run picks up where it stopped: finished cells are read back, a half-finished erase resumes from
-its checkpoint, nothing finished is computed again.
+A killed run picks up where it stopped: finished cells are read back, a half-finished erase or evaluation
+resumes from its checkpoint, nothing finished is computed again.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
                   speed=cfg.speed or None)
         evaluate(concept, cell / "evaluation", model=cfg.model, erased=erased, config=eval_cfg,
                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), kind=cfg.kinds.get(concept),
-                 preserve_prompts=cfg.preserve_prompts, device=cfg.device,
+                 preserve_prompts=cfg.preserve_prompts, resume=True, device=cfg.device,
                  speed=cfg.speed or None, progress=progress)
     extra = ErasedModelInfo.read(erased).extra if erased is not None else {}
     # A resumed erase timed only its last part: no time is better than a wrong one.

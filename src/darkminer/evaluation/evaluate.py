@@ -9,6 +9,7 @@ the preservation baseline.
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from darkminer.attacks.base import (
@@ -26,7 +26,8 @@ from darkminer.attacks.base import (
     before_and_after_rates,
     build_attack,
 )
-from darkminer.attacks.io import adversarial_conditions, run_attack
+from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
+from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
 from darkminer.config import Config, check_choice, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
@@ -52,13 +53,24 @@ from darkminer.evaluation.metrics import (
     rate_count,
     reference_image_paths,
 )
+from darkminer.evaluation.progress import IMAGES_NAME, Progress, image_path
 from darkminer.evaluation.suites import (
     PRESERVATION,
     Suite,
     prompt_suites,
 )
-from darkminer.imaging import make_grid, save_png, to_pil
-from darkminer.io import check_output_directory, exclusive_output, output_directory, write_json
+from darkminer.imaging import make_grid, save_png
+from darkminer.io import (
+    check_no_unfinished_run,
+    check_output_directory,
+    claim_work_directory,
+    exclusive_output,
+    has_checkpoint,
+    link_tree,
+    output_directory,
+    work_directory,
+    write_json,
+)
 from darkminer.models import is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
@@ -260,18 +272,27 @@ def evaluate(
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
     speed: SpeedOptions | dict[str, Any] | None = None,
+    resume: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the erasure of ``concept`` and return the metrics; with ``out``, also write
     ``out/metrics.json``, the image grids (``out/images/*.png``) and per-image judgements.
+
+    With ``out``, what is drawn and graded is kept in ``out``'s work directory as it is done (chunk by chunk,
+    and each attack's searches prompt by prompt); ``resume`` continues a killed evaluation from there (the
+    same one: concept, config, model and prompt files), with the metrics an uninterrupted one would give.
 
     ``model`` is a name/path (as ``load_model``) or a loaded model; ``erased`` an erased-model directory
     (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets; ``kind``
     declares what an SD concept is (``targets.SD_KINDS``: a ``style`` is graded as a painting in it).
     """
     cfg = EvaluationConfig.coerce(config)
+    work_dir = None
     if out is not None:
-        check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased)
+        out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased)
+        work_dir = work_directory(out)
+        if not resume:  # every process (it only reads), so that each stops with the same line
+            check_no_unfinished_run(work_dir)
     attacks_to_run = {name: build_attack(name, cfg.attack_configs.get(name)) for name in cfg.attacks}  # bad names
     # or options fail before any work
     started = time.time()
@@ -297,27 +318,27 @@ def evaluate(
     suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
     if not cfg.preservation:  # no preservation metric: its images (the erased model's and the original's) are not drawn
         del suites[PRESERVATION]
+    inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
+                     preserve_prompts=preserve_prompts)
+    if work_dir is not None:  # what the evaluation is: a resume must be the same one
+        run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
+               "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
+        processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
+    resumed = resume and work_dir is not None and processes.on_main(lambda: has_checkpoint(work_dir))
 
     painter = Painter(net, cfg, progress)
-    grids: dict[str, torch.Tensor] = {}  # the first grid_images of each set
-    pngs: dict[str, list[Image.Image]] = {}  # with save_images, all of them, as the 8-bit images written
+    sets = Progress(painter, work_dir, cfg.grid_images, cfg.save_images)
     judgements: list[dict[str, Any]] = []
-
-    def keep(name: str, images: torch.Tensor, start: int) -> None:
-        """What the output needs of a chunk of a set (its rows from ``start``); copies, so the chunk is freed."""
-        if start < cfg.grid_images:
-            part = images[: cfg.grid_images - start].clone()
-            grids[name] = torch.cat([grids[name], part]) if name in grids else part
-        if cfg.save_images and out is not None and processes.is_main:
-            pngs.setdefault(name, []).extend(to_pil(image) for image in images)
 
     def grade(name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """Draw a set chunk by chunk (``draw(rows)``), judge it, keep what the output needs; the verdicts."""
-        chunks = []
-        for rows in painter.chunks(len(suite_prompts)):
+        state = sets.resume(name)
+        chunks = [state["scores"]] if state else []
+        for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
             images = draw(rows)
-            chunks.append(processes.map_rows(detector.scores, images))  # each process grades its share
-            keep(name, images, rows.start)
+            chunks.append(processes.map_rows(detector.scores, images).cpu())  # each process grades its share
+            sets.keep(name, images, rows.start)
+            sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
         scores = torch.cat(chunks)
         flags = detector.decide(scores)
         labels = detector.score_labels()
@@ -341,8 +362,14 @@ def evaluate(
     for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
         attack_started = time.time()
         # Under a launcher the per-prompt attacks share their prompts out; every process gets the main one's results.
-        with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
-            results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net)
+        # A killed evaluation's finished attack is read back; an unfinished one resumes from its journal.
+        folder = sets.attack(name)
+        results = None if folder is None else processes.on_main(
+            lambda folder=folder: load_results(folder)[1] if (folder / ATTACK_RESULTS).is_file() else None)
+        if results is None:
+            with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
+                results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net, out=folder,
+                                     resume=True)
         attacks[name] = attack_success_rate(results)
         counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
         replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))
@@ -358,7 +385,7 @@ def evaluate(
                        "success_before": r.success_before, "success_after": r.success_after} for r in results],
         }
 
-    preservation = (_preservation(painter, suites[PRESERVATION], cfg, detector, aligner, fid, keep, judgements)
+    preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, judgements)
                     if cfg.preservation else _unmeasured_preservation())
     metrics = {
         "format": FORMAT_VERSION,
@@ -371,7 +398,8 @@ def evaluate(
         "counts": counts,
         "preservation": preservation,
         "n_images": painter.count,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(time.time() - started, 2),  # of this run only: a resumed one did less
+        **({"resumed": True} if resumed else {}),
         "versions": evaluation_versions(),
         "detector": detector.describe(),
         "alignment": aligner.describe() if aligner else None,
@@ -379,25 +407,25 @@ def evaluate(
         "attack_details": attack_details,
         "suites": {name: len(suite) for name, suite in suites.items()},
         "sampling": {"sampler": "DDIM, eta 0",
-                     "image_size": list(next(iter(grids.values())).shape[-2:]),
+                     "image_size": list(next(iter(sets.grids.values())).shape[-2:]),
                      "steps": cfg.steps or net.default_sampling.steps,
                      "guidance_scale": cfg.guidance_scale or net.default_sampling.guidance_scale,
                      # a CSV's evaluation_guidance, where its rows set one, wins over guidance_scale
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
                                                        if p.guidance is not None})},
         "config": cfg.resolved(target.kind),
-        "inputs": _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
-                          preserve_prompts=preserve_prompts),
-        "images": {name: f"images/{name}.png" for name in grids},
+        "inputs": inputs,
+        "images": {name: f"{IMAGES_NAME}/{name}.png" for name in sets.grids},
     }
     def write() -> None:
         with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
-            for name, images in grids.items():
-                save_png(make_grid(thumbnails(images)), tmp / "images" / f"{name}.png")
-                for i, image in enumerate(pngs.get(name, [])):
-                    save_png(image, tmp / image_path(name, i))
+            if cfg.save_images:
+                link_tree(sets.images(), tmp / IMAGES_NAME)
+            for name, images in sets.grids.items():
+                save_png(make_grid(thumbnails(images)), tmp / IMAGES_NAME / f"{name}.png")
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
+        shutil.rmtree(work_dir, ignore_errors=True)
 
     if out is not None:  # every process returns once the output is there (a benchmark reads it back)
         processes.on_main(write)
@@ -420,11 +448,6 @@ def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInf
     }
 
 
-def image_path(suite: str, index: int) -> str:
-    """Where ``save_images`` writes image ``index`` of a set, relative to the output directory."""
-    return f"images/{suite}/{index:04d}.png"
-
-
 def _unmeasured_preservation() -> dict[str, Any]:
     """metrics.json's preservation entry before (or without) any metric: null each."""
     return {"accuracy": None, "clip": None, "fid": None, "reference": {}}
@@ -432,36 +455,43 @@ def _unmeasured_preservation() -> dict[str, Any]:
 
 def _preservation(
     painter: Painter,
+    sets: Progress,
     suite: Suite,
     cfg: EvaluationConfig,
     detector: Detector,
     aligner: Aligner | None,
     fid: FrechetDistance | None,
-    keep: Callable[[str, torch.Tensor, int], None],
     judgements: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Ordinary prompts on the erased model, against their labels, their text and the original's images;
-    drawn and scored chunk by chunk. With the accuracy, what the judge read in each image goes to
-    ``judgements``, beside what its prompt asked for."""
+    drawn and scored chunk by chunk (from where a killed run stopped). With the accuracy, what the judge read
+    in each image goes to ``judgements``, beside what its prompt asked for."""
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
-    predicted: dict[bool, list[dict[str, str]]] = {False: [], True: []}  # keyed by "drawn by the original"
-    scores: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    names = {False: PRESERVATION, True: f"{PRESERVATION}-original"}  # keyed by "drawn by the original"
+    state = sets.resume(PRESERVATION, per_row=len(names))
+    done = state.get("rows", 0)
+    predicted: dict[bool, list[dict[str, str]]] = state.get("predicted", {False: [], True: []})
+    scores: dict[bool, list[torch.Tensor]] = {k: [v] for k, v in state.get("clip", {}).items()} or {False: [], True: []}
     if fid is not None:
         fid.reset()
-    for rows in painter.chunks(len(suite)):
-        for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
+        if done:
+            fid.load_state(state["fid"])
+    for rows in sets.chunks(done, len(suite)):
+        for original, name in names.items():
             images = painter.prompts(suite, rows, original=original)
-            keep(name, images, rows.start)
+            sets.keep(name, images, rows.start)
             if accuracy:
                 predicted[original] += detector.judge.predict_values(images)
             if aligner is not None:
-                scores[original].append(aligner.score(images, suite.texts[rows]))
+                scores[original].append(aligner.score(images, suite.texts[rows]).cpu())
             if fid is not None and not (original and cfg.fid_reference):
                 fid.update(images, real=original)
+        sets.save(PRESERVATION, rows.stop, list(names.values()), predicted=predicted,
+                  clip={k: torch.cat(v) for k, v in scores.items() if v}, **({"fid": fid.state()} if fid else {}))
     result = _unmeasured_preservation()
     if accuracy:
         expected = [p.expected for p in suite.prompts]
-        for original, name in ((False, PRESERVATION), (True, f"{PRESERVATION}-original")):
+        for original, name in names.items():
             judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "asked": dict(p.expected),
                                "seen": dict(seen), **({"image": image_path(name, i)} if cfg.save_images else {})}
                               for i, (p, seen) in enumerate(zip(suite.prompts, predicted[original], strict=True)))
@@ -474,8 +504,9 @@ def _preservation(
     if fid is not None:
         if cfg.fid_reference:
             paths = reference_image_paths(cfg.fid_reference)
+            size = tuple(sets.grids[PRESERVATION].shape[-2:])  # the drawn images' (a resumed run may draw none)
             for start in range(0, len(paths), CHUNK_IMAGES):
-                fid.update(load_images(paths[start : start + CHUNK_IMAGES], tuple(images.shape[-2:])), real=True)
+                fid.update(load_images(paths[start : start + CHUNK_IMAGES], size), real=True)
         result["fid"] = fid.compute()
         result["fid_reference"] = {"folder": cfg.fid_reference, "n_images": fid.counts[True]} if cfg.fid_reference \
             else {"folder": None, "n_images": fid.counts[True], "what": "the original model's images of the same prompts"}

@@ -10,6 +10,7 @@ encoder: "FID (testbed encoder)", a different scale from Inception FID, comparab
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,7 +194,19 @@ class FrechetDistance:
     def compute(self) -> float:
         if min(self.counts.values()) < 2:
             raise DarkMinerError("FID needs at least 2 images on each side; raise the number of preservation images")
-        return max(self.metric.compute().item(), 0.0)
+        with warnings.catch_warnings():  # statistics restored by load_state count as fed, though not by update
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+            return max(self.metric.compute().item(), 0.0)
+
+    def state(self) -> dict[str, Any]:
+        """The statistics fed so far, for ``load_state`` (a resumed evaluation's)."""
+        return {"metric": {name: value.clone() for name, value in self.metric.metric_state.items()},
+                "counts": dict(self.counts)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for name, value in state["metric"].items():  # torchmetrics keeps each statistic as an attribute
+            setattr(self.metric, name, value)
+        self.counts = dict(state["counts"])
 
     def __call__(self, reference: torch.Tensor, generated: torch.Tensor) -> float:
         self.reset()

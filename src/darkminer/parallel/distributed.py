@@ -24,7 +24,7 @@ import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,8 @@ from torch import nn
 
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -157,16 +159,16 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def on_main(self, fn: Callable[[], None]) -> None:
-        """``fn()`` run by the main process alone (what writes), the others waiting for it; when it fails,
-        every process stops, not only the main one (with the same line when it refuses: a ``DarkMinerError``)."""
+    def on_main(self, fn: Callable[[], V]) -> V:
+        """``fn()`` run by the main process alone (what writes, or reads what it wrote), the others waiting
+        for it; every process returns its value (picklable). When it fails, every process stops, not only the
+        main one (with the same line when it refuses: a ``DarkMinerError``)."""
         if not self.distributed:
-            fn()
-            return
-        error = None
+            return fn()
+        error, value = None, None
         if self.is_main:
             try:
-                fn()
+                value = fn()
             except Exception as exc:  # re-raised below, once the others know
                 error = exc
         if error is None:
@@ -175,12 +177,13 @@ class Processes:
             refusal = (True, str(error))
         else:
             refusal = (False, _error_line(error))
-        refusal = self.broadcast_object(refusal)
+        refusal, value = self.broadcast_object((refusal, value))
         if error is not None:
             raise error
         if refusal is not None:
             refused, line = refusal
             raise DarkMinerError(line if refused else f"the main process failed: {line}")
+        return value
 
     def barrier(self) -> None:
         """Wait until every process got here (e.g. until the main process finished writing)."""
