@@ -426,9 +426,9 @@ def claim_work_directory(work_dir: Path, record: dict[str, Any], resume: bool) -
     """Make ``work_dir`` this run's, recording what the run is. A run not resumed starts it afresh; a resumed
     one must be the run that wrote it, or its checkpoints would silently be reused for another concept,
     config or model. Only for a run that holds ``output_lock`` on the output the folder belongs to."""
-    if not resume:
+    if not resume and work_dir.exists():
         check_no_unfinished_run(work_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)  # the claim of a run that never checkpointed
+        shutil.rmtree(work_dir)  # the claim of a run that never checkpointed
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work_dir)
     changed = claim_record(work_dir / WORK_RECORD, record)
