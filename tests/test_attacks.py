@@ -679,3 +679,41 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
 
     assert without_seconds(resumed) == without_seconds(whole) == without_seconds(load_results(out)[1])
     assert resumed[0].seconds > 0  # a journaled search keeps the seconds it took
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_killed_cce_resumes_from_its_last_checkpoint_with_the_token_of_an_uninterrupted_run(scaled, sd, sd_target,
+                                                                                              tmp_path, monkeypatch):
+    from darkminer.io import work_directory
+
+    scalers = []  # as under fp16 (the scale doubling each step): the loss scale's state is in the checkpoint
+
+    def scaler(model):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1, enabled=scaled))
+        return scalers[-1]
+
+    monkeypatch.setattr(cce_module, "gradient_scaler", scaler)
+    config = cce_config(steps=5, gradient_accumulation=2, checkpoint_every=2)
+    whole = run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=tmp_path / "whole")
+    real, losses = cce_module.denoising_loss, []
+
+    def killed_in_the_fourth_step(*args, **kwargs):
+        if len(losses) == 2 * 3 + 1 and kill:  # the fourth step's second batch: steps 1-2 are checkpointed
+            raise KeyboardInterrupt
+        losses.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cce_module, "denoising_loss", killed_in_the_fourth_step)
+    out, kill = tmp_path / "cut", True
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out)
+    assert (work_directory(out) / "cce_training.safetensors").is_file()
+    losses.clear()
+    kill = False
+    resumed = run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out, resume=True)
+    assert len(losses) == 3 * 2  # steps 3-5, two batches each: the two checkpointed steps are not trained again
+    for a, b in zip(whole, resumed, strict=True):
+        assert torch.equal(a.embeddings, b.embeddings) and a.extra == b.extra  # the token, the loss curve's ends
+    assert scalers[-1].state_dict() == scalers[0].state_dict()  # (empty when disabled)
+    assert not scaled or scalers[-1].get_scale() == 1024.0 * 2**5
+    assert not work_directory(out).exists()

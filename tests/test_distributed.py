@@ -151,6 +151,30 @@ def _searches(processes: Processes) -> dict[str, list]:
     return {"found": [[r.adversarial_text, r.success_before, r.success_after] for r in results], "searched": searched}
 
 
+def _resumed_attack(out: Path, resume: bool = True, kill_at: int | None = None) -> dict[str, list]:
+    """UnlearnDiffAtk on four prompts into ``out`` (``resume``: from its journal), every prompt searched (a
+    detector that never fires); ``kill_at``: the run is killed at that search (from 1). What it found and
+    which prompts this process searched."""
+    from darkminer.attacks.base import AttackPrompt, build_attack
+    from darkminer.attacks.io import run_attack
+    from darkminer.targets import resolve_target
+
+    model = load_model("tiny-random-sd")
+    attack = build_attack("unlearndiff", EVALUATION["attack_configs"]["unlearndiff"])
+    searched, search = [], attack.search
+
+    def searching(model, original, prompt, x0, success):
+        if len(searched) + 1 == kill_at:
+            raise KeyboardInterrupt
+        searched.append(prompt.text)
+        return search(model, original, prompt, x0, success)
+
+    attack.search = searching
+    results = run_attack(attack, model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])],
+                         lambda images: torch.zeros(len(images), dtype=torch.bool), out=out, resume=resume)
+    return {"found": [[r.adversarial_text, r.input_ids] for r in results], "searched": searched}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
@@ -167,6 +191,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
     done_by = processes.map_items(lambda unit: [unit, processes.rank], range(5))
     (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
     (Path(folder) / f"searches{rank}.json").write_text(json.dumps(_searches(processes)))
+    # An attack a one-process run started (the fixture), resumed by two: each takes a block of the rest.
+    (Path(folder) / f"resumed{rank}.json").write_text(json.dumps(_resumed_attack(Path(folder) / "resumed-attack")))
     # A failure in one process's share, results that cannot travel, a failure on the main process: every
     # process stops with a line, and all stay in step for what follows (the scenario's collectives).
     def fail_on_second(unit: int) -> int:
@@ -219,6 +245,8 @@ def two_processes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("two-processes")
     # A fork server that imported torch and diffusers once forks both workers: one import instead of two.
     mp.get_context("forkserver").set_forkserver_preload(["darkminer.models", "darkminer.evaluation"])
+    with pytest.raises(KeyboardInterrupt):  # killed at its second search: the first is in its journal
+        _resumed_attack(folder / "resumed-attack", resume=False, kill_at=2)
     with output_lock(folder / "locked"):  # as another darkminer run writing there would
         mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
     return folder
@@ -256,6 +284,13 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     shared = [json.loads((two_processes / f"searches{r}.json").read_text()) for r in range(WORLD)]
     assert alone["searched"] == PROMPTS[1:4] and [s["searched"] for s in shared] == [PROMPTS[1:3], PROMPTS[3:4]]
     assert shared[0]["found"] == shared[1]["found"] == alone["found"] and alone["found"][0][1]  # the first: unattacked
+    # The resumed attack: the journaled prompt is not searched again, the other three are shared out 2 + 1,
+    # and what it found equals one uninterrupted process's.
+    resumed = [json.loads((two_processes / f"resumed{r}.json").read_text()) for r in range(WORLD)]
+    uninterrupted = _resumed_attack(tmp_path / "uninterrupted", resume=False)
+    assert [r["searched"] for r in resumed] == [PROMPTS[1:3], PROMPTS[3:4]] and uninterrupted["searched"] == PROMPTS[:4]
+    assert resumed[0]["found"] == resumed[1]["found"] == uninterrupted["found"]
+    assert json.loads((two_processes / "resumed-attack" / "attack.json").read_text())["n_prompts"] == 4
     assert any(name.startswith("dm.") and ("lora_B" in name or "lora.up" in name) and single[name].abs().sum() > 0 for name in single)
     drifting = load_tensors(two_processes / "drifting" / "pytorch_lora_weights.safetensors")
     for name, value in drifting.items():

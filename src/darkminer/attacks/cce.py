@@ -33,10 +33,12 @@ from darkminer.attacks.base import (
     register_attack,
     unattacked,
 )
+from darkminer.attacks.journal import attack_work_directory
 from darkminer.attacks.prompts import concept_phrases
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, original_images
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import DarkMinerError
+from darkminer.io import load_state, save_state
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import curve_ends, denoising_loss, draw_noise_and_timesteps
 from darkminer.models.slots import (
@@ -49,6 +51,8 @@ from darkminer.parallel import init_processes
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.prompts import split_at_concept
 from darkminer.targets import EraseTarget
+
+CHECKPOINT_NAME = "cce_training.safetensors"  # in the attack's work directory
 
 
 @dataclass
@@ -64,11 +68,13 @@ class CCEConfig(AttackConfig):
     flip: bool = True  # random horizontal flips of the training images (textual-inversion default)
     # The real token whose embedding starts the search; empty: the first token of the concept's word.
     initializer: str = ""
+    checkpoint_every: int = 100  # ours: steps between the training states a killed run resumes from
+
 
     def validate(self) -> None:
         check_positive(self, num_vectors=self.num_vectors, num_images=self.num_images, steps=self.steps,
                        batch_size=self.batch_size, gradient_accumulation=self.gradient_accumulation,
-                       learning_rate=self.learning_rate)
+                       learning_rate=self.learning_rate, checkpoint_every=self.checkpoint_every)
         check_non_negative(self, weight_decay=self.weight_decay)
 
     @property
@@ -86,6 +92,38 @@ def slotted_captions(model: DiffusionModel, target: EraseTarget, texts: Sequence
         head = prompt_token_ids(model, before) if before else []
         rows.append(head + [SLOT] * n_vectors + prompt_token_ids(model, after))
     return build_slotted(model, rows)
+
+
+class TrainingCheckpoint:
+    """The token's training state (the token, AdamW's moments, the loss scale, the generator's state, the
+    losses so far) in the running attack's work directory, so that a killed run resumes at its last checkpoint
+    and ends with the token of an uninterrupted one. All processes hold the same state (their gradients are
+    summed, their generators kept in step): the main one writes it and reads it for all."""
+
+    def __init__(self, token: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 generator: torch.Generator) -> None:
+        work_dir = attack_work_directory()
+        self.path = None if work_dir is None else work_dir / CHECKPOINT_NAME
+        self.token, self.optimizer, self.scaler, self.generator = token, optimizer, scaler, generator
+
+    def resume(self) -> tuple[int, list[float]]:
+        """The step to go on from and the losses of the steps before it (0 and none: from the start)."""
+        path = self.path
+        state = None if path is None else init_processes().on_main(lambda: load_state(path) if path.is_file() else None)
+        if state is None:
+            return 0, []
+        with torch.no_grad():
+            self.token.copy_(state["token"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        return int(state["step"]), list(state["losses"])
+
+    def save(self, step: int, losses: list[float]) -> None:
+        state = {"step": step, "losses": losses, "token": self.token, "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "generator": self.generator.get_state()}
+        path = self.path
+        init_processes().on_main(lambda: save_state(path, state))
 
 
 @register_attack("cce")
@@ -112,9 +150,12 @@ class ConceptInversion(Attack):
         # every process draws every batch's randomness, so all keep one generator and learn the same token.
         processes = init_processes()
         mine = processes.share(cfg.gradient_accumulation)
-        # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step.
+        # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step;
+        # each process's part of each step's loss, summed over the processes at checkpoints and at the end.
         step_losses = torch.zeros(cfg.steps, device=latents.device)
-        for step in range(cfg.steps):
+        checkpoint = TrainingCheckpoint(token, optimizer, scaler, generator)
+        start, losses = checkpoint.resume()
+        for step in range(start, cfg.steps):
             optimizer.zero_grad()
             for batch in range(cfg.gradient_accumulation):
                 rows = host_to_device(torch.randint(len(pool), (cfg.batch_size,), generator=generator), latents.device)
@@ -135,7 +176,10 @@ class ConceptInversion(Attack):
                 processes.sum_(token.grad)
             scaler.step(optimizer)
             scaler.update()
-        losses = processes.sum_(step_losses).tolist()
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and checkpoint.path is not None:
+                losses += processes.sum_(step_losses[len(losses) : step + 1].clone()).tolist()
+                checkpoint.save(step + 1, losses)
+        losses += processes.sum_(step_losses[len(losses) :].clone()).tolist()
         # The token too: a NaN gradient behind a finite loss (e.g. a half-precision overflow) spoils it silently.
         if not all(math.isfinite(value) for value in losses) or not torch.isfinite(token).all():
             raise DarkMinerError("CCE: the loss became NaN/inf; lower learning_rate")

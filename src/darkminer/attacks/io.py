@@ -6,7 +6,7 @@
     DIR/embeddings.safetensors input-embedding sequences of soft results (key = result index)
 
 Both files are written atomically (temporary name, then rename); ``attack.json`` is written last, so a
-directory that has it is whole. Until then the run keeps its journal of finished searches in a hidden work
+directory that has it is whole. Until then the run keeps its progress (``attacks.journal``) in a hidden work
 directory beside DIR (``io.work_directory``), which ``resume`` continues from.
 """
 
@@ -29,7 +29,7 @@ from darkminer.attacks.base import (
     attack_success_rate,
     before_and_after_rates,
 )
-from darkminer.attacks.journal import SearchJournal, journaled
+from darkminer.attacks.journal import resumable
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
 from darkminer.errors import DarkMinerError
 from darkminer.io import (
@@ -53,7 +53,6 @@ RESULTS_NAME = "attack.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 OUTPUT_KIND = "an attack output"  # what may be replaced at --out
 FORMAT_VERSION = 1
-JOURNAL_NAME = "searches"  # in the work directory: the per-prompt searches that ended (SearchJournal)
 
 
 def save_results(
@@ -182,9 +181,9 @@ def run_attack(
     """Run ``attack`` and, with ``out``, save what it found there (``erased``: the erased model's folder
     ``model`` was loaded from, recorded with the results).
 
-    With ``out``, the per-prompt searches are journaled in ``out``'s work directory as they end; ``resume``
-    continues a killed run from it (the same attack, config, prompts and model), searching only the prompts
-    it had not finished. The unattacked judging and the target images are drawn again, as the whole run
+    With ``out``, the attack keeps its progress in ``out``'s work directory (the per-prompt searches as they
+    end, CCE's training every ``checkpoint_every`` steps); ``resume`` continues a killed run from it (the same
+    attack, config, prompts and model), searching only the prompts it had not finished. The unattacked judging and the target images are drawn again, as the whole run
     draws them, so the results equal an uninterrupted run's.
 
     Under a launcher every process calls this and the attack shares its work out (the per-prompt attacks
@@ -206,7 +205,7 @@ def run_attack(
                "detector": success.describe() if hasattr(success, "describe") else None,
                "dtype": str(model.dtype), "sampling": asdict(model.default_sampling)}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
-    with journaled(None if work_dir is None else SearchJournal(work_dir / JOURNAL_NAME)):
+    with resumable(work_dir):
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
     if out is not None:
         def save() -> None:

@@ -1,9 +1,9 @@
-"""The journal of a running attack: each per-prompt search is written down as soon as it ends, one file per
-prompt (written atomically), so that an attack killed after hours resumes with the prompts it had not
-finished. ``run_attack`` opens one in the attack's work directory; ``search_each`` reads and writes it.
+"""What a running attack keeps in its work directory so that a killed one resumes (``run_attack`` opens
+it with ``resumable``): each per-prompt search as soon as it ends, one file per prompt (``SearchJournal``,
+read and written by ``search_each``), and CCE's training state every ``checkpoint_every`` steps.
 
-An entry is keyed by the prompt's place in the attacked list, which the work directory's record pins (a
-resume with other prompts is refused before any entry is read).
+A search is keyed by the prompt's place in the attacked list, which the work directory's record pins (a
+resume with other prompts, another attack or config is refused before anything is read).
 """
 
 from __future__ import annotations
@@ -55,19 +55,27 @@ class SearchJournal:
         return entries
 
 
-_OPEN: ContextVar[SearchJournal | None] = ContextVar("darkminer_search_journal", default=None)
+SEARCHES_NAME = "searches"  # in the work directory: the SearchJournal
+
+_OPEN: ContextVar[Path | None] = ContextVar("darkminer_attack_work_directory", default=None)
 
 
 @contextmanager
-def journaled(journal: SearchJournal | None) -> Iterator[None]:
-    """Within the block, the attacks' per-prompt searches read and write ``journal`` (None: none)."""
-    token = _OPEN.set(journal)
+def resumable(work_dir: Path | None) -> Iterator[None]:
+    """Within the block, the attacks keep their progress in ``work_dir`` and resume from what it holds
+    (None: they keep nothing)."""
+    token = _OPEN.set(work_dir)
     try:
         yield
     finally:
         _OPEN.reset(token)
 
 
-def open_journal() -> SearchJournal | None:
+def attack_work_directory() -> Path | None:
+    """The running attack's work directory (``resumable``), if it has one."""
     return _OPEN.get()
 
+
+def search_journal() -> SearchJournal | None:
+    work_dir = attack_work_directory()
+    return None if work_dir is None else SearchJournal(work_dir / SEARCHES_NAME)

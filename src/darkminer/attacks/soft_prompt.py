@@ -16,7 +16,7 @@ from typing import ClassVar, TypeVar
 import torch
 
 from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, unattacked
-from darkminer.attacks.journal import open_journal
+from darkminer.attacks.journal import search_journal
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.parallel import init_processes
@@ -107,10 +107,10 @@ def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success:
 def search_each(search: Callable[[int], R], indices: Sequence[int]) -> list[tuple[R, float]]:
     """``search`` of every prompt (by its index in the attacked list), with its seconds. The searches are
     independent (each seeded by its prompt), so under a launcher each process runs a block of them and all
-    get every result (``Processes.map_items``). Within ``journaled`` (``run_attack`` into a folder), each
-    search is written to the journal as it ends, and the prompts the journal holds are read back, not
+    get every result (``Processes.map_items``). Within ``journal.resumable`` (``run_attack`` into a folder),
+    each search is written to the journal as it ends, and the prompts the journal holds are read back, not
     searched again: a killed attack resumes where it stopped."""
-    journal = open_journal()
+    journal = search_journal()
     processes = init_processes()
     # The main process's reading on every process: all must search the same prompts.
     done = {} if journal is None else processes.on_main(lambda: journal.read(indices))
