@@ -7,7 +7,7 @@ resumed evaluation took in all against the uninterrupted one, and whether its me
 ``seconds``) and per-image judgements equal the uninterrupted run's.
 
     python benchmarks/resume_check.py --erased runs/blood --concept blood --attacks unlearndiff \
-        --kill-after 40,40 --out benchmarks/results/resume_check_cpu.json
+        --config benchmarks/presets/resume_check.yaml --kill-after 90,90 --out benchmarks/results/resume_check_cpu.json
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--erased", default=None)
     parser.add_argument("--attacks", default="")
     parser.add_argument("-n", type=int, default=None)
+    parser.add_argument("--config", default=None, help="evaluation options file (e.g. the attacks' budgets)")
     parser.add_argument("--kill-after", default="40", help="comma-separated seconds: one kill per value, in order")
     parser.add_argument("--out", required=True, help="JSON file of the results")
     args = parser.parse_args()
@@ -63,6 +64,7 @@ def main() -> None:
             "--attacks", args.attacks, "--save-images"]
     base += ["--erased", args.erased] if args.erased else []
     base += ["-n", str(args.n)] if args.n else []
+    base += ["--config", args.config] if args.config else []
     try:
         _, whole_seconds = run([*base, "--out", str(work / "whole")], None)
         runs = []
