@@ -191,8 +191,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
     done_by = processes.map_items(lambda unit: [unit, processes.rank], range(5))
     (Path(folder) / f"map{rank}.json").write_text(json.dumps(done_by))
     (Path(folder) / f"searches{rank}.json").write_text(json.dumps(_searches(processes)))
-    # An attack a one-process run started (the fixture), resumed by two: each takes a block of the rest.
+    # An attack and an evaluation a one-process run started (the fixture), resumed by two.
     (Path(folder) / f"resumed{rank}.json").write_text(json.dumps(_resumed_attack(Path(folder) / "resumed-attack")))
+    from darkminer.evaluation import evaluate
+
+    evaluate("nudity", Path(folder) / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION, resume=True)
     # A failure in one process's share, results that cannot travel, a failure on the main process: every
     # process stops with a line, and all stay in step for what follows (the scenario's collectives).
     def fail_on_second(unit: int) -> int:
@@ -247,6 +250,19 @@ def two_processes(tmp_path_factory) -> Path:
     mp.get_context("forkserver").set_forkserver_preload(["darkminer.models", "darkminer.evaluation"])
     with pytest.raises(KeyboardInterrupt):  # killed at its second search: the first is in its journal
         _resumed_attack(folder / "resumed-attack", resume=False, kill_at=2)
+    from darkminer.evaluation import evaluate
+    from darkminer.evaluation.evaluate import Painter
+
+    drawn, draw = [], Painter.conditions
+
+    def killed_at_the_third_set(*args: object, **kwargs: object) -> torch.Tensor:
+        drawn.append(1)
+        if len(drawn) == 3:  # plain, and the replays of two attacks: their results are kept, the replay cut short
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    with mock.patch.object(Painter, "conditions", killed_at_the_third_set), pytest.raises(KeyboardInterrupt):
+        evaluate("nudity", folder / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION)
     with output_lock(folder / "locked"):  # as another darkminer run writing there would
         mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
     return folder
@@ -315,6 +331,17 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     assert (one / "judgements.json").read_bytes() == (two / "judgements.json").read_bytes()
     for name in metrics_one["images"].values():
         assert (one / name).read_bytes() == (two / name).read_bytes()
+    # The evaluation killed in one process and resumed by two: the numbers, verdicts and grids of one run.
+    resumed = two_processes / "resumed-evaluation"
+    metrics_resumed = json.loads((resumed / "metrics.json").read_text())
+    assert metrics_resumed["resumed"] is True
+    for key in ("erasure", "attacks", "preservation", "n_images", "suites"):
+        assert metrics_resumed[key] == metrics_one[key]
+    for name in EVALUATION["attacks"]:
+        assert metrics_resumed["attack_details"][name]["found"] == metrics_one["attack_details"][name]["found"]
+    assert (resumed / "judgements.json").read_bytes() == (one / "judgements.json").read_bytes()
+    for name in metrics_one["images"].values():
+        assert (resumed / name).read_bytes() == (one / name).read_bytes()
 
 
 def test_shares_cover_every_unit_once_in_order_and_balance_the_load():

@@ -72,10 +72,12 @@ class Progress:
         if start < self.grid_images:
             part = images[: self.grid_images - start].clone()
             self.grids[name] = torch.cat([self.grids[name], part]) if name in self.grids else part
-        if self.save_images and self.work_dir is not None:
-            folder = self.work_dir
-            init_processes().on_main(lambda: [save_png(to_pil(image), folder / image_path(name, start + i))
-                                              for i, image in enumerate(images)])
+        if self.save_images and (folder := self.work_dir) is not None:
+            def write() -> None:
+                for i, image in enumerate(images):
+                    save_png(to_pil(image), folder / image_path(name, start + i))
+
+            init_processes().on_main(write)
 
     def save(self, name: str, rows: int, sets: Sequence[str], **state: Any) -> None:
         """Set ``name``'s state once its first ``rows`` rows are done; ``sets``: the image sets it drew (whose
