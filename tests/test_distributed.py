@@ -194,8 +194,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
     # An attack and an evaluation a one-process run started (the fixture), resumed by two.
     (Path(folder) / f"resumed{rank}.json").write_text(json.dumps(_resumed_attack(Path(folder) / "resumed-attack")))
     from darkminer.evaluation import evaluate
+    from darkminer.evaluation.evaluate import Painter
 
-    evaluate("nudity", Path(folder) / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION, resume=True)
+    drawn, draw = [], Painter.conditions
+    with mock.patch.object(Painter, "conditions", lambda *args, **kwargs: drawn.append(1) or draw(*args, **kwargs)):
+        evaluate("nudity", Path(folder) / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION, resume=True)
+    (Path(folder) / f"drawn{rank}.json").write_text(json.dumps(len(drawn)))
     # A failure in one process's share, results that cannot travel, a failure on the main process: every
     # process stops with a line, and all stay in step for what follows (the scenario's collectives).
     def fail_on_second(unit: int) -> int:
@@ -255,13 +259,13 @@ def two_processes(tmp_path_factory) -> Path:
 
     drawn, draw = [], Painter.conditions
 
-    def killed_at_the_third_set(*args: object, **kwargs: object) -> torch.Tensor:
+    def killed_at_the_last_set(*args: object, **kwargs: object) -> torch.Tensor:
         drawn.append(1)
-        if len(drawn) == 3:  # plain, and the replays of two attacks: their results are kept, the replay cut short
+        if len(drawn) == 1 + len(EVALUATION["attacks"]):  # the plain set and each attack's replay; the last is cut
             raise KeyboardInterrupt
         return draw(*args, **kwargs)
 
-    with mock.patch.object(Painter, "conditions", killed_at_the_third_set), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(Painter, "conditions", killed_at_the_last_set), pytest.raises(KeyboardInterrupt):
         evaluate("nudity", folder / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION)
     with output_lock(folder / "locked"):  # as another darkminer run writing there would
         mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
@@ -331,7 +335,9 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     assert (one / "judgements.json").read_bytes() == (two / "judgements.json").read_bytes()
     for name in metrics_one["images"].values():
         assert (one / name).read_bytes() == (two / name).read_bytes()
-    # The evaluation killed in one process and resumed by two: the numbers, verdicts and grids of one run.
+    # The evaluation killed in one process and resumed by two: the numbers, verdicts and grids of one run, with
+    # only the last attack's replay drawn again (its results, and everything before it, read back).
+    assert [json.loads((two_processes / f"drawn{r}.json").read_text()) for r in range(WORLD)] == [1, 1]
     resumed = two_processes / "resumed-evaluation"
     metrics_resumed = json.loads((resumed / "metrics.json").read_text())
     assert metrics_resumed["resumed"] is True
