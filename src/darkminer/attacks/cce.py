@@ -70,7 +70,6 @@ class CCEConfig(AttackConfig):
     initializer: str = ""
     checkpoint_every: int = 100  # ours: steps between the training states a killed run resumes from
 
-
     def validate(self) -> None:
         check_positive(self, num_vectors=self.num_vectors, num_images=self.num_images, steps=self.steps,
                        batch_size=self.batch_size, gradient_accumulation=self.gradient_accumulation,

@@ -183,8 +183,9 @@ def run_attack(
 
     With ``out``, the attack keeps its progress in ``out``'s work directory (the per-prompt searches as they
     end, CCE's training every ``checkpoint_every`` steps); ``resume`` continues a killed run from it (the same
-    attack, config, prompts and model), searching only the prompts it had not finished. The unattacked judging and the target images are drawn again, as the whole run
-    draws them, so the results equal an uninterrupted run's.
+    attack, config, prompts and model), searching only the prompts it had not finished. The unattacked
+    judging and the target images are drawn again, as the whole run draws them, so the results equal an
+    uninterrupted run's.
 
     Under a launcher every process calls this and the attack shares its work out (the per-prompt attacks
     their prompts, CCE its batches); every process returns the main process's results, once the main one

@@ -19,6 +19,8 @@ from darkminer.attacks.base import AttackResult
 from darkminer.errors import DarkMinerError
 from darkminer.io import load_state, save_state
 
+SEARCHES_NAME = "searches"  # in the work directory: the SearchJournal
+
 # What a per-prompt search returns: a whole result (UnlearnDiffAtk, P4D) or token ids (Ring-A-Bell, which
 # judges all its prompts together once they are found).
 Found = AttackResult | torch.Tensor
@@ -53,9 +55,6 @@ class SearchJournal:
             except (DarkMinerError, KeyError, TypeError, ValueError):
                 continue
         return entries
-
-
-SEARCHES_NAME = "searches"  # in the work directory: the SearchJournal
 
 _OPEN: ContextVar[Path | None] = ContextVar("darkminer_attack_work_directory", default=None)
 

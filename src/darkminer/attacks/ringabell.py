@@ -151,7 +151,8 @@ class RingABell(Attack):
         before = judge_texts(model, prompts, success)
         shared = (time.time() - started) / len(prompts)
         # The judging stays whole, in one process's batches.
-        found, seconds = zip(*search_each(lambda i: self.search(model, prompts[i], vector).cpu(), range(len(prompts))), strict=True)
+        searched = search_each(lambda i: self.search(model, prompts[i], vector).cpu(), range(len(prompts)))
+        found, seconds = zip(*searched, strict=True)
         started = time.time()
         ids = torch.stack(found).to(model.device)
         with torch.no_grad():

@@ -8,7 +8,8 @@ directory, so that a killed evaluation resumes where it stopped (``evaluate(...,
     WORK/run.json                 what the evaluation is (a resume must be the same one)
     WORK/sets/NAME.safetensors    per image set: the rows done, their scores, the grid's images...
     WORK/images/NAME/NNNN.png     with save_images, each image once its chunk is drawn
-    WORK/attacks/NAME/            each attack: its results once whole, its search journal until then
+    WORK/attacks/NAME/            each attack's results, once whole (``run_attack``'s output)
+    WORK/attacks/.NAME.work/      until then, its progress (``attacks.journal``)
 
 A set's state is rewritten (atomically) after each chunk of images, so a kill loses one chunk at most.
 """
