@@ -20,6 +20,7 @@ from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import SamplingOptions
 from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
+from darkminer.parallel import apply_speed_options
 from darkminer.prompts import find_phrase, replace_concept, split_at_concept
 from darkminer.targets import EraseTarget, resolve_target
 
@@ -668,6 +669,13 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
         run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out)
     with pytest.raises(ConfigError, match="its config differs"):  # nor reused for another run
         run_attack(cls(cls.config_class(**{**options, "seed": 1})), sd, sd_target, prompts, never, out=out, resume=True)
+    other = dataclasses.replace(sd_target, prompts=("a nude man", "a painting of nudity"))  # Ring-A-Bell's vector
+    with pytest.raises(ConfigError, match="its target differs"):
+        run_attack(cls(cls.config_class(**options)), sd, other, prompts, never, out=out, resume=True)
+    apply_speed_options(sd, {"precision": "bf16"})
+    with pytest.raises(ConfigError, match="its autocast differs"):
+        run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out, resume=True)
+    apply_speed_options(sd, {"precision": "fp32"})
     searched.clear()
     kill = False
     resumed = run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out, resume=True)
@@ -717,3 +725,18 @@ def test_a_killed_cce_resumes_from_its_last_checkpoint_with_the_token_of_an_unin
     assert scalers[-1].state_dict() == scalers[0].state_dict()  # (empty when disabled)
     assert not scaled or scalers[-1].get_scale() == 1024.0 * 2**5
     assert not work_directory(out).exists()
+
+
+def test_a_damaged_journal_entry_counts_as_not_searched(tmp_path):
+    from darkminer.attacks.journal import SearchJournal
+
+    journal = SearchJournal(tmp_path / "searches")
+    found = AttackResult(AttackPrompt("a photo of nudity", 1), "x a photo of nudity", False, True, input_ids=[1, 2])
+    journal.write(0, found, 1.5)
+    journal.write(1, torch.tensor([4, 5, 6]), 2.0)
+    journal.write(2, found, 3.0)
+    journal.path(2).write_bytes(b"half a file")
+    entries = journal.read([0, 1, 2, 3])
+    assert sorted(entries) == [0, 1]  # 2 is damaged, 3 was never written: both are searched again
+    assert entries[0][0].to_dict() == found.to_dict() and entries[0][1] == 1.5
+    assert torch.equal(entries[1][0], torch.tensor([4, 5, 6])) and entries[1][1] == 2.0

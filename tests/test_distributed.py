@@ -40,8 +40,8 @@ from darkminer.parallel.speed import (
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
 # Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1; CCE
-# splits its three accumulated batches 2 + 1.
-CCE = {"steps": 3, "num_images": 3, "batch_size": 2, "gradient_accumulation": 3}
+# splits its three accumulated batches 2 + 1 (and, in an evaluation, checkpoints after every step).
+CCE = {"steps": 3, "num_images": 3, "batch_size": 2, "gradient_accumulation": 3, "checkpoint_every": 1}
 EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4,
               "attacks": ["plain", "unlearndiff", "p4d", "ringabell", "cce"], "attack_prompts": 3,
               "attack_configs": {"unlearndiff": {"k": 2, "iterations": 2, "rounds": 2},
@@ -193,13 +193,15 @@ def _worker(rank: int, port: int, folder: str) -> None:
     (Path(folder) / f"searches{rank}.json").write_text(json.dumps(_searches(processes)))
     # An attack and an evaluation a one-process run started (the fixture), resumed by two.
     (Path(folder) / f"resumed{rank}.json").write_text(json.dumps(_resumed_attack(Path(folder) / "resumed-attack")))
+    import darkminer.attacks.cce as cce
     from darkminer.evaluation import evaluate
     from darkminer.evaluation.evaluate import Painter
 
-    drawn, draw = [], Painter.conditions
-    with mock.patch.object(Painter, "conditions", lambda *args, **kwargs: drawn.append(1) or draw(*args, **kwargs)):
+    drawn, draw, losses, loss = [], Painter.conditions, [], cce.denoising_loss
+    with mock.patch.object(Painter, "conditions", lambda *args, **kwargs: drawn.append(1) or draw(*args, **kwargs)), \
+            mock.patch.object(cce, "denoising_loss", lambda *args, **kwargs: losses.append(1) or loss(*args, **kwargs)):
         evaluate("nudity", Path(folder) / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION, resume=True)
-    (Path(folder) / f"drawn{rank}.json").write_text(json.dumps(len(drawn)))
+    (Path(folder) / f"drawn{rank}.json").write_text(json.dumps([len(drawn), len(losses)]))
     # A failure in one process's share, results that cannot travel, a failure on the main process: every
     # process stops with a line, and all stay in step for what follows (the scenario's collectives).
     def fail_on_second(unit: int) -> int:
@@ -254,18 +256,18 @@ def two_processes(tmp_path_factory) -> Path:
     mp.get_context("forkserver").set_forkserver_preload(["darkminer.models", "darkminer.evaluation"])
     with pytest.raises(KeyboardInterrupt):  # killed at its second search: the first is in its journal
         _resumed_attack(folder / "resumed-attack", resume=False, kill_at=2)
+    import darkminer.attacks.cce as cce
     from darkminer.evaluation import evaluate
-    from darkminer.evaluation.evaluate import Painter
 
-    drawn, draw = [], Painter.conditions
+    losses, loss = [], cce.denoising_loss
 
-    def killed_at_the_last_set(*args: object, **kwargs: object) -> torch.Tensor:
-        drawn.append(1)
-        if len(drawn) == 1 + len(EVALUATION["attacks"]):  # the plain set and each attack's replay; the last is cut
+    def killed_in_the_last_step(*args: object, **kwargs: object) -> torch.Tensor:
+        losses.append(1)
+        if len(losses) == 2 * CCE["gradient_accumulation"] + 1:  # CCE, the last attack: 2 of 3 steps checkpointed
             raise KeyboardInterrupt
-        return draw(*args, **kwargs)
+        return loss(*args, **kwargs)
 
-    with mock.patch.object(Painter, "conditions", killed_at_the_last_set), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(cce, "denoising_loss", killed_in_the_last_step), pytest.raises(KeyboardInterrupt):
         evaluate("nudity", folder / "resumed-evaluation", model="tiny-random-sd", config=EVALUATION)
     with output_lock(folder / "locked"):  # as another darkminer run writing there would
         mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="forkserver")
@@ -335,9 +337,10 @@ def test_two_processes_equal_one(two_processes, tmp_path):
     assert (one / "judgements.json").read_bytes() == (two / "judgements.json").read_bytes()
     for name in metrics_one["images"].values():
         assert (one / name).read_bytes() == (two / name).read_bytes()
-    # The evaluation killed in one process and resumed by two: the numbers, verdicts and grids of one run, with
-    # only the last attack's replay drawn again (its results, and everything before it, read back).
-    assert [json.loads((two_processes / f"drawn{r}.json").read_text()) for r in range(WORLD)] == [1, 1]
+    # The evaluation killed in one process (in CCE's last step) and resumed by two: the numbers, verdicts and
+    # grids of one run; what was finished is read back, so CCE trains its last step only (its 3 batches shared
+    # 2 + 1) and only its replay is drawn.
+    assert [json.loads((two_processes / f"drawn{r}.json").read_text()) for r in range(WORLD)] == [[1, 2], [1, 1]]
     resumed = two_processes / "resumed-evaluation"
     metrics_resumed = json.loads((resumed / "metrics.json").read_text())
     assert metrics_resumed["resumed"] is True

@@ -703,8 +703,10 @@ def test_an_evaluation_killed_again_and_again_resumes_to_the_numbers_and_files_o
 
     evaluation = importlib.import_module("darkminer.evaluation.evaluate")
     monkeypatch.setattr(evaluation, "CHUNK_IMAGES", 2)
+    options = tmp_path / "unlearndiff.json"  # the attack's options from a file, whose contents a resume must match
+    options.write_text(json.dumps({"k": 2, "iterations": 1, "rounds": 1}))
     config = {**FAST, "n_images": 6, "batch_size": 2, "grid_images": 3, "attacks": ["unlearndiff"], "attack_prompts": 3,
-              "attack_configs": {"unlearndiff": {"k": 2, "iterations": 1, "rounds": 1}}, "save_images": True}
+              "attack_configs": {"unlearndiff": str(options)}, "save_images": True}
     done: list[str] = []  # each piece of work as it completes
     kill_at = [None]  # the run's piece (counted from 1) that is killed; None: none
 
@@ -746,6 +748,11 @@ def test_an_evaluation_killed_again_and_again_resumes_to_the_numbers_and_files_o
             break
         except KeyboardInterrupt:
             assert not out.exists() and work_directory(out).is_dir()
+        if kills == 0:  # a resume with other attack options than the killed run's is refused
+            options.write_text(json.dumps({"k": 2, "iterations": 1, "rounds": 2}))
+            with pytest.raises(ConfigError, match="its attacks differs"):
+                evaluate("star", out, model=nudged(), config=config, resume=True)
+            options.write_text(json.dumps({"k": 2, "iterations": 1, "rounds": 1}))
     else:
         pytest.fail("the evaluation never ended: its resumes made no progress")
     assert kills >= len(pieces) // 3 - 1

@@ -77,6 +77,7 @@ class AttackResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], embeddings: torch.Tensor | None) -> AttackResult:
+        """A result ``to_dict`` wrote, with its embeddings (None for a hard result)."""
         return cls(
             prompt=AttackPrompt(data["prompt"], int(data["seed"]), data.get("guidance")),
             adversarial_text=data["adversarial_text"],

@@ -119,6 +119,8 @@ class TrainingCheckpoint:
         return int(state["step"]), list(state["losses"])
 
     def save(self, step: int, losses: list[float]) -> None:
+        if self.path is None:  # no work directory: nothing to resume into
+            return
         state = {"step": step, "losses": losses, "token": self.token, "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state()}
         path = self.path
@@ -149,8 +151,8 @@ class ConceptInversion(Attack):
         # every process draws every batch's randomness, so all keep one generator and learn the same token.
         processes = init_processes()
         mine = processes.share(cfg.gradient_accumulation)
-        # Read once at the end (no per-step host sync), so a diverged loss stops the run after the last step;
-        # each process's part of each step's loss, summed over the processes at checkpoints and at the end.
+        # Each process's part of each step's loss, read (and summed over the processes) only at checkpoints and at
+        # the end: no per-step host sync, so a diverged loss stops the run after the last step.
         step_losses = torch.zeros(cfg.steps, device=latents.device)
         checkpoint = TrainingCheckpoint(token, optimizer, scaler, generator)
         start, losses = checkpoint.resume()
@@ -175,7 +177,7 @@ class ConceptInversion(Attack):
                 processes.sum_(token.grad)
             scaler.step(optimizer)
             scaler.update()
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and checkpoint.path is not None:
+            if checkpoint.path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 losses += processes.sum_(step_losses[len(losses) : step + 1].clone()).tolist()
                 checkpoint.save(step + 1, losses)
         losses += processes.sum_(step_losses[len(losses) :].clone()).tolist()

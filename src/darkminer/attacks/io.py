@@ -47,6 +47,7 @@ from darkminer.io import (
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import init_processes
+from darkminer.parallel.speed import autocast_dtype
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -201,10 +202,14 @@ def run_attack(
     record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
     processes = init_processes()
     if work_dir is not None:
-        run = {"attack": attack.name, "config": attack.config.to_dict(), "target": target.to_dict(),
+        # Everything the results depend on: the target's own prompts too (CCE's training images, Ring-A-Bell's
+        # concept vector), and the precision the model computes in besides its weights' dtype.
+        run = {"attack": attack.name, "config": attack.config.to_dict(),
+               "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)},
                "prompts": [asdict(p) for p in prompts], "model": model.name, "erased": record,
                "detector": success.describe() if hasattr(success, "describe") else None,
-               "dtype": str(model.dtype), "sampling": asdict(model.default_sampling)}
+               "dtype": str(model.dtype), "autocast": str(autocast_dtype(model)),
+               "sampling": asdict(model.default_sampling)}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir):
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))

@@ -33,6 +33,7 @@ class SearchJournal:
         self.directory = Path(directory)
 
     def path(self, index: int) -> Path:
+        """Where the search of prompt ``index`` is written."""
         return self.directory / f"{index}.safetensors"
 
     def write(self, index: int, found: Found, seconds: float) -> None:
@@ -56,6 +57,7 @@ class SearchJournal:
                 continue
         return entries
 
+
 _OPEN: ContextVar[Path | None] = ContextVar("darkminer_attack_work_directory", default=None)
 
 
@@ -76,5 +78,6 @@ def attack_work_directory() -> Path | None:
 
 
 def search_journal() -> SearchJournal | None:
+    """The running attack's journal of per-prompt searches, if it keeps one."""
     work_dir = attack_work_directory()
     return None if work_dir is None else SearchJournal(work_dir / SEARCHES_NAME)

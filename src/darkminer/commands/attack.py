@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
     p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
-    add_resume_arg(p, "its journal: the prompts it finished are not searched again")
+    add_resume_arg(p, "its progress (the prompts searched, CCE's last checkpoint)")
     add_detector_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)

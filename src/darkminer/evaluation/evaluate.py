@@ -321,7 +321,10 @@ def evaluate(
     inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                      preserve_prompts=preserve_prompts)
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
+        # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
+        # read back, so it must be the attack this run would run.
         run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
+               "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
                "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     resumed = resume and work_dir is not None and processes.on_main(lambda: has_checkpoint(work_dir))
