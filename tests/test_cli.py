@@ -602,3 +602,24 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     attack = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "a")]
     assert main([*attack, "--replay", str(tmp_path / "x"), "--resume"]) == 2
     assert "--resume would change nothing" in _error_line(capsys)
+
+
+def test_a_run_killed_while_it_removes_its_work_folder_leaves_none_to_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "e"
+    command = ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2", "--steps", "2",
+               "--preservation", "", "--save-images", "--out", str(out)]
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deletes one file of the finished work folder, then is killed
+        if Path(path).name.startswith(".e.work") and Path(path).exists():
+            next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    assert main(command) == 130
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    capsys.readouterr()
+    assert (out / "metrics.json").is_file() and not (tmp_path / ".e.work").exists()  # the output is whole
+    assert main(command) == 0  # not refused as an unfinished run; the leftover is swept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

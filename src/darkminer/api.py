@@ -21,6 +21,7 @@ from darkminer.io import (
     exclusive_output,
     has_checkpoint,
     output_directory,
+    remove_work_directory,
     work_directory,
     write_json,
 )
@@ -160,7 +161,7 @@ def erase(
         save_erased(base, out, info,
                     write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None,
                     erased_on=erased)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_work_directory(work_dir)
 
     processes.barrier()  # every process is done with the work directory before the main one removes it
     processes.on_main(save)

@@ -429,9 +429,28 @@ def claim_work_directory(work_dir: Path, record: dict[str, Any], resume: bool) -
     if not resume and work_dir.exists():
         check_no_unfinished_run(work_dir)
         shutil.rmtree(work_dir)  # the claim of a run that never checkpointed
+    _remove_finished(work_dir)  # what a run killed while removing its own left
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work_dir)
     changed = claim_record(work_dir / WORK_RECORD, record)
     if changed:
         raise ConfigError(f"--resume: the checkpoint in {work_dir} is from another run ({what_differs(changed)}); "
                           "delete that folder to start over")
+
+
+def remove_work_directory(work_dir: Path) -> None:
+    """Delete a finished run's work directory (its output is whole). It is renamed away first, in one step:
+    a run killed while its thousands of files are deleted leaves no half of it where a resume would look."""
+    if work_dir.exists():
+        _remove_finished(work_dir)
+        work_dir.rename(_finished(work_dir))
+    _remove_finished(work_dir)
+
+
+def _finished(work_dir: Path) -> Path:
+    return work_dir.with_name(f"{work_dir.name}.finished")
+
+
+def _remove_finished(work_dir: Path) -> None:
+    if _finished(work_dir).exists():
+        shutil.rmtree(_finished(work_dir), ignore_errors=True)

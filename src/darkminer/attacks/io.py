@@ -12,7 +12,6 @@ directory beside DIR (``io.work_directory``), which ``resume`` continues from.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -40,6 +39,7 @@ from darkminer.io import (
     load_tensors,
     output_directory,
     read_json,
+    remove_work_directory,
     save_tensors,
     work_directory,
     write_json,
@@ -217,7 +217,7 @@ def run_attack(
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
                          model=model.name, success=success, erased=record)
-            shutil.rmtree(work_dir, ignore_errors=True)
+            remove_work_directory(work_dir)
 
         processes.on_main(save)
     return results

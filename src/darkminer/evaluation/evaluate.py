@@ -9,7 +9,6 @@ the preservation baseline.
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from darkminer.io import (
     has_checkpoint,
     link_tree,
     output_directory,
+    remove_work_directory,
     work_directory,
     write_json,
 )
@@ -428,7 +428,7 @@ def evaluate(
                 save_png(make_grid(thumbnails(images)), tmp / IMAGES_NAME / f"{name}.png")
             write_json(tmp / "judgements.json", judgements)
             write_json(tmp / METRICS_NAME, metrics)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_work_directory(work_dir)
 
     if out is not None:  # every process returns once the output is there (a benchmark reads it back)
         processes.on_main(write)
