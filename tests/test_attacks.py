@@ -687,6 +687,7 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
 
     assert without_seconds(resumed) == without_seconds(whole) == without_seconds(load_results(out)[1])
     assert resumed[0].seconds > 0  # a journaled search keeps the seconds it took
+    assert load_results(out)[0]["resumed"] is True and "resumed" not in load_results(tmp_path / "whole")[0]
 
 
 @pytest.mark.parametrize("scaled", [False, True])

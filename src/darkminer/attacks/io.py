@@ -36,6 +36,7 @@ from darkminer.io import (
     check_output_directory,
     claim_work_directory,
     exclusive_output,
+    has_checkpoint,
     load_tensors,
     output_directory,
     read_json,
@@ -66,10 +67,12 @@ def save_results(
     model: str,
     success: SuccessFn | None = None,
     erased: dict[str, Any] | None = None,
+    resumed: bool = False,
 ) -> Path:
     """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
     A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader;
-    ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``)."""
+    ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``);
+    ``resumed``, that the run went on from a killed one's checkpoint."""
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -87,6 +90,7 @@ def save_results(
             "n_prompts": len(results),
             "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
             "results": [r.to_dict() for r in results],
+            **({"resumed": True} if resumed else {}),
         })
     return Path(directory)
 
@@ -193,7 +197,7 @@ def run_attack(
     has written them."""
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
-    work_dir = None
+    work_dir, resumed = None, False
     if out is not None:  # before the attack, not after it
         out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
         work_dir = work_directory(out)
@@ -210,13 +214,14 @@ def run_attack(
                "detector": success.describe() if hasattr(success, "describe") else None,
                "dtype": str(model.dtype), "autocast": str(autocast_dtype(model)),
                "sampling": asdict(model.default_sampling)}
+        resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir):
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
     if out is not None:
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
-                         model=model.name, success=success, erased=record)
+                         model=model.name, success=success, erased=record, resumed=resumed)
             remove_work_directory(work_dir)
 
         processes.on_main(save)
