@@ -629,6 +629,37 @@ def test_the_attack_command_forwards_its_seed_and_its_kind_on_replay(tmp_path):
     assert meta["detector"]["labels"][0] == "a painting in the style of van gogh"
 
 
+def test_the_attack_command_draws_with_its_steps_and_guidance_records_them_and_replays_with_them(tmp_path, monkeypatch):
+    from darkminer.cli import main
+    from darkminer.models.base import DiffusionModel
+
+    drawn, sample = [], DiffusionModel.sample
+
+    def recording(self, *args, **kwargs):  # the sampling each call resolves to
+        drawn.append((kwargs.get("steps") or self.default_sampling.steps,
+                      kwargs.get("guidance_scale") or self.default_sampling.guidance_scale))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "sample", recording)
+    first, base = tmp_path / "first", ["--concept", "nudity", "--model", "tiny-random-sd"]
+    assert main(["attack", "--attack", "plain", *base, "--n-prompts", "2", "--steps", "3", "--guidance", "4.5",
+                 "--out", str(first)]) == 0
+    assert drawn and set(drawn) == {(3, 4.5)}
+    assert load_results(first)[0]["sampling"] == {"steps": 3, "guidance_scale": 4.5, "batch_size": 4}
+    drawn.clear()
+    assert main(["attack", "--replay", str(first), *base, "--out", str(tmp_path / "replayed")]) == 0
+    assert drawn and set(drawn) == {(3, 4.5)}  # as the attack drew, not at the model's 50 steps
+    assert load_results(tmp_path / "replayed")[0]["sampling"]["steps"] == 3
+    for refused in (["--attack", "plain", "--steps", "0"], ["--attack", "plain", "--guidance", "nan"],
+                    ["--replay", str(first), "--steps", "2"], ["--replay", str(first), "--guidance", "2"]):
+        assert main(["attack", *refused, *base, "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+    import darkminer
+
+    with pytest.raises(ConfigError, match="steps"):  # before loading anything
+        darkminer.attack("plain", "nudity", model="no/such-model", steps=2.5)
+
+
 def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
     import darkminer.api as api
 

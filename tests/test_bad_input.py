@@ -140,6 +140,8 @@ def test_damaged_attack_results_are_refused_in_one_line(tiny_sd, tmp_path):
         (lambda d: d["results"][0].pop("prompt"), "holds a damaged result \\(KeyError"),
         (lambda d: d["results"][0].update(seed="abc"), "holds a damaged result \\(ValueError"),
         (lambda d: d.update(results="x"), "holds no attack results"),
+        (lambda d: d.update(sampling={"steps": "50", "guidance_scale": 7.5}), "holds a damaged sampling record"),
+        (lambda d: d.update(sampling=[50]), "holds a damaged sampling record"),
     ]:
         damaged = json.loads(json.dumps(data))
         edit(damaged)

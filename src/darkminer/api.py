@@ -26,7 +26,7 @@ from darkminer.io import (
     write_json,
 )
 from darkminer.models import erased_base, load_model, model_id
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel
+from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, SamplingOptions
 from darkminer.models.erased import (
     EXPORT_INFO,
     INFO_NAME,
@@ -190,9 +190,9 @@ def generate(
     from darkminer.io import check_output_file
     from darkminer.parallel import init_processes, sharded_sample
 
-    for name, value, hint in (("prompt", prompt, str), ("n (-n)", n, int), ("steps (--steps)", steps, int | None),
-                              ("guidance_scale (--guidance)", guidance_scale, float | None)):
-        check_argument(name, value, hint)
+    check_argument("prompt", prompt, str)
+    check_argument("n (-n)", n, int)
+    _check_sampling_arguments(steps, guidance_scale)
     check_seed("seed (--seed)", seed)
     if not prompt.strip() and not allow_empty:
         raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
@@ -214,6 +214,13 @@ def generate(
     return images
 
 
+def _check_sampling_arguments(steps: int | None, guidance_scale: float | None) -> None:
+    """``steps`` and ``guidance_scale`` (None: the model's) checked before any work, as sampling would check them."""
+    check_argument("steps (--steps)", steps, int | None)
+    check_argument("guidance_scale (--guidance)", guidance_scale, float | None)
+    SamplingOptions(**{k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None})
+
+
 @exclusive_output()
 def attack(
     name: str,
@@ -227,6 +234,8 @@ def attack(
     prompts: str | Path | None = None,
     kind: str | None = None,
     n_prompts: int = 16,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     grading: EvaluationConfig | dict[str, Any] | None = None,
     resume: bool = False,
     device: str = "cpu",
@@ -238,6 +247,8 @@ def attack(
 
     The prompts attacked are the first ``n_prompts`` of the evaluation's ``plain`` set: a ``prompts`` CSV's
     rows, the testbed concept's direct prompts, or the concept word (SD) at seeds from the attack's seed.
+    ``steps`` and ``guidance_scale`` set how the judged and target images are drawn (default: the model's; a
+    prompt CSV's ``evaluation_guidance`` still holds for its row), and ``attack.json`` records them for replays.
     ``grading`` holds the detector's ``EvaluationConfig`` options (``detector``, ``nudenet_threshold``...).
     ``resume`` continues a killed run into ``out`` from its journal: the prompts it finished are not searched
     again (``run_attack``).
@@ -252,6 +263,7 @@ def attack(
     check_argument("n_prompts (--n-prompts)", n_prompts, int)
     if n_prompts < 1:
         raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
+    _check_sampling_arguments(steps, guidance_scale)
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     grading = EvaluationConfig.coerce(grading)
     if out is not None:
@@ -270,7 +282,8 @@ def attack(
     success = concept_detector(net, target, config=grading)
     plain = prompt_suites(target, n_prompts, attacker.config.seed, prompts_csv=prompts)["plain"]
     attacked = [AttackPrompt(p.text, p.seed, p.guidance) for p in plain.prompts]
-    return run_attack(attacker, net, target, attacked, success, out=out, erased=erased, resume=resume)
+    with net.sampling_defaults(steps, guidance_scale):
+        return run_attack(attacker, net, target, attacked, success, out=out, erased=erased, resume=resume)
 
 
 @exclusive_output()

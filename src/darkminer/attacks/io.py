@@ -45,7 +45,7 @@ from darkminer.io import (
     work_directory,
     write_json,
 )
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import init_processes
 from darkminer.parallel.speed import autocast_dtype
@@ -67,12 +67,14 @@ def save_results(
     model: str,
     success: SuccessFn | None = None,
     erased: dict[str, Any] | None = None,
+    sampling: SamplingOptions | None = None,
     resumed: bool = False,
 ) -> Path:
     """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
     A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader;
     ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``);
-    ``resumed``, that the run went on from a killed one's checkpoint."""
+    ``sampling``, how its images were drawn (a replay draws the same way); ``resumed``, that the run went on
+    from a killed one's checkpoint."""
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -85,6 +87,7 @@ def save_results(
             "model": model,
             "erased": erased,
             "detector": success.describe() if hasattr(success, "describe") else None,
+            "sampling": None if sampling is None else asdict(sampling),
             "attack_success_rate": attack_success_rate(results),
             "success_before_rate": before_and_after_rates(results)[0],
             "n_prompts": len(results),
@@ -103,6 +106,10 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
             isinstance(row, dict) for row in data["results"]):
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds no attack results; re-run `darkminer attack`")
     rows = data.pop("results")
+    sampling = data.get("sampling")  # absent from attack.json files written before it was recorded
+    if sampling is not None and not (isinstance(sampling, dict) and type(sampling.get("steps")) is int
+                                     and isinstance(sampling.get("guidance_scale"), int | float)):
+        raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged sampling record; re-run the attack")
     needs_embeddings = any(row.get("soft") for row in rows)
     tensors = load_tensors(directory / EMBEDDINGS_NAME) if needs_embeddings else {}
     missing = [i for i, row in enumerate(rows) if row.get("soft") and str(i) not in tensors]
@@ -221,7 +228,8 @@ def run_attack(
     if out is not None:
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
-                         model=model.name, success=success, erased=record, resumed=resumed)
+                         model=model.name, success=success, erased=record, sampling=model.default_sampling,
+                         resumed=resumed)
             remove_work_directory(work_dir)
 
         processes.on_main(save)

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-prompts", type=int, default=None,
                    help=f"prompts to attack: the first N of --prompts, else N concept prompts (default {DEFAULT_N_PROMPTS})")
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of the images judged and aimed at (default: the model's; a replay draws as its attack did)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of those images (default: the model's; a CSV's evaluation_guidance holds for its row)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
     p.add_argument("--use-text", action="store_true", help="with --replay: replay the readable text, not token ids/embeddings")
     add_resume_arg(p, "its progress (the prompts searched, CCE's last checkpoint)")
@@ -59,7 +63,8 @@ def _run(args: argparse.Namespace) -> None:
         raise DarkMinerError("give either --attack NAME or --replay DIR")
     if args.replay:
         ignored = [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
-                                            ("--n-prompts", args.n_prompts), ("--resume", args.resume or None))
+                                            ("--n-prompts", args.n_prompts), ("--resume", args.resume or None),
+                                            ("--steps", args.steps), ("--guidance", args.guidance))
                    if value is not None]
         if ignored:
             raise DarkMinerError(f"--replay judges the saved prompts again, as they were found; {', '.join(ignored)} "
@@ -72,7 +77,7 @@ def _run(args: argparse.Namespace) -> None:
         n_prompts = DEFAULT_N_PROMPTS if args.n_prompts is None else args.n_prompts
         results = attack(args.attack, args.concept, args.out, model=args.model, erased=args.erased, config=config,
                          anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=n_prompts,
-                         grading=detector_options(args), resume=args.resume, device=args.device, dtype=args.dtype,
+                         steps=args.steps, guidance_scale=args.guidance, grading=detector_options(args), resume=args.resume, device=args.device, dtype=args.dtype,
                          speed=speed_options(args))
     else:
         from darkminer.evaluation import EvaluationConfig, concept_detector
@@ -88,10 +93,13 @@ def _run(args: argparse.Namespace) -> None:
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
         success = concept_detector(model, target, config=grading)
         meta, saved = load_results(args.replay)
-        results = replay(model, saved, success, use_text=args.use_text)
+        sampling = meta.get("sampling") or {}  # as the attack drew (an attack.json from before it was recorded: the model's)
+        with model.sampling_defaults(sampling.get("steps"), sampling.get("guidance_scale")):
+            results = replay(model, saved, success, use_text=args.use_text)
+            drawn = model.default_sampling
         record = ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None
         # Under a launcher every process replays the whole set; the main one writes.
         init_processes().on_main(lambda: save_results(
             args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-            target=target, model=model.name, success=success, erased=record))
+            target=target, model=model.name, success=success, erased=record, sampling=drawn))
     print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")
