@@ -4,6 +4,8 @@ towards (teacher images, goals, targets, training pairs) on tiny-random-sd and t
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -646,18 +648,37 @@ def test_the_attack_command_draws_with_its_steps_and_guidance_records_them_and_r
                  "--out", str(first)]) == 0
     assert drawn and set(drawn) == {(3, 4.5)}
     assert load_results(first)[0]["sampling"] == {"steps": 3, "guidance_scale": 4.5, "batch_size": 4}
-    drawn.clear()
-    assert main(["attack", "--replay", str(first), *base, "--out", str(tmp_path / "replayed")]) == 0
-    assert drawn and set(drawn) == {(3, 4.5)}  # as the attack drew, not at the model's 50 steps
-    assert load_results(tmp_path / "replayed")[0]["sampling"]["steps"] == 3
+
+    def replayed(source, *flags):
+        drawn.clear()
+        out = tmp_path / f"replayed{len(list(tmp_path.iterdir()))}"
+        assert main(["attack", "--replay", str(source), *base, *flags, "--out", str(out)]) == 0
+        recorded = load_results(out)[0]["sampling"]
+        assert drawn and set(drawn) == {(recorded["steps"], recorded["guidance_scale"])}  # drawn as recorded
+        return drawn[0]
+
+    assert replayed(first) == (3, 4.5)  # as the attack drew, not at the model's 50 steps
+    assert replayed(first, "--steps", "2") == (2, 4.5)  # a flag wins
+    meta = json.loads((first / "attack.json").read_text())
+    for i, edit in enumerate(({"sampling": None}, {"model": "another-model"})):  # from before it was recorded; another model
+        older = tmp_path / f"older{i}"
+        shutil.copytree(first, older)
+        (older / "attack.json").write_text(json.dumps({**meta, **edit}))
+        assert replayed(older) == (50, 7.5)  # the model's defaults
     for refused in (["--attack", "plain", "--steps", "0"], ["--attack", "plain", "--guidance", "nan"],
-                    ["--replay", str(first), "--steps", "2"], ["--replay", str(first), "--guidance", "2"]):
-        assert main(["attack", *refused, *base, "--out", str(tmp_path / "refused")]) == 2
+                    ["--attack", "plain", "--guidance", "0"], ["--replay", str(first), "--guidance", "-3"]):
+        drawn.clear()
+        assert main(["attack", *refused, *base, "--out", str(tmp_path / "refused")]) == 2 and not drawn
     assert not (tmp_path / "refused").exists()
+    import numpy as np
+
     import darkminer
 
     with pytest.raises(ConfigError, match="steps"):  # before loading anything
         darkminer.attack("plain", "nudity", model="no/such-model", steps=2.5)
+    darkminer.attack("plain", "nudity", tmp_path / "numpy", model="tiny-random-sd", n_prompts=1, steps=np.int64(2),
+                     guidance_scale=np.float32(3.5))
+    assert load_results(tmp_path / "numpy")[0]["sampling"] == {"steps": 2, "guidance_scale": 3.5, "batch_size": 4}
 
 
 def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):

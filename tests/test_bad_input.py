@@ -142,6 +142,9 @@ def test_damaged_attack_results_are_refused_in_one_line(tiny_sd, tmp_path):
         (lambda d: d.update(results="x"), "holds no attack results"),
         (lambda d: d.update(sampling={"steps": "50", "guidance_scale": 7.5}), "holds a damaged sampling record"),
         (lambda d: d.update(sampling=[50]), "holds a damaged sampling record"),
+        (lambda d: d.update(sampling={"steps": 0, "guidance_scale": 7.5}), "holds a damaged sampling record"),
+        (lambda d: d.update(sampling={"steps": 50, "guidance_scale": float("nan")}), "holds a damaged sampling record"),
+        (lambda d: d.update(sampling={"steps": 50, "guidance_scale": True}), "holds a damaged sampling record"),
     ]:
         damaged = json.loads(json.dumps(data))
         edit(damaged)

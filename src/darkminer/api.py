@@ -192,7 +192,7 @@ def generate(
 
     check_argument("prompt", prompt, str)
     check_argument("n (-n)", n, int)
-    _check_sampling_arguments(steps, guidance_scale)
+    steps, guidance_scale = _check_sampling_arguments(steps, guidance_scale)
     check_seed("seed (--seed)", seed)
     if not prompt.strip() and not allow_empty:
         raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
@@ -214,11 +214,24 @@ def generate(
     return images
 
 
-def _check_sampling_arguments(steps: int | None, guidance_scale: float | None) -> None:
-    """``steps`` and ``guidance_scale`` (None: the model's) checked before any work, as sampling would check them."""
+def _check_sampling_arguments(steps: int | None, guidance_scale: float | None) -> tuple[int | None, float | None]:
+    """``steps`` and ``guidance_scale`` (None: the model's) checked before any work, as sampling would check them,
+    as plain Python numbers (a numpy or torch one would be written to JSON as a string)."""
     check_argument("steps (--steps)", steps, int | None)
     check_argument("guidance_scale (--guidance)", guidance_scale, float | None)
+    steps = None if steps is None else int(steps)
+    guidance_scale = None if guidance_scale is None else float(guidance_scale)
     SamplingOptions(**{k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None})
+    return steps, guidance_scale
+
+
+def attack_sampling(steps: int | None, guidance_scale: float | None) -> tuple[int | None, float | None]:
+    """An attack's (or a replay's) ``steps`` and ``guidance_scale``, checked before any work: a guidance scale
+    above 0, as the evaluation asks (at 0 the prompt would draw nothing)."""
+    steps, guidance_scale = _check_sampling_arguments(steps, guidance_scale)
+    if guidance_scale is not None and guidance_scale <= 0:
+        raise ConfigError(f"guidance_scale (--guidance) must be > 0 for an attack, got {guidance_scale}")
+    return steps, guidance_scale
 
 
 @exclusive_output()
@@ -248,7 +261,8 @@ def attack(
     The prompts attacked are the first ``n_prompts`` of the evaluation's ``plain`` set: a ``prompts`` CSV's
     rows, the testbed concept's direct prompts, or the concept word (SD) at seeds from the attack's seed.
     ``steps`` and ``guidance_scale`` set how the judged and target images are drawn (default: the model's; a
-    prompt CSV's ``evaluation_guidance`` still holds for its row), and ``attack.json`` records them for replays.
+    prompt CSV's ``evaluation_guidance`` still holds for its row); ``attack.json`` records the sampling, and a
+    replay on the same base model draws with it.
     ``grading`` holds the detector's ``EvaluationConfig`` options (``detector``, ``nudenet_threshold``...).
     ``resume`` continues a killed run into ``out`` from its journal: the prompts it finished are not searched
     again (``run_attack``).
@@ -263,7 +277,7 @@ def attack(
     check_argument("n_prompts (--n-prompts)", n_prompts, int)
     if n_prompts < 1:
         raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
-    _check_sampling_arguments(steps, guidance_scale)
+    steps, guidance_scale = attack_sampling(steps, guidance_scale)
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     grading = EvaluationConfig.coerce(grading)
     if out is not None:

@@ -30,7 +30,7 @@ from darkminer.attacks.base import (
 )
 from darkminer.attacks.journal import resumable
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import (
     check_no_unfinished_run,
     check_output_directory,
@@ -107,9 +107,14 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds no attack results; re-run `darkminer attack`")
     rows = data.pop("results")
     sampling = data.get("sampling")  # absent from attack.json files written before it was recorded
-    if sampling is not None and not (isinstance(sampling, dict) and type(sampling.get("steps")) is int
-                                     and isinstance(sampling.get("guidance_scale"), int | float)):
-        raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged sampling record; re-run the attack")
+    if sampling is not None:
+        try:
+            steps, guidance = sampling["steps"], sampling["guidance_scale"]
+            if type(steps) is not int or type(guidance) not in (int, float):  # bools refused too
+                raise TypeError
+            SamplingOptions(steps=steps, guidance_scale=guidance)  # in range
+        except (TypeError, KeyError, ConfigError):
+            raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged sampling record; re-run the attack") from None
     needs_embeddings = any(row.get("soft") for row in rows)
     tensors = load_tensors(directory / EMBEDDINGS_NAME) if needs_embeddings else {}
     missing = [i for i, row in enumerate(rows) if row.get("soft") and str(i) not in tensors]

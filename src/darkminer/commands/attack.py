@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"prompts to attack: the first N of --prompts, else N concept prompts (default {DEFAULT_N_PROMPTS})")
     p.add_argument("--seed", type=int, default=None, help="the attack's seed (overrides the config)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps of the images judged and aimed at (default: the model's; a replay draws as its attack did)")
+                   help="DDIM steps of the images judged and aimed at (default: the model's; a replay on the attack's base model draws as the attack did)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale of those images (default: the model's; a CSV's evaluation_guidance holds for its row)")
     p.add_argument("--replay", default=None, help="a directory written by `darkminer attack`: judge its prompts again on this model")
@@ -63,8 +63,7 @@ def _run(args: argparse.Namespace) -> None:
         raise DarkMinerError("give either --attack NAME or --replay DIR")
     if args.replay:
         ignored = [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
-                                            ("--n-prompts", args.n_prompts), ("--resume", args.resume or None),
-                                            ("--steps", args.steps), ("--guidance", args.guidance))
+                                            ("--n-prompts", args.n_prompts), ("--resume", args.resume or None))
                    if value is not None]
         if ignored:
             raise DarkMinerError(f"--replay judges the saved prompts again, as they were found; {', '.join(ignored)} "
@@ -80,6 +79,7 @@ def _run(args: argparse.Namespace) -> None:
                          steps=args.steps, guidance_scale=args.guidance, grading=detector_options(args), resume=args.resume, device=args.device, dtype=args.dtype,
                          speed=speed_options(args))
     else:
+        from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
         from darkminer.io import check_output_directory
         from darkminer.models import load_model
@@ -89,12 +89,17 @@ def _run(args: argparse.Namespace) -> None:
 
         check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased)  # before loading
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
+        asked = attack_sampling(args.steps, args.guidance)  # and bad sampling
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
         success = concept_detector(model, target, config=grading)
         meta, saved = load_results(args.replay)
-        sampling = meta.get("sampling") or {}  # as the attack drew (an attack.json from before it was recorded: the model's)
-        with model.sampling_defaults(sampling.get("steps"), sampling.get("guidance_scale")):
+        # On the attack's own base model (erased or not), drawn as the attack drew; on another model (--use-text)
+        # or from an attack.json written before sampling was recorded, at the model's defaults; the flags win.
+        recorded = (meta.get("sampling") or {}) if meta.get("model") == model.name else {}
+        steps = recorded.get("steps") if asked[0] is None else asked[0]
+        guidance = recorded.get("guidance_scale") if asked[1] is None else asked[1]
+        with model.sampling_defaults(steps, guidance):
             results = replay(model, saved, success, use_text=args.use_text)
             drawn = model.default_sampling
         record = ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None
