@@ -76,8 +76,8 @@ def _run(args: argparse.Namespace) -> None:
         n_prompts = DEFAULT_N_PROMPTS if args.n_prompts is None else args.n_prompts
         results = attack(args.attack, args.concept, args.out, model=args.model, erased=args.erased, config=config,
                          anchor=args.anchor, prompts=args.prompts, kind=args.kind, n_prompts=n_prompts,
-                         steps=args.steps, guidance_scale=args.guidance, grading=detector_options(args), resume=args.resume, device=args.device, dtype=args.dtype,
-                         speed=speed_options(args))
+                         steps=args.steps, guidance_scale=args.guidance, grading=detector_options(args),
+                         resume=args.resume, device=args.device, dtype=args.dtype, speed=speed_options(args))
     else:
         from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
