@@ -582,7 +582,7 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     evaluation = importlib.import_module("darkminer.evaluation.evaluate")
     out = tmp_path / "e"
     command = ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2", "--steps", "2",
-               "--attacks", "plain", "--attack-prompts", "2", "--preservation", "", "--out", str(out)]
+               "--guidance", "3.5", "--attacks", "plain", "--attack-prompts", "2", "--preservation", "", "--out", str(out)]
     real, calls = evaluation.Painter.conditions, []
 
     def killed_at_the_second_set(*args, **kwargs):
@@ -595,8 +595,12 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     assert main(command) == 130  # interrupted: the plain set is done and kept, the attack's replay cut short
     assert "darkminer: interrupted" in capsys.readouterr().err
     assert main(command) == 2 and "add --resume" in _error_line(capsys)  # never discarded unasked
+    other_guidance = [("4" if arg == "3.5" else arg) for arg in command]
+    assert main([*other_guidance, "--resume"]) == 2 and "its config differs" in _error_line(capsys)
     assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again
-    assert "metrics.json" in capsys.readouterr().out and json.loads((out / "metrics.json").read_text())["resumed"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "metrics.json" in capsys.readouterr().out and metrics["resumed"]
+    assert (metrics["sampling"]["steps"], metrics["sampling"]["guidance_scale"]) == (2, 3.5)
     assert main([*command[:-1], str(tmp_path / "fresh"), "--resume"]) == 0
     assert "--resume: no checkpoint in" in capsys.readouterr().err
     attack = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "a")]

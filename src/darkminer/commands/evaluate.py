@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-images", action="store_true",
                    help="also write every image as its own PNG (images/SET/NNNN.png), linked from judgements.json")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's; a CSV's evaluation_guidance holds for its row)")
     p.add_argument("--config", default=None, help="JSON or YAML file of evaluation options (flags override it)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, images/, judgements.json)")
     add_resume_arg(p, "what it had drawn, graded and attacked")
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
     note_resume(args)
     options = load_config_file(args.config) if args.config else {}
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "steps": args.steps,
+             "guidance_scale": args.guidance,
              "fid_reference": args.fid_reference, "save_images": args.save_images or None,
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
