@@ -339,7 +339,7 @@ def unlearndiff(**overrides):
 
 
 def test_unlearndiff_budget_tokens_and_reproducibility(sd, sd_target, monkeypatch):
-    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_loss")
+    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_losses")
     results = unlearndiff().run(sd, sd_target, PROMPTS, never)
     assert calls == [1] * (2 * 2 * 2)  # prompts x rounds x iterations, one image each
     specials = sd.special_token_ids
@@ -364,8 +364,9 @@ def test_a_promptwise_attack_searches_only_the_prompts_that_do_not_already_work(
             self.asked = [p.text for p in prompts]
             return [torch.full((1, 1, 1, 1), float(i)) for i in range(len(prompts))]
 
-        def search(self, model, original, prompt, x0, success):
-            return AttackResult(prompt, prompt.text + " !", False, True, extra={"x0": float(x0)})
+        def search(self, model, original, prompts, x0s, success):
+            return [AttackResult(p, p.text + " !", False, True, extra={"x0": float(x0)})
+                    for p, x0 in zip(prompts, x0s, strict=True)]
 
     prompts = [AttackPrompt("a", 1), AttackPrompt("b", 2), AttackPrompt("c", 3), AttackPrompt("d", 4)]
     probe = Probe()
@@ -378,7 +379,7 @@ def test_a_promptwise_attack_searches_only_the_prompts_that_do_not_already_work(
 
 
 def test_unlearndiff_skips_broken_prompts_and_stops_at_first_success(sd, sd_target, monkeypatch):
-    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_loss")
+    calls = count_calls(monkeypatch, unlearndiff_module, "denoising_losses")
     results = unlearndiff().run(sd, sd_target, PROMPTS, always)
     assert calls == [] and all(r.success_before and r.adversarial_text == r.prompt.text for r in results)
     verdicts = iter([False, False, True, True])  # the 2 unattacked prompts fail; the first judged round works
@@ -409,7 +410,7 @@ def test_p4d_layouts_follow_the_authors():
 
 
 def test_p4d_budget_and_reproducibility(sd, sd_target, monkeypatch):
-    calls = count_calls(monkeypatch, p4d_module.F, "mse_loss")
+    calls = count_calls(monkeypatch, p4d_module, "row_mse")
     cls = get_attack("p4d")
     results = cls(cls.config_class(n_tokens=4, iterations=3, eval_every=2, target_images=2)).run(sd, sd_target, PROMPTS, never)
     assert len(calls) == 2 * 3  # prompts x iterations
@@ -433,10 +434,89 @@ def test_p4d_targets_the_original_image_the_success_function_accepts(sd, sd_targ
     def only_the_second(images):  # the concept shows only in candidate 1, never in anything else
         return torch.tensor([torch.allclose(image, drawn[1], atol=1e-5) for image in images])
 
-    targets = record_calls(monkeypatch, attack, "_loss", lambda args, _: args[5])  # x0 of each loss
+    targets = record_calls(monkeypatch, p4d_module, "draw_noise_and_timesteps", lambda args, _: args[1])  # each x0
     attack.run(sd, sd_target, [prompt], only_the_second)
     assert len(targets) == 1
     assert torch.equal(targets[0], sd.images_to_latents(drawn[1:2])), "the target is not the accepted image"
+
+
+# --------------------------------------------------------------------------- batched searches
+BATCHED = [("unlearndiff", {"k": 3, "iterations": 3, "rounds": 2}),
+           ("p4d", {"n_tokens": 4, "iterations": 6, "eval_every": 2, "target_images": 1}),
+           ("p4d", {"variant": "k", "iterations": 6, "eval_every": 2, "target_images": 1})]
+BATCH_PROMPTS = [*PROMPTS, AttackPrompt("nudity at night, seen from far away", 3)]  # P4D-K: other slot counts
+
+
+@pytest.mark.parametrize(("name", "options"), BATCHED)
+def test_a_batched_search_finds_for_each_prompt_what_it_finds_alone(name, options, sd, sd_target, monkeypatch):
+    module, loss = (unlearndiff_module, "denoising_losses") if name == "unlearndiff" else (p4d_module, "row_mse")
+    calls = count_calls(monkeypatch, module, loss)
+    cls = get_attack(name)
+    alone = cls(cls.config_class(**options)).run(sd, sd_target, BATCH_PROMPTS, never)
+    assert calls == [1] * 3 * 6  # each prompt on its own, 6 steps each
+    calls.clear()
+    together = cls(cls.config_class(**options, search_batch=2)).run(sd, sd_target, BATCH_PROMPTS, never)
+    assert sorted(calls) == [1] * 6 + [2] * 6  # the first two prompts together, the third alone
+    # Each keeps its own randomness and optimiser state; the batched arithmetic may round otherwise, which on
+    # a long search can change a token (docs/attacks.md), not in these few steps.
+    assert [r.to_dict() | {"seconds": 0} for r in together] == [r.to_dict() | {"seconds": 0} for r in alone]
+
+
+@pytest.mark.parametrize(("name", "options"), BATCHED[:2])
+def test_a_search_that_succeeds_stops_while_its_batch_goes_on(name, options, sd, sd_target, monkeypatch):
+    module, loss = (unlearndiff_module, "denoising_losses") if name == "unlearndiff" else (p4d_module, "row_mse")
+    calls = count_calls(monkeypatch, module, loss)
+    judged: list[int] = []
+    # The judged batch where the first prompt's search succeeds: after UnlearnDiffAtk's first round (after the
+    # unattacked prompts), at P4D's step 2 (after the unattacked prompts, the two targets and step 0).
+    succeeds_at = 2 if name == "unlearndiff" else 5
+
+    def first_prompt_succeeds_once(images):
+        judged.append(images.shape[0])
+        verdict = torch.zeros(images.shape[0], dtype=torch.bool)
+        verdict[0] = len(judged) == succeeds_at
+        return verdict
+
+    cls = get_attack(name)
+    results = cls(cls.config_class(**options, search_batch=2)).run(sd, sd_target, PROMPTS, first_prompt_succeeds_once)
+    assert [r.success_after for r in results] == [True, False]
+    if name == "unlearndiff":  # round 1 together, round 2 the second prompt alone
+        assert calls == [2] * 3 + [1] * 3 and judged == [2, 2, 1]
+        assert [r.extra["rounds"] for r in results] == [1, 2]
+    else:  # judged at steps 0, 2 and 4 and after the last; the first prompt stops at step 2
+        assert calls == [2] * 2 + [1] * 4 and judged == [2, 1, 1, 2, 2, 1, 1]
+        assert [r.extra["iterations"] for r in results] == [2, 6]
+
+
+def test_batched_searches_resume_a_batch_the_journal_holds_whole_and_search_again_one_it_holds_in_part(tmp_path):
+    from darkminer.attacks.journal import SearchJournal, resumable
+    from darkminer.attacks.soft_prompt import search_in_batches
+
+    asked: list[list[int]] = []
+
+    def search(batch):
+        asked.append(batch)
+        return [torch.tensor([index, len(batch)]) for index in batch]
+
+    journal = SearchJournal(tmp_path / "searches")
+    with resumable(tmp_path):
+        first = search_in_batches(search, range(5), 2)
+        assert asked == [[0, 1], [2, 3], [4]]
+        assert [found.tolist() for found, _ in first] == [[0, 2], [1, 2], [2, 2], [3, 2], [4, 1]]
+        assert first[0][1] == first[1][1]  # each prompt's seconds: an equal share of its batch's
+        journal.path(3).unlink()  # as if killed between the writes of a batch's searches
+        asked.clear()
+        again = search_in_batches(search, range(5), 2)
+    assert asked == [[2, 3]]  # searched whole again, so that it finds what it found as a batch
+    assert [found.tolist() for found, _ in again] == [found.tolist() for found, _ in first]
+    with pytest.raises(DarkMinerError, match="a search returned 1 results for 2 prompts"):
+        search_in_batches(lambda batch: batch[:1], [0, 1], 2)
+
+
+def test_search_batch_must_be_positive():
+    for name in ("unlearndiff", "p4d"):
+        with pytest.raises(ConfigError, match="search_batch must be > 0"):
+            get_attack(name).config_class(search_batch=0)
 
 
 # ----------------------------------------------------------------------------- half precision
@@ -693,6 +773,7 @@ def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ resume
 @pytest.mark.parametrize("name, options", [("unlearndiff", {"rounds": 1, "iterations": 2}),
+                                           ("unlearndiff", {"rounds": 1, "iterations": 2, "search_batch": 2}),
                                            ("ringabell", {"population": 6, "generations": 2, "prompt_length": 5})])
 def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(name, options, sd, sd_target,
                                                                                 tmp_path, monkeypatch):
@@ -704,11 +785,11 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
     whole = run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=tmp_path / "whole")
     searched, real = [], cls.search
 
-    def killed_after_two(self, *args):
-        prompt = next(a for a in args if isinstance(a, AttackPrompt))
+    def killed_after_two(self, *args):  # a batch of prompts (UnlearnDiffAtk) or one (Ring-A-Bell)
+        texts = [p.text for a in args for p in (a if isinstance(a, list) else [a]) if isinstance(p, AttackPrompt)]
         if len(searched) == 2 and kill:
             raise KeyboardInterrupt
-        searched.append(prompt.text)
+        searched.extend(texts)
         return real(self, *args)
 
     monkeypatch.setattr(cls, "search", killed_after_two)

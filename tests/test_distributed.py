@@ -39,13 +39,15 @@ from darkminer.parallel.speed import (
 
 WORLD = 2
 PROMPTS = ["a photo of a dog", "a red car", "a painting of a church", "a cat", "a blue house"]
-# Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1; CCE
+# Three prompts per attack: the per-prompt attacks (UnlearnDiffAtk, P4D, Ring-A-Bell) split them 2 + 1 (P4D as
+# two batches of searches, one of two prompts and one of one); CCE
 # splits its three accumulated batches 2 + 1 (and, in an evaluation, checkpoints after every step).
 CCE = {"steps": 3, "num_images": 3, "batch_size": 2, "gradient_accumulation": 3, "checkpoint_every": 1}
 EVALUATION = {"steps": 2, "n_images": 3, "batch_size": 1, "preservation": [], "grid_images": 4,
               "attacks": ["plain", "unlearndiff", "p4d", "ringabell", "cce"], "attack_prompts": 3,
               "attack_configs": {"unlearndiff": {"k": 2, "iterations": 2, "rounds": 2},
-                                 "p4d": {"n_tokens": 2, "iterations": 3, "eval_every": 2, "target_images": 1},
+                                 "p4d": {"n_tokens": 2, "iterations": 3, "eval_every": 2, "target_images": 1,
+                                         "search_batch": 2},
                                  "ringabell": {"population": 4, "generations": 2, "prompt_length": 3},
                                  "cce": CCE}}
 
@@ -145,8 +147,8 @@ def _searches(processes: Processes) -> dict[str, list]:
 
     attack = build_attack("unlearndiff", EVALUATION["attack_configs"]["unlearndiff"])
     searched, search = [], attack.search
-    attack.search = lambda model, original, prompt, x0, success: searched.append(prompt.text) or search(
-        model, original, prompt, x0, success)
+    attack.search = lambda model, original, prompts, x0s, success: searched.extend(p.text for p in prompts) or search(
+        model, original, prompts, x0s, success)
     results = attack.run(model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])], success)
     return {"found": [[r.adversarial_text, r.success_before, r.success_after] for r in results], "searched": searched}
 
@@ -163,11 +165,11 @@ def _resumed_attack(out: Path, resume: bool = True, kill_at: int | None = None) 
     attack = build_attack("unlearndiff", EVALUATION["attack_configs"]["unlearndiff"])
     searched, search = [], attack.search
 
-    def searching(model, original, prompt, x0, success):
+    def searching(model, original, prompts, x0s, success):  # one prompt per search (search_batch 1)
         if len(searched) + 1 == kill_at:
             raise KeyboardInterrupt
-        searched.append(prompt.text)
-        return search(model, original, prompt, x0, success)
+        searched.extend(p.text for p in prompts)
+        return search(model, original, prompts, x0s, success)
 
     attack.search = searching
     results = run_attack(attack, model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])],

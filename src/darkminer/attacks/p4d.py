@@ -25,32 +25,26 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from darkminer.attacks.base import AttackConfig, AttackPrompt, AttackResult, SuccessFn, register_attack
+from darkminer.attacks.base import AttackPrompt, AttackResult, SuccessFn, register_attack
 from darkminer.attacks.soft_prompt import (
     PromptwiseAttack,
+    PromptwiseConfig,
     judge,
-    judge_conditions,
     original_images,
     project_straight_through,
+    still_failing,
     teacher_eps,
 )
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
-from darkminer.models.objectives import draw_noise_and_timesteps
-from darkminer.models.slots import (
-    SLOT,
-    SlottedPrompts,
-    build_slotted,
-    prompt_token_ids,
-    random_token_ids,
-)
+from darkminer.models.objectives import draw_noise_and_timesteps, row_mse
+from darkminer.models.slots import SLOT, build_slotted, encode_slotted, prompt_token_ids, random_token_ids
 from darkminer.parallel.speed import gradient_scaler
 
 
 @dataclass
-class P4DConfig(AttackConfig):
+class P4DConfig(PromptwiseConfig):
     variant: str = "n"  # "n": P4D-N (free tokens only), "k": P4D-K (one learnable token every K prompt tokens)
     n_tokens: int = 16  # P4D-N: learnable tokens (authors' prompt_len)
     every_k: int = 3  # P4D-K: a learnable token before every K prompt tokens
@@ -61,6 +55,7 @@ class P4DConfig(AttackConfig):
     target_images: int = 3  # original-model images the target is chosen from (authors' num_samples)
 
     def validate(self) -> None:
+        super().validate()
         check_choice(self, "variant", self.variant, ("n", "k"))
         check_positive(self, n_tokens=self.n_tokens, every_k=self.every_k, iterations=self.iterations,
                        eval_every=self.eval_every, learning_rate=self.learning_rate, target_images=self.target_images)
@@ -101,55 +96,56 @@ class Prompting4Debugging(PromptwiseAttack):
         return model.images_to_latents(images[chosen : chosen + 1])
 
     def search(
-        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
-        success: SuccessFn,
-    ) -> AttackResult:
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt],
+        x0s: Sequence[torch.Tensor], success: SuccessFn,
+    ) -> list[AttackResult]:
         cfg: P4DConfig = self.config  # type: ignore[assignment]
-        slotted = build_slotted(model, [p4d_rows(prompt_token_ids(model, prompt.text), cfg)])
-        generator = self.generator(prompt)
+        slotted = [build_slotted(model, [p4d_rows(prompt_token_ids(model, p.text), cfg)]) for p in prompts]
+        generators = [self.generator(p) for p in prompts]
         with torch.no_grad():
-            prompt_cond = model.encode([prompt.text])
-            start = random_token_ids(model, (slotted.n_slots,), generator)
-        soft = model.token_embedding.weight.detach()[start].float().requires_grad_(True)  # float32: Adam steps vanish in half
-        optimizer = torch.optim.AdamW([soft], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            prompt_conds = [model.encode([p.text]) for p in prompts]
+            starts = [random_token_ids(model, (rows.n_slots,), g) for rows, g in zip(slotted, generators, strict=True)]
+        # float32: Adam steps vanish in half. One parameter per prompt, so that a finished search stays as it is.
+        soft = [model.token_embedding.weight.detach()[ids].float().requires_grad_(True) for ids in starts]
+        optimizer = torch.optim.AdamW(soft, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scaler = gradient_scaler(model)
-        after, ids, done = False, slotted.input_ids, 0
+        after, ids, done = [False] * len(prompts), [rows.input_ids for rows in slotted], [0] * len(prompts)
+        searching = list(range(len(prompts)))
         for step in range(cfg.iterations):
-            projected, token_ids = project_straight_through(model, soft)
+            projected = self._project(model, [soft[i] for i in searching])
             if step % cfg.eval_every == 0:
-                ids = slotted.with_tokens(token_ids)
-                after = self._judge_ids(model, ids, prompt, success)
-                if after:
+                for i, (_, token_ids) in zip(searching, projected, strict=True):
+                    ids[i] = slotted[i].with_tokens(token_ids)
+                still = still_failing(model, searching, ids, prompts, success, after)
+                if not still:
                     break
+                projected = [projected[searching.index(i)] for i in still]
+                searching = still
             optimizer.zero_grad()
-            loss = self._loss(model, original, slotted, projected, prompt_cond, x0, generator)
+            noises, timesteps = zip(*(draw_noise_and_timesteps(model, x0s[i], generators[i]) for i in searching),
+                                    strict=True)
+            x0, noise, t = torch.cat([x0s[i] for i in searching]), torch.cat(noises), torch.cat(timesteps)
+            x_t = model.add_noise(x0, noise, t)
+            with torch.no_grad():
+                wanted = teacher_eps(model, original, x_t, t, torch.cat([prompt_conds[i] for i in searching]))
+            cond = encode_slotted(model, [slotted[i] for i in searching], [values for values, _ in projected])
+            loss = row_mse(model.eps(x_t, t, cond).float(), wanted.float()).sum()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            done = step + 1
+            for i in searching:
+                done[i] = step + 1
         else:
-            ids = slotted.with_tokens(project_straight_through(model, soft)[1])
-            after = self._judge_ids(model, ids, prompt, success)
-        return AttackResult(prompt, model.decode_ids(ids)[0], False, after, input_ids=ids[0].tolist(),
-                            extra={"iterations": done, "variant": cfg.variant})
+            for i, (_, token_ids) in zip(searching, self._project(model, [soft[i] for i in searching]), strict=True):
+                ids[i] = slotted[i].with_tokens(token_ids)
+            still_failing(model, searching, ids, prompts, success, after)
+        return [AttackResult(prompt, model.decode_ids(ids[i])[0], False, after[i], input_ids=ids[i][0].tolist(),
+                             extra={"iterations": done[i], "variant": cfg.variant})
+                for i, prompt in enumerate(prompts)]
 
     @staticmethod
-    def _loss(
-        model: DiffusionModel,
-        original: DiffusionModel | None,
-        slotted: SlottedPrompts,
-        projected: torch.Tensor,
-        prompt_cond: torch.Tensor,
-        x0: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        noise, t = draw_noise_and_timesteps(model, x0, generator)
-        x_t = model.add_noise(x0, noise, t)
-        with torch.no_grad():
-            wanted = teacher_eps(model, original, x_t, t, prompt_cond)
-        return F.mse_loss(model.eps(x_t, t, slotted.encode(model, projected)).float(), wanted.float())
-
-    @staticmethod
-    def _judge_ids(model: DiffusionModel, ids: torch.LongTensor, prompt: AttackPrompt, success: SuccessFn) -> bool:
-        with torch.no_grad():
-            return judge_conditions(model, model.encode_ids(ids), [prompt], success)[0]
+    def _project(model: DiffusionModel, soft: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.LongTensor]]:
+        """Each soft prompt's nearest real tokens (straight-through), all in one nearest-token search."""
+        projected, ids = project_straight_through(model, torch.cat(soft))
+        sizes = [len(values) for values in soft]
+        return list(zip(projected.split(sizes), ids.split(sizes), strict=True))

@@ -34,7 +34,7 @@ from darkminer.attacks.base import (
     register_attack,
 )
 from darkminer.attacks.prompts import concept_phrases
-from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, search_each
+from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, search_in_batches
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
@@ -151,7 +151,8 @@ class RingABell(Attack):
         before = judge_texts(model, prompts, success)
         shared = (time.time() - started) / len(prompts)
         # The judging stays whole, in one process's batches.
-        searched = search_each(lambda i: self.search(model, prompts[i], vector).cpu(), range(len(prompts)))
+        searched = search_in_batches(lambda batch: [self.search(model, prompts[i], vector).cpu() for i in batch],
+                                     range(len(prompts)), 1)
         found, seconds = zip(*searched, strict=True)
         started = time.time()
         ids = torch.stack(found).to(model.device)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 import torch
 
-from darkminer.attacks.base import Attack, AttackPrompt, AttackResult, SuccessFn, unattacked
+from darkminer.attacks.base import Attack, AttackConfig, AttackPrompt, AttackResult, SuccessFn, unattacked
 from darkminer.attacks.journal import search_journal
+from darkminer.config import check_positive
 from darkminer.errors import DarkMinerError
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.parallel import init_processes
@@ -95,6 +97,26 @@ def judge_conditions(
     return judge(success, sample_prompts(model, cond, prompts))
 
 
+@torch.no_grad()
+def judge_ids(
+    model: DiffusionModel, ids: Sequence[torch.LongTensor], prompts: Sequence[AttackPrompt], success: SuccessFn
+) -> list[bool]:
+    """Whether the attacked model draws the concept for each hard prompt's ids (1, L), in one batch."""
+    return judge_conditions(model, model.encode_ids(torch.cat(list(ids))), prompts, success)
+
+
+def still_failing(
+    model: DiffusionModel, searching: list[int], ids: list[torch.LongTensor], prompts: Sequence[AttackPrompt],
+    success: SuccessFn, after: list[bool],
+) -> list[int]:
+    """Judge the current hard prompt ``ids[i]`` of each search ``i`` in ``searching`` (one batch), record its
+    verdict in ``after[i]``, and return the searches that still fail: the others stop at their success."""
+    verdicts = judge_ids(model, [ids[i] for i in searching], [prompts[i] for i in searching], success)
+    for i, ok in zip(searching, verdicts, strict=True):
+        after[i] = ok
+    return [i for i, ok in zip(searching, verdicts, strict=True) if not ok]
+
+
 def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success: SuccessFn) -> list[bool]:
     """The unattacked verdicts: each prompt's own text on the attacked model. Under a launcher every process
     calls it and gets the main process's verdicts: what the attacks then search (and share out) must be the
@@ -104,37 +126,59 @@ def judge_texts(model: DiffusionModel, prompts: Sequence[AttackPrompt], success:
     return init_processes().broadcast_object(judge_conditions(model, cond, prompts, success))
 
 
-def search_each(search: Callable[[int], R], indices: Sequence[int]) -> list[tuple[R, float]]:
-    """``search`` of every prompt (by its index in the attacked list), with its seconds. The searches are
-    independent (each seeded by its prompt), so under a launcher each process runs a block of them and all
-    get every result (``Processes.map_items``). Within ``journal.resumable`` (``run_attack`` into a folder),
-    each search is written to the journal as it ends, and the prompts the journal holds are read back, not
-    searched again: a killed attack resumes where it stopped."""
+def search_in_batches(
+    search: Callable[[list[int]], Sequence[R]], indices: Sequence[int], size: int
+) -> list[tuple[R, float]]:
+    """``search`` of every prompt (by its index in the attacked list), ``size`` prompts per call, with each
+    prompt's seconds (its equal share of its batch's). The batches are fixed blocks of ``indices`` and the
+    searches independent (each seeded by its prompt), so under a launcher each process runs a block of
+    batches and all get every result (``Processes.map_items``). Within ``journal.resumable`` (``run_attack``
+    into a folder), each search is written to the journal as its batch ends, and a batch whose prompts the
+    journal all holds is read back, not searched again: a killed attack resumes where it stopped. A batch
+    the journal holds only in part is searched whole again, so that it finds what it found the first time."""
     journal = search_journal()
     processes = init_processes()
     # The main process's reading on every process: all must search the same prompts.
     done = {} if journal is None else processes.on_main(lambda: journal.read(indices))
 
-    def timed(index: int) -> tuple[R, float]:
+    def timed(batch: list[int]) -> list[tuple[R, float]]:
         started = time.time()
-        found = search(index)
-        seconds = time.time() - started
+        found = list(search(batch))
+        if len(found) != len(batch):
+            raise DarkMinerError(f"a search returned {len(found)} results for {len(batch)} prompts")
+        seconds = (time.time() - started) / len(batch)
         if journal is not None:  # by the process that searched it: its work survives a kill of the others
-            journal.write(index, found, seconds)
-        return found, seconds
+            for index, one in zip(batch, found, strict=True):
+                journal.write(index, one, seconds)
+        return [(one, seconds) for one in found]
 
-    todo = [i for i in indices if i not in done]
-    fresh = dict(zip(todo, processes.map_items(timed, todo), strict=True))
-    return [done[i] if i in done else fresh[i] for i in indices]
+    batches = [list(indices[start : start + size]) for start in range(0, len(indices), size)]
+    todo = [batch for batch in batches if not all(i in done for i in batch)]
+    fresh = {i: result for batch, results in zip(todo, processes.map_items(timed, todo), strict=True)
+             for i, result in zip(batch, results, strict=True)}
+    return [fresh[i] if i in fresh else done[i] for i in indices]
 
 
 # ------------------------------------------------------------------------------ per-prompt attacks
+@dataclass
+class PromptwiseConfig(AttackConfig):
+    # Prompts whose searches run together, one batched UNet call per step (each keeps its own randomness,
+    # optimiser state, loss and early stop, so a prompt's search does not depend on the others' but for
+    # the rounding of batched arithmetic). 1 = the authors' one-prompt-at-a-time loop.
+    search_batch: int = 1
+
+    def validate(self) -> None:
+        check_positive(self, search_batch=self.search_batch)
+
+
 class PromptwiseAttack(Attack):
     """An attack that searches each prompt on its own, toward a target image of it, once the goal is checked:
     a prompt whose own text already makes the attacked model draw the concept is not attacked (it counts as
-    broken either way, as the UnlearnDiffAtk authors count). Each result's ``seconds`` is its share of the
-    unattacked judging and of the target drawing, plus its own search."""
+    broken either way, as the UnlearnDiffAtk authors count). ``search_batch`` prompts are searched side by
+    side. Each result's ``seconds`` is its share of the unattacked judging, of the target drawing and of its
+    batch's search."""
 
+    config_class: ClassVar[type[AttackConfig]] = PromptwiseConfig
     unattacked_extra: ClassVar[dict[str, int]] = {}  # what a result records where no budget was spent
 
     def run(
@@ -158,7 +202,10 @@ class PromptwiseAttack(Attack):
             # The targets above are drawn whole by every process, in one process's batches (and again on a
             # resume), so that a search shared out or resumed finds what it finds in one uninterrupted process.
             aim = dict(zip(todo, targets, strict=True))
-            searched = search_each(lambda i: self.search(model, original, prompts[i], aim[i], success), todo)
+            searched = search_in_batches(
+                lambda batch: self.search(model, original, [prompts[i] for i in batch], [aim[i] for i in batch],
+                                          success),
+                todo, self.config.search_batch)
             for i, (found, seconds) in zip(todo, searched, strict=True):
                 found.seconds = shared + drawn + seconds
                 results[i] = found
@@ -177,7 +224,8 @@ class PromptwiseAttack(Attack):
 
     @abstractmethod
     def search(
-        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
-        success: SuccessFn,
-    ) -> AttackResult:
-        """Search one prompt that the attacked model does not draw the concept for."""
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt],
+        x0s: Sequence[torch.Tensor], success: SuccessFn,
+    ) -> list[AttackResult]:
+        """Search, side by side, prompts that the attacked model does not draw the concept for, each toward its
+        target latents (1, C, H, W)."""

@@ -24,21 +24,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from darkminer.attacks.base import AttackConfig, AttackPrompt, AttackResult, SuccessFn, register_attack
-from darkminer.attacks.soft_prompt import (
-    PromptwiseAttack,
-    judge_conditions,
-    original_images,
-)
+from darkminer.attacks.base import AttackPrompt, AttackResult, SuccessFn, register_attack
+from darkminer.attacks.soft_prompt import PromptwiseAttack, PromptwiseConfig, original_images, still_failing
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel, host_to_device
-from darkminer.models.objectives import denoising_loss
-from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, prompt_token_ids
+from darkminer.models.objectives import denoising_losses
+from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, encode_slotted, prompt_token_ids
 from darkminer.parallel.speed import gradient_scaler
 
 
 @dataclass
-class UnlearnDiffConfig(AttackConfig):
+class UnlearnDiffConfig(PromptwiseConfig):
     k: int = 5  # adversarial tokens
     iterations: int = 40  # optimiser steps per round (authors' `iteration`)
     rounds: int = 50  # timesteps attacked in sequence, each followed by a judged generation (authors' n_samples)
@@ -47,6 +43,7 @@ class UnlearnDiffConfig(AttackConfig):
     insertion: str = "prefix"  # prefix (authors' prefix_k) or suffix (suffix_k)
 
     def validate(self) -> None:
+        super().validate()
         check_positive(self, k=self.k, iterations=self.iterations, rounds=self.rounds, learning_rate=self.learning_rate)
         check_non_negative(self, weight_decay=self.weight_decay)
         check_choice(self, "insertion", self.insertion, ("prefix", "suffix"))
@@ -97,44 +94,54 @@ class UnlearnDiffAtk(PromptwiseAttack):
         return model.images_to_latents(original_images(model, original, prompts)).split(1)
 
     def search(
-        self, model: DiffusionModel, original: DiffusionModel | None, prompt: AttackPrompt, x0: torch.Tensor,
-        success: SuccessFn,
-    ) -> AttackResult:
+        self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt],
+        x0s: Sequence[torch.Tensor], success: SuccessFn,
+    ) -> list[AttackResult]:
         cfg: UnlearnDiffConfig = self.config  # type: ignore[assignment]
-        content = prompt_token_ids(model, prompt.text)
-        slots = [SLOT] * cfg.k
-        slotted = build_slotted(model, [slots + content if cfg.insertion == "prefix" else content + slots])
+        slotted = [build_slotted(model, [self._row(prompt_token_ids(model, p.text))]) for p in prompts]
         vocabulary = allowed_token_ids(model)
         table = model.token_embedding.weight.detach()[vocabulary]
-        generator = self.generator(prompt)
-        probs = torch.full((cfg.k, len(vocabulary)), 1.0 / len(vocabulary), device=table.device, requires_grad=True)
-        optimizer = torch.optim.Adam([probs], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        generators = [self.generator(p) for p in prompts]
+        # One distribution per prompt, each its own parameter: Adam's state and weight decay are per element,
+        # and a finished search (no gradient) is left as it is.
+        probs = [torch.full((cfg.k, len(vocabulary)), 1.0 / len(vocabulary), device=table.device, requires_grad=True)
+                 for _ in prompts]
+        optimizer = torch.optim.Adam(probs, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scaler = gradient_scaler(model)
-        rounds, after, ids = 0, False, slotted.input_ids
+        rounds, after, ids = [0] * len(prompts), [False] * len(prompts), [rows.input_ids for rows in slotted]
+        searching = list(range(len(prompts)))
         for t in attack_timesteps(model.num_train_timesteps, cfg.rounds):
-            timestep = host_to_device(torch.tensor([t]), model.device)
+            timestep = host_to_device(torch.tensor([t] * len(searching)), model.device)
+            x0 = torch.cat([x0s[i] for i in searching])
             for _ in range(cfg.iterations):
                 optimizer.zero_grad()
-                one_hot = _SampleStraightThrough.apply(probs, generator, scaler.get_scale())
-                noise = host_to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype)
-                loss = denoising_loss(model, x0, slotted.encode(model, one_hot.to(table.dtype) @ table), timestep, noise)
+                one_hots = [_SampleStraightThrough.apply(probs[i], generators[i], scaler.get_scale()) for i in searching]
+                noise = torch.cat([host_to_device(torch.randn(x0s[i].shape, generator=generators[i]), x0.device, x0.dtype)
+                                   for i in searching])
+                cond = encode_slotted(model, [slotted[i] for i in searching],
+                                      [one_hot.to(table.dtype) @ table for one_hot in one_hots])
+                loss = denoising_losses(model, x0, cond, timestep, noise).sum()
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 with torch.no_grad():
-                    probs.copy_(project_to_simplex(probs))
-            rounds += 1
-            ids = slotted.with_tokens(vocabulary[probs.detach().argmax(dim=-1)])
-            with torch.no_grad():
-                after = judge_conditions(model, model.encode_ids(ids), [prompt], success)[0]
-            if after:
+                    for i in searching:
+                        probs[i].copy_(project_to_simplex(probs[i]))
+            for i in searching:
+                rounds[i] += 1
+                ids[i] = slotted[i].with_tokens(vocabulary[probs[i].detach().argmax(dim=-1)])
+            searching = still_failing(model, searching, ids, prompts, success, after)
+            if not searching:
                 break
-        return AttackResult(
-            prompt=prompt,
-            adversarial_text=model.decode_ids(ids)[0],
-            success_before=False,
-            success_after=after,
-            input_ids=ids[0].tolist(),
-            extra={"rounds": rounds, "iterations": rounds * cfg.iterations},
-        )
+        return [
+            AttackResult(prompt=prompt, adversarial_text=model.decode_ids(ids[i])[0], success_before=False,
+                         success_after=after[i], input_ids=ids[i][0].tolist(),
+                         extra={"rounds": rounds[i], "iterations": rounds[i] * cfg.iterations})
+            for i, prompt in enumerate(prompts)
+        ]
 
+    def _row(self, content: list[int]) -> list[int | None]:
+        """The prompt's tokens with ``k`` slots before or after them."""
+        cfg: UnlearnDiffConfig = self.config  # type: ignore[assignment]
+        slots: list[int | None] = [SLOT] * cfg.k
+        return slots + content if cfg.insertion == "prefix" else content + slots

@@ -23,9 +23,27 @@ def denoising_loss(
 ) -> torch.Tensor:
     """|| eps - eps_theta(x_t | cond, t) ||^2 (adapter on): low when ``cond`` explains ``x0``. What the
     attacks minimise over prompts and Dark Miner's mining over embeddings."""
+    return F.mse_loss(*_prediction_and_target(model, x0, cond, t, noise))
+
+
+def denoising_losses(
+    model: DiffusionModel, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """:func:`denoising_loss` of each row (B,): for independent searches run as one batch."""
+    return row_mse(*_prediction_and_target(model, x0, cond, t, noise))
+
+
+def _prediction_and_target(
+    model: DiffusionModel, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     x_t = model.add_noise(x0, noise, t)
-    prediction = model.eps(x_t, t, cond)
-    return F.mse_loss(prediction.float(), noise_target(model, x0, noise, t).float())
+    return model.eps(x_t, t, cond).float(), noise_target(model, x0, noise, t).float()
+
+
+def row_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of each row (B,). Row by row, so that a row's value (and its gradient) is the
+    one it has alone, to the bit: the sum of the rows is the loss of a batch of independent searches."""
+    return torch.stack([F.mse_loss(p, q) for p, q in zip(prediction, target, strict=True)])
 
 
 def draw_noise_and_timesteps(

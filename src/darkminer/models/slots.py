@@ -55,6 +55,15 @@ class SlottedPrompts:
         return self.input_ids.scatter(1, self.slots.to(self.input_ids.device), token_ids)
 
 
+def encode_slotted(
+    model: DiffusionModel, slotted: Sequence[SlottedPrompts], values: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Conditioning states of several slotted prompts, each with its own values (and slot count), in one
+    text-encoder call: the rows of each, in order."""
+    embeds = torch.cat([rows.embeddings(model, v) for rows, v in zip(slotted, values, strict=True)])
+    return model.encode_embeddings(embeds, torch.cat([rows.input_ids for rows in slotted]))
+
+
 def bos_id(model: DiffusionModel) -> int:
     return int(model.tokenize([""])[0, 0])
 
