@@ -268,22 +268,26 @@ def _syncs_per_step(bench: Bench, run: Callable[[int], object], extra: int) -> f
 
 
 def attack_section(model: StableDiffusionModel, bench: Bench, rows: dict, extra: int) -> None:
-    """One UnlearnDiffAtk iteration (the authors' k=5 tokens over the whole vocabulary).
+    """One UnlearnDiffAtk iteration (the authors' k=5 tokens over the whole vocabulary), for one prompt and
+    per prompt of four searched side by side (``search_batch`` 4: one UNet call at batch 4 per iteration).
 
-    Each run also draws and judges three images (unattacked, target, after the round); they are drawn
-    with one DDIM step here, so that their time, noise included, does not swamp the difference.
+    Each run also draws and judges three images per prompt (unattacked, target, after the round); they are
+    drawn with one DDIM step here, so that their time, noise included, does not swamp the difference.
     """
     model.default_sampling = dataclasses.replace(model.default_sampling, steps=1)
     target = resolve_target(model, CONCEPT)
-    prompt = [AttackPrompt(f"a photo of {CONCEPT}", seed=0)]
 
     def never(images: torch.Tensor) -> torch.Tensor:
         return torch.zeros(images.shape[0], dtype=torch.bool)
 
-    def attack(iterations: int) -> None:
-        UnlearnDiffAtk(UnlearnDiffConfig(rounds=1, iterations=iterations)).run(model, target, prompt, never)
+    def attack(iterations: int, n_prompts: int = 1) -> None:
+        prompts = [AttackPrompt(f"a photo of {CONCEPT}", seed=seed) for seed in range(n_prompts)]
+        config = UnlearnDiffConfig(rounds=1, iterations=iterations, search_batch=n_prompts)
+        UnlearnDiffAtk(config).run(model, target, prompts, never)
 
     rows["UnlearnDiffAtk iteration (k=5)"] = bench.per_step(attack, extra)
+    four = bench.per_step(lambda iterations: attack(iterations, n_prompts=4), extra)
+    rows["UnlearnDiffAtk iteration (k=5), per prompt of 4 searched side by side"] = Timing(four.seconds / 4, four.peak_mib)
 
 
 def esd_section(model: StableDiffusionModel, bench: Bench, rows: dict, extra: int) -> dict:

@@ -318,14 +318,20 @@ def test_simplex_projection_matches_the_definition():
 
 
 def test_straight_through_clips_the_true_gradient_and_lets_an_overflow_reach_the_scaler():
-    probs = torch.full((1, 4), 0.25, requires_grad=True)
+    probs = torch.full((1, 1, 4), 0.25, requires_grad=True)
     for scale in (1.0, 2.0**10):
         probs.grad = None
-        one_hot = unlearndiff_module._SampleStraightThrough.apply(probs, torch.Generator().manual_seed(0), scale)
+        one_hot = unlearndiff_module._SampleStraightThrough.apply(probs, [torch.Generator().manual_seed(0)], scale)
         assert one_hot.sum() == 1
-        one_hot.backward(torch.tensor([[3.0, -0.5, float("inf"), -3.0]]) * scale)
-        expected = torch.tensor([[1.0, -0.5, float("inf"), -1.0]]) * scale  # [-1, 1] on the unscaled gradient
+        one_hot.backward(torch.tensor([[[3.0, -0.5, float("inf"), -3.0]]]) * scale)
+        expected = torch.tensor([[[1.0, -0.5, float("inf"), -1.0]]]) * scale  # [-1, 1] on the unscaled gradient
         assert torch.equal(probs.grad, expected)
+    # Each search draws from its own distribution with its own generator: as it draws alone.
+    probs = torch.softmax(torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
+    together = unlearndiff_module._SampleStraightThrough.apply(probs, [torch.Generator().manual_seed(s) for s in range(3)], 1.0)
+    for b in range(3):
+        alone = unlearndiff_module._SampleStraightThrough.apply(probs[b : b + 1], [torch.Generator().manual_seed(b)], 1.0)
+        assert torch.equal(together[b : b + 1], alone)
 
 
 def test_unlearndiff_timesteps_are_the_authors():

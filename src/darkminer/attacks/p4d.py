@@ -112,15 +112,13 @@ class Prompting4Debugging(PromptwiseAttack):
         after, ids, done = [False] * len(prompts), [rows.input_ids for rows in slotted], [0] * len(prompts)
         searching = list(range(len(prompts)))
         for step in range(cfg.iterations):
-            projected = self._project(model, [soft[i] for i in searching])
+            projected = dict(zip(searching, self._project(model, [soft[i] for i in searching]), strict=True))
             if step % cfg.eval_every == 0:
-                for i, (_, token_ids) in zip(searching, projected, strict=True):
-                    ids[i] = slotted[i].with_tokens(token_ids)
-                still = still_failing(model, searching, ids, prompts, success, after)
-                if not still:
+                for i in searching:
+                    ids[i] = slotted[i].with_tokens(projected[i][1])
+                searching = still_failing(model, searching, ids, prompts, success, after)
+                if not searching:
                     break
-                projected = [projected[searching.index(i)] for i in still]
-                searching = still
             optimizer.zero_grad()
             noises, timesteps = zip(*(draw_noise_and_timesteps(model, x0s[i], generators[i]) for i in searching),
                                     strict=True)
@@ -128,7 +126,7 @@ class Prompting4Debugging(PromptwiseAttack):
             x_t = model.add_noise(x0, noise, t)
             with torch.no_grad():
                 wanted = teacher_eps(model, original, x_t, t, torch.cat([prompt_conds[i] for i in searching]))
-            cond = encode_slotted(model, [slotted[i] for i in searching], [values for values, _ in projected])
+            cond = encode_slotted(model, [slotted[i] for i in searching], [projected[i][0] for i in searching])
             loss = row_mse(model.eps(x_t, t, cond).float(), wanted.float()).sum()
             scaler.scale(loss).backward()
             scaler.step(optimizer)

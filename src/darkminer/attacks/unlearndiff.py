@@ -60,15 +60,18 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
 
 
 class _SampleStraightThrough(torch.autograd.Function):
-    """One-hot token draws from each row's distribution; the gradient passes through clipped to [-1, 1]
-    (to [-scale, scale] under a loss scale, so that the clip acts on the true gradient; an inf/NaN passes
-    as it is, for the scaler to skip the step)."""
+    """One-hot token draws from each row of each search's distributions (B, k, V), search ``b`` drawing
+    from ``generators[b]`` on the host (one transfer for the batch); the gradient passes through clipped to
+    [-1, 1] (to [-scale, scale] under a loss scale, so that the clip acts on the true gradient; an inf/NaN
+    passes as it is, for the scaler to skip the step)."""
 
     @staticmethod
-    def forward(ctx: Any, probs: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, probs: torch.Tensor, generators: list[torch.Generator], scale: float) -> torch.Tensor:
         ctx.scale = scale
-        draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-        return torch.nn.functional.one_hot(draws, probs.shape[-1]).to(probs)
+        host = probs.detach().cpu()
+        draws = torch.stack([torch.multinomial(rows, 1, generator=generator).squeeze(-1)
+                             for rows, generator in zip(host, generators, strict=True)])
+        return torch.nn.functional.one_hot(draws.to(probs.device), probs.shape[-1]).to(probs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -115,11 +118,11 @@ class UnlearnDiffAtk(PromptwiseAttack):
             x0 = torch.cat([x0s[i] for i in searching])
             for _ in range(cfg.iterations):
                 optimizer.zero_grad()
-                one_hots = [_SampleStraightThrough.apply(probs[i], generators[i], scaler.get_scale()) for i in searching]
+                one_hots = _SampleStraightThrough.apply(torch.stack([probs[i] for i in searching]),
+                                                        [generators[i] for i in searching], scaler.get_scale())
                 noise = torch.cat([host_to_device(torch.randn(x0s[i].shape, generator=generators[i]), x0.device, x0.dtype)
                                    for i in searching])
-                cond = encode_slotted(model, [slotted[i] for i in searching],
-                                      [one_hot.to(table.dtype) @ table for one_hot in one_hots])
+                cond = encode_slotted(model, [slotted[i] for i in searching], (one_hots.to(table.dtype) @ table).unbind())
                 loss = denoising_losses(model, x0, cond, timestep, noise).sum()
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
