@@ -1,6 +1,7 @@
 """What searching several prompts side by side (``search_batch``) buys UnlearnDiffAtk and P4D, and what it
 changes in what they find.
 
+    .venv/bin/darkminer demo --out runs/demo   # its cells/esd-x/blood/erased is the model attacked below
     .venv/bin/python benchmarks/search_batch.py --erased runs/demo/cells/esd-x/blood/erased \\
         --out benchmarks/results/search_batch_cpu.json
 
@@ -8,7 +9,8 @@ Runs each attack (the demo's budgets by default) on the same ``--n-prompts`` dir
 against the erased testbed model, once per ``search_batch`` and per repeat, the batch sizes in alternating
 order from one repeat to the next (so that a drift of the host's speed does not favour one). Reports each
 run's wall time (the whole attack: unattacked judging, target drawing and the searches) and, against
-``search_batch`` 1, how many prompts got the same adversarial prompt and how many were broken.
+``search_batch`` 1, how many prompts got the same adversarial prompt (in every repeat) and how many were
+broken.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def main() -> None:
     model = load_model("testbed", erased=args.erased)
 
     seconds: dict[tuple[str, int], list[float]] = {}
-    found: dict[tuple[str, int], list[tuple[str, bool]]] = {}
+    found: dict[tuple[str, int], list[list[tuple[str, bool]]]] = {}  # per repeat, per prompt
     for repeat in range(args.repeats):
         for batch in batches if repeat % 2 == 0 else batches[::-1]:
             for name in args.attacks.split(","):
@@ -65,19 +67,21 @@ def main() -> None:
                 started = time.perf_counter()
                 results = attack.run(model, target, prompts, success)
                 seconds.setdefault((name, batch), []).append(time.perf_counter() - started)
-                found[(name, batch)] = [(r.adversarial_text, r.success) for r in results]
+                found.setdefault((name, batch), []).append([(r.adversarial_text, r.success) for r in results])
                 print(f"repeat {repeat} {name} search_batch {batch}: {seconds[(name, batch)][-1]:.1f} s, "
-                      f"broken {sum(ok for _, ok in found[(name, batch)])}/{len(prompts)}", flush=True)
+                      f"broken {sum(r.success for r in results)}/{len(prompts)}", flush=True)
 
     rows = []
     for name in args.attacks.split(","):
         reference = statistics.median(seconds[(name, 1)])
         for batch in batches:
-            same = sum(a == b for a, b in zip(found[(name, batch)], found[(name, 1)], strict=True))
+            reference_found = found[(name, 1)][0]
+            same = sum(all(run[i] == reference_found[i] for run in found[(name, batch)]) for i in range(len(prompts)))
             rows.append({"attack": name, "search_batch": batch, "seconds": [round(s, 1) for s in seconds[(name, batch)]],
                          "median_seconds": round(statistics.median(seconds[(name, batch)]), 1),
                          "speed_up": round(reference / statistics.median(seconds[(name, batch)]), 2),
-                         "same_prompt_as_batch_1": same, "broken": sum(ok for _, ok in found[(name, batch)])})
+                         "same_prompt_as_batch_1": same,
+                         "broken": [sum(ok for _, ok in run) for run in found[(name, batch)]]})
     record = {"erased": str(args.erased), "concept": args.concept, "n_prompts": args.n_prompts,
               "threads": args.threads, "repeats": args.repeats, "budgets": {n: DEMO_BUDGETS[n] for n in args.attacks.split(",")},
               "torch": torch.__version__, "rows": rows}
@@ -86,7 +90,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['attack']} | {r['search_batch']} | {r['median_seconds']} | {r['speed_up']}x | "
-              f"{r['same_prompt_as_batch_1']}/{args.n_prompts} | {r['broken']}/{args.n_prompts} |")
+              f"{r['same_prompt_as_batch_1']}/{args.n_prompts} | "
+              f"{', '.join(f'{n}/{args.n_prompts}' for n in r['broken'])} |")
 
 
 if __name__ == "__main__":

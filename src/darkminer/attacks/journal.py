@@ -1,6 +1,6 @@
 """What a running attack keeps in its work directory so that a killed one resumes (``run_attack`` opens
-it with ``resumable``): each per-prompt search as soon as it ends, one file per prompt (``SearchJournal``,
-read and written by ``search_in_batches``), and CCE's training state every ``checkpoint_every`` steps.
+it with ``resumable``): each per-prompt search as soon as its batch ends, one file per prompt
+(``SearchJournal``, read and written by ``search_in_batches``), and CCE's training state every ``checkpoint_every`` steps.
 
 A search is keyed by the prompt's place in the attacked list, which the work directory's record pins (a
 resume with other prompts, another attack or config is refused before anything is read).

@@ -164,7 +164,8 @@ def search_in_batches(
 class PromptwiseConfig(AttackConfig):
     # Prompts whose searches run together, one batched UNet call per step (each keeps its own randomness,
     # optimiser state, loss and early stop, so a prompt's search does not depend on the others' but for
-    # the rounding of batched arithmetic). 1 = the authors' one-prompt-at-a-time loop.
+    # the rounding of batched arithmetic, and under fp16 the one loss scaler: an overflow skips the batch's
+    # step). 1 = the authors' one-prompt-at-a-time loop.
     search_batch: int = 1
 
     def validate(self) -> None:
@@ -202,10 +203,11 @@ class PromptwiseAttack(Attack):
             # The targets above are drawn whole by every process, in one process's batches (and again on a
             # resume), so that a search shared out or resumed finds what it finds in one uninterrupted process.
             aim = dict(zip(todo, targets, strict=True))
+            cfg: PromptwiseConfig = self.config  # type: ignore[assignment]
             searched = search_in_batches(
                 lambda batch: self.search(model, original, [prompts[i] for i in batch], [aim[i] for i in batch],
                                           success),
-                todo, self.config.search_batch)
+                todo, cfg.search_batch)
             for i, (found, seconds) in zip(todo, searched, strict=True):
                 found.seconds = shared + drawn + seconds
                 results[i] = found

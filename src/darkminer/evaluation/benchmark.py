@@ -54,7 +54,8 @@ CELLS = "cells"  # cells/METHOD/CONCEPT/{erased,evaluation}
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
 # rounds, ESD-x at its testbed rate (docs/methods.md), every attack cut from the authors' GPU budgets, 32
-# images per prompt set, 4 attacked prompts.
+# images per prompt set, 4 attacked prompts, searched side by side (search_batch; docs/attacks.md: the
+# same adversarial prompts and table, in less time).
 _CPU_BUDGETS: dict[str, Any] = {
     "model": "testbed",
     "concepts": ["blood"],
@@ -65,8 +66,8 @@ _CPU_BUDGETS: dict[str, Any] = {
         "n_images": 32,
         "attack_prompts": 4,
         "attack_configs": {
-            "unlearndiff": {"iterations": 40, "rounds": 2},
-            "p4d": {"iterations": 50, "eval_every": 25},
+            "unlearndiff": {"iterations": 40, "rounds": 2, "search_batch": 4},
+            "p4d": {"iterations": 50, "eval_every": 25, "search_batch": 4},
             "ringabell": {"population": 32, "generations": 20},
             "cce": {"steps": 150},
         },
@@ -85,7 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ALL,
         "concepts": concept_names(),
         "attacks": ALL,
-        "evaluation": {"n_images": 128, "attack_prompts": 32},
+        "evaluation": {"n_images": 128, "attack_prompts": 32,
+                       "attack_configs": {"unlearndiff": {"search_batch": 8}, "p4d": {"search_batch": 8}}},
     },
 }
 
