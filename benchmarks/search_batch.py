@@ -26,13 +26,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from darkminer.attacks.base import AttackPrompt, build_attack
+from darkminer.attacks.base import AttackPrompt, SuccessFn, build_attack
 from darkminer.evaluation import concept_detector
 from darkminer.evaluation.benchmark import PRESETS
 from darkminer.models import load_model
-from darkminer.targets import resolve_target
+from darkminer.models.base import DiffusionModel
+from darkminer.targets import EraseTarget, resolve_target
 
-DEMO_BUDGETS: dict[str, dict] = PRESETS["demo"]["evaluation"]["attack_configs"]
+
+def demo_budget(name: str) -> dict:
+    """The demo preset's budget of attack ``name``, without its ``search_batch`` (which these scripts set)."""
+    return {k: v for k, v in PRESETS["demo"]["evaluation"]["attack_configs"][name].items() if k != "search_batch"}
+
+
+def attacked_setup(
+    erased: str, concept: str, n_prompts: int, prompt_seed: int = 1
+) -> tuple[DiffusionModel, EraseTarget, SuccessFn, list[AttackPrompt]]:
+    """The erased testbed model, the concept's target and detector, and its first ``n_prompts`` direct prompts
+    of ``prompt_seed`` (seed 1's: CCE draws its training images from seed 0's)."""
+    base = load_model("testbed")
+    target = resolve_target(base, concept, seed=0)
+    prompts = [AttackPrompt(p.text, p.seed) for p in target.testbed_concept.direct_prompts(n_prompts, prompt_seed)]
+    return load_model("testbed", erased=erased), target, concept_detector(base, target), prompts
 
 
 def main() -> None:
@@ -52,18 +67,14 @@ def main() -> None:
     if batches[0] != 1:
         raise SystemExit("--batches must start with 1, the reference the others are compared with")
 
-    base = load_model("testbed")
-    target = resolve_target(base, args.concept, seed=0)
-    success = concept_detector(base, target)
-    prompts = [AttackPrompt(p.text, p.seed) for p in target.testbed_concept.direct_prompts(args.n_prompts, args.prompt_seed)]
-    model = load_model("testbed", erased=args.erased)
+    model, target, success, prompts = attacked_setup(args.erased, args.concept, args.n_prompts, args.prompt_seed)
 
     seconds: dict[tuple[str, int], list[float]] = {}
     found: dict[tuple[str, int], list[list[tuple[str, bool]]]] = {}  # per repeat, per prompt
     for repeat in range(args.repeats):
         for batch in batches if repeat % 2 == 0 else batches[::-1]:
             for name in args.attacks.split(","):
-                attack = build_attack(name, {**DEMO_BUDGETS[name], "search_batch": batch})
+                attack = build_attack(name, {**demo_budget(name), "search_batch": batch})
                 started = time.perf_counter()
                 results = attack.run(model, target, prompts, success)
                 seconds.setdefault((name, batch), []).append(time.perf_counter() - started)
@@ -83,7 +94,7 @@ def main() -> None:
                          "same_prompt_as_batch_1": same,
                          "broken": [sum(ok for _, ok in run) for run in found[(name, batch)]]})
     record = {"erased": str(args.erased), "concept": args.concept, "n_prompts": args.n_prompts,
-              "threads": args.threads, "repeats": args.repeats, "budgets": {n: DEMO_BUDGETS[n] for n in args.attacks.split(",")},
+              "threads": args.threads, "repeats": args.repeats, "budgets": {n: demo_budget(n) for n in args.attacks.split(",")},
               "torch": torch.__version__, "rows": rows}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print("| attack | search_batch | seconds (median) | speed-up | same prompt as 1 | broken |")

@@ -1,5 +1,6 @@
-"""What UnlearnDiffAtk, P4D-N and P4D-K find, prompt by prompt, at the demo's budgets: to check that a change
-of the search code (or of ``search_batch``) finds the same adversarial prompts as before.
+"""What UnlearnDiffAtk, P4D-N and P4D-K find, prompt by prompt, at the demo's budgets (one prompt at a time
+unless ``--options`` sets ``search_batch``): to check that a change of the search code (or of
+``search_batch``) finds the same adversarial prompts as before.
 
     .venv/bin/python benchmarks/search_batch_check.py --erased runs/demo/cells/esd-x/blood/erased \\
         --options '{"search_batch": 4}' --out runs/check-b4.json
@@ -25,23 +26,15 @@ ATTACKS = {"unlearndiff": ("unlearndiff", {}), "p4d-n": ("p4d", {}), "p4d-k": ("
 
 def dump(args: argparse.Namespace) -> None:
     import torch
+    from search_batch import attacked_setup, demo_budget
 
-    from darkminer.attacks.base import AttackPrompt, build_attack
-    from darkminer.evaluation import concept_detector
-    from darkminer.evaluation.benchmark import PRESETS
-    from darkminer.models import load_model
-    from darkminer.targets import resolve_target
+    from darkminer.attacks.base import build_attack
 
     torch.set_num_threads(args.threads)
-    budgets = PRESETS["demo"]["evaluation"]["attack_configs"]
-    base = load_model("testbed")
-    target = resolve_target(base, args.concept, seed=0)
-    success = concept_detector(base, target)
-    prompts = [AttackPrompt(p.text, p.seed) for p in target.testbed_concept.direct_prompts(args.n_prompts, 1)]
-    model = load_model("testbed", erased=args.erased)
+    model, target, success, prompts = attacked_setup(args.erased, args.concept, args.n_prompts)
     record: dict = {"erased": args.erased, "options": json.loads(args.options), "attacks": {}}
     for label, (name, variant) in ATTACKS.items():
-        attack = build_attack(name, {**budgets[name], **variant, **record["options"]})
+        attack = build_attack(name, {**demo_budget(name), **variant, **record["options"]})
         started = time.perf_counter()
         results = attack.run(model, target, prompts, success)
         record["attacks"][label] = {

@@ -98,20 +98,14 @@ def judge_conditions(
 
 
 @torch.no_grad()
-def judge_ids(
-    model: DiffusionModel, ids: Sequence[torch.LongTensor], prompts: Sequence[AttackPrompt], success: SuccessFn
-) -> list[bool]:
-    """Whether the attacked model draws the concept for each hard prompt's ids (1, L), in one batch."""
-    return judge_conditions(model, model.encode_ids(torch.cat(list(ids))), prompts, success)
-
-
 def still_failing(
     model: DiffusionModel, searching: list[int], ids: list[torch.LongTensor], prompts: Sequence[AttackPrompt],
     success: SuccessFn, after: list[bool],
 ) -> list[int]:
     """Judge the current hard prompt ``ids[i]`` of each search ``i`` in ``searching`` (one batch), record its
     verdict in ``after[i]``, and return the searches that still fail: the others stop at their success."""
-    verdicts = judge_ids(model, [ids[i] for i in searching], [prompts[i] for i in searching], success)
+    cond = model.encode_ids(torch.cat([ids[i] for i in searching]))
+    verdicts = judge_conditions(model, cond, [prompts[i] for i in searching], success)
     for i, ok in zip(searching, verdicts, strict=True):
         after[i] = ok
     return [i for i, ok in zip(searching, verdicts, strict=True) if not ok]
