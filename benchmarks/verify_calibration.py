@@ -86,12 +86,15 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=8, help="candidates per prompt kind")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--verify-steps", type=int, default=None,
+                        help="DDIM steps of the verifier's images (default: DarkMinerConfig's verify_steps)")
     parser.add_argument("--work", default="runs/verify-calibration",
                         help="cache of the pools, one folder per concept (delete it after changing the config)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tick = time.time()
-    cfg = DarkMinerConfig()  # the verifier exactly as the loop runs it: k, verify_steps, guidance, pool
+    # The verifier exactly as the loop runs it (k, verify_steps, guidance, pool), verify_steps as asked.
+    cfg = DarkMinerConfig() if args.verify_steps is None else DarkMinerConfig(verify_steps=args.verify_steps)
     concept, judge = get_concept(args.concept), Judge.load()
     models = {"original": load_model("testbed")}
     if args.erased:
@@ -100,14 +103,16 @@ def main() -> None:
     target = resolve_target(base, args.concept, seed=cfg.seed)
     pool, preserve = build_pools(base, target, cfg, Path(args.work) / args.concept)  # the loop's own pools
     encoder = load_image_encoder(base, cfg.image_encoder)
-    rows = []
+    rows, verifying = [], 0.0
     for model_name, model in models.items():
         with torch.no_grad():
             anchor = model.encode([target.anchor])
         for i, (kind, label, cond) in enumerate(candidates(model, concept, args.n, cfg, args.erased)):
             seeds = [10_000 + 100 * i + j for j in range(cfg.k)]
+            started = time.perf_counter()
             result = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps,
                             cfg.guidance_scale, contrast_images=preserve.images[: cfg.k])
+            verifying += time.perf_counter() - started
             rate = judge.has_concept(result.images, concept).float().mean().item()
             rows.append({"model": model_name, "kind": kind, "label": label, "raw": round(result.pool_score, 4),
                          "contrast": round(result.score, 4), "judge_rate": rate})
@@ -122,7 +127,7 @@ def main() -> None:
     separation = {score: auc([r[score] for r in draws], [r[score] for r in clean]) for score in ("raw", "contrast")}
     entry = {"concept": args.concept, "auc": separation, "erased": args.erased, "k": cfg.k, "verify_steps": cfg.verify_steps,
              "draws_threshold": DRAWS, "n_draws": len(draws), "n_clean": len(clean), "sweep": sweep, "rows": rows,
-             "seconds": round(time.time() - tick, 1)}
+             "seconds": round(time.time() - tick, 1), "seconds_verifying": round(verifying, 1)}
     results = read_json(args.out) if Path(args.out).is_file() else {"concepts": {}}
     results["concepts"][args.concept] = entry
     write_json(args.out, results)

@@ -15,10 +15,13 @@ import darkminer
 from darkminer.attacks.base import AttackPrompt, AttackResult
 from darkminer.attacks.io import adversarial_conditions, load_results, save_results
 from darkminer.config import Config
+from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.evaluation.evaluate import EvaluationConfig
 from darkminer.io import load_tensors, read_json, save_tensors
 from darkminer.models import load_model
 from darkminer.targets import resolve_target
+from darkminer.testbed.train_unet import UNetTrainConfig
 
 TINY_DARKMINER = {"rounds": 1, "pool_size": 2, "k": 1, "mining_steps": 1, "circumvent_steps": 1, "verify_steps": 1,
                   "pool_steps": 1, "preserve_pool_size": 2, "image_encoder": "tiny-random-clip"}
@@ -109,6 +112,25 @@ def test_config_values_are_checked_inside_containers_and_seeds_in_range(options,
     with pytest.raises(ConfigError, match=message):
         _Options.from_dict(options)
     assert _Options.from_dict({"seed": 2**32 - 1, "names": ["a"], "weights": {"a": 1}, "pair": [3, "b"]}).pair == [3, "b"]
+
+
+@pytest.mark.parametrize(("config", "bad", "message", "good"), [
+    # tau beyond the verifier score's range would silently pass every round, or none
+    (DarkMinerConfig, {"tau": 1.5}, "tau must lie in \\[-1, 1\\]", {"tau": 1.0}),
+    (DarkMinerConfig, {"tau": -2.5, "verify_contrast": True}, "tau must lie in \\[-2, 2\\]",
+     {"tau": 2.0, "verify_contrast": True}),
+    # fewer preservation images than k: the preservation term would silently get fewer rows
+    (DarkMinerConfig, {"k": 8, "preserve_pool_size": 4}, "raise preserve_pool_size",
+     {"k": 8, "preserve_pool_size": 4, "preserve_weight": 0}),
+    (EvaluationConfig, {"clip_negatives": []}, "clip_negatives is empty", {"clip_negatives": ["a dog"]}),
+    (EvaluationConfig, {"clip_template": "a photo of"}, "needs a \\{\\}", {"clip_template": "art by {}"}),
+    (UNetTrainConfig, {"caption_dropout": 1.0}, "caption_dropout must be in \\[0, 1\\)", {"caption_dropout": 0.0}),
+    (UNetTrainConfig, {"ema_decay": 1.0}, "ema_decay must be in \\(0, 1\\)", {"ema_decay": 0.5}),
+])
+def test_values_outside_what_a_setting_means_are_refused_and_its_edges_kept(config, bad, message, good):
+    with pytest.raises(ConfigError, match=message):
+        config(**bad)
+    assert all(getattr(config(**good), name) == value for name, value in good.items())
 
 
 @pytest.mark.parametrize(("call", "message"), [

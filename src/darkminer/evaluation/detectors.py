@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from darkminer.errors import DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.imaging import to_pil
 from darkminer.models.clip import Clip
 from darkminer.provenance import file_digest, package_version
@@ -181,6 +181,11 @@ class NudeNetDetector(ScoringDetector):
                 "threshold": self.threshold, "classes": list(self.classes)}
 
 
+def check_clip_template(template: str) -> None:
+    if "{}" not in template:
+        raise ConfigError(f"CLIP template {template!r} needs a {{}} where the concept goes")
+
+
 class ClipZeroShotDetector(ScoringDetector):
     """CLIP zero-shot: the image shows the concept if the concept's label wins over the competing labels
     (top-1 of the softmax over scaled cosines, as MACE's CLIP accuracy and the field's object classifiers)."""
@@ -190,8 +195,7 @@ class ClipZeroShotDetector(ScoringDetector):
     def __init__(
         self, clip: Clip, concept: str, negatives: Sequence[str] = DEFAULT_CLIP_NEGATIVES, template: str = DEFAULT_CLIP_TEMPLATE
     ) -> None:
-        if "{}" not in template:
-            raise DarkMinerError(f"CLIP template {template!r} needs a {{}} where the concept goes")
+        check_clip_template(template)
         labels = [template.format(concept), *negatives]
         if len(set(labels)) < 2:
             raise DarkMinerError("CLIP zero-shot needs at least one competing label besides the concept")

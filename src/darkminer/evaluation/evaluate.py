@@ -39,6 +39,7 @@ from darkminer.evaluation.detectors import (
     Detector,
     JudgeDetector,
     NudeNetDetector,
+    check_clip_template,
     clip_template_for,
     detector_kind_for,
 )
@@ -140,6 +141,11 @@ class EvaluationConfig(Config):
         if not self.nudenet_classes:  # the names themselves are checked against NudeNet's before any image
             raise ConfigError(f"EvaluationConfig.nudenet_classes (--nudenet-classes) is empty: name a class set "
                               f"({', '.join(NUDENET_CLASS_SETS)}) or NudeNet classes")
+        if self.clip_template is not None:
+            check_clip_template(self.clip_template)
+        if not self.clip_negatives:  # the concept's label alone would win on every image
+            raise ConfigError("EvaluationConfig.clip_negatives is empty: CLIP zero-shot needs competing labels "
+                              f"(the default: {list(DEFAULT_CLIP_NEGATIVES)})")
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
         unknown = sorted(set(self.attack_configs) - set(self.attacks))

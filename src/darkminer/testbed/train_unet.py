@@ -74,12 +74,14 @@ class UNetTrainConfig(Config):
             checkpoint_every=self.checkpoint_every,
             threads=self.threads,
         )
-        check_non_negative(self, warmup_steps=self.warmup_steps, caption_dropout=self.caption_dropout)
+        check_non_negative(self, warmup_steps=self.warmup_steps)
+        if not 0 <= self.caption_dropout < 1:  # a share of the captions; 1 would train on no caption at all
+            raise ConfigError(f"UNetTrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         check_choice(self, "lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
             raise ConfigError(f"init_from: {self.init_from} is not a diffusers UNet folder (no config.json)")
         if not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise ConfigError(f"UNetTrainConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 def build_caption_bank(

@@ -106,6 +106,13 @@ class DarkMinerConfig(EraserConfig):
             raise ConfigError(f"DarkMinerConfig.k ({self.k}) cannot exceed pool_size ({self.pool_size})")
         if self.verify_contrast and not self.verify:
             raise ConfigError("DarkMinerConfig.verify_contrast needs verify: true (it changes the verifier's score)")
-        if self.verify_contrast and self.k > self.preserve_pool_size:
-            raise ConfigError(f"DarkMinerConfig.verify_contrast contrasts k ({self.k}) preservation images; "
-                              f"raise preserve_pool_size ({self.preserve_pool_size}) to at least k")
+        if (self.verify_contrast or self.preserve_weight > 0) and self.k > self.preserve_pool_size:
+            raise ConfigError(f"DarkMinerConfig.k ({self.k}) exceeds preserve_pool_size ({self.preserve_pool_size}): each "
+                              "circumventing step (and a contrast verification) takes k preservation images; "
+                              "raise preserve_pool_size to at least k, or lower k")
+        # The score is a mean cosine, or with verify_contrast a difference of two. The ends of that range
+        # pass every round or none (a verifier that only logs, or a test's); beyond them tau means nothing.
+        bound = 2.0 if self.verify_contrast else 1.0
+        if not -bound <= self.tau <= bound:
+            raise ConfigError(f"DarkMinerConfig.tau must lie in [{-bound:g}, {bound:g}] (the verifier's score is "
+                              f"{'a difference of two mean cosines' if self.verify_contrast else 'a mean cosine'}), got {self.tau}")
