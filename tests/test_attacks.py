@@ -670,6 +670,8 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
     for ignored in (["--n-prompts", "1"], ["--seed", "3"], ["--config", str(tmp_path / "c.yaml")]):
         assert main(["attack", "--replay", str(first), "--concept", "blood", *ignored, "--out", str(second)]) == 2
     assert main(["attack", "--attack", "plain", "--use-text", "--concept", "blood", "--out", str(second)]) == 2
+    # blood's prompts judged for fire would read as a clean 0.000
+    assert main(["attack", "--replay", str(first), "--concept", "fire", "--out", str(second)]) == 2
     assert not second.exists()
     assert main(["attack", "--replay", str(first), "--concept", "blood", "--out", str(second)]) == 0
     replayed_meta, replayed = load_results(second)

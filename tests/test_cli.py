@@ -39,12 +39,36 @@ def test_help(argv, capsys):
                                                                             "(see `darkminer generate --help`)"),
     (["erase", "--method", "uce"], "the following arguments are required: --concept, --out"),
     (["testbed", "check"], "required: --out (see `darkminer testbed check --help`)"),
+    # a bare retrain once wrote into the package, over the shipped weights every command loads
+    (["testbed", "train", "--only", "judge"], "required: --out (see `darkminer testbed train --help`)"),
     (["bogus"], "invalid choice: 'bogus'"),
+    (["--threads", "0", "testbed", "concepts"], "--threads must be >= 1, got 0"),
 ])
 def test_usage_errors_are_one_line_too(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in _error_line(capsys)
+
+
+def test_a_reader_gone_away_stops_the_command_quietly():
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # as `darkminer testbed concepts | head -1` once head has exited
+    code = "import sys; from darkminer.cli import main; sys.exit(main(['testbed', 'concepts']))"
+    done = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
+
+
+def test_threads_sets_torchs_cpu_threads(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "testbed", "concepts"]) == 0
+        assert torch.get_num_threads() == 1 and "blood inappropriate" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_under_a_launcher_only_the_main_process_reports_and_every_process_its_errors(tmp_path, capsys, monkeypatch):
@@ -131,6 +155,7 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--prompt", " "], "the prompt is empty"),
         (["--model", "tiny-random-sd", "-n", "0"], "n (-n) must be >= 1"),
         (["--model", "tiny-random-sd", "--erased", "/no/such/erased"], "does not exist"),
+        (["--model", "tiny-random-sd", "--erased", "/proc"], "/proc is not an erased model (it has no darkminer.json)"),
         (["--model", "tiny-random-sd", "--device", "foo"], "unknown device 'foo'"),
         (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),
         (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be >= 1, got -3"),

@@ -157,6 +157,30 @@ def test_erased_unet_loads_in_plain_diffusers(method: str, erased_model) -> None
     torch.testing.assert_close(plain, model.eps(PROBE_X, PROBE_T, cond), rtol=0, atol=1e-5)
 
 
+def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_authors(tmp_path):
+    esd_x = get_eraser("esd-x")
+    authors = esd.EsdConfig()
+    assert (authors.lr, authors.iterations, authors.ddim_steps) == (1e-5, 1000, 50)
+    on_testbed = esd_x.config_for(None, "testbed")
+    assert (on_testbed.lr, on_testbed.iterations, on_testbed.ddim_steps) == (1e-3, 200, 25)
+    assert esd_x.config_for({"lr": 3e-4}, "testbed").to_dict() == {**on_testbed.to_dict(), "lr": 3e-4}
+    file = tmp_path / "esd.yaml"
+    file.write_text("iterations: 40\n")
+    assert esd_x.config_for(file, "testbed").to_dict() == {**on_testbed.to_dict(), "iterations": 40}
+    assert esd_x.config_for(authors, "testbed") is authors  # an object is complete: taken as it is
+    assert esd_x.config_for({}, "tiny-random-sd").to_dict() == authors.to_dict()
+    assert get_eraser("esd-u").config_for(None, "testbed").lr == 1e-4  # 1e-3 destroys the testbed's images
+    assert get_eraser("ca").config_for(None, "testbed").lr == 8e-4
+    assert get_eraser("uce").config_for(None, "testbed") == UceConfig()  # closed form: no rate to scale
+    with pytest.raises(ConfigError, match="unknown option"):
+        esd_x.config_for({"lrr": 1.0}, "testbed")
+    with pytest.raises(ConfigError, match="expected a EsdConfig"):
+        esd_x.config_for(UceConfig(), "testbed")
+    # erase (and so the CLI) resolves its options so, and records what ran
+    out = erase("esd-x", "blood", tmp_path / "esd", model="testbed", config={"iterations": 1})
+    assert ErasedModelInfo.read(out).config == {**on_testbed.to_dict(), "iterations": 1}
+
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [

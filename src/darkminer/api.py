@@ -108,12 +108,12 @@ def erase(
     as_speed_options(speed)  # bad options fail before the (long) load
     check_kind(kind)
     eraser_cls = get_eraser(method)
-    cfg = eraser_cls.config_class.coerce(config)  # a config of another method fails here, before the load
-    eraser = eraser_cls(cfg)
     below = None if erased is None else read_stackable(erased)
     spec = model.name if isinstance(model, DiffusionModel) else model
     if erased is not None:
         spec = erased_base(erased, spec)
+    cfg = eraser_cls.config_for(config, model_id(spec))  # a config of another method fails here, before the load
+    eraser = eraser_cls(cfg)
     cfg.check_model(model_id(spec))
     if isinstance(model, DiffusionModel):
         base = model

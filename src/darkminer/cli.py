@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="darkminer",
         description="Erase a concept from a text-to-image diffusion model so that no prompt brings it back.",
     )
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's, one per core; on a CPU shared with other "
+                             "jobs, 1 per job avoids threads stalling each other), as OMP_NUM_THREADS")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -96,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
+        if args.threads is not None:
+            if args.threads < 1:
+                parser.error(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
             _quiet_libraries()
         with _reports_from_main_process_only():
@@ -109,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # also while the libraries import, the first seconds
         print("darkminer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`darkminer testbed concepts | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush complains again
+        return 141  # 128 + SIGPIPE, as a shell reports a reader gone
     finally:
         if in_main_thread and previous is not None:  # None: a handler installed outside Python, kept
             signal.signal(signal.SIGTERM, previous)

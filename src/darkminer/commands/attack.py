@@ -90,10 +90,14 @@ def _run(args: argparse.Namespace) -> None:
         check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased)  # before loading
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
         asked = attack_sampling(args.steps, args.guidance)  # and bad sampling
+        meta, saved = load_results(args.replay)  # and a damaged replay
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
+        found_for = (meta.get("target") or {}).get("name")
+        if found_for is not None and found_for != target.name:  # else a clean-looking rate for the wrong concept
+            raise DarkMinerError(f"{args.replay} holds prompts attacked for {found_for!r}, not {target.name!r}: "
+                                 f"replay them with --concept {found_for!r}")
         success = concept_detector(model, target, config=grading)
-        meta, saved = load_results(args.replay)
         # On the attack's own base model (erased or not), drawn as the attack drew; on another model (--use-text)
         # or from an attack.json written before sampling was recorded, at the model's defaults; the flags win.
         recorded = (meta.get("sampling") or {}) if meta.get("model") == model.name else {}

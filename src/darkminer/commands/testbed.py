@@ -10,13 +10,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The embedded testbed model: list its concepts, retrain it, measure its gates.")
     tb = p.add_subparsers(dest="testbed_command", required=True, metavar="SUBCOMMAND")
 
-    c = tb.add_parser("concepts", help="one line per target concept: NAME KIND")
+    c = tb.add_parser("concepts", help="one line per target concept: NAME KIND",
+                      description="List the testbed's target concepts, one line each: NAME KIND.")
     c.set_defaults(handler=_concepts)
 
-    t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (resumable)")
+    t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (resumable)",
+                      description="Retrain the testbed's judge, image encoder and UNet from a seed into --out "
+                                  "(resumable from --work-dir; docs/testbed.md).")
     t.add_argument("--seed", type=int, default=None, help="override the recipes' seed (default: theirs)")
     t.add_argument("--work-dir", default="runs/testbed-train", help="checkpoints and caches (resume from here)")
-    t.add_argument("--out", default=None, help="weights folder (default: the package's own, replacing the shipped weights)")
+    t.add_argument("--out", required=True,
+                   help="weights folder to write (judge.safetensors, image_encoder.safetensors, unet/); the shipped "
+                        "weights are replaced only if you name their folder, darkminer/testbed/weights")
     t.add_argument("--unet-config", default="unet-stage1",
                    help="UNet training recipe: a YAML/JSON file or a shipped recipe name "
                         "(unet-stage1, unet-stage2; default unet-stage1)")
@@ -25,10 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--only", choices=("judge", "encoder", "unet"), default=None, help="train one of the three")
     t.set_defaults(handler=_train)
 
-    k = tb.add_parser("check", help="measure the testbed's gates with the judge; writes JSON")
+    k = tb.add_parser("check", help="measure the testbed's gates with the judge; writes JSON",
+                      description="Measure the testbed's gates (concept rates, speed, the ESD-x + CCE residual) "
+                                  "with the judge and write them to a JSON file (docs/testbed.md).")
     k.add_argument("--out", required=True, help="output JSON file")
     k.add_argument("-n", type=int, default=200, help="images per cell (default 200)")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=int, default=0, help="seed of the prompts and images (default 0)")
     k.add_argument("--concepts", default=None, help="comma-separated subset (default: all six)")
     k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
     k.add_argument("--cce-steps", type=int, default=None,
@@ -48,10 +55,9 @@ def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from darkminer.testbed import train_aux
-    from darkminer.testbed.model import WEIGHTS_DIR
     from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
 
-    out = Path(args.out) if args.out else WEIGHTS_DIR
+    out = Path(args.out)
     # read first: a bad recipe fails in a second, not after the judge and the encoder have trained
     config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,
                                          init_from=args.init_from) if args.only in (None, "unet") else None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from darkminer.config import Config
+from darkminer.config import Config, load_config_file
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.registry import Registry
@@ -32,6 +33,20 @@ class Eraser(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]
     config_class: ClassVar[type[EraserConfig]] = EraserConfig
+    # Defaults on the embedded testbed, over the config class's (the authors' Stable Diffusion settings),
+    # for methods whose SD settings barely erase there (docs/methods.md, "Testbed budgets").
+    testbed_config: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def config_for(cls, value: EraserConfig | Mapping[str, Any] | str | os.PathLike | None, model: str) -> EraserConfig:
+        """``value`` (as ``Config.coerce`` takes it) as this method's config on ``model`` (a model id): on
+        the testbed, options given as a mapping or a file go over ``testbed_config``; a config object is
+        complete and taken as it is."""
+        if model == "testbed" and cls.testbed_config and (value is None or isinstance(value, Mapping | str | os.PathLike)):
+            options = load_config_file(value) if isinstance(value, str | os.PathLike) else value
+            if options is None or isinstance(options, Mapping):  # else coerce's own error
+                value = {**cls.testbed_config, **(options or {})}
+        return cls.config_class.coerce(value)
 
     def __init__(self, config: EraserConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

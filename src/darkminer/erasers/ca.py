@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,8 @@ def concept_prompts(target: EraseTarget) -> list[str]:
 @register_eraser("ca", kind="unet")
 class ConceptAblation(Eraser):
     config_class = CaConfig
+    # The authors' rate x100, as ESD's testbed budget; one anchor prompt needs no 1000 images (docs/methods.md).
+    testbed_config: ClassVar[dict[str, Any]] = {"lr": 8e-4, "anchor_images": 128}
 
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: CaConfig = self.config  # type: ignore[assignment]

@@ -174,8 +174,8 @@ def train_parameters(
             raise DarkMinerError(f"{desc}: the weights became NaN/inf by iteration {len(losses)}; lower the learning rate (lr)")
 
     try:
-        for iteration in tqdm(range(start, iterations), desc=desc, initial=start, total=iterations, leave=False,
-                              disable=None):
+        # Shown in a log file too, as the sampling and Dark Miner bars are: a batch job's only sign of life.
+        for iteration in tqdm(range(start, iterations), desc=desc, initial=start, total=iterations, leave=False):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(iteration, iteration_generator(seed, iteration))
             scaler.scale(loss).backward()

@@ -161,7 +161,7 @@ class BenchmarkConfig(Config):
         if unused:
             raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
         for name in names:  # unknown names, bad options and what the model needs fail before any work
-            get_eraser(name).config_class.from_dict(self.method_configs.get(name, {})).check_model(model_id(self.model))
+            get_eraser(name).config_for(self.method_configs.get(name, {}), model_id(self.model)).check_model(model_id(self.model))
         return names
 
     def attack_names(self) -> list[str]:
@@ -277,7 +277,7 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
             cell = _cell_dir(out, method, concept)
             checks = []
             if method != ORIGINAL_METHOD and (cell / "erased" / INFO_NAME).is_file():
-                want = get_eraser(method).config_class.from_dict(cfg.method_configs.get(method, {}))
+                want = get_eraser(method).config_for(cfg.method_configs.get(method, {}), model_id(cfg.model))
                 checks.append((f"{method} options", changed(ErasedModelInfo.read(cell / "erased").config, want)))
             if (cell / "evaluation" / METRICS_NAME).is_file():
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)

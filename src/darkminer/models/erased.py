@@ -78,6 +78,9 @@ class ErasedModelInfo:
         if not (directory / INFO_NAME).exists() and (directory / "unet" / UNET_WEIGHTS).is_file():
             raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
                                  f"--erased {directory / 'unet'}, with --model naming the base it came from")
+        if not (directory / INFO_NAME).exists():
+            raise ModelLoadError(f"{directory} is not an erased model (it has no {INFO_NAME}); give a folder "
+                                 "`darkminer erase` wrote")
         data = read_json(directory / INFO_NAME)
         if not isinstance(data, dict):
             raise ModelLoadError(f"{directory / INFO_NAME} is not an erased model's record (a JSON object); re-create it")

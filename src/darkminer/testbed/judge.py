@@ -43,7 +43,7 @@ def load_trained_weights(path: Path, what: str, required: str) -> tuple[dict[str
     it stores in its metadata (which must hold ``required``); one open, one-line errors."""
     if not path.is_file():
         raise ModelLoadError(f"{what} weights not found at {path}; train them with `darkminer testbed train "
-                             f"--only {what}`, or reinstall darkminer")
+                             f"--only {what} --out {path.parent}`, or reinstall darkminer")
     tensors, metadata = load_tensors_and_metadata(path)
     try:
         config = json.loads(metadata.get("config", "{}"))
@@ -51,7 +51,7 @@ def load_trained_weights(path: Path, what: str, required: str) -> tuple[dict[str
         config = {}
     if required not in config:
         raise ModelLoadError(f"{path} has no {what} config in its metadata; retrain it with "
-                             f"`darkminer testbed train --only {what}`")
+                             f"`darkminer testbed train --only {what} --out {path.parent}`")
     return tensors, config
 
 

@@ -108,7 +108,8 @@ class TestbedModel(DiffusionModel):
         unet_dir = Path(unet_dir)
         if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
             raise ModelLoadError(
-                f"testbed weights are missing from {unet_dir}; reinstall darkminer or run `darkminer testbed train`"
+                f"testbed weights are missing from {unet_dir}; reinstall darkminer or run "
+                f"`darkminer testbed train --only unet --out {unet_dir.parent}`"
             )
         # The dtype at load time: casting afterwards with .to(dtype) makes diffusers warn on every load.
         unet = UNet2DConditionModel.from_pretrained(

@@ -88,7 +88,8 @@ class DarkMiner(Eraser):
             tqdm.write(f"resuming Dark Miner on {target.name}: {len(log)} of {cfg.rounds} rounds done, from the "
                        f"checkpoint in {work_dir / CHECKPOINT}")
         previous = mined_history[-1] if mined_history else None
-        bar = tqdm(range(len(log), cfg.rounds), desc=f"Dark Miner [{target.name}]", unit="round")
+        bar = tqdm(range(len(log), cfg.rounds), desc=f"Dark Miner [{target.name}]", unit="round", initial=len(log),
+                   total=cfg.rounds)  # a resumed run's bar goes on where it stopped
         for round_index in bar:
             if failures >= cfg.patience:
                 break
