@@ -18,7 +18,8 @@ direction score against the pool, and the contrast score (minus the same against
     python benchmarks/verify_calibration.py --concept blood --erased runs/dm-blood \
         --out benchmarks/results/verify_calibration.json --plot docs/img/verify_calibration.png
 
-Several concepts append to the same ``--out`` file (one entry per concept). The judge only grades.
+Several concepts append to the same ``--out`` file (one entry per concept; a rerun of a concept, e.g. at
+another ``--verify-steps``, replaces its entry: give each step count its own ``--out``). The judge only grades.
 """
 
 from __future__ import annotations

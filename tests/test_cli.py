@@ -57,7 +57,9 @@ def test_a_reader_gone_away_stops_the_command_quietly():
     read, write = os.pipe()
     os.close(read)  # as `darkminer testbed concepts | head -1` once head has exited
     code = "import sys; from darkminer.cli import main; sys.exit(main(['testbed', 'concepts']))"
-    done = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's usual, buffered stdout
+    done = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                          env=env)
     os.close(write)
     assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
 

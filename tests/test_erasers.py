@@ -167,6 +167,7 @@ def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_author
     file = tmp_path / "esd.yaml"
     file.write_text("iterations: 40\n")
     assert esd_x.config_for(file, "testbed").to_dict() == {**on_testbed.to_dict(), "iterations": 40}
+    assert esd_x.config_for("", "testbed") == on_testbed  # no file, as Config.from_file reads an empty path
     assert esd_x.config_for(authors, "testbed") is authors  # an object is complete: taken as it is
     assert esd_x.config_for({}, "tiny-random-sd").to_dict() == authors.to_dict()
     assert get_eraser("esd-u").config_for(None, "testbed").lr == 1e-4  # 1e-3 destroys the testbed's images

@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _quiet_libraries()
         with _reports_from_main_process_only():
             args.handler(args)
+            sys.stdout.flush()  # a pipe's buffer is written here, where a reader gone away is caught, not at exit
     except DarkMinerError as exc:
         print(f"darkminer: error: {exc}", file=sys.stderr)
         return 2

@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> None:
         meta, saved = load_results(args.replay)  # and a damaged replay
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
-        found_for = (meta.get("target") or {}).get("name")
+        recorded_target = meta.get("target")
+        found_for = recorded_target.get("name") if isinstance(recorded_target, dict) else None
         if found_for is not None and found_for != target.name:  # else a clean-looking rate for the wrong concept
             raise DarkMinerError(f"{args.replay} holds prompts attacked for {found_for!r}, not {target.name!r}: "
                                  f"replay them with --concept {found_for!r}")

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--work-dir", default="runs/testbed-train", help="checkpoints and caches (resume from here)")
     t.add_argument("--out", required=True,
                    help="weights folder to write (judge.safetensors, image_encoder.safetensors, unet/); the shipped "
-                        "weights are replaced only if you name their folder, darkminer/testbed/weights")
+                        "weights are replaced only if you name their folder (src/darkminer/testbed/weights in a checkout)")
     t.add_argument("--unet-config", default="unet-stage1",
                    help="UNet training recipe: a YAML/JSON file or a shipped recipe name "
                         "(unet-stage1, unet-stage2; default unet-stage1)")
@@ -59,8 +59,8 @@ def _train(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     # read first: a bad recipe fails in a second, not after the judge and the encoder have trained
-    config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,
-                                         init_from=args.init_from) if args.only in (None, "unet") else None
+    config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,  # --threads
+                                         init_from=args.init_from, threads=args.threads) if args.only in (None, "unet") else None
     if args.only in (None, "judge"):
         train_aux.train_judge(seed=args.seed or 0, out_path=out / "judge.safetensors")
     if args.only in (None, "encoder"):

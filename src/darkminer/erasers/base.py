@@ -43,8 +43,9 @@ class Eraser(ABC):
         the testbed, options given as a mapping or a file go over ``testbed_config``; a config object is
         complete and taken as it is."""
         if model == "testbed" and cls.testbed_config and (value is None or isinstance(value, Mapping | str | os.PathLike)):
-            options = load_config_file(value) if isinstance(value, str | os.PathLike) else value
-            if options is None or isinstance(options, Mapping):  # else coerce's own error
+            # an empty path is no file, as Config.from_file reads it
+            options = load_config_file(value) if isinstance(value, str | os.PathLike) and os.fspath(value) else value
+            if not options or isinstance(options, Mapping):  # else coerce's own error
                 value = {**cls.testbed_config, **(options or {})}
         return cls.config_class.coerce(value)
 
