@@ -42,11 +42,11 @@ class Eraser(ABC):
         """``value`` (as ``Config.coerce`` takes it) as this method's config on ``model`` (a model id): on
         the testbed, options given as a mapping or a file go over ``testbed_config``; a config object is
         complete and taken as it is."""
-        if model == "testbed" and cls.testbed_config and (value is None or isinstance(value, Mapping | str | os.PathLike)):
-            # an empty path is no file, as Config.from_file reads it
-            options = load_config_file(value) if isinstance(value, str | os.PathLike) and os.fspath(value) else value
-            if not options or isinstance(options, Mapping):  # else coerce's own error
-                value = {**cls.testbed_config, **(options or {})}
+        if model == "testbed" and cls.testbed_config:
+            if isinstance(value, str | os.PathLike):  # an empty path is no file, as Config.from_file reads it
+                value = load_config_file(value) if os.fspath(value) else None
+            if value is None or isinstance(value, Mapping):  # anything else: coerce's own error
+                value = {**cls.testbed_config, **(value or {})}
         return cls.config_class.coerce(value)
 
     def __init__(self, config: EraserConfig | None = None) -> None:
