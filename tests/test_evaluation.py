@@ -557,13 +557,13 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
 
 
 @pytest.mark.parametrize(("bad", "message"), [
-    ({"concepts": "blood"}, "concepts must be list"),
+    ({"concepts": "blood"}, "concepts must be a list"),
     ({"concepts": ["bloood"]}, "unknown testbed concept"),
     ({"prompts": {"blood": "blood.csv"}}, "prompt CSVs are for Stable Diffusion"),
-    ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "method_configs must be dict\\[str, dict\\]"),
+    ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "method_configs must be a mapping of strings to mappings"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": {"iterationz": 3}}}, "unknown option"),
     ({"anchors": {"fire": "a clean shape"}}, "anchors names concepts that are not run"),
-    ({"anchors": {"blood": 3}}, "anchors must be dict\\[str, str\\]"),
+    ({"anchors": {"blood": 3}}, "anchors must be a mapping of strings to strings"),
     ({"device": "gpu7"}, "unknown device 'gpu7'"),
     ({"speed": {"precision": "fp8"}}, "precision must be one of"),
     ({"methods": "all", "method_configs": {"dark-miner": {"rounds": 1}}}, "names methods that are not run"),

@@ -401,7 +401,7 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
         erase("sld", "nudity", tmp_path / "x", model=5)
     with pytest.raises(ConfigError, match="expected a SldConfig, a mapping of its options or a config file's path, got list"):
         erase("sld", "nudity", tmp_path / "x", model="tiny-random-sd", config=[1, 2])
-    with pytest.raises(ConfigError, match="concept must be str, got"):
+    with pytest.raises(ConfigError, match="concept must be a string, got"):
         erase("sld", 3, tmp_path / "x", model="tiny-random-sd")
     from darkminer.erasers.esd import EsdConfig
 
@@ -507,7 +507,7 @@ def test_a_hand_edited_sld_record_is_refused_in_one_line(tmp_path):
 
     out = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
     record = json.loads((out / "guidance.json").read_text())
-    for key, value, problem in (("warmup_steps", "ten", "must be int"), ("momentum_beta", 1.5, r"in \[0, 1\]"),
+    for key, value, problem in (("warmup_steps", "ten", "must be a whole number"), ("momentum_beta", 1.5, r"in \[0, 1\]"),
                                 ("threshold", None, "must be")):
         (out / "guidance.json").write_text(json.dumps({**record, key: value}))
         with pytest.raises(DarkMinerError, match=f"SLD settings are incomplete or wrong .*{problem}.*re-create"):

@@ -159,13 +159,37 @@ def _plain_items(value: Any) -> Any:
     return value.item() if _is_scalar(value) else value
 
 
-def _describe(hint: Any) -> str:
+_NOUNS: dict[Any, tuple[str, str]] = {  # singular, plural: what a config value of this type is, in words
+    float: ("a finite number", "finite numbers"), int: ("a whole number", "whole numbers"),
+    bool: ("true or false", "true/false values"), str: ("a string", "strings"), Path: ("a path", "paths"),
+    type(None): ("null", "nulls"), Any: ("any value", "values"), dict: ("a mapping", "mappings"),
+    list: ("a list", "lists"),
+}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """The annotation ``hint`` in words for an error message ("a finite number or null", "a list of strings"),
+    rather than Python's spelling of the type."""
     if isinstance(hint, type) and issubclass(hint, Config):
-        return f"a mapping of {hint.__name__} options"
-    text = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    if hint is float:
-        return "a finite float"
-    return text.replace("float", "a finite float") if float in typing.get_args(hint) else text
+        return f"{'mappings' if plural else 'a mapping'} of {hint.__name__} options"
+    if hint in _NOUNS:
+        return _NOUNS[hint][plural]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # null last; a whole number is a number, a path a string
+        covered = ({int} if float in args else set()) | ({Path} if str in args else set())
+        kept = sorted((arg for arg in args if arg not in covered), key=lambda arg: arg is type(None))
+        return " or ".join(_describe(arg, plural) for arg in kept)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (list, tuple):
+        items = [arg for arg in args if arg is not Ellipsis]
+        lists = "lists" if plural else "a list"
+        if origin is tuple and len(items) > 1:
+            return f"{lists} of {len(items)} items ({', '.join(_describe(arg) for arg in items)})"
+        return f"{lists} of {_describe(items[0], plural=True)}" if items else lists
+    if origin is dict and args:
+        return f"{'mappings' if plural else 'a mapping'} of {_describe(args[0], True)} to {_describe(args[1], True)}"
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
