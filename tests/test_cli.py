@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,16 @@ def test_configs_are_validated_at_the_boundary(tmp_path):
         with pytest.raises(ConfigError, match=r"line \d+ column \d+") as error:
             load_config_file(tmp_path / name)
         assert "\n" not in str(error.value)
+
+
+def test_our_warnings_are_one_line_and_python_shows_them_as_before_after_main(tmp_path, capsys):
+    show_warning = warnings.showwarning
+    long = "an icon of a red star " * 5  # 30 words: more than the testbed's 24 tokens
+    assert main(["--threads", "1", "generate", "--prompt", long, "-n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "star.png")]) == 0
+    err = capsys.readouterr().err
+    assert "darkminer: warning: a prompt is longer than the text encoder's 24 tokens" in err
+    assert "UserWarning" not in err and warnings.showwarning is show_warning
 
 
 def test_prompt_csv_reading(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ def test_encode_from_token_embeddings_equals_text_encoding(tiny_sd):
     from_embeds = tiny_sd.encode_embeddings(tiny_sd.embed_ids(ids), ids)
     assert from_text.shape == (2, 77, 32)
     torch.testing.assert_close(from_embeds, from_text, atol=1e-6, rtol=0)
+
+
+def test_a_prompt_cut_to_the_text_encoders_length_is_reported_once_per_model(tiny_sd):
+    length = tiny_sd.max_length
+    fits = " ".join(["cat"] * (length - 2))  # with its start and end tokens exactly max_length
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = tiny_sd.tokenize([fits])
+    with pytest.warns(UserWarning, match=f"longer than the text encoder's {length} tokens, so its end is cut off: 'cat cat"):
+        ids = tiny_sd.tokenize(["a dog", fits + " dog"])
+    assert ids.shape == (2, length) and torch.equal(ids[1], exact[0])  # "dog" is what was cut; the end token stays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_sd.tokenize([fits + " dog"])
 
 
 def test_slots_and_nearest_tokens_project_back_to_the_vocabulary(tiny_sd):

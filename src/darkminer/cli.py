@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from typing import NoReturn
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from darkminer.commands import COMMAND_MODULES
 from darkminer.errors import DarkMinerError
@@ -40,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Library chatter (deprecations, optional-backend notices) hides our own one-line messages."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     # huggingface_hub's notice about an argument diffusers still passes, printed before our "not cached" error
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
@@ -92,10 +93,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None, *, show_others: Callable[..., None]) -> None:
+    """Our own warnings as one line, as our errors are; a library's as Python shows them (it names the file)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"darkminer: warning: {message}", file=file or sys.stderr)
+    else:
+        show_others(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download; fail fast instead of retrying
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    show_warning = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, show_others=show_warning)
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
@@ -123,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush complains again
         return 141  # 128 + SIGPIPE, as a shell reports a reader gone
     finally:
+        warnings.showwarning = show_warning
         if in_main_thread and previous is not None:  # None: a handler installed outside Python, kept
             signal.signal(signal.SIGTERM, previous)
     return 0

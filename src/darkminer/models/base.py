@@ -8,6 +8,7 @@ guidance, switching the adapter off to get the frozen original as a teacher -- i
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -148,6 +149,7 @@ class DiffusionModel(ABC):
         # erasers (SLD) replace it.
         self.guidance: Guidance = ClassifierFreeGuidance()
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self._reported_cut = False  # whether tokenize has reported a prompt cut to max_length
 
     # ----------------------------------------------------------------------------------------- text
     @property
@@ -155,9 +157,20 @@ class DiffusionModel(ABC):
     def max_length(self) -> int:
         """Number of token positions of every encoded prompt."""
 
-    @abstractmethod
     def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
-        """Token ids (B, max_length), padded/truncated as the text encoder expects."""
+        """Token ids (B, max_length), padded and cut to the text encoder's length. The first prompt that is
+        cut is reported, once per model, so a long prompt does not silently lose its end."""
+        prompts = list(prompts)
+        if not self._reported_cut:
+            longest = self.tokenizer(prompts, max_length=self.max_length + 1, truncation=True).input_ids
+            cut = [prompt for prompt, ids in zip(prompts, longest, strict=True) if len(ids) > self.max_length]
+            if cut:
+                self._reported_cut = True
+                warnings.warn(f"a prompt is longer than the text encoder's {self.max_length} tokens, so its end is "
+                              f"cut off: {cut[0][:80]!r}{'...' if len(cut[0]) > 80 else ''} (later cuts are not "
+                              "reported)", stacklevel=2)
+        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)
 
     @abstractmethod
     def encode_embeddings(self, embeds: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:

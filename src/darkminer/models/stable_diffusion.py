@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -139,11 +138,6 @@ class StableDiffusionModel(DiffusionModel):
     def max_length(self) -> int:
         # A tokenizer_config.json without model_max_length leaves it "unlimited"; the text encoder is not.
         return min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
-
-    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
-        return self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
 
     def encode_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(self.dtype)

@@ -8,7 +8,6 @@ Images are 32x32 RGB in pixel space (the "latents" are the pixels scaled to [-1,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -128,15 +127,6 @@ class TestbedModel(DiffusionModel):
     @property
     def max_length(self) -> int:
         return TEXT_MAX_LENGTH
-
-    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
-        return self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=TEXT_MAX_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
 
     def encode_embeddings(self, embeds: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         mask = (input_ids != self.pad_id).long().to(embeds.device)
