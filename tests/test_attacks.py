@@ -575,7 +575,7 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
         read_pairs(path)
     # A prompt that negates the concept makes no pair (its "without" side would hold the concept's negation).
     negations = ("a painting of nudity", "a photo, safe for work, no nudity", "a non-nudity scene", "not nudity")
-    with pytest.warns(UserWarning, match="only 1 pairs made from the target's prompts; give pairs_csv"):
+    with pytest.warns(UserWarning, match="only 1 pair made from the target's prompts; give pairs_csv"):
         assert concept_pairs(dataclasses.replace(sd_target, prompts=negations)) == [("a painting of nudity", "a painting of")]
     ringabell = get_attack("ringabell")
     with pytest.raises(DarkMinerError, match="does not exist"):  # checked before any work
@@ -814,10 +814,10 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
     assert not out.exists() and sorted(p.name for p in journal.iterdir()) == ["0.safetensors", "1.safetensors"]
     with pytest.raises(DarkMinerError, match="add --resume"):  # never discarded unasked
         run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out)
-    with pytest.raises(ConfigError, match="its config differs"):  # nor reused for another run
+    with pytest.raises(ConfigError, match=r"its config\.\w+ differs"):  # nor reused for another run
         run_attack(cls(cls.config_class(**{**options, "seed": 1})), sd, sd_target, prompts, never, out=out, resume=True)
     other = dataclasses.replace(sd_target, prompts=("a nude man", "a painting of nudity"))  # Ring-A-Bell's vector
-    with pytest.raises(ConfigError, match="its target differs"):
+    with pytest.raises(ConfigError, match=r"its target\.prompts differs"):
         run_attack(cls(cls.config_class(**options)), sd, other, prompts, never, out=out, resume=True)
     apply_speed_options(sd, {"precision": "bf16"})
     with pytest.raises(ConfigError, match="its autocast differs"):

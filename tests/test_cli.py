@@ -634,7 +634,7 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     assert "darkminer: interrupted" in capsys.readouterr().err
     assert main(command) == 2 and "add --resume" in _error_line(capsys)  # never discarded unasked
     other_guidance = [("4" if arg == "3.5" else arg) for arg in command]
-    assert main([*other_guidance, "--resume"]) == 2 and "its config differs" in _error_line(capsys)
+    assert main([*other_guidance, "--resume"]) == 2 and "its config.guidance_scale differs" in _error_line(capsys)
     assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again
     metrics = json.loads((out / "metrics.json").read_text())
     assert "metrics.json" in capsys.readouterr().out and metrics["resumed"]

@@ -289,7 +289,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
     (checkpoint / "state.safetensors").write_bytes(kept["state.safetensors"])
     for other in ({"concept": "violence"}, {"config": {**TINY, "k": 1}}):
-        with pytest.raises(ConfigError, match=r"another run \(its (config|target) differs\)"):  # a checkpoint is never reused for another run
+        with pytest.raises(ConfigError, match=r"another run \(its (config|target)\.\w+.* differs?\)"):  # a checkpoint is never reused for another run
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",
                   config=other.get("config", TINY), resume=True)
     capsys.readouterr()

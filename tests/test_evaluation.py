@@ -554,6 +554,10 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     assert rows["a"][:2] == ["**25.0**", "**62.5**"] and rows["b"][:2] == ["50.0", "87.5"]
     assert rows["b"][2:] == ["**27.5**", "**3.250** |"] and rows["a"][2:] == ["20.0", "7.500 |"]
     assert not any("**" in value for value in rows["original"])
+    legend = render_markdown(results)
+    assert "acc:" not in legend and "the testbed's image and text encoders" in legend  # no accuracy column here
+    alone = {**results, "methods": ["original", "a"], "cells": results["cells"][:2]}
+    assert "**" not in render_markdown(alone)  # one eraser is best of nothing
 
 
 @pytest.mark.parametrize(("bad", "message"), [
@@ -626,7 +630,7 @@ def test_a_benchmark_folder_from_before_an_option_existed_still_resumes(tmp_path
     older = {k: v for k, v in defaults.items() if k != "kinds"}
     (tmp_path / "config.json").write_text(json.dumps(older))
     assert claim_record(tmp_path / "config.json", defaults, defaults=defaults) == []
-    assert claim_record(tmp_path / "config.json", {**defaults, "kinds": {"x": "style"}}, defaults=defaults) == ["kinds"]
+    assert claim_record(tmp_path / "config.json", {**defaults, "kinds": {"x": "style"}}, defaults=defaults) == ["kinds.x"]
     assert claim_record(tmp_path / "config.json", defaults) == ["kinds"]  # without defaults: a difference
 
 
@@ -897,6 +901,7 @@ def test_preservation_reference_accuracy_grades_the_originals_images(tmp_path, m
         return torch.full_like(images, 1.0 if original else 0.0)
 
     monkeypatch.setattr(evaluation.Painter, "prompts", painted)
+    monkeypatch.setattr(TestbedModel, "is_original", False)  # as an erased model: its original is drawn apart
     monkeypatch.setattr(Judge, "predict_values", lambda self, images: [{"bright": bool(i.mean() > 0.5)} for i in images])
     monkeypatch.setattr(evaluation, "attribute_accuracy", lambda predicted, expected: {
         "accuracy": sum(p["bright"] for p in predicted) / len(predicted), "per_attribute": {}})

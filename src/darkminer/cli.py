@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
+        if getattr(args, "out", None) is not None and not str(args.out).strip():  # "" would be the current folder
+            raise DarkMinerError("--out is empty: name the output")
         if args.threads is not None:
             if args.threads < 1:
                 parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -236,6 +236,19 @@ def check_positive(owner: object, **values: float) -> None:
             raise ConfigError(f"{type(owner).__name__}.{name} must be > 0, got {value}")
 
 
+# DDIM samples a subset of the training schedule's timesteps, which is 1000 for every model darkminer loads
+# (Stable Diffusion 1.x/2.x, the testbed); more sampling steps than that fail inside diffusers.
+MAX_SAMPLING_STEPS = 1000
+
+
+def check_sampling_steps(owner: object, **values: int | None) -> None:
+    """Sampling step counts (None: the model's default) in 1 .. MAX_SAMPLING_STEPS."""
+    for name, value in values.items():
+        if value is not None and not 1 <= value <= MAX_SAMPLING_STEPS:
+            raise ConfigError(f"{type(owner).__name__}.{name} must be 1 .. {MAX_SAMPLING_STEPS} (DDIM takes a subset of "
+                              f"the model's {MAX_SAMPLING_STEPS} training timesteps), got {value}")
+
+
 def check_non_negative(owner: object, **values: float) -> None:
     for name, value in values.items():
         if not value >= 0:

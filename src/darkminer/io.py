@@ -362,8 +362,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """Write ``record`` to ``path`` if it is new; otherwise the top-level keys where the stored one differs
-    (empty: the same run, safe to resume). A key the stored record lacks (an option added since it was
+    """Write ``record`` to ``path`` if it is new; otherwise the keys where the stored one differs
+    (``changed_keys``; empty: the same run, safe to resume). A key the stored record lacks (an option added since it was
     written) counts as its value in ``defaults``, which the earlier run had."""
     path = Path(path)
     record = json.loads(json.dumps(record, default=str))  # as it reads back: tuples are lists, paths text
@@ -374,15 +374,22 @@ def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, A
 
 
 def what_differs(changed: list[str]) -> str:
-    """``changed`` keys in an error: "its config differs", "its config, target differ"."""
+    """``changed`` keys in an error: "its config.steps differs", "its config.steps, target differ"."""
     return f"its {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
 
 
 def changed_keys(stored: dict[str, Any], record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """The top-level keys where ``stored`` differs from ``record``; a key ``stored`` lacks counts as its
-    value in ``defaults``."""
+    """The keys where ``stored`` differs from ``record``, followed into mappings both hold ("config.steps"); a
+    key ``stored`` lacks counts as its value in ``defaults``."""
     stored = {**(defaults or {}), **stored}
-    return sorted(k for k in record.keys() | stored.keys() if record.get(k) != stored.get(k))
+    changed = []
+    for key in sorted(record.keys() | stored.keys()):
+        have, want = stored.get(key), record.get(key)
+        if isinstance(have, dict) and isinstance(want, dict):
+            changed += [f"{key}.{inner}" for inner in changed_keys(have, want)]
+        elif have != want:
+            changed.append(key)
+    return changed
 
 
 def link_tree(source: Path, destination: Path) -> None:

@@ -107,7 +107,7 @@ def concept_pairs(target: EraseTarget) -> list[tuple[str, str]]:
         )
     if len(pairs) < _FEW_PAIRS:
         warnings.warn(
-            f"Ring-A-Bell's concept vector comes from only {len(pairs)} pairs made from the target's prompts; give "
+            f"Ring-A-Bell's concept vector comes from only {len(pairs)} pair{'s' if len(pairs) != 1 else ''} made from the target's prompts; give "
             "pairs_csv for a steadier one (docs/attacks.md, the Ring-A-Bell prompt pairs)", stacklevel=2,
         )
     return pairs

@@ -21,4 +21,4 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.evaluation import run_benchmark
 
     results = run_benchmark(args.config, args.out)
-    print(f"wrote {args.out}/results.json, results.md, report.html ({len(results['cells'])} cells)")
+    print(f"wrote {args.out}/results.json, results.md, report.html ({len(results['cells'])} cell{'s' if len(results['cells']) != 1 else ''})")

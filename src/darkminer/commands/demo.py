@@ -12,7 +12,9 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="erase + attack + evaluate on the embedded testbed, with a report",
                        description="Erase a testbed concept with Dark Miner and ESD-x, attack both with all attacks, "
-                                   "evaluate, and write results.md and report.html (resumable: rerun to continue).")
+                                   "evaluate, and write results.md and report.html (resumable: rerun to continue). It took "
+                                   "9-20 minutes on a 2-core CPU (docs/BENCHMARKS.md); on a shared machine, "
+                                   "`darkminer --threads N demo` sets the threads it uses.")
     p.add_argument("--concept", default="blood", help="a testbed concept (default: blood); see `darkminer testbed concepts`")
     p.add_argument("--out", default="darkminer-demo", help="output directory (default: ./darkminer-demo)")
     p.set_defaults(handler=run)

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_concept_args(p)
     add_model_args(p)
-    p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff (default: none)")
+    p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff "
+                   "(default: none); over a --config file's attacks, whose attack_configs then apply to these alone")
     p.add_argument("-n", type=int, default=None, help="images per prompt set: plain, paraphrase, preservation (default: every row of a --prompts CSV, else 32)")
     p.add_argument("--attack-prompts", type=int, default=None, help="prompts each attack runs on (default 8)")
     add_detector_args(p)
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> None:
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})
+    if flags["attacks"] and isinstance(options.get("attack_configs"), dict):  # --attacks narrows a config file's
+        options["attack_configs"] = {k: v for k, v in options["attack_configs"].items() if k in flags["attacks"]}
     options.update(detector_options(args))
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
@@ -78,5 +81,5 @@ def summary_line(metrics: dict) -> str:
     parts += [f"ASR {name} {pct(value)}" for name, value in metrics["attacks"].items()]
     kept = metrics["preservation"]
     parts += [f"acc {pct(kept['accuracy'])}", "clip " + ("n/a" if kept["clip"] is None else f"{kept['clip']:.1f}"),
-              "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.2f}")]
+              "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.3g}")]
     return f"{metrics['method']} on {metrics['concept']}: " + ", ".join(parts) + f" ({metrics['n_images']} images, {metrics['seconds']:.0f} s)"

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.config import check_choice, check_non_negative, check_positive, check_sampling_steps
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
 from darkminer.erasers.training import (
     loss_summary,
@@ -62,8 +62,7 @@ class CaConfig(EraserConfig):
             checkpoint_every=self.checkpoint_every,
         )
         check_non_negative(self, weight_decay=self.weight_decay)
-        if self.image_steps is not None:
-            check_positive(self, image_steps=self.image_steps)
+        check_sampling_steps(self, image_steps=self.image_steps)
         check_choice(self, "parameter_group", self.parameter_group, tuple(PARAMETER_GROUPS))
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from darkminer.config import check_non_negative, check_positive
+from darkminer.config import check_non_negative, check_positive, check_sampling_steps
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
 from darkminer.erasers.training import (
     loss_summary,
@@ -51,9 +51,10 @@ class EsdConfig(EraserConfig):
 
     def validate(self) -> None:
         check_positive(
-            self, iterations=self.iterations, lr=self.lr, ddim_steps=self.ddim_steps,
-            batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
+            self, iterations=self.iterations, lr=self.lr, batch_size=self.batch_size,
+            checkpoint_every=self.checkpoint_every,
         )
+        check_sampling_steps(self, ddim_steps=self.ddim_steps)
         check_non_negative(self, negative_guidance=self.negative_guidance, start_guidance=self.start_guidance)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from darkminer.config import check_non_negative, check_positive
+from darkminer.config import check_non_negative, check_positive, check_sampling_steps
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
 from darkminer.erasers.training import (
     loss_summary,
@@ -59,8 +59,7 @@ class FmnConfig(EraserConfig):
             checkpoint_every=self.checkpoint_every,
         )
         check_non_negative(self, weight_decay=self.weight_decay)
-        if self.image_steps is not None:
-            check_positive(self, image_steps=self.image_steps)
+        check_sampling_steps(self, image_steps=self.image_steps)
 
 
 class _RecordingAttnProcessor(AttnProcessor):

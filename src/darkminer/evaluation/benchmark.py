@@ -35,14 +35,13 @@ from darkminer.evaluation.report import cell_summary, render_html, render_markdo
 from darkminer.io import (
     changed_keys,
     check_output_directory,
-    claim_record,
     exclusive_output,
     read_json,
     remove_stale_temporaries,
     write_json,
     write_text,
 )
-from darkminer.models import check_device, model_id
+from darkminer.models import check_device, check_model_here, model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions, init_processes
 from darkminer.targets import check_kind
@@ -202,6 +201,8 @@ def run_benchmark(
     methods, attacks = cfg.method_names(), cfg.attack_names()
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
+    attack_configs = _attack_configs(eval_cfg)  # bad attack options fail before --out is claimed
+    check_model_here(cfg.model)  # and so does a model that is not on this machine
     resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
     # Under a launcher every process runs every cell (the erase and the evaluation share their work) and the
     # main process writes; each cell's erase and evaluation return once their output is written.
@@ -213,7 +214,7 @@ def run_benchmark(
 
     processes.barrier()  # every process has checked the folder before the main one writes into it
     processes.on_main(claim)
-    _check_finished_cells(cfg, eval_cfg, out, rows)
+    _check_finished_cells(cfg, eval_cfg, attack_configs, out, rows)
     started = time.time()
     cells = []
     plan = [(method, concept) for concept in cfg.concepts for method in rows]
@@ -245,26 +246,56 @@ def run_benchmark(
 
 
 def _claim(out: Path, resolved: dict[str, Any]) -> None:
-    """Record the config in ``out``; refuse to resume a directory made with another config."""
-    changed = claim_record(out / CONFIG_NAME, resolved, defaults=BenchmarkConfig().to_dict())
-    if changed:
-        raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
-                             "use a new --out to run this one")
+    """Record the config in ``out``; refuse to resume a directory whose cells were made with another config
+    (an option written out at its default is the same config). A folder whose run failed before any cell
+    wrote a file (a model that would not load) is taken over by the new config."""
+    path = out / CONFIG_NAME
+    if path.is_file():
+        changed = changed_keys(_as_run(read_json(path)), _as_run(resolved))
+        if not changed:
+            return
+        if any(p.is_file() for p in (out / CELLS).rglob("*")):
+            raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
+                                 "use a new --out to run this one")
+    write_json(path, resolved)
+
+
+def _as_run(record: dict[str, Any]) -> dict[str, Any]:
+    """A config record (``config.json``) with every eraser, evaluation and attack option resolved, so that
+    records which run the same way compare equal."""
+    from darkminer.erasers.base import get_eraser
+
+    record = {**BenchmarkConfig().to_dict(), **record}
+    try:
+        evaluation = EvaluationConfig.from_dict({**record["evaluation"], "attacks": record["attacks"]})
+        evaluation.attack_configs = {name: config.to_dict() for name, config in _attack_configs(evaluation).items()}
+        methods = {name: get_eraser(name).config_for(record["method_configs"].get(name, {}), model_id(record["model"]))
+                   for name in record["methods"]}
+    except DarkMinerError:  # a record whose options this version no longer takes: compared as written
+        return record
+    resolved = {**record, "evaluation": evaluation.to_dict(),
+                "method_configs": {name: config.to_dict() for name, config in methods.items()}}
+    return json.loads(json.dumps(resolved, default=str))  # as read back from JSON: tuples are lists
+
+
+def _attack_configs(eval_cfg: EvaluationConfig) -> dict[str, Config]:
+    """Each attack's options as it runs them (its defaults filled in); bad names or options fail here."""
+    from darkminer.attacks.base import build_attack
+
+    return {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
 
 
 def _cell_dir(out: Path, method: str, concept: str) -> Path:
     return out / CELLS / _slug(method) / _slug(concept)
 
 
-def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, rows: list[str]) -> None:
+def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, attacks: dict[str, Config], out: Path,
+                          rows: list[str]) -> None:
     """Refuse to resume where a finished cell was made with other resolved options than this run's: the
     benchmark config can be the same while a default changed in between (a newer darkminer), and the table
     would then silently mix cells made under both."""
-    from darkminer.attacks.base import build_attack
     from darkminer.erasers.base import get_eraser
     from darkminer.testbed.concepts import get_concept
-
-    attacks = {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
 
     def as_stored(options: dict[str, Any]) -> dict[str, Any]:  # as read back from JSON: tuples are lists
         return json.loads(json.dumps(options, default=str))
@@ -283,7 +314,10 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out:
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)
                 kind = get_concept(concept).kind if model_id(cfg.model) == "testbed" else cfg.kinds.get(concept, "free")
                 have = resolved_options(metrics.get("config", {}), kind)  # as they applied to this concept
-                checks.append(("evaluation options", changed_keys(have, as_stored(eval_cfg.resolved(kind)))))
+                # attack_configs as written ({plain: {}} or none) aside: each attack's resolved options follow
+                want = as_stored(eval_cfg.resolved(kind))
+                checks.append(("evaluation options", changed_keys({**have, "attack_configs": None},
+                                                                  {**want, "attack_configs": None})))
                 for name, details in metrics.get("attack_details", {}).items():
                     if name in attacks and "config" in details:  # cells evaluated before it was recorded lack it
                         checks.append((f"{name} options", changed(details["config"], attacks[name])))

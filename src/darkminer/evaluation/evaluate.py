@@ -27,7 +27,7 @@ from darkminer.attacks.base import (
 )
 from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
 from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
-from darkminer.config import Config, check_choice, check_positive
+from darkminer.config import Config, check_choice, check_positive, check_sampling_steps
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
@@ -128,8 +128,9 @@ class EvaluationConfig(Config):
 
     def validate(self) -> None:
         check_positive(self, attack_prompts=self.attack_prompts, grid_images=self.grid_images)
-        for name, value in (("n_images", self.n_images), ("steps", self.steps),
-                            ("guidance_scale", self.guidance_scale), ("batch_size", self.batch_size)):
+        check_sampling_steps(self, steps=self.steps)
+        for name, value in (("n_images", self.n_images), ("guidance_scale", self.guidance_scale),
+                            ("batch_size", self.batch_size)):
             if value is not None:
                 check_positive(self, **{name: value})
         check_choice(self, "detector", self.detector, DETECTOR_KINDS)
@@ -148,6 +149,9 @@ class EvaluationConfig(Config):
                               f"(the default: {list(DEFAULT_CLIP_NEGATIVES)})")
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
+        if "fid" in self.preservation and self.n_images is not None and self.n_images < 2:
+            raise ConfigError(f"EvaluationConfig.n_images (-n) is {self.n_images}, but FID needs at least 2 preservation "
+                              "images; raise it, or leave fid out (--preservation accuracy,clip)")
         unknown = sorted(set(self.attack_configs) - set(self.attacks))
         if unknown:
             raise ConfigError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
@@ -324,6 +328,9 @@ def evaluate(
     suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
     if not cfg.preservation:  # no preservation metric: its images (the erased model's and the original's) are not drawn
         del suites[PRESERVATION]
+    elif fid is not None and len(suites[PRESERVATION]) < 2:  # a one-row CSV: fail before the work folder is claimed
+        raise DarkMinerError(f"FID needs at least 2 preservation images, and the preservation prompts give "
+                             f"{len(suites[PRESERVATION])}; give more, or leave fid out (--preservation accuracy,clip)")
     inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                      preserve_prompts=preserve_prompts)
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
@@ -485,9 +492,11 @@ def _preservation(
         fid.reset()
         if done:
             fid.load_state(state["fid"])
+    unerased = painter.model.is_original  # its original draws the same images: drawn once
     for rows in sets.chunks(done, len(suite)):
+        drawn: dict[bool, torch.Tensor] = {}
         for original, name in names.items():
-            images = painter.prompts(suite, rows, original=original)
+            images = drawn[original] = drawn[False] if original and unerased else painter.prompts(suite, rows, original=original)
             sets.keep(name, images, rows.start)
             if accuracy:
                 predicted[original] += detector.judge.predict_values(images)

@@ -69,7 +69,8 @@ def _cells_by_key(results: dict) -> dict[tuple[str, str], dict]:
 
 
 def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
-    """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it."""
+    """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it. None
+    where fewer than two erasers have a value."""
     cells = _cells_by_key(results)
     values = {
         method: condition.read(cells[(method, concept)])
@@ -77,7 +78,7 @@ def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
         if method != ORIGINAL_METHOD and (method, concept) in cells
     }
     values = {m: v for m, v in values.items() if v is not None}
-    if not values:
+    if len(values) < 2:  # best of one is no comparison
         return set()
     best = min(values.values()) if condition.lower_is_better else max(values.values())
     return {m for m, v in values.items() if v == best}
@@ -105,13 +106,24 @@ def _table(results: dict) -> tuple[list[tuple[str, Condition]], list[tuple[str, 
     return columns, rows
 
 
-LEGEND = (
-    "plain, paraphrase and attack columns: % of images in which the detector sees the concept (lower is better; "
-    "attacks counted as UnlearnDiffAtk: prompts broken before or after the attack). acc: % of asked-for "
-    "attributes shown on preservation prompts (testbed only); clip: CLIP score 100*max(cos,0) on preservation "
-    "prompts; fid: FID of preservation images against the original model's (lower is better). Bold: best eraser "
-    "per column; the original model is the reference row."
-)
+_EXPLAINED = {  # what each kind of column is, for the legend under the table
+    ERASURE_GROUP: "plain, paraphrase: % of images in which the detector sees the concept (lower is better)",
+    ATTACK_GROUP: "ASR columns: % of attacked prompts broken, before or after the attack, as UnlearnDiffAtk counts "
+                  "(lower is better)",
+    "accuracy": "acc: % of asked-for attributes shown on preservation prompts",
+    "clip": "clip: image-text alignment 100*max(cos,0) on preservation prompts ({aligner})",
+    "fid": "fid: FID of preservation images against the original model's (lower is better)",
+}
+
+
+def legend(results: dict) -> str:
+    """What the table's columns are, those it shows only."""
+    columns, _ = _table(results)
+    present = {c.group if c.group != PRESERVATION_GROUP else c.key for _, c in columns}
+    aligner = "the testbed's image and text encoders" if results["model"] == "testbed" else "CLIP"
+    parts = [text.format(aligner=aligner) for kind, text in _EXPLAINED.items() if kind in present]
+    return ". ".join(parts + ["Bold: best eraser per column where two or more are compared; the original model is "
+                              "the reference row."])
 
 
 def render_markdown(results: dict) -> str:
@@ -126,7 +138,7 @@ def render_markdown(results: dict) -> str:
     for method, row in rows:
         label = f"*{method}*" if method == ORIGINAL_METHOD else method
         lines.append("| " + " | ".join([label] + [f"**{t}**" if b else t for t, b in row]) + " |")
-    return "\n".join(lines + ["", LEGEND, "", *_sample_sizes(results), ""])
+    return "\n".join(lines + ["", legend(results), "", *_sample_sizes(results), ""])
 
 
 def _sample_sizes(results: dict) -> list[str]:
@@ -139,7 +151,7 @@ def _sample_sizes(results: dict) -> list[str]:
             continue
         sets = ", ".join(f"{name} {n}" for name, n in metrics.get("suites", {}).items())
         prompts = sorted({d["n_prompts"] for d in metrics.get("attack_details", {}).values()})
-        attacked = f"; attacks on {', '.join(map(str, prompts))} prompts" if prompts else ""
+        attacked = f"; attacks on {', '.join(map(str, prompts))} prompt{'s' if prompts != [1] else ''}" if prompts else ""
         lines.append(f"- {concept}: images per set: {sets}{attacked}")
     return lines
 
@@ -163,14 +175,15 @@ def attack_plot(results: dict) -> bytes:
     width = 0.8 / len(columns)
     for ax, concept in zip(axes[0], concepts, strict=True):
         for j, condition in enumerate(columns):
-            values = [
-                100 * (condition.read(cells[(m, concept)]) or 0) if (m, concept) in cells else 0 for m in methods
-            ]
-            ax.bar([i + (j - (len(columns) - 1) / 2) * width for i in range(len(methods))], values, width,
-                   label=condition.heading)
+            read = [condition.read(cells[(m, concept)]) if (m, concept) in cells else None for m in methods]
+            bars = ax.bar([i + (j - (len(columns) - 1) / 2) * width for i in range(len(methods))],
+                          [100 * (value or 0) for value in read], width, label=condition.heading)
+            # a bar of height 0 is invisible: say 0 (or that there is no value) where it would stand
+            ax.bar_label(bars, labels=["0" if value == 0 else MISSING if value is None else "" for value in read],
+                         fontsize=6, padding=1)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.set_ylim(0, 100)
-        ax.set_ylabel("% images with concept")
+        ax.set_ylabel("% with concept (images; attacks: prompts)")
         ax.set_title(concept)
         ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -257,7 +270,7 @@ def render_html(results: dict, root: Path) -> str:
         f"<p class='lead'>{lead}</p>",
         "<h2>Results</h2>",
         _results_table_html(results),
-        f"<p class='legend'>{html.escape(LEGEND)}</p>",
+        f"<p class='legend'>{html.escape(legend(results))}</p>",
     ]
     if results["cells"]:
         parts += ["<h2>Concept rate under each attack</h2>",

@@ -111,6 +111,15 @@ def local_copy(spec: str) -> str | None:
     return None if snapshot is None else str(snapshot)
 
 
+def check_model_here(spec: str | os.PathLike | None) -> None:
+    """Refuse, before any work, a base model that is not on this machine (``local_copy``)."""
+    spec = model_id(spec)
+    if local_copy(spec) is None:
+        raise ModelLoadError(f"model {spec!r} is not here: not a built-in model (testbed, tiny-random-sd), a folder, "
+                             f"or a hub id in the Hugging Face cache. darkminer never downloads: fetch it first "
+                             f"(`hf download {spec}`)")
+
+
 def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
     """An erasure applied to other weights is neither that erasure nor that model: refused where the
     recorded base is here to compare with (a hub id in the cache and its snapshot folder are the same

@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from darkminer.config import MAX_SAMPLING_STEPS
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.registry import Registry
 
@@ -117,8 +118,9 @@ class SamplingOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"sampling steps (--steps) must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_SAMPLING_STEPS:
+            raise ConfigError(f"sampling steps (--steps) must be 1 .. {MAX_SAMPLING_STEPS} (DDIM takes a subset of the "
+                              f"model's {MAX_SAMPLING_STEPS} training timesteps), got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"sampling batch size must be >= 1, got {self.batch_size}")
         if not math.isfinite(self.guidance_scale):
@@ -255,6 +257,13 @@ class DiffusionModel(ABC):
         with self.original():
             return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
 
+    @property
+    def is_original(self) -> bool:
+        """Whether no erasure is on the model (no adapter, no weight edited in place, plain guidance), so that
+        ``original()`` changes nothing."""
+        return (not getattr(self.unet, "peft_config", None) and not self._originals
+                and isinstance(self.guidance, ClassifierFreeGuidance))
+
     @contextmanager
     def original(self) -> Iterator[None]:
         """Within the block the model is the original: adapters off, in-place edits swapped out, and plain
@@ -369,6 +378,9 @@ class DiffusionModel(ABC):
         """A DDIM scheduler for ``steps`` steps. Its timesteps stay on the host, where it indexes its tables by
         them: a device timestep would make every step wait for the device."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        trained = scheduler.config.num_train_timesteps
+        if steps > trained:  # a schedule shorter than MAX_SAMPLING_STEPS, which configs allow
+            raise DarkMinerError(f"{steps} sampling steps are more than this model's {trained} training timesteps; use fewer")
         scheduler.set_timesteps(steps)
         return scheduler
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from darkminer.config import Config, check_positive
+from darkminer.config import Config, check_positive, check_sampling_steps
 from darkminer.errors import ConfigError
 from darkminer.evaluation.metrics import attribute_accuracy
 from darkminer.provenance import file_digest
@@ -54,7 +54,8 @@ class CheckConfig(Config):
     judge: str | None = None  # None: the shipped judge (v2); "v1" or a weights file to re-grade as before
 
     def validate(self) -> None:
-        check_positive(self, n_images=self.n_images, steps=self.steps, esd_iterations=self.esd_iterations,
+        check_sampling_steps(self, steps=self.steps)
+        check_positive(self, n_images=self.n_images, esd_iterations=self.esd_iterations,
                        cce_steps=self.cce_steps, esd_lr=self.esd_lr, judge_images=self.judge_images,
                        timing_images=self.timing_images)
         judge_weights(self.judge)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.config import check_choice, check_non_negative, check_positive, check_sampling_steps
 from darkminer.erasers.base import EraserConfig
 from darkminer.errors import ConfigError
 from darkminer.models.adapters import LoraConfig
@@ -87,13 +87,12 @@ class DarkMinerConfig(EraserConfig):
         if isinstance(self.lora, dict):
             self.lora = LoraConfig.from_dict(self.lora)
         check_positive(self, pool_size=self.pool_size, k=self.k, n_tokens=self.n_tokens, mining_steps=self.mining_steps,
-                       mining_lr=self.mining_lr, verify_steps=self.verify_steps, circumvent_steps=self.circumvent_steps,
+                       mining_lr=self.mining_lr, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
                        preserve_pool_size=self.preserve_pool_size)
         check_non_negative(self, concept_prompts=self.concept_prompts, preserve_weight=self.preserve_weight, trajectory_weight=self.trajectory_weight,
                            erase_guidance=self.erase_guidance)
-        if self.pool_steps is not None:
-            check_positive(self, pool_steps=self.pool_steps)
+        check_sampling_steps(self, pool_steps=self.pool_steps, verify_steps=self.verify_steps)
         if self.guidance_scale is not None:
             check_positive(self, guidance_scale=self.guidance_scale)
         if not 0.0 <= self.trajectory_share <= 1.0:

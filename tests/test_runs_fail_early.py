@@ -1,0 +1,154 @@
+"""Bad values that used to fail late (after drawing every image, or after an output folder was claimed, so
+the fixed rerun was refused too) fail before any work; and what the benchmark compares on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from darkminer.cli import main
+from darkminer.erasers.darkminer.config import DarkMinerConfig
+from darkminer.erasers.esd import EsdConfig
+from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.evaluation import evaluate
+from darkminer.evaluation.benchmark import run_benchmark
+from darkminer.evaluation.evaluate import EvaluationConfig
+from darkminer.io import changed_keys, what_differs
+from darkminer.models.base import SamplingOptions
+from darkminer.testbed.check import CheckConfig
+
+
+@pytest.mark.parametrize("build", [
+    lambda steps: EvaluationConfig(steps=steps),
+    lambda steps: EsdConfig(ddim_steps=steps),
+    lambda steps: DarkMinerConfig(verify_steps=steps),
+    lambda steps: DarkMinerConfig(pool_steps=steps),
+    lambda steps: CheckConfig(steps=steps),
+    lambda steps: SamplingOptions(steps=steps),
+])
+def test_sampling_steps_beyond_the_training_schedule_are_refused_at_the_config(build):
+    build(1000)  # every one of the 1000 training timesteps is the most DDIM can take
+    with pytest.raises(ConfigError, match=r"1 \.\. 1000 \(DDIM takes a subset of the model's 1000 training timesteps\), got 1001"):
+        build(1001)
+
+
+def test_a_model_with_a_shorter_schedule_refuses_more_steps_in_one_line(tiny_sd):
+    tiny_sd.scheduler_config = {**tiny_sd.scheduler_config, "num_train_timesteps": 10}
+    with pytest.raises(DarkMinerError, match="11 sampling steps are more than this model's 10 training timesteps"):
+        tiny_sd.sample(tiny_sd.encode(["a cat"]), seeds=[0], steps=11)
+
+
+def test_steps_beyond_the_schedule_on_the_command_line_are_one_line_and_leave_nothing(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--concept", "blood", "-n", "2", "--steps", "1001", "--out", str(out)]) == 2
+    assert "must be 1 .. 1000" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output and no work folder to block the fixed rerun
+
+
+def test_one_preservation_image_with_fid_is_refused_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"n_images \(-n\) is 1, but FID needs at least 2 preservation images"):
+        EvaluationConfig(n_images=1)
+    EvaluationConfig(n_images=1, preservation=["accuracy"])  # without FID one image is a measurement
+    csv = tmp_path / "keep.csv"
+    csv.write_text("prompt\na cat\n")
+    import importlib
+
+    from darkminer.models.base import DiffusionModel
+
+    monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
+    # SD's FID needs torch-fidelity's Inception, which the test install lacks; only its presence matters here
+    monkeypatch.setattr(importlib.import_module("darkminer.evaluation.evaluate"), "FrechetDistance", lambda *a: object())
+    with pytest.raises(DarkMinerError, match="FID needs at least 2 preservation images, and the preservation "
+                                             "prompts give 1"):
+        evaluate("nudity", tmp_path / "e", model="tiny-random-sd", preserve_prompts=csv,
+                 config={"attacks": [], "preservation": ["fid"]})
+    assert not (tmp_path / "e").exists() and not (tmp_path / ".e.work").exists()
+
+
+def test_a_benchmark_refuses_bad_attack_options_and_a_missing_model_before_claiming_its_folder(tmp_path):
+    base = {"methods": ["uce"], "attacks": ["plain"], "include_original": False}
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['foo'\]"):
+        run_benchmark({**base, "evaluation": {"attack_configs": {"plain": {"foo": 3}}}}, tmp_path / "a", progress=False)
+    with pytest.raises(ModelLoadError, match="model 'no/such-model' is not here.*hf download no/such-model"):
+        run_benchmark({**base, "model": "no/such-model", "concepts": ["nudity"]}, tmp_path / "b", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_benchmark_folder_whose_run_failed_before_any_cell_takes_a_new_config(tmp_path):
+    """A config.json and empty cell folders (the run failed loading its model) hold no work: the fixed config
+    takes the folder over; one file in a cell and it is refused as another run's."""
+    out = tmp_path / "out"
+    (out / "cells" / "uce" / "blood").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"methods": ["uce"], "attacks": ["plain"], "model": "elsewhere"}))
+    (out / "cells" / "uce" / "blood" / "notes.txt").write_text("started")
+    config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
+              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"]}}
+    with pytest.raises(DarkMinerError, match=r"holds a benchmark run with another config \(differs in \[.*'model'"):
+        run_benchmark(config, out, progress=False)
+    (out / "cells" / "uce" / "blood" / "notes.txt").unlink()
+    run_benchmark(config, out, progress=False)
+    assert json.loads((out / "config.json").read_text())["model"] == "testbed"
+
+
+def test_a_benchmark_resumes_when_options_are_written_out_at_their_defaults_and_names_a_nested_change(tmp_path):
+    out = tmp_path / "out"
+    config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
+              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"]}}
+    first = run_benchmark(config, out, progress=False)
+    spelled_out = {**config, "method_configs": {"uce": {"erase_scale": 1.0}},
+                   "evaluation": {**config["evaluation"], "seed": 0, "attack_configs": {"plain": {}}}}
+    again = run_benchmark(spelled_out, out, progress=False)  # the same run: every cell read back
+    assert again["cells"] == first["cells"]
+    with pytest.raises(DarkMinerError, match=r"differs in \['evaluation.seed'\]"):
+        run_benchmark({**config, "evaluation": {**config["evaluation"], "seed": 1}}, out, progress=False)
+
+
+def test_changed_keys_follow_nested_mappings():
+    stored = {"config": {"steps": 5, "lora": {"rank": 4}}, "target": "blood", "n": 1}
+    assert changed_keys(stored, {"config": {"steps": 6, "lora": {"rank": 8}}, "target": "blood", "n": 1}) == [
+        "config.lora.rank", "config.steps"]
+    assert changed_keys(stored, {**stored, "config": 3}) == ["config"]  # a mapping against a value: the key itself
+    assert changed_keys({"n": 1}, {"n": 1, "extra": 0}, defaults={"extra": 0}) == []
+    assert what_differs(["config.steps"]) == "its config.steps differs"
+
+
+def test_evaluate_attacks_flag_narrows_a_config_files_attack_options(tmp_path, monkeypatch):
+    import darkminer.evaluation as evaluation
+
+    seen = {}
+
+    def record(concept, out, config, **kwargs):
+        seen["config"] = config
+        raise DarkMinerError("stop here")
+
+    monkeypatch.setattr(evaluation, "evaluate", record)
+    options = tmp_path / "eval.yaml"
+    options.write_text("attacks: [plain, cce]\nattack_configs:\n  cce: {steps: 3}\n  plain: {}\n")
+    assert main(["evaluate", "--concept", "blood", "--config", str(options), "--attacks", "plain",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert seen["config"].attacks == ["plain"] and seen["config"].attack_configs == {"plain": {}}
+
+
+def test_an_empty_out_is_refused_rather_than_taken_as_the_current_folder(capsys):
+    assert main(["demo", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+
+
+def test_an_unerased_models_preservation_reference_is_drawn_once(tmp_path, monkeypatch):
+    from darkminer.testbed.model import TestbedModel
+
+    model = TestbedModel.untrained()
+    assert model.is_original
+    calls = []
+    real = TestbedModel.sample
+    monkeypatch.setattr(TestbedModel, "sample", lambda self, cond, *a, **k: calls.append(len(cond)) or real(self, cond, *a, **k))
+    metrics = evaluate("star", tmp_path / "e", model=model, config={
+        "n_images": 3, "steps": 2, "attacks": [], "preservation": ["accuracy", "fid"], "grid_images": 2})
+    # plain, paraphrase and preservation: 3 images each, the preservation reference not drawn again
+    assert sum(calls) == metrics["n_images"] == 9
+    assert metrics["preservation"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["preservation"]["accuracy"] == metrics["preservation"]["reference"]["accuracy"]
+    model._originals["conv_in.weight"] = torch.zeros(1)  # a weight edited in place (UCE's kind of erasure)
+    assert not model.is_original
