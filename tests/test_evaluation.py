@@ -623,15 +623,17 @@ def test_per_prompt_guidance_is_recorded_where_a_csv_set_it(tmp_path):
 
 def test_a_benchmark_folder_from_before_an_option_existed_still_resumes(tmp_path):
     """A config.json written before `kinds` existed lacks the key: the run had its default, so it resumes."""
-    from darkminer.evaluation.benchmark import BenchmarkConfig
-    from darkminer.io import claim_record
+    from darkminer.evaluation.benchmark import BenchmarkConfig, _claim
 
-    defaults = BenchmarkConfig().to_dict()
+    defaults = {**BenchmarkConfig().to_dict(), "methods": ["uce"], "attacks": ["plain"]}
     older = {k: v for k, v in defaults.items() if k != "kinds"}
     (tmp_path / "config.json").write_text(json.dumps(older))
-    assert claim_record(tmp_path / "config.json", defaults, defaults=defaults) == []
-    assert claim_record(tmp_path / "config.json", {**defaults, "kinds": {"x": "style"}}, defaults=defaults) == ["kinds.x"]
-    assert claim_record(tmp_path / "config.json", defaults) == ["kinds"]  # without defaults: a difference
+    (tmp_path / "cells" / "uce" / "blood").mkdir(parents=True)
+    (tmp_path / "cells" / "uce" / "blood" / "work.json").write_text("{}")  # a cell under way
+    _claim(tmp_path, defaults)
+    with pytest.raises(DarkMinerError, match=r"differs in \['kinds.x'\]"):
+        _claim(tmp_path, {**defaults, "kinds": {"x": "style"}})
+    assert json.loads((tmp_path / "config.json").read_text()) == older  # the record stays the older run's
 
 
 @needs_judge
@@ -754,7 +756,7 @@ def test_an_evaluation_killed_again_and_again_resumes_to_the_numbers_and_files_o
             assert not out.exists() and work_directory(out).is_dir()
         if kills == 0:  # a resume with other attack options than the killed run's is refused
             options.write_text(json.dumps({"k": 2, "iterations": 1, "rounds": 2}))
-            with pytest.raises(ConfigError, match="its attacks differs"):
+            with pytest.raises(ConfigError, match="its attacks.unlearndiff.rounds differs"):
                 evaluate("star", out, model=nudged(), config=config, resume=True)
             options.write_text(json.dumps({"k": 2, "iterations": 1, "rounds": 1}))
     else:
@@ -833,7 +835,7 @@ def test_preservation_clip_is_the_mean_score_over_images(tmp_path, monkeypatch):
 def test_a_finished_cell_whose_options_went_through_json_still_resumes(tmp_path):
     """Options are compared as JSON stores them: a tuple option (the paraphrase attack's) comes back a list."""
     from darkminer.attacks.base import build_attack
-    from darkminer.evaluation.benchmark import _check_finished_cells, _slug
+    from darkminer.evaluation.benchmark import _attack_configs, _check_finished_cells, _slug
     from darkminer.io import write_json
 
     cfg = load_benchmark_config({"model": "toy", "methods": ["uce"], "concepts": ["striped"], "attacks": ["paraphrase"]})
@@ -843,11 +845,11 @@ def test_a_finished_cell_whose_options_went_through_json_still_resumes(tmp_path)
     assert isinstance(paraphrase["paraphrases"], tuple)
     # "toy" is the testbed: striped is a style there, and its template was the style's
     write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"), "attack_details": {"paraphrase": {"config": paraphrase}}})
-    _check_finished_cells(cfg, eval_cfg, tmp_path, ["uce"])  # resumes
+    _check_finished_cells(cfg, eval_cfg, _attack_configs(eval_cfg), tmp_path, ["uce"])  # resumes
     write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"),
                                        "attack_details": {"paraphrase": {"config": {**paraphrase, "paraphrases": ["bare"]}}}})
     with pytest.raises(DarkMinerError, match="other paraphrase options .*'paraphrases'"):
-        _check_finished_cells(cfg, eval_cfg, tmp_path, ["uce"])
+        _check_finished_cells(cfg, eval_cfg, _attack_configs(eval_cfg), tmp_path, ["uce"])
 
 
 def test_testbed_suites_follow_the_seed_and_refuse_csvs(tmp_path):

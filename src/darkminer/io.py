@@ -361,16 +361,15 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return decode(state)
 
 
-def claim_record(path: str | Path, record: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:
     """Write ``record`` to ``path`` if it is new; otherwise the keys where the stored one differs
-    (``changed_keys``; empty: the same run, safe to resume). A key the stored record lacks (an option added since it was
-    written) counts as its value in ``defaults``, which the earlier run had."""
+    (``changed_keys``; empty: the same run, safe to resume)."""
     path = Path(path)
     record = json.loads(json.dumps(record, default=str))  # as it reads back: tuples are lists, paths text
     if not path.is_file():
         write_json(path, record)
         return []
-    return changed_keys(read_json(path), record, defaults)
+    return changed_keys(read_json(path), record)
 
 
 def what_differs(changed: list[str]) -> str:
