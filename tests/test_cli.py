@@ -161,8 +161,8 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--erased", "/proc"], "/proc is not an erased model (it has no darkminer.json)"),
         (["--model", "tiny-random-sd", "--device", "foo"], "unknown device 'foo'"),
         (["--model", "tiny-random-sd", "--device", "cuda:63"], "not available here"),
-        (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be >= 1, got -3"),
-        (["--model", "tiny-random-sd", "--steps", "0"], "(--steps) must be >= 1, got 0"),
+        (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be 1 .. 1000 (DDIM takes a subset of the model's 1000 training timesteps), got -3"),
+        (["--model", "tiny-random-sd", "--steps", "0"], "(--steps) must be 1 .. 1000 (DDIM takes a subset of the model's 1000 training timesteps), got 0"),
         (["--model", "tiny-random-sd", "--guidance", "nan"], "guidance_scale (--guidance) must be a finite number or null, got nan"),
     ],
 )
@@ -319,7 +319,7 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
     commands = [
         ["erase", "--method", "sld", "--concept", "nudity", "--model", "tiny-random-sd"],
         ["attack", "--attack", "plain", "--concept", "nudity", "--model", "tiny-random-sd", "--prompts", str(prompts)],
-        ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "1"],
+        ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2"],
         ["benchmark", "--config", "quick"],
     ]
     for command in commands:

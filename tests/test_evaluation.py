@@ -597,7 +597,7 @@ def test_an_attack_that_cannot_run_on_the_target_fails_before_any_image(tmp_path
 
     monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
     with pytest.raises(DarkMinerError, match="paraphrase attack needs paraphrases of 'nudity'"):
-        evaluate("nudity", tmp_path / "e", model="tiny-random-sd", config={"attacks": ["paraphrase"], "n_images": 1})
+        evaluate("nudity", tmp_path / "e", model="tiny-random-sd", config={"attacks": ["paraphrase"], "n_images": 2})
 
 
 def test_per_prompt_guidance_is_recorded_where_a_csv_set_it(tmp_path):

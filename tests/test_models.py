@@ -440,7 +440,7 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
         get_attack("cce")({"steps": 3})
     with pytest.raises(ConfigError, match="unknown option"):  # before any image is drawn
         evaluate("nudity", tmp_path / "e", model="no/such-model",  # before the model loads
-                 config={"n_images": 1, "attacks": ["plain"], "attack_configs": {"plain": {"foo": 1}}})
+                 config={"n_images": 2, "attacks": ["plain"], "attack_configs": {"plain": {"foo": 1}}})
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
