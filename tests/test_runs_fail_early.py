@@ -152,3 +152,17 @@ def test_an_unerased_models_preservation_reference_is_drawn_once(tmp_path, monke
     assert metrics["preservation"]["accuracy"] == metrics["preservation"]["reference"]["accuracy"]
     model._originals["conv_in.weight"] = torch.zeros(1)  # a weight edited in place (UCE's kind of erasure)
     assert not model.is_original
+
+
+def test_grader_options_of_the_other_world_are_refused_not_ignored(tiny_sd):
+    from darkminer.evaluation.evaluate import concept_detector
+    from darkminer.targets import resolve_target
+    from darkminer.testbed.model import TestbedModel
+
+    testbed = TestbedModel.untrained()
+    blood = resolve_target(testbed, "blood")
+    concept_detector(testbed, blood, config=EvaluationConfig(judge="v1"))  # the testbed's own grader option
+    with pytest.raises(ConfigError, match=r"^nudenet_threshold, clip_model: options of Stable Diffusion's graders"):
+        concept_detector(testbed, blood, config=EvaluationConfig(clip_model="my/clip", nudenet_threshold=0.3))
+    with pytest.raises(ConfigError, match=r"^judge: the testbed's grader; NudeNet or CLIP grades Stable Diffusion images; leave it out"):
+        concept_detector(tiny_sd, resolve_target(tiny_sd, "nudity"), config=EvaluationConfig(judge="v1"))

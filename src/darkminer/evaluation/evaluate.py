@@ -213,8 +213,20 @@ def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- grading
+# Grader options of one world, refused in the other rather than ignored: the testbed's judge grades testbed
+# images, NudeNet and CLIP Stable Diffusion's.
+_SD_GRADING = ("nudenet_threshold", "nudenet_classes", "clip_model", "clip_template", "clip_negatives")
+
+
 def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
     """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
+    defaults = EvaluationConfig()
+    given = [name for name in (_SD_GRADING if kind == "judge" else ("judge",))
+             if getattr(config, name) != getattr(defaults, name)]
+    if given:
+        why = ("options of Stable Diffusion's graders (NudeNet, CLIP); the testbed judge grades testbed images"
+               if kind == "judge" else "the testbed's grader; NudeNet or CLIP grades Stable Diffusion images")
+        raise ConfigError(f"{', '.join(given)}: {why}; leave {'them' if len(given) > 1 else 'it'} out")
     if kind == "judge":
         assert target.testbed_concept is not None  # the judge grades testbed targets only, which all have one
         return JudgeDetector(target.testbed_concept, config.judge)
