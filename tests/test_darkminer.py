@@ -373,7 +373,7 @@ def test_config_is_validated():
         DarkMinerConfig(trajectory_weight=-1)
     with pytest.raises(ConfigError, match="mine_in_context.*needs space: token"):
         DarkMinerConfig(space="condition", mine_in_context=True)
-    with pytest.raises(ConfigError, match="pool_steps must be > 0"):  # None is the model's default, not 0
+    with pytest.raises(ConfigError, match=r"pool_steps must be 1 \.\. 1000"):  # None is the model's default, not 0
         DarkMinerConfig(pool_steps=0)
     assert DarkMinerConfig.from_dict({"lora": {"rank": 8}}).lora.rank == 8
 
