@@ -154,6 +154,15 @@ def test_an_unerased_models_preservation_reference_is_drawn_once(tmp_path, monke
     assert not model.is_original
 
 
+@pytest.mark.parametrize("method", ["uce", "sld"])  # weights edited in place; an inference-time guidance
+def test_an_erased_model_is_not_its_own_original(method, tmp_path):
+    import darkminer
+    from darkminer.models import load_model
+
+    erased = darkminer.erase(method, "nudity", tmp_path / method, model="tiny-random-sd")
+    assert load_model("tiny-random-sd").is_original and not load_model(erased=erased).is_original
+
+
 def test_grader_options_of_the_other_world_are_refused_not_ignored(tiny_sd):
     from darkminer.evaluation.evaluate import concept_detector
     from darkminer.targets import resolve_target
@@ -166,3 +175,19 @@ def test_grader_options_of_the_other_world_are_refused_not_ignored(tiny_sd):
         concept_detector(testbed, blood, config=EvaluationConfig(clip_model="my/clip", nudenet_threshold=0.3))
     with pytest.raises(ConfigError, match=r"^judge: the testbed's grader; NudeNet or CLIP grades Stable Diffusion images; leave it out"):
         concept_detector(tiny_sd, resolve_target(tiny_sd, "nudity"), config=EvaluationConfig(judge="v1"))
+
+
+def test_the_benchmark_refuses_the_other_worlds_grader_options_before_its_first_erase(tmp_path):
+    config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
+              "evaluation": {"n_images": 2, "clip_model": "my/clip"}}
+    with pytest.raises(ConfigError, match="clip_model: options of Stable Diffusion's graders"):
+        run_benchmark(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_attacks_flag_still_refuses_options_for_an_attack_the_file_does_not_list(tmp_path, capsys):
+    options = tmp_path / "eval.yaml"
+    options.write_text("attacks: [plain, unlearndiff]\nattack_configs:\n  unlearndif: {rounds: 2}\n")
+    assert main(["evaluate", "--concept", "blood", "--config", str(options), "--attacks", "unlearndiff",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "attack_configs names attacks that are not run: ['unlearndif']" in capsys.readouterr().err

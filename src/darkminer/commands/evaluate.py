@@ -51,14 +51,17 @@ def run(args: argparse.Namespace) -> None:
 
     note_resume(args)
     options = load_config_file(args.config) if args.config else {}
+    listed = options.get("attacks") if isinstance(options.get("attacks"), list) else []
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "steps": args.steps,
              "guidance_scale": args.guidance,
              "fid_reference": args.fid_reference, "save_images": args.save_images or None,
              "attacks": _names(args.attacks) or None,
              "preservation": None if args.preservation is None else _names(args.preservation)}
     options.update({k: v for k, v in flags.items() if v is not None})
-    if flags["attacks"] and isinstance(options.get("attack_configs"), dict):  # --attacks narrows a config file's
-        options["attack_configs"] = {k: v for k, v in options["attack_configs"].items() if k in flags["attacks"]}
+    if flags["attacks"] and isinstance(options.get("attack_configs"), dict):  # --attacks narrows the file's attacks:
+        # their options go with them; an entry for no attack the file lists (a typo) is still refused
+        options["attack_configs"] = {k: v for k, v in options["attack_configs"].items()
+                                     if k in flags["attacks"] or k not in listed}
     options.update(detector_options(args))
     metrics = evaluate(
         args.concept, args.out, model=args.model, erased=args.erased, config=EvaluationConfig.from_dict(options),
@@ -81,5 +84,5 @@ def summary_line(metrics: dict) -> str:
     parts += [f"ASR {name} {pct(value)}" for name, value in metrics["attacks"].items()]
     kept = metrics["preservation"]
     parts += [f"acc {pct(kept['accuracy'])}", "clip " + ("n/a" if kept["clip"] is None else f"{kept['clip']:.1f}"),
-              "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.3g}")]
+              "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.{3 if kept['fid'] < 1 else 2}f}")]
     return f"{metrics['method']} on {metrics['concept']}: " + ", ".join(parts) + f" ({metrics['n_images']} images, {metrics['seconds']:.0f} s)"

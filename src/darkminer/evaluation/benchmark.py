@@ -27,6 +27,8 @@ from darkminer.evaluation.evaluate import (
     METRICS_NAME,
     ORIGINAL_METHOD,
     EvaluationConfig,
+    build_attacks,
+    check_grader_options,
     evaluate,
     evaluation_versions,
     resolved_options,
@@ -202,7 +204,8 @@ def run_benchmark(
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})
     attack_configs = _attack_configs(eval_cfg)  # bad attack options fail before --out is claimed
-    check_model_here(cfg.model)  # and so does a model that is not on this machine
+    check_grader_options(eval_cfg, testbed=model_id(cfg.model) == "testbed")  # and the other world's grader's
+    check_model_here(cfg.model)  # and a model that is not on this machine
     resolved = {**cfg.to_dict(), "methods": methods, "attacks": attacks}
     # Under a launcher every process runs every cell (the erase and the evaluation share their work) and the
     # main process writes; each cell's erase and evaluation return once their output is written.
@@ -254,7 +257,7 @@ def _claim(out: Path, resolved: dict[str, Any]) -> None:
         changed = changed_keys(_as_run(read_json(path)), _as_run(resolved))
         if not changed:
             return
-        if any(p.is_file() for p in (out / CELLS).rglob("*")):
+        if any(p.is_file() or p.is_symlink() for p in (out / CELLS).rglob("*")):  # a linked cell is work too
             raise DarkMinerError(f"{out} holds a benchmark run with another config (differs in {changed}); "
                                  "use a new --out to run this one")
     write_json(path, resolved)
@@ -271,7 +274,8 @@ def _as_run(record: dict[str, Any]) -> dict[str, Any]:
         evaluation.attack_configs = {name: config.to_dict() for name, config in _attack_configs(evaluation).items()}
         methods = {name: get_eraser(name).config_for(record["method_configs"].get(name, {}), model_id(record["model"]))
                    for name in record["methods"]}
-    except DarkMinerError:  # a record whose options this version no longer takes: compared as written
+    except (DarkMinerError, TypeError, AttributeError):  # options this version no longer takes, or a hand-edited
+        # record whose sections are not mappings: compared as written
         return record
     resolved = {**record, "evaluation": evaluation.to_dict(),
                 "method_configs": {name: config.to_dict() for name, config in methods.items()}}
@@ -280,9 +284,7 @@ def _as_run(record: dict[str, Any]) -> dict[str, Any]:
 
 def _attack_configs(eval_cfg: EvaluationConfig) -> dict[str, Config]:
     """Each attack's options as it runs them (its defaults filled in); bad names or options fail here."""
-    from darkminer.attacks.base import build_attack
-
-    return {name: build_attack(name, eval_cfg.attack_configs.get(name)).config for name in eval_cfg.attacks}
+    return {name: attack.config for name, attack in build_attacks(eval_cfg).items()}
 
 
 def _cell_dir(out: Path, method: str, concept: str) -> Path:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darkminer.attacks.base import (
+    Attack,
     AttackPrompt,
     AttackResult,
     attack_success_rate,
@@ -162,6 +163,11 @@ class EvaluationConfig(Config):
         return resolved_options(self.to_dict(), kind)
 
 
+def build_attacks(config: EvaluationConfig) -> dict[str, Attack]:
+    """The evaluation's attacks with their options; an unknown name or option fails here."""
+    return {name: build_attack(name, config.attack_configs.get(name)) for name in config.attacks}
+
+
 def resolved_options(options: dict[str, Any], kind: str) -> dict[str, Any]:
     """``EvaluationConfig`` options (a dict, e.g. one recorded by an older version) as they apply to a concept
     of ``kind``: missing ones at their defaults, the CLIP template chosen by the kind where unset."""
@@ -218,15 +224,19 @@ def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Te
 _SD_GRADING = ("nudenet_threshold", "nudenet_classes", "clip_model", "clip_template", "clip_negatives")
 
 
-def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
-    """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
+def check_grader_options(config: EvaluationConfig, testbed: bool) -> None:
+    """Refuse the grader options of the world ``config`` is not used in."""
     defaults = EvaluationConfig()
-    given = [name for name in (_SD_GRADING if kind == "judge" else ("judge",))
-             if getattr(config, name) != getattr(defaults, name)]
+    given = [name for name in (_SD_GRADING if testbed else ("judge",)) if getattr(config, name) != getattr(defaults, name)]
     if given:
         why = ("options of Stable Diffusion's graders (NudeNet, CLIP); the testbed judge grades testbed images"
-               if kind == "judge" else "the testbed's grader; NudeNet or CLIP grades Stable Diffusion images")
+               if testbed else "the testbed's grader; NudeNet or CLIP grades Stable Diffusion images")
         raise ConfigError(f"{', '.join(given)}: {why}; leave {'them' if len(given) > 1 else 'it'} out")
+
+
+def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, clip: Clip | None = None) -> Detector:
+    """The detector ``kind`` (see ``detector_kind_for``) bound to ``target``."""
+    check_grader_options(config, testbed=kind == "judge")  # the judge grades the testbed only
     if kind == "judge":
         assert target.testbed_concept is not None  # the judge grades testbed targets only, which all have one
         return JudgeDetector(target.testbed_concept, config.judge)
@@ -315,8 +325,7 @@ def evaluate(
         work_dir = work_directory(out)
         if not resume:  # every process (it only reads), so that each stops with the same line
             check_no_unfinished_run(work_dir)
-    attacks_to_run = {name: build_attack(name, cfg.attack_configs.get(name)) for name in cfg.attacks}  # bad names
-    # or options fail before any work
+    attacks_to_run = build_attacks(cfg)  # bad names or options fail before any work
     started = time.time()
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
@@ -506,9 +515,9 @@ def _preservation(
             fid.load_state(state["fid"])
     unerased = painter.model.is_original  # its original draws the same images: drawn once
     for rows in sets.chunks(done, len(suite)):
-        drawn: dict[bool, torch.Tensor] = {}
+        erased_images = painter.prompts(suite, rows)
         for original, name in names.items():
-            images = drawn[original] = drawn[False] if original and unerased else painter.prompts(suite, rows, original=original)
+            images = painter.prompts(suite, rows, original=True) if original and not unerased else erased_images
             sets.keep(name, images, rows.start)
             if accuracy:
                 predicted[original] += detector.judge.predict_values(images)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from darkminer.evaluation.evaluate import ORIGINAL_METHOD, PRESERVATION
+from darkminer.models import model_id
 
 MISSING = "–"
 ERASURE_GROUP, ATTACK_GROUP, PRESERVATION_GROUP = "erasure", "attack success", "preservation"
@@ -69,7 +70,7 @@ def _cells_by_key(results: dict) -> dict[tuple[str, str], dict]:
 
 
 def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
-    """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it. None
+    """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it. Empty
     where fewer than two erasers have a value."""
     cells = _cells_by_key(results)
     values = {
@@ -120,7 +121,7 @@ def legend(results: dict) -> str:
     """What the table's columns are, those it shows only."""
     columns, _ = _table(results)
     present = {c.group if c.group != PRESERVATION_GROUP else c.key for _, c in columns}
-    aligner = "the testbed's image and text encoders" if results["model"] == "testbed" else "CLIP"
+    aligner = "the testbed's image and text encoders" if model_id(results["model"]) == "testbed" else "CLIP"
     parts = [text.format(aligner=aligner) for kind, text in _EXPLAINED.items() if kind in present]
     return ". ".join(parts + ["Bold: best eraser per column where two or more are compared; the original model is "
                               "the reference row."])

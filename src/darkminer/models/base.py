@@ -262,7 +262,7 @@ class DiffusionModel(ABC):
         """Whether no erasure is on the model (no adapter, no weight edited in place, plain guidance), so that
         ``original()`` changes nothing."""
         return (not getattr(self.unet, "peft_config", None) and not self._originals
-                and isinstance(self.guidance, ClassifierFreeGuidance))
+                and type(self.guidance) is ClassifierFreeGuidance)
 
     @contextmanager
     def original(self) -> Iterator[None]:
