@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 import darkminer
 from darkminer.attacks.base import AttackPrompt, AttackResult
@@ -143,6 +144,12 @@ def test_values_outside_what_a_setting_means_are_refused_and_its_edges_kept(conf
     (lambda: darkminer.erase("uce", "blood", "x", anchor=5), "anchor must be a string or null, got 5"),
     (lambda: darkminer.attack("plain", "blood", n_prompts=True), "n_prompts \\(--n-prompts\\) must be a whole number"),
     (lambda: darkminer.evaluate("blood", 5), "--out must be a path"),
+    (lambda: darkminer.evaluate(3), "concept must be a string, got 3"),
+    (lambda: darkminer.attack("plain", 3), "concept must be a string, got 3"),
+    (lambda: darkminer.attack(3, "blood"), "attack name must be a string, got 3"),
+    (lambda: darkminer.attack("plain", "blood", grading={"detector": "judge", "steps": 900, "n_images": 7}),
+     "grading sets the detector only .*, not n_images, steps"),
+    (lambda: darkminer.generate("a cat", seed=2**32 - 1, n=2), "seeds 4294967295 .. 4294967296, past the last seed"),
     (lambda: AttackPrompt("a heart", "zero"), "seed must be a whole number in 0 .. 2\\*\\*64 - 1, got 'zero'"),
     (lambda: AttackPrompt("a heart", -1), "seed must be a whole number"),
     (lambda: AttackPrompt("a heart", 0, float("nan")), "guidance must be a finite number or null, got nan"),
@@ -293,3 +300,47 @@ def test_a_model_not_in_the_cache_is_one_line_on_the_command_line(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     err = [line for line in done.stderr.splitlines() if line.strip()]  # huggingface_hub's notice came first
     assert done.returncode == 2 and len(err) == 1 and "(`hf download no-such/model`)" in err[0], err
+
+
+def test_a_loaded_model_is_used_where_it_is_and_other_placements_are_refused(tiny_sd, tmp_path):
+    from darkminer.evaluation.evaluate import _load
+
+    with pytest.raises(ModelLoadError, match="the loaded model is in torch.float32, not float16: load it so"):
+        darkminer.evaluate("nudity", tmp_path / "ev", model=tiny_sd, dtype="float16")
+    with pytest.raises(ModelLoadError, match="the loaded model is in torch.float32, not bf16"):
+        darkminer.erase("esd-x", "nudity", tmp_path / "esd", model=tiny_sd, dtype="bf16")
+    with pytest.raises(ModelLoadError, match="unknown dtype 'half'"):
+        darkminer.evaluate("nudity", model=tiny_sd, dtype="half")
+    assert list(tmp_path.iterdir()) == []  # refused before any folder was claimed
+    # Where it is, named or not, is accepted, and the record says where it ran.
+    for device, dtype in ((None, None), ("cpu", "float32"), ("cpu:0", "fp32")):
+        assert _load(tiny_sd, None, device, dtype)[0] is tiny_sd
+    assert load_model("tiny-random-sd", device=None, dtype=None).dtype == torch.float32
+
+
+def test_api_misuse_below_the_commands_is_one_line(tiny_sd, lora_dir):
+    from darkminer.attacks.base import build_attack
+    from darkminer.attacks.io import run_attack
+    from darkminer.evaluation import concept_detector
+    from darkminer.models.adapters import load_lora
+
+    with pytest.raises(ConfigError, match="concept must be a string, got 3"):
+        resolve_target(tiny_sd, 3)
+    with pytest.raises(ConfigError, match="n_prompts must be a positive number of prompts, got 0"):
+        resolve_target(tiny_sd, "nudity", n_prompts=0)
+    target = resolve_target(tiny_sd, "nudity")
+    # A detector's options as a mapping, as attack(grading=...) takes them.
+    assert concept_detector(tiny_sd, target, config={"nudenet_threshold": 0.3}).describe()["threshold"] == 0.3
+    success, attack, prompt = (lambda images: [False] * len(images)), build_attack("plain"), AttackPrompt("a nude", 0)
+    for args, message in ((("plain", [prompt], success), "attack must be an Attack \\(build_attack"),
+                          ((attack, ["a nude"], success), "prompts must be AttackPrompt\\(text, seed\\) each, got 'a nude'"),
+                          ((attack, [prompt], None), "success must be a function of images to verdicts")):
+        with pytest.raises(DarkMinerError, match=message):
+            run_attack(args[0], tiny_sd, target, args[1], args[2])
+    with pytest.raises(DarkMinerError, match="seeds is a list of seeds, one per image: give \\[0\\], not 0"):
+        tiny_sd.generate("a cat", seeds=0)
+    with pytest.raises(ConfigError, match="a sampling seed must be a whole number in 0 .. 2\\*\\*64 - 1, got -1"):
+        tiny_sd.generate(["a cat"], seeds=[-1], steps=1)
+    model = load_model("tiny-random-sd", erased=lora_dir)
+    with pytest.raises(ModelLoadError, match="this model already carries a darkminer LoRA; load .* into a fresh base"):
+        load_lora(model, lora_dir)

@@ -328,6 +328,11 @@ def test_the_first_rounds_of_a_run_are_the_shorter_run(tmp_path):
     load_model(erased=kept)  # loads as any erased model
     with pytest.raises(DarkMinerError, match="keep between 1 and 3"):
         keep_rounds(long, 4, tmp_path / "more")
+    before = (long / "rounds.jsonl").read_text()
+    for inside in (long, long / "sub"):  # the source is never overwritten nor written into
+        with pytest.raises(DarkMinerError, match="overlap"):
+            keep_rounds(long, 1, inside)
+    assert (long / "rounds.jsonl").read_text() == before and not (long / "sub").exists()
 
 
 def test_direction_score_is_one_when_mined_images_are_the_pool_and_minus_one_opposite():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from darkminer.errors import ConfigError
 from darkminer.testbed import captions, concepts, world
 from darkminer.testbed.image_encoder import ImageEncoder
 from darkminer.testbed.judge import Judge
@@ -211,9 +212,9 @@ def test_shipped_judge_is_accurate_on_fresh_images(heldout_batch) -> None:
     assert all(value >= 0.98 for value in accuracy.values()), accuracy
     blood = judge.has_concept(images, "blood")
     assert blood.dtype == torch.bool and (blood == (labels["overlay"] == 1)).float().mean() > 0.98
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ConfigError, match="shape"):  # one line on the command line too
         judge.predict(torch.rand(2, 3, 16, 16))
-    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+    with pytest.raises(ConfigError, match=r"\(x \+ 1\) / 2"):
         judge.predict(images[:2] * 2 - 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from darkminer.config import check_argument, check_seed
+from darkminer.config import SEED_LIMIT, check_argument, check_seed
 from darkminer.erasers.base import EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import (
@@ -25,7 +26,7 @@ from darkminer.io import (
     work_directory,
     write_json,
 )
-from darkminer.models import erased_base, load_model, model_id
+from darkminer.models import check_placement, erased_base, load_model, model_id
 from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, SamplingOptions
 from darkminer.models.erased import (
     EXPORT_INFO,
@@ -71,8 +72,8 @@ def erase(
     prompts: str | Path | None = None,
     kind: str | None = None,
     resume: bool = False,
-    device: str = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
     speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> Path:
     """Erase ``concept`` with ``method`` and write the erased-model directory ``out``.
@@ -87,6 +88,8 @@ def erase(
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).
     ``speed``: the speed options (``SpeedOptions``, or a dict of the ones to change over the model's
     defaults), applied to the loaded model.
+    ``device`` and ``dtype``: where and in what a model given by name is loaded (None: cpu, float32); a
+    loaded model is used where it is, and one that is not on them is refused.
     """
     from darkminer.parallel import init_processes
     from darkminer.parallel.speed import (
@@ -101,6 +104,8 @@ def erase(
     processes = init_processes()
     for name, value, hint in (("method", method, str), ("concept", concept, str), ("anchor", anchor, str | None)):
         check_argument(name, value, hint)
+    if isinstance(model, DiffusionModel):
+        check_placement(model, device, dtype)
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased)  # before the work, not after it
     work_dir = work_directory(out)
     if not resume:  # every process (it only reads), so that each stops with the same line
@@ -182,10 +187,11 @@ def generate(
     device: str = "cpu",
     dtype: str | torch.dtype = torch.float32,
     speed: SpeedOptions | dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """``n`` images (n, 3, H, W) in [0, 1] of ``prompt`` from a base or ``erased`` model, image ``i`` at seed
     ``seed + i`` (model defaults for ``steps`` and ``guidance_scale``); with ``out``, also a PNG grid of them.
-    Under a launcher the processes share the batches and the main one writes."""
+    Under a launcher the processes share the batches and the main one writes. ``progress``: a progress bar."""
     from darkminer.imaging import make_grid, save_png
     from darkminer.io import check_output_file
     from darkminer.parallel import init_processes, sharded_sample
@@ -198,6 +204,9 @@ def generate(
         raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
     if n < 1:
         raise ConfigError(f"n (-n) must be >= 1, got {n}")
+    if seed + n > SEED_LIMIT:  # image i is drawn at seed + i
+        raise ConfigError(f"the images are drawn at seeds {seed} .. {seed + n - 1}, past the last seed 2**32 - 1; "
+                          "lower seed (--seed)")
     if out is not None:
         if not str(out).lower().endswith(".png"):
             raise ConfigError(f"--out must name a .png file, got {out}")
@@ -207,7 +216,7 @@ def generate(
     seeds = [seed + i for i in range(n)]
     with torch.no_grad():
         cond = net.encode([prompt]).expand(n, -1, -1)
-    images = sharded_sample(net, cond, seeds, steps=steps, guidance_scale=guidance_scale, progress=True,
+    images = sharded_sample(net, cond, seeds, steps=steps, guidance_scale=guidance_scale, progress=progress,
                             processes=processes)
     if out is not None:  # small tiles enlarged
         processes.on_main(lambda: save_png(make_grid(images, scale=max(1, 256 // images.shape[-1])), out))
@@ -271,14 +280,20 @@ def attack(
     from darkminer.attacks.io import OUTPUT_KIND as ATTACK_OUTPUT
     from darkminer.attacks.io import RESULTS_NAME, run_attack
     from darkminer.evaluation import EvaluationConfig, concept_detector
+    from darkminer.evaluation.evaluate import GRADER_OPTIONS
     from darkminer.evaluation.suites import prompt_suites
     from darkminer.parallel import init_processes
 
+    for label, value, hint in (("attack name", name, str), ("concept", concept, str), ("anchor", anchor, str | None)):
+        check_argument(label, value, hint)
     check_argument("n_prompts (--n-prompts)", n_prompts, int)
     if n_prompts < 1:
         raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
     steps, guidance_scale = attack_sampling(steps, guidance_scale)
     attacker = build_attack(name, config)  # a bad name or option fails before the load
+    if isinstance(grading, Mapping) and (others := sorted(set(grading) - set(GRADER_OPTIONS))):
+        raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
+                          "sampling is steps and guidance_scale, the prompts n_prompts")
     grading = EvaluationConfig.coerce(grading)
     if out is not None:
         out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)

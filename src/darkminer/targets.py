@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from darkminer.config import check_argument
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models import is_testbed
 from darkminer.models.base import DiffusionModel
@@ -72,7 +73,11 @@ def resolve_target(
     seed: int = 0,
     kind: str | None = None,
 ) -> EraseTarget:
-    if not concept or not concept.strip():
+    check_argument("concept", concept, str)
+    check_argument("n_prompts", n_prompts, int)
+    if n_prompts < 1:
+        raise ConfigError(f"n_prompts must be a positive number of prompts, got {n_prompts}")
+    if not concept.strip():
         raise DarkMinerError("the concept (--concept) is empty: name the concept to erase")
     check_kind(kind)
     if kind is not None and is_testbed(model):

@@ -207,8 +207,14 @@ def run_attack(
     Under a launcher every process calls this and the attack shares its work out (the per-prompt attacks
     their prompts, CCE its batches); every process returns the main process's results, once the main one
     has written them."""
+    if not isinstance(attack, Attack):
+        raise DarkMinerError(f"attack must be an Attack (build_attack(name, config)), got {attack!r}")
     if not prompts:
         raise DarkMinerError("no prompts to attack: give a prompt CSV or a concept with prompts")
+    if wrong := next((p for p in prompts if not isinstance(p, AttackPrompt)), None):
+        raise DarkMinerError(f"prompts must be AttackPrompt(text, seed) each, got {wrong!r}")
+    if not callable(success):
+        raise DarkMinerError(f"success must be a function of images to verdicts (e.g. concept_detector(...)), got {success!r}")
     work_dir, resumed = None, False
     if out is not None:  # before the attack, not after it
         out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)

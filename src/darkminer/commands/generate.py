@@ -25,5 +25,5 @@ def run(args: argparse.Namespace) -> None:
 
     generate(args.prompt, args.out, model=args.model, erased=args.erased, n=args.n, seed=args.seed, steps=args.steps,
              guidance_scale=args.guidance, allow_empty=args.allow_empty, device=args.device, dtype=args.dtype,
-             speed=speed_options(args))
+             speed=speed_options(args), progress=True)
     print(f"wrote {args.out} ({args.n} image{'s' * (args.n != 1)}, seeds {args.seed}..{args.seed + args.n - 1})")

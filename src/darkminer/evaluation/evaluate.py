@@ -28,7 +28,7 @@ from darkminer.attacks.base import (
 )
 from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
 from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
-from darkminer.config import Config, check_choice, check_positive, check_sampling_steps
+from darkminer.config import Config, check_argument, check_choice, check_positive, check_sampling_steps
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
@@ -73,7 +73,7 @@ from darkminer.io import (
     work_directory,
     write_json,
 )
-from darkminer.models import is_testbed, load_model
+from darkminer.models import check_placement, is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
 from darkminer.models.erased import ErasedModelInfo, exported_erasure, method_label
@@ -222,6 +222,7 @@ def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Te
 # Grader options of one world, refused in the other rather than ignored: the testbed's judge grades testbed
 # images, NudeNet and CLIP Stable Diffusion's.
 _SD_GRADING = ("nudenet_threshold", "nudenet_classes", "clip_model", "clip_template", "clip_negatives")
+GRADER_OPTIONS = ("detector", "judge", *_SD_GRADING)  # what an attack's grading may set of an EvaluationConfig
 
 
 def check_grader_options(config: EvaluationConfig, testbed: bool) -> None:
@@ -248,13 +249,14 @@ def build_detector(kind: str, target: EraseTarget, config: EvaluationConfig, cli
 
 
 def concept_detector(
-    model: DiffusionModel, target: EraseTarget, detector: str | None = None, *, config: EvaluationConfig | None = None
+    model: DiffusionModel, target: EraseTarget, detector: str | None = None, *,
+    config: EvaluationConfig | dict[str, Any] | None = None,
 ) -> Detector:
     """The evaluation's detector for ``target`` (an attack's success function). ``config`` carries the
     grader's settings (``detector``, ``judge``, ``nudenet_threshold``, ``clip_model``...; default: the
     evaluation's); ``detector`` overrides its choice. ``auto`` is the testbed judge on the testbed, NudeNet
     for nudity, CLIP zero-shot otherwise."""
-    config = config or EvaluationConfig()
+    config = EvaluationConfig.coerce(config)
     kind = detector_kind_for(target.name, is_testbed(model), detector or config.detector)
     return build_detector(kind, target, config)
 
@@ -270,13 +272,14 @@ def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:
 
 
 def _load(
-    model: str | DiffusionModel | None, erased: str | Path | None, device: str, dtype: str | torch.dtype,
+    model: str | DiffusionModel | None, erased: str | Path | None, device: str | None, dtype: str | torch.dtype | None,
     speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> tuple[DiffusionModel, str, ErasedModelInfo | None]:
     """The model to evaluate, the erasure method that made it and the erased model's record (if any)."""
     if isinstance(model, DiffusionModel):
         if erased is not None:
             raise DarkMinerError("give either a loaded model or --erased, not both")
+        check_placement(model, device, dtype)
         if speed is not None:
             apply_speed_options(model, speed)
         return model, IN_MEMORY_METHOD, None
@@ -301,8 +304,8 @@ def evaluate(
     kind: str | None = None,
     paraphrase_prompts: str | Path | None = None,
     preserve_prompts: str | Path | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
     speed: SpeedOptions | dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = False,
@@ -317,7 +320,11 @@ def evaluate(
     ``model`` is a name/path (as ``load_model``) or a loaded model; ``erased`` an erased-model directory
     (without it the original model is evaluated). CSV options are for Stable Diffusion prompt sets; ``kind``
     declares what an SD concept is (``targets.SD_KINDS``: a ``style`` is graded as a painting in it).
+    ``device`` and ``dtype`` load a model given by name (None: cpu, float32); a loaded model is evaluated
+    where it is, and one that is not on them is refused.
     """
+    for name, value, hint in (("concept", concept, str), ("anchor", anchor, str | None)):
+        check_argument(name, value, hint)
     cfg = EvaluationConfig.coerce(config)
     work_dir = None
     if out is not None:
@@ -340,7 +347,7 @@ def evaluate(
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
     kind = detector_kind_for(target.word, testbed, cfg.detector)
     needs_clip = not testbed and ("clip" in cfg.preservation or kind == "clip")
-    clip = Clip.load(cfg.clip_model, device=device) if needs_clip else None
+    clip = Clip.load(cfg.clip_model, device=net.device) if needs_clip else None
     detector = build_detector(kind, target, cfg, clip)
     aligner: Aligner | None = (TestbedAligner() if testbed else clip) if "clip" in cfg.preservation else None
     fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
@@ -352,7 +359,7 @@ def evaluate(
     elif fid is not None and len(suites[PRESERVATION]) < 2:  # a one-row CSV: fail before the work folder is claimed
         raise DarkMinerError(f"FID needs at least 2 preservation images, and the preservation prompts give "
                              f"{len(suites[PRESERVATION])}; give more, or leave fid out (--preservation accuracy,clip)")
-    inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
+    inputs = _inputs(net, erased, info, target, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                      preserve_prompts=preserve_prompts)
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
@@ -470,7 +477,7 @@ def evaluate(
 
 
 def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInfo | None, target: EraseTarget,
-            device: str, speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
+            speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
     """Everything besides the config that the images depend on, as a rerun needs it: where the base model
     is (a hub id's cache snapshot names its revision), the erased model's own record, the anchor and kind,
     the device, dtype and speed options, and each prompt CSV's digest."""
@@ -479,7 +486,7 @@ def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInf
     return {
         "base_model": {"name": net.name, "local_copy": local_copy(net.name), "exported": exported_erasure(net.name)},
         "erased": info.record(erased) if info is not None and erased is not None else None,
-        "anchor": target.anchor, "kind": target.kind, "device": device, "dtype": str(net.dtype),
+        "anchor": target.anchor, "kind": target.kind, "device": net.device.type, "dtype": str(net.dtype),
         "speed": resolve_speed_options(net, speed or {}).to_dict(),
         "prompt_files": {name: file_record(path) for name, path in csvs.items() if path},
     }

@@ -45,28 +45,24 @@ def load_model(
     spec: str | os.PathLike | None = None,
     *,
     erased: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = torch.float32,
     speed: SpeedOptions | dict[str, Any] | None = None,
 ) -> DiffusionModel:
     """A model by name: ``testbed`` (default, alias ``toy``), ``tiny-random-sd``, a local diffusers folder,
     or a hub id already in the cache. ``erased`` applies an erased-model directory on top. ``speed``
     switches on the GPU path's options (``SpeedOptions``: autocast precision, attention kernel, gradient
-    checkpointing, channels-last).
+    checkpointing, channels-last). ``device`` and ``dtype`` None: cpu and float32.
 
     With ``erased`` and no ``spec``, the base model recorded in the directory is used; another base is
     refused (an erasure applied to other weights is neither that erasure nor that model).
     """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
+    device = "cpu" if device is None else device
+    dtype = torch.float32 if dtype is None else as_dtype(dtype)
     check_device(device)
     from darkminer.parallel.speed import apply_speed_options, as_speed_options
 
     as_speed_options(speed)  # bad options fail before the (long) load
-    if dtype not in DTYPES.values():
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     model_id(spec)  # a name or a path, or one line
     if erased is not None:
         spec = erased_base(erased, spec)
@@ -132,6 +128,31 @@ def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
                       "to be the same model", stacklevel=4)  # the caller of load_model (or erase)
     elif here != local_copy(spec):
         raise ModelLoadError(f"{erased} was erased from {recorded!r}, not {spec!r}: leave the model out to load its own base")
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` as a torch dtype (a name from ``DTYPES`` or one of their dtypes), or one line."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return dtype
+
+
+def check_placement(model: DiffusionModel, device: str | torch.device | None, dtype: str | torch.dtype | None) -> None:
+    """A loaded model runs where it is and in its own dtype: a ``device`` or ``dtype`` asked for that it is
+    not on is refused, not ignored (None: whatever it is on)."""
+    if device is not None:
+        check_device(device)
+        wanted, here = torch.device(device), model.device
+        if wanted.type != here.type or (wanted.index is not None and wanted.index != (here.index or 0)):
+            raise ModelLoadError(f"the loaded model is on {here}, not {device}: load it there "
+                                 f"(load_model(..., device={str(device)!r})) or leave device out")
+    if dtype is not None and as_dtype(dtype) != model.dtype:
+        raise ModelLoadError(f"the loaded model is in {model.dtype}, not {dtype}: load it so "
+                             f"(load_model(..., dtype=...)) or leave dtype out")
 
 
 def check_device(device: str | torch.device) -> None:

@@ -131,6 +131,9 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")
+    if has_lora(model):
+        raise ModelLoadError(f"this model already carries a darkminer LoRA; load {directory} into a fresh base model "
+                             "(load_model(erased=...) stacks erasures that were made on one another)")
     # one clear error for a truncated or foreign file, before diffusers parses it
     tensors, metadata = load_tensors_and_metadata(path)
     foreign = sorted(k for k in tensors if not k.startswith("unet."))

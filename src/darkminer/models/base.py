@@ -8,6 +8,7 @@ guidance, switching the adapter off to get the frozen original as a teacher -- i
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
@@ -21,9 +22,15 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from darkminer.config import MAX_SAMPLING_STEPS
+from darkminer.config import MAX_SAMPLING_STEPS, PROMPT_SEED_LIMIT, check_seed
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.registry import Registry
+
+
+def check_seed_list(seeds: Sequence[int]) -> None:
+    """``seeds`` is one seed per image: a lone number is refused with what to give instead."""
+    if isinstance(seeds, numbers.Integral):
+        raise DarkMinerError(f"seeds is a list of seeds, one per image: give [{seeds}], not {seeds}")
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -362,6 +369,8 @@ class DiffusionModel(ABC):
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """One noise tensor per seed, each from its own generator: an image depends on its seed only,
         never on batch size or on which process drew it."""
+        for seed in seeds:  # torch would take a negative seed, or wrap one past its range, silently
+            check_seed("a sampling seed", seed, limit=PROMPT_SEED_LIMIT)
         noise = [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
@@ -416,6 +425,7 @@ class DiffusionModel(ABC):
         if noise is None:
             if seeds is None:
                 raise DarkMinerError("sample() needs seeds (one per image) or a fixed noise tensor")
+            check_seed_list(seeds)
             if len(seeds) != cond.shape[0]:
                 raise DarkMinerError(f"{len(seeds)} seeds for {cond.shape[0]} conditionings")
             noise = self.initial_noise(seeds)
@@ -470,6 +480,7 @@ class DiffusionModel(ABC):
 
     def generate(self, prompts: str | Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
         """Images for prompts, one per (prompt, seed) pair; a single prompt is drawn once per seed."""
+        check_seed_list(seeds)
         if isinstance(prompts, str):  # not a sequence of one-letter prompts
             prompts = [prompts] * len(seeds)
         if any(not isinstance(p, str) for p in prompts):

@@ -56,14 +56,14 @@ def load_trained_weights(path: Path, what: str, required: str) -> tuple[dict[str
 
 
 def check_images(images: torch.Tensor) -> None:
-    """Raise ValueError unless ``images`` is a (B, 3, 32, 32) batch with values in [0, 1]."""
+    """Raise ConfigError (a ValueError) unless ``images`` is a (B, 3, 32, 32) batch with values in [0, 1]."""
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
+        raise ConfigError(
             f"expected images of shape (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}"
         )
     # A little slack for generated images; a [-1, 1] batch is a caller bug.
     if images.numel() and (images.min() < -0.25 or images.max() > 1.25):
-        raise ValueError("expected image values in [0, 1]; convert [-1, 1] model outputs with (x + 1) / 2")
+        raise ConfigError("expected image values in [0, 1]; convert [-1, 1] model outputs with (x + 1) / 2")
 
 
 def _conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:

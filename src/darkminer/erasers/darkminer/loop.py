@@ -24,7 +24,7 @@ from darkminer.erasers.darkminer.pool import VERIFY_SEED_OFFSET, build_pools
 from darkminer.erasers.darkminer.verifying import verify
 from darkminer.erasers.training import iteration_generator
 from darkminer.errors import DarkMinerError
-from darkminer.io import load_tensors, read_json, save_tensors, write_json, write_text
+from darkminer.io import check_output_directory, load_tensors, read_json, save_tensors, write_json, write_text
 from darkminer.models.adapters import ADAPTER_NAME, add_lora, target_module_names
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
@@ -267,9 +267,10 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
     judged from one long run's snapshots instead of one erase per budget.
     """
     from darkminer.models import load_model
-    from darkminer.models.erased import ERASED_ON, ErasedModelInfo, save_erased
+    from darkminer.models.erased import ERASED_ON, INFO_NAME, OUTPUT_KIND, ErasedModelInfo, save_erased
 
     erased_dir = Path(erased_dir)
+    out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased_dir)  # never over its own source
     info = ErasedModelInfo.read(erased_dir)
     if info.method != "darkminer":
         raise DarkMinerError(f"{erased_dir} was erased with {info.method!r}; only a Dark Miner run has rounds to keep")
