@@ -217,6 +217,9 @@ def test_a_missing_or_empty_file_is_refused(tmp_path):
     (tmp_path / "empty.csv").write_text("\n")
     with pytest.raises(DarkMinerError, match="is empty"):
         summarize_prompt_csv(tmp_path / "empty.csv")
+    (tmp_path / "doubled.csv").write_text("prompt,hard,hard\na cat,1,0\n")  # which "hard" would a filter read?
+    with pytest.raises(DarkMinerError, match="the header names 'hard' more than once; give each column its own name"):
+        filter_prompt_csv(tmp_path / "doubled.csv", tmp_path / "out.csv", ["hard=1"])
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from darkminer.cli import main
-from darkminer.errors import ConfigError
+from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import JudgeDetector
 from darkminer.io import load_tensors
 from darkminer.testbed.check import CheckConfig, neutral_prompts, run_check
@@ -129,6 +129,42 @@ def test_a_work_dir_resumes_only_the_recipe_that_made_it(tmp_path):
     (old / "checkpoint.pt").write_bytes(b"a pickle")
     with pytest.raises(ConfigError, match="pickled checkpoint from an older darkminer, which is not loaded"):
         train_unet(stage2, old, tmp_path / "s2")
+    # The thread count is how fast, not what: a resume may change it (the run is finished, so nothing trains).
+    threads = torch.get_num_threads()
+    try:
+        train_unet(UNetTrainConfig(seed=5, steps=2, batch_size=2, caption_bank=8, checkpoint_every=2, warmup_steps=1,
+                                   threads=2), tmp_path / "s1-work", tmp_path / "s1")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_training_folders_are_one_line_and_leave_nothing_behind(tmp_path, capsys):
+    from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
+
+    config = dict(seed=5, steps=1, batch_size=2, caption_bank=8, warmup_steps=0)
+    a_file = tmp_path / "p.csv"
+    a_file.write_text("prompt\n")
+    for work, message in ((a_file, "--work-dir .*p.csv exists and is not a testbed training work folder"),
+                          (a_file / "sub", "--work-dir .*sub: .*p.csv is a file, not a folder")):
+        with pytest.raises(DarkMinerError, match=message):
+            train_unet(UNetTrainConfig(**config), work, tmp_path / "unet")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    with pytest.raises(DarkMinerError, match="--init-from .*no-weights is not a loadable diffusers UNet folder"):
+        train_unet(UNetTrainConfig(**config, init_from=str(no_weights)), tmp_path / "work", tmp_path / "unet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights", "p.csv"]  # no work folder claimed
+    # The whole command checks its outputs before the judge trains (minutes), not after.
+    for out in (a_file, tmp_path / "mine"):
+        (tmp_path / "mine" / "unet").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mine" / "unet" / "notes.txt").write_text("a user's own folder")
+        assert main(["testbed", "train", "--out", str(out), "--work-dir", str(tmp_path / "w")]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and list((tmp_path / "mine").iterdir()) == [tmp_path / "mine" / "unet"]
+    assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", ""]) == 2
+    assert "concepts is empty" in capsys.readouterr().err
+    assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "blood,blood"]) == 2
+    assert "names a concept twice" in capsys.readouterr().err
 
 
 def _read_checkpoint_ema(work_dir):

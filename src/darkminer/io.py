@@ -94,24 +94,25 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 def check_output_directory(
     out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = (),
-    apart_from: str | Path | None = None,
+    apart_from: str | Path | None = None, flag: str = "--out",
 ) -> Path:
     """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, an
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
     may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark).
-    ``apart_from``: the erased model the command reads, which ``out`` may neither lie in nor hold."""
-    out = Path(os.path.abspath(_as_path(out)))
-    _check_parents(out)
+    ``apart_from``: the erased model the command reads, which ``out`` may neither lie in nor hold. ``flag``:
+    the option that names ``out``, for the errors."""
+    out = Path(os.path.abspath(_as_path(out, flag)))
+    _check_parents(out, flag)
     _check_apart(out, apart_from)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file()
                                                or all(p.name in prepared for p in out.iterdir()))):
-        raise DarkMinerError(f"--out {out} exists and is not {what}; choose another --out")
+        raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
     if replaced and out.is_symlink():
-        raise DarkMinerError(f"--out {out} is a link; give the folder itself (the output replaces it)")
+        raise DarkMinerError(f"{flag} {out} is a link; give the folder itself (the output replaces it)")
     if replaced and Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise DarkMinerError(f"--out {out} holds the current folder; name a new folder for the output")
+        raise DarkMinerError(f"{flag} {out} holds the current folder; name a new folder for the output")
     return out
 
 
@@ -146,11 +147,11 @@ def _check_apart(out: Path, erased: str | Path | None) -> None:
                              "model's folder")
 
 
-def _check_parents(path: Path) -> None:
+def _check_parents(path: Path, flag: str = "--out") -> None:
     for parent in Path(os.path.abspath(path)).parents:
         if parent.exists():
             if not parent.is_dir():
-                raise DarkMinerError(f"--out {path}: {parent} is a file, not a folder")
+                raise DarkMinerError(f"{flag} {path}: {parent} is a file, not a folder")
             return
 
 

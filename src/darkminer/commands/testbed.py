@@ -14,11 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                       description="List the testbed's target concepts, one line each: NAME KIND.")
     c.set_defaults(handler=_concepts)
 
-    t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (resumable)",
+    t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (the UNet resumes)",
                       description="Retrain the testbed's judge, image encoder and UNet from a seed into --out "
-                                  "(resumable from --work-dir; docs/testbed.md).")
+                                  "(docs/testbed.md). The UNet's training (hours) resumes from --work-dir; the "
+                                  "judge and the encoder (minutes) are trained whole each run (--only unet skips them).")
     t.add_argument("--seed", type=int, default=None, help="override the recipes' seed (default: theirs)")
-    t.add_argument("--work-dir", default="runs/testbed-train", help="checkpoints and caches (resume from here)")
+    t.add_argument("--work-dir", default="runs/testbed-train",
+                   help="the UNet's checkpoints and caches (a rerun resumes from here)")
     t.add_argument("--out", required=True,
                    help="weights folder to write (judge.safetensors, image_encoder.safetensors, unet/); the shipped "
                         "weights are replaced only if you name their folder (src/darkminer/testbed/weights in a checkout)")
@@ -54,17 +56,32 @@ def _concepts(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from darkminer.io import check_output_directory, check_output_file
     from darkminer.testbed import train_aux
-    from darkminer.testbed.train_unet import UNetTrainConfig, train_unet
+    from darkminer.testbed.train_unet import (
+        RUN_RECORD,
+        UNET_MARKER,
+        UNET_OUTPUT,
+        WORK_KIND,
+        UNetTrainConfig,
+        train_unet,
+    )
 
     out = Path(args.out)
-    # read first: a bad recipe fails in a second, not after the judge and the encoder have trained
+    files = {"judge": out / "judge.safetensors", "encoder": out / "image_encoder.safetensors"}
+    parts = [part for part in files if args.only in (None, part)]
+    # read and checked first: a bad recipe or folder fails in a second, not after the judge and the encoder trained
     config = UNetTrainConfig.from_recipe(args.unet_config, seed=args.seed, steps=args.unet_steps,  # --threads
                                          init_from=args.init_from, threads=args.threads) if args.only in (None, "unet") else None
-    if args.only in (None, "judge"):
-        train_aux.train_judge(seed=args.seed or 0, out_path=out / "judge.safetensors")
-    if args.only in (None, "encoder"):
-        train_aux.train_image_encoder(seed=args.seed or 0, out_path=out / "image_encoder.safetensors")
+    for part in parts:
+        check_output_file(files[part])
+    if config is not None:
+        check_output_directory(out / "unet", UNET_MARKER, UNET_OUTPUT)
+        check_output_directory(args.work_dir, RUN_RECORD, WORK_KIND, replaced=False, flag="--work-dir")
+    if "judge" in parts:
+        train_aux.train_judge(seed=args.seed or 0, out_path=files["judge"])
+    if "encoder" in parts:
+        train_aux.train_image_encoder(seed=args.seed or 0, out_path=files["encoder"])
     if config is not None:
         log = train_unet(config, args.work_dir, out / "unet")
         print(f"UNet trained: {config.steps} steps in {log['seconds']:.0f} s")
@@ -77,7 +94,7 @@ def _check(args: argparse.Namespace) -> None:
 
     check_output_file(args.out)  # before the check (minutes), not after it
     overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual, "judge": args.judge}
-    if args.concepts:
+    if args.concepts is not None:  # an empty list is refused, not read as "all six"
         overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
     if args.cce_steps is not None:
         overrides["cce_steps"] = args.cce_steps

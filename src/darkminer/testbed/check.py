@@ -61,6 +61,8 @@ class CheckConfig(Config):
         judge_weights(self.judge)
         if not self.concepts:
             raise ConfigError("CheckConfig.concepts is empty; name at least one concept (darkminer testbed concepts)")
+        if len(set(self.concepts)) < len(self.concepts):
+            raise ConfigError(f"CheckConfig.concepts names a concept twice ({', '.join(self.concepts)}); name each once")
         for name in self.concepts:
             get_concept(name)
 

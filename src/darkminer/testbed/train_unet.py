@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
-from darkminer.errors import ConfigError
+from darkminer.errors import ConfigError, ModelLoadError
 from darkminer.io import (
     check_output_directory,
     claim_record,
@@ -35,6 +35,7 @@ from darkminer.testbed.model import UNET_DIR, TestbedModel
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 UNET_MARKER, UNET_OUTPUT = "config.json", "a diffusers UNet folder"  # what --out may replace
+RUN_RECORD, WORK_KIND = "run.json", "a testbed training work folder"  # what --work-dir may be
 CHECKPOINT = "checkpoint.safetensors"  # weights, EMA, optimiser, schedule, RNG, step and log: one atomic file
 
 
@@ -130,22 +131,27 @@ def train_unet(
     if (work_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
                           "loaded; give a new --work-dir")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    # A checkpoint resumes only the run that wrote it: stage 2 in stage 1's work dir would take its weights,
-    # step count and learning rate.
-    changed = claim_record(work_dir / "run.json", config.to_dict())
-    if changed:
-        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe ({what_differs(changed)}); "
-                          "give each run its own --work-dir")
+    work_dir = check_output_directory(work_dir, RUN_RECORD, WORK_KIND, replaced=False, flag="--work-dir")  # filled in place
     torch.set_num_threads(config.threads)
     if model is None:
         model = TestbedModel.untrained(config.seed)
     else:
         torch.manual_seed(config.seed)
-    if config.init_from is not None:
+    if config.init_from is not None:  # before the work folder is claimed: a bad folder leaves nothing behind
         from diffusers import UNet2DConditionModel
 
-        model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
+        try:
+            model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"--init-from {config.init_from} is not a loadable diffusers UNet folder "
+                                 f"({' '.join(str(exc).split())[:200]})") from None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint resumes only the run that wrote it: stage 2 in stage 1's work dir would take its weights,
+    # step count and learning rate. The thread count is how fast, not what, so a resume may change it.
+    changed = claim_record(work_dir / RUN_RECORD, {k: v for k, v in config.to_dict().items() if k != "threads"})
+    if changed:
+        raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe ({what_differs(changed)}); "
+                          "give each run its own --work-dir")
     unet = model.unet.train().requires_grad_(True)
     scenes, states, _ = build_caption_bank(model, config, work_dir)
     with torch.no_grad():
