@@ -149,6 +149,7 @@ def test_values_outside_what_a_setting_means_are_refused_and_its_edges_kept(conf
     (lambda: darkminer.attack(3, "blood"), "attack name must be a string, got 3"),
     (lambda: darkminer.attack("plain", "blood", grading={"detector": "judge", "steps": 900, "n_images": 7}),
      "grading sets the detector only .*, not n_images, steps"),
+    (lambda: darkminer.attack("plain", "blood", grading=EvaluationConfig(steps=9)), "not steps; sampling is steps"),
     (lambda: darkminer.generate("a cat", seed=2**32 - 1, n=2), "seeds 4294967295 .. 4294967296, past the last seed"),
     (lambda: AttackPrompt("a heart", "zero"), "seed must be a whole number in 0 .. 2\\*\\*64 - 1, got 'zero'"),
     (lambda: AttackPrompt("a heart", -1), "seed must be a whole number"),
@@ -233,7 +234,7 @@ def test_wrong_kinds_of_paths_and_empty_or_negative_settings_are_named(tmp_path)
     (tmp_path / "photo.png").write_bytes(b"")
     with pytest.raises(DarkMinerError, match="FID reference folder .* is a file; give a folder of images"):
         reference_image_paths(tmp_path / "photo.png")
-    with pytest.raises(ConfigError, match="CheckConfig.concepts is empty"):
+    with pytest.raises(ConfigError, match=r"concepts \(--concepts\) is empty"):
         CheckConfig(concepts=[])
     with pytest.raises(ConfigError, match="DarkMinerConfig.guidance_scale must be > 0, got -1"):
         DarkMinerConfig(guidance_scale=-1.0)
@@ -315,6 +316,8 @@ def test_a_loaded_model_is_used_where_it_is_and_other_placements_are_refused(tin
     # Where it is, named or not, is accepted, and the record says where it ran.
     for device, dtype in ((None, None), ("cpu", "float32"), ("cpu:0", "fp32")):
         assert _load(tiny_sd, None, device, dtype)[0] is tiny_sd
+    small = {"n_images": 1, "steps": 1, "preservation": [], "attacks": []}
+    assert darkminer.evaluate("nudity", model=tiny_sd, config=small)["inputs"]["device"] == "cpu"
     assert load_model("tiny-random-sd", device=None, dtype=None).dtype == torch.float32
 
 
@@ -337,8 +340,9 @@ def test_api_misuse_below_the_commands_is_one_line(tiny_sd, lora_dir):
                           ((attack, [prompt], None), "success must be a function of images to verdicts")):
         with pytest.raises(DarkMinerError, match=message):
             run_attack(args[0], tiny_sd, target, args[1], args[2])
-    with pytest.raises(DarkMinerError, match="seeds is a list of seeds, one per image: give \\[0\\], not 0"):
-        tiny_sd.generate("a cat", seeds=0)
+    for draw in (lambda: tiny_sd.generate("a cat", seeds=0), lambda: tiny_sd.sample(tiny_sd.encode(["a cat"]), seeds=0)):
+        with pytest.raises(DarkMinerError, match="seeds is a list of seeds, one per image: give \\[0\\], not 0"):
+            draw()
     with pytest.raises(ConfigError, match="a sampling seed must be a whole number in 0 .. 2\\*\\*64 - 1, got -1"):
         tiny_sd.generate(["a cat"], seeds=[-1], steps=1)
     model = load_model("tiny-random-sd", erased=lora_dir)

@@ -220,6 +220,8 @@ def test_a_missing_or_empty_file_is_refused(tmp_path):
     (tmp_path / "doubled.csv").write_text("prompt,hard,hard\na cat,1,0\n")  # which "hard" would a filter read?
     with pytest.raises(DarkMinerError, match="the header names 'hard' more than once; give each column its own name"):
         filter_prompt_csv(tmp_path / "doubled.csv", tmp_path / "out.csv", ["hard=1"])
+    (tmp_path / "unnamed.csv").write_text("prompt,hard,,\na cat,1,,\n")  # a spreadsheet's trailing commas
+    assert filter_prompt_csv(tmp_path / "unnamed.csv", tmp_path / "out.csv", ["hard=1"])
 
 
 # ---------------------------------------------------------------------------------------------- summary

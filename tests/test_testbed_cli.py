@@ -162,9 +162,9 @@ def test_bad_training_folders_are_one_line_and_leave_nothing_behind(tmp_path, ca
         assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "w").exists() and list((tmp_path / "mine").iterdir()) == [tmp_path / "mine" / "unet"]
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", ""]) == 2
-    assert "concepts is empty" in capsys.readouterr().err
+    assert "concepts (--concepts) is empty" in capsys.readouterr().err
     assert main(["testbed", "check", "--out", str(tmp_path / "c.json"), "--concepts", "blood,blood"]) == 2
-    assert "names a concept twice" in capsys.readouterr().err
+    assert "names blood more than once" in capsys.readouterr().err
 
 
 def _read_checkpoint_ema(work_dir):

@@ -6,7 +6,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +206,7 @@ def generate(
         raise ConfigError(f"n (-n) must be >= 1, got {n}")
     if seed + n > SEED_LIMIT:  # image i is drawn at seed + i
         raise ConfigError(f"the images are drawn at seeds {seed} .. {seed + n - 1}, past the last seed 2**32 - 1; "
-                          "lower seed (--seed)")
+                          "lower seed (--seed) or n (-n)")
     if out is not None:
         if not str(out).lower().endswith(".png"):
             raise ConfigError(f"--out must name a .png file, got {out}")
@@ -291,10 +291,13 @@ def attack(
         raise ConfigError(f"n_prompts (--n-prompts) must be a positive number of prompts, got {n_prompts!r}")
     steps, guidance_scale = attack_sampling(steps, guidance_scale)
     attacker = build_attack(name, config)  # a bad name or option fails before the load
-    if isinstance(grading, Mapping) and (others := sorted(set(grading) - set(GRADER_OPTIONS))):
+    given = set(grading) if isinstance(grading, Mapping) else set()  # an option set to its default counts too
+    grading = EvaluationConfig.coerce(grading)
+    defaults = EvaluationConfig()
+    given |= {f.name for f in fields(grading) if getattr(grading, f.name) != getattr(defaults, f.name)}
+    if others := sorted(given - set(GRADER_OPTIONS)):
         raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
                           "sampling is steps and guidance_scale, the prompts n_prompts")
-    grading = EvaluationConfig.coerce(grading)
     if out is not None:
         out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
         if not resume:  # an unfinished run's journal is refused before the load, not after it

@@ -219,7 +219,8 @@ def read_csv_table(path: str | Path, what: str = "prompt file") -> CsvTable:
             if not row:
                 continue
             if header is None:
-                if doubled := sorted({name for name in row if row.count(name) > 1}):
+                # unnamed columns (a spreadsheet's trailing commas) are never read, so they may repeat
+                if doubled := sorted({name for name in row if name.strip() and row.count(name) > 1}):
                     raise DarkMinerError(f"{path}: the header names {', '.join(map(repr, doubled))} more than once; "
                                          "give each column its own name")
                 header, header_text = row, text

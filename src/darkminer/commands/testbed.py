@@ -56,16 +56,9 @@ def _concepts(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from darkminer.io import check_output_directory, check_output_file
+    from darkminer.io import check_output_file
     from darkminer.testbed import train_aux
-    from darkminer.testbed.train_unet import (
-        RUN_RECORD,
-        UNET_MARKER,
-        UNET_OUTPUT,
-        WORK_KIND,
-        UNetTrainConfig,
-        train_unet,
-    )
+    from darkminer.testbed.train_unet import UNetTrainConfig, check_training_folders, train_unet
 
     out = Path(args.out)
     files = {"judge": out / "judge.safetensors", "encoder": out / "image_encoder.safetensors"}
@@ -76,8 +69,7 @@ def _train(args: argparse.Namespace) -> None:
     for part in parts:
         check_output_file(files[part])
     if config is not None:
-        check_output_directory(out / "unet", UNET_MARKER, UNET_OUTPUT)
-        check_output_directory(args.work_dir, RUN_RECORD, WORK_KIND, replaced=False, flag="--work-dir")
+        check_training_folders(args.work_dir, out / "unet")
     if "judge" in parts:
         train_aux.train_judge(seed=args.seed or 0, out_path=files["judge"])
     if "encoder" in parts:

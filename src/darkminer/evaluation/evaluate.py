@@ -359,7 +359,7 @@ def evaluate(
     elif fid is not None and len(suites[PRESERVATION]) < 2:  # a one-row CSV: fail before the work folder is claimed
         raise DarkMinerError(f"FID needs at least 2 preservation images, and the preservation prompts give "
                              f"{len(suites[PRESERVATION])}; give more, or leave fid out (--preservation accuracy,clip)")
-    inputs = _inputs(net, erased, info, target, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
+    inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                      preserve_prompts=preserve_prompts)
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
@@ -477,7 +477,7 @@ def evaluate(
 
 
 def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInfo | None, target: EraseTarget,
-            speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
+            device: str | None, speed: SpeedOptions | dict[str, Any] | None, **csvs: str | Path | None) -> dict[str, Any]:
     """Everything besides the config that the images depend on, as a rerun needs it: where the base model
     is (a hub id's cache snapshot names its revision), the erased model's own record, the anchor and kind,
     the device, dtype and speed options, and each prompt CSV's digest."""
@@ -486,7 +486,9 @@ def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInf
     return {
         "base_model": {"name": net.name, "local_copy": local_copy(net.name), "exported": exported_erasure(net.name)},
         "erased": info.record(erased) if info is not None and erased is not None else None,
-        "anchor": target.anchor, "kind": target.kind, "device": net.device.type, "dtype": str(net.dtype),
+        "anchor": target.anchor, "kind": target.kind,
+        # as asked (so that earlier records still resume), or where the model given was
+        "device": str(net.device) if device is None else device, "dtype": str(net.dtype),
         "speed": resolve_speed_options(net, speed or {}).to_dict(),
         "prompt_files": {name: file_record(path) for name, path in csvs.items() if path},
     }

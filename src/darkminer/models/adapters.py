@@ -13,7 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_positive
-from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.errors import ConfigError, ModelLoadError, diffusers_log_silenced
 from darkminer.io import load_tensors_and_metadata
 from darkminer.models.base import DiffusionModel
 
@@ -144,16 +144,11 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items()})
     adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its error log repeats the error raised below
     try:
-        model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
+        with diffusers_log_silenced():
+            model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"{path} does not fit this base model's UNet ({' '.join(str(exc).split())[:300]})") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     # diffusers only logs the LoRA weights a file lacks, and those layers keep their random initialisation.
     made = {n.replace(f".{ADAPTER_NAME}.", ".") for n, _ in model.unet.named_parameters() if f".{ADAPTER_NAME}." in n}
     missing, unused = sorted(made - set(state)), sorted(set(state) - made)

@@ -60,9 +60,9 @@ class CheckConfig(Config):
                        timing_images=self.timing_images)
         judge_weights(self.judge)
         if not self.concepts:
-            raise ConfigError("CheckConfig.concepts is empty; name at least one concept (darkminer testbed concepts)")
-        if len(set(self.concepts)) < len(self.concepts):
-            raise ConfigError(f"CheckConfig.concepts names a concept twice ({', '.join(self.concepts)}); name each once")
+            raise ConfigError("concepts (--concepts) is empty; name at least one concept (darkminer testbed concepts)")
+        if doubled := sorted({name for name in self.concepts if self.concepts.count(name) > 1}):
+            raise ConfigError(f"concepts (--concepts) names {', '.join(doubled)} more than once; name each once")
         for name in self.concepts:
             get_concept(name)
 

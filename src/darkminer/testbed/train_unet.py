@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
-from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.errors import ConfigError, ModelLoadError, diffusers_log_silenced
 from darkminer.io import (
     check_output_directory,
     claim_record,
@@ -110,6 +110,17 @@ def build_caption_bank(
     return scenes, states, texts
 
 
+def check_training_folders(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """The work folder (checkpoints, filled in place) and the output UNet folder, if a training run may use
+    them; otherwise one line."""
+    work_dir = Path(work_dir)
+    if (work_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
+                          "loaded; give a new --work-dir")
+    return (check_output_directory(work_dir, RUN_RECORD, WORK_KIND, replaced=False, flag="--work-dir"),
+            check_output_directory(out_dir, UNET_MARKER, UNET_OUTPUT))
+
+
 def train_unet(
     config: UNetTrainConfig,
     work_dir: str | Path,
@@ -126,12 +137,7 @@ def train_unet(
     """
     from tqdm.auto import tqdm
 
-    work_dir, out_dir = Path(work_dir), Path(out_dir)
-    check_output_directory(out_dir, UNET_MARKER, UNET_OUTPUT)  # now, not at the first checkpoint
-    if (work_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"--work-dir {work_dir} holds a pickled checkpoint from an older darkminer, which is not "
-                          "loaded; give a new --work-dir")
-    work_dir = check_output_directory(work_dir, RUN_RECORD, WORK_KIND, replaced=False, flag="--work-dir")  # filled in place
+    work_dir, out_dir = check_training_folders(work_dir, out_dir)  # now, not at the first checkpoint
     torch.set_num_threads(config.threads)
     if model is None:
         model = TestbedModel.untrained(config.seed)
@@ -141,14 +147,15 @@ def train_unet(
         from diffusers import UNet2DConditionModel
 
         try:
-            model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
+            with diffusers_log_silenced():
+                model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"--init-from {config.init_from} is not a loadable diffusers UNet folder "
                                  f"({' '.join(str(exc).split())[:200]})") from None
     work_dir.mkdir(parents=True, exist_ok=True)
     # A checkpoint resumes only the run that wrote it: stage 2 in stage 1's work dir would take its weights,
     # step count and learning rate. The thread count is how fast, not what, so a resume may change it.
-    changed = claim_record(work_dir / RUN_RECORD, {k: v for k, v in config.to_dict().items() if k != "threads"})
+    changed = [key for key in claim_record(work_dir / RUN_RECORD, config.to_dict()) if key != "threads"]
     if changed:
         raise ConfigError(f"--work-dir {work_dir} holds a run of another recipe ({what_differs(changed)}); "
                           "give each run its own --work-dir")
