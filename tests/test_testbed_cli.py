@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -29,8 +31,13 @@ def test_neutral_prompts_never_ask_for_a_target_concept():
         assert set(prompt.expected) == {"shape", "colour", "style"}
 
 
-def test_check_reports_every_gate():
-    report = run_check(CheckConfig(n_images=4, concepts=["blood"], residual=False, judge_images=512, timing_images=4))
+def test_check_reports_every_gate(tmp_path):
+    # Run small from the command line: a config file sets what has no flag, and a flag overrides the file.
+    (tmp_path / "small.yaml").write_text("n_images: 3\nconcepts: [blood]\nresidual: false\njudge_images: 512\n"
+                                         "timing_images: 4\n")
+    assert main(["testbed", "check", "--config", str(tmp_path / "small.yaml"), "-n", "4",
+                 "--out", str(tmp_path / "check.json")]) == 0
+    report = json.loads((tmp_path / "check.json").read_text())
     assert set(report["judge_accuracy"]) == {"shape", "colour", "style", "overlay", "background"}
     assert min(report["judge_accuracy"].values()) >= 0.98
     assert set(report["concept_rate"]) == {"blood"}

@@ -36,8 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       description="Measure the testbed's gates (concept rates, speed, the ESD-x + CCE residual) "
                                   "with the judge and write them to a JSON file (docs/testbed.md).")
     k.add_argument("--out", required=True, help="output JSON file")
-    k.add_argument("-n", type=int, default=200, help="images per cell (default 200)")
-    k.add_argument("--seed", type=int, default=0, help="seed of the prompts and images (default 0)")
+    k.add_argument("--config", default=None,
+                   help="JSON or YAML file of check options (CheckConfig: also judge_images, timing_images, "
+                        "esd_iterations...; docs/testbed.md); flags override it")
+    k.add_argument("-n", type=int, default=None, help="images per cell (default 200)")
+    k.add_argument("--seed", type=int, default=None, help="seed of the prompts and images (default 0)")
     k.add_argument("--concepts", default=None, help="comma-separated subset (default: all six)")
     k.add_argument("--no-residual", action="store_true", help="skip the ESD-x + CCE residual gate (slow)")
     k.add_argument("--cce-steps", type=int, default=None,
@@ -81,15 +84,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from darkminer.config import load_config_file
     from darkminer.io import check_output_file, write_json
     from darkminer.testbed.check import CheckConfig, run_check
 
     check_output_file(args.out)  # before the check (minutes), not after it
-    overrides = {"n_images": args.n, "seed": args.seed, "residual": not args.no_residual, "judge": args.judge}
+    options = load_config_file(args.config) if args.config else {}
+    flags = {"n_images": args.n, "seed": args.seed, "judge": args.judge, "cce_steps": args.cce_steps}
+    options.update({name: value for name, value in flags.items() if value is not None})
+    if args.no_residual:
+        options["residual"] = False
     if args.concepts is not None:  # an empty list is refused, not read as "all six"
-        overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    if args.cce_steps is not None:
-        overrides["cce_steps"] = args.cce_steps
-    report = run_check(CheckConfig.from_dict(overrides))
+        options["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    report = run_check(CheckConfig.from_dict(options))
     write_json(args.out, report)
     print(f"wrote {args.out}")
