@@ -1,10 +1,10 @@
 """darkminer: erase concepts from text-to-image diffusion models so that no prompt brings them back.
 
 The API mirrors the CLI: ``erase``, ``generate``, ``attack``, ``evaluate``, ``export``, ``run_benchmark``,
-``load_model``. Below ``attack``, an attack is ``build_attack(name, options)`` run by ``run_attack(attack, model, target, prompts, success)`` with
-``target = resolve_target(model, concept)``, ``AttackPrompt`` prompts and ``success =
-concept_detector(model, target)``. Errors are ``DarkMinerError``s. Imports are lazy so
-that ``import darkminer`` stays cheap.
+``load_model``. Piece by piece, an attack is ``build_attack(name, options)`` run by
+``run_attack(attack, model, target, prompts, success)`` with ``target = resolve_target(model, concept)``,
+``AttackPrompt`` prompts and ``success = concept_detector(model, target)``. Errors are ``DarkMinerError``s.
+Imports are lazy so that ``import darkminer`` stays cheap.
 """
 
 from __future__ import annotations
