@@ -6,7 +6,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -293,8 +293,7 @@ def attack(
     attacker = build_attack(name, config)  # a bad name or option fails before the load
     given = set(grading) if isinstance(grading, Mapping) else set()  # an option set to its default counts too
     grading = EvaluationConfig.coerce(grading)
-    defaults = EvaluationConfig()
-    given |= {f.name for f in fields(grading) if getattr(grading, f.name) != getattr(defaults, f.name)}
+    given |= grading.changed_options()
     if others := sorted(given - set(GRADER_OPTIONS)):
         raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
                           "sampling is steps and guidance_scale, the prompts n_prompts")

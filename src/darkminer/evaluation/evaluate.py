@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,11 @@ class EvaluationConfig(Config):
         """The options as they apply to a concept of ``kind``."""
         return resolved_options(self.to_dict(), kind)
 
+    def changed_options(self) -> set[str]:
+        """The options set away from their defaults."""
+        defaults = EvaluationConfig()
+        return {f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
 
 def build_attacks(config: EvaluationConfig) -> dict[str, Attack]:
     """The evaluation's attacks with their options; an unknown name or option fails here."""
@@ -227,8 +232,8 @@ GRADER_OPTIONS = ("detector", "judge", *_SD_GRADING)  # what an attack's grading
 
 def check_grader_options(config: EvaluationConfig, testbed: bool) -> None:
     """Refuse the grader options of the world ``config`` is not used in."""
-    defaults = EvaluationConfig()
-    given = [name for name in (_SD_GRADING if testbed else ("judge",)) if getattr(config, name) != getattr(defaults, name)]
+    changed = config.changed_options()
+    given = [name for name in (_SD_GRADING if testbed else ("judge",)) if name in changed]
     if given:
         why = ("options of Stable Diffusion's graders (NudeNet, CLIP); the testbed judge grades testbed images"
                if testbed else "the testbed's grader; NudeNet or CLIP grades Stable Diffusion images")
