@@ -65,6 +65,23 @@ def test_a_reader_gone_away_stops_the_command_quietly():
     assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_full_stdout_is_one_line_not_a_traceback(buffered):
+    import subprocess
+    import sys
+
+    code = "import sys; from darkminer.cli import main; sys.exit(main(['testbed', 'concepts']))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=120, env=env)
+    assert done.returncode == 1
+    assert done.stderr == "darkminer: error: No space left on device\n"  # no traceback, no exit-time report
+
+
 def test_threads_sets_torchs_cpu_threads(capsys):
     before = torch.get_num_threads()
     try:

@@ -136,6 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`darkminer testbed concepts | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush complains again
         return 141  # 128 + SIGPIPE, as a shell reports a reader gone
+    except OSError as exc:  # a full disk, a permission, a full stdout: the system's words in one line, not a traceback
+        print(f"darkminer: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout itself failed: drop what it holds, else Python's exit flush reports it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         warnings.showwarning = show_warning
         if in_main_thread and previous is not None:  # None: a handler installed outside Python, kept
