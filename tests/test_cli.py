@@ -277,6 +277,16 @@ def test_our_warnings_are_one_line_and_python_shows_them_as_before_after_main(tm
     assert "UserWarning" not in err and warnings.showwarning is show_warning
 
 
+def test_a_warning_raised_through_torchs_no_grad_is_ours_too(tmp_path, capsys):
+    # SLD's warning comes from inside a no_grad-decorated sampler, so Python attributes it to torch's file
+    assert main(["--threads", "1", "erase", "--method", "sld", "--concept", "blood", "--out", str(tmp_path / "sld")]) == 0
+    assert main(["--threads", "1", "generate", "--erased", str(tmp_path / "sld"), "--prompt", "a red star", "-n", "1",
+                 "--steps", "2", "--out", str(tmp_path / "star.png")]) == 0
+    err = capsys.readouterr().err
+    assert "darkminer: warning: SLD steers only under classifier-free guidance" in err
+    assert "UserWarning" not in err and "_contextlib" not in err
+
+
 def test_prompt_csv_reading(tmp_path):
     good = tmp_path / "p.csv"
     good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
@@ -366,6 +376,9 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         assert main([*commands[0], "--resume", "--out", str(erased)]) == 0
         assert "--resume: no checkpoint in" in capsys.readouterr().err
     assert (erased / "darkminer.json").is_file() and (erased / "guidance.json").is_file()
+    # Nor inside an earlier output of its kind, which a rerun into that folder would delete with it.
+    assert main([*commands[0], "--out", str(erased / "deeper" / "inner")]) == 2
+    assert "lies inside" in _error_line(capsys) and not (erased / "deeper" / "inner").exists()
     # Outputs are as readable as any file the user makes (tempfile alone would make them owner-only).
     old_mask = os.umask(0o022)
     try:

@@ -338,6 +338,19 @@ def test_uce_preserve_scale_unset_follows_the_authors_rule(
     assert any(not torch.equal(default[name], other[name]) for name in default)
 
 
+def test_more_preserved_prompts_than_the_target_has_and_a_blank_sld_concept_are_refused(base_dir: Path, tmp_path):
+    from darkminer.erasers.sld import SldConfig
+
+    target = EraseTarget(name=CONCEPT, word=CONCEPT, anchor=ANCHOR, prompts=(),
+                         preserve=tuple(f"a photo of object {i}" for i in range(12)))
+    model = load_model(str(base_dir))
+    with pytest.raises(ConfigError, match="preserve_prompts 13 is more than the 12 ordinary prompts the target has"):
+        get_eraser("uce")(UceConfig(preserve_prompts=13)).erase(model, target, tmp_path / "uce")
+    assert not model._originals  # refused before any weight was touched
+    with pytest.raises(ConfigError, match="SldConfig.concept is blank"):
+        SldConfig(concept="   ")
+
+
 def _uce_edit_by_hand(
     weights: dict[str, torch.Tensor], keys: torch.Tensor, guide: torch.Tensor, preserve: list[torch.Tensor], *,
     erase_scale: float, preserve_scale: float, lamb: float,

@@ -191,3 +191,17 @@ def test_evaluate_attacks_flag_still_refuses_options_for_an_attack_the_file_does
     assert main(["evaluate", "--concept", "blood", "--config", str(options), "--attacks", "unlearndiff",
                  "--out", str(tmp_path / "e")]) == 2
     assert "attack_configs names attacks that are not run: ['unlearndif']" in capsys.readouterr().err
+
+
+def test_more_mined_tokens_than_a_prompt_holds_are_refused_before_the_pools(tmp_path, capsys, monkeypatch):
+    from darkminer.models.base import DiffusionModel
+
+    monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew a pool before refusing"))
+    config = tmp_path / "dm.json"
+    config.write_text(json.dumps({"n_tokens": 23}))  # the testbed's 24 positions hold 22 between its two ends
+    out = tmp_path / "erased"
+    assert main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
+                 "--out", str(out)]) == 2
+    assert "23 free tokens do not fit in this model's prompts, which hold at most 22" in capsys.readouterr().err
+    work = tmp_path / ".erased.work"  # holds nothing a fixed rerun would have to take over
+    assert not out.exists() and (not work.exists() or [p.name for p in work.iterdir()] == ["run.json"])

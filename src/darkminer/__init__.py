@@ -3,8 +3,8 @@
 The API mirrors the CLI: ``erase``, ``generate``, ``attack``, ``evaluate``, ``export``, ``run_benchmark``,
 ``load_model``. Piece by piece, an attack is ``build_attack(name, options)`` run by
 ``run_attack(attack, model, target, prompts, success)`` with ``target = resolve_target(model, concept)``,
-``AttackPrompt`` prompts and ``success = concept_detector(model, target)``. Errors are ``DarkMinerError``s.
-Imports are lazy so that ``import darkminer`` stays cheap.
+``AttackPrompt`` prompts and ``success = concept_detector(model, target)``. Errors are ``DarkMinerError``s,
+warnings ``DarkMinerWarning``s. Imports are lazy so that ``import darkminer`` stays cheap.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ _EXPORTS = {
     "SpeedOptions": "darkminer.parallel",
     "DarkMinerError": "darkminer.errors",
     "ConfigError": "darkminer.errors",
+    "DarkMinerWarning": "darkminer.errors",
 }
 
 

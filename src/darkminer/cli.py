@@ -12,11 +12,10 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from darkminer.commands import COMMAND_MODULES
-from darkminer.errors import DarkMinerError
+from darkminer.errors import DarkMinerError, DarkMinerWarning
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,7 +95,7 @@ def _terminate(signum: int, frame: object) -> None:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: str | None = None, *, show_others: Callable[..., None]) -> None:
     """Our own warnings as one line, as our errors are; a library's as Python shows them (it names the file)."""
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+    if issubclass(category, DarkMinerWarning):
         print(f"darkminer: warning: {message}", file=file or sys.stderr)
     else:
         show_others(message, category, filename, lineno, file, line)

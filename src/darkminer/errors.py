@@ -18,6 +18,12 @@ class ModelLoadError(DarkMinerError):
     """A model or erased-model directory cannot be loaded."""
 
 
+class DarkMinerWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one line. A category,
+    not the file it is raised from, marks it as ours: a warning raised through a decorator (torch's
+    ``no_grad``) is attributed to the decorator's file."""
+
+
 @contextmanager
 def diffusers_log_silenced() -> Iterator[None]:
     """Within the block diffusers logs nothing: where it logs an error and then raises it, the caller turns

@@ -100,15 +100,20 @@ def check_output_directory(
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
-    may not be a link or hold the current folder; False: it is filled in place (a resumable benchmark).
-    ``apart_from``: the erased model the command reads, which ``out`` may neither lie in nor hold. ``flag``:
-    the option that names ``out``, for the errors."""
+    may not be a link, hold the current folder or lie inside an earlier ``what``; False: it is filled in
+    place (a resumable benchmark). ``apart_from``: the erased model the command reads, which ``out`` may
+    neither lie in nor hold. ``flag``: the option that names ``out``, for the errors."""
     out = Path(os.path.abspath(_as_path(out, flag)))
     _check_parents(out, flag)
     _check_apart(out, apart_from)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file()
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
+    if replaced:  # a rerun into an earlier output of this kind replaces it whole, with what lies inside
+        holder = next((parent for parent in out.parents if (parent / marker).is_file()), None)
+        if holder is not None:
+            raise DarkMinerError(f"{flag} {out} lies inside {holder}, {what}, and a rerun into that folder would "
+                                 f"delete it; choose another {flag}")
     if replaced and out.is_symlink():
         raise DarkMinerError(f"{flag} {out} is a link; give the folder itself (the output replaces it)")
     if replaced and Path.cwd().resolve().is_relative_to(out.resolve()):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from darkminer.config import PROMPT_SEED_LIMIT
-from darkminer.errors import DarkMinerError
+from darkminer.errors import DarkMinerError, DarkMinerWarning
 from darkminer.io import atomic_path, check_output_file, read_text
 
 
@@ -58,7 +58,7 @@ def read_prompt_csv(path: str | Path, default_seed: int = 0, limit: int | None =
     if not rows:
         raise DarkMinerError(f"{path} holds no prompts")
     if empty:
-        warnings.warn(f"{path}: skipped {empty} row(s) with an empty prompt", stacklevel=2)
+        warnings.warn(f"{path}: skipped {empty} row(s) with an empty prompt", DarkMinerWarning, stacklevel=2)
     return rows
 
 

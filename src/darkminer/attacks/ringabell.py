@@ -36,7 +36,7 @@ from darkminer.attacks.base import (
 from darkminer.attacks.prompts import concept_phrases
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, search_in_batches
 from darkminer.config import check_non_negative, check_positive
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import DiffusionModel
 from darkminer.models.slots import allowed_token_ids, build_slotted
 from darkminer.prompts import find_phrase, read_csv_table, replace_concept
@@ -108,7 +108,7 @@ def concept_pairs(target: EraseTarget) -> list[tuple[str, str]]:
     if len(pairs) < _FEW_PAIRS:
         warnings.warn(
             f"Ring-A-Bell's concept vector comes from only {len(pairs)} pair{'s' if len(pairs) != 1 else ''} made from the target's prompts; give "
-            "pairs_csv for a steadier one (docs/attacks.md, the Ring-A-Bell prompt pairs)", stacklevel=2,
+            "pairs_csv for a steadier one (docs/attacks.md, the Ring-A-Bell prompt pairs)", DarkMinerWarning, stacklevel=2,
         )
     return pairs
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from darkminer.errors import ConfigError
 from darkminer.models.adapters import TARGET_PRESETS, target_module_names
 from darkminer.models.base import DiffusionModel
 from darkminer.targets import EraseTarget
@@ -125,6 +126,9 @@ def uce_edit(
     """UCE's erasure of ``target`` (train_erase.py, "replace"): the concept's aligned text states map to the
     anchor's, the empty prompt and the target's first ``preserve_prompts`` ordinary prompts are preserved.
     The projections' originals are remembered first, so ``model.original()`` stays the model before it."""
+    if preserve_prompts > len(target.preserve):
+        raise ConfigError(f"preserve_prompts {preserve_prompts} is more than the {len(target.preserve)} ordinary "
+                          f"prompts the target has; use at most {len(target.preserve)}")
     weights = kv_projection_weights(model)
     model.remember_originals(list(weights))
     preserve = list(model.encode([""] + list(target.preserve[:preserve_prompts])).detach())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from darkminer.config import check_choice
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
+from darkminer.errors import ConfigError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.guidance import PRESETS, SafeLatentGuidance
 from darkminer.targets import EraseTarget
@@ -28,6 +29,8 @@ class SldConfig(EraserConfig):
 
     def validate(self) -> None:
         check_choice(self, "preset", self.preset, tuple(PRESETS))
+        if self.concept and not self.concept.strip():  # blank text is not "the target's word"; it steers from nothing
+            raise ConfigError(f"SldConfig.concept is blank ({self.concept!r}); leave it empty for the target's word")
 
 
 @register_eraser("sld", kind="guidance")

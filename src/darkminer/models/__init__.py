@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from darkminer.errors import ModelLoadError
+from darkminer.errors import DarkMinerWarning, ModelLoadError
 from darkminer.models.base import DiffusionModel, Guidance, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo, apply_erased
 from darkminer.models.loading import names_a_folder
@@ -125,7 +125,7 @@ def _check_same_base(erased: str | Path, recorded: str, spec: str) -> None:
     here = local_copy(recorded)
     if here is None:
         warnings.warn(f"{erased} was erased from {recorded!r}, which is not here; applying it to {spec!r}, taken "
-                      "to be the same model", stacklevel=4)  # the caller of load_model (or erase)
+                      "to be the same model", DarkMinerWarning, stacklevel=4)  # the caller of load_model (or erase)
     elif here != local_copy(spec):
         raise ModelLoadError(f"{erased} was erased from {recorded!r}, not {spec!r}: leave the model out to load its own base")
 

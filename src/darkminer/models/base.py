@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from darkminer.config import MAX_SAMPLING_STEPS, PROMPT_SEED_LIMIT, check_seed
-from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning, ModelLoadError
 from darkminer.registry import Registry
 
 
@@ -177,7 +177,7 @@ class DiffusionModel(ABC):
                 self._reported_cut = True
                 warnings.warn(f"a prompt is longer than the text encoder's {self.max_length} tokens, so its end is "
                               f"cut off: {cut[0][:80]!r}{'...' if len(cut[0]) > 80 else ''} (later cuts are not "
-                              "reported)", stacklevel=2)
+                              "reported)", DarkMinerWarning, stacklevel=2)
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids.to(self.device)
 

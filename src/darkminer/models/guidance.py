@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from darkminer.config import Config, check_non_negative
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import DiffusionModel, Guidance, register_guidance
 
 
@@ -60,7 +60,7 @@ class SafeLatentGuidance(Guidance):
             warnings.warn(
                 f"SLD steers only under classifier-free guidance (scale != 1), from step {self.settings.warmup_steps} "
                 f"on; at {steps} steps and guidance {guidance_scale} it leaves the images as the original draws them",
-                stacklevel=3,
+                DarkMinerWarning, stacklevel=3,
             )
 
     def predict(

@@ -75,6 +75,15 @@ def prompt_token_ids(model: DiffusionModel, text: str) -> list[int]:
     return ids[1:end]
 
 
+def check_token_room(model: DiffusionModel, n_slots: int) -> int:
+    """The prompt positions between the opening and closing tokens, refusing ``n_slots`` free tokens past them."""
+    room = model.max_length - 2
+    if n_slots > room:
+        raise DarkMinerError(f"{n_slots} free tokens do not fit in this model's prompts, which hold at most {room} "
+                             f"between their opening and closing tokens; use {room} or fewer")
+    return room
+
+
 def build_slotted(model: DiffusionModel, rows: Sequence[Sequence[int | None]]) -> SlottedPrompts:
     """Full token sequences from rows of content ids where :data:`SLOT` marks a free slot.
 
@@ -87,9 +96,7 @@ def build_slotted(model: DiffusionModel, rows: Sequence[Sequence[int | None]]) -
     if len(counts) != 1:
         raise DarkMinerError(f"rows have different numbers of slots: {sorted(counts)}")
     n_slots = counts.pop()
-    room = model.max_length - 2
-    if n_slots > room:
-        raise DarkMinerError(f"{n_slots} attack tokens do not fit in {model.max_length} token positions; use fewer")
+    room = check_token_room(model, n_slots)
     start, placeholder = bos_id(model), model.placeholder_id
     all_ids, all_slots = [], []
     for row in rows:

@@ -28,6 +28,7 @@ from darkminer.io import check_output_directory, load_tensors, read_json, save_t
 from darkminer.models.adapters import ADAPTER_NAME, add_lora, target_module_names
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
+from darkminer.models.slots import check_token_room
 from darkminer.parallel import init_processes
 from darkminer.targets import EraseTarget
 
@@ -70,7 +71,9 @@ class DarkMiner(Eraser):
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: DarkMinerConfig = self.config
         processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
-        target_module_names(model, cfg.lora.pattern)  # a placement that matches nothing fails before the pools
+        # a placement that matches nothing, or more mined tokens than a prompt holds, fails before the pools
+        target_module_names(model, cfg.lora.pattern)
+        check_token_room(model, cfg.n_tokens)
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
         pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
