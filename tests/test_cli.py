@@ -531,7 +531,7 @@ def test_attack_takes_the_graders_options_as_evaluate_does(tmp_path, capsys):
     command = ["attack", "--attack", "plain", "--concept", "dog", "--model", "tiny-random-sd", "--prompts", str(prompts),
                "--n-prompts", "1"]
     assert main([*command, "--threshold", "7", "--out", str(tmp_path / "a")]) == 2
-    assert "(--threshold) must be in [0, 1]" in _error_line(capsys)
+    assert "(--threshold) must be in (0, 1]" in _error_line(capsys)
     # A CLIP of the user's choosing grades (before, only a cached openai/clip-vit-large-patch14 could).
     assert main([*command, "--detector", "clip", "--clip-model", "tiny-random-clip", "--out", str(tmp_path / "a")]) == 0
     saved = json.loads((tmp_path / "a" / "attack.json").read_text())
@@ -547,7 +547,7 @@ def test_more_bad_inputs_say_what_to_do(tmp_path, capsys):
     assert "is a file; give the folder `darkminer erase` wrote" in _error_line(capsys)
     assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "--threshold", "7", "--out",
                  str(tmp_path / "e")]) == 2
-    assert "(--threshold) must be in [0, 1]" in _error_line(capsys)
+    assert "(--threshold) must be in (0, 1]" in _error_line(capsys)
     assert main(["testbed", "train", "--unet-config", "nope", "--out", str(tmp_path / "w")]) == 2
     assert "neither a shipped recipe (unet-stage1, unet-stage2) nor a config file" in _error_line(capsys)
     assert not (tmp_path / "w").exists()

@@ -205,3 +205,9 @@ def test_more_mined_tokens_than_a_prompt_holds_are_refused_before_the_pools(tmp_
     assert "23 free tokens do not fit in this model's prompts, which hold at most 22" in capsys.readouterr().err
     work = tmp_path / ".erased.work"  # holds nothing a fixed rerun would have to take over
     assert not out.exists() and (not work.exists() or [p.name for p in work.iterdir()] == ["run.json"])
+
+
+def test_a_nudenet_threshold_of_zero_is_refused_at_the_config_as_the_detector_refuses_it():
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\] \(NudeNet gives no box under 0.25"):
+        EvaluationConfig(nudenet_threshold=0)  # under >=, an image with no box (score 0) would count as nude
+    assert EvaluationConfig(nudenet_threshold=0.25).nudenet_threshold == 0.25

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preservation", default=None,
                    help="comma-separated preservation metrics: accuracy,clip,fid (default all; SD FID needs torch-fidelity)")
     p.add_argument("--fid-reference", default=None,
-                   help="folder of reference images (png/jpg) for FID (default: the original model's images)")
+                   help="folder of reference images (png/jpg/jpeg/webp) for FID (default: the original model's images)")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image as its own PNG (images/SET/NNNN.png), linked from judgements.json")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")

@@ -135,8 +135,9 @@ class EvaluationConfig(Config):
             if value is not None:
                 check_positive(self, **{name: value})
         check_choice(self, "detector", self.detector, DETECTOR_KINDS)
-        if not 0 <= self.nudenet_threshold <= 1:  # NudeNet's scores are probabilities
-            raise ConfigError(f"EvaluationConfig.nudenet_threshold (--threshold) must be in [0, 1], got {self.nudenet_threshold}")
+        if not 0 < self.nudenet_threshold <= 1:  # probabilities; at 0 an image with no box (score 0) would count
+            raise ConfigError(f"EvaluationConfig.nudenet_threshold (--threshold) must be in (0, 1] (NudeNet gives no "
+                              f"box under 0.25, so 0.25 counts every box), got {self.nudenet_threshold}")
         judge_weights(self.judge)
         if isinstance(self.nudenet_classes, str) and self.nudenet_classes not in NUDENET_CLASS_SETS:
             self.nudenet_classes = [name.strip() for name in self.nudenet_classes.split(",") if name.strip()]
