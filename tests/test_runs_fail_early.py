@@ -203,8 +203,16 @@ def test_more_mined_tokens_than_a_prompt_holds_are_refused_before_the_pools(tmp_
     assert main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
                  "--out", str(out)]) == 2
     assert "23 free tokens do not fit in this model's prompts, which hold at most 22" in capsys.readouterr().err
-    work = tmp_path / ".erased.work"  # holds nothing a fixed rerun would have to take over
-    assert not out.exists() and (not work.exists() or [p.name for p in work.iterdir()] == ["run.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dm.json"]  # no output, no claimed work folder
+
+
+def test_a_refusal_from_inside_the_eraser_leaves_no_claimed_work_folder(tmp_path, capsys):
+    # ESD refuses half-precision weights only once it has the model, after the run claimed its work folder
+    out = tmp_path / "esd"
+    assert main(["--threads", "1", "erase", "--method", "esd-x", "--concept", "blood", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 2
+    assert "load the model in float32" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_nudenet_threshold_of_zero_is_refused_at_the_config_as_the_detector_refuses_it():

@@ -450,6 +450,21 @@ def claim_work_directory(work_dir: Path, record: dict[str, Any], resume: bool) -
                           "delete that folder to start over")
 
 
+@contextmanager
+def released_if_unused(work_dir: Path | None) -> Iterator[None]:
+    """A run that fails inside the block before its first checkpoint removes its claim on ``work_dir``: a
+    refusal from inside the work (a half-precision model for a full-weight trainer) then leaves no hidden
+    folder holding only the run record. The main process removes it; ``None``: nothing claimed."""
+    from darkminer.parallel import init_processes
+
+    try:
+        yield
+    except BaseException:
+        if work_dir is not None and init_processes().is_main and not has_checkpoint(work_dir):
+            remove_work_directory(work_dir)
+        raise
+
+
 def remove_work_directory(work_dir: Path) -> None:
     """Delete a finished run's work directory (its output is whole). It is renamed away first, in one step:
     a run killed while its thousands of files are deleted leaves no half of it where a resume would look."""

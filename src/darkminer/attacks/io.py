@@ -40,6 +40,7 @@ from darkminer.io import (
     load_tensors,
     output_directory,
     read_json,
+    released_if_unused,
     remove_work_directory,
     save_tensors,
     work_directory,
@@ -234,7 +235,7 @@ def run_attack(
                "sampling": asdict(model.default_sampling)}
         resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
-    with resumable(work_dir):
+    with resumable(work_dir), released_if_unused(work_dir):
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
     if out is not None:
         def save() -> None:
