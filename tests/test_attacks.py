@@ -19,7 +19,7 @@ from darkminer.attacks.p4d import p4d_rows
 from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
 from darkminer.attacks.soft_prompt import original_images, sample_prompts
 from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import SamplingOptions
 from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
 from darkminer.parallel import apply_speed_options
@@ -575,7 +575,7 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
         read_pairs(path)
     # A prompt that negates the concept makes no pair (its "without" side would hold the concept's negation).
     negations = ("a painting of nudity", "a photo, safe for work, no nudity", "a non-nudity scene", "not nudity")
-    with pytest.warns(UserWarning, match="only 1 pair made from the target's prompts; give pairs_csv"):
+    with pytest.warns(DarkMinerWarning, match="only 1 pair made from the target's prompts; give pairs_csv"):
         assert concept_pairs(dataclasses.replace(sd_target, prompts=negations)) == [("a painting of nudity", "a painting of")]
     ringabell = get_attack("ringabell")
     with pytest.raises(DarkMinerError, match="does not exist"):  # checked before any work
@@ -583,7 +583,7 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
     with pytest.raises(DarkMinerError, match="has no prompt pairs"):
         ringabell().check_target(dataclasses.replace(sd_target, prompts=("a photo, no nudity",)))
     star = dataclasses.replace(resolve_target(testbed, "star"), prompts=("a red star on grey", "a blue five pointed star"))
-    with pytest.warns(UserWarning, match="only 2 pairs"):
+    with pytest.warns(DarkMinerWarning, match="only 2 pairs"):
         assert concept_pairs(star) == [("a red star on grey", "a red circle on grey"), ("a blue five pointed star", "a blue circle")]
 
 

@@ -15,7 +15,7 @@ import torch
 
 from darkminer.cli import main
 from darkminer.config import load_config_file
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models import adapters
 from darkminer.prompts import read_prompt_csv
 
@@ -287,10 +287,47 @@ def test_a_warning_raised_through_torchs_no_grad_is_ours_too(tmp_path, capsys):
     assert "UserWarning" not in err and "_contextlib" not in err
 
 
+def test_every_warning_darkminer_raises_is_a_darkminer_warning():
+    """The CLI prints a warning as ours by its category: one raised without it would show as a library's."""
+    import ast
+
+    import darkminer
+
+    calls = []
+    for path in Path(darkminer.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = node.args[1] if len(node.args) > 1 else next(
+                    (k.value for k in node.keywords if k.arg == "category"), None)
+                calls.append((path.name, node.lineno, category is not None and ast.unparse(category)))
+    assert len(calls) >= 5 and all(category == "DarkMinerWarning" for *_, category in calls), calls
+
+
+def test_a_system_error_is_one_line_with_its_files_and_exit_1(monkeypatch, capsys):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import darkminer.commands.testbed as testbed_command
+
+    for error, line in (
+        (PermissionError(errno.EACCES, "Permission denied", "/x/a.json", None, "/x/b.json"),
+         "darkminer: error: Permission denied: /x/a.json -> /x/b.json"),
+        (SafetensorError("Error while serializing: I/O error:\n No space left on device (os error 28)"),
+         "darkminer: error: Error while serializing: I/O error: No space left on device (os error 28)"),
+    ):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(testbed_command, "_concepts", fail)
+        assert main(["testbed", "concepts"]) == 1
+        assert capsys.readouterr().err == line + "\n"
+
+
 def test_prompt_csv_reading(tmp_path):
     good = tmp_path / "p.csv"
     good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
-    with pytest.warns(UserWarning, match="skipped 1 row"):
+    with pytest.warns(DarkMinerWarning, match="skipped 1 row"):
         rows = read_prompt_csv(good, default_seed=100)
     assert [(r.text, r.seed, r.guidance) for r in rows] == [("a cat", 42, 7.5), ("a dog", 102, None)]
     # Seeds as pandas writes them, and above 2**53 (where a float would round): exact.

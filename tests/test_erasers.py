@@ -39,7 +39,7 @@ from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cro
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import loss_summary, train_parameters
 from darkminer.erasers.uce import UceConfig
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.io import load_state, load_tensors, load_tensors_and_metadata, save_tensors
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
@@ -525,7 +525,7 @@ def test_sld_warns_once_where_it_cannot_act(base_dir: Path) -> None:
     model = load_model(str(base_dir))
     erase("sld", CONCEPT, base_dir.parent / "sld-warn", model=model, config={"preset": "medium"})  # warm-up 10
     states = model.encode([SLD_PROBE])
-    with pytest.warns(UserWarning, match="SLD steers only .* from step 10 on; at 3 steps"):
+    with pytest.warns(DarkMinerWarning, match="SLD steers only .* from step 10 on; at 3 steps"):
         inactive = model.sample(states, seeds=[7], steps=3, guidance_scale=5.0)
     torch.testing.assert_close(inactive, model.sample(states, seeds=[7], steps=3, guidance_scale=5.0, adapter=False),
                                rtol=0, atol=0)  # what the warning says

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from darkminer.cli import main
-from darkminer.errors import DarkMinerError, ModelLoadError
+from darkminer.errors import DarkMinerError, DarkMinerWarning, ModelLoadError
 from darkminer.models import adapters, load_model
 from darkminer.models.erased import ErasedModelInfo, apply_erased, save_erased
 
@@ -47,7 +47,7 @@ def test_a_prompt_cut_to_the_text_encoders_length_is_reported_once_per_model(tin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         exact = tiny_sd.tokenize([fits])
-    with pytest.warns(UserWarning, match=f"longer than the text encoder's {length} tokens, so its end is cut off: 'cat cat"):
+    with pytest.warns(DarkMinerWarning, match=f"longer than the text encoder's {length} tokens, so its end is cut off: 'cat cat"):
         ids = tiny_sd.tokenize(["a dog", fits + " dog"])
     assert ids.shape == (2, length) and torch.equal(ids[1], exact[0])  # "dog" is what was cut; the end token stays
     with warnings.catch_warnings():
@@ -405,7 +405,7 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     shutil.copytree(out, moved)
     info = json.loads((moved / "darkminer.json").read_text())
     (moved / "darkminer.json").write_text(json.dumps({**info, "base_model": "/data/elsewhere/sd14"}))
-    with pytest.warns(UserWarning, match="which is not here; applying it to"):
+    with pytest.warns(DarkMinerWarning, match="which is not here; applying it to"):
         assert load_model(Path(tiny_sd_dir), erased=moved).guidance.registry_name == "sld"
     with pytest.raises(ModelLoadError, match="from the folder /data/elsewhere/sd14, which is not there any more: name "
                                              "where that base model is now with --model"):

@@ -202,7 +202,8 @@ def test_more_mined_tokens_than_a_prompt_holds_are_refused_before_the_pools(tmp_
     out = tmp_path / "erased"
     assert main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
                  "--out", str(out)]) == 2
-    assert "23 free tokens do not fit in this model's prompts, which hold at most 22" in capsys.readouterr().err
+    assert ("23 mined tokens (DarkMinerConfig.n_tokens) do not fit in this model's prompts, which hold at most 22"
+            in capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dm.json"]  # no output, no claimed work folder
 
 
@@ -219,3 +220,47 @@ def test_a_nudenet_threshold_of_zero_is_refused_at_the_config_as_the_detector_re
     with pytest.raises(ConfigError, match=r"must be in \(0, 1\] \(NudeNet gives no box under 0.25"):
         EvaluationConfig(nudenet_threshold=0)  # under >=, an image with no box (score 0) would count as nude
     assert EvaluationConfig(nudenet_threshold=0.25).nudenet_threshold == 0.25
+
+
+def test_a_failed_run_removes_its_claim_only_when_nothing_was_checkpointed(tmp_path):
+    from darkminer.io import released_if_unused
+
+    for checkpointed in (False, True):
+        work = tmp_path / f"w{int(checkpointed)}"
+        work.mkdir()
+        (work / "run.json").write_text("{}")
+        if checkpointed:
+            (work / "pool.safetensors").write_bytes(b"cached images")  # Dark Miner's pool: work a rerun reuses
+        with pytest.raises(ConfigError, match="late refusal"), released_if_unused(work):
+            raise ConfigError("late refusal")
+        assert work.exists() == checkpointed
+    with released_if_unused(tmp_path / "w1"):  # a run that succeeds leaves its folder to its own clean-up
+        pass
+    assert (tmp_path / "w1" / "pool.safetensors").exists()
+
+
+def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
+    from darkminer.io import check_output_directory
+
+    (tmp_path / "metrics.json").write_text("{}")  # another tool's file of that common name
+    check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
+    (tmp_path / "darkminer.json").write_text("{}")
+    with pytest.raises(DarkMinerError, match="lies inside .*, an erased model, and a rerun into that folder"):
+        check_output_directory(tmp_path / "a" / "b", "darkminer.json", "an erased model")
+
+
+def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypatch):
+    from darkminer.erasers.darkminer import loop
+
+    class ReachedThePools(Exception):
+        pass
+
+    def pools(*args, **kwargs):
+        raise ReachedThePools
+
+    monkeypatch.setattr(loop, "build_pools", pools)
+    config = tmp_path / "dm.json"
+    config.write_text(json.dumps({"space": "condition", "n_tokens": 30}))  # n_tokens unused in condition space
+    with pytest.raises(ReachedThePools):
+        main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
+              "--out", str(tmp_path / "erased")])

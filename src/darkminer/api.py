@@ -146,7 +146,7 @@ def erase(
     resumed = resume and has_checkpoint(work_dir)
     # The erasure below goes on only now, so that a bad argument leaves a given model as it was; while it
     # trains, the new erasure takes the one below as its original.
-    with nullcontext() if erased is None else erasure_adopted(base, erased), released_if_unused(work_dir):
+    with released_if_unused(work_dir), nullcontext() if erased is None else erasure_adopted(base, erased):
         started = time.time()
         summary = eraser.erase(base, target, work_dir)
     summary["seconds"] = round(time.time() - started, 2)  # of this run only: a resumed one did less

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
+from safetensors import SafetensorError
+
 from darkminer.commands import COMMAND_MODULES
 from darkminer.errors import DarkMinerError, DarkMinerWarning
 
@@ -101,6 +103,21 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
         show_others(message, category, filename, lineno, file, line)
 
 
+def _drop_stdout() -> None:
+    """Send what stdout still holds to the null device, else Python's exit flush reports the failure again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _system_error_line(exc: OSError | SafetensorError) -> str:
+    """The system's words for a failed read or write (safetensors reports a full disk as its own error)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        files = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+        text = exc.strerror + (f": {' -> '.join(files)}" if files else "")
+    else:
+        text = str(exc)
+    return " ".join(text.split())  # a library's message may span lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download; fail fast instead of retrying
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -133,15 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("darkminer: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`darkminer testbed concepts | head -1`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush complains again
+        _drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a reader gone
-    except OSError as exc:  # a full disk, a permission, a full stdout: the system's words in one line, not a traceback
-        print(f"darkminer: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
-              file=sys.stderr)
+    except (OSError, SafetensorError) as exc:  # a full disk, a permission, a full stdout: one line, not a traceback
+        print(f"darkminer: error: {_system_error_line(exc)}", file=sys.stderr)
         try:
             sys.stdout.flush()
-        except OSError:  # stdout itself failed: drop what it holds, else Python's exit flush reports it again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:  # stdout itself failed
+            _drop_stdout()
         return 1
     finally:
         warnings.showwarning = show_warning

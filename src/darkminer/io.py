@@ -100,16 +100,20 @@ def check_output_directory(
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
     before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
-    may not be a link, hold the current folder or lie inside an earlier ``what``; False: it is filled in
-    place (a resumable benchmark). ``apart_from``: the erased model the command reads, which ``out`` may
-    neither lie in nor hold. ``flag``: the option that names ``out``, for the errors."""
+    may not be a link, hold the current folder or lie inside an earlier ``what`` (erased models and
+    exports); False: it is filled in place (a resumable benchmark). ``apart_from``: the erased model the
+    command reads, which ``out`` may neither lie in nor hold. ``flag``: the option that names ``out``, for
+    the errors."""
     out = Path(os.path.abspath(_as_path(out, flag)))
     _check_parents(out, flag)
     _check_apart(out, apart_from)
     if out.exists() and not (out.is_dir() and ((out / marker).is_file()
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
-    if replaced:  # a rerun into an earlier output of this kind replaces it whole, with what lies inside
+    # A rerun into an earlier output of this kind replaces it whole, with what lies inside. Only where the
+    # marker's name is ours (darkminer.json, darkminer_export.json): a metrics.json, attack.json or config.json
+    # in a parent folder may well be another tool's.
+    if replaced and marker.startswith("darkminer"):
         holder = next((parent for parent in out.parents if (parent / marker).is_file()), None)
         if holder is not None:
             raise DarkMinerError(f"{flag} {out} lies inside {holder}, {what}, and a rerun into that folder would "
@@ -457,11 +461,13 @@ def released_if_unused(work_dir: Path | None) -> Iterator[None]:
     folder holding only the run record. The main process removes it; ``None``: nothing claimed."""
     from darkminer.parallel import init_processes
 
+    removes = work_dir is not None and init_processes().is_main  # asked before: a failing group may not answer
     try:
         yield
     except BaseException:
-        if work_dir is not None and init_processes().is_main and not has_checkpoint(work_dir):
-            remove_work_directory(work_dir)
+        if removes and not has_checkpoint(work_dir):
+            with suppress(OSError):  # the run's own error is the one to report
+                remove_work_directory(work_dir)
         raise
 
 

@@ -75,11 +75,11 @@ def prompt_token_ids(model: DiffusionModel, text: str) -> list[int]:
     return ids[1:end]
 
 
-def check_token_room(model: DiffusionModel, n_slots: int) -> int:
-    """The prompt positions between the opening and closing tokens, refusing ``n_slots`` free tokens past them."""
+def check_token_room(model: DiffusionModel, n_slots: int, what: str = "free tokens") -> int:
+    """The prompt positions between the opening and closing tokens, refusing ``n_slots`` ``what`` past them."""
     room = model.max_length - 2
     if n_slots > room:
-        raise DarkMinerError(f"{n_slots} free tokens do not fit in this model's prompts, which hold at most {room} "
+        raise DarkMinerError(f"{n_slots} {what} do not fit in this model's prompts, which hold at most {room} "
                              f"between their opening and closing tokens; use {room} or fewer")
     return room
 

@@ -73,7 +73,8 @@ class DarkMiner(Eraser):
         processes = init_processes()  # several under `accelerate launch`: DDP in circumventing, main writes
         # a placement that matches nothing, or more mined tokens than a prompt holds, fails before the pools
         target_module_names(model, cfg.lora.pattern)
-        check_token_room(model, cfg.n_tokens)
+        if cfg.space == "token":
+            check_token_room(model, cfg.n_tokens, "mined tokens (DarkMinerConfig.n_tokens)")
         encoder = load_image_encoder(model, cfg.image_encoder) if cfg.verify else None
         pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
