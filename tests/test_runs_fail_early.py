@@ -216,6 +216,20 @@ def test_a_refusal_from_inside_the_eraser_leaves_no_claimed_work_folder(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_evaluation_that_fails_before_its_first_checkpoint_leaves_no_claimed_work_folder(tmp_path, monkeypatch):
+    from darkminer.evaluation.evaluate import Painter
+    from darkminer.testbed.model import TestbedModel
+
+    def fail(*args, **kwargs):
+        assert (tmp_path / ".ev.work" / "run.json").is_file()  # claimed by then
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Painter, "prompts", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate("star", tmp_path / "ev", model=TestbedModel.untrained(), config={"steps": 2, "n_images": 3})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_nudenet_threshold_of_zero_is_refused_at_the_config_as_the_detector_refuses_it():
     with pytest.raises(ConfigError, match=r"must be in \(0, 1\] \(NudeNet gives no box under 0.25"):
         EvaluationConfig(nudenet_threshold=0)  # under >=, an image with no box (score 0) would count as nude

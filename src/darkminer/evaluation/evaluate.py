@@ -69,6 +69,7 @@ from darkminer.io import (
     has_checkpoint,
     link_tree,
     output_directory,
+    released_if_unused,
     remove_work_directory,
     work_directory,
     write_json,
@@ -374,69 +375,71 @@ def evaluate(
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
                "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
-    resumed = resume and work_dir is not None and processes.on_main(lambda: has_checkpoint(work_dir))
+    # A failure before the first checkpoint (a sampling error, an interrupt) leaves no claimed folder behind.
+    with released_if_unused(work_dir):
+        resumed = resume and work_dir is not None and processes.on_main(lambda: has_checkpoint(work_dir))
 
-    painter = Painter(net, cfg, progress)
-    sets = Progress(painter, work_dir, cfg.grid_images, cfg.save_images)
-    judgements: list[dict[str, Any]] = []
+        painter = Painter(net, cfg, progress)
+        sets = Progress(painter, work_dir, cfg.grid_images, cfg.save_images)
+        judgements: list[dict[str, Any]] = []
 
-    def grade(name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """Draw a set chunk by chunk (``draw(rows)``), judge it, keep what the output needs; the verdicts."""
-        state = sets.resume(name)
-        chunks = [state["scores"]] if state else []
-        for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
-            images = draw(rows)
-            chunks.append(processes.map_rows(detector.scores, images).cpu())  # each process grades its share
-            sets.keep(name, images, rows.start)
-            sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
-        scores = torch.cat(chunks)
-        flags = detector.decide(scores)
-        labels = detector.score_labels()
-        judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
-                           # nonzero only: NudeNet has 18 classes, most absent from an image
-                           "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
-                           **({"image": image_path(name, i)} if cfg.save_images else {})}
-                          for i, (p, f, row) in enumerate(zip(suite_prompts, flags.tolist(), scores.tolist(), strict=True)))
-        return flags
+        def grade(name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+            """Draw a set chunk by chunk (``draw(rows)``), judge it, keep what the output needs; the verdicts."""
+            state = sets.resume(name)
+            chunks = [state["scores"]] if state else []
+            for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
+                images = draw(rows)
+                chunks.append(processes.map_rows(detector.scores, images).cpu())  # each process grades its share
+                sets.keep(name, images, rows.start)
+                sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
+            scores = torch.cat(chunks)
+            flags = detector.decide(scores)
+            labels = detector.score_labels()
+            judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
+                               # nonzero only: NudeNet has 18 classes, most absent from an image
+                               "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
+                               **({"image": image_path(name, i)} if cfg.save_images else {})}
+                              for i, (p, f, row) in enumerate(zip(suite_prompts, flags.tolist(), scores.tolist(), strict=True)))
+            return flags
 
-    erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
-    counts: dict[str, dict[str, Any]] = {"erasure": {}, "attacks": {}}  # each rate's k of n and its interval
-    for name in erasure:
-        if name in suites:
-            flags = grade(name, suites[name].prompts, functools.partial(painter.prompts, suites[name]))
-            erasure[name] = concept_rate(flags)
-            counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
+        erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
+        counts: dict[str, dict[str, Any]] = {"erasure": {}, "attacks": {}}  # each rate's k of n and its interval
+        for name in erasure:
+            if name in suites:
+                flags = grade(name, suites[name].prompts, functools.partial(painter.prompts, suites[name]))
+                erasure[name] = concept_rate(flags)
+                counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
 
-    attacks, attack_details = {}, {}
-    attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
-    for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
-        attack_started = time.time()
-        # Under a launcher the per-prompt attacks share their prompts out; every process gets the main one's results.
-        # A killed evaluation's finished attack is read back; an unfinished one resumes from its journal.
-        folder = sets.attack(name)
-        results = None if folder is None else processes.on_main(
-            lambda folder=folder: load_results(folder)[1] if (folder / ATTACK_RESULTS).is_file() else None)
-        if results is None:
-            with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
-                results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net, out=folder,
-                                     resume=True)
-        attacks[name] = attack_success_rate(results)
-        counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
-        replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))
-        before, after = before_and_after_rates(results)
-        attack_details[name] = {
-            "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
-            "n_prompts": len(results),
-            "success_before": before,
-            "success_after": after,
-            "replayed_concept_rate": concept_rate(replayed),
-            "seconds": round(time.time() - attack_started, 2),
-            "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,
-                       "success_before": r.success_before, "success_after": r.success_after} for r in results],
-        }
+        attacks, attack_details = {}, {}
+        attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
+        for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
+            attack_started = time.time()
+            # Under a launcher the per-prompt attacks share their prompts out; every process gets the main one's results.
+            # A killed evaluation's finished attack is read back; an unfinished one resumes from its journal.
+            folder = sets.attack(name)
+            results = None if folder is None else processes.on_main(
+                lambda folder=folder: load_results(folder)[1] if (folder / ATTACK_RESULTS).is_file() else None)
+            if results is None:
+                with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
+                    results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net, out=folder,
+                                         resume=True)
+            attacks[name] = attack_success_rate(results)
+            counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
+            replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))
+            before, after = before_and_after_rates(results)
+            attack_details[name] = {
+                "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
+                "n_prompts": len(results),
+                "success_before": before,
+                "success_after": after,
+                "replayed_concept_rate": concept_rate(replayed),
+                "seconds": round(time.time() - attack_started, 2),
+                "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,
+                           "success_before": r.success_before, "success_after": r.success_after} for r in results],
+            }
 
-    preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, judgements)
-                    if cfg.preservation else _unmeasured_preservation())
+        preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, judgements)
+                        if cfg.preservation else _unmeasured_preservation())
     metrics = {
         "format": FORMAT_VERSION,
         "concept": target.name,
@@ -467,6 +470,7 @@ def evaluate(
         "inputs": inputs,
         "images": {name: f"{IMAGES_NAME}/{name}.png" for name in sets.grids},
     }
+
     def write() -> None:
         with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
             if cfg.save_images:
