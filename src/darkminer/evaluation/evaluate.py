@@ -381,64 +381,18 @@ def evaluate(
 
         painter = Painter(net, cfg, progress)
         sets = Progress(painter, work_dir, cfg.grid_images, cfg.save_images)
-        judgements: list[dict[str, Any]] = []
-
-        def grade(name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-            """Draw a set chunk by chunk (``draw(rows)``), judge it, keep what the output needs; the verdicts."""
-            state = sets.resume(name)
-            chunks = [state["scores"]] if state else []
-            for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
-                images = draw(rows)
-                chunks.append(processes.map_rows(detector.scores, images).cpu())  # each process grades its share
-                sets.keep(name, images, rows.start)
-                sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
-            scores = torch.cat(chunks)
-            flags = detector.decide(scores)
-            labels = detector.score_labels()
-            judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
-                               # nonzero only: NudeNet has 18 classes, most absent from an image
-                               "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
-                               **({"image": image_path(name, i)} if cfg.save_images else {})}
-                              for i, (p, f, row) in enumerate(zip(suite_prompts, flags.tolist(), scores.tolist(), strict=True)))
-            return flags
-
+        grader = Grader(sets, detector)
         erasure: dict[str, float | None] = {"plain": None, "paraphrase": None}
         counts: dict[str, dict[str, Any]] = {"erasure": {}, "attacks": {}}  # each rate's k of n and its interval
         for name in erasure:
             if name in suites:
-                flags = grade(name, suites[name].prompts, functools.partial(painter.prompts, suites[name]))
+                flags = grader.grade(name, suites[name].prompts, functools.partial(painter.prompts, suites[name]))
                 erasure[name] = concept_rate(flags)
                 counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
-
-        attacks, attack_details = {}, {}
         attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
-        for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
-            attack_started = time.time()
-            # Under a launcher the per-prompt attacks share their prompts out; every process gets the main one's results.
-            # A killed evaluation's finished attack is read back; an unfinished one resumes from its journal.
-            folder = sets.attack(name)
-            results = None if folder is None else processes.on_main(
-                lambda folder=folder: load_results(folder)[1] if (folder / ATTACK_RESULTS).is_file() else None)
-            if results is None:
-                with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
-                    results = run_attack(attack, net, target, attack_prompts, detector.detect, original=net, out=folder,
-                                         resume=True)
-            attacks[name] = attack_success_rate(results)
-            counts["attacks"][name] = rate_count(sum(r.success for r in results), len(results))
-            replayed = grade(f"attack-{name}", [r.prompt for r in results], lambda rows, found=results: replay_attack(painter, found[rows]))
-            before, after = before_and_after_rates(results)
-            attack_details[name] = {
-                "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
-                "n_prompts": len(results),
-                "success_before": before,
-                "success_after": after,
-                "replayed_concept_rate": concept_rate(replayed),
-                "seconds": round(time.time() - attack_started, 2),
-                "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,
-                           "success_before": r.success_before, "success_after": r.success_after} for r in results],
-            }
-
-        preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, judgements)
+        attacks, counts["attacks"], attack_details = _run_attacks(painter, grader, attacks_to_run, target,
+                                                                  attack_prompts, cfg, progress)
+        preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, grader.judgements)
                         if cfg.preservation else _unmeasured_preservation())
     metrics = {
         "format": FORMAT_VERSION,
@@ -477,13 +431,80 @@ def evaluate(
                 link_tree(sets.images(), tmp / IMAGES_NAME)
             for name, images in sets.grids.items():
                 save_png(make_grid(thumbnails(images)), tmp / IMAGES_NAME / f"{name}.png")
-            write_json(tmp / "judgements.json", judgements)
+            write_json(tmp / "judgements.json", grader.judgements)
             write_json(tmp / METRICS_NAME, metrics)
         remove_work_directory(work_dir)
 
     if out is not None:  # every process returns once the output is there (a benchmark reads it back)
         processes.on_main(write)
     return metrics
+
+
+class Grader:
+    """Draws an image set chunk by chunk, judges it and keeps what the output needs: its grid and saved
+    images and its checkpoint (in ``sets``: a killed run's set resumes where it stopped), and a judgement for
+    each image."""
+
+    def __init__(self, sets: Progress, detector: Detector) -> None:
+        self.sets, self.detector = sets, detector
+        self.judgements: list[dict[str, Any]] = []
+
+    def grade(self, name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """Set ``name``, its rows drawn by ``draw(rows)``; whether each image shows the concept."""
+        sets, detector = self.sets, self.detector
+        state = sets.resume(name)
+        chunks = [state["scores"]] if state else []
+        for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
+            images = draw(rows)
+            chunks.append(init_processes().map_rows(detector.scores, images).cpu())  # each process grades its share
+            sets.keep(name, images, rows.start)
+            sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
+        scores = torch.cat(chunks)
+        flags = detector.decide(scores)
+        labels = detector.score_labels()
+        self.judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
+                                # nonzero only: NudeNet has 18 classes, most absent from an image
+                                "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
+                                **({"image": image_path(name, i)} if sets.save_images else {})}
+                               for i, (p, f, row) in enumerate(zip(suite_prompts, flags.tolist(), scores.tolist(), strict=True)))
+        return flags
+
+
+def _run_attacks(
+    painter: Painter, grader: Grader, attacks: dict[str, Attack], target: EraseTarget, prompts: list[AttackPrompt], cfg: EvaluationConfig,
+    progress: bool,
+) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+    """Each attack on the evaluated model, and what it found replayed and graded as a set: the success
+    rates, their counts (k of n) and the details metrics.json keeps. Under a launcher the per-prompt attacks
+    share their prompts out and every process gets the main one's results; a killed evaluation's finished
+    attack is read back, and an unfinished one resumes from its journal."""
+    net, processes = painter.model, init_processes()
+    rates, counts, details = {}, {}, {}
+    for name, attack in tqdm(attacks.items(), desc="attacks", unit="attack", disable=not progress):
+        started = time.time()
+        folder = grader.sets.attack(name)
+        results = None if folder is None else processes.on_main(
+            lambda folder=folder: load_results(folder)[1] if (folder / ATTACK_RESULTS).is_file() else None)
+        if results is None:
+            with net.sampling_defaults(cfg.steps, cfg.guidance_scale):  # the sampling metrics.json records
+                results = run_attack(attack, net, target, prompts, grader.detector.detect, original=net, out=folder,
+                                     resume=True)
+        rates[name] = attack_success_rate(results)
+        counts[name] = rate_count(sum(r.success for r in results), len(results))
+        replayed = grader.grade(f"attack-{name}", [r.prompt for r in results],
+                                lambda rows, found=results: replay_attack(painter, found[rows]))
+        before, after = before_and_after_rates(results)
+        details[name] = {
+            "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
+            "n_prompts": len(results),
+            "success_before": before,
+            "success_after": after,
+            "replayed_concept_rate": concept_rate(replayed),
+            "seconds": round(time.time() - started, 2),
+            "found": [{"prompt": r.prompt.text, "seed": r.prompt.seed, "adversarial_text": r.adversarial_text,
+                       "success_before": r.success_before, "success_after": r.success_after} for r in results],
+        }
+    return rates, counts, details
 
 
 def _inputs(net: DiffusionModel, erased: str | Path | None, info: ErasedModelInfo | None, target: EraseTarget,
