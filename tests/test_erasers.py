@@ -26,6 +26,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 from darkminer.api import erase
 from darkminer.erasers import esd, training
+from darkminer.erasers.advunlearn import AdvUnlearnConfig, adversarial_condition
 from darkminer.erasers.base import get_eraser
 from darkminer.erasers.ca import concept_prompts
 from darkminer.erasers.closed_form import (
@@ -44,6 +45,7 @@ from darkminer.io import load_state, load_tensors, load_tensors_and_metadata, sa
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import ErasedModelInfo
+from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids, random_token_ids
 from darkminer.models.tiny import build_tiny_sd_pipeline
 from darkminer.parallel import SpeedOptions, apply_speed_options
 from darkminer.parallel.speed import gradient_scaler
@@ -67,6 +69,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "ca": {"iterations": 6, "lr": 1e-3, "anchor_images": 2, "image_steps": 2},
     "fmn": {"iterations": 6, "lr": 1e-3, "concept_images": 2, "image_steps": 2, "only_cross_attention": True},
     "sld": {"preset": "max"},
+    "advunlearn": {"iterations": 4, "lr": 1e-3, "ddim_steps": 3, "warmup_iterations": 1, "attack_steps": 2,
+                   "retain_batch": 2},
 }
 TEXT_LOCAL_METHODS = ["esd-x", "esd-x-strict", "uce", "rece"]
 WEIGHT_METHODS = [m for m in TINY_CONFIGS if m != "sld"]
@@ -173,6 +177,8 @@ def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_author
     assert get_eraser("esd-u").config_for(None, "testbed").lr == 1e-4  # 1e-3 destroys the testbed's images
     assert get_eraser("ca").config_for(None, "testbed").lr == 8e-4
     assert get_eraser("uce").config_for(None, "testbed") == UceConfig()  # closed form: no rate to scale
+    advunlearn = get_eraser("advunlearn").config_for(None, "testbed")
+    assert (advunlearn.lr, advunlearn.iterations, advunlearn.warmup_iterations, advunlearn.attack_steps) == (1e-3, 200, 40, 10)
     with pytest.raises(ConfigError, match="unknown option"):
         esd_x.config_for({"lrr": 1.0}, "testbed")
     with pytest.raises(ConfigError, match="expected a EsdConfig"):
@@ -197,6 +203,10 @@ def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_author
         ("ca", {"image_steps": 0}),
         ("fmn", {"batch_size": 0}),
         ("sld", {"preset": "extreme"}),
+        ("advunlearn", {"layers": "everything"}),
+        ("advunlearn", {"attack_steps": 0}),
+        ("advunlearn", {"retain_weight": -0.1}),
+        ("advunlearn", {"warmup_iterations": -1}),
     ],
 )
 def test_bad_config_values_raise(method: str, options: dict) -> None:
@@ -209,7 +219,7 @@ def test_unknown_method_raises() -> None:
         get_eraser("esd-z")
 
 
-@pytest.mark.parametrize("method", ["esd-u", "ca", "fmn"])
+@pytest.mark.parametrize("method", ["esd-u", "ca", "fmn", "advunlearn"])
 def test_full_weight_erasers_refuse_half_precision_weights_before_drawing_any_image(method: str, tmp_path: Path, monkeypatch) -> None:
     model = load_model("tiny-random-sd", dtype="bf16")
     monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
@@ -351,6 +361,16 @@ def test_more_preserved_prompts_than_the_target_has_and_a_blank_sld_concept_are_
         SldConfig(concept="   ")
 
 
+def test_advunlearn_refuses_more_retain_prompts_than_the_target_has(base_dir: Path, tmp_path: Path) -> None:
+    target = EraseTarget(name=CONCEPT, word=CONCEPT, anchor=ANCHOR, prompts=(), preserve=("a dog", "a cat"))
+    model = load_model(str(base_dir))
+    with pytest.raises(ConfigError, match="retain_batch 3 is more than the 2 ordinary prompts the target has"):
+        get_eraser("advunlearn")(AdvUnlearnConfig(retain_batch=3)).erase(model, target, tmp_path / "adv")
+    assert not model._originals  # refused before any weight was touched
+    get_eraser("advunlearn")(AdvUnlearnConfig(retain_batch=3, retain_weight=0, iterations=1, ddim_steps=2)).erase(
+        model, target, tmp_path / "adv")  # without the retain term its prompts are not needed
+
+
 def _uce_edit_by_hand(
     weights: dict[str, torch.Tensor], keys: torch.Tensor, guide: torch.Tensor, preserve: list[torch.Tensor], *,
     erase_scale: float, preserve_scale: float, lamb: float,
@@ -489,6 +509,56 @@ def test_fmn_refuses_a_concept_that_is_not_in_the_prompt(erased_model) -> None:
     model, _ = erased_model("fmn")
     with pytest.raises(DarkMinerError, match="does not fit"):
         concept_token_mask(model, "a photo of a dog", CONCEPT, use_end_token=False)
+
+
+# ------------------------------------------------------------------------------------------ AdvUnlearn
+def test_advunlearn_is_esd_x_in_its_warm_up_and_trains_otherwise_after_it(base_dir: Path, tmp_path: Path) -> None:
+    common = {"iterations": 3, "lr": 1e-3, "ddim_steps": 3}
+    esd_x = load_model(str(base_dir))
+    erase("esd-x", CONCEPT, tmp_path / "esd", model=esd_x, config=common)
+    prompts = [CONCEPT, UNRELATED]
+    for warmup in (3, 2):  # all three iterations warm-up; the last one adversarial
+        adv = load_model(str(base_dir))
+        erase("advunlearn", CONCEPT, tmp_path / f"adv{warmup}", model=adv,
+              config={**common, "warmup_iterations": warmup, "retain_weight": 0, "attack_steps": 2})
+        if warmup == 3:
+            torch.testing.assert_close(eps_of(adv, prompts), eps_of(esd_x, prompts), rtol=0, atol=0)
+        else:
+            assert mse(eps_of(adv, prompts), eps_of(esd_x, prompts)) > 1e-10
+
+
+def test_the_advunlearn_attack_lowers_its_objective_and_leaves_the_unet_gradients_alone(base_dir: Path) -> None:
+    model = load_model(str(base_dir))
+    params = training.trainable_unet_parameters(model, esd.ESD_X_MODULES)  # as while AdvUnlearn trains
+    cfg = AdvUnlearnConfig(adversarial_tokens=2, attack_steps=20, attack_lr=1e-2, ddim_steps=3)
+    slotted = build_slotted(model, [[SLOT, SLOT] + prompt_token_ids(model, CONCEPT)])
+    with torch.no_grad():
+        concept, empty = model.encode([CONCEPT]), model.encode([""])
+        first = random_token_ids(model, (2,), torch.Generator().manual_seed(7))  # the attack's start
+        start = slotted.encode(model, model.token_embedding.weight[first])
+    found = adversarial_condition(model, slotted, concept, empty, cfg, torch.Generator().manual_seed(7))
+
+    def objective(cond: torch.Tensor) -> float:
+        """The attack's loss over fixed ESD states: how far ``cond`` is from the original's concept."""
+        draws = torch.Generator().manual_seed(99)
+        states = [esd.esd_state(model, concept, empty, cfg, draws) for _ in range(6)]
+        with torch.no_grad():
+            return sum(mse(model.eps(x, t, cond), model.eps(x, t, concept, adapter=False)) for x, t in states)
+
+    assert objective(found) < 0.5 * objective(start)
+    assert all(p.grad is None for p in params.values())  # the trained weights collect nothing from the attack
+
+
+def test_the_retain_term_keeps_ordinary_prompts_nearer_the_original(base_dir: Path, tmp_path: Path) -> None:
+    config = {"iterations": 6, "lr": 1e-3, "ddim_steps": 3, "warmup_iterations": 6,
+              "retain_batch": len(DEFAULT_SD_PRESERVE)}
+    drift = {}
+    for weight in (0.0, 5.0):
+        model = load_model(str(base_dir))
+        erase("advunlearn", CONCEPT, tmp_path / f"w{weight}", model=model, config={**config, "retain_weight": weight})
+        ordinary = list(DEFAULT_SD_PRESERVE)
+        drift[weight] = mse(eps_of(model, ordinary), eps_of(model, ordinary, adapter=False))
+    assert drift[5.0] < 0.5 * drift[0.0]
 
 
 def test_sld_presets_are_diffusers_safety_config() -> None:

@@ -14,7 +14,7 @@ from darkminer.commands.common import (
 
 # Written out, not read from the registry: importing the erasers (torch, diffusers) would slow every --help;
 # a test checks the list against the registry.
-METHOD_NAMES = "darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece"
+METHOD_NAMES = "darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece, advunlearn"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
