@@ -763,10 +763,15 @@ def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_pat
                              lr=0.1, seed=0, work_dir=tmp_path, checkpoint_every=1, desc="toy")
 
 
-def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    config = {"iterations": 4, "lr": 1e-3, "ddim_steps": 2, "checkpoint_every": 2}
+@pytest.mark.parametrize(("method", "options"), [
+    ("esd-x-strict", {}),
+    ("advunlearn", {"warmup_iterations": 1, "attack_steps": 2, "retain_batch": 2}),  # its attack is drawn anew each iteration
+])
+def test_a_killed_training_eraser_resumes_from_its_checkpoint(method: str, options: dict, base_dir: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    config = {"iterations": 4, "lr": 1e-3, "ddim_steps": 2, "checkpoint_every": 2, **options}
     straight = load_model(str(base_dir))
-    erase("esd-x-strict", CONCEPT, tmp_path / "straight", model=straight, config=config)
+    erase(method, CONCEPT, tmp_path / "straight", model=straight, config=config)
 
     real = training.iteration_generator
 
@@ -777,12 +782,12 @@ def test_killed_esd_resumes_from_its_checkpoint(base_dir: Path, tmp_path: Path, 
 
     monkeypatch.setattr(training, "iteration_generator", dying)
     with pytest.raises(KeyboardInterrupt):
-        erase("esd-x-strict", CONCEPT, tmp_path / "resumed", model=load_model(str(base_dir)), config=config)
+        erase(method, CONCEPT, tmp_path / "resumed", model=load_model(str(base_dir)), config=config)
     monkeypatch.setattr(training, "iteration_generator", real)
     assert not (tmp_path / "resumed").exists()  # nothing that looks complete
 
     resumed = load_model(str(base_dir))
-    erase("esd-x-strict", CONCEPT, tmp_path / "resumed", model=resumed, config=config, resume=True)
+    erase(method, CONCEPT, tmp_path / "resumed", model=resumed, config=config, resume=True)
     torch.testing.assert_close(eps_of(resumed, [CONCEPT]), eps_of(straight, [CONCEPT]), rtol=0, atol=1e-6)
 
 
