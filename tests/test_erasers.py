@@ -38,7 +38,7 @@ from darkminer.erasers.closed_form import (
 )
 from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cross_attention
 from darkminer.erasers.sld import PRESETS
-from darkminer.erasers.training import loss_summary, train_parameters
+from darkminer.erasers.training import embedding_step, loss_summary, train_parameters
 from darkminer.erasers.uce import UceConfig
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.io import load_state, load_tensors, load_tensors_and_metadata, save_tensors
@@ -70,7 +70,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "fmn": {"iterations": 6, "lr": 1e-3, "concept_images": 2, "image_steps": 2, "only_cross_attention": True},
     "sld": {"preset": "max"},
     "advunlearn": {"iterations": 4, "lr": 1e-3, "ddim_steps": 3, "warmup_iterations": 1, "attack_steps": 2,
-                   "retain_batch": 2},
+                   "retain_batch": 2, "batch_size": 2},
 }
 TEXT_LOCAL_METHODS = ["esd-x", "esd-x-strict", "uce", "rece"]
 WEIGHT_METHODS = [m for m in TINY_CONFIGS if m != "sld"]
@@ -675,6 +675,27 @@ def test_a_float16_loss_trains_only_through_the_loss_scale() -> None:
     assert torch.equal(_toy_training(None, float16=True), torch.zeros(3))  # every gradient flushed to zero
     scaled = _toy_training(None, float16=True, scaler=torch.amp.GradScaler("cpu"))
     torch.testing.assert_close(scaled, reference, rtol=0, atol=1e-3)  # float16's rounding of the products
+
+
+def test_an_embedding_step_under_float16_moves_only_through_the_loss_scale_and_only_the_embedding() -> None:
+    """The step Dark Miner's mining and AdvUnlearn's attack take: the gradient reaches the embedding alone,
+    and under float16 it survives only scaled."""
+    weight = torch.nn.Parameter(torch.ones(3))  # a weight being trained, which the loss also depends on
+
+    def stepped(scaler: torch.amp.GradScaler, float16: bool = True) -> torch.Tensor:
+        values = torch.zeros(3, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
+            prediction = torch.eye(3) @ (values + weight)
+        loss = (prediction.float() - 2).pow(2).sum() * 1e-9  # its gradient (~1e-9) lies below float16's range
+        embedding_step(values, loss, torch.optim.Adam([values], lr=0.1), scaler)
+        return values.detach()
+
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    reference = stepped(off, float16=False)
+    assert reference.abs().min() > 1e-3
+    assert torch.equal(stepped(off), torch.zeros(3))  # every gradient flushed to zero
+    torch.testing.assert_close(stepped(torch.amp.GradScaler("cpu")), reference, rtol=1e-2, atol=0)
+    assert weight.grad is None
 
 
 def test_the_loss_scale_is_checkpointed_and_resumed(tmp_path: Path) -> None:

@@ -1,23 +1,20 @@
 """AdvUnlearn (Zhang et al., NeurIPS 2024): ESD trained against an adversary, with a retain term.
 
-Each iteration (after a warm-up of plain ESD) first attacks the model as it is now: ``adversarial_tokens``
-free token embeddings put before the concept's word are optimised with Adam for ``attack_steps`` steps, so
-that the model conditioned on them predicts what the frozen original predicts for the concept (each step at
-a fresh ESD x_t). The model is then trained with ESD's loss on that adversarial prompt instead of the bare
-word, plus ``retain_weight`` times a term that keeps its prediction on ``retain_batch`` ordinary prompts
-equal to the original's (at an ESD x_t reached from those prompts).
+Each iteration (after a warm-up of ESD on the bare word) first attacks the model as it is now:
+``adversarial_tokens`` free token embeddings put before the concept's word are optimised with Adam for
+``attack_steps`` steps, so that the model conditioned on them predicts what the frozen original predicts
+for the concept (each step at a fresh ESD x_t). The model is then trained with ESD's loss on that
+adversarial prompt instead of the bare word, plus ``retain_weight`` times a term that keeps its prediction
+on ``retain_batch`` ordinary prompts equal to the original's (at an ESD x_t reached from those prompts).
 
 As the authors' code (OPTML-Group/AdvUnlearn, ``train-scripts/AdvUnlearn.py``, ``utils/attack_util.py``,
 ``utils/get_loss.py``) with the options of its README's commands: continuous prefix embeddings never
 projected to real tokens, started from random vocabulary tokens at each attack (their ``attack_init
 random``), one adversarial token, 30 Adam steps at lr 1e-3, the retain term added to the loss with weight
 0.3 (their ``retain_train reg``), 5 retain prompts an iteration, 200 warm-up iterations of 1000. Unlike
-their default, which trains the text encoder, this trains UNet weights in place (their UNet ``train_method``
-options; cross-attention by default, as ESD-x): an erased model here carries UNet weights only. The retain
-prompts are the target's ordinary prompts (the testbed's preservation captions, or eight everyday prompts
-on Stable Diffusion), not their 243 COCO-object prompts, and their x_t is drawn at a DDIM step of its own
-(theirs shares the concept's). Each attack step's gradient is its own (their loop
-never zeroes it, so steps add up), and the attack's result is its last step's (theirs lags one step).
+their default, which trains the text encoder, this trains UNet weights in place (their UNet
+``train_method`` options; ESD-x's by default): an erased model here carries UNet weights only. The other
+differences (retain prompts, the attack loop's quirks) are listed in docs/methods.md.
 """
 
 from __future__ import annotations
@@ -31,23 +28,21 @@ import torch.nn.functional as F
 
 from darkminer.config import check_choice, check_non_negative, check_positive
 from darkminer.erasers.base import Eraser, register_eraser
-from darkminer.erasers.esd import (
-    ESD_U_MODULES,
-    ESD_X_MODULES,
-    ESD_X_STRICT_MODULES,
-    EsdConfig,
-    esd_state,
-    esd_teacher,
+from darkminer.erasers.esd import EsdConfig, EsdU, EsdX, EsdXStrict, esd_state, esd_teacher
+from darkminer.erasers.training import (
+    embedding_step,
+    loss_summary,
+    train_parameters,
+    trainable_unet_parameters,
 )
-from darkminer.erasers.training import loss_summary, train_parameters, trainable_unet_parameters
 from darkminer.errors import ConfigError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.slots import SLOT, SlottedPrompts, build_slotted, prompt_token_ids, random_token_ids
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
-# The UNet weights trained in place, named as the LoRA target presets: ESD-x's, ESD-x-strict's, ESD-u's.
-LAYERS = {"cross-attn": ESD_X_MODULES, "cross-attn-kv": ESD_X_STRICT_MODULES, "non-cross-attn": ESD_U_MODULES}
+# The UNet weights trained in place: those of an ESD variant (the authors' UNet options xattn, noxattn).
+LAYERS = {variant.name: variant.module_pattern for variant in (EsdX, EsdXStrict, EsdU)}
 
 
 @dataclass
@@ -55,11 +50,11 @@ class AdvUnlearnConfig(EsdConfig):
     """ESD's options (the authors': 1000 iterations at lr 1e-5, guidance 3 to reach x_t, negative guidance 1)
     and the adversarial training's."""
 
-    layers: str = "cross-attn"  # which UNet weights are trained: a key of LAYERS
+    layers: str = "esd-x"  # which UNet weights are trained: those of this ESD variant (a key of LAYERS)
     adversarial_tokens: int = 1  # free embeddings before the concept's word (authors' adv_prompt_num)
     attack_steps: int = 30  # Adam steps of each attack (authors' attack_step)
     attack_lr: float = 1e-3
-    warmup_iterations: int = 200  # plain ESD on the bare word first (authors' warmup_iter)
+    warmup_iterations: int = 200  # ESD on the bare word (with the retain term) first (authors' warmup_iter)
     retain_weight: float = 0.3  # of the retain term (authors' retain_loss_w, README); 0 leaves it out
     retain_batch: int = 5  # ordinary prompts per iteration (authors' retain_batch)
 
@@ -79,15 +74,13 @@ def adversarial_condition(
     embeddings that make it predict, at ESD's x_t, what the frozen original predicts for the concept."""
     ids = random_token_ids(model, (slotted.n_slots,), generator)
     values = model.token_embedding.weight.detach()[ids].to(torch.float32, copy=True).requires_grad_(True)
-    optimizer = torch.optim.Adam([values], lr=cfg.attack_lr)
+    optimizer, scaler = torch.optim.Adam([values], lr=cfg.attack_lr), gradient_scaler(model)
     for _ in range(cfg.attack_steps):
         x_t, t = esd_state(model, concept[:1], empty[:1], cfg, generator)
         with torch.no_grad():
             aim = model.eps(x_t, t, concept[:1], adapter=False)
         loss = F.mse_loss(model.eps(x_t, t, slotted.encode(model, values)), aim)
-        # Only the embeddings' gradient: the UNet weights being trained must not collect the attack's.
-        (values.grad,) = torch.autograd.grad(loss, [values])
-        optimizer.step()
+        embedding_step(values, loss, optimizer, scaler)  # the UNet weights being trained collect nothing
     with torch.no_grad():
         return slotted.encode(model, values)
 
@@ -110,10 +103,10 @@ class AdvUnlearn(Eraser):
         with torch.no_grad():
             concept = model.encode([target.word]).expand(cfg.batch_size, -1, -1)
             empty = model.encode([""])
+            blank = empty.expand(cfg.batch_size, -1, -1)
             retain = model.encode(list(target.preserve))
 
         def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
-            blank = empty.expand(cfg.batch_size, -1, -1)
             cond = concept
             if iteration >= cfg.warmup_iterations:
                 cond = adversarial_condition(model, slotted, concept, blank, cfg, generator).expand_as(concept)

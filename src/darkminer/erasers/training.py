@@ -128,6 +128,17 @@ def noised_batch(
     return model.add_noise(latents[host_to_device(index, latents.device)], noise, t), t
 
 
+def embedding_step(
+    values: torch.Tensor, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> None:
+    """One step of ``optimizer`` on the embedding ``values`` alone, from ``loss`` through the loss scale: the
+    weights of a model being trained, which the loss also depends on, collect no gradient from it."""
+    (values.grad,) = torch.autograd.grad(scaler.scale(loss), [values])
+    scaler.step(optimizer)  # skipped where the scaled gradient overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_parameters(
     params: dict[str, nn.Parameter],
     loss_fn: Callable[[int, torch.Generator], torch.Tensor],

@@ -15,6 +15,7 @@ import torch
 from darkminer.erasers.base import check_finite
 from darkminer.erasers.darkminer.config import DarkMinerConfig
 from darkminer.erasers.darkminer.pool import ImagePool
+from darkminer.erasers.training import embedding_step
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import curve_ends, denoising_loss, draw_noise_and_timesteps
 from darkminer.models.slots import SLOT, SlottedPrompts, build_slotted, prompt_token_ids, random_token_ids
@@ -92,12 +93,7 @@ def mine(model: DiffusionModel, pool: ImagePool, start: MinedEmbedding, config: 
         # In context each image is denoised under its own prompt with the tokens; alone, under the tokens.
         cond = mined.condition(model, index if config.mine_in_context else None)
         loss = denoising_loss(model, latents, cond.expand(len(latents), -1, -1), t, noise)
-        # Gradients for the embedding only: the adapter's parameters must not accumulate any here.
-        (grad,) = torch.autograd.grad(scaler.scale(loss), [values])
-        values.grad = grad
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        embedding_step(values, loss, optimizer, scaler)  # the adapter's parameters must not accumulate any here
         step_losses[step] = loss.detach()
     losses = [check_finite(value, "mining", "lower mining_lr") for value in step_losses.tolist()]
     mined = mined.detached()
