@@ -25,7 +25,7 @@ from diffusers import (
 from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 from darkminer.api import erase
-from darkminer.erasers import esd, training
+from darkminer.erasers import advunlearn, esd, training
 from darkminer.erasers.advunlearn import AdvUnlearnConfig, adversarial_condition
 from darkminer.erasers.base import get_eraser
 from darkminer.erasers.ca import concept_prompts
@@ -512,19 +512,33 @@ def test_fmn_refuses_a_concept_that_is_not_in_the_prompt(erased_model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ AdvUnlearn
-def test_advunlearn_is_esd_x_in_its_warm_up_and_trains_otherwise_after_it(base_dir: Path, tmp_path: Path) -> None:
+def test_advunlearn_is_esd_x_in_its_warm_up_and_after_it_trains_on_what_the_attack_found(
+    base_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     common = {"iterations": 3, "lr": 1e-3, "ddim_steps": 3}
     esd_x = load_model(str(base_dir))
     erase("esd-x", CONCEPT, tmp_path / "esd", model=esd_x, config=common)
     prompts = [CONCEPT, UNRELATED]
-    for warmup in (3, 2):  # all three iterations warm-up; the last one adversarial
+
+    def trained(warmup: int, found: str | None = None) -> torch.Tensor:
+        """The erased model's predictions; ``found``: what a stand-in attack returns (drawing nothing)."""
+        calls = []
+        if found is not None:
+            def stand_in(model, slotted, concept, empty, cfg, generator):
+                calls.append(1)
+                return model.encode([found])
+            monkeypatch.setattr(advunlearn, "adversarial_condition", stand_in)
         adv = load_model(str(base_dir))
-        erase("advunlearn", CONCEPT, tmp_path / f"adv{warmup}", model=adv,
+        erase("advunlearn", CONCEPT, tmp_path / f"adv{warmup}{found}", model=adv,
               config={**common, "warmup_iterations": warmup, "retain_weight": 0, "attack_steps": 2})
-        if warmup == 3:
-            torch.testing.assert_close(eps_of(adv, prompts), eps_of(esd_x, prompts), rtol=0, atol=0)
-        else:
-            assert mse(eps_of(adv, prompts), eps_of(esd_x, prompts)) > 1e-10
+        assert len(calls) == (0 if found is None else common["iterations"] - warmup)
+        return eps_of(adv, prompts)
+
+    reference = eps_of(esd_x, prompts)
+    torch.testing.assert_close(trained(3), reference, rtol=0, atol=0)  # all warm-up: ESD-x to the bit
+    # After the warm-up the attack's conditioning replaces the word's, and nothing else changes.
+    torch.testing.assert_close(trained(2, found=CONCEPT), reference, rtol=0, atol=0)
+    assert mse(trained(2, found=UNRELATED), reference) > 1e-10
 
 
 def test_the_advunlearn_attack_lowers_its_objective_and_leaves_the_unet_gradients_alone(base_dir: Path) -> None:

@@ -74,6 +74,8 @@ def adversarial_condition(
     embeddings that make it predict, at ESD's x_t, what the frozen original predicts for the concept."""
     ids = random_token_ids(model, (slotted.n_slots,), generator)
     values = model.token_embedding.weight.detach()[ids].to(torch.float32, copy=True).requires_grad_(True)
+    # A fresh scale each attack (nothing carried between iterations, so a resume is exact); under fp16 its
+    # first steps may overflow and be skipped while it settles.
     optimizer, scaler = torch.optim.Adam([values], lr=cfg.attack_lr), gradient_scaler(model)
     for _ in range(cfg.attack_steps):
         x_t, t = esd_state(model, concept[:1], empty[:1], cfg, generator)
@@ -104,7 +106,7 @@ class AdvUnlearn(Eraser):
             concept = model.encode([target.word]).expand(cfg.batch_size, -1, -1)
             empty = model.encode([""])
             blank = empty.expand(cfg.batch_size, -1, -1)
-            retain = model.encode(list(target.preserve))
+            retain = model.encode(list(target.preserve)) if cfg.retain_weight else None
 
         def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
             cond = concept
@@ -112,7 +114,7 @@ class AdvUnlearn(Eraser):
                 cond = adversarial_condition(model, slotted, concept, blank, cfg, generator).expand_as(concept)
             x_t, t = esd_state(model, concept, blank, cfg, generator)
             loss = F.mse_loss(model.eps(x_t, t, cond), esd_teacher(model, x_t, t, concept, blank, cfg.negative_guidance))
-            if cfg.retain_weight:
+            if retain is not None:
                 ordinary = retain[torch.randperm(len(retain), generator=generator)[: cfg.retain_batch].to(retain.device)]
                 x_r, t_r = esd_state(model, ordinary, empty.expand(cfg.retain_batch, -1, -1), cfg, generator)
                 with torch.no_grad():

@@ -446,7 +446,7 @@ class Grader:
     each image."""
 
     def __init__(self, sets: Progress, detector: Detector) -> None:
-        self.sets, self.detector = sets, detector
+        self.sets, self.detector, self.processes = sets, detector, init_processes()
         self.judgements: list[dict[str, Any]] = []
 
     def grade(self, name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -456,7 +456,7 @@ class Grader:
         chunks = [state["scores"]] if state else []
         for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
             images = draw(rows)
-            chunks.append(init_processes().map_rows(detector.scores, images).cpu())  # each process grades its share
+            chunks.append(self.processes.map_rows(detector.scores, images).cpu())  # each process grades its share
             sets.keep(name, images, rows.start)
             sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
         scores = torch.cat(chunks)
@@ -471,8 +471,8 @@ class Grader:
 
 
 def _run_attacks(
-    painter: Painter, grader: Grader, attacks: dict[str, Attack], target: EraseTarget, prompts: list[AttackPrompt], cfg: EvaluationConfig,
-    progress: bool,
+    painter: Painter, grader: Grader, attacks_to_run: dict[str, Attack], target: EraseTarget, prompts: list[AttackPrompt],
+    cfg: EvaluationConfig, progress: bool,
 ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
     """Each attack on the evaluated model, and what it found replayed and graded as a set: the success
     rates, their counts (k of n) and the details metrics.json keeps. Under a launcher the per-prompt attacks
@@ -480,7 +480,7 @@ def _run_attacks(
     attack is read back, and an unfinished one resumes from its journal."""
     net, processes = painter.model, init_processes()
     rates, counts, details = {}, {}, {}
-    for name, attack in tqdm(attacks.items(), desc="attacks", unit="attack", disable=not progress):
+    for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
         started = time.time()
         folder = grader.sets.attack(name)
         results = None if folder is None else processes.on_main(
