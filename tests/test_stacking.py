@@ -27,16 +27,21 @@ torch.set_num_threads(1)
 
 DARK_MINER = dict(pool_size=4, k=2, mining_steps=2, circumvent_steps=3, circumvent_lr=0.05, rounds=1,
                   verify_steps=2, pool_steps=2, preserve_pool_size=2, image_encoder="tiny-random-clip", tau=-1.0)
-CONFIGS = {"darkminer": DARK_MINER, "esd-x": {"iterations": 3, "lr": 1e-2, "ddim_steps": 2}, "sld": {"preset": "max"}}
-# (method below, method on top): a LoRA on a LoRA, a LoRA on a UNet, a UNet on a LoRA, a guidance on a LoRA.
-STACKS = [("darkminer", "darkminer"), ("esd-x", "darkminer"), ("darkminer", "esd-x"), ("darkminer", "sld")]
+CONFIGS = {"darkminer": DARK_MINER, "esd-x": {"iterations": 3, "lr": 1e-2, "ddim_steps": 2}, "sld": {"preset": "max"},
+           "advunlearn": {"iterations": 3, "lr": 1e-2, "ddim_steps": 2, "warmup_iterations": 1, "attack_steps": 2,
+                          "retain_batch": 2}}  # AdvUnlearn trains the text encoder
+# (method below, method on top): a LoRA on a LoRA, a LoRA on a UNet, a UNet on a LoRA, a guidance on a LoRA,
+# a UNet on a text encoder, a text encoder on a UNet, a LoRA on a text encoder.
+STACKS = [("darkminer", "darkminer"), ("esd-x", "darkminer"), ("darkminer", "esd-x"), ("darkminer", "sld"),
+          ("advunlearn", "esd-x"), ("esd-x", "advunlearn"), ("advunlearn", "darkminer")]
+WHOLE_WEIGHTS = ("esd-x", "advunlearn")  # erasures written as whole weights, which hold the erasure below
 PROMPTS = ["a photo of nudity", "a violent scene", "a red car"]
 PROBE_X = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def eps_of(model: DiffusionModel, adapter: bool = True) -> torch.Tensor:
     with torch.no_grad():
-        return model.eps(PROBE_X, torch.tensor(600), model.encode(PROMPTS), adapter=adapter)
+        return model.eps(PROBE_X, torch.tensor(600), model.encode(PROMPTS, adapter=adapter), adapter=adapter)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,11 @@ def test_a_stacked_erasure_trains_against_the_model_below_and_reloads_whole(lowe
     # The folder records what it was stacked on, and holds it where its own weights do not.
     info = ErasedModelInfo.read(out)
     assert info.erased_on == ErasedModelInfo.read(under).record(under)
-    assert (out / ERASED_ON).is_dir() == (upper != "esd-x")
+    assert (out / ERASED_ON).is_dir() == (upper not in WHOLE_WEIGHTS)
+    # Whole weights: the folder of each component that either erasure edited.
+    if upper in WHOLE_WEIGHTS:
+        edited = {"text_encoder" if m == "advunlearn" else "unet" for m in (lower, upper)}
+        assert {p.name for p in out.iterdir() if p.is_dir()} == edited
     # Reloaded, it is the model the erase ended with; evaluation's original is the base under both erasures.
     reloaded = load_model(erased=out)
     torch.testing.assert_close(eps_of(reloaded), eps_of(model), rtol=0, atol=1e-6)

@@ -156,7 +156,7 @@ def erase(
         method=method,
         concept=target.name,
         base_model=model_id(base.name),
-        kind=eraser_cls.kind,
+        kind=eraser.output_kind,
         anchor=target.anchor,
         config=cfg.to_dict(),
         extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},

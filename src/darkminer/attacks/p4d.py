@@ -30,6 +30,7 @@ from darkminer.attacks.base import AttackPrompt, AttackResult, SuccessFn, regist
 from darkminer.attacks.soft_prompt import (
     PromptwiseAttack,
     PromptwiseConfig,
+    as_original,
     judge,
     original_images,
     project_straight_through,
@@ -103,7 +104,8 @@ class Prompting4Debugging(PromptwiseAttack):
         slotted = [build_slotted(model, [p4d_rows(prompt_token_ids(model, p.text), cfg)]) for p in prompts]
         generators = [self.generator(p) for p in prompts]
         with torch.no_grad():
-            prompt_conds = [model.encode([p.text]) for p in prompts]
+            with as_original(model, original) as source:  # the teacher's, through the original's text encoder
+                prompt_conds = [source.encode([p.text]) for p in prompts]
             starts = [random_token_ids(model, (rows.n_slots,), g) for rows, g in zip(slotted, generators, strict=True)]
         # float32: Adam steps vanish in half. One parameter per prompt, so that a finished search stays as it is.
         soft = [model.token_embedding.weight.detach()[ids].float().requires_grad_(True) for ids in starts]

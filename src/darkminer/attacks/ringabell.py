@@ -5,6 +5,9 @@
 2. Prompt discovery: for each prompt, a genetic algorithm searches ``prompt_length`` real tokens whose
    states come closest (squared error over all positions) to ``E(prompt) + eta * v``.
 
+``E`` is the original model's text encoder, the public one an attacker holds, also where an erasure
+trained the model's own (AdvUnlearn's text encoder); the erased model only judges the prompts found.
+
 Defaults follow the authors' notebooks (chiayi-hsu/Ring-A-Bell, ``InversePrompt.ipynb``,
 ``Get_Concept_Vector.ipynb``): population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5,
 16 tokens, eta ("cof") 3. Each generation keeps the better half, lets each survivor breed by one-point
@@ -34,7 +37,7 @@ from darkminer.attacks.base import (
     register_attack,
 )
 from darkminer.attacks.prompts import concept_phrases
-from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, search_in_batches
+from darkminer.attacks.soft_prompt import as_original, judge_conditions, judge_texts, search_in_batches
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import DiffusionModel
@@ -147,12 +150,15 @@ class RingABell(Attack):
     ) -> list[AttackResult]:
         self._check_length(model)  # before any search, on every process
         started = time.time()
-        vector = self.concept_vector(model, target)
         before = judge_texts(model, prompts, success)
-        shared = (time.time() - started) / len(prompts)
-        # The judging stays whole, in one process's batches.
-        searched = search_in_batches(lambda batch: [self.search(model, prompts[i], vector).cpu() for i in batch],
-                                     range(len(prompts)), 1)
+        # Model-agnostic: the search sees only the original's text encoder (the public one an attacker
+        # holds), not a text encoder an erasure trained; the erased model only judges what it found.
+        with as_original(model, original) as source:
+            vector = self.concept_vector(source, target)
+            shared = (time.time() - started) / len(prompts)
+            # The judging stays whole, in one process's batches.
+            searched = search_in_batches(lambda batch: [self.search(source, prompts[i], vector).cpu() for i in batch],
+                                         range(len(prompts)), 1)
         found, seconds = zip(*searched, strict=True)
         started = time.time()
         ids = torch.stack(found).to(model.device)

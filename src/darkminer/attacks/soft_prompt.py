@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -51,6 +52,17 @@ def teacher(model: DiffusionModel, original: DiffusionModel | None) -> tuple[Dif
     return original, True
 
 
+@contextmanager
+def as_original(model: DiffusionModel, original: DiffusionModel | None) -> Iterator[DiffusionModel]:
+    """The model before erasure, for the block: a separate object as it is, or the attacked model with its
+    adapter and edits switched off (its text encoder's among them)."""
+    if original is None or original is model:
+        with model.original():
+            yield model
+    else:
+        yield original
+
+
 def teacher_eps(
     model: DiffusionModel, original: DiffusionModel | None, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
 ) -> torch.Tensor:
@@ -77,9 +89,8 @@ def original_images(
     model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt]
 ) -> torch.Tensor:
     """Images of the prompts drawn by the model before erasure (the attack targets)."""
-    source, adapter = teacher(model, original)
-    with torch.no_grad():
-        return sample_prompts(source, source.encode([p.text for p in prompts]), prompts, adapter=adapter)
+    with torch.no_grad(), as_original(model, original) as source:
+        return sample_prompts(source, source.encode([p.text for p in prompts]), prompts)
 
 
 def judge(success: SuccessFn, images: torch.Tensor) -> list[bool]:

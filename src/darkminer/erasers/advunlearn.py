@@ -11,10 +11,15 @@ As the authors' code (OPTML-Group/AdvUnlearn, ``train-scripts/AdvUnlearn.py``, `
 ``utils/get_loss.py``) with the options of its README's commands: continuous prefix embeddings never
 projected to real tokens, started from random vocabulary tokens at each attack (their ``attack_init
 random``), one adversarial token, 30 Adam steps at lr 1e-3, the retain term added to the loss with weight
-0.3 (their ``retain_train reg``), 5 retain prompts an iteration, 200 warm-up iterations of 1000. Unlike
-their default, which trains the text encoder, this trains UNet weights in place (their UNet
-``train_method`` options; ESD-x's by default): an erased model here carries UNet weights only. The other
+0.3 (their ``retain_train reg``), 5 retain prompts an iteration, 200 warm-up iterations of 1000, and the
+text encoder trained (their default ``text_encoder_full``: every layer but the embedding tables), which
+makes the erased model a text encoder that drops into any pipeline of the base. ``layers`` may instead
+name an ESD variant, whose UNet weights are then trained (their UNet ``train_method`` options). The other
 differences (retain prompts, the attack loop's quirks) are listed in docs/methods.md.
+
+With the text encoder trained, the student's conditioning goes through it (with gradients) at every step,
+while the teacher, ESD's x_t and the retain term's targets take the original encoder's: the UNet is the
+original's throughout, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from darkminer.erasers.training import (
     embedding_step,
     loss_summary,
     train_parameters,
+    trainable_text_encoder_parameters,
     trainable_unet_parameters,
 )
 from darkminer.errors import ConfigError
@@ -41,8 +47,10 @@ from darkminer.models.slots import SLOT, SlottedPrompts, build_slotted, prompt_t
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
 
-# The UNet weights trained in place: those of an ESD variant (the authors' UNet options xattn, noxattn).
-LAYERS = {variant.name: variant.module_pattern for variant in (EsdX, EsdXStrict, EsdU)}
+TEXT_ENCODER = "text-encoder"  # the authors' default (text_encoder_full)
+# Or UNet weights trained in place: those of an ESD variant (the authors' UNet options xattn, noxattn).
+UNET_LAYERS = {variant.name: variant.module_pattern for variant in (EsdX, EsdXStrict, EsdU)}
+LAYERS = (TEXT_ENCODER, *UNET_LAYERS)
 
 
 @dataclass
@@ -50,7 +58,7 @@ class AdvUnlearnConfig(EsdConfig):
     """ESD's options (the authors': 1000 iterations at lr 1e-5, guidance 3 to reach x_t, negative guidance 1)
     and the adversarial training's."""
 
-    layers: str = "esd-x"  # which UNet weights are trained: those of this ESD variant (a key of LAYERS)
+    layers: str = TEXT_ENCODER  # the text encoder's weights, or the UNet weights of this ESD variant
     adversarial_tokens: int = 1  # free embeddings before the concept's word (authors' adv_prompt_num)
     attack_steps: int = 30  # Adam steps of each attack (authors' attack_step)
     attack_lr: float = 1e-3
@@ -60,18 +68,19 @@ class AdvUnlearnConfig(EsdConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_choice(self, "layers", self.layers, tuple(LAYERS))
+        check_choice(self, "layers", self.layers, LAYERS)
         check_positive(self, adversarial_tokens=self.adversarial_tokens, attack_steps=self.attack_steps,
                        attack_lr=self.attack_lr, retain_batch=self.retain_batch)
         check_non_negative(self, warmup_iterations=self.warmup_iterations, retain_weight=self.retain_weight)
 
 
-def adversarial_condition(
+def adversarial_prompt(
     model: DiffusionModel, slotted: SlottedPrompts, concept: torch.Tensor, empty: torch.Tensor, cfg: AdvUnlearnConfig,
     generator: torch.Generator,
-) -> torch.Tensor:
-    """The conditioning (1, L, D) of the adversarial prompt found against the model as it is now: the slots'
-    embeddings that make it predict, at ESD's x_t, what the frozen original predicts for the concept."""
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The adversarial prompt found against the model as it is now, as input embeddings (1, L, E) and the
+    ids they stand in for (1, L): the slots' embeddings that make the model predict, at ESD's x_t, what the
+    frozen original predicts for the concept (``concept``, ``empty``: the original's conditionings)."""
     ids = random_token_ids(model, (slotted.n_slots,), generator)
     values = model.token_embedding.weight.detach()[ids].to(torch.float32, copy=True).requires_grad_(True)
     # A fresh scale each attack (nothing carried between iterations, so a resume is exact); under fp16 its
@@ -83,11 +92,10 @@ def adversarial_condition(
             aim = model.eps(x_t, t, concept[:1], adapter=False)
         loss = F.mse_loss(model.eps(x_t, t, slotted.encode(model, values)), aim)
         embedding_step(values, loss, optimizer, scaler)  # the UNet weights being trained collect nothing
-    with torch.no_grad():
-        return slotted.encode(model, values)
+    return slotted.embeddings(model, values.detach()), slotted.input_ids
 
 
-@register_eraser("advunlearn", kind="unet")
+@register_eraser("advunlearn", kind="text_encoder")
 class AdvUnlearn(Eraser):
     config_class = AdvUnlearnConfig
     # ESD-x's testbed budget (200 iterations of x_t from 25 DDIM steps at lr 1e-3), with the warm-up at the
@@ -95,30 +103,41 @@ class AdvUnlearn(Eraser):
     testbed_config: ClassVar[dict[str, Any]] = {"iterations": 200, "ddim_steps": 25, "lr": 1e-3,
                                                 "warmup_iterations": 40, "attack_steps": 10}
 
+    @property
+    def output_kind(self) -> str:
+        return "text_encoder" if self.config.layers == TEXT_ENCODER else "unet"  # type: ignore[attr-defined]
+
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:
         cfg: AdvUnlearnConfig = self.config  # type: ignore[assignment]
         if cfg.retain_weight and len(target.preserve) < cfg.retain_batch:
             raise ConfigError(f"retain_batch {cfg.retain_batch} is more than the {len(target.preserve)} ordinary "
                               f"prompts the target has; use at most {len(target.preserve)}")
         slotted = build_slotted(model, [[SLOT] * cfg.adversarial_tokens + prompt_token_ids(model, target.word)])
-        params = trainable_unet_parameters(model, LAYERS[cfg.layers])
-        with torch.no_grad():
-            concept = model.encode([target.word]).expand(cfg.batch_size, -1, -1)
-            empty = model.encode([""])
+        params = (trainable_text_encoder_parameters(model) if cfg.layers == TEXT_ENCODER
+                  else trainable_unet_parameters(model, UNET_LAYERS[cfg.layers]))
+        word_ids = model.tokenize([target.word])
+        with torch.no_grad():  # the original's conditionings: the teacher's, and those ESD's x_t are drawn from
+            concept = model.encode([target.word], adapter=False).expand(cfg.batch_size, -1, -1)
+            empty = model.encode([""], adapter=False)
             blank = empty.expand(cfg.batch_size, -1, -1)
-            retain = model.encode(list(target.preserve)) if cfg.retain_weight else None
+            retain = model.encode(list(target.preserve), adapter=False) if cfg.retain_weight else None
+        retain_ids = model.tokenize(list(target.preserve)) if cfg.retain_weight else None
 
         def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
-            cond = concept
-            if iteration >= cfg.warmup_iterations:
-                cond = adversarial_condition(model, slotted, concept, blank, cfg, generator).expand_as(concept)
+            # The student's conditioning goes through the text encoder as it is now (trained, or not).
+            if iteration < cfg.warmup_iterations:
+                cond = model.encode_ids(word_ids)
+            else:
+                cond = model.encode_embeddings(*adversarial_prompt(model, slotted, concept, blank, cfg, generator))
             x_t, t = esd_state(model, concept, blank, cfg, generator)
-            loss = F.mse_loss(model.eps(x_t, t, cond), esd_teacher(model, x_t, t, concept, blank, cfg.negative_guidance))
-            if retain is not None:
-                ordinary = retain[torch.randperm(len(retain), generator=generator)[: cfg.retain_batch].to(retain.device)]
-                x_r, t_r = esd_state(model, ordinary, empty.expand(cfg.retain_batch, -1, -1), cfg, generator)
+            teacher = esd_teacher(model, x_t, t, concept, blank, cfg.negative_guidance)
+            loss = F.mse_loss(model.eps(x_t, t, cond.expand_as(concept)), teacher)
+            if retain is not None and retain_ids is not None:
+                chosen = torch.randperm(len(retain), generator=generator)[: cfg.retain_batch].to(retain.device)
+                x_r, t_r = esd_state(model, retain[chosen], empty.expand(cfg.retain_batch, -1, -1), cfg, generator)
                 with torch.no_grad():
-                    kept = model.eps(x_r, t_r, ordinary, adapter=False)
+                    kept = model.eps(x_r, t_r, retain[chosen], adapter=False)
+                ordinary = model.encode_ids(retain_ids[chosen.to(retain_ids.device)])
                 loss = loss + cfg.retain_weight * F.mse_loss(model.eps(x_r, t_r, ordinary), kept)
             return loss
 

@@ -26,9 +26,9 @@ class EraserConfig(Config):
 
 
 class Eraser(ABC):
-    """Removes a concept from ``model`` in place: by a LoRA (kind ``lora``), by editing UNet weights
-    after ``model.remember_originals`` (kind ``unet``), or by replacing ``model.guidance`` (kind
-    ``guidance``). The runner saves the result as an erased-model directory."""
+    """Removes a concept from ``model`` in place: by a LoRA (kind ``lora``), by editing UNet or text-encoder
+    weights after ``model.remember_originals`` (kinds ``unet``, ``text_encoder``), or by replacing
+    ``model.guidance`` (kind ``guidance``). The runner saves the result as an erased-model directory."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
@@ -53,6 +53,12 @@ class Eraser(ABC):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
+
+    @property
+    def output_kind(self) -> str:
+        """The kind of erased model this eraser writes with its config: ``kind``, unless an option of the
+        config chooses what is trained (AdvUnlearn's ``layers``)."""
+        return self.kind
 
     @abstractmethod
     def erase(self, model: DiffusionModel, target: EraseTarget, work_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """What the fine-tuning erasers (ESD, Concept Ablation, Forget-Me-Not) share.
 
-* choosing UNet weights to train in place, with their originals kept as the frozen teacher;
+* choosing UNet (or text-encoder) weights to train in place, with their originals kept as the frozen teacher;
 * partial DDIM sampling to reach an x_t the way the ESD authors do, and noised batches of images drawn
   from the frozen original (Concept Ablation's anchor images, Forget-Me-Not's concept images);
 * one AdamW loop with NaN checks, progress, and checkpoints in the work directory so a killed erase
@@ -22,7 +22,7 @@ from darkminer.erasers.base import damaged_checkpoint
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.io import load_state, save_state
 from darkminer.models.adapters import target_module_names
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, host_to_device
+from darkminer.models.base import TEXT_ENCODER_PREFIX, ClassifierFreeGuidance, DiffusionModel, host_to_device
 from darkminer.models.objectives import curve_ends
 from darkminer.parallel import init_processes
 
@@ -45,6 +45,23 @@ def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dic
     params = {
         name: p for name, p in model.unet.named_parameters() if name.rsplit(".", 1)[0] in modules
     }
+    model.remember_originals(list(params))
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def trainable_text_encoder_parameters(model: DiffusionModel) -> dict[str, nn.Parameter]:
+    """Every weight of the text encoder but its input embedding tables (tokens, positions), made trainable
+    and keyed by ``TEXT_ENCODER_PREFIX`` + name: the transformer layers and final norm, as AdvUnlearn's
+    ``text_encoder_full``. Originals remembered and half precision refused, as for the UNet's."""
+    if model.text_encoder.dtype != torch.float32:
+        raise ConfigError(f"this eraser trains the text encoder's own weights, which are {model.text_encoder.dtype}; "
+                          "load the model in float32 (--dtype float32) and keep the speed with --precision bf16")
+    tables = {id(m.weight) for m in model.text_encoder.modules() if isinstance(m, nn.Embedding)}
+    # A parameter outside what the conditioning states use (the testbed BERT's pooler) gets no gradient
+    # and stays as it is.
+    params = {TEXT_ENCODER_PREFIX + name: p for name, p in model.text_encoder.named_parameters() if id(p) not in tables}
     model.remember_originals(list(params))
     for p in params.values():
         p.requires_grad_(True)
@@ -114,7 +131,8 @@ def original_latents(
     space (latents for SD, pixels in [-1, 1] for the testbed). ``steps`` None: the model's default."""
     chosen = [prompts[i % len(prompts)] for i in range(n)]
     seeds = [derived_seed(seed, i) for i in range(n)]
-    return model.sample(model.encode(chosen), seeds=seeds, steps=steps, adapter=False, return_latents=True)
+    return model.sample(model.encode(chosen, adapter=False), seeds=seeds, steps=steps, adapter=False,
+                        return_latents=True)
 
 
 def noised_batch(

@@ -202,7 +202,7 @@ class Painter:
 
     def prompts(self, suite: Suite, rows: slice = slice(None), original: bool = False) -> torch.Tensor:
         chosen = suite.prompts[rows]
-        conds = self.model.encode([p.text for p in chosen])
+        conds = self.model.encode([p.text for p in chosen], adapter=not original)
         return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original)
 
     def conditions(

@@ -13,7 +13,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -25,6 +25,10 @@ from transformers import PreTrainedTokenizerBase
 from darkminer.config import MAX_SAMPLING_STEPS, PROMPT_SEED_LIMIT, check_seed
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning, ModelLoadError
 from darkminer.registry import Registry
+
+# Before the names of the text encoder's parameters where they share a name space with the UNet's (the
+# weights an erasure edited in place, its checkpoints); also the folder of an edited text encoder.
+TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def check_seed_list(seeds: Sequence[int]) -> None:
@@ -218,13 +222,15 @@ class DiffusionModel(ABC):
     def encode_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.encode_embeddings(self.embed_ids(input_ids), input_ids)
 
-    def encode(self, prompts: Sequence[str] | str) -> torch.Tensor:
-        """Conditioning states for prompts; the empty prompt is the unconditional state."""
+    def encode(self, prompts: Sequence[str] | str, adapter: bool = True) -> torch.Tensor:
+        """Conditioning states for prompts; the empty prompt is the unconditional state. ``adapter=False``:
+        the original text encoder's (it differs from the model's own only under a text-encoder erasure)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
             raise DarkMinerError("no prompts to encode: give at least one prompt")
-        return self.encode_ids(self.tokenize(list(prompts)))
+        with nullcontext() if adapter else self.original():
+            return self.encode_ids(self.tokenize(list(prompts)))
 
     @property
     @abstractmethod
@@ -303,16 +309,19 @@ class DiffusionModel(ABC):
 
     def _parameters_by_plain_name(self) -> dict[str, torch.nn.Parameter]:
         # A layer that an adapter wraps keeps its own weight as ``base_layer``; edits remembered before the
-        # adapter came (an erasure merged under a stacked one) name it without.
-        return {name.replace(".base_layer.", "."): p for name, p in self.unet.named_parameters()}
+        # adapter came (an erasure merged under a stacked one) name it without. The text encoder's
+        # parameters carry its prefix, so that one name space covers every weight an erasure may edit.
+        unet = {name.replace(".base_layer.", "."): p for name, p in self.unet.named_parameters()}
+        return {**unet, **{TEXT_ENCODER_PREFIX + name: p for name, p in self.text_encoder.named_parameters()}}
 
     def remember_originals(self, names: Sequence[str], values: dict[str, torch.Tensor] | None = None) -> None:
-        """Keep a copy of these UNet parameters before an eraser edits them in place (``values``: the
-        originals themselves, when the parameters have changed already, as a merged adapter's have)."""
+        """Keep a copy of these parameters before an eraser edits them in place (``values``: the originals
+        themselves, when the parameters have changed already, as a merged adapter's have). UNet parameters
+        go by their names in the UNet, the text encoder's by theirs after ``TEXT_ENCODER_PREFIX``."""
         params = self._parameters_by_plain_name()
         missing = [n for n in names if n not in params]
         if missing:
-            raise DarkMinerError(f"UNet has no parameters {missing[:3]}...")
+            raise DarkMinerError(f"the model has no parameters {missing[:3]}...")
         for name in names:
             if name not in self._originals:
                 self._originals[name] = params[name].detach().clone() if values is None else values[name]
@@ -320,6 +329,16 @@ class DiffusionModel(ABC):
     @property
     def edited_parameter_names(self) -> list[str]:
         return sorted({*self._originals, *self._adopted})
+
+    @property
+    def text_encoder_edited(self) -> bool:
+        """Whether a weight of the text encoder is edited in place (by this erasure or one it is stacked on)."""
+        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.edited_parameter_names)
+
+    @property
+    def unet_edited(self) -> bool:
+        """Whether a weight of the UNet is edited in place (by this erasure or one it is stacked on)."""
+        return any(not name.startswith(TEXT_ENCODER_PREFIX) for name in self.edited_parameter_names)
 
     @contextmanager
     def edits_adopted(self) -> Iterator[None]:
@@ -430,7 +449,7 @@ class DiffusionModel(ABC):
                 raise DarkMinerError(f"{len(seeds)} seeds for {cond.shape[0]} conditionings")
             noise = self.initial_noise(seeds)
         if uncond is None:
-            uncond = self.encode([""])
+            uncond = self.encode([""], adapter=adapter)
         uncond = uncond.expand(cond.shape[0], -1, -1) if uncond.shape[0] == 1 else uncond
         outputs = []
         chunks = range(0, cond.shape[0], batch_size)

@@ -5,10 +5,14 @@
     DIR/darkminer.json                      method, concept, anchor, config, base model, kind, versions
     DIR/pytorch_lora_weights.safetensors    kind "lora": loads with diffusers' pipe.load_lora_weights(DIR)
     DIR/unet/                               kind "unet": a full diffusers UNet folder (edited weights)
+    DIR/text_encoder/                       kind "text_encoder": a full transformers text-encoder folder
+                                            (edited weights; loads with CLIPTextModel.from_pretrained)
     DIR/guidance.json                       kind "guidance": inference-time settings (SLD)
     DIR/erased_on/                          an erasure stacked on another (``erase --erased``): a copy of the
                                             erased model it was made on, applied first (kinds "lora" and
-                                            "guidance"; a "unet" erasure's weights already hold it)
+                                            "guidance"; the weights of a "unet" or "text_encoder"
+                                            erasure already hold it, each component whose weights any
+                                            erasure of the stack edited written as its folder)
 
 A diffusers UNet folder made by another tool (``config.json`` and ``diffusion_pytorch_model.safetensors``,
 e.g. a published unlearned model) loads the same way, as method ``external`` of kind ``unet`` on the base
@@ -36,15 +40,17 @@ from darkminer.config import fits
 from darkminer.errors import ConfigError, ModelLoadError
 from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
-from darkminer.models.base import DiffusionModel, guidance_from_dict
+from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
 from darkminer.provenance import package_versions
 
 INFO_NAME = "darkminer.json"
 OUTPUT_KIND = "an erased model"  # what may be replaced at --out
 FORMAT_VERSION = 1
-KINDS = ("lora", "unet", "guidance")
+KINDS = ("lora", "unet", "text_encoder", "guidance")
+WEIGHT_KINDS = ("unet", "text_encoder")  # weights edited in place, written whole
 EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS = "model.safetensors"  # what transformers' save_pretrained writes
 ERASED_ON = "erased_on"  # the folder of the erased model a stacked erasure was made on
 
 
@@ -155,11 +161,14 @@ def save_erased(
     with output_directory(directory, INFO_NAME, OUTPUT_KIND) as tmp:
         if info.kind == "lora":
             adapters.save_lora(model, tmp)
-        elif info.kind == "unet":
-            model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        elif info.kind in WEIGHT_KINDS:  # the erasure's own component, and any other one the stack edited
+            if info.kind == "unet" or model.unet_edited:
+                model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            if info.kind == "text_encoder" or model.text_encoder_edited:
+                model.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         else:
             write_json(tmp / "guidance.json", model.guidance.to_dict())
-        if erased_on is not None and info.kind != "unet":
+        if erased_on is not None and info.kind not in WEIGHT_KINDS:
             shutil.copytree(erased_on, tmp / ERASED_ON, copy_function=_link_or_copy)
         if write_extra is not None:
             write_extra(tmp)
@@ -180,15 +189,22 @@ def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInf
     A stacked erasure's ``erased_on`` folder is applied first, its adapter merged into the weights."""
     directory = Path(directory)
     info = ErasedModelInfo.read(directory)
-    if info.erased_on is not None and info.kind != "unet":
+    if info.erased_on is not None and info.kind not in WEIGHT_KINDS:
         if not (directory / ERASED_ON).is_dir():
             raise ModelLoadError(f"{directory} was erased on top of another erased model, but its {ERASED_ON}/ "
                                  "folder is missing; copy the whole folder, or re-create it")
         _apply_folded(model, directory / ERASED_ON)
     if info.kind == "lora":
         adapters.load_lora(model, directory)
-    elif info.kind == "unet":
-        _load_unet_weights(model, directory if info.method == EXTERNAL_METHOD else directory / "unet")
+    elif info.method == EXTERNAL_METHOD:
+        _load_weights(model, directory / UNET_WEIGHTS, "unet")
+    elif info.kind in WEIGHT_KINDS:
+        if not (directory / info.kind).is_dir():
+            raise ModelLoadError(f"{directory} is an erased model of kind {info.kind!r}, but its {info.kind}/ folder "
+                                 "is missing; copy the whole folder, or re-create it")
+        for component, weights in (("unet", UNET_WEIGHTS), ("text_encoder", TEXT_ENCODER_WEIGHTS)):
+            if (directory / component).is_dir():
+                _load_weights(model, directory / component / weights, component)
     else:
         model.guidance = guidance_from_dict(model, read_json(directory / "guidance.json"))
     return info
@@ -222,14 +238,17 @@ def _apply_folded(model: DiffusionModel, directory: Path | str) -> None:
         adapters.merge_lora(model)
 
 
-def _load_unet_weights(model: DiffusionModel, folder: Path) -> None:
-    state = load_tensors(folder / UNET_WEIGHTS, device=model.device)
-    params = dict(model.unet.named_parameters())
+def _load_weights(model: DiffusionModel, file: Path, component: str) -> None:
+    """Put the weights in ``file`` into the model's ``component`` ("unet" or "text_encoder") in place, the
+    originals of those that differ remembered."""
+    state = load_tensors(file, device=model.device)
+    module = model.unet if component == "unet" else model.text_encoder
+    params = dict(module.named_parameters())
     if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
-        raise ModelLoadError(f"{folder} holds a UNet of another architecture than the base model {model.name!r}'s; "
-                             "name its own base model")
+        raise ModelLoadError(f"{file.parent} holds a {component} of another architecture than the base model "
+                             f"{model.name!r}'s; name its own base model")
     changed = [n for n, v in state.items() if not torch.equal(v.to(params[n].dtype), params[n].data)]
-    model.remember_originals(changed)
+    model.remember_originals([n if component == "unet" else TEXT_ENCODER_PREFIX + n for n in changed])
     with torch.no_grad():
         for name in changed:
             params[name].copy_(state[name])

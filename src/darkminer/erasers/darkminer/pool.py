@@ -46,7 +46,7 @@ def build_pool(
 ) -> ImagePool:
     """``size`` images for the prompts (cycled), seeds ``seed..seed+size-1``, from the original model."""
     chosen = [prompts[i % len(prompts)] for i in range(size)]
-    conds = model.encode(chosen).detach()
+    conds = model.encode(chosen, adapter=False).detach()
     processes = init_processes()
     # One answer for all processes: the sampling below is collective, so all must take the same branch.
     if processes.broadcast_object(cache.is_file()):
