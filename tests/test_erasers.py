@@ -186,7 +186,7 @@ def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_author
     assert get_eraser("ca").config_for(None, "testbed").lr == 8e-4
     assert get_eraser("uce").config_for(None, "testbed") == UceConfig()  # closed form: no rate to scale
     advunlearn = get_eraser("advunlearn").config_for(None, "testbed")
-    assert (advunlearn.lr, advunlearn.iterations, advunlearn.warmup_iterations, advunlearn.attack_steps) == (1e-3, 200, 40, 10)
+    assert (advunlearn.lr, advunlearn.iterations, advunlearn.warmup_iterations, advunlearn.attack_steps) == (1e-4, 200, 40, 10)
     with pytest.raises(ConfigError, match="unknown option"):
         esd_x.config_for({"lrr": 1.0}, "testbed")
     with pytest.raises(ConfigError, match="expected a EsdConfig"):
