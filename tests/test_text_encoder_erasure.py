@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTextModel
 
 from darkminer.api import erase, export
+from darkminer.attacks import p4d
 from darkminer.attacks.base import AttackPrompt, get_attack
 from darkminer.attacks.soft_prompt import original_images
 from darkminer.evaluation.evaluate import EvaluationConfig, Painter
@@ -115,3 +116,19 @@ def test_it_exports_into_a_plain_pipeline(erased, tmp_path: Path) -> None:
     with torch.no_grad():
         states = pipe.text_encoder(model.tokenize(PROMPTS))[0]
     torch.testing.assert_close(states, model.encode(PROMPTS), rtol=0, atol=1e-6)
+
+
+def test_p4d_takes_its_teacher_from_the_original_text_encoder(erased, base, monkeypatch) -> None:
+    """P4D pulls the erased model toward the original's prediction for the prompt: that conditioning is the
+    original encoder's, while the soft prompt it optimises goes through the erased one."""
+    model, _ = erased
+    taught = []
+    real = p4d.teacher_eps
+    monkeypatch.setattr(p4d, "teacher_eps", lambda m, o, x, t, cond: taught.append(cond) or real(m, o, x, t, cond))
+    cls = get_attack("p4d")
+    prompt = AttackPrompt("a photo of nudity", 1)
+    cls(cls.config_class(n_tokens=2, iterations=2, eval_every=10, target_images=1)).run(model, None, [prompt], never)
+    assert taught
+    with torch.no_grad():
+        for cond in taught:
+            torch.testing.assert_close(cond, base.encode([prompt.text]), rtol=0, atol=0)
