@@ -550,9 +550,12 @@ def test_advunlearn_is_esd_x_in_its_warm_up_and_after_it_trains_on_what_the_atta
     assert mse(trained(2, found=UNRELATED), reference) > 1e-10
 
 
-def test_the_advunlearn_attack_lowers_its_objective_and_leaves_the_unet_gradients_alone(base_dir: Path) -> None:
+@pytest.mark.parametrize("layers", ["esd-x", "text-encoder"])
+def test_the_advunlearn_attack_lowers_its_objective_and_leaves_the_trained_weights_alone(layers: str, base_dir: Path) -> None:
     model = load_model(str(base_dir))
-    params = training.trainable_unet_parameters(model, esd.ESD_X_MODULES)  # as while AdvUnlearn trains
+    # as while AdvUnlearn trains: with the text encoder trained, the attack's graph runs through those weights
+    params = (training.trainable_text_encoder_parameters(model) if layers == "text-encoder"
+              else training.trainable_unet_parameters(model, esd.ESD_X_MODULES))
     cfg = AdvUnlearnConfig(adversarial_tokens=2, attack_steps=20, attack_lr=1e-2, ddim_steps=3)
     slotted = build_slotted(model, [[SLOT, SLOT] + prompt_token_ids(model, CONCEPT)])
     with torch.no_grad():

@@ -82,6 +82,7 @@ def test_the_original_it_stands_beside_is_the_base_with_its_own_text_encoder(era
         theirs = base.sample(base.encode(PROMPTS), seeds=SEEDS, steps=3)
         ours = model.sample(model.encode(PROMPTS, adapter=False), seeds=SEEDS, steps=3, adapter=False)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(model.generate(PROMPTS, SEEDS, steps=3, adapter=False), theirs, rtol=0, atol=0)
         erased_images = model.sample(model.encode(PROMPTS), seeds=SEEDS, steps=3)
     assert (erased_images - theirs).abs().max() > 1e-4
     # the attacks' target images (UnlearnDiffAtk, P4D, CCE) and evaluation's reference images

@@ -83,7 +83,8 @@ def erase(
     in place (a model that already carries an erasure is refused).
     ``erased``: an erased-model directory to erase on top of, for several concepts one after another. The
     erased model is then the one being erased (the teacher, the image pools) and the base is the one it
-    records (or ``model``); ``out`` records it and, unless it is a whole UNet, holds a copy of it.
+    records (or ``model``); ``out`` records it and, unless it is whole weights (a UNet or a text encoder,
+    which hold the erasure below), holds a copy of it.
     ``kind`` declares what a Stable Diffusion concept is (``targets.SD_KINDS``; e.g. ``style`` for an artist,
     which CA and FMN prompt differently); the testbed's concepts have theirs.
     ``resume`` continues a killed run from its last checkpoint (kept in ``out``'s work directory).

@@ -59,8 +59,6 @@ def trainable_text_encoder_parameters(model: DiffusionModel) -> dict[str, nn.Par
         raise ConfigError(f"this eraser trains the text encoder's own weights, which are {model.text_encoder.dtype}; "
                           "load the model in float32 (--dtype float32) and keep the speed with --precision bf16")
     tables = {id(m.weight) for m in model.text_encoder.modules() if isinstance(m, nn.Embedding)}
-    # A parameter outside what the conditioning states use (the testbed BERT's pooler) gets no gradient
-    # and stays as it is.
     params = {TEXT_ENCODER_PREFIX + name: p for name, p in model.text_encoder.named_parameters() if id(p) not in tables}
     model.remember_originals(list(params))
     for p in params.values():

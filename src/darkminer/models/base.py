@@ -498,10 +498,12 @@ class DiffusionModel(ABC):
         yield x, None
 
     def generate(self, prompts: str | Sequence[str], seeds: Sequence[int], **kwargs: object) -> torch.Tensor:
-        """Images for prompts, one per (prompt, seed) pair; a single prompt is drawn once per seed."""
+        """Images for prompts, one per (prompt, seed) pair; a single prompt is drawn once per seed. With
+        ``adapter=False`` the original draws them, its own text encoder encoding the prompts."""
         check_seed_list(seeds)
         if isinstance(prompts, str):  # not a sequence of one-letter prompts
             prompts = [prompts] * len(seeds)
         if any(not isinstance(p, str) for p in prompts):
             raise DarkMinerError("prompts must be strings")
-        return self.sample(self.encode(list(prompts)), seeds=seeds, **kwargs)  # type: ignore[arg-type]
+        cond = self.encode(list(prompts), adapter=bool(kwargs.get("adapter", True)))
+        return self.sample(cond, seeds=seeds, **kwargs)  # type: ignore[arg-type]

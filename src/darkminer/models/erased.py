@@ -156,7 +156,8 @@ def save_erased(
 
     ``write_extra`` may add method-specific files (mined embeddings, logs) before the rename. ``erased_on``:
     the erased model this erasure was stacked on (``erasure_adopted``); a LoRA or guidance needs it
-    underneath, so it is copied in (hard links where the file system allows), while a whole UNet holds it.
+    underneath, so it is copied in (hard links where the file system allows), while whole weights hold it:
+    the folder of each component (UNet, text encoder) that any erasure of the stack edited.
     """
     with output_directory(directory, INFO_NAME, OUTPUT_KIND) as tmp:
         if info.kind == "lora":
