@@ -187,6 +187,11 @@ def test_on_the_testbed_options_go_over_its_budget_and_elsewhere_over_the_author
     assert get_eraser("uce").config_for(None, "testbed") == UceConfig()  # closed form: no rate to scale
     advunlearn = get_eraser("advunlearn").config_for(None, "testbed")
     assert (advunlearn.lr, advunlearn.iterations, advunlearn.warmup_iterations, advunlearn.attack_steps) == (1e-4, 200, 40, 10)
+    adv = get_eraser("advunlearn")  # the rate follows what is trained: ESD's on UNet layers, unless given
+    assert adv.config_for({"layers": "esd-x"}, "testbed").lr == 1e-3
+    assert adv.config_for({"layers": "esd-u"}, "testbed").lr == 1e-4
+    assert adv.config_for({"layers": "esd-x", "lr": 3e-4}, "testbed").lr == 3e-4
+    assert adv.config_for({"layers": "text-encoder"}, "testbed").lr == 1e-4
     with pytest.raises(ConfigError, match="unknown option"):
         esd_x.config_for({"lrr": 1.0}, "testbed")
     with pytest.raises(ConfigError, match="expected a EsdConfig"):

@@ -24,6 +24,7 @@ original's throughout, as in the authors' code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,8 +50,8 @@ from darkminer.targets import EraseTarget
 
 TEXT_ENCODER = "text-encoder"  # the authors' default (text_encoder_full)
 # Or UNet weights trained in place: those of an ESD variant (the authors' UNet options xattn, noxattn).
-UNET_LAYERS = {variant.name: variant.module_pattern for variant in (EsdX, EsdXStrict, EsdU)}
-LAYERS = (TEXT_ENCODER, *UNET_LAYERS)
+UNET_VARIANTS = {variant.name: variant for variant in (EsdX, EsdXStrict, EsdU)}
+LAYERS = (TEXT_ENCODER, *UNET_VARIANTS)
 
 
 @dataclass
@@ -101,9 +102,16 @@ class AdvUnlearn(Eraser):
     # ESD-x's testbed budget (200 iterations of x_t from 25 DDIM steps), with the warm-up at the authors'
     # share of it (a fifth) and fewer attack steps, at the rate for the text encoder: 1e-3 destroys the
     # testbed's images (preservation 0.23 against 0.92), 3e-4 erases no more than 1e-4 (blood 0.48 and 0.42
-    # after 100 warm-up iterations). UNet layers want ESD's 1e-3 (docs/methods.md, "Testbed budgets").
+    # after 100 warm-up iterations). UNet layers take their ESD variant's (docs/methods.md, "Testbed budgets").
     testbed_config: ClassVar[dict[str, Any]] = {"iterations": 200, "ddim_steps": 25, "lr": 1e-4,
                                                 "warmup_iterations": 40, "attack_steps": 10}
+
+    @classmethod
+    def testbed_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        variant = UNET_VARIANTS.get(options.get("layers", TEXT_ENCODER))
+        if variant is None:  # the text encoder (or a bad name, which the config refuses)
+            return dict(cls.testbed_config)
+        return {**cls.testbed_config, "lr": variant.testbed_config["lr"]}
 
     @property
     def output_kind(self) -> str:
@@ -116,7 +124,7 @@ class AdvUnlearn(Eraser):
                               f"prompts the target has; use at most {len(target.preserve)}")
         slotted = build_slotted(model, [[SLOT] * cfg.adversarial_tokens + prompt_token_ids(model, target.word)])
         params = (trainable_text_encoder_parameters(model) if cfg.layers == TEXT_ENCODER
-                  else trainable_unet_parameters(model, UNET_LAYERS[cfg.layers]))
+                  else trainable_unet_parameters(model, UNET_VARIANTS[cfg.layers].module_pattern))
         word_ids = model.tokenize([target.word])
         with torch.no_grad():  # the original's conditionings: the teacher's, and those ESD's x_t are drawn from
             concept = model.encode([target.word], adapter=False).expand(cfg.batch_size, -1, -1)

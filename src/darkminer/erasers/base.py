@@ -46,8 +46,14 @@ class Eraser(ABC):
             if isinstance(value, str | os.PathLike):  # an empty path is no file, as Config.from_file reads it
                 value = load_config_file(value) if os.fspath(value) else None
             if value is None or isinstance(value, Mapping):  # anything else: coerce's own error
-                value = {**cls.testbed_config, **(value or {})}
+                value = {**cls.testbed_defaults(value or {}), **(value or {})}
         return cls.config_class.coerce(value)
+
+    @classmethod
+    def testbed_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The testbed budget that ``options`` (the user's) go over: ``testbed_config``, unless an option
+        changes what the budget is for (AdvUnlearn's ``layers``)."""
+        return dict(cls.testbed_config)
 
     def __init__(self, config: EraserConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
