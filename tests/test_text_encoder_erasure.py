@@ -55,7 +55,7 @@ def test_it_edits_only_the_text_encoder_outside_its_embedding_tables_and_writes_
     info = ErasedModelInfo.read(out)
     assert info.kind == "text_encoder" and info.config["layers"] == "text-encoder"
     assert (out / "text_encoder").is_dir() and not (out / "unet").exists()
-    assert model.text_encoder_edited and not model.unet_edited
+    assert model.edited_components == {"text_encoder"}
     names = model.edited_parameter_names
     assert names and all(n.startswith(TEXT_ENCODER_PREFIX) for n in names)
     assert not any("embeddings" in n for n in names)  # token and position tables stay

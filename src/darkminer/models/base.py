@@ -331,14 +331,10 @@ class DiffusionModel(ABC):
         return sorted({*self._originals, *self._adopted})
 
     @property
-    def text_encoder_edited(self) -> bool:
-        """Whether a weight of the text encoder is edited in place (by this erasure or one it is stacked on)."""
-        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.edited_parameter_names)
-
-    @property
-    def unet_edited(self) -> bool:
-        """Whether a weight of the UNet is edited in place (by this erasure or one it is stacked on)."""
-        return any(not name.startswith(TEXT_ENCODER_PREFIX) for name in self.edited_parameter_names)
+    def edited_components(self) -> set[str]:
+        """``"unet"`` and/or ``"text_encoder"``: the components with a weight edited in place (by this
+        erasure or one it is stacked on)."""
+        return {"text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "unet" for name in self.edited_parameter_names}
 
     @contextmanager
     def edits_adopted(self) -> Iterator[None]:

@@ -163,10 +163,8 @@ def save_erased(
         if info.kind == "lora":
             adapters.save_lora(model, tmp)
         elif info.kind in WEIGHT_KINDS:  # the erasure's own component, and any other one the stack edited
-            if info.kind == "unet" or model.unet_edited:
-                model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            if info.kind == "text_encoder" or model.text_encoder_edited:
-                model.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            for component in sorted({info.kind} | model.edited_components):
+                getattr(model, component).save_pretrained(tmp / component, safe_serialization=True)
         else:
             write_json(tmp / "guidance.json", model.guidance.to_dict())
         if erased_on is not None and info.kind not in WEIGHT_KINDS:
@@ -243,8 +241,7 @@ def _load_weights(model: DiffusionModel, file: Path, component: str) -> None:
     """Put the weights in ``file`` into the model's ``component`` ("unet" or "text_encoder") in place, the
     originals of those that differ remembered."""
     state = load_tensors(file, device=model.device)
-    module = model.unet if component == "unet" else model.text_encoder
-    params = dict(module.named_parameters())
+    params = dict(getattr(model, component).named_parameters())
     if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
         raise ModelLoadError(f"{file.parent} holds a {component} of another architecture than the base model "
                              f"{model.name!r}'s; name its own base model")
