@@ -6,7 +6,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # one thread per test process: pytest-xdist's workers (-n auto) use the cores
+
+
+def pytest_xdist_auto_num_workers(config):
+    # Each worker holds torch, diffusers and the tiny models (about 1 GB): a core each, at most four.
+    return min(len(os.sched_getaffinity(0)), 4)
+
+
+def pytest_collection_modifyitems(items):
+    # Tests marked `first` run first: under -n auto the other workers share out the rest meanwhile, where
+    # one such test started last would run alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 
 @pytest.fixture(scope="session")

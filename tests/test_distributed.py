@@ -104,11 +104,13 @@ def _scenario(processes: Processes, out: Path) -> dict[str, torch.Tensor]:
     from darkminer.attacks.cce import CCEConfig, ConceptInversion
     from darkminer.targets import resolve_target
 
-    token, summary = ConceptInversion(CCEConfig(**CCE)).learn_token(model, resolve_target(model, "nudity"))
-    snapshots |= {"cce.token": token, "cce.losses": torch.tensor([summary["loss_first"], summary["loss_last"]])}
-    # One accumulated batch for two processes, the loss scaled as under fp16: the second has no batch.
-    with mock.patch("darkminer.attacks.cce.gradient_scaler", lambda model: torch.amp.GradScaler("cpu", init_scale=1024.0)):
-        token, _ = ConceptInversion(CCEConfig(**{**CCE, "gradient_accumulation": 1})).learn_token(model, resolve_target(model, "nudity"))
+    with model.sampling_defaults(steps=2):  # its concept images, drawn as the evaluation draws them
+        token, summary = ConceptInversion(CCEConfig(**CCE)).learn_token(model, resolve_target(model, "nudity"))
+        snapshots |= {"cce.token": token, "cce.losses": torch.tensor([summary["loss_first"], summary["loss_last"]])}
+        # One accumulated batch for two processes, the loss scaled as under fp16: the second has no batch.
+        with mock.patch("darkminer.attacks.cce.gradient_scaler", lambda model: torch.amp.GradScaler("cpu", init_scale=1024.0)):
+            token, _ = ConceptInversion(CCEConfig(**{**CCE, "gradient_accumulation": 1})).learn_token(
+                model, resolve_target(model, "nudity"))
     snapshots["cce1.token"] = token
     # A whole Dark Miner erase: every process runs it, DDP in circumventing, the main process writes.
     from darkminer.api import erase
@@ -149,7 +151,9 @@ def _searches(processes: Processes) -> dict[str, list]:
     searched, search = [], attack.search
     attack.search = lambda model, original, prompts, x0s, success: searched.extend(p.text for p in prompts) or search(
         model, original, prompts, x0s, success)
-    results = attack.run(model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])], success)
+    with model.sampling_defaults(steps=2):
+        results = attack.run(model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])],
+                             success)
     return {"found": [[r.adversarial_text, r.success_before, r.success_after] for r in results], "searched": searched}
 
 
@@ -172,8 +176,10 @@ def _resumed_attack(out: Path, resume: bool = True, kill_at: int | None = None) 
         return search(model, original, prompts, x0s, success)
 
     attack.search = searching
-    results = run_attack(attack, model, resolve_target(model, "nudity"), [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])],
-                         lambda images: torch.zeros(len(images), dtype=torch.bool), out=out, resume=resume)
+    with model.sampling_defaults(steps=2):
+        results = run_attack(attack, model, resolve_target(model, "nudity"),
+                             [AttackPrompt(t, i) for i, t in enumerate(PROMPTS[:4])],
+                             lambda images: torch.zeros(len(images), dtype=torch.bool), out=out, resume=resume)
     return {"found": [[r.adversarial_text, r.input_ids] for r in results], "searched": searched}
 
 
@@ -276,6 +282,7 @@ def two_processes(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.first  # about a third of the suite's time on one worker
 def test_two_processes_equal_one(two_processes, tmp_path):
     single = _scenario(Processes(), tmp_path / "evaluation")
     ranks = [load_tensors(two_processes / f"rank{r}.safetensors") for r in range(WORLD)]
