@@ -641,14 +641,14 @@ def test_the_attack_api_attacks_the_evaluations_plain_prompts(tmp_path):
 
     # SD without a CSV: the concept word at the attack's seeds, as the evaluation's plain set (the command
     # used to refuse it); the grader's options reach the detector.
-    results = darkminer.attack("plain", "nudity", tmp_path / "sd", model="tiny-random-sd", n_prompts=3,
+    results = darkminer.attack("plain", "nudity", tmp_path / "sd", model="tiny-random-sd", n_prompts=3, steps=2,
                                config={"seed": 5}, grading={"nudenet_threshold": 0.3})
     assert [(r.prompt.text, r.prompt.seed) for r in results] == [("nudity", 5), ("nudity", 6), ("nudity", 7)]
     meta, _ = load_results(tmp_path / "sd")
     assert meta["detector"]["threshold"] == 0.3
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,evaluation_seed,evaluation_guidance\na nude man,11,4.0\na nude woman,12,\nthird,13,\n")
-    results = darkminer.attack("plain", "nudity", model="tiny-random-sd", prompts=csv, n_prompts=2)
+    results = darkminer.attack("plain", "nudity", model="tiny-random-sd", prompts=csv, n_prompts=2, steps=2)
     assert [(r.prompt.text, r.prompt.seed, r.prompt.guidance) for r in results] == [
         ("a nude man", 11, 4.0), ("a nude woman", 12, None)]
     with pytest.raises(ConfigError, match="n_prompts"):
@@ -664,7 +664,8 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
         pytest.skip("the testbed's weights are not trained yet")
     monkeypatch.chdir(tmp_path)  # "--erased uce" below is relative
     first, second = tmp_path / "first", tmp_path / "second"
-    assert main(["attack", "--attack", "plain", "--concept", "blood", "--n-prompts", "2", "--out", str(first)]) == 0
+    assert main(["attack", "--attack", "plain", "--concept", "blood", "--n-prompts", "2", "--steps", "2",
+                 "--out", str(first)]) == 0
     meta, results = load_results(first)
     assert meta["attack"] == "plain" and len(results) == 2 and meta["erased"] is None
     for ignored in (["--n-prompts", "1"], ["--seed", "3"], ["--config", str(tmp_path / "c.yaml")]):
@@ -679,7 +680,7 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
     assert replayed_meta["config"]["replayed_from"] == str(first)
     # Which erased model was attacked, or replayed on, is recorded (a transfer table needs it).
     assert main(["erase", "--method", "uce", "--concept", "blood", "--out", str(tmp_path / "uce")]) == 0
-    for command in (["--attack", "plain", "--n-prompts", "1"], ["--replay", str(first)]):
+    for command in (["--attack", "plain", "--n-prompts", "1", "--steps", "2"], ["--replay", str(first)]):
         out = tmp_path / f"on-uce-{command[0][2:]}"
         assert main(["attack", *command, "--concept", "blood", "--erased", "uce", "--out", str(out)]) == 0
         erased = load_results(out)[0]["erased"]
@@ -716,7 +717,7 @@ def test_the_attack_command_forwards_its_seed_and_its_kind_on_replay(tmp_path):
     first = tmp_path / "first"
     base = ["--model", "tiny-random-sd", "--detector", "clip", "--clip-model", "tiny-random-clip"]
     assert main(["attack", "--attack", "plain", "--concept", "van gogh", "--n-prompts", "2", "--seed", "5", *base,
-                 "--out", str(first)]) == 0
+                 "--steps", "2", "--out", str(first)]) == 0
     _, results = load_results(first)
     assert [r.prompt.seed for r in results] == [5, 6]
     assert main(["attack", "--replay", str(first), "--concept", "van gogh", "--kind", "style", *base,
@@ -781,7 +782,7 @@ def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
     seen = {}
     real = api.resolve_target
     monkeypatch.setattr(api, "resolve_target", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
-    api.attack("plain", "nudity", model="tiny-random-sd", n_prompts=3)
+    api.attack("plain", "nudity", model="tiny-random-sd", n_prompts=3, steps=2)
     assert seen["n_prompts"] == 64  # Ring-A-Bell's concept vector reads the target's prompts
 
 

@@ -84,7 +84,7 @@ def test_a_benchmark_folder_whose_run_failed_before_any_cell_takes_a_new_config(
     (out / "config.json").write_text(json.dumps({"methods": ["uce"], "attacks": ["plain"], "model": "elsewhere"}))
     (out / "cells" / "uce" / "blood" / "notes.txt").write_text("started")
     config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
-              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"]}}
+              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"], "steps": 2}}
     with pytest.raises(DarkMinerError, match=r"holds a benchmark run with another config \(differs in \[.*'model'"):
         run_benchmark(config, out, progress=False)
     (out / "cells" / "uce" / "blood" / "notes.txt").unlink()
@@ -95,7 +95,7 @@ def test_a_benchmark_folder_whose_run_failed_before_any_cell_takes_a_new_config(
 def test_a_benchmark_resumes_when_options_are_written_out_at_their_defaults_and_names_a_nested_change(tmp_path):
     out = tmp_path / "out"
     config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
-              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"]}}
+              "evaluation": {"n_images": 2, "attack_prompts": 1, "preservation": ["accuracy"], "steps": 2}}
     first = run_benchmark(config, out, progress=False)
     spelled_out = {**config, "method_configs": {"uce": {"erase_scale": 1.0}},
                    "evaluation": {**config["evaluation"], "seed": 0, "attack_configs": {"plain": {}}}}

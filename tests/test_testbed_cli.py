@@ -34,7 +34,7 @@ def test_neutral_prompts_never_ask_for_a_target_concept():
 def test_check_reports_every_gate(tmp_path):
     # Run small from the command line: a config file sets what has no flag, and a flag overrides the file.
     (tmp_path / "small.yaml").write_text("n_images: 3\nconcepts: [blood]\nresidual: false\njudge_images: 512\n"
-                                         "timing_images: 4\n")
+                                         "timing_images: 4\nsteps: 2\n")
     assert main(["testbed", "check", "--config", str(tmp_path / "small.yaml"), "-n", "4",
                  "--out", str(tmp_path / "check.json")]) == 0
     report = json.loads((tmp_path / "check.json").read_text())

@@ -87,7 +87,8 @@ def test_the_original_it_stands_beside_is_the_base_with_its_own_text_encoder(era
     assert (erased_images - theirs).abs().max() > 1e-4
     # the attacks' target images (UnlearnDiffAtk, P4D, CCE) and evaluation's reference images
     prompts = [AttackPrompt(text, seed) for text, seed in zip(PROMPTS, SEEDS, strict=True)]
-    torch.testing.assert_close(original_images(model, None, prompts), original_images(base, None, prompts), rtol=0, atol=0)
+    with model.sampling_defaults(steps=3), base.sampling_defaults(steps=3):
+        torch.testing.assert_close(original_images(model, None, prompts), original_images(base, None, prompts), rtol=0, atol=0)
     suite = Suite("probe", tuple(SuitePrompt(text, seed) for text, seed in zip(PROMPTS, SEEDS, strict=True)))
     config = EvaluationConfig(steps=3)
     torch.testing.assert_close(Painter(model, config).prompts(suite, original=True), Painter(base, config).prompts(suite),
@@ -104,8 +105,9 @@ def test_ring_a_bell_searches_with_the_original_text_encoder(erased, base) -> No
     attack = cls(cls.config_class(population=6, generations=3, prompt_length=4))
     target = resolve_target(base, "nudity")
     prompts = [AttackPrompt("a photo of nudity", 1)]
-    found = [r.input_ids for r in attack.run(model, target, prompts, never)]
-    assert found == [r.input_ids for r in attack.run(base, target, prompts, never)]
+    with model.sampling_defaults(steps=2), base.sampling_defaults(steps=2):
+        found = [r.input_ids for r in attack.run(model, target, prompts, never)]
+        assert found == [r.input_ids for r in attack.run(base, target, prompts, never)]
     with torch.no_grad():  # while the erased model's own encoder would have led elsewhere
         assert (attack.concept_vector(model, target) - attack.concept_vector(base, target)).abs().max() > 1e-5
 
@@ -128,7 +130,8 @@ def test_p4d_takes_its_teacher_from_the_original_text_encoder(erased, base, monk
     monkeypatch.setattr(p4d, "teacher_eps", lambda m, o, x, t, cond: taught.append(cond) or real(m, o, x, t, cond))
     cls = get_attack("p4d")
     prompt = AttackPrompt("a photo of nudity", 1)
-    cls(cls.config_class(n_tokens=2, iterations=2, eval_every=10, target_images=1)).run(model, None, [prompt], never)
+    with model.sampling_defaults(steps=2):
+        cls(cls.config_class(n_tokens=2, iterations=2, eval_every=10, target_images=1)).run(model, None, [prompt], never)
     assert taught
     with torch.no_grad():
         for cond in taught:
