@@ -11,7 +11,8 @@ torch.set_num_threads(1)  # one thread per test process: pytest-xdist's workers 
 
 def pytest_xdist_auto_num_workers(config):
     # Each worker holds torch, diffusers and the tiny models (about 1 GB): a core each, at most four.
-    return min(len(os.sched_getaffinity(0)), 4)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return min(cores, 4)
 
 
 def pytest_collection_modifyitems(items):
