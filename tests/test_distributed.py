@@ -282,7 +282,7 @@ def two_processes(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.first  # about a third of the suite's time on one worker
+@pytest.mark.first  # the suite's longest test (about a quarter of its time, on one worker)
 def test_two_processes_equal_one(two_processes, tmp_path):
     single = _scenario(Processes(), tmp_path / "evaluation")
     ranks = [load_tensors(two_processes / f"rank{r}.safetensors") for r in range(WORLD)]
