@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -126,8 +127,6 @@ def test_generate_writes_a_grid(tmp_path, capsys):
 
 
 def test_speed_flags_name_only_what_they_change():
-    import argparse
-
     from darkminer.commands.common import add_model_args, speed_options
 
     parser = argparse.ArgumentParser()
@@ -275,6 +274,24 @@ def test_our_warnings_are_one_line_and_python_shows_them_as_before_after_main(tm
     err = capsys.readouterr().err
     assert "darkminer: warning: a prompt is longer than the text encoder's 24 tokens" in err
     assert "UserWarning" not in err and warnings.showwarning is show_warning
+
+
+def test_our_warning_is_said_once_a_run_wherever_it_comes_from(monkeypatch, capsys):
+    # e.g. a prompt CSV with an empty row, read for the target and again for the evaluation's prompts
+    def handler(args):
+        for _ in range(2):
+            warnings.warn("p.csv: skipped 1 row(s) with an empty prompt", DarkMinerWarning, stacklevel=1)
+        warnings.warn("p.csv: skipped 1 row(s) with an empty prompt", DarkMinerWarning, stacklevel=1)
+        warnings.warn("another warning", DarkMinerWarning, stacklevel=1)
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=handler, threads=None, loads_models=False)
+    monkeypatch.setattr("darkminer.cli.build_parser", lambda: parser)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # Python's own filter would hide a repeat from the same line
+        assert main([]) == 0
+    err = capsys.readouterr().err
+    assert err.count("darkminer: warning: p.csv: skipped 1 row(s)") == 1 and "darkminer: warning: another warning" in err
 
 
 def test_a_warning_raised_through_torchs_no_grad_is_ours_too(tmp_path, capsys):

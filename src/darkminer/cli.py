@@ -95,10 +95,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                  line: str | None = None, *, show_others: Callable[..., None]) -> None:
-    """Our own warnings as one line, as our errors are; a library's as Python shows them (it names the file)."""
+                  line: str | None = None, *, show_others: Callable[..., None], shown: set[str]) -> None:
+    """Our own warnings as one line, as our errors are, each once a run (a prompt CSV read for the target and
+    again for the evaluation warns from two places); a library's as Python shows them (it names the file)."""
     if issubclass(category, DarkMinerWarning):
-        print(f"darkminer: warning: {message}", file=file or sys.stderr)
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"darkminer: warning: {message}", file=file or sys.stderr)
     else:
         show_others(message, category, filename, lineno, file, line)
 
@@ -123,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     show_warning = warnings.showwarning
-    warnings.showwarning = functools.partial(_show_warning, show_others=show_warning)
+    warnings.showwarning = functools.partial(_show_warning, show_others=show_warning, shown=set())
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
