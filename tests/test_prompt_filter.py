@@ -85,6 +85,8 @@ def test_malformed_conditions_are_refused_with_the_accepted_forms(text):
     with pytest.raises(DarkMinerError, match="accepted forms: COLUMN~ITEM") as error:
         RowCondition.parse(text)
     assert "\n" not in str(error.value)
+    # a bare column is what the shell leaves of an unquoted `--where hard>=1`: the error says to quote it
+    assert ("quote a condition" in str(error.value)) is (text in ("hard", "hard 1"))
 
 
 @pytest.mark.parametrize(("condition", "cell", "expected"), [

@@ -130,7 +130,10 @@ class RowCondition:
         match = re.fullmatch(rf"\s*([^~=!<>]+?)\s*({operators})\s*(.*?)\s*", text, flags=re.DOTALL)
         # "hard==1" or "a=>5" would otherwise compare with the text "=1" or ">5": a typo, not a wish
         if match is None or match.group(3)[:1] in ("~", "=", "!", "<", ">"):
-            raise DarkMinerError(f"cannot read the row condition {text!r}; accepted forms: {cls.FORMS}")
+            # an unquoted `--where col>=50` reaches us as "col": the shell took ">=50" as a redirection
+            hint = ("" if re.search(r"[~=!<>]", text) else
+                    "; in a shell, quote a condition with > or <, e.g. --where 'nudity_percentage>=50'")
+            raise DarkMinerError(f"cannot read the row condition {text!r}; accepted forms: {cls.FORMS}{hint}")
         return cls(*match.groups())
 
     def __str__(self) -> str:

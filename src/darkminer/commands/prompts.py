@@ -7,7 +7,7 @@ import argparse
 CONDITION_HELP = ("a row condition; repeat to require all. COLUMN~ITEM: the comma-separated cell holds ITEM "
                   "(any case), e.g. categories~sexual; COLUMN=VALUE and COLUMN!=VALUE: equal as numbers where both "
                   "are numbers, else as text, e.g. hard=1; COLUMN>=N, >N, <=N, <N: numeric, e.g. "
-                  "nudity_percentage>=50 (empty or non-numeric cells never match)")
+                  "'nudity_percentage>=50' (quoted: a shell reads > and < itself; empty or non-numeric cells never match)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
