@@ -162,11 +162,12 @@ def test_cce_config_defaults_follow_the_authors_and_bad_values_fail():
         cce_config(weight_decay=-1.0)
 
 
-def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch):
+def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch, capsys):
     calls = count_calls(monkeypatch, cce_module, "denoising_loss")
     attack = get_attack("cce")(cce_config())
     token, summary = attack.learn_token(sd, sd_target)
     assert calls == [2] * (3 * 2)  # steps x accumulation micro-batches of batch_size images
+    assert "CCE: 100%" in capsys.readouterr().err  # 5000 steps on a GPU: the run shows how far it is
     assert token.shape == (1, sd.token_embedding.weight.shape[1])
     initial = sd.token_embedding.weight[prompt_token_ids(sd, "nudity")[0]]
     assert not torch.allclose(token[0], initial)  # it learned something
@@ -692,10 +693,11 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
     [("unlearndiff", {"k": 2, "iterations": 1, "rounds": 1}), ("p4d", {"n_tokens": 3, "iterations": 2}),
      ("p4d", {"variant": "k", "iterations": 1}), ("ringabell", {"population": 4, "generations": 2, "prompt_length": 4})],
 )
-def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_path):
+def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_path, capsys):
     cls = get_attack(name)
     prompts = [AttackPrompt(blood.prompts[0], 21)]
     results = run_attack(cls(cls.config_class(**options)), testbed, blood, prompts, never, out=tmp_path / name)
+    assert "searching: 100%" in capsys.readouterr().err  # a long search shows how far it is
     assert len(results[0].input_ids) == testbed.max_length and not results[0].success
     _, loaded = load_results(tmp_path / name)
     assert loaded[0].input_ids == results[0].input_ids

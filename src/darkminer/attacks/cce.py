@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from darkminer.attacks.base import (
     Attack,
@@ -156,7 +157,7 @@ class ConceptInversion(Attack):
         step_losses = torch.zeros(cfg.steps, device=latents.device)
         checkpoint = TrainingCheckpoint(token, optimizer, scaler, generator)
         start, losses = checkpoint.resume()
-        for step in range(start, cfg.steps):
+        for step in tqdm(range(start, cfg.steps), desc="CCE", unit="step", initial=start, total=cfg.steps, leave=False):
             optimizer.zero_grad()
             for batch in range(cfg.gradient_accumulation):
                 rows = host_to_device(torch.randint(len(pool), (cfg.batch_size,), generator=generator), latents.device)

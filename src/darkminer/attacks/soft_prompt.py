@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from darkminer.attacks.base import Attack, AttackConfig, AttackPrompt, AttackResult, SuccessFn, unattacked
 from darkminer.attacks.journal import search_journal
@@ -146,9 +147,15 @@ def search_in_batches(
     # The main process's reading on every process: all must search the same prompts.
     done = {} if journal is None else processes.on_main(lambda: journal.read(indices))
 
+    batches = [list(indices[start : start + size]) for start in range(0, len(indices), size)]
+    todo = [batch for batch in batches if not all(i in done for i in batch)]
+    # This process's share of the searches (under a launcher only the main process's bar is shown).
+    bar = tqdm(total=sum(len(todo[b]) for b in processes.share(len(todo))), desc="searching", unit="prompt", leave=False)
+
     def timed(batch: list[int]) -> list[tuple[R, float]]:
         started = time.time()
         found = list(search(batch))
+        bar.update(len(batch))
         if len(found) != len(batch):
             raise DarkMinerError(f"a search returned {len(found)} results for {len(batch)} prompts")
         seconds = (time.time() - started) / len(batch)
@@ -157,10 +164,9 @@ def search_in_batches(
                 journal.write(index, one, seconds)
         return [(one, seconds) for one in found]
 
-    batches = [list(indices[start : start + size]) for start in range(0, len(indices), size)]
-    todo = [batch for batch in batches if not all(i in done for i in batch)]
-    fresh = {i: result for batch, results in zip(todo, processes.map_items(timed, todo), strict=True)
-             for i, result in zip(batch, results, strict=True)}
+    with bar:
+        fresh = {i: result for batch, results in zip(todo, processes.map_items(timed, todo), strict=True)
+                 for i, result in zip(batch, results, strict=True)}
     return [fresh[i] if i in fresh else done[i] for i in indices]
 
 
