@@ -204,6 +204,18 @@ def test_folder_without_model_index_and_pickled_weights_are_refused(tiny_sd_dir,
     weights.unlink()
     assert main(["generate", "--model", str(pickled), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
     assert "safetensors only" in _error_line(capsys)
+    # The same UNet folder as another tool's erased model: said as such, not "not an erased model"
+    generate = ["generate", "--model", str(tiny_sd_dir), "--prompt", "a", "--out", str(tmp_path / "x.png"), "--erased"]
+    assert main([*generate, str(pickled / "unet")]) == 2
+    line = _error_line(capsys)
+    assert "another tool's diffusers UNet folder it holds only pickled weights (diffusion_pytorch_model.bin)" in line
+    assert "safetensors only" in line
+    (pickled / "unet" / "diffusion_pytorch_model.bin").unlink()
+    assert main([*generate, str(pickled / "unet")]) == 2
+    assert "it holds no diffusion_pytorch_model.safetensors" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main([*generate, str(tmp_path / "empty")]) == 2  # neither: what each kind of folder holds
+    assert "give a folder `darkminer erase` wrote, or another tool's diffusers UNet folder" in _error_line(capsys)
 
 
 def test_corrupt_erased_directory_is_refused(tmp_path, capsys):

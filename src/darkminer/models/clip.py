@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from darkminer.errors import DarkMinerError, ModelLoadError
-from darkminer.models.loading import check_tokenizer, checked_weights, first_line
+from darkminer.models.loading import check_tokenizer, checked_weights, first_line, only_pickled_weights
 
 TINY_CLIP_ID = "tiny-random-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,9 +27,6 @@ _HOW_TO_PASS = (
     "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack); "
     "for a dry run on tiny-random-sd, tiny-random-clip"
 )
-_PICKLED = (".bin", ".pt", ".pth", ".ckpt")
-
-
 def build_tiny_clip(seed: int = 0) -> tuple[Any, Any]:
     """``tiny-random-clip``: a CLIPModel with 32x32 images and 16-d projections, and the offline byte-BPE
     tokenizer of ``tiny-random-sd``; deterministic for a seed, without touching the global RNG."""
@@ -73,9 +70,7 @@ class Clip:
         folder = Path(name_or_path).expanduser()
         if not folder.exists() and (folder.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1):
             raise ModelLoadError(f"cannot load CLIP {name_or_path!r} (no such folder); {_HOW_TO_PASS}")
-        if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(
-            p.suffix in _PICKLED for p in folder.iterdir()
-        ):
+        if only_pickled_weights(folder):
             raise ModelLoadError(f"CLIP {name_or_path!r} has only pickled weights, which darkminer does not load; "
                                  f"convert them to safetensors or {_HOW_TO_PASS}")
         from transformers import AutoTokenizer, CLIPModel

@@ -41,6 +41,7 @@ from darkminer.errors import ConfigError, ModelLoadError
 from darkminer.io import load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
+from darkminer.models.loading import CONVERT_PICKLED, only_pickled_weights
 from darkminer.provenance import package_versions
 
 INFO_NAME = "darkminer.json"
@@ -84,9 +85,17 @@ class ErasedModelInfo:
         if not (directory / INFO_NAME).exists() and (directory / "unet" / UNET_WEIGHTS).is_file():
             raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
                                  f"--erased {directory / 'unet'}, with --model naming the base it came from")
+        if not (directory / INFO_NAME).exists() and (directory / "config.json").is_file():
+            # another tool's UNet folder, but not as we load one
+            pickled = only_pickled_weights(directory)
+            found = (f"only pickled weights ({pickled}); darkminer loads safetensors only: {CONVERT_PICKLED}"
+                     if pickled else f"no {UNET_WEIGHTS}")
+            raise ModelLoadError(f"{directory} has no {INFO_NAME}, and as another tool's diffusers UNet folder it holds "
+                                 f"{found}")
         if not (directory / INFO_NAME).exists():
             raise ModelLoadError(f"{directory} is not an erased model (it has no {INFO_NAME}); give a folder "
-                                 "`darkminer erase` wrote")
+                                 "`darkminer erase` wrote, or another tool's diffusers UNet folder (config.json and "
+                                 f"{UNET_WEIGHTS})")
         data = read_json(directory / INFO_NAME)
         if not isinstance(data, dict):
             raise ModelLoadError(f"{directory / INFO_NAME} is not an erased model's record (a JSON object); re-create it")

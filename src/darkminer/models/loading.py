@@ -71,6 +71,21 @@ def fp16_variant_only(folder: Path) -> bool:
     return bool(files) and all(f.name.endswith(".fp16.safetensors") for f in files)
 
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def only_pickled_weights(folder: Path) -> str | None:
+    """The name of a pickled weight file in ``folder`` when it holds no safetensors (darkminer never unpickles a
+    foreign file), else None."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    return next((f.name for f in sorted(folder.iterdir()) if f.suffix in PICKLED_SUFFIXES), None)
+
+
+CONVERT_PICKLED = ("convert them once in an environment you trust (load, then save_pretrained(..., "
+                   "safe_serialization=True))")
+
+
 def names_a_folder(name: str) -> bool:
     """Whether a model name is written as a path (absolute, relative with ./ or ../, or ~): a folder that
     is missing is then an error, not a hub id to look up."""

@@ -15,12 +15,14 @@ from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import INFO_NAME
 from darkminer.models.loading import (
+    CONVERT_PICKLED,
     cached_snapshot,
     check_tokenizer,
     checked_weights,
     first_line,
     fp16_variant_only,
     names_a_folder,
+    only_pickled_weights,
 )
 
 
@@ -31,12 +33,10 @@ def _check_local_folder(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json in it)")
     for component in ("unet", "vae", "text_encoder"):
         folder = path / component
-        pickled = [f.name for f in folder.glob("*") if f.suffix in (".bin", ".pt", ".ckpt", ".pth")]
-        if pickled and not any(folder.glob("*.safetensors")):
-            raise ModelLoadError(
-                f"{folder} holds only pickled weights ({pickled[0]}); darkminer loads safetensors only: convert "
-                "them once in a trusted environment (load, then save_pretrained(..., safe_serialization=True))"
-            )
+        pickled = only_pickled_weights(folder)
+        if pickled:
+            raise ModelLoadError(f"{folder} holds only pickled weights ({pickled}); darkminer loads safetensors only: "
+                                 f"{CONVERT_PICKLED}")
 
 
 class StableDiffusionModel(DiffusionModel):
