@@ -496,6 +496,18 @@ def test_stale_temporaries_of_killed_writes_are_swept_but_nothing_else(tmp_path)
     assert (tmp_path / ".folder.k3x_9q2a.tmp").is_dir() and (tmp_path / "results.json").read_text() == "{}"
 
 
+def test_erase_says_which_earlier_erasure_it_replaced(tmp_path, capsys):
+    out = tmp_path / "erased"
+    command = ["erase", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(out), "--method"]
+    assert main([*command, "sld"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote erased model {out}"
+    assert main([*command, "uce"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote erased model {out}, replacing the one that was there (sld on nudity)"
+    (out / "darkminer.json").write_text("[]")
+    assert main([*command, "sld"]) == 0
+    assert "(an erased model with a damaged record)" in capsys.readouterr().out
+
+
 def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):
     """A run killed while the earlier output is removed leaves the new output whole where --out was."""
     from darkminer import io

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from darkminer.commands.common import (
     add_concept_args,
@@ -36,7 +37,22 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.api import erase
 
     note_resume(args)
+    replaced = _earlier_erasure(args.out)
     out = erase(args.method, args.concept, args.out, model=args.model, erased=args.erased, config=args.config,
                 anchor=args.anchor, prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device,
                 dtype=args.dtype, speed=speed_options(args))
-    print(f"wrote erased model {out}")
+    print(f"wrote erased model {out}" + (f", replacing the one that was there ({replaced})" if replaced else ""))
+
+
+def _earlier_erasure(out: str) -> str | None:
+    """What an earlier erase into ``out`` was ("esd-x on blood"), which this run replaces; None if none."""
+    from darkminer.errors import DarkMinerError
+    from darkminer.models.erased import INFO_NAME, ErasedModelInfo
+
+    if not (Path(out) / INFO_NAME).is_file():
+        return None
+    try:
+        info = ErasedModelInfo.read(out)
+    except DarkMinerError:  # a damaged record: still an earlier output, replaced
+        return "an erased model with a damaged record"
+    return f"{info.method_label} on {info.concept}"
