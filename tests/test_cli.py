@@ -180,6 +180,7 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
         (["--model", "tiny-random-sd", "--steps", "-3"], "(--steps) must be 1 .. 1000 (DDIM takes a subset of the model's 1000 training timesteps), got -3"),
         (["--model", "tiny-random-sd", "--steps", "0"], "(--steps) must be 1 .. 1000 (DDIM takes a subset of the model's 1000 training timesteps), got 0"),
         (["--model", "tiny-random-sd", "--guidance", "nan"], "guidance_scale (--guidance) must be a finite number or null, got nan"),
+        (["--model", "tiny-random-sd", "--guidance", "0"], "at 0 the images ignore the prompt"),
     ],
 )
 def test_generate_bad_input_fails_with_one_line(argv, message, tmp_path, capsys):

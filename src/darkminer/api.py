@@ -204,6 +204,10 @@ def generate(
     check_seed("seed (--seed)", seed)
     if not prompt.strip() and not allow_empty:
         raise ConfigError("the prompt is empty; give a prompt (or allow_empty / --allow-empty for unconditional samples)")
+    if guidance_scale is not None and guidance_scale <= 0 and not allow_empty:  # as evaluate and attack refuse it
+        raise ConfigError(f"guidance_scale (--guidance) is {guidance_scale}: at 0 the images ignore the prompt "
+                          "(unconditional samples), below 0 they steer away from it; give a scale above 0, or "
+                          "allow_empty / --allow-empty to draw them anyway")
     if n < 1:
         raise ConfigError(f"n (-n) must be >= 1, got {n}")
     if seed + n > SEED_LIMIT:  # image i is drawn at seed + i

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--allow-empty", action="store_true", help="accept an empty prompt (unconditional samples)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept an empty prompt or a guidance scale of 0 or below (unconditional samples)")
     p.add_argument("--out", required=True, help="output PNG file")
     p.set_defaults(handler=run)
 
