@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,14 +26,14 @@ class DarkMinerWarning(UserWarning):
 
 
 @contextmanager
-def diffusers_log_silenced() -> Iterator[None]:
-    """Within the block diffusers logs nothing: where it logs an error and then raises it, the caller turns
-    the raised one into its own one-line error, which the log would only repeat."""
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+def logs_silenced(library: str) -> Iterator[None]:
+    """Within the block ``library`` ("diffusers" or "transformers") logs nothing. Where it logs an error and
+    then raises it, the caller turns the raised one into its own one-line error, which the log would only
+    repeat; where it warns of a choice darkminer made, the warning would only mislead."""
+    logging = importlib.import_module(f"{library}.utils.logging")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(verbosity)
+        logging.set_verbosity(verbosity)

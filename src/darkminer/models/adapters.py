@@ -13,9 +13,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_positive
-from darkminer.errors import ConfigError, ModelLoadError, diffusers_log_silenced
+from darkminer.errors import ConfigError, ModelLoadError, logs_silenced
 from darkminer.io import load_tensors_and_metadata
 from darkminer.models.base import DiffusionModel
+from darkminer.models.loading import pipeline_class
 
 ADAPTER_NAME = "darkminer"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -113,12 +114,8 @@ def lora_state_dict(model: DiffusionModel) -> dict[str, torch.Tensor]:
 
 def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` accepts."""
-    # Imported here: the pipeline module pulls in transformers' CLIP and SigLIP image processors, which
-    # loading a model never needs (and which warn at import time without torchvision).
-    from diffusers import StableDiffusionPipeline
-
     peft_config = model.unet.peft_config[ADAPTER_NAME].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_class().save_lora_weights(
         str(directory),
         unet_lora_layers=lora_state_dict(model),
         safe_serialization=True,
@@ -145,7 +142,7 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
     try:
-        with diffusers_log_silenced():
+        with logs_silenced("diffusers"):
             model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"{path} does not fit this base model's UNet ({' '.join(str(exc).split())[:300]})") from None

@@ -8,9 +8,12 @@ Each of these gives a model that runs and draws garbage, so it is refused here, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from darkminer.errors import ModelLoadError
+from darkminer.errors import ModelLoadError, logs_silenced
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 # A CLIP BPE tokenizer merges common words into one token; without its merges it spells them out.
 _PROBE_WORD = "photo"
@@ -69,6 +72,16 @@ def fp16_variant_only(folder: Path) -> bool:
     as some hub snapshots do; such a folder loads with ``variant="fp16"``."""
     files = list(folder.glob("*.safetensors"))
     return bool(files) and all(f.name.endswith(".fp16.safetensors") for f in files)
+
+
+def pipeline_class() -> type[StableDiffusionPipeline]:
+    """diffusers' ``StableDiffusionPipeline``. Its import makes transformers warn that torchvision is missing
+    and to install it; darkminer leaves torchvision out on purpose (an unpinned install pulls a CUDA build)
+    and PIL serves the image processors, so the notice is silenced. Imported on first use: the pipeline
+    module pulls in transformers' image processors, which the testbed needs only to save a LoRA."""
+    with logs_silenced("transformers"):
+        from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline
 
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
@@ -23,7 +24,11 @@ from darkminer.models.loading import (
     fp16_variant_only,
     names_a_folder,
     only_pickled_weights,
+    pipeline_class,
 )
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 
 def _check_local_folder(path: Path) -> None:
@@ -105,7 +110,7 @@ class StableDiffusionModel(DiffusionModel):
                 for name, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
                                           ("text_encoder", CLIPTextModel))
             }
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = pipeline_class().from_pretrained(
                 source, **loaded, local_files_only=True, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False,
             )
@@ -122,7 +127,7 @@ class StableDiffusionModel(DiffusionModel):
 
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A plain diffusers pipeline sharing this model's modules (no copy)."""
-        return StableDiffusionPipeline(
+        return pipeline_class()(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,

@@ -9,11 +9,17 @@ merges for a list of common words, built offline.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from darkminer.models.loading import pipeline_class
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 TINY_SD_ID = "tiny-random-sd"
 
@@ -87,7 +93,7 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    return StableDiffusionPipeline(
+    return pipeline_class()(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

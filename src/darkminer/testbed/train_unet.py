@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
-from darkminer.errors import ConfigError, ModelLoadError, diffusers_log_silenced
+from darkminer.errors import ConfigError, ModelLoadError, logs_silenced
 from darkminer.io import (
     check_output_directory,
     claim_record,
@@ -147,7 +147,7 @@ def train_unet(
         from diffusers import UNet2DConditionModel
 
         try:
-            with diffusers_log_silenced():
+            with logs_silenced("diffusers"):
                 model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"--init-from {config.init_from} is not a loadable diffusers UNet folder "
