@@ -4,6 +4,7 @@ towards (teacher images, goals, targets, training pairs) on tiny-random-sd and t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -12,6 +13,7 @@ import torch
 
 from darkminer.attacks import cce as cce_module
 from darkminer.attacks import p4d as p4d_module
+from darkminer.attacks import soft_prompt
 from darkminer.attacks import unlearndiff as unlearndiff_module
 from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_rate, get_attack
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
@@ -146,6 +148,14 @@ def test_attack_targets_come_from_the_model_with_its_adapter_off(sd):
     assert torch.equal(original_images(sd, sd, PROMPTS), before), "targets drawn with the erasure on"
 
 
+def draw_every_update(monkeypatch, module):
+    """``module``'s progress bars drawn at every update: by default tqdm skips updates within 0.1 s of the last
+    drawing (or fewer items than its last step), so a fast bar that clears itself may never show 100%."""
+    from tqdm.auto import tqdm
+
+    monkeypatch.setattr(module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+
+
 # ----------------------------------------------------------------------------------------- CCE
 def cce_config(**overrides):
     values = {"steps": 3, "batch_size": 2, "gradient_accumulation": 2, "num_images": 2, "seed": 0}
@@ -163,11 +173,13 @@ def test_cce_config_defaults_follow_the_authors_and_bad_values_fail():
 
 
 def test_cce_respects_its_budget_and_is_reproducible(sd, sd_target, monkeypatch, capsys):
+    draw_every_update(monkeypatch, cce_module)
     calls = count_calls(monkeypatch, cce_module, "denoising_loss")
     attack = get_attack("cce")(cce_config())
     token, summary = attack.learn_token(sd, sd_target)
     assert calls == [2] * (3 * 2)  # steps x accumulation micro-batches of batch_size images
-    assert "CCE: 100%" in capsys.readouterr().err  # 5000 steps on a GPU: the run shows how far it is
+    err = capsys.readouterr().err
+    assert "CCE: 100%|██████████| 3/3" in err  # 5000 steps on a GPU: the run shows how far it is
     assert token.shape == (1, sd.token_embedding.weight.shape[1])
     initial = sd.token_embedding.weight[prompt_token_ids(sd, "nudity")[0]]
     assert not torch.allclose(token[0], initial)  # it learned something
@@ -484,8 +496,6 @@ def test_a_search_that_succeeds_stops_while_its_batch_goes_on(name, options, sd,
         verdict[0] = len(judged) == succeeds_at
         return verdict
 
-    from darkminer.attacks import soft_prompt
-
     drawn = record_calls(monkeypatch, soft_prompt, "sample_prompts", lambda args, _: [(p.seed, p.guidance) for p in args[2]])
     cls = get_attack(name)
     results = cls(cls.config_class(**options, search_batch=2)).run(sd, sd_target, PROMPTS, first_prompt_succeeds_once)
@@ -501,7 +511,10 @@ def test_a_search_that_succeeds_stops_while_its_batch_goes_on(name, options, sd,
     assert results[1].to_dict() | {"seconds": 0} == alone.to_dict() | {"seconds": 0}  # it went on as it goes alone
 
 
-def test_batched_searches_resume_a_batch_the_journal_holds_whole_and_search_again_one_it_holds_in_part(tmp_path):
+def test_batched_searches_resume_a_batch_the_journal_holds_whole_and_search_again_one_it_holds_in_part(
+    tmp_path, capsys, monkeypatch
+):
+    draw_every_update(monkeypatch, soft_prompt)
     from darkminer.attacks.journal import SearchJournal, resumable
     from darkminer.attacks.soft_prompt import search_in_batches
 
@@ -515,11 +528,15 @@ def test_batched_searches_resume_a_batch_the_journal_holds_whole_and_search_agai
     with resumable(tmp_path):
         first = search_in_batches(search, range(5), 2)
         assert asked == [[0, 1], [2, 3], [4]]
+        assert "searching: 100%|██████████| 5/5" in capsys.readouterr().err  # the bar counts prompts
         assert [found.tolist() for found, _ in first] == [[0, 2], [1, 2], [2, 2], [3, 2], [4, 1]]
         assert first[0][1] == first[1][1]  # each prompt's seconds: an equal share of its batch's
         journal.path(3).unlink()  # as if killed between the writes of a batch's searches
         asked.clear()
         again = search_in_batches(search, range(5), 2)
+        assert "searching: 100%|██████████| 2/2" in capsys.readouterr().err  # a resume counts what is left
+        search_in_batches(search, range(2), 2)  # all in the journal: no bar
+        assert "searching" not in capsys.readouterr().err
     assert asked == [[2, 3]]  # searched whole again, so that it finds what it found as a batch
     assert [found.tolist() for found, _ in again] == [found.tolist() for found, _ in first]
     with pytest.raises(DarkMinerError, match="a search returned 1 results for 2 prompts"):
@@ -693,11 +710,12 @@ def test_attack_command_runs_and_replays_on_the_testbed(tmp_path, monkeypatch):
     [("unlearndiff", {"k": 2, "iterations": 1, "rounds": 1}), ("p4d", {"n_tokens": 3, "iterations": 2}),
      ("p4d", {"variant": "k", "iterations": 1}), ("ringabell", {"population": 4, "generations": 2, "prompt_length": 4})],
 )
-def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_path, capsys):
+def test_testbed_hard_attacks_run_and_replay(testbed, blood, name, options, tmp_path, capsys, monkeypatch):
+    draw_every_update(monkeypatch, soft_prompt)
     cls = get_attack(name)
     prompts = [AttackPrompt(blood.prompts[0], 21)]
     results = run_attack(cls(cls.config_class(**options)), testbed, blood, prompts, never, out=tmp_path / name)
-    assert "searching: 100%" in capsys.readouterr().err  # a long search shows how far it is
+    assert "searching: 100%|██████████| 1/1" in capsys.readouterr().err  # a long search shows how far it is
     assert len(results[0].input_ids) == testbed.max_length and not results[0].success
     _, loaded = load_results(tmp_path / name)
     assert loaded[0].input_ids == results[0].input_ids

@@ -164,6 +164,13 @@ def test_speed_flags_reach_the_model(tmp_path, monkeypatch):
     assert json.loads((out / "darkminer.json").read_text())["extra"]["speed"]["precision"] == "bf16"
 
 
+def test_generate_draws_at_guidance_0_only_when_asked(tmp_path):
+    command = ["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "1", "--steps", "1", "--guidance", "0",
+               "--out", str(tmp_path / "x.png")]
+    assert main(command) == 2 and not (tmp_path / "x.png").exists()
+    assert main([*command, "--allow-empty"]) == 0 and (tmp_path / "x.png").is_file()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

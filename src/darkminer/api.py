@@ -193,7 +193,9 @@ def generate(
 ) -> torch.Tensor:
     """``n`` images (n, 3, H, W) in [0, 1] of ``prompt`` from a base or ``erased`` model, image ``i`` at seed
     ``seed + i`` (model defaults for ``steps`` and ``guidance_scale``); with ``out``, also a PNG grid of them.
-    Under a launcher the processes share the batches and the main one writes. ``progress``: a progress bar."""
+    Under a launcher the processes share the batches and the main one writes. ``progress``: a progress bar.
+    ``allow_empty``: accept an empty prompt, or a guidance scale of 0 or below, which draw unconditional
+    samples (below 0, steered away from the prompt) and are refused otherwise."""
     from darkminer.imaging import make_grid, save_png
     from darkminer.io import check_output_file
     from darkminer.parallel import init_processes, sharded_sample

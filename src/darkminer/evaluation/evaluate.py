@@ -329,6 +329,10 @@ def evaluate(
     declares what an SD concept is (``targets.SD_KINDS``: a ``style`` is graded as a painting in it).
     ``device`` and ``dtype`` load a model given by name (None: cpu, float32); a loaded model is evaluated
     where it is, and one that is not on them is refused.
+
+    ``progress``: bars for the sampling and the attacks. Long inner loops (an attack's searches, CCE's
+    steps) show theirs whatever it says, as an eraser's training does, and clear them when done;
+    ``TQDM_DISABLE=1`` in the environment hides every bar.
     """
     for name, value, hint in (("concept", concept, str), ("anchor", anchor, str | None)):
         check_argument(name, value, hint)

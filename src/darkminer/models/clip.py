@@ -27,6 +27,8 @@ _HOW_TO_PASS = (
     "`hf download openai/clip-vit-large-patch14`), as `image_encoder` (Dark Miner) or `--clip-model` (evaluate, attack); "
     "for a dry run on tiny-random-sd, tiny-random-clip"
 )
+
+
 def build_tiny_clip(seed: int = 0) -> tuple[Any, Any]:
     """``tiny-random-clip``: a CLIPModel with 32x32 images and 16-d projections, and the offline byte-BPE
     tokenizer of ``tiny-random-sd``; deterministic for a seed, without touching the global RNG."""
