@@ -511,9 +511,14 @@ def test_erase_says_which_earlier_erasure_it_replaced(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote erased model {out}"
     assert main([*command, "uce"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote erased model {out}, replacing the one that was there (sld on nudity)"
+    stack = ["erase", "--model", "tiny-random-sd", "--out", str(tmp_path / "stack"), "--method", "uce", "--concept"]
+    assert main([*stack, "violence", "--erased", str(out)]) == 0  # violence over the nudity erasure in out
+    capsys.readouterr()
+    assert main([*stack, "blood"]) == 0
+    assert capsys.readouterr().out.strip().endswith("replacing the one that was there (uce on violence, over uce on nudity)")
     (out / "darkminer.json").write_text("[]")
     assert main([*command, "sld"]) == 0
-    assert "(an erased model with a damaged record)" in capsys.readouterr().out
+    assert "(an erased model whose record could not be read)" in capsys.readouterr().out
 
 
 def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):

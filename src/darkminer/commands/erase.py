@@ -45,14 +45,21 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _earlier_erasure(out: str) -> str | None:
-    """What an earlier erase into ``out`` was ("esd-x on blood"), which this run replaces; None if none."""
+    """What an earlier erase into ``out`` was ("esd-x on blood", a stack "esd-x on blood, over uce on nudity"),
+    which this run replaces; None if none."""
+    from dataclasses import asdict
+
     from darkminer.errors import DarkMinerError
     from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 
     if not (Path(out) / INFO_NAME).is_file():
         return None
     try:
-        info = ErasedModelInfo.read(out)
-    except DarkMinerError:  # a damaged record: still an earlier output, replaced
-        return "an erased model with a damaged record"
-    return f"{info.method_label} on {info.concept}"
+        record: dict | None = asdict(ErasedModelInfo.read(out))
+    except DarkMinerError:  # a record we cannot read: still an earlier output, replaced
+        return "an erased model whose record could not be read"
+    layers = []
+    while record is not None:  # read() checked every level of the stack
+        layers.append(f"{record['method']} on {record['concept']}")
+        record = record["erased_on"]["info"] if record.get("erased_on") else None
+    return ", over ".join(layers)
