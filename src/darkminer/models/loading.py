@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # A CLIP BPE tokenizer merges common words into one token; without its merges it spells them out.
 _PROBE_WORD = "photo"
 _MIN_VOCAB = 100
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CONVERT_PICKLED = ("convert them once in an environment you trust (load, then save_pretrained(..., "
+                   "safe_serialization=True))")
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -84,19 +87,12 @@ def pipeline_class() -> type[StableDiffusionPipeline]:
     return StableDiffusionPipeline
 
 
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
 def only_pickled_weights(folder: Path) -> str | None:
     """The name of a pickled weight file in ``folder`` when it holds no safetensors (darkminer never unpickles a
     foreign file), else None."""
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return None
     return next((f.name for f in sorted(folder.iterdir()) if f.suffix in PICKLED_SUFFIXES), None)
-
-
-CONVERT_PICKLED = ("convert them once in an environment you trust (load, then save_pretrained(..., "
-                   "safe_serialization=True))")
 
 
 def names_a_folder(name: str) -> bool:
