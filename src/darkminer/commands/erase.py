@@ -50,16 +50,12 @@ def _earlier_erasure(out: str) -> str | None:
     from dataclasses import asdict
 
     from darkminer.errors import DarkMinerError
-    from darkminer.models.erased import INFO_NAME, ErasedModelInfo
+    from darkminer.models.erased import INFO_NAME, ErasedModelInfo, stack_records
 
     if not (Path(out) / INFO_NAME).is_file():
         return None
     try:
-        record: dict | None = asdict(ErasedModelInfo.read(out))
+        info = ErasedModelInfo.read(out)
     except DarkMinerError:  # a record we cannot read: still an earlier output, replaced
         return "an erased model whose record could not be read"
-    layers = []
-    while record is not None:  # read() checked every level of the stack
-        layers.append(f"{record['method']} on {record['concept']}")
-        record = record["erased_on"]["info"] if record.get("erased_on") else None
-    return ", over ".join(layers)
+    return ", over ".join(f"{record['method']} on {record['concept']}" for record in stack_records(asdict(info)))

@@ -131,16 +131,22 @@ def _is_stack_record(record: Any) -> bool:
     return info.get("erased_on") is None or _is_stack_record(info["erased_on"])
 
 
+def stack_records(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """An erased model's record (as a dict) and those of the erasures it was stacked on, top first; a damaged
+    level (no method) ends the list."""
+    records: list[dict[str, Any]] = []
+    while isinstance(info, dict) and isinstance(info.get("method"), str):
+        records.append(info)
+        below = info.get("erased_on")
+        info = below.get("info") if isinstance(below, dict) else None
+    return records
+
+
 def method_label(info: dict[str, Any]) -> str:
     """An erased model's method as results name it (``info``: its record as a dict); a stack's methods from
     the bottom up, joined by "+" (``darkminer+esd-x``: ESD-x erased on top of a Dark Miner erasure); "" for
     a record without one."""
-    methods: list[str] = []
-    while isinstance(info, dict) and isinstance(info.get("method"), str):  # a damaged record ends the walk
-        methods.append(info["method"])
-        below = info.get("erased_on")
-        info = below.get("info") if isinstance(below, dict) else None
-    return "+".join(reversed(methods))
+    return "+".join(record["method"] for record in reversed(stack_records(info)))
 
 
 EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure an exported pipeline carries
