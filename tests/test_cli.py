@@ -305,7 +305,7 @@ def test_our_warning_is_said_once_a_run_wherever_it_comes_from(monkeypatch, caps
         warnings.warn("another warning", DarkMinerWarning, stacklevel=1)
 
     parser = argparse.ArgumentParser()
-    parser.set_defaults(handler=handler, threads=None, loads_models=False)
+    parser.set_defaults(handler=handler, threads=None, loads_models=False, plugin=[])
     monkeypatch.setattr("darkminer.cli.build_parser", lambda: parser)
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # Python's own filter would hide a repeat from the same line
@@ -553,8 +553,9 @@ def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch
     assert main([*command[:4], "fire", *command[5:]]) == 130
     monkeypatch.setattr(Path, "rename", real_rename)
     assert stops and json.loads((out / "darkminer.json").read_text())["concept"] == "violence"  # put back
-    # nothing new left beside it (the run, holding the lock, swept the first kill's set-aside folder)
-    assert {p.name for p in tmp_path.iterdir()} == set(before) - {n for n in before if n.endswith(".replaced")}
+    # nothing left beside it: the run, holding the lock, swept what the first kill had set aside (the old
+    # output, and the work folder whose removal the patched rmtree also cut short)
+    assert {n for n in before if n != "erased"} and {p.name for p in tmp_path.iterdir()} == {"erased"}
 
 
 @pytest.mark.parametrize("stop, rc, line", [("sigterm", 143, "darkminer: terminated"),
@@ -716,15 +717,28 @@ def test_atomic_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path,
     assert calls == ["fsync", "replace"]
 
 
-def test_a_registry_refuses_a_second_class_under_one_name():
+def test_a_registry_refuses_a_second_class_under_one_name_but_takes_the_same_one_redefined():
     from darkminer.registry import Registry
 
     registry = Registry("thing", "darkminer")
     registry.register("x")(type("A", (), {}))
-    with pytest.raises(RuntimeError, match="thing 'x' registered twice"):
+    with pytest.raises(DarkMinerError, match=r"thing 'x' is already registered \(by \S*test_cli.A\); register "
+                                             r"\S*test_cli.B under another name"):
         registry.register("x")(type("B", (), {}))
+    again = registry.register("x")(type("A", (), {}))  # a reloaded module, a notebook cell run twice
+    assert registry["x"] is again
     with pytest.raises(DarkMinerError, match="unknown thing 'y'; choose one of x"):
         registry.lookup("y")
+    with pytest.raises(DarkMinerError, match="registered under a name"):
+        registry.register("")(type("C", (), {}))
+
+
+def test_an_eraser_of_an_unknown_kind_is_refused_when_it_is_registered():
+    from darkminer.erasers.base import ERASERS, register_eraser
+
+    with pytest.raises(DarkMinerError, match="kind 'weights' is not one of lora, unet, text_encoder, guidance"):
+        register_eraser("weights-kind", kind="weights")
+    assert "weights-kind" not in ERASERS
 
 
 def test_config_files_are_read_from_a_path_object_too(tmp_path):

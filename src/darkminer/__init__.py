@@ -3,7 +3,9 @@
 The API mirrors the CLI: ``erase``, ``generate``, ``attack``, ``evaluate``, ``export``, ``run_benchmark``,
 ``load_model``. Piece by piece, an attack is ``build_attack(name, options)`` run by
 ``run_attack(attack, model, target, prompts, success)`` with ``target = resolve_target(model, concept)``,
-``AttackPrompt`` prompts and ``success = concept_detector(model, target)``. Errors are ``DarkMinerError``s,
+``AttackPrompt`` prompts and ``success = concept_detector(model, target)``. One's own methods subclass
+``Eraser``/``EraserConfig`` or ``Attack``/``AttackConfig`` and register with ``register_eraser`` or
+``register_attack`` (docs/methods.md, "Your own eraser or attack"). Errors are ``DarkMinerError``s,
 warnings ``DarkMinerWarning``s. Imports are lazy so that ``import darkminer`` stays cheap.
 """
 
@@ -24,15 +26,25 @@ _EXPORTS = {
     "load_model": "darkminer.models",
     "DiffusionModel": "darkminer.models",
     "get_eraser": "darkminer.erasers.base",
+    "Eraser": "darkminer.erasers.base",
+    "EraserConfig": "darkminer.erasers.base",
+    "register_eraser": "darkminer.erasers.base",
     "get_attack": "darkminer.attacks.base",
     "build_attack": "darkminer.attacks.base",
+    "Attack": "darkminer.attacks.base",
+    "AttackConfig": "darkminer.attacks.base",
     "AttackPrompt": "darkminer.attacks.base",
+    "AttackResult": "darkminer.attacks.base",
+    "register_attack": "darkminer.attacks.base",
     "run_attack": "darkminer.attacks.io",
+    "EraseTarget": "darkminer.targets",
     "resolve_target": "darkminer.targets",
+    "EvaluationConfig": "darkminer.evaluation",
     "concept_detector": "darkminer.evaluation",
     "SpeedOptions": "darkminer.parallel",
     "DarkMinerError": "darkminer.errors",
     "ConfigError": "darkminer.errors",
+    "ModelLoadError": "darkminer.errors",
     "DarkMinerWarning": "darkminer.errors",
 }
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from darkminer.config import SEED_LIMIT, check_argument, check_seed
-from darkminer.erasers.base import EraserConfig, get_eraser
+from darkminer.erasers.base import Eraser, EraserConfig, get_eraser
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.io import (
     check_no_unfinished_run,
@@ -33,6 +33,7 @@ from darkminer.models.erased import (
     EXPORT_INFO,
     INFO_NAME,
     OUTPUT_KIND,
+    WEIGHT_KINDS,
     ErasedModelInfo,
     erasure_adopted,
     read_stackable,
@@ -147,32 +148,53 @@ def erase(
     resumed = resume and has_checkpoint(work_dir)
     # The erasure below goes on only now, so that a bad argument leaves a given model as it was; while it
     # trains, the new erasure takes the one below as its original.
-    with released_if_unused(work_dir), nullcontext() if erased is None else erasure_adopted(base, erased):
-        started = time.time()
-        summary = eraser.erase(base, target, work_dir)
-    summary["seconds"] = round(time.time() - started, 2)  # of this run only: a resumed one did less
-    if resumed:
-        summary["resumed"] = True
-    info = ErasedModelInfo(
-        method=method,
-        concept=target.name,
-        base_model=model_id(base.name),
-        kind=eraser.output_kind,
-        anchor=target.anchor,
-        config=cfg.to_dict(),
-        extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
-        erased_on=None if below is None else below.record(erased),
-    )
-    def save() -> None:
-        artifacts = work_dir / "artifacts"
-        save_erased(base, out, info,
-                    write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None,
-                    erased_on=erased)
-        remove_work_directory(work_dir)
+    with released_if_unused(work_dir):
+        with nullcontext() if erased is None else erasure_adopted(base, erased):
+            started = time.time()
+            summary = eraser.erase(base, target, work_dir)
+        _check_erasure(eraser, base, summary)
+        summary = {**summary, "seconds": round(time.time() - started, 2)}  # of this run only: a resumed one did less
+        if resumed:
+            summary["resumed"] = True
+        info = ErasedModelInfo(
+            method=method,
+            concept=target.name,
+            base_model=model_id(base.name),
+            kind=eraser.output_kind,
+            anchor=target.anchor,
+            config=cfg.to_dict(),
+            extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
+            erased_on=None if below is None else below.record(erased),
+        )
+        def save() -> None:
+            artifacts = work_dir / "artifacts"
+            save_erased(base, out, info, erased_on=erased,
+                        write_extra=(lambda d: shutil.copytree(artifacts, d, dirs_exist_ok=True)) if artifacts.is_dir() else None)
+            remove_work_directory(work_dir)
 
-    processes.barrier()  # every process is done with the work directory before the main one removes it
-    processes.on_main(save)
+        processes.barrier()  # every process is done with the work directory before the main one removes it
+        processes.on_main(save)
     return out
+
+
+def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object) -> None:
+    """What ``Eraser.erase`` promises, checked before anything is written: a summary (a dict, recorded in
+    darkminer.json) and the erasure of the eraser's kind on the model. An eraser of one's own that breaks it
+    gets this line, not a traceback from inside the saving."""
+    from darkminer.models import adapters
+
+    what = f"eraser {eraser.name!r} (kind {eraser.output_kind!r})"
+    if not isinstance(summary, dict):
+        raise DarkMinerError(f"{what} returned {type(summary).__name__} from erase(); return a dict summary "
+                             "(it may be empty), as Eraser.erase says")
+    kind = eraser.output_kind
+    if kind == "lora" and not adapters.has_lora(model):
+        raise DarkMinerError(f"{what} added no LoRA adapter to the model (adapters.add_lora)")
+    if kind == "guidance" and type(model.guidance) is ClassifierFreeGuidance:
+        raise DarkMinerError(f"{what} left model.guidance as plain classifier-free guidance; set its own")
+    if kind in WEIGHT_KINDS and kind not in model.edited_components:
+        raise DarkMinerError(f"{what} edited no {kind} weight through model.remember_originals(names); call it "
+                             "before editing weights in place")
 
 
 def generate(
@@ -200,6 +222,7 @@ def generate(
     from darkminer.io import check_output_file
     from darkminer.parallel import init_processes, sharded_sample
 
+    _named_model_only(model, "generate", "model.generate(prompts, seeds)")
     check_argument("prompt", prompt, str)
     check_argument("n (-n)", n, int)
     steps, guidance_scale = _check_sampling_arguments(steps, guidance_scale)
@@ -217,7 +240,7 @@ def generate(
                           "lower seed (--seed) or n (-n)")
     if out is not None:
         if not str(out).lower().endswith(".png"):
-            raise ConfigError(f"--out must name a .png file, got {out}")
+            raise ConfigError(f"out (--out) must name a .png file, got {out}")
         check_output_file(out, apart_from=erased)
     processes = init_processes()  # before loading: under a launcher each process takes its own GPU
     net = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
@@ -229,6 +252,13 @@ def generate(
     if out is not None:  # small tiles enlarged
         processes.on_main(lambda: save_png(make_grid(images, scale=max(1, 256 // images.shape[-1])), out))
     return images
+
+
+def _named_model_only(model: object, function: str, instead: str) -> None:
+    """``generate`` and ``attack`` load their model (a name or folder); for a loaded one, say what to call."""
+    if isinstance(model, DiffusionModel):
+        raise ConfigError(f"{function}() loads its model from a name or a folder; with a loaded model call "
+                          f"{instead} (README, Python API)")
 
 
 def _check_sampling_arguments(steps: int | None, guidance_scale: float | None) -> tuple[int | None, float | None]:
@@ -292,6 +322,7 @@ def attack(
     from darkminer.evaluation.suites import prompt_suites
     from darkminer.parallel import init_processes
 
+    _named_model_only(model, "attack", "run_attack(build_attack(name, config), model, target, prompts, success)")
     for label, value, hint in (("attack name", name, str), ("concept", concept, str), ("anchor", anchor, str | None)):
         check_argument(label, value, hint)
     check_argument("n_prompts (--n-prompts)", n_prompts, int)

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from darkminer.commands import COMMAND_MODULES
 from darkminer.errors import DarkMinerError, DarkMinerWarning
+from darkminer.registry import load_plugin
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's, one per core; on a CPU shared with other "
                              "jobs, 1 per job avoids threads stalling each other), as OMP_NUM_THREADS")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module (a name on the Python path, or a .py file) that registers erasers or "
+                             "attacks of your own (register_eraser, register_attack), so that --method and --attack "
+                             "can name them; repeatable")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -140,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
             _quiet_libraries()
+        for plugin in args.plugin:
+            load_plugin(os.path.expanduser(plugin))
         with _reports_from_main_process_only():
             args.handler(args)
             sys.stdout.flush()  # a pipe's buffer is written here, where a reader gone away is caught, not at exit

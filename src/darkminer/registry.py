@@ -1,9 +1,13 @@
-"""Registries of named classes (erasers, attacks, guidances), filled by a decorator where each is defined."""
+"""Registries of named classes (erasers, attacks, guidances), filled by a decorator where each is defined:
+the built-in ones on first lookup, one's own by importing the module that defines them (``load_plugin``)."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from darkminer.errors import DarkMinerError
@@ -12,7 +16,8 @@ T = TypeVar("T", bound=type)
 
 
 class Registry(dict[str, T], Generic[T]):
-    """``name -> class``. ``register`` is the decorator (a second class under one name is a bug: refused);
+    """``name -> class``. ``register`` is the decorator: a second class under one name is refused, unless it
+    is the same class defined again (its module reloaded, a notebook cell run twice), which replaces it.
     ``lookup`` imports the built-in ones first and says what exists when a name is unknown."""
 
     def __init__(self, what: str, builtins: str, name_attribute: str = "name") -> None:
@@ -21,8 +26,11 @@ class Registry(dict[str, T], Generic[T]):
 
     def register(self, name: str, **attributes: Any) -> Callable[[T], T]:
         def wrap(cls: T) -> T:
-            if name in self:
-                raise RuntimeError(f"{self.what} {name!r} registered twice")
+            if not isinstance(name, str) or not name.strip():
+                raise DarkMinerError(f"a {self.what} is registered under a name (a non-empty string), got {name!r}")
+            if name in self and _where(self[name]) != _where(cls):
+                raise DarkMinerError(f"{self.what} {name!r} is already registered (by {_where(self[name])}); "
+                                     f"register {_where(cls)} under another name")
             setattr(cls, self.name_attribute, name)
             for key, value in attributes.items():
                 setattr(cls, key, value)
@@ -34,5 +42,42 @@ class Registry(dict[str, T], Generic[T]):
     def lookup(self, name: str) -> T:
         importlib.import_module(self.builtins)  # registers the built-in ones
         if name not in self:
-            raise DarkMinerError(f"unknown {self.what} {name!r}; choose one of {', '.join(sorted(self))}")
+            raise DarkMinerError(f"unknown {self.what} {name!r}; choose one of {', '.join(sorted(self))} (one of "
+                                 "your own is known once the module registering it is imported: --plugin MODULE)")
         return self[name]
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_plugin(spec: str) -> None:
+    """Import ``spec``, a module name (``my_erasers``) or a Python file (``./my_erasers.py``), so that the
+    erasers and attacks it registers (``register_eraser``, ``register_attack``) can be named: the command
+    line's ``--plugin``."""
+    try:
+        if spec.endswith(".py"):
+            _import_file(Path(spec))
+        else:
+            importlib.import_module(spec)
+    except DarkMinerError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name != spec:  # a module the plugin imports is missing
+            raise DarkMinerError(f"plugin {spec}: {exc}") from exc
+        raise DarkMinerError(f"plugin {spec}: no module of that name on the Python path; give an importable "
+                             "module or a .py file's path") from exc
+    except Exception as exc:  # the plugin's own code failed: its error, in one line
+        raise DarkMinerError(f"plugin {spec} failed while importing: {type(exc).__name__}: {exc}") from exc
+
+
+def _import_file(path: Path) -> None:
+    """Import a Python file as the module named after it, as ``python FILE``'s imports would see it."""
+    if not path.is_file():
+        raise DarkMinerError(f"plugin {path}: no such file")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise DarkMinerError(f"plugin {path}: not a Python module file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[path.stem] = module
+    module_spec.loader.exec_module(module)

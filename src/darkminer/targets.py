@@ -48,6 +48,10 @@ class EraseTarget:
         return {"name": self.name, "word": self.word, "anchor": self.anchor, "kind": self.kind,
                 "n_prompts": len(self.prompts), "n_preserve": len(self.preserve)}
 
+    def __repr__(self) -> str:  # the prompt lists counted, not printed: a target's are hundreds of lines
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items())
+        return f"{type(self).__name__}({fields})"
+
 
 TESTBED_CSV_ERROR = ("prompt CSVs are for Stable Diffusion: the testbed draws every prompt set from its concept "
                      "registry (`darkminer testbed concepts`); drop the CSV option or pass --model")

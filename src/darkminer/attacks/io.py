@@ -185,6 +185,21 @@ def replay(
 
 
 @exclusive_output()
+def _check_one_result_per_prompt(attack: Attack, prompts: Sequence[AttackPrompt], results: object) -> None:
+    """An attack's ``run`` returns one result per prompt, in order: rates and replays count on it (an
+    attack of one's own that skipped a prompt would otherwise lower its denominator silently)."""
+    contract = "its run() must return a list of one AttackResult per prompt, in the prompts' order"
+    if not isinstance(results, list) or not all(isinstance(r, AttackResult) for r in results):
+        raise DarkMinerError(f"attack {attack.name!r} returned {type(results).__name__}; {contract}")
+    if len(results) != len(prompts):
+        raise DarkMinerError(f"attack {attack.name!r} returned {len(results)} results for {len(prompts)} prompts; "
+                             f"{contract}")
+    wrong = next((i for i, (r, p) in enumerate(zip(results, prompts, strict=True)) if r.prompt != p), None)
+    if wrong is not None:
+        raise DarkMinerError(f"attack {attack.name!r}: result {wrong} is for {results[wrong].prompt!r}, prompt "
+                             f"{wrong} is {prompts[wrong]!r}; {contract}")
+
+
 def run_attack(
     attack: Attack,
     model: DiffusionModel,
@@ -237,6 +252,7 @@ def run_attack(
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir), released_if_unused(work_dir):
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
+        _check_one_result_per_prompt(attack, prompts, results)
     if out is not None:
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,

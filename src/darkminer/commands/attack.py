@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run an attack against a base or erased model; writes OUT/attack.json (per-prompt success, "
                     "adversarial prompts, attack success rate) and OUT/embeddings.safetensors for soft attacks.",
     )
-    p.add_argument("--attack", default=None, help=f"one of {ATTACK_NAMES} (not with --replay)")
+    p.add_argument("--attack", default=None, help=f"one of {ATTACK_NAMES}, or one a --plugin registers (not with "
+                                                  "--replay)")
     add_concept_args(p)
     add_model_args(p)
     p.add_argument("--config", default=None, help="JSON or YAML file of the attack's config options")

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "erase", help="erase a concept from a model",
         description="Erase a concept and write an erased-model directory (weights in safetensors + darkminer.json).",
     )
-    p.add_argument("--method", required=True, help=f"one of {METHOD_NAMES}")
+    p.add_argument("--method", required=True, help=f"one of {METHOD_NAMES}, or one a --plugin registers")
     add_concept_args(p)
     add_model_args(p, erased_help="an erased-model directory to erase on top of (several concepts, one after "
                                   "another); --model is then its base, as recorded unless given")

@@ -263,6 +263,8 @@ def concept_detector(
     grader's settings (``detector``, ``judge``, ``nudenet_threshold``, ``clip_model``...; default: the
     evaluation's); ``detector`` overrides its choice. ``auto`` is the testbed judge on the testbed, NudeNet
     for nudity, CLIP zero-shot otherwise."""
+    if not isinstance(target, EraseTarget):
+        raise ConfigError(f"target must be an EraseTarget, got {target!r}: resolve_target(model, concept) makes one")
     config = EvaluationConfig.coerce(config)
     kind = detector_kind_for(target.name, is_testbed(model), detector or config.detector)
     return build_detector(kind, target, config)
@@ -285,7 +287,7 @@ def _load(
     """The model to evaluate, the erasure method that made it and the erased model's record (if any)."""
     if isinstance(model, DiffusionModel):
         if erased is not None:
-            raise DarkMinerError("give either a loaded model or --erased, not both")
+            raise DarkMinerError("give either a loaded model or erased (--erased), not both")
         check_placement(model, device, dtype)
         if speed is not None:
             apply_speed_options(model, speed)

@@ -165,7 +165,7 @@ def check_device(device: str | torch.device) -> None:
                  "mps": int(torch.backends.mps.is_available())}
     if parsed.type in available and (parsed.index or 0) >= available[parsed.type]:
         raise ModelLoadError(f"device {device!r} is not available here (torch {torch.__version__} sees "
-                             f"{available[parsed.type]} {parsed.type} device(s)); use --device cpu")
+                             f"{available[parsed.type]} {parsed.type} device(s)); use device='cpu' (--device cpu)")
 
 
 def _load_base(spec: str, *, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:

@@ -1,0 +1,162 @@
+"""One's own erasers and attacks: the documented plugin file run from the command line and from Python, and
+the contract checks that turn a plugin's mistake into one line."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkminer.attacks.base import ATTACKS, Attack, AttackConfig, AttackPrompt, AttackResult, register_attack
+from darkminer.cli import main
+from darkminer.erasers.base import ERASERS, Eraser, register_eraser
+from darkminer.errors import ConfigError, DarkMinerError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+
+
+@pytest.fixture(autouse=True)
+def registries_restored():
+    """Each test's registrations are gone after it, as a fresh process would have them."""
+    ERASERS.lookup("uce"), ATTACKS.lookup("plain")  # the built-in ones, registered before the snapshot
+    erasers, attacks = dict(ERASERS), dict(ATTACKS)
+    yield
+    for registry, before in ((ERASERS, erasers), (ATTACKS, attacks)):
+        registry.clear()
+        registry.update(before)
+
+
+@pytest.fixture()
+def plugin_file(tmp_path):
+    """docs/methods.md's example plugin, as a user would save it."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    [code] = [block for block in blocks if block.startswith("# my_methods.py")]
+    path = tmp_path / "my_methods.py"
+    path.write_text(code)
+    return path
+
+
+def test_the_documented_plugin_erases_and_attacks_from_the_command_line(plugin_file, tmp_path):
+    from darkminer.io import load_tensors
+    from darkminer.models import load_model
+    from darkminer.models.erased import UNET_WEIGHTS
+
+    (tmp_path / "dampen.yaml").write_text("factor: 0.25\n")
+    out, found = tmp_path / "dampen", tmp_path / "suffix"
+    assert main(["--threads", "1", "--plugin", str(plugin_file), "erase", "--method", "dampen-keys", "--concept",
+                 "blood", "--config", str(tmp_path / "dampen.yaml"), "--out", str(out)]) == 0
+    record = json.loads((out / "darkminer.json").read_text())
+    assert (record["method"], record["kind"], record["config"]["factor"]) == ("dampen-keys", "unet", 0.25)
+    # the folder holds the edit: the keys scaled, every other weight the base's
+    base = dict(load_model("testbed").unet.named_parameters())
+    saved = load_tensors(out / "unet" / UNET_WEIGHTS)
+    keys = [name for name in saved if name.endswith("attn2.to_k.weight")]
+    assert keys and record["extra"]["edited"] == len(keys)
+    for name, value in saved.items():
+        expected = base[name].detach() * (0.25 if name in keys else 1.0)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+    # the erased model loads without the plugin; the attack needs it, and keeps one result per prompt
+    assert main(["--threads", "1", "--plugin", str(plugin_file), "attack", "--attack", "suffix", "--concept", "blood",
+                 "--erased", str(out), "--n-prompts", "2", "--out", str(found)]) == 0
+    results = json.loads((found / "attack.json").read_text())
+    assert results["attack"] == "suffix" and len(results["results"]) == 2
+    for row in results["results"]:  # an adversarial text is the prompt, or the prompt with one of the words
+        assert row["adversarial_text"] in (row["prompt"], f"{row['prompt']}, red liquid", f"{row['prompt']}, crimson")
+        assert row["success_after"] == (row["success_before"] or row["adversarial_text"] != row["prompt"])
+
+
+def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
+    erase = ["erase", "--method", "dampen-keys", "--concept", "blood", "--out", str(tmp_path / "o")]
+    assert main(["--plugin", "no_such_plugin_module", *erase]) == 2
+    assert capsys.readouterr().err == ("darkminer: error: plugin no_such_plugin_module: no module of that name on the "
+                                       "Python path; give an importable module or a .py file's path\n")
+    assert main(["--plugin", str(tmp_path / "missing.py"), *erase]) == 2
+    assert capsys.readouterr().err == f"darkminer: error: plugin {tmp_path / 'missing.py'}: no such file\n"
+    (tmp_path / "broken.py").write_text("import no_such_dependency_here\n")
+    assert main(["--plugin", str(tmp_path / "broken.py"), *erase]) == 2
+    assert "plugin " + str(tmp_path / "broken.py") + ": No module named 'no_such_dependency_here'" in capsys.readouterr().err
+    (tmp_path / "raises.py").write_text("raise ValueError('bad plugin')\n")
+    assert main(["--plugin", str(tmp_path / "raises.py"), *erase]) == 2
+    assert capsys.readouterr().err.endswith("failed while importing: ValueError: bad plugin\n")
+    assert main(erase) == 2  # without it, the method is unknown, and the line says how to make it known
+    assert "unknown method 'dampen-keys'" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_plugin_imported_twice_replaces_its_own_classes(plugin_file):
+    from darkminer.registry import load_plugin
+
+    load_plugin(str(plugin_file))
+    first = ERASERS["dampen-keys"]
+    load_plugin(str(plugin_file))  # a notebook cell run again
+    assert ERASERS["dampen-keys"] is not first and ERASERS["dampen-keys"].__qualname__ == "DampenKeys"
+
+
+class _Summary(Eraser):
+    """Returns ``result`` and changes nothing on the model."""
+
+    result: object = None
+
+    def erase(self, model, target, work_dir):
+        return self.result
+
+
+@pytest.mark.parametrize("kind, result, message", [
+    ("unet", None, "returned NoneType from erase(); return a dict summary"),
+    ("lora", {}, "added no LoRA adapter to the model"),
+    ("unet", {}, "edited no unet weight through model.remember_originals(names)"),
+    ("text_encoder", {}, "edited no text_encoder weight through model.remember_originals(names)"),
+    ("guidance", {}, "left model.guidance as plain classifier-free guidance"),
+])
+def test_an_eraser_that_breaks_its_contract_is_stopped_before_saving(tmp_path, kind, result, message):
+    from darkminer import erase
+
+    cls = register_eraser(f"broken-{kind}", kind=kind)(type(f"Broken{kind}", (_Summary,), {"result": result}))
+    with pytest.raises(DarkMinerError, match=re.escape(f"eraser {cls.name!r} (kind {kind!r}) {message}")):
+        erase(cls.name, "blood", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no output, and no work folder claimed
+
+
+class _Returns(Attack):
+    """Returns the results ``pick`` chooses from one per prompt."""
+
+    config_class = AttackConfig
+
+    def run(self, model, target, prompts, success, original=None):
+        return type(self).pick([AttackResult(p, p.text, False, False) for p in prompts])
+
+
+@pytest.mark.parametrize("pick, message", [
+    (lambda results: results[:1], " returned 1 results for 2 prompts; its run() must return a list of one"),
+    (lambda results: results[::-1], ": result 0 is for AttackPrompt(text='b', seed=1, guidance=None), prompt 0 is"),
+    (lambda results: tuple(results), " returned tuple"),
+])
+def test_an_attack_must_return_one_result_per_prompt_in_order(tmp_path, pick, message):
+    from darkminer.attacks.io import run_attack
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    model = load_model("testbed")
+    cls = register_attack("picky")(type("Picky", (_Returns,), {"pick": staticmethod(pick)}))
+    prompts = [AttackPrompt("a", 0), AttackPrompt("b", 1)]
+    with pytest.raises(DarkMinerError, match=re.escape(f"attack 'picky'{message}")):
+        run_attack(cls(), model, resolve_target(model, "blood"), prompts, lambda images: images, out=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no results, and no work folder claimed
+
+
+def test_loaded_models_and_concept_names_where_other_objects_belong_say_what_to_call(tmp_path):
+    import darkminer
+    from darkminer.models import load_model
+
+    model = load_model("testbed")
+    with pytest.raises(ConfigError, match=r"attack\(\) loads its model from a name or a folder; with a loaded model "
+                                          r"call run_attack\("):
+        darkminer.attack("plain", "blood", model=model)
+    with pytest.raises(ConfigError, match=r"generate\(\) loads its model .* call model.generate\("):
+        darkminer.generate("a star", model=model)
+    with pytest.raises(ConfigError, match=r"target must be an EraseTarget, got 'blood': resolve_target"):
+        darkminer.concept_detector(model, "blood")
+    target = darkminer.resolve_target(model, "blood")
+    assert repr(target) == (f"EraseTarget(name='blood', word='blood', anchor={target.anchor!r}, kind='inappropriate', "
+                            f"n_prompts={len(target.prompts)}, n_preserve={len(target.preserve)})")
