@@ -590,6 +590,13 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
                       ["attack", "--attack", "plain", "--concept", "nudity", "--model", "tiny-random-sd"]):
             assert main([*other, "--out", str(out)]) == 2
             assert "another darkminer run is writing" in _error_line(capsys)
+        # the pieces the API offers hold it too (run_attack, which the attack command calls inside its own)
+        from darkminer import AttackPrompt, build_attack, load_model, resolve_target, run_attack
+
+        model = load_model("tiny-random-sd")
+        with pytest.raises(DarkMinerError, match="another darkminer run is writing"):
+            run_attack(build_attack("plain"), model, resolve_target(model, "nudity"), [AttackPrompt("a", 0)],
+                       lambda images: images, out=out)
     for stale in (".erased.k3x_9q2a", ".erased.k3x_9q2a.replaced"):  # what killed runs leave beside --out
         (tmp_path / stale / "unet").mkdir(parents=True)
     assert main(command) == 0  # the other run ended

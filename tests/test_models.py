@@ -364,20 +364,6 @@ def test_a_guidance_erasure_loads_in_a_process_that_never_imported_its_eraser(tm
     assert "torchvision" not in done.stderr
 
 
-def test_loading_the_testbed_from_python_shows_no_library_bar_and_leaves_the_bars_as_they_were():
-    import os
-    import subprocess
-    import sys
-
-    # A fresh interpreter: the CLI, run by other tests in this process, turns the libraries' bars off for good.
-    code = ("import transformers.utils.logging as t; from darkminer import load_model; load_model('testbed'); "
-            "print(t.is_progress_bar_enabled())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True"] and "Loading weights" not in done.stderr
-
-
 def test_an_erasure_from_a_cached_hub_id_is_refused_on_another_base(tiny_sd_dir, tmp_path, monkeypatch):
     """A hub id in the cache is here: another base is refused, its own snapshot folder is the same model."""
     import warnings

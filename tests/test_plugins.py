@@ -2,7 +2,10 @@
 the contract checks that turn a plugin's mistake into one line."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +59,12 @@ def test_the_documented_plugin_erases_and_attacks_from_the_command_line(plugin_f
     for name, value in saved.items():
         expected = base[name].detach() * (0.25 if name in keys else 1.0)
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
-    # the erased model loads without the plugin; the attack needs it, and keeps one result per prompt
+    # the erased model loads without the plugin (a fresh interpreter, which never imported it)
+    done = subprocess.run([sys.executable, "-m", "darkminer.cli", "--threads", "1", "generate", "--prompt", "a red star",
+                           "--erased", str(out), "-n", "1", "--out", str(tmp_path / "star.png")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and (tmp_path / "star.png").is_file(), done.stderr[-2000:]
+    # the attack needs it, and keeps one result per prompt
     assert main(["--threads", "1", "--plugin", str(plugin_file), "attack", "--attack", "suffix", "--concept", "blood",
                  "--erased", str(out), "--n-prompts", "2", "--out", str(found)]) == 0
     results = json.loads((found / "attack.json").read_text())
@@ -70,7 +78,10 @@ def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     erase = ["erase", "--method", "dampen-keys", "--concept", "blood", "--out", str(tmp_path / "o")]
     assert main(["--plugin", "no_such_plugin_module", *erase]) == 2
     assert capsys.readouterr().err == ("darkminer: error: plugin no_such_plugin_module: no module of that name on the "
-                                       "Python path; give an importable module or a .py file's path\n")
+                                       "Python path (the darkminer command does not look in the current folder); "
+                                       "give the .py file's path\n")
+    assert main(["--plugin", str(tmp_path / "my_methods"), *erase]) == 2
+    assert capsys.readouterr().err.endswith("my_methods: give a .py file's path or a module name\n")
     assert main(["--plugin", str(tmp_path / "missing.py"), *erase]) == 2
     assert capsys.readouterr().err == f"darkminer: error: plugin {tmp_path / 'missing.py'}: no such file\n"
     (tmp_path / "broken.py").write_text("import no_such_dependency_here\n")
@@ -79,18 +90,53 @@ def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "raises.py").write_text("raise ValueError('bad plugin')\n")
     assert main(["--plugin", str(tmp_path / "raises.py"), *erase]) == 2
     assert capsys.readouterr().err.endswith("failed while importing: ValueError: bad plugin\n")
+    assert not [name for name in sys.modules if name.startswith(("darkminer_plugin_raises", "darkminer_plugin_broken"))]
     assert main(erase) == 2  # without it, the method is unknown, and the line says how to make it known
     assert "unknown method 'dampen-keys'" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*"))
 
 
-def test_a_plugin_imported_twice_replaces_its_own_classes(plugin_file):
+def test_a_plugin_file_is_a_module_of_its_own(plugin_file, tmp_path):
+    import json as standard_json
+
     from darkminer.registry import load_plugin
 
     load_plugin(str(plugin_file))
     first = ERASERS["dampen-keys"]
-    load_plugin(str(plugin_file))  # a notebook cell run again
+    load_plugin(str(plugin_file))  # a notebook cell run again: its classes replace their earlier selves
     assert ERASERS["dampen-keys"] is not first and ERASERS["dampen-keys"].__qualname__ == "DampenKeys"
+    # a file named as a standard module does not stand in for it
+    renamed = plugin_file.read_text().replace('"suffix"', '"suffix-2"')
+    (tmp_path / "json.py").write_text(renamed.replace('"dampen-keys"', '"dampen-json"'))
+    load_plugin(str(tmp_path / "json.py"))
+    assert sys.modules["json"] is standard_json and "dampen-json" in ERASERS
+    # nor one m.py for another: the same name in two files is two classes, refused
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m.py").write_text(renamed.replace('"dampen-keys"', '"dampen-m"').replace('"suffix-2"', '"suffix-m"'))
+    load_plugin(str(tmp_path / "one" / "m.py"))
+    with pytest.raises(DarkMinerError, match=r"method 'dampen-m' is already registered \(by darkminer_plugin_m_"):
+        load_plugin(str(tmp_path / "two" / "m.py"))
+
+
+def test_the_documented_attack_keeps_the_first_word_that_brings_the_concept_back(plugin_file):
+    from darkminer.registry import load_plugin
+
+    class Words:  # a model whose "images" are the prompt itself, judged by a word in it
+        def generate(self, text, seeds, guidance_scale=None):
+            return text
+
+    load_plugin(str(plugin_file))
+    attack = ATTACKS["suffix"](ATTACKS["suffix"].config_class(words=["blue", "crimson", "red liquid"]))
+    prompts = [AttackPrompt("a star", 0), AttackPrompt("a crimson star", 1), AttackPrompt("a heart", 2, 3.0)]
+    results = attack.run(Words(), None, prompts, lambda text: torch.tensor(["crimson" in text or "liquid" in text]))
+    assert [(r.prompt, r.adversarial_text, r.success_before, r.success_after) for r in results] == [
+        (prompts[0], "a star, crimson", False, True),
+        (prompts[1], "a crimson star", True, True),  # works unattacked: no search
+        (prompts[2], "a heart, crimson", False, True),
+    ]
+    results = attack.run(Words(), None, prompts[:1], lambda text: torch.tensor([False]))
+    assert (results[0].adversarial_text, results[0].success_after) == ("a star", False)  # nothing found
 
 
 class _Summary(Eraser):
@@ -107,7 +153,7 @@ class _Summary(Eraser):
     ("lora", {}, "added no LoRA adapter to the model"),
     ("unet", {}, "edited no unet weight through model.remember_originals(names)"),
     ("text_encoder", {}, "edited no text_encoder weight through model.remember_originals(names)"),
-    ("guidance", {}, "left model.guidance as plain classifier-free guidance"),
+    ("guidance", {}, "left no guidance that can be saved on the model"),
 ])
 def test_an_eraser_that_breaks_its_contract_is_stopped_before_saving(tmp_path, kind, result, message):
     from darkminer import erase
@@ -116,6 +162,35 @@ def test_an_eraser_that_breaks_its_contract_is_stopped_before_saving(tmp_path, k
     with pytest.raises(DarkMinerError, match=re.escape(f"eraser {cls.name!r} (kind {kind!r}) {message}")):
         erase(cls.name, "blood", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no output, and no work folder claimed
+
+
+def test_a_stacked_erasure_is_checked_for_its_own_edits_not_those_below(tmp_path):
+    from darkminer import erase
+
+    below = erase("uce", "blood", tmp_path / "uce")
+    cls = register_eraser("broken-stacked", kind="unet")(type("BrokenStacked", (_Summary,), {"result": {}}))
+    with pytest.raises(DarkMinerError, match="'broken-stacked' .* edited no unet weight"):
+        erase(cls.name, "fire", tmp_path / "out", erased=below)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uce"]
+
+
+def test_a_guidance_that_would_not_load_back_is_refused(tmp_path):
+    from darkminer import erase
+    from darkminer.models.base import Guidance
+
+    class Unsaved(Guidance):  # not registered, and nothing to save
+        pass
+
+    class SetsIt(_Summary):
+        result = {}
+
+        def erase(self, model, target, work_dir):
+            model.guidance = Unsaved()
+            return {}
+
+    cls = register_eraser("unsaved-guidance", kind="guidance")(SetsIt)
+    with pytest.raises(DarkMinerError, match="left no guidance that can be saved on the model"):
+        erase(cls.name, "blood", tmp_path / "out")
 
 
 class _Returns(Attack):

@@ -28,7 +28,7 @@ from darkminer.io import (
     write_json,
 )
 from darkminer.models import check_placement, erased_base, load_model, model_id
-from darkminer.models.base import ClassifierFreeGuidance, DiffusionModel, SamplingOptions
+from darkminer.models.base import GUIDANCES, ClassifierFreeGuidance, DiffusionModel, SamplingOptions
 from darkminer.models.erased import (
     EXPORT_INFO,
     INFO_NAME,
@@ -152,7 +152,7 @@ def erase(
         with nullcontext() if erased is None else erasure_adopted(base, erased):
             started = time.time()
             summary = eraser.erase(base, target, work_dir)
-        _check_erasure(eraser, base, summary)
+            _check_erasure(eraser, base, summary)  # in the block: this erasure's own edits, not those below
         summary = {**summary, "seconds": round(time.time() - started, 2)}  # of this run only: a resumed one did less
         if resumed:
             summary["resumed"] = True
@@ -190,9 +190,13 @@ def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object) -> No
     kind = eraser.output_kind
     if kind == "lora" and not adapters.has_lora(model):
         raise DarkMinerError(f"{what} added no LoRA adapter to the model (adapters.add_lora)")
-    if kind == "guidance" and type(model.guidance) is ClassifierFreeGuidance:
-        raise DarkMinerError(f"{what} left model.guidance as plain classifier-free guidance; set its own")
-    if kind in WEIGHT_KINDS and kind not in model.edited_components:
+    if kind == "guidance":
+        saved = model.guidance.to_dict()
+        if not isinstance(saved, dict) or GUIDANCES.get(saved.get("name")) is not type(model.guidance):
+            raise DarkMinerError(f"{what} left no guidance that can be saved on the model: set model.guidance to a "
+                                 "class registered with register_guidance whose to_dict() returns its settings "
+                                 "with its registered name")
+    if kind in WEIGHT_KINDS and kind not in model.own_edited_components:
         raise DarkMinerError(f"{what} edited no {kind} weight through model.remember_originals(names); call it "
                              "before editing weights in place")
 

@@ -145,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
             _quiet_libraries()
-        for plugin in args.plugin:
-            load_plugin(os.path.expanduser(plugin))
         with _reports_from_main_process_only():
+            for plugin in args.plugin:  # what a plugin prints as it loads, once, not once per process
+                load_plugin(os.path.expanduser(plugin))
             args.handler(args)
             sys.stdout.flush()  # a pipe's buffer is written here, where a reader gone away is caught, not at exit
     except DarkMinerError as exc:

@@ -27,17 +27,13 @@ class DarkMinerWarning(UserWarning):
 
 @contextmanager
 def logs_silenced(library: str) -> Iterator[None]:
-    """Within the block ``library`` ("diffusers" or "transformers") logs nothing and shows no progress bar.
-    Where it logs an error and then raises it, the caller turns the raised one into its own one-line error,
-    which the log would only repeat; where it warns of a choice darkminer made, the warning would only
-    mislead; a bar over a load that takes no time is noise."""
+    """Within the block ``library`` ("diffusers" or "transformers") logs nothing. Where it logs an error and
+    then raises it, the caller turns the raised one into its own one-line error, which the log would only
+    repeat; where it warns of a choice darkminer made, the warning would only mislead."""
     logging = importlib.import_module(f"{library}.utils.logging")
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.CRITICAL)
-    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()

@@ -3,8 +3,10 @@ the built-in ones on first lookup, one's own by importing the module that define
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +57,8 @@ def load_plugin(spec: str) -> None:
     """Import ``spec``, a module name (``my_erasers``) or a Python file (``./my_erasers.py``), so that the
     erasers and attacks it registers (``register_eraser``, ``register_attack``) can be named: the command
     line's ``--plugin``."""
+    if not spec.endswith(".py") and ("/" in spec or os.sep in spec):
+        raise DarkMinerError(f"plugin {spec}: give a .py file's path or a module name")
     try:
         if spec.endswith(".py"):
             _import_file(Path(spec))
@@ -65,19 +69,27 @@ def load_plugin(spec: str) -> None:
     except ModuleNotFoundError as exc:
         if exc.name != spec:  # a module the plugin imports is missing
             raise DarkMinerError(f"plugin {spec}: {exc}") from exc
-        raise DarkMinerError(f"plugin {spec}: no module of that name on the Python path; give an importable "
-                             "module or a .py file's path") from exc
+        raise DarkMinerError(f"plugin {spec}: no module of that name on the Python path (the darkminer command "
+                             "does not look in the current folder); give the .py file's path") from exc
     except Exception as exc:  # the plugin's own code failed: its error, in one line
         raise DarkMinerError(f"plugin {spec} failed while importing: {type(exc).__name__}: {exc}") from exc
 
 
 def _import_file(path: Path) -> None:
-    """Import a Python file as the module named after it, as ``python FILE``'s imports would see it."""
+    """Import a Python file as a module of its own, named after the file and where it is: a plugin called
+    ``json.py`` must not stand in for the standard library's, nor two ``m.py`` files for each other, while
+    the same file imported again is the same module (its classes replace their earlier selves)."""
     if not path.is_file():
         raise DarkMinerError(f"plugin {path}: no such file")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"darkminer_plugin_{path.stem}_{where}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise DarkMinerError(f"plugin {path}: not a Python module file")
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[path.stem] = module
-    module_spec.loader.exec_module(module)
+    sys.modules[name] = module  # while it runs, as an import has it (dataclasses look their module up)
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise

@@ -184,7 +184,6 @@ def replay(
     ]
 
 
-@exclusive_output()
 def _check_one_result_per_prompt(attack: Attack, prompts: Sequence[AttackPrompt], results: object) -> None:
     """An attack's ``run`` returns one result per prompt, in order: rates and replays count on it (an
     attack of one's own that skipped a prompt would otherwise lower its denominator silently)."""
@@ -200,6 +199,7 @@ def _check_one_result_per_prompt(attack: Attack, prompts: Sequence[AttackPrompt]
                              f"{wrong} is {prompts[wrong]!r}; {contract}")
 
 
+@exclusive_output()
 def run_attack(
     attack: Attack,
     model: DiffusionModel,

@@ -12,7 +12,7 @@ import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
@@ -95,6 +95,10 @@ G = TypeVar("G", bound=Guidance)
 
 def register_guidance(name: str) -> Callable[[type[G]], type[G]]:
     return GUIDANCES.register(name)
+
+
+def _components(parameter_names: Iterable[str]) -> set[str]:
+    return {"text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "unet" for name in parameter_names}
 
 
 def guidance_from_dict(model: DiffusionModel, data: dict | None) -> Guidance:
@@ -334,7 +338,13 @@ class DiffusionModel(ABC):
     def edited_components(self) -> set[str]:
         """``"unet"`` and/or ``"text_encoder"``: the components with a weight edited in place (by this
         erasure or one it is stacked on)."""
-        return {"text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "unet" for name in self.edited_parameter_names}
+        return _components(self.edited_parameter_names)
+
+    @property
+    def own_edited_components(self) -> set[str]:
+        """As ``edited_components``, less the edits adopted (``edits_adopted``): those of the erasure being
+        made, not of the erased model it is stacked on."""
+        return _components(self._originals)
 
     @contextmanager
     def edits_adopted(self) -> Iterator[None]:

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import AutoTokenizer, BertModel
 
-from darkminer.errors import ModelLoadError, logs_silenced
+from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.parallel.speed import apply_speed_options
 
@@ -67,8 +67,7 @@ def load_text_encoder() -> tuple[BertModel, AutoTokenizer]:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     # Loaded whole, then the pooler dropped: only token states are used, and loading without it
     # (add_pooling_layer=False) makes transformers print a load report about the unused pooler weights.
-    with logs_silenced("transformers"):  # and its bar over a load that takes no time
-        encoder = BertModel.from_pretrained(str(path), local_files_only=True)
+    encoder = BertModel.from_pretrained(str(path), local_files_only=True)
     encoder.pooler = None
     if len(tokenizer) < 30000:
         raise ModelLoadError(
