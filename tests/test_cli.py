@@ -45,6 +45,9 @@ def test_help(argv, capsys):
     (["testbed", "train", "--only", "judge"], "required: --out (see `darkminer testbed train --help`)"),
     (["bogus"], "invalid choice: 'bogus'"),
     (["--threads", "0", "testbed", "concepts"], "--threads must be >= 1, got 0"),
+    (["testbed", "concepts", "--plugin", "m.py"], "unrecognized arguments: --plugin m.py (--threads and --plugin go "
+                                                  "before the command: darkminer --threads 1 erase ...)"),
+    (["testbed", "concepts", "--bogus"], "unrecognized arguments: --bogus (see `darkminer --help`)"),
 ])
 def test_usage_errors_are_one_line_too(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

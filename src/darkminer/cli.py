@@ -26,7 +26,12 @@ class OneLineParser(argparse.ArgumentParser):
     subcommands' parsers are of this class too."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments") and any(f" {o}" in message for o in GLOBAL_OPTIONS):
+            message += f" ({' and '.join(GLOBAL_OPTIONS)} go before the command: darkminer --threads 1 erase ...)"
         self.exit(2, f"darkminer: error: {message} (see `{self.prog} --help`)\n")
+
+
+GLOBAL_OPTIONS = ("--threads", "--plugin")  # the main parser's own options, before the command
 
 
 def build_parser() -> argparse.ArgumentParser:
