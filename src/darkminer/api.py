@@ -181,14 +181,14 @@ def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object) -> No
     """What ``Eraser.erase`` promises, checked before anything is written: a summary (a dict, recorded in
     darkminer.json) and the erasure of the eraser's kind on the model. An eraser of one's own that breaks it
     gets this line, not a traceback from inside the saving."""
-    from darkminer.models import adapters
+    from darkminer.models.adapters import has_lora
 
     what = f"eraser {eraser.name!r} (kind {eraser.output_kind!r})"
     if not isinstance(summary, dict):
         raise DarkMinerError(f"{what} returned {type(summary).__name__} from erase(); return a dict summary "
                              "(it may be empty), as Eraser.erase says")
     kind = eraser.output_kind
-    if kind == "lora" and not adapters.has_lora(model):
+    if kind == "lora" and not has_lora(model):
         raise DarkMinerError(f"{what} added no LoRA adapter to the model (adapters.add_lora)")
     if kind == "guidance":
         saved = model.guidance.to_dict()
