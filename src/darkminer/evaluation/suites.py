@@ -20,7 +20,6 @@ from darkminer.targets import DEFAULT_SD_PRESERVE, TESTBED_CSV_ERROR, EraseTarge
 if TYPE_CHECKING:
     from darkminer.testbed.concepts import Concept
 
-CONCEPT_SUITES = ("plain", "paraphrase")
 GENERATED_SUITE_SIZE = 32  # images per suite when neither a count nor a CSV says otherwise
 PRESERVATION = "preservation"
 
