@@ -779,6 +779,51 @@ def test_an_evaluation_killed_again_and_again_resumes_to_the_numbers_and_files_o
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes() or name.name == "metrics.json", name
 
 
+@needs_testbed_graders
+@pytest.mark.parametrize("erased", [False, True], ids=["original", "erased"])
+def test_an_evaluation_killed_after_its_last_image_resumes_to_the_metrics_of_one_run(tmp_path, monkeypatch, erased):
+    """Killed while writing its output, after every image was drawn and saved: the resume draws nothing, and
+    its FID (statistics read back, none fed) and image count (the original model draws each preservation
+    image once) are an uninterrupted run's."""
+    import contextlib
+    import importlib
+
+    from darkminer.testbed.model import TestbedModel
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")
+
+    def model() -> TestbedModel:
+        net = TestbedModel.untrained()
+        if erased:  # an in-place edit, which the original swaps out: the preservation set is drawn twice
+            net.remember_originals(["conv_in.weight"])
+            with torch.no_grad():
+                net.unet.conv_in.weight.mul_(1.5)
+        return net
+
+    config = {**FAST, "n_images": 4, "attacks": ["plain"]}
+    whole = evaluate("star", tmp_path / "whole", model=model(), config=config)
+    assert whole["n_images"] == 4 + 4 + 2 + (8 if erased else 4)  # plain, paraphrase, the attack's replay, preservation
+
+    @contextlib.contextmanager
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    real = evaluation.output_directory
+    monkeypatch.setattr(evaluation, "output_directory", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("star", tmp_path / "resumed", model=model(), config=config)
+    monkeypatch.setattr(evaluation, "output_directory", real)
+    drawn: list[int] = []
+    monkeypatch.setattr(evaluation.Painter, "conditions", lambda self, *args: drawn.append(1))
+    resumed = evaluate("star", tmp_path / "resumed", model=model(), config=config, resume=True)
+    assert not drawn and resumed.pop("resumed") is True
+    for metrics in (whole, resumed):
+        metrics.pop("seconds")
+        metrics["attack_details"]["plain"].pop("seconds")
+    assert resumed == whole
+
+
 if "test-scripted" not in ATTACKS:
 
     @register_attack("test-scripted")

@@ -551,7 +551,8 @@ def _preservation(
     in each image goes to ``judgements``, beside what its prompt asked for."""
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
     names = {False: PRESERVATION, True: f"{PRESERVATION}-original"}  # keyed by "drawn by the original"
-    state = sets.resume(PRESERVATION, per_row=len(names))
+    unerased = painter.model.is_original  # its original draws the same images: drawn once
+    state = sets.resume(PRESERVATION, per_row=1 if unerased else len(names))
     done = state.get("rows", 0)
     predicted: dict[bool, list[dict[str, str]]] = state.get("predicted", {False: [], True: []})
     scores: dict[bool, list[torch.Tensor]] = {k: [v] for k, v in state.get("clip", {}).items()} or {False: [], True: []}
@@ -559,7 +560,6 @@ def _preservation(
         fid.reset()
         if done:
             fid.load_state(state["fid"])
-    unerased = painter.model.is_original  # its original draws the same images: drawn once
     for rows in sets.chunks(done, len(suite)):
         erased_images = painter.prompts(suite, rows)
         for original, name in names.items():

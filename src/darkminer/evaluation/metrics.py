@@ -206,6 +206,9 @@ class FrechetDistance:
     def load_state(self, state: dict[str, Any]) -> None:
         for name, value in state["metric"].items():  # torchmetrics keeps each statistic as an attribute
             setattr(self.metric, name, value)
+        # compute() casts to the dtype update() saw last; a resume with every image already fed calls no
+        # update(). The features are float32: update() feeds float images through float32 networks.
+        self.metric.orig_dtype = torch.float32
         self.counts = dict(state["counts"])
 
     def __call__(self, reference: torch.Tensor, generated: torch.Tensor) -> float:
