@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
 
 import pytest
@@ -541,6 +542,27 @@ def test_batched_searches_resume_a_batch_the_journal_holds_whole_and_search_agai
     assert [found.tolist() for found, _ in again] == [found.tolist() for found, _ in first]
     with pytest.raises(DarkMinerError, match="a search returned 1 results for 2 prompts"):
         search_in_batches(lambda batch: batch[:1], [0, 1], 2)
+
+
+def test_tqdm_disable_in_the_environment_hides_the_search_and_attack_bars(tmp_path):
+    """TQDM_DISABLE=1 (read by tqdm when it is imported, hence a fresh interpreter) hides the bars that an
+    explicit disable=False used to force: the searches' and evaluate's attacks bar under progress=True."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from darkminer.attacks.soft_prompt import search_in_batches
+from darkminer.evaluation import evaluate
+from darkminer.testbed.model import TestbedModel
+search_in_batches(lambda batch: [torch.zeros(1) for _ in batch], range(3), 2)
+config = {"steps": 2, "n_images": 1, "attacks": ["plain"], "attack_prompts": 1, "preservation": []}
+evaluate("star", model=TestbedModel.untrained(), config=config, progress=True)
+"""
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr
 
 
 def test_search_batch_must_be_positive():

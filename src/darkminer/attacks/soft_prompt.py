@@ -150,9 +150,10 @@ def search_in_batches(
     batches = [list(indices[start : start + size]) for start in range(0, len(indices), size)]
     todo = [batch for batch in batches if not all(i in done for i in batch)]
     # Counts this process's share of the searches (the CLI shows only the main process's output); a resume
-    # counts only what is left. No bar where the journal holds every search.
+    # counts only what is left. No bar where the journal holds every search (and never disable=False, which
+    # would override TQDM_DISABLE=1).
     bar = tqdm(total=sum(len(todo[b]) for b in processes.share(len(todo))), desc="searching", unit="prompt",
-               leave=False, disable=not todo)
+               leave=False, **({} if todo else {"disable": True}))
 
     def timed(batch: list[int]) -> list[tuple[R, float]]:
         started = time.time()

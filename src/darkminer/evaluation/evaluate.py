@@ -486,7 +486,8 @@ def _run_attacks(
     attack is read back, and an unfinished one resumes from its journal."""
     net, processes = painter.model, init_processes()
     rates, counts, details = {}, {}, {}
-    for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", disable=not progress):
+    hidden = {} if progress else {"disable": True}  # never disable=False: it would override TQDM_DISABLE=1
+    for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", **hidden):
         started = time.time()
         folder = grader.sets.attack(name)
         results = None if folder is None else processes.on_main(
