@@ -47,6 +47,27 @@ def test_steps_beyond_the_schedule_on_the_command_line_are_one_line_and_leave_no
     assert list(tmp_path.iterdir()) == []  # no output and no work folder to block the fixed rerun
 
 
+def test_a_name_given_twice_is_refused_before_any_work(tmp_path, capsys):
+    """Given twice, an attack was run once but recorded twice, and a benchmark wrote two columns (or two
+    rows) of one number; two SD concepts whose cells share a folder would overwrite each other."""
+    from darkminer.evaluation.benchmark import BenchmarkConfig
+
+    with pytest.raises(ConfigError, match=r"EvaluationConfig.attacks \(--attacks\) lists 'plain' twice; name each once"):
+        EvaluationConfig(attacks=["plain", "cce", "plain"])
+    with pytest.raises(ConfigError, match="preservation .* lists 'fid' twice"):
+        EvaluationConfig(preservation=["fid", "clip", "fid"])
+    for field_name, names in (("methods", ["sld", "uce", "sld"]), ("attacks", ["plain", "plain"]), ("concepts", ["blood", "blood"])):
+        with pytest.raises(ConfigError, match=f"BenchmarkConfig.{field_name} lists '{names[0]}' twice"):
+            BenchmarkConfig(**{field_name: names})
+    with pytest.raises(ConfigError, match="'Van Gogh' and 'van gogh', which name one folder"):
+        BenchmarkConfig(model="tiny-random-sd", concepts=["Van Gogh", "van gogh"])
+    BenchmarkConfig(model="tiny-random-sd", concepts=["Van Gogh", "Monet"], methods=["uce", "sld"], attacks=["plain", "cce"])
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--concept", "blood", "--attacks", "plain,plain", "--out", str(out)]) == 2
+    assert "lists 'plain' twice" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_preservation_image_with_fid_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"n_images \(-n\) is 1, but FID needs at least 2 preservation images"):
         EvaluationConfig(n_images=1)

@@ -9,7 +9,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -258,3 +258,15 @@ def check_non_negative(owner: object, **values: float) -> None:
 def check_choice(owner: object, name: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> None:
     if value not in choices:
         raise ConfigError(f"{type(owner).__name__}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_unique(owner: object, name: str, values: Sequence[Any], key: Callable[[Any], Any] | None = None) -> None:
+    """Each of ``values`` once: a name given twice would be run twice, or written as two columns of one
+    number. With ``key`` (e.g. a folder name), two values with the same key are the same too."""
+    seen: dict[Any, Any] = {}
+    for value in values:
+        k = key(value) if key else value
+        if k in seen:
+            twice = f"{value!r} twice" if seen[k] == value else f"{seen[k]!r} and {value!r}, which name one folder"
+            raise ConfigError(f"{type(owner).__name__}.{name} lists {twice}; name each once")
+        seen[k] = value

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darkminer.config import Config
+from darkminer.config import Config, check_unique
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.evaluation.evaluate import (
     METRICS_NAME,
@@ -122,8 +122,11 @@ class BenchmarkConfig(Config):
             value = getattr(self, name)
             if isinstance(value, str) and value != ALL:
                 raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r}")
+            if value != ALL:
+                check_unique(self, name, value)
         if isinstance(self.concepts, str) or not self.concepts:
             raise ConfigError(f"BenchmarkConfig.concepts must be a non-empty list of names, got {self.concepts!r}")
+        check_unique(self, "concepts", self.concepts, key=_slug)  # a concept's cells are in a folder named by its slug
         if model_id(self.model) == "testbed":
             from darkminer.targets import TESTBED_CSV_ERROR
             from darkminer.testbed.concepts import get_concept

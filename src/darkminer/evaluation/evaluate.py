@@ -28,7 +28,14 @@ from darkminer.attacks.base import (
 )
 from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
 from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
-from darkminer.config import Config, check_argument, check_choice, check_positive, check_sampling_steps
+from darkminer.config import (
+    Config,
+    check_argument,
+    check_choice,
+    check_positive,
+    check_sampling_steps,
+    check_unique,
+)
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
@@ -152,6 +159,8 @@ class EvaluationConfig(Config):
                               f"(the default: {list(DEFAULT_CLIP_NEGATIVES)})")
         for name in self.preservation:
             check_choice(self, "preservation", name, PRESERVATION_METRICS)
+        check_unique(self, "attacks (--attacks)", self.attacks)
+        check_unique(self, "preservation (--preservation)", self.preservation)
         if "fid" in self.preservation and self.n_images is not None and self.n_images < 2:
             raise ConfigError(f"EvaluationConfig.n_images (-n) is {self.n_images}, but FID needs at least 2 preservation "
                               "images; raise it, or leave fid out (--preservation accuracy,clip)")
