@@ -485,8 +485,12 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert json.loads((out / "results.json").read_text())["attacks"] == ["test-echo"]
     markdown = (out / "results.md").read_text()
     assert "nudity · ASR test-echo" in markdown and "van gogh · clip" in markdown
-    assert "- van gogh: images per set: plain 3, preservation 3; attacks on 2 prompts" in markdown
+    assert "- van gogh: images per set: plain 3, preservation 3; attacks on 2 prompts; detector clip-zero-shot" in markdown
     report = (out / "report.html").read_text()
+    # Each concept's own sample sizes and detector (NudeNet for nudity, CLIP for the style), not the first cell's.
+    detector = results["cells"][0]["metrics"]["detector"]["name"]
+    assert detector != "clip-zero-shot" and f"<li>nudity: images per set: plain 3, preservation 3; attacks on 2 prompts; " \
+        f"detector {detector}</li>" in report and "detector clip-zero-shot</li>" in report
     # 2 methods x 2 concepts x (plain, test-echo, preservation) grids, and the plot; SD has no paraphrase set.
     assert report.count("data:image/png;base64,") == 2 * 2 * 3 + 1 and ">paraphrase</th><th>test" not in report
     assert not re.search(r"(src|href)=['\"]?(https?:|file:|/)", report)  # self-contained
@@ -557,6 +561,9 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     assert not any("**" in value for value in rows["original"])
     legend = render_markdown(results)
     assert "acc:" not in legend and "the testbed's image and text encoders" in legend  # no accuracy column here
+    assert "fid: FID of preservation images against the original model's images of the same prompts" in legend
+    photos = render_markdown({**results, "config": {"evaluation": {"fid_reference": "coco/val"}}})
+    assert "fid: FID of preservation images against the reference images in coco/val" in photos
     alone = {**results, "methods": ["original", "a"], "cells": results["cells"][:2]}
     assert "**" not in render_markdown(alone)  # one eraser is best of nothing
 

@@ -113,7 +113,7 @@ _EXPLAINED = {  # what each kind of column is, for the legend under the table
                   "(lower is better)",
     "accuracy": "acc: % of asked-for attributes shown on preservation prompts",
     "clip": "clip: image-text alignment 100*max(cos,0) on preservation prompts ({aligner})",
-    "fid": "fid: FID of preservation images against the original model's (lower is better)",
+    "fid": "fid: FID of preservation images against {fid_reference} (lower is better)",
 }
 
 
@@ -122,7 +122,9 @@ def legend(results: dict) -> str:
     columns, _ = _table(results)
     present = {c.group if c.group != PRESERVATION_GROUP else c.key for _, c in columns}
     aligner = "the testbed's image and text encoders" if model_id(results["model"]) == "testbed" else "CLIP"
-    parts = [text.format(aligner=aligner) for kind, text in _EXPLAINED.items() if kind in present]
+    folder = results.get("config", {}).get("evaluation", {}).get("fid_reference")
+    fid_reference = f"the reference images in {folder}" if folder else "the original model's images of the same prompts"
+    parts = [text.format(aligner=aligner, fid_reference=fid_reference) for kind, text in _EXPLAINED.items() if kind in present]
     return ". ".join(parts + ["Bold: best eraser per column where two or more are compared; the original model is "
                               "the reference row."])
 
@@ -139,21 +141,31 @@ def render_markdown(results: dict) -> str:
     for method, row in rows:
         label = f"*{method}*" if method == ORIGINAL_METHOD else method
         lines.append("| " + " | ".join([label] + [f"**{t}**" if b else t for t, b in row]) + " |")
-    return "\n".join(lines + ["", legend(results), "", *_sample_sizes(results), ""])
+    return "\n".join(lines + ["", legend(results), "", SAMPLE_SIZES, "", *(f"- {line}" for line in _sample_sizes(results)), ""])
+
+
+SAMPLE_SIZES = "Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, `counts`):"
+
+
+def _concept_metrics(results: dict) -> dict[str, dict]:
+    """Each concept's metrics of its first cell: what every method's cell of the concept shares (its prompt
+    sets and detector)."""
+    found: dict[str, dict] = {}
+    for cell in results["cells"]:
+        found.setdefault(cell["concept"], cell["metrics"])
+    return {concept: found[concept] for concept in results["concepts"] if concept in found}
 
 
 def _sample_sizes(results: dict) -> list[str]:
-    """What each rate is out of, per concept (every method draws the same sets): a rate over 4 prompts and
-    one over 128 images read the same in the table."""
-    lines = ["Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, `counts`):", ""]
-    for concept in results["concepts"]:
-        metrics = next((c["metrics"] for c in results["cells"] if c["concept"] == concept), None)
-        if metrics is None:
-            continue
+    """What each rate is out of and who judged it, per concept (every method draws the same sets): a rate over
+    4 prompts and one over 128 images read the same in the table."""
+    lines = []
+    for concept, metrics in _concept_metrics(results).items():
         sets = ", ".join(f"{name} {n}" for name, n in metrics.get("suites", {}).items())
         prompts = sorted({d["n_prompts"] for d in metrics.get("attack_details", {}).values()})
         attacked = f"; attacks on {', '.join(map(str, prompts))} prompt{'s' if prompts != [1] else ''}" if prompts else ""
-        lines.append(f"- {concept}: images per set: {sets}{attacked}")
+        detector = metrics.get("detector", {}).get("name")
+        lines.append(f"{concept}: images per set: {sets}{attacked}{f'; detector {detector}' if detector else ''}")
     return lines
 
 
@@ -257,13 +269,12 @@ def render_html(results: dict, root: Path) -> str:
     """The report; ``root`` is the benchmark directory the cells' image grids are read from."""
     first = results["cells"][0]["metrics"] if results["cells"] else {}
     erasers = [m for m in results["methods"] if m != ORIGINAL_METHOD]
-    n_images = first.get("suites", {}).get("plain", MISSING)
     lead = (
         f"model <b>{html.escape(results['model'])}</b> · erasers: {html.escape(', '.join(erasers))} · "
         f"concepts: {html.escape(', '.join(results['concepts']))} · attacks: "
-        f"{html.escape(', '.join(results['attacks']) or 'none')} · {n_images} images per prompt set · "
-        f"detector {html.escape(first.get('detector', {}).get('name', MISSING))} · created {html.escape(results['created'])}"
+        f"{html.escape(', '.join(results['attacks']) or 'none')} · created {html.escape(results['created'])}"
     )
+    sizes = "".join(f"<li>{html.escape(line)}</li>" for line in _sample_sizes(results))
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>darkminer benchmark — {html.escape(results['model'])}</title><style>{_STYLE}</style></head><body>",
@@ -272,6 +283,7 @@ def render_html(results: dict, root: Path) -> str:
         "<h2>Results</h2>",
         _results_table_html(results),
         f"<p class='legend'>{html.escape(legend(results))}</p>",
+        f"<p class='legend'>{html.escape(SAMPLE_SIZES)}</p><ul class='legend'>{sizes}</ul>",
     ]
     if results["cells"]:
         parts += ["<h2>Concept rate under each attack</h2>",
@@ -280,8 +292,10 @@ def render_html(results: dict, root: Path) -> str:
                  "Each grid shows the first images of its set, drawn with the same seeds for every method.</p>")
     for concept in results["concepts"]:
         parts += [f"<h3>{html.escape(concept)}</h3>", _image_grid_html(results, root, concept)]
+    # The detector is chosen per concept (NudeNet for nudity, CLIP for a style); the other graders per run.
     setup = {"config": results["config"], "versions": results["versions"],
-             "detector": first.get("detector"), "alignment": first.get("alignment"), "fid_features": first.get("fid_features")}
+             "detectors": {concept: m.get("detector") for concept, m in _concept_metrics(results).items()},
+             "alignment": first.get("alignment"), "fid_features": first.get("fid_features")}
     parts += ["<h2>Setup</h2>", f"<pre>{html.escape(json.dumps(setup, indent=2))}</pre>", "</body></html>"]
     return "\n".join(parts)
 
