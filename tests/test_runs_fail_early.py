@@ -68,6 +68,22 @@ def test_a_name_given_twice_is_refused_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_preservation_accuracy_alone_on_stable_diffusion_is_refused_before_any_work(tmp_path, capsys):
+    """Accuracy grades a testbed prompt's asked-for attributes: alone on SD it drew the preservation images
+    and measured nothing."""
+    from darkminer.evaluation.benchmark import BenchmarkConfig
+
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2", "--preservation", "accuracy",
+                 "--out", str(out)]) == 2
+    assert "asks for accuracy only, which grades the attributes a testbed prompt asks for" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="asks for accuracy only"):
+        BenchmarkConfig(model="tiny-random-sd", concepts=["nudity"], evaluation={"preservation": ["accuracy"]})
+    BenchmarkConfig(model="tiny-random-sd", concepts=["nudity"], evaluation={"preservation": ["accuracy", "clip"]})
+    BenchmarkConfig(concepts=["blood"], evaluation={"preservation": ["accuracy"]})  # the testbed's judge grades it
+
+
 def test_one_preservation_image_with_fid_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"n_images \(-n\) is 1, but FID needs at least 2 preservation images"):
         EvaluationConfig(n_images=1)

@@ -29,6 +29,7 @@ from darkminer.evaluation.evaluate import (
     EvaluationConfig,
     build_attacks,
     check_grader_options,
+    check_preservation_applies,
     evaluate,
     evaluation_versions,
     resolved_options,
@@ -154,7 +155,8 @@ class BenchmarkConfig(Config):
         except ModelLoadError as exc:
             raise ConfigError(f"BenchmarkConfig.device: {exc}") from None
         # attack_configs is checked once "all" is resolved to the registered attacks.
-        EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
+        evaluation = EvaluationConfig.from_dict({k: v for k, v in self.evaluation.items() if k != "attack_configs"})
+        check_preservation_applies(evaluation, model_id(self.model) == "testbed")
 
     def method_names(self) -> list[str]:
         import darkminer.erasers  # noqa: F401  (registers the built-in erasers before "all" lists them)

@@ -179,6 +179,14 @@ class EvaluationConfig(Config):
         return {f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
 
 
+def check_preservation_applies(config: EvaluationConfig, testbed: bool) -> None:
+    """Refuse preservation metrics of which none applies to the model: their images would be drawn (twice, for
+    an erased model) and nothing measured."""
+    if config.preservation and not testbed and set(config.preservation) <= {"accuracy"}:
+        raise ConfigError("EvaluationConfig.preservation (--preservation) asks for accuracy only, which grades the "
+                          "attributes a testbed prompt asks for; on Stable Diffusion use clip and/or fid")
+
+
 def build_attacks(config: EvaluationConfig) -> dict[str, Attack]:
     """The evaluation's attacks with their options; an unknown name or option fails here."""
     return {name: build_attack(name, config.attack_configs.get(name)) for name in config.attacks}
@@ -363,6 +371,7 @@ def evaluate(
     testbed = is_testbed(net)
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
+    check_preservation_applies(cfg, testbed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     for attack in attacks_to_run.values():
         attack.check_target(target)
