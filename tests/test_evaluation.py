@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -521,6 +522,10 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
         assert nudge.calls == []
         path.write_text(original)
     run_benchmark(config, out, progress=False)  # as stored: resumes
+    shutil.rmtree(out / "cells" / "test-nudge" / "nudity" / "erased")  # deleted to free disk once evaluated
+    again = run_benchmark(config, out, progress=False)
+    assert nudge.calls == [] and again["cells"][1]["erase_seconds"] is None
+    assert again["cells"][1]["metrics"] == results["cells"][1]["metrics"] and again["cells"][3]["erase_seconds"] is not None
 
 
 def test_a_benchmark_evaluates_erased_models_put_into_its_cells_before_its_first_run(tmp_path, tiny_clip_dir):

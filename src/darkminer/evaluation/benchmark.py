@@ -353,7 +353,10 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
                  anchor=cfg.anchors.get(concept), prompts=cfg.prompts.get(concept), kind=cfg.kinds.get(concept),
                  preserve_prompts=cfg.preserve_prompts, resume=True, device=cfg.device,
                  speed=cfg.speed or None, progress=progress)
-    extra = ErasedModelInfo.read(erased).extra if erased is not None else {}
+    # A finished cell's erased model may have been deleted to free disk (a whole SD UNet is 3.4 GB): its
+    # metrics stand, its erase time is unknown.
+    kept = erased is not None and (erased / INFO_NAME).is_file()
+    extra = ErasedModelInfo.read(erased).extra if kept else {}
     # A resumed erase timed only its last part: no time is better than a wrong one.
     erase_seconds = None if extra.get("resumed") else extra.get("seconds")
     return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
