@@ -377,7 +377,8 @@ def test_prompt_csv_reading(tmp_path):
     for cell, message in (("seed 4.9", "not a whole number"), ("seed 1e20", r"outside 0 \.\. 2\*\*64"),
                           ("seed 18446744073709551616", "outside"),
                           ("seed -1", "outside"), ("guidance nan", "not a finite number"),
-                          ("guidance inf", "not a finite number"), ("seed x", "seed 'x' is not a number"),
+                          ("guidance inf", "not a finite number"), ("guidance 0", "'0' is not above 0"),
+                          ("guidance -3", "'-3' is not above 0"), ("seed x", "seed 'x' is not a number"),
                           ("guidance high", "guidance 'high' is not a number")):
         column, value = cell.split()
         bad = tmp_path / "bad.csv"

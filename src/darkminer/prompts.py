@@ -81,6 +81,8 @@ def _guidance(value: str) -> float:
     scale = _number(value, "evaluation_guidance")
     if not math.isfinite(scale):
         raise ValueError(f"evaluation_guidance {value!r} is not a finite number")
+    if scale <= 0:  # as --guidance is refused: at 0 the image ignores its prompt, below 0 it steers away from it
+        raise ValueError(f"evaluation_guidance {value!r} is not above 0")
     return scale
 
 
