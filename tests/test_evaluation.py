@@ -862,6 +862,7 @@ def test_attack_rates_count_before_or_after_and_replays_draw_the_erased_model_at
     judged = [j for j in json.loads((tmp_path / "e" / "judgements.json").read_text()) if j["set"] == "attack-test-scripted"]
     seeds = [j["seed"] for j in judged]
     assert seeds == [j["seed"] for j in json.loads((tmp_path / "e" / "judgements.json").read_text()) if j["set"] == "plain"]
+    assert [j["adversarial_text"] for j in judged] == ["a scripted nude", "a scripted portrait"]  # what drew each image
     model = load_model("tiny-random-sd", erased=erased)
     cond = model.encode(["a scripted nude", "a scripted portrait"])  # one batch, as the evaluation drew them
     erased_images, original_images = (model.sample(cond, seeds=seeds, steps=2, adapter=a) for a in (True, False))

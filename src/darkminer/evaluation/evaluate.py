@@ -473,8 +473,10 @@ class Grader:
         self.sets, self.detector, self.processes = sets, detector, init_processes()
         self.judgements: list[dict[str, Any]] = []
 
-    def grade(self, name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """Set ``name``, its rows drawn by ``draw(rows)``; whether each image shows the concept."""
+    def grade(self, name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor],
+              adversarial: Sequence[str] | None = None) -> torch.Tensor:
+        """Set ``name``, its rows drawn by ``draw(rows)``; whether each image shows the concept. An attack's
+        replay gives ``adversarial``: the text each image was drawn from, recorded beside its prompt."""
         sets, detector = self.sets, self.detector
         state = sets.resume(name)
         chunks = [state["scores"]] if state else []
@@ -486,7 +488,8 @@ class Grader:
         scores = torch.cat(chunks)
         flags = detector.decide(scores)
         labels = detector.score_labels()
-        self.judgements.extend({"set": name, "prompt": p.text, "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
+        self.judgements.extend({"set": name, "prompt": p.text, **({"adversarial_text": adversarial[i]} if adversarial else {}),
+                                "seed": p.seed, "guidance": p.guidance, "concept": bool(f),
                                 # nonzero only: NudeNet has 18 classes, most absent from an image
                                 "scores": {label: round(v, 4) for label, v in zip(labels, row, strict=True) if v >= 1e-4},
                                 **({"image": image_path(name, i)} if sets.save_images else {})}
@@ -517,7 +520,8 @@ def _run_attacks(
         rates[name] = attack_success_rate(results)
         counts[name] = rate_count(sum(r.success for r in results), len(results))
         replayed = grader.grade(f"attack-{name}", [r.prompt for r in results],
-                                lambda rows, found=results: replay_attack(painter, found[rows]))
+                                lambda rows, found=results: replay_attack(painter, found[rows]),
+                                adversarial=[r.adversarial_text for r in results])
         before, after = before_and_after_rates(results)
         details[name] = {
             "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
