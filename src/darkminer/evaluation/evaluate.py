@@ -283,7 +283,7 @@ def concept_detector(
     if not isinstance(target, EraseTarget):
         raise ConfigError(f"target must be an EraseTarget, got {target!r}: resolve_target(model, concept) makes one")
     config = EvaluationConfig.coerce(config)
-    kind = detector_kind_for(target.name, is_testbed(model), detector or config.detector)
+    kind = detector_kind_for(target.word, is_testbed(model), detector or config.detector)  # as evaluate chooses
     return build_detector(kind, target, config)
 
 
@@ -376,10 +376,10 @@ def evaluate(
     for attack in attacks_to_run.values():
         attack.check_target(target)
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
-    kind = detector_kind_for(target.word, testbed, cfg.detector)
-    needs_clip = not testbed and ("clip" in cfg.preservation or kind == "clip")
+    detector_kind = detector_kind_for(target.word, testbed, cfg.detector)
+    needs_clip = not testbed and ("clip" in cfg.preservation or detector_kind == "clip")
     clip = Clip.load(cfg.clip_model, device=net.device) if needs_clip else None
-    detector = build_detector(kind, target, cfg, clip)
+    detector = build_detector(detector_kind, target, cfg, clip)
     aligner: Aligner | None = (TestbedAligner() if testbed else clip) if "clip" in cfg.preservation else None
     fid = FrechetDistance(testbed, cfg.inception_weights) if "fid" in cfg.preservation else None
     if fid is not None and cfg.fid_reference:
