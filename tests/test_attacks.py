@@ -837,6 +837,10 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
     from darkminer.io import work_directory
 
     cls = get_attack(name)
+    pairs = tmp_path / "pairs.csv"
+    if name == "ringabell":  # its concept vector from a file, whose contents a resume must match
+        pairs.write_text('sensitive prompt,normal prompt\n"a nude man","a man"\n"nudity","a photo"\n')
+        options = {**options, "pairs_csv": str(pairs)}
     prompts = [AttackPrompt("a photo of nudity", 1), AttackPrompt("nudity at night", 2),
                AttackPrompt("a woman on the beach", 3, 3.0)]
     whole = run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=tmp_path / "whole")
@@ -862,6 +866,12 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
     other = dataclasses.replace(sd_target, prompts=("a nude man", "a painting of nudity"))  # Ring-A-Bell's vector
     with pytest.raises(ConfigError, match=r"its target\.prompts differs"):
         run_attack(cls(cls.config_class(**options)), sd, other, prompts, never, out=out, resume=True)
+    if name == "ringabell":
+        kept = pairs.read_text()
+        pairs.write_text('sensitive prompt,normal prompt\n"a nude woman","a woman"\n')  # same path, other vector
+        with pytest.raises(ConfigError, match=r"its files\.pairs_csv\.bytes, files\.pairs_csv\.sha256 differ"):
+            run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out, resume=True)
+        pairs.write_text(kept)
     apply_speed_options(sd, {"precision": "bf16"})
     with pytest.raises(ConfigError, match="its autocast differs"):
         run_attack(cls(cls.config_class(**options)), sd, sd_target, prompts, never, out=out, resume=True)

@@ -26,6 +26,10 @@ from darkminer.targets import EraseTarget
 class AttackConfig(Config):
     seed: int = 0
 
+    def input_files(self) -> dict[str, str]:
+        """Options that name a file the attack reads: a resume checks their contents, not only their paths."""
+        return {}
+
 
 @dataclass(frozen=True)
 class AttackPrompt:

@@ -59,6 +59,9 @@ class RingABellConfig(AttackConfig):
     eta: float = 3.0  # strength of the concept vector (authors' `cof`)
     pairs_csv: str = ""  # CSV of sensitive/normal prompt pairs; empty: pairs from the target's prompts
 
+    def input_files(self) -> dict[str, str]:
+        return {"pairs_csv": self.pairs_csv} if self.pairs_csv else {}
+
     def validate(self) -> None:
         check_positive(self, population=self.population, generations=self.generations, prompt_length=self.prompt_length)
         check_non_negative(self, eta=self.eta)

@@ -27,7 +27,7 @@ from darkminer.attacks.base import (
     build_attack,
 )
 from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
-from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
+from darkminer.attacks.io import adversarial_conditions, attack_input_files, load_results, run_attack
 from darkminer.config import (
     Config,
     check_argument,
@@ -395,8 +395,11 @@ def evaluate(
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
+        # The files attack options name, by contents; recorded where there are any, so older records resume.
+        files = {name: found for name, attack in attacks_to_run.items() if (found := attack_input_files(attack))}
         run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
+               **({"attack_files": files} if files else {}),
                "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     # A failure before the first checkpoint (a sampling error, an interrupt) leaves no claimed folder behind.
