@@ -458,6 +458,12 @@ def test_p4d_targets_the_original_image_the_success_function_accepts(sd, sd_targ
     attack.run(sd, sd_target, [prompt], only_the_second)
     assert len(targets) == 1
     assert torch.equal(targets[0], sd.images_to_latents(drawn[1:2])), "the target is not the accepted image"
+    # A CSV's last seed: the draws after it wrap to 0 and 1 (they went past 2**64 - 1 and were refused).
+    last = dataclasses.replace(prompt, seed=2**64 - 1)
+    wrapped = original_images(sd, None, [last, dataclasses.replace(prompt, seed=0)])
+    targets.clear()
+    attack.run(sd, sd_target, [last], lambda images: torch.tensor([torch.allclose(i, wrapped[1], atol=1e-5) for i in images]))
+    assert torch.equal(targets[0], sd.images_to_latents(wrapped[1:2]))
 
 
 # --------------------------------------------------------------------------- batched searches

@@ -37,7 +37,7 @@ from darkminer.attacks.soft_prompt import (
     still_failing,
     teacher_eps,
 )
-from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.config import PROMPT_SEED_LIMIT, check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
 from darkminer.models.objectives import draw_noise_and_timesteps, row_mse
 from darkminer.models.slots import SLOT, build_slotted, encode_slotted, prompt_token_ids, random_token_ids
@@ -90,7 +90,9 @@ class Prompting4Debugging(PromptwiseAttack):
         """The first of ``target_images`` original-model images of the prompt that the success function accepts
         (the first image when none is)."""
         cfg: P4DConfig = self.config  # type: ignore[assignment]
-        candidates = [AttackPrompt(prompt.text, prompt.seed + j, prompt.guidance) for j in range(cfg.target_images)]
+        # Seeds after the prompt's, wrapping past a CSV's last seed 2**64 - 1.
+        candidates = [AttackPrompt(prompt.text, (prompt.seed + j) % PROMPT_SEED_LIMIT, prompt.guidance)
+                      for j in range(cfg.target_images)]
         images = original_images(model, original, candidates)
         verdicts = judge(success, images)
         chosen = verdicts.index(True) if True in verdicts else 0
