@@ -82,12 +82,15 @@ class AttackResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any], embeddings: torch.Tensor | None) -> AttackResult:
         """A result ``to_dict`` wrote, with its embeddings (None for a hard result)."""
+        text, ids = data["adversarial_text"], data.get("input_ids")
+        if not isinstance(text, str) or not (ids is None or isinstance(ids, list) and all(type(i) is int for i in ids)):
+            raise TypeError("adversarial_text must be text and input_ids a list of token ids")
         return cls(
             prompt=AttackPrompt(data["prompt"], int(data["seed"]), data.get("guidance")),
-            adversarial_text=data["adversarial_text"],
+            adversarial_text=text,
             success_before=bool(data["success_before"]),
             success_after=bool(data["success_after"]),
-            input_ids=data.get("input_ids"),
+            input_ids=ids,
             embeddings=embeddings,
             seconds=float(data.get("seconds", 0.0)),
             extra=data.get("extra", {}),

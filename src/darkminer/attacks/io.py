@@ -112,6 +112,8 @@ def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResu
     if not isinstance(data, dict) or not isinstance(data.get("results"), list) or not all(
             isinstance(row, dict) for row in data["results"]):
         raise DarkMinerError(f"{directory / RESULTS_NAME} holds no attack results; re-run `darkminer attack`")
+    if not isinstance(data.get("attack"), str) or not isinstance(data.get("config"), dict):
+        raise DarkMinerError(f"{directory / RESULTS_NAME} holds a damaged record (no attack name or config); re-run the attack")
     rows = data.pop("results")
     sampling = data.get("sampling")  # absent from attack.json files written before it was recorded
     if sampling is not None:
