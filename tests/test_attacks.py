@@ -351,6 +351,9 @@ def test_straight_through_clips_the_true_gradient_and_lets_an_overflow_reach_the
 def test_unlearndiff_timesteps_are_the_authors():
     assert attack_timesteps(1000, 50) == list(range(10, 1000, 20))
     assert attack_timesteps(1000, 2) == [250, 750]
+    assert len(attack_timesteps(1000, 1000)) == 1000
+    with pytest.raises(ConfigError, match="rounds must be at most 1000, the models' training timesteps"):
+        get_attack("unlearndiff").config_class(rounds=1001)  # it ran 1000 rounds, not the 1001 asked for
 
 
 def unlearndiff(**overrides):

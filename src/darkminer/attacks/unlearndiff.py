@@ -26,7 +26,8 @@ import torch
 
 from darkminer.attacks.base import AttackPrompt, AttackResult, SuccessFn, register_attack
 from darkminer.attacks.soft_prompt import PromptwiseAttack, PromptwiseConfig, original_images, still_failing
-from darkminer.config import check_choice, check_non_negative, check_positive
+from darkminer.config import MAX_SAMPLING_STEPS, check_choice, check_non_negative, check_positive
+from darkminer.errors import ConfigError
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_losses
 from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, encode_slotted, prompt_token_ids
@@ -45,6 +46,9 @@ class UnlearnDiffConfig(PromptwiseConfig):
     def validate(self) -> None:
         super().validate()
         check_positive(self, k=self.k, iterations=self.iterations, rounds=self.rounds, learning_rate=self.learning_rate)
+        if self.rounds > MAX_SAMPLING_STEPS:  # one distinct training timestep per round (attack_timesteps)
+            raise ConfigError(f"UnlearnDiffConfig.rounds must be at most {MAX_SAMPLING_STEPS}, the models' training "
+                              f"timesteps (one per round), got {self.rounds}")
         check_non_negative(self, weight_decay=self.weight_decay)
         check_choice(self, "insertion", self.insertion, ("prefix", "suffix"))
 
