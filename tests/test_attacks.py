@@ -837,6 +837,32 @@ def test_the_attack_api_gives_the_target_at_least_64_prompts(monkeypatch):
     assert seen["n_prompts"] == 64  # Ring-A-Bell's concept vector reads the target's prompts
 
 
+@pytest.mark.parametrize("name, options, what", [
+    ("unlearndiff", {"k": 23}, r"23 searched tokens \(UnlearnDiffConfig.k\)"),
+    ("p4d", {"n_tokens": 23}, r"23 free tokens \(P4DConfig.n_tokens\)"),
+    ("ringabell", {"prompt_length": 23}, r"23 searched tokens \(RingABellConfig.prompt_length\)"),
+    ("cce", {"num_vectors": 23}, r"23 learned token's vectors \(CCEConfig.num_vectors\)"),
+])
+def test_searched_tokens_that_do_not_fit_the_prompts_are_refused_before_any_work(name, options, what, testbed, tmp_path,
+                                                                                monkeypatch):
+    """The testbed's prompts hold 22 tokens between their two ends. Refused inside the search, such a config
+    went unnoticed where every prompt worked unattacked (none is searched)."""
+    from darkminer.evaluation.evaluate import evaluate
+    from darkminer.models.base import DiffusionModel
+
+    monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
+    cls = get_attack(name)
+    message = what + " do not fit in this model's prompts, which hold at most 22"
+    with pytest.raises(DarkMinerError, match=message):
+        run_attack(cls(cls.config_class(**options)), testbed, resolve_target(testbed, "star"), PROMPTS, never,
+                   out=tmp_path / "attack")
+    with pytest.raises(DarkMinerError, match=message):
+        evaluate("star", tmp_path / "evaluation", model=testbed,
+                 config={"attacks": [name], "attack_configs": {name: options}, "n_images": 2})
+    assert list(tmp_path.iterdir()) == []
+    cls(cls.config_class(**{key: 22 for key in options})).check_model(testbed)  # 22 fit
+
+
 # ------------------------------------------------------------------------------------------ resume
 @pytest.mark.parametrize("name, options", [("unlearndiff", {"rounds": 1, "iterations": 2}),
                                            ("unlearndiff", {"rounds": 1, "iterations": 2, "search_batch": 2}),

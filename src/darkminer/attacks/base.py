@@ -125,6 +125,11 @@ class Attack(ABC):
         """Refuse, before any work, a target this attack cannot run on; every target by default."""
         return None
 
+    def check_model(self, model: DiffusionModel) -> None:
+        """Refuse, before any work, a model this attack cannot run on (tokens it searches that do not fit
+        the model's prompts); every model by default."""
+        return None
+
     @abstractmethod
     def run(
         self,

@@ -46,6 +46,7 @@ from darkminer.models.slots import (
     SLOT,
     SlottedPrompts,
     build_slotted,
+    check_token_room,
     prompt_token_ids,
 )
 from darkminer.parallel import init_processes
@@ -131,6 +132,9 @@ class TrainingCheckpoint:
 @register_attack("cce")
 class ConceptInversion(Attack):
     config_class = CCEConfig
+
+    def check_model(self, model: DiffusionModel) -> None:
+        check_token_room(model, self.config.num_vectors, "learned token's vectors (CCEConfig.num_vectors)")
 
     def learn_token(
         self, model: DiffusionModel, target: EraseTarget, original: DiffusionModel | None = None

@@ -239,6 +239,7 @@ def run_attack(
         raise DarkMinerError(f"prompts must be AttackPrompt(text, seed) each, got {wrong!r}")
     if not callable(success):
         raise DarkMinerError(f"success must be a function of images to verdicts (e.g. concept_detector(...)), got {success!r}")
+    attack.check_model(model)
     work_dir, resumed = None, False
     if out is not None:  # before the attack, not after it
         out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)

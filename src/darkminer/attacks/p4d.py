@@ -40,7 +40,14 @@ from darkminer.attacks.soft_prompt import (
 from darkminer.config import PROMPT_SEED_LIMIT, check_choice, check_non_negative, check_positive
 from darkminer.models.base import DiffusionModel
 from darkminer.models.objectives import draw_noise_and_timesteps, row_mse
-from darkminer.models.slots import SLOT, build_slotted, encode_slotted, prompt_token_ids, random_token_ids
+from darkminer.models.slots import (
+    SLOT,
+    build_slotted,
+    check_token_room,
+    encode_slotted,
+    prompt_token_ids,
+    random_token_ids,
+)
 from darkminer.parallel.speed import gradient_scaler
 
 
@@ -78,6 +85,10 @@ def p4d_rows(content: Sequence[int], config: P4DConfig) -> list[int | None]:
 class Prompting4Debugging(PromptwiseAttack):
     config_class = P4DConfig
     unattacked_extra: ClassVar[dict[str, int]] = {"iterations": 0}
+
+    def check_model(self, model: DiffusionModel) -> None:
+        if self.config.variant == "n":  # P4D-K's slots follow each prompt's length: counted when it is built
+            check_token_room(model, self.config.n_tokens, "free tokens (P4DConfig.n_tokens)")
 
     def target_latents(
         self, model: DiffusionModel, original: DiffusionModel | None, prompts: Sequence[AttackPrompt], success: SuccessFn

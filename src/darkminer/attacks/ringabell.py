@@ -41,7 +41,7 @@ from darkminer.attacks.soft_prompt import as_original, judge_conditions, judge_t
 from darkminer.config import check_non_negative, check_positive
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import DiffusionModel
-from darkminer.models.slots import allowed_token_ids, build_slotted
+from darkminer.models.slots import allowed_token_ids, build_slotted, check_token_room
 from darkminer.prompts import find_phrase, read_csv_table, replace_concept
 from darkminer.targets import EraseTarget
 
@@ -151,7 +151,6 @@ class RingABell(Attack):
         success: SuccessFn,
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
-        self._check_length(model)  # before any search, on every process
         started = time.time()
         before = judge_texts(model, prompts, success)
         # Model-agnostic: the search sees only the original's text encoder (the public one an attacker
@@ -178,7 +177,6 @@ class RingABell(Attack):
     def search(self, model: DiffusionModel, prompt: AttackPrompt, vector: torch.Tensor) -> torch.LongTensor:
         """The genetic search for one prompt: the best full token sequence (L,)."""
         cfg: RingABellConfig = self.config  # type: ignore[assignment]
-        self._check_length(model)
         goal = model.encode([prompt.text])[0].float() + cfg.eta * vector
         vocabulary = allowed_token_ids(model).cpu().numpy()
         rng = np.random.default_rng([cfg.seed, prompt.seed])
@@ -191,9 +189,8 @@ class RingABell(Attack):
                 population = self._mutate(self._crossover(population, rng), vocabulary, rng)
         return self._sequences(model, population[:1])[0]
 
-    def _check_length(self, model: DiffusionModel) -> None:
-        if self.config.prompt_length > model.max_length - 2:
-            raise DarkMinerError(f"prompt_length {self.config.prompt_length} does not fit {model.max_length} token positions")
+    def check_model(self, model: DiffusionModel) -> None:
+        check_token_room(model, self.config.prompt_length, "searched tokens (RingABellConfig.prompt_length)")
 
     @staticmethod
     def _sequences(model: DiffusionModel, population: np.ndarray) -> torch.LongTensor:

@@ -30,7 +30,14 @@ from darkminer.config import MAX_SAMPLING_STEPS, check_choice, check_non_negativ
 from darkminer.errors import ConfigError
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import denoising_losses
-from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, encode_slotted, prompt_token_ids
+from darkminer.models.slots import (
+    SLOT,
+    allowed_token_ids,
+    build_slotted,
+    check_token_room,
+    encode_slotted,
+    prompt_token_ids,
+)
 from darkminer.parallel.speed import gradient_scaler
 
 
@@ -92,6 +99,9 @@ def attack_timesteps(num_train_timesteps: int, rounds: int) -> list[int]:
 @register_attack("unlearndiff")
 class UnlearnDiffAtk(PromptwiseAttack):
     config_class = UnlearnDiffConfig
+
+    def check_model(self, model: DiffusionModel) -> None:
+        check_token_room(model, self.config.k, "searched tokens (UnlearnDiffConfig.k)")
     unattacked_extra: ClassVar[dict[str, int]] = {"rounds": 0}
 
     def target_latents(

@@ -375,6 +375,7 @@ def evaluate(
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     for attack in attacks_to_run.values():
         attack.check_target(target)
+        attack.check_model(net)
     # Build every grader first: a missing CLIP or FID network fails now, not after an hour of sampling.
     detector_kind = detector_kind_for(target.word, testbed, cfg.detector)
     needs_clip = not testbed and ("clip" in cfg.preservation or detector_kind == "clip")
