@@ -48,6 +48,13 @@ def test_damaged_erased_model_records_are_refused_in_one_line(lora_dir, tmp_path
         with pytest.raises(ModelLoadError, match=message):
             load_model(erased=damaged)
     sld = darkminer.erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd")
+    saved = json.loads((sld / "guidance.json").read_text())
+    for edit, message in [({"concept": 5}, "its concept must be text, got 5"),
+                          ({"concept": ["nudity", "blood"]}, "its concept must be text"),  # it steered from both
+                          ({"name": ["sld"]}, "unknown guidance \\['sld'\\]")]:
+        (sld / "guidance.json").write_text(json.dumps({**saved, **edit}))
+        with pytest.raises(DarkMinerError, match=message):
+            load_model(erased=sld)
     (sld / "guidance.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match="a saved guidance must be a JSON object with a name, got list"):
         load_model(erased=sld)

@@ -214,7 +214,7 @@ def test_tiny_random_sd_loads_on_the_asked_device():
     }
 
 
-def test_lora_on_a_bf16_model_trains_in_float32():
+def test_lora_on_a_bf16_model_trains_in_float32(tmp_path):
     model = load_model("tiny-random-sd", dtype="bf16")
     params = adapters.add_lora(model, adapters.LoraConfig(rank=4))
     assert params and all(p.dtype == torch.float32 for p in params)
@@ -225,6 +225,46 @@ def test_lora_on_a_bf16_model_trains_in_float32():
     loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    # Loaded back into a bf16 base, the adapter is the float32 one trained (diffusers would build it in bf16,
+    # rounding the weights): the loaded model's predictions are the trained model's, exactly.
+    with torch.no_grad():
+        for param in params:
+            param.add_(torch.randn_like(param) * 0.05)  # as if trained, with more than bf16's 8 mantissa bits
+        adapters.save_lora(model, tmp_path / "lora")
+        loaded = load_model("tiny-random-sd", dtype="bf16")
+        adapters.load_lora(loaded, tmp_path / "lora")
+        assert {p.dtype for n, p in loaded.unet.named_parameters() if "lora_" in n} == {torch.float32}
+        cond = model.encode(["a dog"])
+        assert torch.equal(loaded.eps(latents, torch.tensor([500]), cond), model.eps(latents, torch.tensor([500]), cond))
+
+
+def test_a_lora_file_missing_layers_or_its_description_is_refused(tiny_sd, tmp_path):
+    """peft wraps only the layers a file has weights for: an emptied file loaded as the base model, one
+    without some layers as a weaker erasure, both without a word."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapters.add_lora(tiny_sd, adapters.LoraConfig(rank=4))
+    path = adapters.save_lora(tiny_sd, tmp_path / "lora")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    layer = "down_blocks.0"
+    assert any(layer in k for k in tensors)
+    for name, kept, meta, message in [
+        ("empty", {}, metadata, "holds no LoRA weights"),
+        ("subset", {k: v for k, v in tensors.items() if layer not in k}, metadata,
+         rf"described layers without weights, e\.g\. \['{layer}\."),
+        ("not-json", tensors, {**metadata, "lora_adapter_metadata": "{broken"}, "damaged adapter description"),
+        ("a-list", tensors, {**metadata, "lora_adapter_metadata": "[1, 2]"}, "damaged adapter description"),
+        ("bad-rank", tensors, {**metadata, "lora_adapter_metadata": metadata["lora_adapter_metadata"].replace(
+            '"unet.r": 4', '"unet.r": "x"')}, "does not fit this base model's UNet"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(kept, str(folder / adapters.LORA_WEIGHT_NAME), metadata=meta)
+        with pytest.raises(ModelLoadError, match=message):
+            adapters.load_lora(load_model("tiny-random-sd"), folder)
 
 
 # -------------------------------------------------------------------------------------------------- CLIP

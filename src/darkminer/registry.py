@@ -43,7 +43,7 @@ class Registry(dict[str, T], Generic[T]):
 
     def lookup(self, name: str) -> T:
         importlib.import_module(self.builtins)  # registers the built-in ones
-        if name not in self:
+        if not isinstance(name, str) or name not in self:  # a damaged record's name may be any JSON value
             raise DarkMinerError(f"unknown {self.what} {name!r}; choose one of {', '.join(sorted(self))} (one of "
                                  "your own is known once the module registering it is imported: --plugin MODULE)")
         return self[name]

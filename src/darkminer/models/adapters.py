@@ -74,6 +74,17 @@ def target_module_names(model: DiffusionModel, pattern: str) -> list[str]:
     return names
 
 
+def _matching_modules(model: DiffusionModel, targets: str | list[str] | None) -> set[str]:
+    """UNet layers that peft's ``target_modules``/``exclude_modules`` name: a regular expression matched in
+    full, or module names matched as a name's last parts."""
+    if not targets:
+        return set()
+    layers = [name for name, module in model.unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    if isinstance(targets, str):
+        return {name for name in layers if re.fullmatch(targets, name)}
+    return {name for name in layers if any(name == t or name.endswith(f".{t}") for t in targets)}
+
+
 def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
     """Attach a fresh LoRA (output unchanged until trained) and return its trainable parameters."""
     if getattr(model.unet, "peft_config", None):
@@ -137,21 +148,37 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     if foreign:  # e.g. a text-encoder LoRA from another tool: applying the UNet part alone would be another model
         raise ModelLoadError(f"{path} holds weights for other parts than the UNet ({foreign[0]}, ...); only UNet "
                              "LoRA adapters are loaded")
+    if not tensors:  # it would load as no adapter at all: the base model, passed off as erased
+        raise ModelLoadError(f"{path} holds no LoRA weights: damaged or emptied; re-create it")
     # Normalised key by key: files written before lora_state_dict used peft's format mix two formats.
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items()})
-    adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
+    try:
+        adapter_metadata = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        raise ModelLoadError(f"{path} holds a damaged adapter description (lora_adapter_metadata); re-create it") from None
     try:
         with logs_silenced("diffusers"):
             model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         raise ModelLoadError(f"{path} does not fit this base model's UNet ({' '.join(str(exc).split())[:300]})") from None
-    # diffusers only logs the LoRA weights a file lacks, and those layers keep their random initialisation.
-    made = {n.replace(f".{ADAPTER_NAME}.", ".") for n, _ in model.unet.named_parameters() if f".{ADAPTER_NAME}." in n}
-    missing, unused = sorted(made - set(state)), sorted(set(state) - made)
-    if missing or unused:
+    # diffusers only logs the LoRA weights a file lacks, and those layers keep their random initialisation;
+    # and peft wraps only the layers the file has weights for, so a file missing whole layers is checked
+    # against the layers its description names.
+    made = {n.replace(f".{ADAPTER_NAME}.", "."): p for n, p in model.unet.named_parameters() if f".{ADAPTER_NAME}." in n}
+    missing, unused = sorted(set(made) - set(state)), sorted(set(state) - set(made))
+    wrapped = {n.split(".lora_")[0] for n in made}
+    described = (_matching_modules(model, adapter_metadata.get("target_modules"))
+                 - _matching_modules(model, adapter_metadata.get("exclude_modules"))) if adapter_metadata else wrapped
+    if missing or unused or described - wrapped:
+        absent = sorted(described - wrapped)
         raise ModelLoadError(f"{path} does not fit the adapter it describes ({len(missing)} LoRA weights missing, e.g. "
-                             f"{missing[:1]}; {len(unused)} unused, e.g. {unused[:1]}): damaged or edited; re-create it")
+                             f"{missing[:1]}; {len(unused)} unused, e.g. {unused[:1]}; {len(absent)} described layers "
+                             f"without weights, e.g. {absent[:1]}): damaged or edited; re-create it")
+    # Float32, as add_lora trains it: diffusers builds the adapter in a half-precision base's dtype, which
+    # would round the trained weights and make the loaded model another one.
+    for name, param in made.items():
+        param.data = state[name].to(device=param.device, dtype=torch.float32)
     model.unet.requires_grad_(False)
 
 

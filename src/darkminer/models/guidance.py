@@ -95,6 +95,8 @@ class SafeLatentGuidance(Guidance):
         try:
             settings = SldSettings.from_dict({k: v for k, v in data.items() if k not in ("name", "concept")})
             concept = data["concept"]
+            if not isinstance(concept, str):
+                raise ConfigError(f"its concept must be text, got {concept!r}")
         except (ConfigError, KeyError) as exc:
             raise DarkMinerError(f"SLD settings are incomplete or wrong ({exc}); re-create the erased model") from None
         with torch.no_grad():
