@@ -694,16 +694,30 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("damage", ["state", "moment"])
+@pytest.mark.parametrize("damage", ["state", "moment", "losses", "optimizer", "shape"])
 def test_a_damaged_training_checkpoint_is_refused_in_one_line(damage: str, tmp_path: Path) -> None:
+    from darkminer.io import load_state, save_state
+
     with pytest.raises(KeyboardInterrupt):
         _toy_training(tmp_path, interrupt_at=5)
-    tensors, metadata = load_tensors_and_metadata(tmp_path / training.CHECKPOINT)
+    path = tmp_path / training.CHECKPOINT
+    tensors, metadata = load_tensors_and_metadata(path)
     if damage == "state":
         metadata["state"] = metadata["state"][:20]  # cut short
-    else:
+    elif damage == "moment":
         del tensors[max(tensors, key=int)]  # a lost tensor (the last saved: one of Adam's moments)
-    save_tensors(tmp_path / training.CHECKPOINT, tensors, metadata=metadata)
+    if damage in ("state", "moment"):
+        save_tensors(path, tensors, metadata=metadata)
+    else:  # edited, but still a readable state
+        state = load_state(path)
+        if damage == "losses":
+            state["losses"] = "abc"
+        elif damage == "optimizer":
+            state["optimizer"]["state"] = {}  # would resume with Adam's moments reset: other weights
+        else:
+            name = next(iter(state["params"]))
+            state["params"][name] = torch.zeros(7)
+        save_state(path, state)
     with pytest.raises(DarkMinerError, match="is damaged .*; delete that folder to start over"):
         _toy_training(tmp_path)
 
