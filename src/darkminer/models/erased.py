@@ -111,6 +111,9 @@ class ErasedModelInfo:
                                  "re-create the erased model")
         if data["kind"] not in KINDS:
             raise ModelLoadError(f"{directory / INFO_NAME}: unknown kind {data['kind']!r}, expected one of {KINDS}")
+        if data.get("format", FORMAT_VERSION) > FORMAT_VERSION:  # read as this version knows it, it may be another model
+            raise ModelLoadError(f"{directory} was written by a newer darkminer (record format {data['format']}, this "
+                                 f"version reads {FORMAT_VERSION}); upgrade darkminer to load it")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
