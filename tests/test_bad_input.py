@@ -41,6 +41,7 @@ def test_damaged_erased_model_records_are_refused_in_one_line(lora_dir, tmp_path
         ({**info, "base_model": 123}, "base_model of the wrong type"),
         ({**info, "config": "oops"}, "config of the wrong type"),
         ({**info, "method": None, "extra": "x"}, "method, extra of the wrong type"),
+        ({**info, "base_model": ""}, "is an erased model that records no base model: name the base model"),
         ({**info, "format": 99}, "written by a newer darkminer \\(record format 99, this version reads 1\\); upgrade"),
     ]:
         damaged = tmp_path / "damaged"

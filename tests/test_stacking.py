@@ -155,7 +155,7 @@ def test_a_damaged_stack_record_is_refused_in_one_line(damage, below, tmp_path):
 def test_a_unet_folder_from_another_tool_can_be_the_erasure_below(below, tmp_path):
     external = tmp_path / "published-unet"
     shutil.copytree(below("esd-x") / "unet", external)
-    with pytest.raises(ModelLoadError, match="name the base model it was fine-tuned from with --model"):
+    with pytest.raises(ModelLoadError, match="is a UNet folder from another tool: name the base model it was made from with --model"):
         erase("darkminer", "violence", tmp_path / "x", erased=external, config=DARK_MINER)
     model = load_model("tiny-random-sd")
     out = erase("darkminer", "violence", tmp_path / "stack", model=model, erased=external, config=DARK_MINER)

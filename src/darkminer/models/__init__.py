@@ -11,7 +11,7 @@ import torch
 
 from darkminer.errors import DarkMinerWarning, ModelLoadError
 from darkminer.models.base import DiffusionModel, Guidance, SamplingOptions
-from darkminer.models.erased import ErasedModelInfo, apply_erased
+from darkminer.models.erased import EXTERNAL_METHOD, ErasedModelInfo, apply_erased
 from darkminer.models.loading import names_a_folder
 
 if TYPE_CHECKING:
@@ -77,11 +77,12 @@ def load_model(
 def erased_base(erased: str | Path, spec: str | os.PathLike | None) -> str | os.PathLike:
     """The base model that the erased model ``erased`` goes on: the one it records where ``spec`` is None;
     ``spec`` where it is that model (another is refused)."""
-    recorded = ErasedModelInfo.read(erased).base_model
+    info = ErasedModelInfo.read(erased)
+    recorded = info.base_model
     if spec is None:
         if not recorded:
-            raise ModelLoadError(f"{erased} is a UNet folder from another tool: name the base model it was "
-                                 "fine-tuned from with --model (model= in Python)")
+            what = "a UNet folder from another tool" if info.method == EXTERNAL_METHOD else "an erased model that records no base model"
+            raise ModelLoadError(f"{erased} is {what}: name the base model it was made from with --model (model= in Python)")
         if names_a_folder(recorded) and not Path(recorded).expanduser().exists():
             raise ModelLoadError(f"{erased} was erased from the folder {recorded}, which is not there any more: "
                                  "name where that base model is now with --model (model= in Python)")
