@@ -750,6 +750,10 @@ def test_an_eraser_of_an_unknown_kind_is_refused_when_it_is_registered():
     with pytest.raises(DarkMinerError, match="kind 'weights' is not one of lora, unet, text_encoder, guidance"):
         register_eraser("weights-kind", kind="weights")
     assert "weights-kind" not in ERASERS
+    for reserved in ("original", "external"):  # results' labels: the benchmark's reference row, another tool's UNet
+        with pytest.raises(DarkMinerError, match=f"eraser name '{reserved}' is reserved"):
+            register_eraser(reserved, kind="unet")
+        assert reserved not in ERASERS
 
 
 def test_config_files_are_read_from_a_path_object_too(tmp_path):

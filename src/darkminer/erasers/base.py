@@ -13,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 from darkminer.config import Config, load_config_file
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
-from darkminer.models.erased import KINDS
+from darkminer.models.erased import EXTERNAL_METHOD, KINDS, ORIGINAL_METHOD
 from darkminer.registry import Registry
 from darkminer.targets import EraseTarget
 
@@ -92,6 +92,9 @@ E = TypeVar("E", bound=Eraser)
 def register_eraser(name: str, kind: str) -> Callable[[type[E]], type[E]]:
     """Register an eraser class under ``name``; ``kind`` is what its erasure leaves on the model, as the
     erased-model folder stores it: ``lora``, ``unet``, ``text_encoder`` or ``guidance`` (see ``Eraser``)."""
+    if name in (ORIGINAL_METHOD, EXTERNAL_METHOD):  # results' labels for no erasure and another tool's UNet
+        raise DarkMinerError(f"eraser name {name!r} is reserved (results call a model with no erasure "
+                             f"{ORIGINAL_METHOD!r}, another tool's UNet folder {EXTERNAL_METHOD!r}); choose another")
     if kind not in KINDS:
         raise DarkMinerError(f"eraser {name!r}: kind {kind!r} is not one of {', '.join(KINDS)} (what the erasure "
                              "leaves on the model: a LoRA, edited UNet or text-encoder weights, or a guidance)")

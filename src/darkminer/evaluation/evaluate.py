@@ -84,7 +84,7 @@ from darkminer.io import (
 from darkminer.models import check_placement, is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
-from darkminer.models.erased import ErasedModelInfo, exported_erasure, method_label
+from darkminer.models.erased import ORIGINAL_METHOD, ErasedModelInfo, exported_erasure, method_label
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
@@ -95,7 +95,6 @@ METRICS_NAME = "metrics.json"
 OUTPUT_KIND = "an evaluation output"  # what may be replaced at --out
 FORMAT_VERSION = 1
 PRESERVATION_METRICS = ("accuracy", "clip", "fid")
-ORIGINAL_METHOD = "original"
 IN_MEMORY_METHOD = "in-memory"  # a loaded model handed to evaluate(): what was done to it is not recorded
 # Grid tiles: testbed images (32 px) are enlarged, SD images (512 px) shrunk, so grids stay light enough
 # to inline many of them in one HTML report.

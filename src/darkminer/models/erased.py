@@ -50,6 +50,7 @@ FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "text_encoder", "guidance")
 WEIGHT_KINDS = ("unet", "text_encoder")  # weights edited in place, written whole
 EXTERNAL_METHOD = "external"  # a UNet folder from another tool: no darkminer.json, no recorded base
+ORIGINAL_METHOD = "original"  # what results call a model with no erasure (the benchmark's reference row)
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_WEIGHTS = "model.safetensors"  # what transformers' save_pretrained writes
 ERASED_ON = "erased_on"  # the folder of the erased model a stacked erasure was made on
