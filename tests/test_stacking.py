@@ -141,6 +141,14 @@ def test_a_stacked_lora_without_the_erasure_under_it_is_refused_in_one_line(belo
     (out / ERASED_ON).rename(tmp_path / "moved")
     with pytest.raises(ModelLoadError, match=f"its {ERASED_ON}/ folder is missing; copy the whole folder"):
         load_model(erased=out)
+    # Another erased model put in its place (it would load as a stack the record does not describe).
+    shutil.copytree(below("sld"), out / ERASED_ON)
+    with pytest.raises(ModelLoadError, match=rf"{ERASED_ON} is not the erased model .* \(its method, kind, created "
+                                             "differ from the record\)"):
+        load_model(erased=out)
+    shutil.rmtree(out / ERASED_ON)
+    (tmp_path / "moved").rename(out / ERASED_ON)
+    assert load_model(erased=out) is not None
 
 
 @pytest.mark.parametrize("damage", ["a string", {"path": "x"}, {"info": {"method": "darkminer", "erased_on": {"info": 3}}}])

@@ -54,6 +54,7 @@ ORIGINAL_METHOD = "original"  # what results call a model with no erasure (the b
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_WEIGHTS = "model.safetensors"  # what transformers' save_pretrained writes
 ERASED_ON = "erased_on"  # the folder of the erased model a stacked erasure was made on
+STACK_IDENTITY = ("method", "concept", "base_model", "kind", "created")  # what tells an erased_on/ folder apart
 
 
 @dataclass
@@ -211,6 +212,10 @@ def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInf
         if not (directory / ERASED_ON).is_dir():
             raise ModelLoadError(f"{directory} was erased on top of another erased model, but its {ERASED_ON}/ "
                                  "folder is missing; copy the whole folder, or re-create it")
+        below, recorded = asdict(ErasedModelInfo.read(directory / ERASED_ON)), info.erased_on["info"]
+        if differs := [key for key in STACK_IDENTITY if below.get(key) != recorded.get(key)]:
+            raise ModelLoadError(f"{directory / ERASED_ON} is not the erased model {directory} was made on (its "
+                                 f"{', '.join(differs)} differ from the record); copy the whole folder, or re-create it")
         _apply_folded(model, directory / ERASED_ON)
     if info.kind == "lora":
         adapters.load_lora(model, directory)
