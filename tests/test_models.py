@@ -265,6 +265,21 @@ def test_a_lora_file_missing_layers_or_its_description_is_refused(tiny_sd, tmp_p
         save_file(kept, str(folder / adapters.LORA_WEIGHT_NAME), metadata=meta)
         with pytest.raises(ModelLoadError, match=message):
             adapters.load_lora(load_model("tiny-random-sd"), folder)
+    # Whole files load however their layers are described: a regex matching past the layer's own name (after
+    # wrapping, its children match too), peft's names with layers_to_transform (another tool's file).
+    from peft import LoraConfig as PeftLoraConfig
+
+    for name, attach in [
+        ("regex", lambda m: adapters.add_lora(m, adapters.LoraConfig(rank=4, target=r".*to_[qk].*"))),
+        ("layers", lambda m: m.unet.add_adapter(PeftLoraConfig(r=4, target_modules=["to_q", "to_k"], layers_to_transform=[0],
+                                                               layers_pattern="attentions"), adapter_name=adapters.ADAPTER_NAME)),
+    ]:
+        model = load_model("tiny-random-sd")
+        attach(model)
+        adapters.save_lora(model, tmp_path / name)
+        loaded = load_model("tiny-random-sd")
+        adapters.load_lora(loaded, tmp_path / name)
+        assert adapters.lora_state_dict(loaded).keys() == adapters.lora_state_dict(model).keys()
 
 
 # -------------------------------------------------------------------------------------------------- CLIP

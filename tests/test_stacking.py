@@ -144,7 +144,7 @@ def test_a_stacked_lora_without_the_erasure_under_it_is_refused_in_one_line(belo
     # Another erased model put in its place (it would load as a stack the record does not describe).
     shutil.copytree(below("sld"), out / ERASED_ON)
     with pytest.raises(ModelLoadError, match=rf"{ERASED_ON} is not the erased model .* \(its method, kind, created "
-                                             "differ from the record\)"):
+                                             r"differ from the record\)"):
         load_model(erased=out)
     shutil.rmtree(out / ERASED_ON)
     (tmp_path / "moved").rename(out / ERASED_ON)

@@ -102,7 +102,10 @@ def save_results(
 
 def attack_input_files(attack: Attack) -> dict[str, Any]:
     """What the files an attack's options name hold (Ring-A-Bell's pairs CSV): a resume must read the same."""
-    return {name: file_record(path) for name, path in attack.config.input_files().items()}
+    files = attack.config.input_files()
+    if missing := [f"{name} {path}" for name, path in files.items() if not Path(path).expanduser().is_file()]:
+        raise DarkMinerError(f"the {attack.name} attack's {missing[0]} does not exist; give an existing file")
+    return {name: file_record(path) for name, path in files.items()}
 
 
 def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResult]]:

@@ -151,6 +151,7 @@ class RingABell(Attack):
         success: SuccessFn,
         original: DiffusionModel | None = None,
     ) -> list[AttackResult]:
+        self.check_model(model)  # also where run() is called directly: a longer prompt would be cut silently
         started = time.time()
         before = judge_texts(model, prompts, success)
         # Model-agnostic: the search sees only the original's text encoder (the public one an attacker

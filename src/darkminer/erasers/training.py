@@ -261,8 +261,6 @@ def _load_checkpoint(
         if state["loss_scale"]:  # {} when scaling is off
             scaler.load_state_dict(state["loss_scale"])
         done, losses = int(state["iterations_done"]), [float(loss) for loss in state["losses"]]
-        if done > 0 and not optimizer.state_dict()["state"]:  # emptied: the run would go on with fresh moments
-            raise ValueError("no optimiser state after iterations")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["params"][name])

@@ -141,10 +141,10 @@ def render_markdown(results: dict) -> str:
     for method, row in rows:
         label = f"*{method}*" if method == ORIGINAL_METHOD else method
         lines.append("| " + " | ".join([label] + [f"**{t}**" if b else t for t, b in row]) + " |")
-    return "\n".join(lines + ["", legend(results), "", SAMPLE_SIZES, "", *(f"- {line}" for line in _sample_sizes(results)), ""])
+    return "\n".join(lines + ["", legend(results), "", SAMPLE_SIZES.format(counts="`counts`"), "", *(f"- {line}" for line in _sample_sizes(results)), ""])
 
 
-SAMPLE_SIZES = "Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, `counts`):"
+SAMPLE_SIZES = "Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, {counts}):"
 
 
 def _concept_metrics(results: dict) -> dict[str, dict]:
@@ -283,8 +283,9 @@ def render_html(results: dict, root: Path) -> str:
         "<h2>Results</h2>",
         _results_table_html(results),
         f"<p class='legend'>{html.escape(legend(results))}</p>",
-        f"<p class='legend'>{html.escape(SAMPLE_SIZES)}</p><ul class='legend'>{sizes}</ul>",
     ]
+    if sizes:
+        parts.append(f"<p class='legend'>{SAMPLE_SIZES.format(counts='<code>counts</code>')}</p><ul class='legend'>{sizes}</ul>")
     if results["cells"]:
         parts += ["<h2>Concept rate under each attack</h2>",
                   f"<div class='wide'><img alt='attack success per method' src='{_png_data_uri(attack_plot(results))}'></div>"]

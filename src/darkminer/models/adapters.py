@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_positive
@@ -72,17 +73,6 @@ def target_module_names(model: DiffusionModel, pattern: str) -> list[str]:
     if not names:
         raise ConfigError(f"the target {pattern!r} matches no Linear/Conv2d module of this UNet")
     return names
-
-
-def _matching_modules(model: DiffusionModel, targets: str | list[str] | None) -> set[str]:
-    """UNet layers that peft's ``target_modules``/``exclude_modules`` name: a regular expression matched in
-    full, or module names matched as a name's last parts."""
-    if not targets:
-        return set()
-    layers = [name for name, module in model.unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
-    if isinstance(targets, str):
-        return {name for name in layers if re.fullmatch(targets, name)}
-    return {name for name in layers if any(name == t or name.endswith(f".{t}") for t in targets)}
 
 
 def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -157,6 +147,8 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
         adapter_metadata = {k.removeprefix("unet."): v for k, v in adapter_metadata.items() if k.startswith("unet.")}
     except (ValueError, AttributeError):  # not JSON, or not an object
         raise ModelLoadError(f"{path} holds a damaged adapter description (lora_adapter_metadata); re-create it") from None
+    # The layers an adapter could wrap, listed before one does (it then holds them as children).
+    layers = [name for name, module in model.unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
     try:
         with logs_silenced("diffusers"):
             model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
@@ -168,8 +160,10 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     made = {n.replace(f".{ADAPTER_NAME}.", "."): p for n, p in model.unet.named_parameters() if f".{ADAPTER_NAME}." in n}
     missing, unused = sorted(set(made) - set(state)), sorted(set(state) - set(made))
     wrapped = {n.split(".lora_")[0] for n in made}
-    described = (_matching_modules(model, adapter_metadata.get("target_modules"))
-                 - _matching_modules(model, adapter_metadata.get("exclude_modules"))) if adapter_metadata else wrapped
+    # peft's own matching of the description (target and exclude modules, layers_to_transform); without a
+    # description the file's own keys say which layers it has.
+    config = model.unet.peft_config[ADAPTER_NAME]
+    described = {name for name in layers if check_target_module_exists(config, name)} if adapter_metadata else wrapped
     if missing or unused or described - wrapped:
         absent = sorted(described - wrapped)
         raise ModelLoadError(f"{path} does not fit the adapter it describes ({len(missing)} LoRA weights missing, e.g. "
