@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def load_lora(model: DiffusionModel, directory: str | Path) -> None:
     # The layers an adapter could wrap, listed before one does (it then holds them as children).
     layers = [name for name, module in model.unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
     try:
-        with logs_silenced("diffusers"):
+        # peft warns where the description names layers the file lacks; the check below refuses such a file.
+        with logs_silenced("diffusers"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="While injecting the PEFT adapters", category=RuntimeWarning)
             model.unet.load_lora_adapter(state, prefix=None, metadata=adapter_metadata or None, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         raise ModelLoadError(f"{path} does not fit this base model's UNet ({' '.join(str(exc).split())[:300]})") from None
