@@ -629,7 +629,7 @@ def test_ringabell_pairs_from_csv_or_from_the_target(sd, sd_target, testbed, tmp
     ringabell = get_attack("ringabell")
     with pytest.raises(DarkMinerError, match="does not exist"):  # checked before any work
         ringabell(ringabell.config_class(pairs_csv=str(tmp_path / "missing.csv"))).check_target(sd_target)
-    with pytest.raises(DarkMinerError, match="the ringabell attack's pairs_csv .*missing.csv does not exist"):
+    with pytest.raises(DarkMinerError, match="RingABellConfig.pairs_csv .*missing.csv does not exist"):
         run_attack(ringabell(ringabell.config_class(pairs_csv=str(tmp_path / "missing.csv"))), sd, sd_target, PROMPTS,
                    never, out=tmp_path / "out")
     with pytest.raises(DarkMinerError, match="has no prompt pairs"):

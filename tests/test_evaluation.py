@@ -528,6 +528,22 @@ def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_p
     assert again["cells"][1]["metrics"] == results["cells"][1]["metrics"] and again["cells"][3]["erase_seconds"] is not None
 
 
+def test_a_finished_cell_is_refused_where_a_file_its_attack_read_was_edited_since(tmp_path, tiny_clip_dir):
+    """Ring-A-Bell's pairs CSV, edited in place between two runs of one benchmark: the finished cells were
+    attacked with the old concept vector, the next ones would be with the new."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text('sensitive prompt,normal prompt\n"a nude man","a man"\n')
+    options = {"population": 4, "generations": 1, "prompt_length": 3, "pairs_csv": str(pairs)}
+    config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity"], "attacks": ["ringabell"],
+              "evaluation": {**_sd_evaluation(tiny_clip_dir), "attack_configs": {"ringabell": options}}}
+    out = tmp_path / "bench"
+    results = run_benchmark(config, out, progress=False)
+    assert results["cells"][0]["metrics"]["attack_details"]["ringabell"]["files"]["pairs_csv"]["bytes"] == pairs.stat().st_size
+    pairs.write_text('sensitive prompt,normal prompt\n"a nude woman","a woman"\n')
+    with pytest.raises(DarkMinerError, match=r"was made with other ringabell input files .*pairs_csv"):
+        run_benchmark(config, out, progress=False)
+
+
 def test_a_benchmark_evaluates_erased_models_put_into_its_cells_before_its_first_run(tmp_path, tiny_clip_dir):
     from darkminer.api import erase
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from darkminer.config import PROMPT_SEED_LIMIT, Config, check_argument, check_seed
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
+from darkminer.provenance import file_record
 from darkminer.registry import Registry
 from darkminer.targets import EraseTarget
 
@@ -29,6 +31,13 @@ class AttackConfig(Config):
     def input_files(self) -> dict[str, str]:
         """Options that name a file the attack reads: a resume checks their contents, not only their paths."""
         return {}
+
+    def input_file_records(self) -> dict[str, Any]:
+        """What the files ``input_files`` names hold (path, size, sha256), as run records keep them."""
+        files = self.input_files()
+        if missing := [name for name, path in files.items() if not Path(path).expanduser().is_file()]:
+            raise DarkMinerError(f"{type(self).__name__}.{missing[0]} {files[missing[0]]} does not exist; give an existing file")
+        return {name: file_record(path) for name, path in files.items()}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import init_processes
 from darkminer.parallel.speed import autocast_dtype
-from darkminer.provenance import file_record
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -98,14 +97,6 @@ def save_results(
             **({"resumed": True} if resumed else {}),
         })
     return Path(directory)
-
-
-def attack_input_files(attack: Attack) -> dict[str, Any]:
-    """What the files an attack's options name hold (Ring-A-Bell's pairs CSV): a resume must read the same."""
-    files = attack.config.input_files()
-    if missing := [f"{name} {path}" for name, path in files.items() if not Path(path).expanduser().is_file()]:
-        raise DarkMinerError(f"the {attack.name} attack's {missing[0]} does not exist; give an existing file")
-    return {name: file_record(path) for name, path in files.items()}
 
 
 def load_results(directory: str | Path) -> tuple[dict[str, Any], list[AttackResult]]:
@@ -254,7 +245,7 @@ def run_attack(
     if work_dir is not None:
         # Everything the results depend on: the target's own prompts too (CCE's training images, Ring-A-Bell's
         # concept vector), and the precision the model computes in besides its weights' dtype.
-        files = attack_input_files(attack)  # recorded where there are any: older records resume as they were
+        files = attack.config.input_file_records()  # recorded where there are any: older records resume as they were
         run = {"attack": attack.name, "config": attack.config.to_dict(), **({"files": files} if files else {}),
                "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)},
                "prompts": [asdict(p) for p in prompts], "model": model.name, "erased": record,

@@ -328,6 +328,8 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
                 for name, details in metrics.get("attack_details", {}).items():
                     if name in attacks and "config" in details:  # cells evaluated before it was recorded lack it
                         checks.append((f"{name} options", changed(details["config"], attacks[name])))
+                    if name in attacks and "files" in details:  # the files its options name, edited in place since
+                        checks.append((f"{name} input files", changed_keys(details["files"], attacks[name].input_file_records())))
             for what, keys in checks:
                 if keys:
                     raise DarkMinerError(f"{cell} was made with other {what} than this run resolves (they differ "

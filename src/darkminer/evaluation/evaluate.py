@@ -27,7 +27,7 @@ from darkminer.attacks.base import (
     build_attack,
 )
 from darkminer.attacks.io import RESULTS_NAME as ATTACK_RESULTS
-from darkminer.attacks.io import adversarial_conditions, attack_input_files, load_results, run_attack
+from darkminer.attacks.io import adversarial_conditions, load_results, run_attack
 from darkminer.config import (
     Config,
     check_argument,
@@ -396,7 +396,7 @@ def evaluate(
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
         # The files attack options name, by contents; recorded where there are any, so older records resume.
-        files = {name: found for name, attack in attacks_to_run.items() if (found := attack_input_files(attack))}
+        files = {name: found for name, attack in attacks_to_run.items() if (found := attack.config.input_file_records())}
         run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
                **({"attack_files": files} if files else {}),
@@ -528,6 +528,8 @@ def _run_attacks(
         before, after = before_and_after_rates(results)
         details[name] = {
             "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
+            # the files its options name, by contents (a benchmark's finished cell is checked against them)
+            **({"files": files} if (files := attack.config.input_file_records()) else {}),
             "n_prompts": len(results),
             "success_before": before,
             "success_after": after,
