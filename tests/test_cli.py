@@ -432,6 +432,16 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
                              (a_file / "sub", "is a file, not a folder")):
             assert main([*command, "--out", str(out)]) == 2, command
             assert message in _error_line(capsys)
+    # Another tool's folder that holds a file of a marker's name: a training run's metrics.json, a model's
+    # config.json, another program's attack.json (a folder was overwritten or deleted for this).
+    for marker, command in (("attack.json", commands[1]), ("metrics.json", commands[2]), ("config.json", commands[3])):
+        theirs = tmp_path / f"theirs-{marker}"
+        theirs.mkdir()
+        (theirs / marker).write_text('{"loss": 0.1, "_class_name": "UNet2DConditionModel"}')
+        (theirs / "model.ckpt").write_text("precious")
+        assert main([*command, "--out", str(theirs)]) == 2, marker
+        assert "exists and is not a" in _error_line(capsys)
+        assert sorted(p.name for p in theirs.iterdir()) == [marker, "model.ckpt"]
     assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--out", str(a_file / "x.png")]) == 2
     assert "is a file, not a folder" in _error_line(capsys)
     assert main(["testbed", "check", "-n", "1", "--out", str(precious)]) == 2

@@ -320,7 +320,7 @@ def attack(
     """
     from darkminer.attacks.base import AttackPrompt, build_attack
     from darkminer.attacks.io import OUTPUT_KIND as ATTACK_OUTPUT
-    from darkminer.attacks.io import RESULTS_NAME, run_attack
+    from darkminer.attacks.io import RESULTS_KEYS, RESULTS_NAME, run_attack
     from darkminer.evaluation import EvaluationConfig, concept_detector
     from darkminer.evaluation.evaluate import GRADER_OPTIONS
     from darkminer.evaluation.suites import prompt_suites
@@ -341,7 +341,7 @@ def attack(
         raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
                           "sampling is steps and guidance_scale, the prompts n_prompts")
     if out is not None:
-        out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased)
+        out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased, marker_keys=RESULTS_KEYS)
         if not resume:  # an unfinished run's journal is refused before the load, not after it
             check_no_unfinished_run(work_directory(out))
     check_kind(kind)

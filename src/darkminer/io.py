@@ -94,7 +94,7 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 def check_output_directory(
     out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = (),
-    apart_from: str | Path | None = None, flag: str = "--out",
+    apart_from: str | Path | None = None, flag: str = "--out", marker_keys: tuple[str, ...] = (),
 ) -> Path:
     """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, an
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
@@ -103,11 +103,12 @@ def check_output_directory(
     may not be a link, hold the current folder or lie inside an earlier ``what`` (erased models and
     exports); False: it is filled in place (a resumable benchmark). ``apart_from``: the erased model the
     command reads, which ``out`` may neither lie in nor hold. ``flag``: the option that names ``out``, for
-    the errors."""
+    the errors. ``marker_keys``: what the marker holds where its name is not ours alone (another tool's
+    folder may well have a metrics.json or config.json), so that such a folder is not taken for an output."""
     out = Path(os.path.abspath(_as_path(out, flag)))
     _check_parents(out, flag)
     _check_apart(out, apart_from)
-    if out.exists() and not (out.is_dir() and ((out / marker).is_file()
+    if out.exists() and not (out.is_dir() and (_holds_record(out / marker, marker_keys)
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
     # A rerun into an earlier output of this kind replaces it whole, with what lies inside. Only where the
@@ -123,6 +124,19 @@ def check_output_directory(
     if replaced and Path.cwd().resolve().is_relative_to(out.resolve()):
         raise DarkMinerError(f"{flag} {out} holds the current folder; name a new folder for the output")
     return out
+
+
+def _holds_record(path: Path, keys: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a file holding a JSON object with ``keys`` (any file where there are none)."""
+    if not path.is_file():
+        return False
+    if not keys:
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
 
 
 def check_output_file(path: str | Path, apart_from: str | Path | None = None) -> Path:
@@ -169,10 +183,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
-def output_directory(out: str | Path, marker: str, what: str) -> Iterator[Path]:
+def output_directory(out: str | Path, marker: str, what: str, marker_keys: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary folder beside ``out`` to write into, renamed onto ``out`` (replacing an earlier
     ``what``) when the block succeeds: a folder ``out`` holding its ``marker`` file is whole."""
-    out = check_output_directory(out, marker, what)
+    out = check_output_directory(out, marker, what, marker_keys=marker_keys)
     out.parent.mkdir(parents=True, exist_ok=True)
     if Path(os.path.realpath(out)) in _LOCKED:  # this run holds --out: a temporary folder beside it is a dead run's
         for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):

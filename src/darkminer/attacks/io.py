@@ -53,6 +53,7 @@ from darkminer.parallel.speed import autocast_dtype
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
+RESULTS_KEYS = ("attack", "config", "results")  # an attack output's attack.json, not another tool's
 EMBEDDINGS_NAME = "embeddings.safetensors"
 OUTPUT_KIND = "an attack output"  # what may be replaced at --out
 FORMAT_VERSION = 1
@@ -76,7 +77,7 @@ def save_results(
     ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``);
     ``sampling``, how its images were drawn (a replay draws the same way); ``resumed``, that the run went on
     from a killed one's checkpoint."""
-    with output_directory(directory, RESULTS_NAME, OUTPUT_KIND) as tmp:
+    with output_directory(directory, RESULTS_NAME, OUTPUT_KIND, RESULTS_KEYS) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
             save_tensors(tmp / EMBEDDINGS_NAME, soft)
@@ -236,7 +237,7 @@ def run_attack(
     attack.check_model(model)
     work_dir, resumed = None, False
     if out is not None:  # before the attack, not after it
-        out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased)
+        out = check_output_directory(out, RESULTS_NAME, OUTPUT_KIND, apart_from=erased, marker_keys=RESULTS_KEYS)
         work_dir = work_directory(out)
         if not resume:  # every process (it only reads), so that each stops with the same line
             check_no_unfinished_run(work_dir)

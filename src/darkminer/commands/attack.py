@@ -58,7 +58,14 @@ def run(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from darkminer.api import attack
     from darkminer.attacks.base import attack_success_rate, get_attack
-    from darkminer.attacks.io import OUTPUT_KIND, RESULTS_NAME, load_results, replay, save_results
+    from darkminer.attacks.io import (
+        OUTPUT_KIND,
+        RESULTS_KEYS,
+        RESULTS_NAME,
+        load_results,
+        replay,
+        save_results,
+    )
 
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
@@ -88,7 +95,8 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.parallel import init_processes
         from darkminer.targets import resolve_target
 
-        check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased)  # before loading
+        check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased,  # before loading
+                               marker_keys=RESULTS_KEYS)
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
         asked = attack_sampling(args.steps, args.guidance)  # and bad sampling
         meta, saved = load_results(args.replay)  # and a damaged replay

@@ -52,6 +52,7 @@ from darkminer.testbed.concepts import concept_names
 
 ALL = "all"
 CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
+CONFIG_KEYS = ("methods", "concepts", "attacks", "method_configs", "evaluation")  # a benchmark's, not a model folder's
 CELLS = "cells"  # cells/METHOD/CONCEPT/{erased,evaluation}
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
@@ -204,7 +205,8 @@ def run_benchmark(
     """Run (or resume) the benchmark into ``out`` and write results.json, results.md and report.html."""
     cfg = load_benchmark_config(config)
     # Resumed in place; a folder holding only cells/ has erased models put there to be evaluated (keep_rounds).
-    out = check_output_directory(out, CONFIG_NAME, "a benchmark output", replaced=False, prepared=(CELLS,))
+    out = check_output_directory(out, CONFIG_NAME, "a benchmark output", replaced=False, prepared=(CELLS,),
+                                 marker_keys=CONFIG_KEYS)
     methods, attacks = cfg.method_names(), cfg.attack_names()
     rows = ([ORIGINAL_METHOD] if cfg.include_original else []) + methods
     eval_cfg = EvaluationConfig.from_dict({**cfg.evaluation, "attacks": attacks})

@@ -92,6 +92,7 @@ from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, resolve_target
 from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"
+METRICS_KEYS = ("format", "concept", "erasure", "attacks", "preservation")  # an evaluation's, not another tool's
 OUTPUT_KIND = "an evaluation output"  # what may be replaced at --out
 FORMAT_VERSION = 1
 PRESERVATION_METRICS = ("accuracy", "clip", "fid")
@@ -357,7 +358,7 @@ def evaluate(
     cfg = EvaluationConfig.coerce(config)
     work_dir = None
     if out is not None:
-        out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased)
+        out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased, marker_keys=METRICS_KEYS)
         work_dir = work_directory(out)
         if not resume:  # every process (it only reads), so that each stops with the same line
             check_no_unfinished_run(work_dir)
@@ -453,7 +454,7 @@ def evaluate(
     }
 
     def write() -> None:
-        with output_directory(out, METRICS_NAME, OUTPUT_KIND) as tmp:
+        with output_directory(out, METRICS_NAME, OUTPUT_KIND, METRICS_KEYS) as tmp:
             if cfg.save_images:
                 link_tree(sets.images(), tmp / IMAGES_NAME)
             for name, images in sets.grids.items():
