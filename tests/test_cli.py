@@ -442,6 +442,15 @@ def test_outputs_replace_only_their_own_kind_and_refuse_anything_else_before_wor
         assert main([*command, "--out", str(theirs)]) == 2, marker
         assert "exists and is not a" in _error_line(capsys)
         assert sorted(p.name for p in theirs.iterdir()) == [marker, "model.ckpt"]
+    # A refused run leaves no folders it made for its --out; "link/../x" is x beside the link's target, where
+    # the writes go, for the checks and the lock too (the lock was taken on one path and the output checked on another).
+    assert main(["evaluate", "--concept", "nosuch", "--out", str(tmp_path / "new" / "deep" / "o")]) == 2
+    assert "unknown testbed concept" in _error_line(capsys) and not (tmp_path / "new").exists()
+    (tmp_path / "target" / "sub").mkdir(parents=True)
+    (tmp_path / "pointer").symlink_to(tmp_path / "target" / "sub", target_is_directory=True)
+    from darkminer.io import check_output_directory
+    assert check_output_directory(tmp_path / "pointer" / ".." / "x", "metrics.json", "an evaluation output") == \
+        tmp_path.resolve() / "target" / "x"
     assert main(["generate", "--prompt", "a cat", "--model", "tiny-random-sd", "--out", str(a_file / "x.png")]) == 2
     assert "is a file, not a folder" in _error_line(capsys)
     assert main(["testbed", "check", "-n", "1", "--out", str(precious)]) == 2

@@ -105,7 +105,10 @@ def check_output_directory(
     command reads, which ``out`` may neither lie in nor hold. ``flag``: the option that names ``out``, for
     the errors. ``marker_keys``: what the marker holds where its name is not ours alone (another tool's
     folder may well have a metrics.json or config.json), so that such a folder is not taken for an output."""
-    out = Path(os.path.abspath(_as_path(out, flag)))
+    given = Path(_as_path(out, flag))
+    # Its folder with links resolved, as the writes and output_lock resolve it ("link/../x" is x beside the
+    # link's target, not beside the link), its own name kept (a link there is refused below).
+    out = Path(os.path.realpath(given)) if given.name in ("", "..") else Path(os.path.realpath(given.parent)) / given.name
     _check_parents(out, flag)
     _check_apart(out, apart_from)
     if out.exists() and not (out.is_dir() and (_holds_record(out / marker, marker_keys)
@@ -221,6 +224,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
         return
     _check_parents(out)
     lock = out.parent / f".{out.name}.lock"
+    created = [parent for parent in out.parents if not parent.exists()]  # removed again if no output is made
     while True:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +250,10 @@ def output_lock(out: str | Path) -> Iterator[None]:
         _LOCKED.discard(out)
         lock.unlink(missing_ok=True)
         os.close(fd)
+        for parent in created:  # innermost first: a refused or failed run leaves no new empty folders
+            if out.exists() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 @contextmanager

@@ -52,7 +52,7 @@ from darkminer.testbed.concepts import concept_names
 
 ALL = "all"
 CONFIG_NAME = "config.json"  # the resolved config a benchmark folder was made with (and may resume under)
-CONFIG_KEYS = ("methods", "concepts", "attacks", "method_configs", "evaluation")  # a benchmark's, not a model folder's
+CONFIG_KEYS = ("methods", "attacks")  # a benchmark's record, not a model folder's config.json
 CELLS = "cells"  # cells/METHOD/CONCEPT/{erased,evaluation}
 
 # The CPU-sized budgets of `demo` and `quick` (measured in docs/BENCHMARKS.md): Dark Miner with 4 of its 8
