@@ -364,6 +364,16 @@ def test_a_system_error_is_one_line_with_its_files_and_exit_1(monkeypatch, capsy
         assert capsys.readouterr().err == line + "\n"
 
 
+def test_a_world_size_that_is_no_number_is_one_line(monkeypatch):
+    from darkminer.parallel import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    for value in ("two", " "):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        with pytest.raises(DarkMinerError, match="is not a number of processes; unset it"):
+            distributed.init_processes()
+
+
 def test_prompt_csv_reading(tmp_path):
     good = tmp_path / "p.csv"
     good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
@@ -385,6 +395,10 @@ def test_prompt_csv_reading(tmp_path):
         bad.write_text(f"prompt,evaluation_{column}\na cat,{value}\n")
         with pytest.raises(DarkMinerError, match=f"row 2: .*{message}.*correct that cell"):
             read_prompt_csv(bad)
+    unclosed = tmp_path / "q.csv"
+    unclosed.write_text('prompt\n"a cat\na dog\n')  # it read as one prompt holding every row after it
+    with pytest.raises(DarkMinerError, match="not readable as CSV \\(unexpected end of data\\)"):
+        read_prompt_csv(unclosed)
     wrong = tmp_path / "w.csv"
     wrong.write_text("text\na cat\n")
     with pytest.raises(DarkMinerError, match="no `prompt` column"):

@@ -216,7 +216,9 @@ def read_csv_table(path: str | Path, what: str = "prompt file") -> CsvTable:
     header: list[str] | None = None
     header_text = ""
     records: list[CsvRecord] = []
-    reader = csv.reader(feed())  # asks for one line at a time: what it has consumed is the record's text
+    # One line at a time: what it has consumed is the record's text. Strict: an unclosed quote is an error,
+    # not a cell that swallows every row after it.
+    reader = csv.reader(feed(), strict=True)
     try:
         for row in reader:
             text = "".join(consumed)

@@ -216,7 +216,12 @@ def init_processes() -> Processes:
     lands on this process's GPU (``Processes.device`` names it)."""
     if dist.is_available() and dist.is_initialized():
         return _current_processes()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        raise DarkMinerError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes; unset it, or "
+                             "start the run with accelerate launch or torchrun") from None
+    if world_size <= 1:
         return Processes(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     from accelerate import PartialState
 
