@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ import torch
 
 from darkminer.config import fits
 from darkminer.errors import ConfigError, ModelLoadError
-from darkminer.io import load_tensors, output_directory, read_json, write_json
+from darkminer.io import link_tree, load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
 from darkminer.models.loading import CONVERT_PICKLED, only_pickled_weights
@@ -188,19 +187,12 @@ def save_erased(
         else:
             write_json(tmp / "guidance.json", model.guidance.to_dict())
         if erased_on is not None and info.kind not in WEIGHT_KINDS:
-            shutil.copytree(erased_on, tmp / ERASED_ON, copy_function=_link_or_copy)
+            # Erased models are written whole under a new name and never changed in place: a link is a copy.
+            link_tree(Path(erased_on), tmp / ERASED_ON)
         if write_extra is not None:
             write_extra(tmp)
         write_json(tmp / INFO_NAME, asdict(info))
     return Path(directory)
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    # Erased models are written whole under a new name and never changed in place, so a link is a copy.
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def apply_erased(model: DiffusionModel, directory: str | Path) -> ErasedModelInfo:
