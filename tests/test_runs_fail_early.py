@@ -171,6 +171,10 @@ def test_evaluate_attacks_flag_narrows_a_config_files_attack_options(tmp_path, m
 def test_an_empty_out_is_refused_rather_than_taken_as_the_current_folder(capsys):
     assert main(["demo", "--out", ""]) == 2
     assert "--out is empty" in capsys.readouterr().err
+    # Any other path too: --erased "" was read as overlapping --out, --prompts "" silently ignored.
+    for flag in ("--erased", "--prompts", "--config"):
+        assert main(["evaluate", "--concept", "blood", flag, " ", "--out", "somewhere"]) == 2
+        assert f"{flag} is empty: name a path, or leave the option out" in capsys.readouterr().err
 
 
 def test_an_unerased_models_preservation_reference_is_drawn_once(tmp_path, monkeypatch):

@@ -73,9 +73,14 @@ PATH_ARGUMENTS = ("model", "erased", "out", "config", "prompts", "paraphrase_pro
 
 
 def expand_home(args: argparse.Namespace) -> argparse.Namespace:
+    """The path arguments with ``~`` expanded; an empty one is refused ("" is the current folder to some
+    checks and no file to others: --erased "" was read as an overlap with --out, --prompts "" ignored)."""
     for name in PATH_ARGUMENTS:
         value = getattr(args, name, None)
         if isinstance(value, str):
+            if not value.strip():
+                what = "the output" if name == "out" else "a path, or leave the option out"
+                raise DarkMinerError(f"--{name.replace('_', '-')} is empty: name {what}")
             setattr(args, name, os.path.expanduser(value))
     return args
 
@@ -140,8 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
-        if getattr(args, "out", None) is not None and not str(args.out).strip():  # "" would be the current folder
-            raise DarkMinerError("--out is empty: name the output")
         if args.threads is not None:
             if args.threads < 1:
                 parser.error(f"--threads must be >= 1, got {args.threads}")
