@@ -393,11 +393,12 @@ def evaluate(
                              f"{len(suites[PRESERVATION])}; give more, or leave fid out (--preservation accuracy,clip)")
     inputs = _inputs(net, erased, info, target, device, speed, prompts=prompts, paraphrase_prompts=paraphrase_prompts,
                      preserve_prompts=preserve_prompts)
+    # The files attack options name (Ring-A-Bell's pairs CSV), by contents, read once for the run record and
+    # metrics.json; only where there are any, so that older records resume.
+    files = {name: found for name, attack in attacks_to_run.items() if (found := attack.config.input_file_records())}
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
-        # The files attack options name, by contents; recorded where there are any, so older records resume.
-        files = {name: found for name, attack in attacks_to_run.items() if (found := attack.config.input_file_records())}
         run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
                **({"attack_files": files} if files else {}),
@@ -418,7 +419,7 @@ def evaluate(
                 erasure[name] = concept_rate(flags)
                 counts["erasure"][name] = rate_count(int(flags.sum()), flags.numel())
         attack_prompts = [AttackPrompt(p.text, p.seed, p.guidance) for p in suites["plain"].prompts[: cfg.attack_prompts]]
-        attacks, counts["attacks"], attack_details = _run_attacks(painter, grader, attacks_to_run, target,
+        attacks, counts["attacks"], attack_details = _run_attacks(painter, grader, attacks_to_run, files, target,
                                                                   attack_prompts, cfg, progress)
         preservation = (_preservation(painter, sets, suites[PRESERVATION], cfg, detector, aligner, fid, grader.judgements)
                         if cfg.preservation else _unmeasured_preservation())
@@ -502,11 +503,12 @@ class Grader:
 
 
 def _run_attacks(
-    painter: Painter, grader: Grader, attacks_to_run: dict[str, Attack], target: EraseTarget, prompts: list[AttackPrompt],
-    cfg: EvaluationConfig, progress: bool,
+    painter: Painter, grader: Grader, attacks_to_run: dict[str, Attack], files: dict[str, dict[str, Any]],
+    target: EraseTarget, prompts: list[AttackPrompt], cfg: EvaluationConfig, progress: bool,
 ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
     """Each attack on the evaluated model, and what it found replayed and graded as a set: the success
-    rates, their counts (k of n) and the details metrics.json keeps. Under a launcher the per-prompt attacks
+    rates, their counts (k of n) and the details metrics.json keeps (with ``files``, the records of the
+    files each attack's options name). Under a launcher the per-prompt attacks
     share their prompts out and every process gets the main one's results; a killed evaluation's finished
     attack is read back, and an unfinished one resumes from its journal."""
     net, processes = painter.model, init_processes()
@@ -530,7 +532,7 @@ def _run_attacks(
         details[name] = {
             "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
             # the files its options name, by contents (a benchmark's finished cell is checked against them)
-            **({"files": files} if (files := attack.config.input_file_records()) else {}),
+            **({"files": files[name]} if name in files else {}),
             "n_prompts": len(results),
             "success_before": before,
             "success_after": after,
