@@ -934,7 +934,7 @@ def test_a_killed_attack_resumes_from_its_journal_as_an_uninterrupted_run_ends(n
 @pytest.mark.parametrize("scaled", [False, True])
 def test_a_killed_cce_resumes_from_its_last_checkpoint_with_the_token_of_an_uninterrupted_run(scaled, sd, sd_target,
                                                                                               tmp_path, monkeypatch):
-    from darkminer.io import work_directory
+    from darkminer.io import load_state, save_state, work_directory
 
     scalers = []  # as under fp16 (the scale doubling each step): the loss scale's state is in the checkpoint
 
@@ -957,7 +957,12 @@ def test_a_killed_cce_resumes_from_its_last_checkpoint_with_the_token_of_an_unin
     out, kill = tmp_path / "cut", True
     with pytest.raises(KeyboardInterrupt):
         run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out)
-    assert (work_directory(out) / "cce_training.safetensors").is_file()
+    checkpoint = work_directory(out) / "cce_training.safetensors"
+    whole_file, state = checkpoint.read_bytes(), load_state(checkpoint)
+    save_state(checkpoint, {**state, "token": state["token"][:, :1]})  # edited: a token of another shape
+    with pytest.raises(DarkMinerError, match=f"{checkpoint} is damaged .*; delete it to redo its work"):
+        run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out, resume=True)
+    checkpoint.write_bytes(whole_file)
     losses.clear()
     kill = False
     resumed = run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out, resume=True)

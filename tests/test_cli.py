@@ -17,6 +17,7 @@ import torch
 from darkminer.cli import main
 from darkminer.config import load_config_file
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
+from darkminer.io import load_state, save_state, work_directory
 from darkminer.models import adapters
 from darkminer.prompts import read_prompt_csv
 
@@ -816,6 +817,12 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     assert main(command) == 130  # interrupted: the plain set is done and kept, the attack's replay cut short
     assert "darkminer: interrupted" in capsys.readouterr().err
     assert main(command) == 2 and "add --resume" in _error_line(capsys)  # never discarded unasked
+    [kept] = work_directory(out).rglob("sets/*.safetensors")
+    whole = kept.read_bytes()
+    state = load_state(kept)
+    save_state(kept, {**state, "rows": "2"})  # edited: a resume must not count rows from it
+    assert main([*command, "--resume"]) == 2 and f"{kept} is damaged" in _error_line(capsys)
+    kept.write_bytes(whole)
     other_guidance = [("4" if arg == "3.5" else arg) for arg in command]
     assert main([*other_guidance, "--resume"]) == 2 and "its config.guidance_scale differs" in _error_line(capsys)
     assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again

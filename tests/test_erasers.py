@@ -41,7 +41,7 @@ from darkminer.erasers.fmn import attention_on, concept_token_mask, recorded_cro
 from darkminer.erasers.sld import PRESETS
 from darkminer.erasers.training import embedding_step, loss_summary, train_parameters
 from darkminer.erasers.uce import UceConfig
-from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
+from darkminer.errors import ConfigError, DamagedStateError, DarkMinerError, DarkMinerWarning
 from darkminer.io import load_state, load_tensors, load_tensors_and_metadata, save_tensors
 from darkminer.models import load_model
 from darkminer.models.base import DiffusionModel
@@ -714,7 +714,7 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(damage: str, tmp_p
             state["losses"] = "abc"
         else:
             name = next(iter(state["params"]))
-            state["params"][name] = torch.zeros(7)
+            state["params"][name] = torch.zeros(1)  # of another shape, which copy_ would broadcast
         save_state(path, state)
     with pytest.raises(DarkMinerError, match="is damaged .*; delete that folder to start over"):
         _toy_training(tmp_path)
@@ -822,6 +822,10 @@ def test_a_saved_state_comes_back_whole(tmp_path: Path) -> None:
     save_tensors(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
     with pytest.raises(DarkMinerError, match="holds no saved state"):
         load_state(tmp_path / "plain.safetensors")
+    for damaged in ('{"dict": [["step", {"tensor": "99"}]]}', '{"dict": [["step"]]}', '{"dict": 3}', '{"list": [1'):
+        save_tensors(tmp_path / "damaged.safetensors", {"0": torch.zeros(1)}, metadata={"state": damaged})
+        with pytest.raises(DamagedStateError, match="damaged.safetensors is damaged .*; delete it to redo its work"):
+            load_state(tmp_path / "damaged.safetensors")
 
 
 def test_a_checkpoint_from_before_the_one_file_format_asks_to_start_over(tmp_path: Path) -> None:

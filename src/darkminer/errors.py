@@ -19,6 +19,15 @@ class ModelLoadError(DarkMinerError):
     """A model or erased-model directory cannot be loaded."""
 
 
+class DamagedStateError(ModelLoadError):
+    """A saved run state (a checkpoint, an evaluation's progress) that was written whole but cannot be read
+    back: edited, or damaged on disk. ``problem`` says what is wrong with it."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path} is damaged ({problem}); delete it to redo its work")
+        self.problem = problem
+
+
 class DarkMinerWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one line. A category,
     not the file it is raised from, marks it as ours: a warning raised through a decorator (torch's

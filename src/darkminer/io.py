@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.errors import ConfigError, DamagedStateError, DarkMinerError, ModelLoadError
 
 
 def _read_umask() -> int:
@@ -377,7 +377,10 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 def load_state(path: str | Path) -> dict[str, Any]:
     """What ``save_state`` wrote (lists come back as lists, where a tuple was saved)."""
     tensors, metadata = load_tensors_and_metadata(path)
-    state = json.loads(metadata["state"]) if "state" in metadata else None
+    try:
+        state = json.loads(metadata["state"]) if "state" in metadata else None
+    except json.JSONDecodeError as exc:
+        raise DamagedStateError(path, f"its structure is not JSON: {exc.msg}") from None
     if not isinstance(state, dict) or not state.keys() & {"tensor", "dict", "list", "value"}:
         raise ModelLoadError(f"{path} holds no saved state; it was not written by darkminer's save_state")
 
@@ -390,7 +393,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
             return [decode(value) for value in node["list"]]
         return node["value"]
 
-    return decode(state)
+    try:
+        return decode(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a lost tensor, a node of another shape
+        raise DamagedStateError(path, repr(exc)) from None
 
 
 def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:

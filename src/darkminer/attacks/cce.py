@@ -38,7 +38,7 @@ from darkminer.attacks.journal import attack_work_directory
 from darkminer.attacks.prompts import concept_phrases
 from darkminer.attacks.soft_prompt import judge_conditions, judge_texts, original_images
 from darkminer.config import check_non_negative, check_positive
-from darkminer.errors import DarkMinerError
+from darkminer.errors import DamagedStateError, DarkMinerError
 from darkminer.io import load_state, save_state
 from darkminer.models.base import DiffusionModel, host_to_device
 from darkminer.models.objectives import curve_ends, denoising_loss, draw_noise_and_timesteps
@@ -113,12 +113,17 @@ class TrainingCheckpoint:
         state = None if path is None else init_processes().on_main(lambda: load_state(path) if path.is_file() else None)
         if state is None:
             return 0, []
-        with torch.no_grad():
-            self.token.copy_(state["token"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        return int(state["step"]), list(state["losses"])
+        try:
+            if state["token"].shape != self.token.shape:  # copy_ would broadcast a (1, dim) token silently
+                raise ValueError(f"a token of shape {tuple(state['token'].shape)}")
+            with torch.no_grad():
+                self.token.copy_(state["token"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.generator.set_state(state["generator"])
+            return int(state["step"]), [float(loss) for loss in state["losses"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a token of another shape
+            raise DamagedStateError(path, repr(exc)) from None
 
     def save(self, step: int, losses: list[float]) -> None:
         if self.path is None:  # no work directory: nothing to resume into

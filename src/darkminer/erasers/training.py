@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from darkminer.erasers.base import damaged_checkpoint
-from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
+from darkminer.errors import ConfigError, DamagedStateError, DarkMinerError, ModelLoadError
 from darkminer.io import load_state, save_state
 from darkminer.models.adapters import target_module_names
 from darkminer.models.base import TEXT_ENCODER_PREFIX, ClassifierFreeGuidance, DiffusionModel, host_to_device
@@ -244,13 +244,15 @@ def _load_checkpoint(
 ) -> tuple[int, list[float]]:
     try:
         state = load_state(work_dir / CHECKPOINT)
+    except DamagedStateError as exc:
+        raise damaged_checkpoint(work_dir, exc.problem) from None
     except ModelLoadError as exc:  # another format: written by an older darkminer (or not by darkminer)
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer ({exc}); delete that folder "
                              "to start over") from None
-    except (KeyError, TypeError, ValueError) as exc:  # a lost tensor or cut-short JSON (a JSONDecodeError)
-        raise damaged_checkpoint(work_dir, repr(exc)) from None
     if not isinstance(state, dict) or "optimizer" not in state:
         raise DarkMinerError(f"the checkpoint in {work_dir} is from an older darkminer; delete that folder to start over")
+    if not isinstance(state.get("params"), dict):
+        raise damaged_checkpoint(work_dir, "no weights")
     missing = [name for name in params if name not in state["params"]]
     if missing:
         raise DarkMinerError(
@@ -263,8 +265,10 @@ def _load_checkpoint(
         done, losses = int(state["iterations_done"]), [float(loss) for loss in state["losses"]]
         with torch.no_grad():
             for name, p in params.items():
+                if state["params"][name].shape != p.shape:  # copy_ would broadcast a weight of shape (1,)
+                    raise ValueError(f"{name} of shape {tuple(state['params'][name].shape)}")
                 p.copy_(state["params"][name])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a weight of another shape
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise damaged_checkpoint(work_dir, repr(exc)) from None
     return done, losses
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from darkminer.errors import DamagedStateError
 from darkminer.imaging import save_png, to_pil
 from darkminer.io import load_state, save_state
 from darkminer.parallel import init_processes
@@ -58,8 +59,12 @@ class Progress:
         with its grids' images restored and its ``per_row`` images a row counted as drawn."""
         path = self._state_path(name)
         state = {} if path is None else init_processes().on_main(lambda: load_state(path) if path.is_file() else {})
-        self.grids.update(state.get("grids", {}))
-        self.painter.count += per_row * state.get("rows", 0)
+        grids, rows = state.get("grids", {}), state.get("rows", 0)
+        if not (isinstance(grids, dict) and all(isinstance(g, torch.Tensor) for g in grids.values())
+                and isinstance(rows, int) and rows >= 0):
+            raise DamagedStateError(path, "its rows or grids are not what a run writes")
+        self.grids.update(grids)
+        self.painter.count += per_row * rows
         return state
 
     def chunks(self, done: int, n: int) -> list[slice]:
