@@ -288,6 +288,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
     with pytest.raises(DarkMinerError, match="is damaged .*the adapter of round_0"):
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
     (checkpoint / "state.safetensors").write_bytes(kept["state.safetensors"])
+    save_tensors(checkpoint / "state.safetensors", {k: v[:1] if k.startswith("round_0.") else v
+                                                    for k, v in load_tensors(checkpoint / "state.safetensors").items()})
+    with pytest.raises(DarkMinerError, match="is damaged .*the adapter of round_0"):  # of another shape
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY, resume=True)
+    (checkpoint / "state.safetensors").write_bytes(kept["state.safetensors"])
     for other in ({"concept": "violence"}, {"config": {**TINY, "k": 1}}):
         with pytest.raises(ConfigError, match=r"another run \(its (config|target)\.\w+.* differs?\)"):  # a checkpoint is never reused for another run
             erase("darkminer", other.get("concept", "nudity"), tmp_path / "resumed", model="tiny-random-sd",

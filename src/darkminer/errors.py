@@ -24,8 +24,8 @@ class DamagedStateError(ModelLoadError):
     back: edited, or damaged on disk. ``problem`` says what is wrong with it."""
 
     def __init__(self, path: object, problem: str) -> None:
-        super().__init__(f"{path} is damaged ({problem}); delete it to redo its work")
-        self.problem = problem
+        self.problem = " ".join(problem.split())  # one line: torch's load_state_dict errors run over several
+        super().__init__(f"{path} is damaged ({self.problem}); delete it to redo its work")
 
 
 class DarkMinerWarning(UserWarning):

@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from darkminer.config import Config, check_choice, check_non_negative, check_positive
-from darkminer.errors import ConfigError, ModelLoadError, logs_silenced
+from darkminer.errors import ConfigError, DamagedStateError, ModelLoadError, logs_silenced
 from darkminer.io import (
     check_output_directory,
     claim_record,
@@ -171,12 +171,15 @@ def train_unet(
     checkpoint = work_dir / CHECKPOINT
     if checkpoint.is_file():
         state = load_state(checkpoint)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        step, log = int(state["step"]), state["log"]
+        try:
+            unet.load_state_dict(state["unet"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["torch_rng"])
+            step, log = int(state["step"]), state["log"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: weights of other shapes
+            raise DamagedStateError(checkpoint, repr(exc)) from None
     data_rng = np.random.default_rng([config.seed, step])
     if step and "data_rng" in state:  # the data stream where it stopped: the uninterrupted run's batches
         data_rng.bit_generator.state = state["data_rng"]

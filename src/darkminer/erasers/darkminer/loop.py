@@ -208,9 +208,9 @@ class DarkMiner(Eraser):
             tensors = load_tensors(folder / "state.safetensors", device=model.device)
             last = f"round_{len(meta['log']) - 1}."
             adapter = {k.removeprefix(last): v for k, v in tensors.items() if k.startswith(last)}
-            expected = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME).keys()
-            if adapter.keys() != expected:  # a resume from it would silently train another adapter
-                raise KeyError(f"the adapter of {last.rstrip('.')}")
+            expected = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
+            if adapter.keys() != expected.keys() or any(v.shape != expected[k].shape for k, v in adapter.items()):
+                raise KeyError(f"the adapter of {last.rstrip('.')}")  # a resume would train another adapter
             mined = [
                 MinedEmbedding(m["space"], tensors[f"mined.{i}"]) if m["input_ids"] is None else
                 MinedEmbedding.of_tokens(tensors[f"mined.{i}"], torch.tensor(m["input_ids"], device=model.device), m["slots"])
