@@ -45,13 +45,30 @@ def _as_if_created(path: Path, mode: int) -> Path:
     return path
 
 
-def _as_if_created_tree(folder: Path) -> None:
-    """``_as_if_created`` for everything under ``folder``: libraries that write into it (safetensors,
-    diffusers' ``save_pretrained``) leave weight files owner-only. A hard link (a stacked erasure's copy of
-    the one below) is another folder's file too, whose mode is not ours to change."""
-    for path in folder.rglob("*"):
-        if not path.is_symlink() and (path.is_dir() or path.stat().st_nlink == 1):
+def _fsync(path: Path) -> None:
+    """``path`` (a file, or a folder's list of names) on disk: a rename onto it is durable only then."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems (and Windows) cannot open or sync a folder; the rename still holds
+        if not path.is_dir():
+            raise
+
+
+def _finish_tree(folder: Path) -> None:
+    """Everything under ``folder`` made as a plain open/mkdir would and synced to disk, before the folder is
+    renamed into place. Libraries that write into it (safetensors, diffusers' ``save_pretrained``) leave weight
+    files owner-only and unsynced. A hard link (a stacked erasure's copy of the one below) is another folder's
+    file too, whose mode is not ours to change."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        if path.is_dir() or path.stat().st_nlink == 1:
             _as_if_created(path, 0o777 if path.is_dir() else 0o666)
+        _fsync(path)
 
 
 @contextmanager
@@ -65,9 +82,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         _as_if_created(tmp_path, 0o666)  # again: a writer that recreates the file (safetensors) makes it owner-only
-        with open(tmp_path, "rb") as written:  # on disk before the rename: a crash must not leave an empty file
-            os.fsync(written.fileno())
+        _fsync(tmp_path)  # on disk before the rename: a crash must not leave an empty file
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -199,12 +216,13 @@ def output_directory(out: str | Path, marker: str, what: str, marker_keys: tuple
     replaced = out.parent / f"{tmp.name}.replaced"
     try:
         yield tmp
-        _as_if_created_tree(tmp)
+        _finish_tree(tmp)
         # The earlier output is moved aside, not deleted, until the new one is in place: a run killed in
         # between leaves both whole (hidden beside ``out``), never half of one where ``out`` was.
         if out.exists():
             out.rename(replaced)
         tmp.rename(out)
+        _fsync(out.parent)
         shutil.rmtree(replaced, ignore_errors=True)
     finally:
         if replaced.exists() and not out.exists():  # stopped between the two renames: the old one goes back
