@@ -752,3 +752,96 @@ def test_mined_tokens_alone_are_stored_as_one_row_and_come_back_so(tmp_path):
     assert ids.shape == (load_model("tiny-random-sd").max_length,) and not mined.in_context
     again = MinedEmbedding.of_tokens(mined.values, ids, slots)
     assert torch.equal(again.prompts.input_ids, mined.prompts.input_ids) and again.stored_ids()[1] == slots
+
+
+def test_mining_lowers_the_denoising_loss_of_the_current_model(tiny_sd, monkeypatch):
+    """On draws held fixed (the same images, noise and timesteps every step) the mined embedding must
+    explain the concept's images better than where it started: a miner stepping the wrong way would not."""
+    model = tiny_sd
+    _perturbed_lora(model)  # mining runs against the adapted model
+    _, pool = _distinct_conds_pool(model, 2)
+    monkeypatch.setattr(pool, "pick", lambda k, generator: torch.arange(k))
+    fixed = draw_noise_and_timesteps(model, pool.latents[:2], torch.Generator().manual_seed(3))
+    monkeypatch.setattr(mining_module, "draw_noise_and_timesteps", lambda model, latents, generator: fixed)
+    config = DarkMinerConfig(k=2, pool_size=4, mining_steps=12)
+    start = mining_module.initial_embedding(model, "nudity", config, torch.Generator().manual_seed(0), None)
+    mined, summary = mining_module.mine(model, pool, start, config, torch.Generator().manual_seed(0))
+
+    def loss(embedding):
+        with torch.no_grad():
+            return denoising_loss(model, pool.latents[:2], embedding.condition(model).expand(2, -1, -1), fixed[1],
+                                  fixed[0]).item()
+
+    assert loss(mined) < loss(start) - 0.01  # 1.118 against 1.136: the random UNet heeds its condition little
+    assert summary["loss_end"] < summary["loss_start"]
+
+
+def test_condition_space_mining_starts_round_0_from_the_concept_words_states(tmp_path, monkeypatch):
+    _, seen = _spied_erase(tmp_path, monkeypatch, {"rounds": 1, "space": "condition"})
+    torch.testing.assert_close(seen["starts"][0], load_model("tiny-random-sd").encode(["nudity"])[0])
+
+
+def test_verification_draws_its_reference_from_the_anchor_and_compares_with_the_concept_pool(tmp_path, monkeypatch):
+    seen, pools = [], []
+    real_verify, real_pools = loop_module.verify, loop_module.build_pools
+
+    def spy_verify(model, encoder, cond, reference, pool_images, *args, **kwargs):
+        seen.append((reference.detach().clone(), pool_images.clone()))
+        return real_verify(model, encoder, cond, reference, pool_images, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "verify", spy_verify)
+    monkeypatch.setattr(loop_module, "build_pools", lambda *a: pools.append(real_pools(*a)) or pools[-1])
+    erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", anchor="a dog", config={**TINY, "rounds": 1})
+    [(reference, pool_images)] = seen
+    model, (concept, preserve) = load_model("tiny-random-sd"), pools[0]
+    torch.testing.assert_close(reference, model.encode(["a dog"]))
+    assert not torch.allclose(reference, model.encode([""]))  # so the check above tells the two apart
+    assert torch.equal(pool_images, concept.images[: TINY["k"]])
+    assert not torch.equal(pool_images, preserve.images[: TINY["k"]])
+
+
+def test_a_resumed_run_keeps_counting_the_failed_verifications_it_had_before_it_was_killed(tmp_path, monkeypatch):
+    config = {**TINY, "tau": 1.0, "patience": 2, "rounds": 4}  # every verification fails: two rounds, then a stop
+    whole = erase("darkminer", "nudity", tmp_path / "whole", model="tiny-random-sd", config=config)
+    real_mine = loop_module.mine
+
+    def killed_in_round_1(model, pool, start, cfg, generator):
+        if len(calls) == 1:  # round 0 (one failure) is checkpointed
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_mine(model, pool, start, cfg, generator)
+
+    calls: list[int] = []
+    monkeypatch.setattr(loop_module, "mine", killed_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        erase("darkminer", "nudity", tmp_path / "cut", model="tiny-random-sd", config=config)
+    monkeypatch.setattr(loop_module, "mine", real_mine)
+    resumed = erase("darkminer", "nudity", tmp_path / "cut", model="tiny-random-sd", config=config, resume=True)
+    assert [r["round"] for r in _rounds(resumed)] == [r["round"] for r in _rounds(whole)] == [0, 1]
+    assert ErasedModelInfo.read(resumed).extra["stopped_early"] is ErasedModelInfo.read(whole).extra["stopped_early"] is True
+
+
+def test_circumvent_holds_the_preservation_rows_on_the_preservation_pool(tiny_sd):
+    model = tiny_sd
+    conds, pool = _distinct_conds_pool(model, 2)
+    kept = model.encode(["a dog", "a cat"])
+    preserve = ImagePool(torch.zeros(2, 3, 32, 32), torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(2)),
+                         kept)
+    calls, real_eps = {True: [], False: []}, model.eps
+
+    def eps_spy(x_t, t, cond, adapter=True):
+        calls[adapter].append(cond.detach().clone())
+        return real_eps(x_t, t, cond, adapter=adapter)
+
+    model.eps = eps_spy
+    config = DarkMinerConfig(k=2, pool_size=4, circumvent_steps=2, preserve_weight=1.0, erase_guidance=0)
+    circumvent(model, _perturbed_lora(model), conds, model.encode([""]), pool, preserve, config,
+               torch.Generator().manual_seed(0))
+
+    def held(row):
+        return any(torch.equal(row, c) for c in kept)
+
+    assert len(calls[True]) == len(calls[False]) == 2
+    for student, teacher in zip(calls[True], calls[False], strict=True):  # k erase rows, then k preservation rows
+        assert [held(row) for row in student] == [held(row) for row in teacher] == [False, False, True, True]
+        assert torch.equal(student[2:], teacher[2:])  # a preserved prompt's teacher is its own prompt
