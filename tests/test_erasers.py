@@ -23,6 +23,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import CLIPTextModel
 
 from darkminer.api import erase
@@ -524,6 +525,17 @@ def test_fmn_refuses_a_concept_that_is_not_in_the_prompt(erased_model) -> None:
         concept_token_mask(model, "a photo of a dog", CONCEPT, use_end_token=False)
 
 
+def test_fmn_loss_is_the_norm_of_every_attention_probability_on_the_masked_tokens() -> None:
+    """Over all layers, heads and queries together: the square root of the summed squares of the masked
+    probabilities (not their sum of squares, nor a sum of per-layer norms)."""
+    mask = torch.tensor([True, False, True])
+    one_head = torch.tensor([[[0.6, 0.3, 0.1]]])  # (B·heads, queries, tokens): masked 0.6 and 0.1
+    two_heads = torch.tensor([[[0.3, 0.3, 0.4]], [[0.1, 0.8, 0.1]]])  # masked 0.3, 0.4 and 0.1, 0.1
+    # 0.36 + 0.01 + 0.09 + 0.16 + 0.01 + 0.01 = 0.64, whose square root is 0.8
+    assert float(attention_on([one_head, two_heads], mask, batch_size=1)) == pytest.approx(0.8, abs=1e-6)
+    assert float(attention_on([one_head], mask, batch_size=1)) == pytest.approx(math.sqrt(0.37), abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ AdvUnlearn
 @pytest.mark.parametrize("layers", ["esd-x", "text-encoder"])
 def test_advunlearn_is_esd_in_its_warm_up_and_after_it_trains_on_what_the_attack_found(
@@ -584,6 +596,40 @@ def test_the_advunlearn_attack_lowers_its_objective_and_leaves_the_trained_weigh
     assert all(p.grad is None for p in params.values())  # the trained weights collect nothing from the attack
 
 
+def test_the_advunlearn_attack_aims_at_the_original_models_prediction(base_dir: Path, monkeypatch) -> None:
+    """Its target is the frozen original's eps for the concept at each x_t, not the model being trained's:
+    with the trained weights moved away from their originals, the two differ."""
+    model = load_model(str(base_dir))
+    params = training.trainable_unet_parameters(model, esd.ESD_X_MODULES)  # originals remembered here
+    draws = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params.values():  # as training would have moved them
+            p.add_(0.1 * torch.randn(p.shape, generator=draws))
+        concept, empty = model.encode([CONCEPT], adapter=False), model.encode([""], adapter=False)
+    states, aims = [], []
+    real_state = advunlearn.esd_state
+
+    def state_spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        states.append(real_state(*args))
+        return states[-1]
+
+    def mse_spy(prediction: torch.Tensor, aim: torch.Tensor) -> torch.Tensor:
+        aims.append(aim.detach().clone())
+        return torch.nn.functional.mse_loss(prediction, aim)
+
+    monkeypatch.setattr(advunlearn, "esd_state", state_spy)
+    monkeypatch.setattr(advunlearn, "F", type("F", (), {"mse_loss": staticmethod(mse_spy)}))
+    cfg = AdvUnlearnConfig(attack_steps=2, ddim_steps=2)
+    slotted = build_slotted(model, [[SLOT] + prompt_token_ids(model, CONCEPT)])
+    adversarial_prompt(model, slotted, concept, empty, cfg, torch.Generator().manual_seed(7))
+    assert len(states) == len(aims) == 2  # one x_t and one aim per attack step
+    with torch.no_grad():
+        for (x_t, t), aim in zip(states, aims, strict=True):
+            original, trained = (model.eps(x_t, t, concept, adapter=on) for on in (False, True))
+            assert mse(original, trained) > 1e-4  # the perturbation shows
+            torch.testing.assert_close(aim, original, rtol=0, atol=1e-6)
+
+
 # Six Adam steps of 1e-3 on the text encoder overshoot what the retain term pulls back on this model (drift
 # 0.012 with the term, 0.008 without); at 1e-4 the term cuts it 20x.
 @pytest.mark.parametrize(("layers", "lr"), [("esd-x", 1e-3), ("text-encoder", 1e-4)])
@@ -642,6 +688,17 @@ def test_sld_warns_once_where_it_cannot_act(base_dir: Path) -> None:
         warnings.simplefilter("error")
         model.sample(states, seeds=[7], steps=3, guidance_scale=5.0)  # once per model, not once per call
         model.sample(states, seeds=[7], steps=3, guidance_scale=5.0, adapter=False)  # the original: no SLD
+
+
+def test_sld_steers_away_from_its_configured_concept_instead_of_the_word(base_dir: Path, tmp_path: Path) -> None:
+    model = load_model(str(base_dir))
+    out = erase("sld", CONCEPT, tmp_path / "sld", model=model, config={"concept": "violence"})
+    assert model.guidance.concept == "violence"
+    torch.testing.assert_close(model.guidance.concept_states, model.encode(["violence"]), rtol=0, atol=0)
+    info = ErasedModelInfo.read(out)
+    assert info.concept == CONCEPT and info.extra["concept"] == "violence"  # the target is still the word
+    assert json.loads((out / "guidance.json").read_text())["concept"] == "violence"
+    assert load_model(erased=out).guidance.concept == "violence"
 
 
 # ------------------------------------------------------------------------------------ shared training loop
@@ -726,6 +783,30 @@ def test_a_float16_loss_trains_only_through_the_loss_scale() -> None:
     assert torch.equal(_toy_training(None, float16=True), torch.zeros(3))  # every gradient flushed to zero
     scaled = _toy_training(None, float16=True, scaler=torch.amp.GradScaler("cpu"))
     torch.testing.assert_close(scaled, reference, rtol=0, atol=1e-3)  # float16's rounding of the products
+
+
+def test_max_grad_norm_clips_the_true_gradient_each_step_reaches_the_optimiser() -> None:
+    """A loss whose gradient is (600, 0, 800) everywhere (norm 1000): clipped to norm 1 it is (0.6, 0, 0.8)
+    at every step, with or without a loss scale (unscaled before the clip)."""
+    seen: list[torch.Tensor] = []  # the gradient each optimiser step saw
+
+    def record(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        seen.append(torch.cat([p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]))
+
+    direction = torch.tensor([600.0, 0.0, 800.0])
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        for max_grad_norm, scaler in ((None, None), (1.0, None), (1.0, torch.amp.GradScaler("cpu"))):
+            seen.clear()
+            weight = torch.nn.Parameter(torch.zeros(3))
+            train_parameters({"w": weight}, lambda i, g, w=weight: (w * direction).sum(), iterations=3, lr=0.1, seed=0,
+                             work_dir=None, checkpoint_every=1, desc="toy", max_grad_norm=max_grad_norm, scaler=scaler)
+            expected = direction if max_grad_norm is None else direction / 1000
+            assert len(seen) == 3
+            for gradient in seen:
+                torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        handle.remove()
 
 
 def test_an_embedding_step_under_float16_moves_only_through_the_loss_scale_and_only_the_embedding() -> None:

@@ -589,6 +589,26 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     assert "**" not in render_markdown(alone)  # one eraser is best of nothing
 
 
+def test_markdown_bolds_the_highest_preservation_accuracy():
+    """Accuracy is the share of asked-for attributes kept: higher is better, unlike the erasure rates."""
+    def cell(method: str, plain: float, accuracy: float) -> dict:
+        metrics = {"erasure": {"plain": plain, "paraphrase": None}, "attacks": {},
+                   "preservation": {"accuracy": accuracy, "clip": None, "fid": None}}
+        return {"method": method, "concept": "blood", "metrics": metrics}
+
+    results = {"model": "testbed", "methods": ["original", "a", "b", "c"], "concepts": ["blood"], "attacks": [],
+               "cells": [cell("original", 0.9, 1.0), cell("a", 0.25, 0.5), cell("b", 0.5, 0.875),
+                         cell("c", 0.375, 0.625)]}
+    markdown = render_markdown(results)
+    assert "| method | blood · plain | blood · acc |" in markdown  # no clip or fid: no value to show
+    rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in markdown.splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert rows["a"] == ["**25.0**", "50.0 |"] and rows["c"] == ["37.5", "62.5 |"]
+    assert rows["b"] == ["50.0", "**87.5** |"]  # the most attributes kept, against b's worst erasure
+    assert not any("**" in value for value in rows["original"])
+    assert "acc: % of asked-for attributes shown on preservation prompts" in markdown
+
+
 @pytest.mark.parametrize(("bad", "message"), [
     ({"concepts": "blood"}, "concepts must be a list"),
     ({"concepts": ["bloood"]}, "unknown testbed concept"),
