@@ -20,11 +20,11 @@ from darkminer.attacks.base import AttackPrompt, AttackResult, attack_success_ra
 from darkminer.attacks.io import adversarial_conditions, load_results, replay, run_attack
 from darkminer.attacks.p4d import p4d_rows
 from darkminer.attacks.ringabell import concept_pairs, concept_vector, read_pairs
-from darkminer.attacks.soft_prompt import original_images, sample_prompts
+from darkminer.attacks.soft_prompt import original_images, sample_prompts, teacher_eps
 from darkminer.attacks.unlearndiff import attack_timesteps, project_to_simplex
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.models.base import SamplingOptions
-from darkminer.models.slots import SLOT, build_slotted, prompt_token_ids
+from darkminer.models.slots import SLOT, allowed_token_ids, build_slotted, prompt_token_ids
 from darkminer.parallel import apply_speed_options
 from darkminer.prompts import find_phrase, replace_concept, split_at_concept
 from darkminer.targets import EraseTarget, resolve_target
@@ -132,14 +132,18 @@ def test_slotted_sequences_keep_slots_and_truncate_prompt_tokens(sd):
         build_slotted(sd, [[SLOT], [SLOT, SLOT]])
 
 
-def test_attack_targets_come_from_the_model_with_its_adapter_off(sd):
+def erase_with_a_random_lora(model) -> None:
+    """An "erased" model: a LoRA with non-zero weights, so the adapter changes what the UNet draws."""
     from darkminer.models.adapters import LoraConfig, add_lora
 
-    # An "erased" model: a LoRA with non-zero weights, so the adapter changes what the UNet draws.
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in add_lora(sd, LoraConfig(), seed=0):
+        for p in add_lora(model, LoraConfig(), seed=0):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def test_attack_targets_come_from_the_model_with_its_adapter_off(sd):
+    erase_with_a_random_lora(sd)
     cond = sd.encode([p.text for p in PROMPTS])
     before = sample_prompts(sd, cond, PROMPTS, adapter=False)
     erased = sample_prompts(sd, cond, PROMPTS, adapter=True)
@@ -147,14 +151,24 @@ def test_attack_targets_come_from_the_model_with_its_adapter_off(sd):
     # No separate original (None, or the model itself): the teacher is the model with its adapter off.
     assert torch.equal(original_images(sd, None, PROMPTS), before), "targets drawn with the erasure on"
     assert torch.equal(original_images(sd, sd, PROMPTS), before), "targets drawn with the erasure on"
+    # P4D's teacher too: the noise the model predicted before erasure, on the same noised latents.
+    x_t = torch.randn(len(PROMPTS), *sd.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        unerased, erased_eps = sd.eps(x_t, t, cond, adapter=False), sd.eps(x_t, t, cond, adapter=True)
+        assert not torch.allclose(unerased, erased_eps, atol=1e-3)
+        assert torch.equal(teacher_eps(sd, None, x_t, t, cond), unerased), "the teacher is the erased model"
+        assert torch.equal(teacher_eps(sd, sd, x_t, t, cond), unerased), "the teacher is the erased model"
 
 
 def draw_every_update(monkeypatch, module):
     """``module``'s progress bars drawn at every update: by default tqdm skips updates within 0.1 s of the last
-    drawing (or fewer items than its last step), so a fast bar that clears itself may never show 100%."""
+    drawing (or fewer items than its last step), so a fast bar that clears itself may never show 100%. Drawn
+    also where TQDM_DISABLE=1 hides bars: tqdm reads it when it is imported (as a default of its disable, so
+    deleting the variable in a test does nothing); a bar its caller disables stays hidden."""
     from tqdm.auto import tqdm
 
-    monkeypatch.setattr(module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+    monkeypatch.setattr(module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1, disable=False))
 
 
 # ----------------------------------------------------------------------------------------- CCE
@@ -215,6 +229,28 @@ def test_cce_trains_each_image_with_its_own_caption_mirrored_left_right(sd, sd_t
             drawn.append(index)
             flipped.append(flip)
     assert set(drawn) == {0, 1} and set(flipped) == {False, True}  # the seeded draws cover both cases
+
+
+def test_cce_lowers_the_denoising_loss_of_fixed_draws(sd, sd_target, monkeypatch):
+    # One image, unflipped, with the same noise and timestep at every step: the steps' losses are then values of
+    # one objective, which the token's training must lower (a step's own draws would hide which way it went).
+    attack = get_attack("cce")(cce_config(steps=4, batch_size=1, gradient_accumulation=1, num_images=1, flip=False))
+    draw = cce_module.draw_noise_and_timesteps(sd, torch.zeros(1, *sd.latent_shape), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(cce_module, "draw_noise_and_timesteps", lambda *args: draw)
+    losses = record_calls(monkeypatch, cce_module, "denoising_loss", lambda _, loss: float(loss.detach()))
+    attack.learn_token(sd, sd_target)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+def test_cce_trains_on_images_drawn_by_the_model_before_erasure(sd, sd_target, monkeypatch):
+    erase_with_a_random_lora(sd)
+    drawn = record_calls(monkeypatch, sd, "images_to_latents", lambda args, _: args[0])
+    get_attack("cce")(cce_config(steps=1, gradient_accumulation=1)).learn_token(sd, sd_target)
+    # Image i of the pool: the target's prompt i (cycling) with the attack's seed + i.
+    pool = [AttackPrompt(sd_target.prompts[i], i) for i in range(2)]
+    erased = sample_prompts(sd, sd.encode(list(sd_target.prompts)), pool)
+    assert len(drawn) == 1 and not torch.allclose(drawn[0], erased, atol=1e-3), "drawn by the erased model"
+    assert torch.equal(drawn[0], original_images(sd, None, pool))
 
 
 def test_cce_results_save_and_replay_to_the_same_images(sd, sd_target, tmp_path):
@@ -377,6 +413,20 @@ def test_unlearndiff_budget_tokens_and_reproducibility(sd, sd_target, monkeypatc
     assert [r.input_ids for r in other] != [r.input_ids for r in results]
 
 
+def test_unlearndiff_moves_each_slot_to_the_token_of_least_loss_and_returns_it(sd, monkeypatch):
+    # A known objective: a slot's drawn token scores -1 where it is the vocabulary's 8th token, 0 otherwise, so the
+    # distributions' only gradient points at that token; descended, each slot's probability piles on it, and the
+    # most likely token is the one read. (A search that ascends or reads the least likely ends elsewhere.)
+    best = 7
+    draws = record_calls(monkeypatch, unlearndiff_module._SampleStraightThrough, "apply", lambda _, one_hots: one_hots)
+    monkeypatch.setattr(unlearndiff_module, "denoising_losses", lambda *args: -draws[-1][..., best].sum(-1))
+    attack = unlearndiff(k=3, iterations=2, rounds=1)
+    prompt = PROMPTS[0]
+    (found,) = attack.search(sd, None, [prompt], attack.target_latents(sd, None, [prompt], never), never)
+    assert len(draws) == 2
+    assert found.input_ids[1:4] == [int(allowed_token_ids(sd)[best])] * 3  # the k = 3 prefix slots
+
+
 def test_a_promptwise_attack_searches_only_the_prompts_that_do_not_already_work(sd, sd_target):
     from darkminer.attacks.soft_prompt import PromptwiseAttack
 
@@ -467,6 +517,20 @@ def test_p4d_targets_the_original_image_the_success_function_accepts(sd, sd_targ
     targets.clear()
     attack.run(sd, sd_target, [last], lambda images: torch.tensor([torch.allclose(i, wrapped[1], atol=1e-5) for i in images]))
     assert torch.equal(targets[0], sd.images_to_latents(wrapped[1:2]))
+
+
+def test_p4d_lowers_its_objective_on_fixed_draws(sd, monkeypatch):
+    # The same noise and timestep at every step: the steps' losses are then values of one objective, which the
+    # search must lower from its random start (its own draws change each step and would hide which way it went).
+    cls = get_attack("p4d")
+    attack = cls(cls.config_class(n_tokens=4, iterations=4, eval_every=100, target_images=1))
+    prompt = PROMPTS[1]
+    x0s = attack.target_latents(sd, None, [prompt], never)
+    draw = p4d_module.draw_noise_and_timesteps(sd, x0s[0], torch.Generator().manual_seed(0))
+    monkeypatch.setattr(p4d_module, "draw_noise_and_timesteps", lambda *args: draw)
+    losses = record_calls(monkeypatch, p4d_module, "row_mse", lambda _, loss: float(loss.detach().sum()))
+    attack.search(sd, None, [prompt], x0s, never)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
 # --------------------------------------------------------------------------- batched searches
@@ -677,6 +741,25 @@ def test_ringabell_moves_towards_the_concept_and_keeps_the_fitter_half(sd, monke
     distance = float(((sd.encode_ids(found[None])[0].float() - goal) ** 2).sum())
     assert distance <= fitness[0].min() * (1 + 1e-5)  # at least as close as the best random start
     assert distance == pytest.approx(min(f.min() for f in fitness), rel=1e-5)  # the best individual ever seen
+
+
+def test_ringabell_crossover_splices_two_parents_at_one_point():
+    import numpy as np
+
+    cls = get_attack("ringabell")
+    parents = np.arange(24).reshape(6, 4)  # no token shared: a splice of two parents is neither of them
+    rows = [tuple(row) for row in parents.tolist()]
+    children = cls(cls.config_class(crossover_rate=1.0))._crossover(parents, np.random.default_rng(0))
+    kids = [tuple(row) for row in children.tolist()]
+    assert len(kids) == 3 * len(rows) and set(rows) <= set(kids)  # each parent survives, with its two children
+    new = [kid for kid in kids if kid not in rows]
+    assert new, "no child is new"
+    for kid in new:
+        cuts = [(a, b, point) for a in rows for b in rows for point in range(1, 4) if kid == a[:point] + b[point:]]
+        assert cuts, f"{kid} is not one parent's head and another's tail"
+        assert any(b[:point] + a[point:] in kids for a, b, point in cuts), f"{kid} has no twin with the parts swapped"
+    none = cls(cls.config_class(crossover_rate=0.0))._crossover(parents, np.random.default_rng(0))
+    assert np.array_equal(none, parents)
 
 
 # ------------------------------------------------------------------------------------------ CLI
