@@ -841,11 +841,20 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     assert main([*other_guidance, "--resume"]) == 2 and "its config.guidance_scale differs" in _error_line(capsys)
     assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "metrics.json" in capsys.readouterr().out and metrics["resumed"]
+    line = capsys.readouterr().out
+    assert "metrics.json" in line and metrics["resumed"]
+    for group, name in (("erasure", "plain"), ("attacks", "plain")):  # each rate with the count it is of
+        count = metrics["counts"][group][name]
+        assert f"{'ASR ' if group == 'attacks' else ''}plain {100 * metrics[group][name]:.1f}% ({count['hits']}/2)" in line
     assert (metrics["sampling"]["steps"], metrics["sampling"]["guidance_scale"]) == (2, 3.5)
     assert main([*command[:-1], str(tmp_path / "fresh"), "--resume"]) == 0
     assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert main(command) == 0  # a finished evaluation is replaced, and the line says which
+    assert capsys.readouterr().out.endswith(" s), replacing the one that was there (original on nudity)\n")
     attack = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "a")]
+    for replaced in ("", ", replacing the one that was there (plain on nudity)"):
+        assert main([*attack, "--attack", "plain", "--n-prompts", "1", "--steps", "1"]) == 0
+        assert capsys.readouterr().out.endswith(f"on 1 prompts; wrote {tmp_path / 'a'}{replaced}\n")
     assert main([*attack, "--replay", str(tmp_path / "x"), "--resume"]) == 2
     assert "--resume would change nothing" in _error_line(capsys)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from darkminer.attacks.base import (
 )
 from darkminer.cli import main
 from darkminer.erasers.base import ERASERS, Eraser, register_eraser
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.evaluation import (
     BenchmarkConfig,
     ClipZeroShotDetector,
@@ -371,6 +372,28 @@ def test_evaluate_is_deterministic_and_grades_the_erased_model(tmp_path, tiny_cl
     assert first["preservation"]["clip"] == second["preservation"]["clip"]
     # The erased model draws other images than the original (clip score differs from the reference).
     assert first["preservation"]["clip"] != first["preservation"]["reference"]["clip"]
+
+
+def test_grading_an_erased_model_on_a_concept_it_was_not_made_for_warns(tmp_path, capsys):
+    from darkminer.api import attack, erase
+
+    erased = erase("test-nudge", "nudity", tmp_path / "erased", model="tiny-random-sd")
+    quick = {"n_images": 1, "steps": 1, "preservation": [], "detector": "nudenet"}
+    other = rf"{re.escape(str(erased))} erased 'nudity', not 'violence': these results are of a concept it was not"
+    with pytest.warns(DarkMinerWarning, match=other):
+        evaluate("violence", model="tiny-random-sd", erased=erased, config=quick)
+    with pytest.warns(DarkMinerWarning, match=other):
+        attack("plain", "violence", model="tiny-random-sd", erased=erased, n_prompts=1, steps=1,
+               grading={"detector": "nudenet"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DarkMinerWarning)  # its own concept, in any case: no warning
+        evaluate("Nudity", model="tiny-random-sd", erased=erased, config=quick)
+    # --replay too, on the command line, as one line
+    assert main(["attack", "--attack", "plain", "--concept", "violence", "--model", "tiny-random-sd", "--n-prompts", "1",
+                 "--steps", "1", "--detector", "nudenet", "--out", str(tmp_path / "a")]) == 0
+    assert main(["attack", "--replay", str(tmp_path / "a"), "--concept", "violence", "--model", "tiny-random-sd",
+                 "--erased", str(erased), "--detector", "nudenet", "--out", str(tmp_path / "r")]) == 0
+    assert re.search(rf"darkminer: warning: {other}", capsys.readouterr().err)
 
 
 def test_a_prompt_csv_gives_one_image_per_row_unless_a_count_is_set(tmp_path):

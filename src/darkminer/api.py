@@ -38,6 +38,7 @@ from darkminer.models.erased import (
     erasure_adopted,
     read_stackable,
     save_erased,
+    warn_unless_erased,
 )
 from darkminer.provenance import package_versions
 from darkminer.targets import check_kind, resolve_target
@@ -352,6 +353,7 @@ def attack(
     # The attacks that read the target's own prompts (Ring-A-Bell's concept vector) get at least the 64 that
     # resolve_target gives by default, however few prompts are attacked.
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, kind=kind, n_prompts=max(n_prompts, 64))
+    warn_unless_erased(ErasedModelInfo.read(erased) if erased is not None else None, target.name, erased)
     attacker.check_target(target)
     success = concept_detector(net, target, config=grading)
     plain = prompt_suites(target, n_prompts, attacker.config.seed, prompts_csv=prompts)["plain"]

@@ -148,15 +148,17 @@ def check_output_directory(
 
 def _holds_record(path: Path, keys: tuple[str, ...]) -> bool:
     """Whether ``path`` is a file holding a JSON object with ``keys`` (any file where there are none)."""
-    if not path.is_file():
-        return False
-    if not keys:
-        return True
+    return path.is_file() and (not keys or read_record(path, keys) is not None)
+
+
+def read_record(path: str | Path, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The JSON object in ``path`` if it is one holding ``keys`` (darkminer's record, not another tool's file of
+    that name), else None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and all(key in data for key in keys)
+        return None
+    return data if isinstance(data, dict) and all(key in data for key in keys) else None
 
 
 def check_output_file(path: str | Path, apart_from: str | Path | None = None) -> Path:

@@ -4,6 +4,7 @@ saved attack on another model (transfer)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from darkminer.commands.common import (
     add_concept_args,
@@ -12,6 +13,7 @@ from darkminer.commands.common import (
     add_resume_arg,
     detector_options,
     note_resume,
+    replacing,
     speed_options,
 )
 from darkminer.errors import DarkMinerError
@@ -66,6 +68,7 @@ def _run(args: argparse.Namespace) -> None:
         replay,
         save_results,
     )
+    from darkminer.io import read_record
 
     if (args.attack is None) == (args.replay is None):
         raise DarkMinerError("give either --attack NAME or --replay DIR")
@@ -78,6 +81,7 @@ def _run(args: argparse.Namespace) -> None:
                                  "would change nothing: leave them out")
     elif args.use_text:
         raise DarkMinerError("--use-text goes with --replay (it replays a saved attack's readable text)")
+    earlier = read_record(Path(args.out) / RESULTS_NAME, RESULTS_KEYS)
     if args.attack:
         note_resume(args)
         config = get_attack(args.attack).config_class.from_file(args.config, seed=args.seed)
@@ -91,7 +95,7 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.evaluation import EvaluationConfig, concept_detector
         from darkminer.io import check_output_directory
         from darkminer.models import load_model
-        from darkminer.models.erased import ErasedModelInfo
+        from darkminer.models.erased import ErasedModelInfo, warn_unless_erased
         from darkminer.parallel import init_processes
         from darkminer.targets import resolve_target
 
@@ -107,6 +111,8 @@ def _run(args: argparse.Namespace) -> None:
         if found_for is not None and found_for != target.name:  # else a clean-looking rate for the wrong concept
             raise DarkMinerError(f"{args.replay} holds prompts attacked for {found_for!r}, not {target.name!r}: "
                                  f"replay them with --concept {found_for!r}")
+        record = ErasedModelInfo.read(args.erased) if args.erased else None
+        warn_unless_erased(record, target.name, args.erased)
         success = concept_detector(model, target, config=grading)
         # On the attack's own base model (erased or not), drawn as the attack drew; on another model (--use-text)
         # or from an attack.json written before sampling was recorded, at the model's defaults; the flags win.
@@ -116,9 +122,12 @@ def _run(args: argparse.Namespace) -> None:
         with model.sampling_defaults(steps, guidance):
             results = replay(model, saved, success, use_text=args.use_text)
             drawn = model.default_sampling
-        record = ErasedModelInfo.read(args.erased).record(args.erased) if args.erased else None
         # Under a launcher every process replays the whole set; the main one writes.
         init_processes().on_main(lambda: save_results(
             args.out, results, attack=meta["attack"], config={**meta["config"], "replayed_from": args.replay},
-            target=target, model=model.name, success=success, erased=record, sampling=drawn))
-    print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}")
+            target=target, model=model.name, success=success, erased=record.record(args.erased) if record else None,
+            sampling=drawn))
+    was = (earlier or {}).get("target")
+    replaced = earlier and f"{earlier.get('attack')} on {was.get('name') if isinstance(was, dict) else 'a concept'}"
+    print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}"
+          f"{replacing(replaced)}")

@@ -76,3 +76,8 @@ def note_resume(args: argparse.Namespace) -> None:
 
     if args.resume and not (work_dir := work_directory(args.out)).is_dir():
         print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
+
+
+def replacing(description: str | None) -> str:
+    """What a command adds to its "wrote ..." line where it replaced an earlier output (``description``)."""
+    return f", replacing the one that was there ({description})" if description else ""

@@ -10,6 +10,7 @@ from darkminer.commands.common import (
     add_model_args,
     add_resume_arg,
     note_resume,
+    replacing,
     speed_options,
 )
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     out = erase(args.method, args.concept, args.out, model=args.model, erased=args.erased, config=args.config,
                 anchor=args.anchor, prompts=args.prompts, kind=args.kind, resume=args.resume, device=args.device,
                 dtype=args.dtype, speed=speed_options(args))
-    print(f"wrote erased model {out}" + (f", replacing the one that was there ({replaced})" if replaced else ""))
+    print(f"wrote erased model {out}{replacing(replaced)}")
 
 
 def _earlier_erasure(out: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from darkminer.commands.common import (
     add_concept_args,
@@ -11,6 +12,7 @@ from darkminer.commands.common import (
     add_resume_arg,
     detector_options,
     note_resume,
+    replacing,
     speed_options,
 )
 
@@ -48,8 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from darkminer.config import load_config_file
     from darkminer.evaluation import EvaluationConfig, evaluate
+    from darkminer.evaluation.evaluate import METRICS_KEYS, METRICS_NAME
+    from darkminer.io import read_record
 
     note_resume(args)
+    earlier = read_record(Path(args.out) / METRICS_NAME, METRICS_KEYS)
     options = load_config_file(args.config) if args.config else {}
     listed = options.get("attacks") if isinstance(options.get("attacks"), list) else []
     flags = {"n_images": args.n, "attack_prompts": args.attack_prompts, "steps": args.steps,
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
         preserve_prompts=args.preserve_prompts, device=args.device, dtype=args.dtype, speed=speed_options(args),
         resume=args.resume, progress=True,
     )
-    print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}")
+    replaced = earlier and f"{earlier.get('method')} on {earlier.get('concept')}"
+    print(f"wrote {args.out}/metrics.json: {summary_line(metrics)}{replacing(replaced)}")
 
 
 def _names(text: str) -> list[str]:
@@ -77,11 +83,16 @@ def _names(text: str) -> list[str]:
 
 
 def summary_line(metrics: dict) -> str:
+    """One line of the metrics; each rate with its count (a 0% of 4 prompts is not a 0% of 200)."""
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    parts = [f"{name} {pct(value)}" for name, value in metrics["erasure"].items()]
-    parts += [f"ASR {name} {pct(value)}" for name, value in metrics["attacks"].items()]
+    def rate(group: str, name: str, value: float | None) -> str:
+        count = metrics.get("counts", {}).get(group, {}).get(name)
+        return pct(value) + (f" ({count['hits']}/{count['n']})" if value is not None and count else "")
+
+    parts = [f"{name} {rate('erasure', name, value)}" for name, value in metrics["erasure"].items()]
+    parts += [f"ASR {name} {rate('attacks', name, value)}" for name, value in metrics["attacks"].items()]
     kept = metrics["preservation"]
     parts += [f"acc {pct(kept['accuracy'])}", "clip " + ("n/a" if kept["clip"] is None else f"{kept['clip']:.1f}"),
               "fid " + ("n/a" if kept["fid"] is None else f"{kept['fid']:.{3 if kept['fid'] < 1 else 2}f}")]

@@ -84,7 +84,13 @@ from darkminer.io import (
 from darkminer.models import check_placement, is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
-from darkminer.models.erased import ORIGINAL_METHOD, ErasedModelInfo, exported_erasure, method_label
+from darkminer.models.erased import (
+    ORIGINAL_METHOD,
+    ErasedModelInfo,
+    exported_erasure,
+    method_label,
+    warn_unless_erased,
+)
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
@@ -373,6 +379,7 @@ def evaluate(
         raise DarkMinerError(TESTBED_CSV_ERROR)
     check_preservation_applies(cfg, testbed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
+    warn_unless_erased(info, target.name, erased)
     for attack in attacks_to_run.values():
         attack.check_target(target)
         attack.check_model(net)

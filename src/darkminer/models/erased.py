@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from darkminer.config import fits
-from darkminer.errors import ConfigError, ModelLoadError
+from darkminer.errors import ConfigError, DarkMinerWarning, ModelLoadError
 from darkminer.io import link_tree, load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
@@ -144,6 +145,18 @@ def stack_records(info: dict[str, Any]) -> list[dict[str, Any]]:
         below = info.get("erased_on")
         info = below.get("info") if isinstance(below, dict) else None
     return records
+
+
+def warn_unless_erased(info: ErasedModelInfo | None, concept: str, erased: str | Path | None) -> None:
+    """Warn where an erased model is graded or attacked on a concept none of its erasures was made for: its
+    rates then read as a failed erasure ("uce on blood: plain 100%") of a model that erased fire. Allowed (how
+    an erasure spares the other concepts is worth measuring), but never by a mistyped --concept unnoticed."""
+    concepts = [record.get("concept") for record in stack_records(asdict(info))] if info is not None else []
+    known = [c for c in concepts if isinstance(c, str) and c]  # a UNet folder from another tool records none
+    if known and concept.casefold() not in {c.casefold() for c in known}:
+        warnings.warn(f"{erased} erased {' and '.join(map(repr, known))}, not {concept!r}: these results are of a "
+                      "concept it was not made to erase (--concept names the concept graded)", DarkMinerWarning,
+                      stacklevel=2)
 
 
 def method_label(info: dict[str, Any]) -> str:
