@@ -640,6 +640,20 @@ def test_a_run_stopped_while_the_libraries_import_says_so_in_one_line(stop, rc, 
     assert signal.getsignal(signal.SIGTERM) == previous  # the caller's handler is back
 
 
+def test_an_interrupted_benchmark_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
+    from darkminer import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_quiet_libraries", interrupted)
+    command = ["benchmark", "--config", "c.yaml", "--out", str(tmp_path / "b")]
+    assert main(command) == 130 and capsys.readouterr().err == "darkminer: interrupted\n"  # nothing written yet
+    (tmp_path / "b").mkdir()
+    assert main(command) == 130
+    assert capsys.readouterr().err == f"darkminer: interrupted; rerun the same command to go on from what is finished in {tmp_path / 'b'}\n"
+
+
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, capsys):
     import fcntl
 
@@ -829,7 +843,8 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
 
     monkeypatch.setattr(evaluation.Painter, "conditions", killed_at_the_second_set)
     assert main(command) == 130  # interrupted: the plain set is done and kept, the attack's replay cut short
-    assert "darkminer: interrupted" in capsys.readouterr().err
+    assert (f"darkminer: interrupted; its progress is kept in {work_directory(out)}: rerun the same command with "
+            "--resume to go on\n") in capsys.readouterr().err
     assert main(command) == 2 and "add --resume" in _error_line(capsys)  # never discarded unasked
     [kept] = work_directory(out).rglob("sets/*.safetensors")
     whole = kept.read_bytes()

@@ -136,12 +136,27 @@ def _system_error_line(exc: OSError | SafetensorError) -> str:
     return " ".join(text.split())  # a library's message may span lines
 
 
+def _how_to_go_on(args: argparse.Namespace | None) -> str:
+    """What an interrupted command tells its user: how to continue from what it kept."""
+    out = getattr(args, "out", None)
+    if not isinstance(out, str) or not out:
+        return ""
+    if args.command in ("benchmark", "demo"):  # fills --out in place: a rerun goes on from the finished cells
+        return f"; rerun the same command to go on from what is finished in {out}" if os.path.isdir(out) else ""
+    from darkminer.io import has_checkpoint, work_directory
+
+    if hasattr(args, "resume") and has_checkpoint(work := work_directory(out)):
+        return f"; its progress is kept in {work}: rerun the same command with --resume to go on"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download; fail fast instead of retrying
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     show_warning = warnings.showwarning
     warnings.showwarning = functools.partial(_show_warning, show_others=show_warning, shown=set())
+    args = None
     try:
         parser = build_parser()
         args = expand_home(parser.parse_args(argv))
@@ -162,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"darkminer: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print("darkminer: terminated", file=sys.stderr)
+        print(f"darkminer: terminated{_how_to_go_on(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # also while the libraries import, the first seconds
-        print("darkminer: interrupted", file=sys.stderr)
+        print(f"darkminer: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`darkminer testbed concepts | head -1`): stop quietly
         _drop_stdout()
