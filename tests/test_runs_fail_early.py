@@ -149,6 +149,9 @@ def test_changed_keys_follow_nested_mappings():
     assert changed_keys(stored, {**stored, "config": 3}) == ["config"]  # a mapping against a value: the key itself
     assert changed_keys({"n": 1}, {"n": 1, "extra": 0}, defaults={"extra": 0}) == []
     assert what_differs(["config.steps"]) == "its config.steps differs"
+    assert what_differs(["config.k", "config.tau"]) == "its config.k, config.tau differ"
+    swapped = [f"inputs.erased.info.{key}" for key in ("concept", "config.seed", "method", "created")]  # another --erased
+    assert what_differs([*swapped, "inputs.erased.path", "target.name"]) == "its inputs.erased, target.name differ"
 
 
 def test_evaluate_attacks_flag_narrows_a_config_files_attack_options(tmp_path, monkeypatch):

@@ -431,7 +431,10 @@ def claim_record(path: str | Path, record: dict[str, Any]) -> list[str]:
 
 
 def what_differs(changed: list[str]) -> str:
-    """``changed`` keys in an error: "its config.steps differs", "its config.steps, target differ"."""
+    """``changed`` keys in an error: "its config.steps differs", "its config.steps, target differ". Many keys
+    are named by their first two parts: another --erased changes dozens of fields of inputs.erased."""
+    if len(changed) > 4:
+        changed = list(dict.fromkeys(".".join(key.split(".")[:2]) for key in changed))
     return f"its {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
 
 
