@@ -275,6 +275,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mon
     monkeypatch.setattr(loop_module, "circumvent", real)
     with pytest.raises(DarkMinerError, match="add --resume .* or delete that folder"):  # never discarded unasked
         erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config=TINY)
+    with pytest.raises(ConfigError, match="iterations"):  # a bad option is named first, not hidden behind that
+        erase("darkminer", "nudity", tmp_path / "resumed", model="tiny-random-sd", config={**TINY, "iterations": 3})
     checkpoint = tmp_path / ".resumed.work" / "checkpoint"
     # What a write killed mid-way leaves is swept by the resume (the work folder goes when the erase completes).
     (checkpoint / ".state.safetensors.k3x_9q2a.tmp").write_bytes(b"half a checkpoint")

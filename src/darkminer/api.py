@@ -112,8 +112,6 @@ def erase(
         check_placement(model, device, dtype)
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased)  # before the work, not after it
     work_dir = work_directory(out)
-    if not resume:  # every process (it only reads), so that each stops with the same line
-        check_no_unfinished_run(work_dir)
     as_speed_options(speed)  # bad options fail before the (long) load
     check_kind(kind)
     eraser_cls = get_eraser(method)
@@ -124,6 +122,8 @@ def erase(
     cfg = eraser_cls.config_for(config, model_id(spec))  # a config of another method fails here, before the load
     eraser = eraser_cls(cfg)
     cfg.check_model(model_id(spec))
+    if not resume:  # after the arguments' own errors; every process (it only reads), so that each stops alike
+        check_no_unfinished_run(work_dir)
     if isinstance(model, DiffusionModel):
         base = model
         _check_not_erased(base)

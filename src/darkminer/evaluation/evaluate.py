@@ -366,9 +366,9 @@ def evaluate(
     if out is not None:
         out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased, marker_keys=METRICS_KEYS)
         work_dir = work_directory(out)
-        if not resume:  # every process (it only reads), so that each stops with the same line
-            check_no_unfinished_run(work_dir)
     attacks_to_run = build_attacks(cfg)  # bad names or options fail before any work
+    if work_dir is not None and not resume:  # after the arguments' own errors; every process (it only reads)
+        check_no_unfinished_run(work_dir)
     started = time.time()
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
