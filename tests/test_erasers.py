@@ -237,7 +237,8 @@ def test_unknown_method_raises() -> None:
 def test_full_weight_erasers_refuse_half_precision_weights_before_drawing_any_image(method: str, tmp_path: Path, monkeypatch) -> None:
     model = load_model("tiny-random-sd", dtype="bf16")
     monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
-    with pytest.raises(ConfigError, match=r"torch.bfloat16; load the model in float32 \(--dtype float32\)"):
+    with pytest.raises(ConfigError, match=r"torch.bfloat16; load the model in float32 \(--dtype float32; on a GPU, "
+                                          r"--precision bf16 keeps the speed: on a CPU it is slower\)"):
         erase(method, CONCEPT, tmp_path / method, model=model, anchor=ANCHOR, config=TINY_CONFIGS[method])
     assert not any(p.requires_grad for p in model.unet.parameters())  # refused before anything was made trainable
 

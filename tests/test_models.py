@@ -361,6 +361,8 @@ def _damaged_copy(tiny_sd_dir: Path, tmp_path: Path, name: str) -> Path:
         config_file = folder / "tokenizer" / "tokenizer_config.json"
         config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
                                            if k != "model_max_length"}))
+    elif name == "no-unet-config":
+        (folder / "unet" / "config.json").unlink()
     elif name == "listed-feature-extractor":  # a hub snapshot whose model_index names parts we never use
         index = json.loads((folder / "model_index.json").read_text())
         index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
@@ -373,14 +375,15 @@ def _damaged_copy(tiny_sd_dir: Path, tmp_path: Path, name: str) -> Path:
     [("missing-weight", "text_encoder lacks embeddings.token_embedding.weight"),
      ("unused-weight", "text_encoder has weights the config does not use: extra.weight"),
      ("no-merges", "merges did not load"),
-     ("inpainting", "inpainting and other conditioned UNets are not supported")],
+     ("inpainting", "inpainting and other conditioned UNets are not supported"),
+     ("no-unet-config", "the folder must hold a whole diffusers pipeline: model_index.json, and each component's config")],
 )
 def test_a_damaged_model_folder_is_refused_in_one_line(damage, message, tiny_sd_dir, tmp_path):
     """Each of these used to load and draw garbage (random or dropped weights, a character-level tokenizer)
     or fail with a traceback while sampling."""
     with pytest.raises(ModelLoadError, match=re.escape(message)) as refused:
         load_model(str(_damaged_copy(tiny_sd_dir, tmp_path, damage)))
-    assert "\n" not in str(refused.value)
+    assert "\n" not in str(refused.value) and "hf download" not in str(refused.value)  # a folder: nothing to fetch
 
 
 def test_parts_the_model_does_not_need_may_be_missing(tiny_sd_dir, tmp_path):

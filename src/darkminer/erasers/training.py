@@ -31,6 +31,12 @@ from darkminer.parallel import init_processes
 CHECKPOINT = "checkpoint.safetensors"
 
 
+def _check_float32(dtype: torch.dtype, part: str) -> None:
+    if dtype != torch.float32:
+        raise ConfigError(f"this eraser trains the {part}'s own weights, which are {dtype}; load the model in float32 "
+                          "(--dtype float32; on a GPU, --precision bf16 keeps the speed: on a CPU it is slower)")
+
+
 def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dict[str, nn.Parameter]:
     """Weights and biases of the UNet's Linear/Conv2d modules matching ``module_pattern``, made trainable.
 
@@ -38,9 +44,7 @@ def trainable_unet_parameters(model: DiffusionModel, module_pattern: str) -> dic
     Half-precision weights are refused: Adam's eps and small steps vanish there (updates round away, or
     divide by a second moment that underflowed to zero).
     """
-    if model.unet.dtype != torch.float32:
-        raise ConfigError(f"this eraser trains the UNet's own weights, which are {model.unet.dtype}; load the "
-                          "model in float32 (--dtype float32) and keep the speed with --precision bf16")
+    _check_float32(model.unet.dtype, "UNet")
     modules = set(target_module_names(model, module_pattern))
     params = {
         name: p for name, p in model.unet.named_parameters() if name.rsplit(".", 1)[0] in modules
@@ -55,9 +59,7 @@ def trainable_text_encoder_parameters(model: DiffusionModel) -> dict[str, nn.Par
     """Every weight of the text encoder but its input embedding tables (tokens, positions), made trainable
     and keyed by ``TEXT_ENCODER_PREFIX`` + name: the transformer layers and final norm, as AdvUnlearn's
     ``text_encoder_full``. Originals remembered and half precision refused, as for the UNet's."""
-    if model.text_encoder.dtype != torch.float32:
-        raise ConfigError(f"this eraser trains the text encoder's own weights, which are {model.text_encoder.dtype}; "
-                          "load the model in float32 (--dtype float32) and keep the speed with --precision bf16")
+    _check_float32(model.text_encoder.dtype, "text encoder")
     tables = {id(m.weight) for m in model.text_encoder.modules() if isinstance(m, nn.Embedding)}
     params = {TEXT_ENCODER_PREFIX + name: p for name, p in model.text_encoder.named_parameters() if id(p) not in tables}
     model.remember_originals(list(params))

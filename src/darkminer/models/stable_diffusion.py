@@ -117,11 +117,12 @@ class StableDiffusionModel(DiffusionModel):
         except ModelLoadError:
             raise
         except Exception as exc:  # any library error while reading foreign files: one line, what to do
+            what = ("the folder must hold a whole diffusers pipeline: model_index.json, and each component's config "
+                    "and safetensors weights" if path.exists() else
+                    "darkminer never downloads: pass a local diffusers folder with safetensors weights, or fetch the "
+                    f"model into the Hugging Face cache first (`hf download {name_or_path}`)")
             raise ModelLoadError(
-                f"cannot load Stable Diffusion model {name_or_path!r} ({type(exc).__name__}: {first_line(exc)}). "
-                "darkminer never downloads: "
-                "pass a local diffusers folder with safetensors weights, or fetch the model into the Hugging Face "
-                f"cache first (`hf download {name_or_path if not path.exists() else 'CompVis/stable-diffusion-v1-4'}`)"
+                f"cannot load Stable Diffusion model {name_or_path!r} ({type(exc).__name__}: {first_line(exc)}); {what}"
             ) from None
         return cls.from_pipeline(pipe.to(device), name=name_or_path)
 
