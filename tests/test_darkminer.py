@@ -847,3 +847,18 @@ def test_circumvent_holds_the_preservation_rows_on_the_preservation_pool(tiny_sd
     for student, teacher in zip(calls[True], calls[False], strict=True):  # k erase rows, then k preservation rows
         assert [held(row) for row in student] == [held(row) for row in teacher] == [False, False, True, True]
         assert torch.equal(student[2:], teacher[2:])  # a preserved prompt's teacher is its own prompt
+
+
+def test_the_progress_bars_say_what_is_drawn_and_which_stage_of_a_round_runs(tmp_path, monkeypatch, capsys):
+    import functools
+
+    from tqdm import auto
+
+    shown = functools.partial(auto.tqdm, disable=False)  # also where TQDM_DISABLE=1 hides bars
+    monkeypatch.setattr(auto, "tqdm", shown)  # the sampling bars (imported when sampling starts)
+    monkeypatch.setattr(loop_module, "tqdm", shown)
+    erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", config={**TINY, "rounds": 1})
+    bars = capsys.readouterr().err
+    for label in ("nudity image pool", "preservation pool", "round 0: mining", "round 0: verifying",
+                  "round 0: circumventing", "verified=yes"):
+        assert label in bars, label

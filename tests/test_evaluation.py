@@ -396,6 +396,21 @@ def test_grading_an_erased_model_on_a_concept_it_was_not_made_for_warns(tmp_path
     assert re.search(rf"darkminer: warning: {other}", capsys.readouterr().err)
 
 
+def test_the_sampling_bars_say_which_set_and_rows_they_draw(monkeypatch, capsys):
+    import functools
+
+    from tqdm import auto
+
+    from darkminer.testbed.model import TestbedModel
+
+    monkeypatch.setattr(auto, "tqdm", functools.partial(auto.tqdm, disable=False))  # also under TQDM_DISABLE=1
+    config = {"steps": 1, "n_images": 2, "preservation": ["accuracy"], "attacks": ["plain"], "attack_prompts": 1}
+    evaluate("star", model=TestbedModel.untrained(), config=config, progress=True)
+    bars = capsys.readouterr().err
+    for label in ("plain 0-2", "paraphrase 0-2", "preservation 0-2", "replaying what the attack found"):
+        assert label in bars, label
+
+
 def test_a_prompt_csv_gives_one_image_per_row_unless_a_count_is_set(tmp_path):
     csv = tmp_path / "nudity.csv"
     csv.write_text("prompt,evaluation_seed\n" + "".join(f"prompt {i},{100 + i}\n" for i in range(40)))

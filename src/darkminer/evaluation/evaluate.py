@@ -226,17 +226,20 @@ class Painter:
     def prompts(self, suite: Suite, rows: slice = slice(None), original: bool = False) -> torch.Tensor:
         chosen = suite.prompts[rows]
         conds = self.model.encode([p.text for p in chosen], adapter=not original)
-        return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original)
+        label = f"{suite.name}{' (original model)' if original else ''} {rows.start or 0}-{(rows.start or 0) + len(chosen)}"
+        return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original, label)
 
     def conditions(
-        self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False
+        self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False,
+        label: str = "sampling",
     ) -> torch.Tensor:
-        """Images for conditioning states (B, L, D); rows with the same guidance scale share a sampling call."""
+        """Images for conditioning states (B, L, D); rows with the same guidance scale share a sampling call.
+        ``label``: what the progress bar says is drawn."""
         images = per_guidance_scale(guidances, lambda rows, scale: sharded_sample(
             # adapter off: the original, with plain CFG instead of an SLD guidance
             self.model, conds[rows], [seeds[i] for i in rows], adapter=not original, steps=self.config.steps,
             guidance_scale=scale if scale is not None else self.config.guidance_scale,
-            batch_size=self.config.batch_size, progress=self.progress,
+            batch_size=self.config.batch_size, progress=self.progress and label,
         ).cpu())
         self.count += len(seeds)
         return images
@@ -245,7 +248,7 @@ class Painter:
 def replay_attack(painter: Painter, results: Sequence[AttackResult]) -> torch.Tensor:
     """Images of what each attack found, drawn on the attacked model with the prompt's seed."""
     return painter.conditions(adversarial_conditions(painter.model, results), [r.prompt.seed for r in results],
-                              [r.prompt.guidance for r in results])
+                              [r.prompt.guidance for r in results], label="replaying what the attack found")
 
 
 # ---------------------------------------------------------------------------------------------- grading

@@ -431,12 +431,13 @@ class DiffusionModel(ABC):
         batch_size: int | None = None,
         adapter: bool = True,
         return_latents: bool = False,
-        progress: bool = False,
+        progress: bool | str = False,
     ) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance from conditioning states (B, L, D).
 
         Give ``seeds`` (one per image) or a fixed ``noise``; ``uncond`` defaults to the empty prompt.
-        Returns images in [0, 1] (B, 3, H, W), or final latents.
+        Returns images in [0, 1] (B, 3, H, W), or final latents. ``progress``: a bar over the batches, labelled
+        "sampling", or by what is drawn where a label is given.
         """
         default = self.default_sampling
         opts = SamplingOptions(  # validated: a step count of 0 or a NaN scale would draw noise, not fail
@@ -462,7 +463,7 @@ class DiffusionModel(ABC):
         if progress:
             from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="sampling", unit="batch")
+            chunks = tqdm(chunks, desc=progress if isinstance(progress, str) else "sampling", unit="batch")
         for start in chunks:
             sl = slice(start, start + batch_size)
             latents = self._final_sample(noise[sl], cond[sl], uncond[sl], guidance_scale, steps, adapter)

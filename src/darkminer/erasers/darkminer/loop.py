@@ -100,6 +100,7 @@ class DarkMiner(Eraser):
             g = iteration_generator(cfg.seed, round_index)
             entry: dict = {"round": round_index}
             tick = time.time()
+            bar.set_postfix_str(f"round {round_index}: mining")  # a round takes minutes: say which stage runs
             start = initial_embedding(model, target.word, cfg, g, previous, pool.prompts if cfg.mine_in_context else None)
             mined, entry["mining"] = mine(model, pool, start, cfg, g)
             entry["seconds_mining"] = round(time.time() - tick, 2)
@@ -112,6 +113,7 @@ class DarkMiner(Eraser):
 
             tick = time.time()
             if encoder is not None:
+                bar.set_postfix_str(f"round {round_index}: verifying")
                 seeds = [VERIFY_SEED_OFFSET + cfg.seed * 7919 + round_index * 1000 + i for i in range(cfg.k)]
                 contrast = preserve.images[: cfg.k] if cfg.verify_contrast else None
                 result = verify(model, encoder, cond, anchor, pool.images[: cfg.k], seeds, cfg.verify_steps,
@@ -132,6 +134,7 @@ class DarkMiner(Eraser):
             if round_index == 0 and cfg.concept_word_first_round:
                 erase_conds, erase_teachers = torch.cat([erase_conds, own_words]), torch.cat([erase_teachers, teachers.own])
             if len(erase_conds) or len(replayed):
+                bar.set_postfix_str(f"round {round_index}: circumventing")
                 entry["circumventing"] = circumvent(model, params, erase_conds, torch.cat([erase_teachers, replayed_teachers]),
                                                     pool, preserve, cfg, g, processes, replay_conds=replayed)
             entry["seconds_circumventing"] = round(time.time() - tick, 2)
@@ -142,7 +145,7 @@ class DarkMiner(Eraser):
             log.append(entry)
             if processes.is_main:
                 self._save_checkpoint(model, work_dir, log, mined_history, failures)
-            bar.set_postfix(score=entry.get("score"), passed=passed)
+            bar.set_postfix(score=entry.get("score"), verified="yes" if passed else "no")
         bar.close()
         if processes.is_main:
             self._write_artifacts(work_dir, log, mined_history)

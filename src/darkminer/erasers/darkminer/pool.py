@@ -43,8 +43,10 @@ def build_pool(
     cache: Path,
     guidance_scale: float | None = None,
     steps: int | None = None,
+    label: str = "image pool",
 ) -> ImagePool:
-    """``size`` images for the prompts (cycled), seeds ``seed..seed+size-1``, from the original model."""
+    """``size`` images for the prompts (cycled), seeds ``seed..seed+size-1``, from the original model;
+    ``label`` names the pool on its progress bar."""
     chosen = [prompts[i % len(prompts)] for i in range(size)]
     conds = model.encode(chosen, adapter=False).detach()
     processes = init_processes()
@@ -55,7 +57,7 @@ def build_pool(
     with torch.no_grad():
         # Under a launcher each process draws a share of the batches and all get the whole pool.
         latents = sharded_sample(model, conds, list(range(seed, seed + size)), adapter=False, guidance_scale=guidance_scale,
-                                 steps=steps, return_latents=True, progress=True, processes=processes).to(model.device)
+                                 steps=steps, return_latents=True, progress=label, processes=processes).to(model.device)
         images = torch.cat([model.latents_to_images(latents[i : i + 8]) for i in range(0, size, 8)])
     images = images.half()
     if processes.is_main:  # every process holds the same pool; one writes it
@@ -67,7 +69,8 @@ def build_pool(
 def build_pools(model: DiffusionModel, target: EraseTarget, config: DarkMinerConfig, work_dir: Path) -> tuple[ImagePool, ImagePool]:
     """The concept pool and the preservation pool of a Dark Miner run, cached in ``work_dir``."""
     pool = build_pool(model, target.prompts, config.pool_size, config.seed, work_dir / "pool.safetensors",
-                      config.guidance_scale, config.pool_steps)
+                      config.guidance_scale, config.pool_steps, label=f"{target.name} image pool")
     preserve = build_pool(model, target.preserve, config.preserve_pool_size, config.seed + PRESERVE_SEED_OFFSET,
-                          work_dir / "preserve_pool.safetensors", config.guidance_scale, config.pool_steps)
+                          work_dir / "preserve_pool.safetensors", config.guidance_scale, config.pool_steps,
+                          label="preservation pool")
     return pool, preserve
