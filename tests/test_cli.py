@@ -874,6 +874,30 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     assert "--resume would change nothing" in _error_line(capsys)
 
 
+def test_concept_may_be_left_out_beside_an_erased_model_or_a_replay(tmp_path, capsys):
+    erased, quick = tmp_path / "erased", ["--model", "tiny-random-sd", "--steps", "1"]
+    assert main(["erase", "--method", "uce", "--concept", "Van Gogh", "--kind", "style", "--model", "tiny-random-sd",
+                 "--out", str(erased)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--erased", str(erased), *quick, "-n", "1", "--preservation", "", "--detector", "nudenet",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert f"--concept 'Van Gogh' --kind style: what {erased} was made to erase" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["concept"] == "Van Gogh" and metrics["inputs"]["kind"] == "style"
+    assert main(["attack", "--attack", "plain", "--erased", str(erased), *quick, "--n-prompts", "1", "--detector",
+                 "nudenet", "--out", str(tmp_path / "a")]) == 0
+    assert main(["attack", "--replay", str(tmp_path / "a"), *quick, "--detector", "nudenet", "--out",
+                 str(tmp_path / "r")]) == 0  # no --erased: the replayed attack's concept
+    assert json.loads((tmp_path / "r" / "attack.json").read_text())["target"]["name"] == "Van Gogh"
+    capsys.readouterr()
+    assert main(["evaluate", *quick, "--out", str(tmp_path / "x")]) == 2
+    assert "--concept is required (it may be left out beside --erased" in _error_line(capsys)
+    stacked = tmp_path / "stacked"
+    assert main(["erase", "--method", "uce", "--concept", "nudity", "--erased", str(erased), "--out", str(stacked)]) == 0
+    assert main(["evaluate", "--erased", str(stacked), *quick, "--out", str(tmp_path / "y")]) == 2
+    assert f"{stacked} erased 'nudity', 'Van Gogh': name the concept to grade with --concept" in _error_line(capsys)
+
+
 def test_a_run_killed_while_it_removes_its_work_folder_leaves_none_to_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "e"
     command = ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "-n", "2", "--steps", "2",

@@ -11,6 +11,7 @@ from darkminer.commands.common import (
     add_detector_args,
     add_model_args,
     add_resume_arg,
+    concept_of_erased,
     detector_options,
     note_resume,
     replacing,
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--attack", default=None, help=f"one of {ATTACK_NAMES}, or one a --plugin registers (not with "
                                                   "--replay)")
-    add_concept_args(p)
+    add_concept_args(p, erased_default="; left out, the concept of the --replay attack, or the one --erased was made "
+                                        "to erase")
     add_model_args(p)
     p.add_argument("--config", default=None, help="JSON or YAML file of the attack's config options")
     p.add_argument("--n-prompts", type=int, default=None,
@@ -83,6 +85,7 @@ def _run(args: argparse.Namespace) -> None:
         raise DarkMinerError("--use-text goes with --replay (it replays a saved attack's readable text)")
     earlier = read_record(Path(args.out) / RESULTS_NAME, RESULTS_KEYS)
     if args.attack:
+        concept_of_erased(args)
         note_resume(args)
         config = get_attack(args.attack).config_class.from_file(args.config, seed=args.seed)
         n_prompts = DEFAULT_N_PROMPTS if args.n_prompts is None else args.n_prompts
@@ -104,10 +107,13 @@ def _run(args: argparse.Namespace) -> None:
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too
         asked = attack_sampling(args.steps, args.guidance)  # and bad sampling
         meta, saved = load_results(args.replay)  # and a damaged replay
-        model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
-        target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
         recorded_target = meta.get("target")
         found_for = recorded_target.get("name") if isinstance(recorded_target, dict) else None
+        if args.concept is None and found_for is None:  # an attack.json from before targets were recorded
+            raise DarkMinerError(f"{args.replay} does not record its concept: name it with --concept")
+        args.concept = args.concept or found_for
+        model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
+        target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
         if found_for is not None and found_for != target.name:  # else a clean-looking rate for the wrong concept
             raise DarkMinerError(f"{args.replay} holds prompts attacked for {found_for!r}, not {target.name!r}: "
                                  f"replay them with --concept {found_for!r}")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from darkminer.errors import DarkMinerError
+
 ERASED_HELP = ("an erased-model directory written by `darkminer erase`, or a diffusers UNet folder from another tool "
                "(then --model names its base)")
 
@@ -41,8 +43,11 @@ def speed_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options or None
 
 
-def add_concept_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concept", required=True, help="testbed: a registry name (`darkminer testbed concepts`); SD: free text, e.g. nudity")
+def add_concept_args(p: argparse.ArgumentParser, erased_default: str | None = None) -> None:
+    """The target's options; ``erased_default``: the help's note where --concept may be left out (then
+    ``concept_of_erased`` fills it in)."""
+    p.add_argument("--concept", required=erased_default is None, help="testbed: a registry name (`darkminer testbed "
+                   f"concepts`); SD: free text, e.g. nudity{erased_default or ''}")
     p.add_argument("--anchor", default=None, help="SD: the concept to map to (default: the empty prompt); testbed: the registry's anchor")
     p.add_argument("--prompts", default=None, help="CSV with a `prompt` column (optional evaluation_seed, evaluation_guidance)")
     p.add_argument("--kind", default=None, help="SD: what the concept is, free (default), style, object or inappropriate "
@@ -81,3 +86,29 @@ def note_resume(args: argparse.Namespace) -> None:
 def replacing(description: str | None) -> str:
     """What a command adds to its "wrote ..." line where it replaced an earlier output (``description``)."""
     return f", replacing the one that was there ({description})" if description else ""
+
+
+def concept_of_erased(args: argparse.Namespace) -> None:
+    """--concept left out beside --erased: the concept the erased model was made to erase (on Stable Diffusion
+    also its declared kind, unless --kind is given), said on stderr. A stack of several concepts, or no
+    --erased, needs --concept."""
+    if args.concept is not None:
+        return
+    if args.erased is None:
+        raise DarkMinerError("--concept is required (it may be left out beside --erased, whose concept it then is)")
+    from dataclasses import asdict
+
+    from darkminer.models import TESTBED_IDS
+    from darkminer.models.erased import ErasedModelInfo, stack_records
+
+    info = ErasedModelInfo.read(args.erased)
+    concepts = list(dict.fromkeys(r["concept"] for r in stack_records(asdict(info)) if r.get("concept")))
+    if len(concepts) != 1:
+        erased = f"erased {', '.join(map(repr, concepts))}" if concepts else "records no concept"
+        raise DarkMinerError(f"{args.erased} {erased}: name the concept to grade with --concept")
+    args.concept = concepts[0]
+    target = info.extra.get("target")
+    if args.kind is None and info.base_model not in TESTBED_IDS and isinstance(target, dict) and target.get("kind") != "free":
+        args.kind = target.get("kind")
+    print(f"--concept {args.concept!r}" + (f" --kind {args.kind}" if args.kind else "") +
+          f": what {args.erased} was made to erase", file=sys.stderr)

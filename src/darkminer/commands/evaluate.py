@@ -10,6 +10,7 @@ from darkminer.commands.common import (
     add_detector_args,
     add_model_args,
     add_resume_arg,
+    concept_of_erased,
     detector_options,
     note_resume,
     replacing,
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Draw the concept's prompt sets from a base or erased model, grade them with the concept's "
                     "detector, run attacks, and write DIR/metrics.json with the image grids it judged.",
     )
-    add_concept_args(p)
+    add_concept_args(p, erased_default="; left out beside --erased, the concept it was made to erase")
     add_model_args(p)
     p.add_argument("--attacks", default="", help="comma-separated attack names, e.g. plain,paraphrase,unlearndiff "
                    "(default: none); over a --config file's attacks, whose attack_configs then apply to these alone")
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> None:
     from darkminer.evaluation.evaluate import METRICS_KEYS, METRICS_NAME
     from darkminer.io import read_record
 
+    concept_of_erased(args)
     note_resume(args)
     earlier = read_record(Path(args.out) / METRICS_NAME, METRICS_KEYS)
     options = load_config_file(args.config) if args.config else {}
