@@ -183,6 +183,16 @@ def test_a_prompt_without_the_concepts_word_has_the_bare_anchor_for_twin(tmp_pat
     csv.write_text("prompt\nan apple on a table\n")
     apple = resolve_target(load_model("tiny-random-sd"), "apple", anchor="banana", prompts_csv=csv)
     assert [apple.anchor_twin(p) for p in apple.prompts] == ["banana", "a banana on a table"]
+    csv.write_text('prompt\n"nudity, nudity everywhere"\n')  # every mention, not the first alone
+    twice = resolve_target(load_model("tiny-random-sd"), "nudity", anchor="a dog", prompts_csv=csv)
+    assert twice.anchor_twin("nudity, nudity everywhere") == "a dog, a dog everywhere"
+
+
+def test_n_prompts_takes_that_many_rows_of_a_prompt_csv_after_the_concepts_word(tmp_path):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\n" + "".join(f"nudity {i}\n" for i in range(10)))
+    target = resolve_target(load_model("tiny-random-sd"), "nudity", prompts_csv=csv, n_prompts=3)
+    assert target.prompts == ("nudity", "nudity 0", "nudity 1", "nudity 2")
 
 
 def test_circumvent_maps_each_row_to_its_own_teacher_condition():

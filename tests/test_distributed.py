@@ -579,3 +579,22 @@ def test_speed_options_reject_unknown_choices():
         SpeedOptions.from_dict({"attention": "xformers"})
     with pytest.raises(ConfigError, match="compile"):
         SpeedOptions(compile="fast")
+
+
+def test_each_process_draws_an_equal_share_of_whole_batches():
+    """Only the load balance shows this: every share gives the same images, gathered."""
+    from darkminer.models.base import SamplingOptions
+
+    class Alone(Processes):  # a process of a group of two, its own rows kept (no group to gather from)
+        def gather_rows(self, local):
+            return local
+
+    class Echo:  # draws each condition back
+        default_sampling = SamplingOptions(batch_size=2)
+
+        def sample(self, cond, seeds, **kwargs):
+            return cond
+
+    drawn = [sharded_sample(Echo(), torch.arange(4.0)[:, None], [0, 1, 2, 3], batch_size=2, processes=Alone(rank, 2))
+             for rank in range(2)]
+    assert [rows.flatten().tolist() for rows in drawn] == [[0.0, 1.0], [2.0, 3.0]]

@@ -1043,3 +1043,94 @@ def test_preservation_reference_accuracy_grades_the_originals_images(tmp_path, m
     metrics = evaluate("star", tmp_path / "e", model=TestbedModel.untrained(),
                        config={**FAST, "n_images": 4, "preservation": ["accuracy"]})
     assert metrics["preservation"]["accuracy"] == 0.0 and metrics["preservation"]["reference"]["accuracy"] == 1.0
+
+
+def test_an_attack_replay_draws_each_row_at_its_csv_guidance(tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance\na nude person,1,3.5\n")
+    config = {"steps": 2, "preservation": [], "save_images": True, "attacks": ["plain"], "attack_prompts": 1}
+    evaluate("nudity", tmp_path / "e", model="tiny-random-sd", prompts=prompts, config=config)
+    model = load_model("tiny-random-sd")
+    drawn = np.asarray(Image.open(tmp_path / "e" / "images" / "attack-plain" / "0000.png"))
+    want = model.sample(model.encode(["a nude person"]), seeds=[1], steps=2, guidance_scale=3.5)[0]
+    assert np.array_equal(drawn, np.asarray(to_pil(want)))
+
+
+def test_the_originals_preservation_judgements_are_of_its_own_images(tmp_path, monkeypatch):
+    import importlib
+
+    from darkminer.testbed.judge import Judge
+    from darkminer.testbed.model import TestbedModel
+
+    evaluation = importlib.import_module("darkminer.evaluation.evaluate")
+    real_prompts = evaluation.Painter.prompts
+
+    def painted(self, suite, rows=slice(None), original=False):  # the original's images white, the erased's black
+        images = real_prompts(self, suite, rows, original)
+        return torch.full_like(images, 1.0 if original else 0.0)
+
+    def judged(self, images):
+        return [{"shape": "star" if image.mean() > 0.5 else "circle"} for image in images]
+
+    monkeypatch.setattr(evaluation.Painter, "prompts", painted)
+    monkeypatch.setattr(TestbedModel, "is_original", False)  # drawn twice, as for an erased model
+    monkeypatch.setattr(Judge, "predict_values", judged)
+    monkeypatch.setattr(evaluation, "attribute_accuracy", lambda predicted, expected: {"accuracy": 0.0, "per_attribute": {}})
+    evaluate("star", tmp_path / "e", model=TestbedModel.untrained(),
+             config={"steps": 2, "n_images": 4, "attack_prompts": 2, "grid_images": 4, "preservation": ["accuracy"]})
+    judgements = json.loads((tmp_path / "e" / "judgements.json").read_text())
+    seen = {name: {j["seen"]["shape"] for j in judgements if j["set"] == name}
+            for name in ("preservation", "preservation-original")}
+    assert seen == {"preservation": {"circle"}, "preservation-original": {"star"}}
+
+
+def test_clip_zero_shot_scores_are_the_softmax_of_100_times_the_cosines():
+    class UnitClip:  # the labels' features are the unit axes; every image's the same unit vector
+        def text_features(self, labels):
+            return torch.eye(3)[: len(labels)]
+
+        def image_features(self, images):
+            return torch.tensor([[0.6, 0.8, 0.0]]).expand(images.shape[0], 3)
+
+    detector = ClipZeroShotDetector(UnitClip(), "church", negatives=["a dog", "a car"])
+    torch.testing.assert_close(detector.scores(torch.zeros(1, 3, 8, 8)), torch.tensor([[60.0, 80.0, 0.0]]).softmax(-1))
+
+
+def test_nudity_in_any_case_or_spacing_is_graded_by_nudenet():
+    from darkminer.evaluation.detectors import detector_kind_for
+
+    assert detector_kind_for(" Nudity ", testbed=False) == "nudenet"
+
+
+def test_grading_and_seed_options_out_of_range_are_refused_by_the_config():
+    with pytest.raises(ConfigError, match="nudenet_threshold"):  # not only when NudeNet loads, after a benchmark's erase
+        EvaluationConfig(nudenet_threshold=0)
+    with pytest.raises(ConfigError, match="seed"):
+        EvaluationConfig(seed=2**32)
+    assert EvaluationConfig(seed=2**32 - 1).seed == 2**32 - 1
+
+
+def test_results_json_table_has_a_column_per_rate_attack_and_preservation_metric():
+    from darkminer.evaluation.report import cell_summary
+
+    metrics = {"erasure": {"plain": 0.5, "paraphrase": None}, "attacks": {"cce": 0.75},
+               "preservation": {"accuracy": None, "clip": 20.0, "fid": 1.5}}
+    results = {"attacks": ["cce"], "cells": [{"method": "a", "concept": "blood", "metrics": metrics}]}
+    assert cell_summary(results) == [{"method": "a", "concept": "blood", "plain": 0.5, "paraphrase": None,
+                                      "attack-cce": 0.75, "accuracy": None, "clip": 20.0, "fid": 1.5}]
+
+
+def test_a_benchmark_cell_whose_erase_was_resumed_reports_no_erase_time(tmp_path):
+    from dataclasses import asdict
+
+    from darkminer.evaluation.benchmark import _run_cell
+    from darkminer.io import write_json
+
+    cell = tmp_path / "cells" / "uce" / "blood"
+    write_json(cell / "evaluation" / "metrics.json", {"erasure": {}})
+    for resumed, seconds in ((True, None), (False, 3.0)):  # a resumed erase timed only its last part
+        info = ErasedModelInfo(method="uce", concept="blood", base_model="testbed", kind="unet",
+                               extra={"seconds": 3.0, **({"resumed": True} if resumed else {})})
+        write_json(cell / "erased" / "darkminer.json", asdict(info))
+        cfg = BenchmarkConfig.from_dict({"methods": ["uce"], "attacks": ["plain"]})
+        assert _run_cell(cfg, EvaluationConfig(), tmp_path, "uce", "blood")["erase_seconds"] == seconds

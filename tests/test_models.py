@@ -620,3 +620,74 @@ def test_export_checks_its_output_before_loading_records_where_the_erasure_was_a
     monkeypatch.setattr(api, "export", lambda erased, out, **kwargs: seen.update(kwargs) or Path(out))
     assert main(["export", "--erased", "lora", "--out", "x", "--model", "m", "--dtype", "float16"]) == 0
     assert seen == {"model": "m", "dtype": "float16"}
+
+
+# ---------------------------------------------------------------------------------- sampling and originals
+def test_guidance_zero_draws_the_unconditional_image():
+    """eps_u + 0 * (eps_c - eps_u): what the empty prompt draws without guidance, not the prompt's image."""
+    model = load_model("tiny-random-sd")
+    zero = model.sample(model.encode(["a red car"]), seeds=[1], steps=2, guidance_scale=0.0)
+    torch.testing.assert_close(zero, model.sample(model.encode([""]), seeds=[1], steps=2, guidance_scale=1.0),
+                               rtol=0, atol=1e-5)
+
+
+def test_rows_drawn_in_groups_of_one_guidance_scale_come_back_in_row_order():
+    from darkminer.models.base import per_guidance_scale
+
+    def rows_drawn(rows: list[int], scale: float | None) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float32)[:, None]
+
+    assert per_guidance_scale([2.0, None, 2.0, None], rows_drawn).flatten().tolist() == [0, 1, 2, 3]
+
+
+def test_initial_noise_is_in_the_models_dtype():
+    assert load_model("tiny-random-sd", dtype="bfloat16").initial_noise([1]).dtype == torch.bfloat16
+
+
+def _sld_model(tmp_path: Path):
+    from darkminer.api import erase
+
+    sld = erase("sld", "nudity", tmp_path / "sld", model="tiny-random-sd", config={"preset": "max"})
+    return load_model(erased=sld), load_model("tiny-random-sd")
+
+
+def test_an_sld_models_original_draws_the_base_models_images(tmp_path):
+    """The reference images of preservation and the attacks' targets come from the original: with SLD's guidance
+    left on they would be the erased model's."""
+    model, base = _sld_model(tmp_path)
+    assert not model.is_original
+    cond = base.encode(["a nude person"])
+    plain = base.sample(cond, seeds=[1], steps=3, guidance_scale=5.0)
+    assert not torch.allclose(model.sample(cond, seeds=[1], steps=3, guidance_scale=5.0), plain, atol=1e-4)
+    torch.testing.assert_close(model.sample(cond, seeds=[1], steps=3, guidance_scale=5.0, adapter=False), plain,
+                               rtol=0, atol=1e-6)
+    with model.original():  # as the attacks draw their target images
+        torch.testing.assert_close(model.sample(cond, seeds=[1], steps=3, guidance_scale=5.0), plain, rtol=0, atol=1e-6)
+
+
+def test_a_nested_original_leaves_the_outer_block_original():
+    model, base = load_model("tiny-random-sd"), load_model("tiny-random-sd")
+    adapters.add_lora(model, adapters.LoraConfig(rank=4))
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    x, t = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor(600)
+    with torch.no_grad():
+        cond = base.encode(["a cat"])
+        want = base.eps(x, t, cond)
+        assert not torch.allclose(model.eps(x, t, cond), want, atol=1e-4)  # the adapter acts
+        with model.original():
+            model.encode(["a dog"], adapter=False)  # an original() of its own inside, entered and left
+            torch.testing.assert_close(model.eps(x, t, cond), want, rtol=0, atol=1e-6)
+
+
+def test_export_writes_the_dtype_asked_for(tmp_path):
+    from safetensors import safe_open
+
+    from darkminer.api import erase, export
+
+    out = export(erase("uce", "nudity", tmp_path / "uce", model="tiny-random-sd"), tmp_path / "p16", dtype="float16")
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}  # noqa: SIM118 (not a dict)
+    assert json.loads((out / "darkminer_export.json").read_text())["dtype"] == "torch.float16"

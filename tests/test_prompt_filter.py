@@ -346,3 +346,7 @@ def test_i2p_sexual_and_hard_subsets_match_an_independent_count(tmp_path):
     assert copy.read_bytes() == I2P.read_bytes()
     summary = summarize_prompt_csv(I2P)
     assert dict(summary.column.items)["sexual"] == len(expected[("categories~sexual",)])
+
+
+def test_a_cell_with_an_underscore_is_no_number():
+    assert RowCondition.parse("hard=10").matches("1_0") is False  # Python's float() reads "1_0" as 10

@@ -31,9 +31,10 @@ CONFIGS = {"darkminer": DARK_MINER, "esd-x": {"iterations": 3, "lr": 1e-2, "ddim
            "advunlearn": {"iterations": 3, "lr": 1e-2, "ddim_steps": 2, "warmup_iterations": 1, "attack_steps": 2,
                           "retain_batch": 2}}  # AdvUnlearn trains the text encoder
 # (method below, method on top): a LoRA on a LoRA, a LoRA on a UNet, a UNet on a LoRA, a guidance on a LoRA,
-# a UNet on a text encoder, a text encoder on a UNet, a LoRA on a text encoder.
+# a UNet on a text encoder, a text encoder on a UNet, a LoRA on a text encoder, a UNet on a UNet (the same weights
+# edited twice: the original under both is still the base's).
 STACKS = [("darkminer", "darkminer"), ("esd-x", "darkminer"), ("darkminer", "esd-x"), ("darkminer", "sld"),
-          ("advunlearn", "esd-x"), ("esd-x", "advunlearn"), ("advunlearn", "darkminer")]
+          ("advunlearn", "esd-x"), ("esd-x", "advunlearn"), ("advunlearn", "darkminer"), ("esd-x", "esd-x")]
 WHOLE_WEIGHTS = ("esd-x", "advunlearn")  # erasures written as whole weights, which hold the erasure below
 PROMPTS = ["a photo of nudity", "a violent scene", "a red car"]
 PROBE_X = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -286,3 +286,7 @@ def test_erasers_learn_from_captions_the_evaluation_never_grades(name: str) -> N
         assert len(set(target.preserve) & {p.text for p in suites["preservation"].prompts}) <= 3
     with pytest.raises(ValueError, match="split"):
         concept.direct_prompts(4, split="train")
+
+
+def test_captions_put_an_before_a_vowel_and_a_before_a_consonant():
+    assert captions._fix_articles("a orange star next to an red cross") == "an orange star next to a red cross"
