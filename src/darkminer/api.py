@@ -387,7 +387,8 @@ def export(
     out = check_output_directory(out, EXPORT_INFO, EXPORTED_KIND, apart_from=erased)
     loaded = load_model(model, erased=erased, dtype=dtype)
     if not isinstance(loaded, StableDiffusionModel):
-        raise DarkMinerError(f"export writes a diffusers Stable Diffusion pipeline; {loaded.name!r} is not one")
+        raise DarkMinerError(f"export writes a diffusers Stable Diffusion pipeline; {loaded.name!r} is not one (a "
+                             "testbed erasure is used where it is: --erased DIR, or load_model(erased=DIR))")
     if has_lora(loaded):
         merge_lora(loaded)
     with output_directory(out, EXPORT_INFO, EXPORTED_KIND) as tmp:

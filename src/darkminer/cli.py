@@ -25,10 +25,18 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line, as every other error (argparse prints its usage block first); the
     subcommands' parsers are of this class too."""
 
-    def error(self, message: str) -> NoReturn:
+    def error(self, message: str, prog: str | None = None) -> NoReturn:
         if message.startswith("unrecognized arguments") and any(f" {o}" in message for o in GLOBAL_OPTIONS):
             message += f" ({' and '.join(GLOBAL_OPTIONS)} go before the command: darkminer --threads 1 erase ...)"
-        self.exit(2, f"darkminer: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"darkminer: error: {message} (see `{prog or self.prog} --help`)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but an option the command does not know points at that command's --help."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extras)}", f"{self.prog} {command}" if command else None)
+        return parsed
 
 
 GLOBAL_OPTIONS = ("--threads", "--plugin")  # the main parser's own options, before the command

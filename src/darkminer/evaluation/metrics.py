@@ -112,7 +112,7 @@ def inception_weights_path(weights: str | Path | None = None) -> Path:
         raise DarkMinerError(
             "FID on Stable Diffusion needs torchmetrics' Inception network from torch-fidelity, which is not "
             "installed: `pip install torch-fidelity` (it pulls torchvision) or leave fid out of the "
-            "evaluation's preservation metrics"
+            "evaluation's preservation metrics (--preservation accuracy,clip; a benchmark's evaluation: preservation)"
         ) from None
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
     if not path.is_file():
