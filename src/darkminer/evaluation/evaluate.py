@@ -227,7 +227,7 @@ class Painter:
         chosen = suite.prompts[rows]
         conds = self.model.encode([p.text for p in chosen], adapter=not original)
         label = f"{suite.name}{' (original model)' if original else ''} {rows.start or 0}-{(rows.start or 0) + len(chosen)}"
-        return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original, label)
+        return self.conditions(conds, [p.seed for p in chosen], [p.guidance for p in chosen], original, label=label)
 
     def conditions(
         self, conds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float | None], original: bool = False,
