@@ -1042,9 +1042,10 @@ def test_a_killed_cce_resumes_from_its_last_checkpoint_with_the_token_of_an_unin
         run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out)
     checkpoint = work_directory(out) / "cce_training.safetensors"
     whole_file, state = checkpoint.read_bytes(), load_state(checkpoint)
-    save_state(checkpoint, {**state, "token": state["token"][:, :1]})  # edited: a token of another shape
-    with pytest.raises(DarkMinerError, match=f"{checkpoint} is damaged .*; delete it to redo its work"):
-        run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out, resume=True)
+    for token in (state["token"][:, :1], 5):  # edited: a token of another shape, no token at all
+        save_state(checkpoint, {**state, "token": token})
+        with pytest.raises(DarkMinerError, match=f"{checkpoint} is damaged .*; delete it to redo its work"):
+            run_attack(get_attack("cce")(config), sd, sd_target, PROMPTS, never, out=out, resume=True)
     checkpoint.write_bytes(whole_file)
     losses.clear()
     kill = False

@@ -642,6 +642,23 @@ def test_a_run_stopped_while_the_libraries_import_says_so_in_one_line(stop, rc, 
     assert signal.getsignal(signal.SIGTERM) == previous  # the caller's handler is back
 
 
+def test_the_interrupt_line_never_imports_what_the_interrupt_may_have_cut_short(tmp_path, monkeypatch):
+    """Stopped while torch imports, a second import of it (through darkminer.io) crashed the interpreter."""
+    import sys
+    import types
+
+    from darkminer import cli
+
+    out = tmp_path / "e"
+    (tmp_path / ".e.work").mkdir()
+    (tmp_path / ".e.work" / "sets").mkdir()  # a checkpoint of a run before this one
+    args = argparse.Namespace(command="evaluate", out=str(out), resume=False)
+    monkeypatch.delitem(sys.modules, "darkminer.io")
+    assert cli._how_to_go_on(args) == "" and "darkminer.io" not in sys.modules
+    monkeypatch.setitem(sys.modules, "darkminer.io", types.ModuleType("darkminer.io"))  # stopped inside its import
+    assert cli._how_to_go_on(args) == ""
+
+
 def test_an_interrupted_benchmark_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
     from darkminer import cli
 
@@ -851,9 +868,11 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     [kept] = work_directory(out).rglob("sets/*.safetensors")
     whole = kept.read_bytes()
     state = load_state(kept)
-    save_state(kept, {**state, "rows": "2"})  # edited: a resume must not count rows from it
-    assert main([*command, "--resume"]) == 2 and f"{kept} is damaged" in _error_line(capsys)
+    for edited in ({**state, "rows": "2"}, {k: v for k, v in state.items() if k != "scores"}):  # rows to count, scores
+        save_state(kept, edited)
+        assert main([*command, "--resume"]) == 2 and f"{kept} is damaged" in _error_line(capsys)
     kept.write_bytes(whole)
+    assert main([*command, "--kind", "bogus"]) == 2 and "unknown kind 'bogus'" in _error_line(capsys)  # named first
     other_guidance = [("4" if arg == "3.5" else arg) for arg in command]
     assert main([*other_guidance, "--resume"]) == 2 and "its config.guidance_scale differs" in _error_line(capsys)
     assert main([*command, "--resume"]) == 0 and len(calls) == 3  # only the replay is drawn again
@@ -890,7 +909,8 @@ def test_concept_may_be_left_out_beside_an_erased_model_or_a_replay(tmp_path, ca
                  "nudenet", "--out", str(tmp_path / "a")]) == 0
     assert main(["attack", "--replay", str(tmp_path / "a"), *quick, "--detector", "nudenet", "--out",
                  str(tmp_path / "r")]) == 0  # no --erased: the replayed attack's concept
-    assert json.loads((tmp_path / "r" / "attack.json").read_text())["target"]["name"] == "Van Gogh"
+    replayed = json.loads((tmp_path / "r" / "attack.json").read_text())["target"]
+    assert (replayed["name"], replayed["kind"]) == ("Van Gogh", "style")  # graded as the attack graded
     capsys.readouterr()
     assert main(["evaluate", *quick, "--out", str(tmp_path / "x")]) == 2
     assert "--concept is required (it may be left out beside --erased" in _error_line(capsys)

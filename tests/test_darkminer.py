@@ -872,3 +872,6 @@ def test_the_progress_bars_say_what_is_drawn_and_which_stage_of_a_round_runs(tmp
     for label in ("nudity image pool", "preservation pool", "round 0: mining", "round 0: verifying",
                   "round 0: circumventing", "verified=yes"):
         assert label in bars, label
+    erase("darkminer", "nudity", tmp_path / "unverified", model="tiny-random-sd",
+          config={**TINY, "rounds": 1, "verify": False})
+    assert "verif" not in capsys.readouterr().err  # no verification, none claimed

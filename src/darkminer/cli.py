@@ -151,10 +151,14 @@ def _how_to_go_on(args: argparse.Namespace | None) -> str:
         return ""
     if args.command in ("benchmark", "demo"):  # fills --out in place: a rerun goes on from the finished cells
         return f"; rerun the same command to go on from what is finished in {out}" if os.path.isdir(out) else ""
-    from darkminer.io import has_checkpoint, work_directory
-
-    if hasattr(args, "resume") and has_checkpoint(work := work_directory(out)):
-        return f"; its progress is kept in {work}: rerun the same command with --resume to go on"
+    # Never imported here: a stop while torch imports would import it again, half done (a crash). A run that
+    # kept a checkpoint has imported darkminer.io whole; one stopped inside that import has nothing to resume.
+    io = sys.modules.get("darkminer.io")
+    try:
+        if hasattr(args, "resume") and io is not None and io.has_checkpoint(work := io.work_directory(out)):
+            return f"; its progress is kept in {work}: rerun the same command with --resume to go on"
+    except Exception:  # a module stopped mid-import (no such function yet): the plain line
+        pass
     return ""
 
 

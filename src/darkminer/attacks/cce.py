@@ -122,7 +122,7 @@ class TrainingCheckpoint:
             self.scaler.load_state_dict(state["scaler"])
             self.generator.set_state(state["generator"])
             return int(state["step"]), [float(loss) for loss in state["losses"]]
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a token of another shape
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # Runtime: a token's shape
             raise DamagedStateError(path, repr(exc)) from None
 
     def save(self, step: int, losses: list[float]) -> None:

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
         from darkminer.io import check_output_directory
-        from darkminer.models import load_model
+        from darkminer.models import is_testbed, load_model
         from darkminer.models.erased import ErasedModelInfo, warn_unless_erased
         from darkminer.parallel import init_processes
         from darkminer.targets import resolve_target
@@ -113,6 +113,9 @@ def _run(args: argparse.Namespace) -> None:
             raise DarkMinerError(f"{args.replay} does not record its concept: name it with --concept")
         args.concept = args.concept or found_for
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
+        recorded_kind = recorded_target.get("kind") if isinstance(recorded_target, dict) else None
+        if args.kind is None and not is_testbed(model) and recorded_kind != "free":  # graded as the attack graded
+            args.kind = recorded_kind
         target = resolve_target(model, args.concept, anchor=args.anchor, prompts_csv=args.prompts, kind=args.kind)
         if found_for is not None and found_for != target.name:  # else a clean-looking rate for the wrong concept
             raise DarkMinerError(f"{args.replay} holds prompts attacked for {found_for!r}, not {target.name!r}: "

@@ -94,7 +94,7 @@ from darkminer.models.erased import (
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import file_record, package_versions
-from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, resolve_target
+from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, check_kind, resolve_target
 from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"
@@ -370,6 +370,7 @@ def evaluate(
         out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased, marker_keys=METRICS_KEYS)
         work_dir = work_directory(out)
     attacks_to_run = build_attacks(cfg)  # bad names or options fail before any work
+    check_kind(kind)
     if work_dir is not None and not resume:  # after the arguments' own errors; every process (it only reads)
         check_no_unfinished_run(work_dir)
     started = time.time()
@@ -493,7 +494,7 @@ class Grader:
         """Set ``name``, its rows drawn by ``draw(rows)``; whether each image shows the concept. An attack's
         replay gives ``adversarial``: the text each image was drawn from, recorded beside its prompt."""
         sets, detector = self.sets, self.detector
-        state = sets.resume(name)
+        state = sets.resume(name, needs={"scores": torch.Tensor})
         chunks = [state["scores"]] if state else []
         for rows in sets.chunks(state.get("rows", 0), len(suite_prompts)):
             images = draw(rows)
@@ -593,7 +594,8 @@ def _preservation(
     accuracy = "accuracy" in cfg.preservation and all(p.expected for p in suite.prompts) and isinstance(detector, JudgeDetector)
     names = {False: PRESERVATION, True: f"{PRESERVATION}-original"}  # keyed by "drawn by the original"
     unerased = painter.model.is_original  # its original draws the same images: drawn once
-    state = sets.resume(PRESERVATION, per_row=1 if unerased else len(names))
+    state = sets.resume(PRESERVATION, per_row=1 if unerased else len(names),
+                        needs={"predicted": dict, "clip": dict, **({"fid": dict} if fid is not None else {})})
     done = state.get("rows", 0)
     predicted: dict[bool, list[dict[str, str]]] = state.get("predicted", {False: [], True: []})
     scores: dict[bool, list[torch.Tensor]] = {k: [v] for k, v in state.get("clip", {}).items()} or {False: [], True: []}

@@ -16,7 +16,7 @@ A set's state is rewritten (atomically) after each chunk of images, so a kill lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,15 +54,18 @@ class Progress:
         self.grid_images, self.save_images = grid_images, save_images
         self.grids: dict[str, torch.Tensor] = {}  # the first grid_images of each set
 
-    def resume(self, name: str, per_row: int = 1) -> dict[str, Any]:
+    def resume(self, name: str, per_row: int = 1, needs: Mapping[str, type] | None = None) -> dict[str, Any]:
         """Set ``name``'s state as a killed run last saved it (empty: nothing done; ``rows``: the rows done),
-        with its grids' images restored and its ``per_row`` images a row counted as drawn."""
+        with its grids' images restored and its ``per_row`` images a row counted as drawn. ``needs``: what the
+        caller reads of a state with rows done, by type (a state without it is damaged)."""
         path = self._state_path(name)
         state = {} if path is None else init_processes().on_main(lambda: load_state(path) if path.is_file() else {})
         grids, rows = state.get("grids", {}), state.get("rows", 0)
-        if not (isinstance(grids, dict) and all(isinstance(g, torch.Tensor) for g in grids.values())
-                and isinstance(rows, int) and rows >= 0):
-            raise DamagedStateError(path, "its rows or grids are not what a run writes")
+        kept = {"grids": dict, **(needs or {})} if state else {}
+        if not (all(isinstance(state.get(key), kind) for key, kind in kept.items()) and isinstance(rows, int)
+                and rows >= 0 and all(isinstance(g, torch.Tensor) for g in grids.values())):
+            raise DamagedStateError(path, "it does not hold what a run writes (rows, grids, "
+                                          f"{', '.join(needs or {}) or 'nothing else'})")
         self.grids.update(grids)
         self.painter.count += per_row * rows
         return state

@@ -145,7 +145,7 @@ class DarkMiner(Eraser):
             log.append(entry)
             if processes.is_main:
                 self._save_checkpoint(model, work_dir, log, mined_history, failures)
-            bar.set_postfix(score=entry.get("score"), verified="yes" if passed else "no")
+            bar.set_postfix(**({"score": entry["score"], "verified": "yes" if passed else "no"} if encoder is not None else {}))
         bar.close()
         if processes.is_main:
             self._write_artifacts(work_dir, log, mined_history)
