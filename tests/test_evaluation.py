@@ -375,7 +375,7 @@ def test_evaluate_is_deterministic_and_grades_the_erased_model(tmp_path, tiny_cl
 
 
 def test_grading_an_erased_model_on_a_concept_it_was_not_made_for_warns(tmp_path, capsys):
-    from darkminer.api import attack, erase
+    from darkminer.api import attack, erase, export
 
     erased = erase("test-nudge", "nudity", tmp_path / "erased", model="tiny-random-sd")
     quick = {"n_images": 1, "steps": 1, "preservation": [], "detector": "nudenet"}
@@ -388,6 +388,9 @@ def test_grading_an_erased_model_on_a_concept_it_was_not_made_for_warns(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error", DarkMinerWarning)  # its own concept, in any case: no warning
         evaluate("Nudity", model="tiny-random-sd", erased=erased, config=quick)
+    pipeline = export(erased, tmp_path / "pipeline")  # the erasure an exported pipeline carries, too
+    with pytest.warns(DarkMinerWarning, match=rf"{re.escape(str(pipeline))} erased 'nudity', not 'violence'"):
+        evaluate("violence", model=str(pipeline), config=quick)
     # --replay too, on the command line, as one line
     assert main(["attack", "--attack", "plain", "--concept", "violence", "--model", "tiny-random-sd", "--n-prompts", "1",
                  "--steps", "1", "--detector", "nudenet", "--out", str(tmp_path / "a")]) == 0

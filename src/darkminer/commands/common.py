@@ -96,13 +96,11 @@ def concept_of_erased(args: argparse.Namespace) -> None:
         return
     if args.erased is None:
         raise DarkMinerError("--concept is required (it may be left out beside --erased, whose concept it then is)")
-    from dataclasses import asdict
-
     from darkminer.models import TESTBED_IDS
-    from darkminer.models.erased import ErasedModelInfo, stack_records
+    from darkminer.models.erased import ErasedModelInfo, erased_concepts
 
     info = ErasedModelInfo.read(args.erased)
-    concepts = list(dict.fromkeys(r["concept"] for r in stack_records(asdict(info)) if r.get("concept")))
+    concepts = erased_concepts(info)
     if len(concepts) != 1:
         erased = f"erased {', '.join(map(repr, concepts))}" if concepts else "records no concept"
         raise DarkMinerError(f"{args.erased} {erased}: name the concept to grade with --concept")

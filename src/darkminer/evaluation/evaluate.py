@@ -383,7 +383,8 @@ def evaluate(
         raise DarkMinerError(TESTBED_CSV_ERROR)
     check_preservation_applies(cfg, testbed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
-    warn_unless_erased(info, target.name, erased)
+    exported = exported_erasure(model) if info is None and isinstance(model, str | Path) else None
+    warn_unless_erased(info or (exported or {}).get("erasure"), target.name, erased or model)  # or what export carried
     for attack in attacks_to_run.values():
         attack.check_target(target)
         attack.check_model(net)

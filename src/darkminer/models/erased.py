@@ -147,12 +147,18 @@ def stack_records(info: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def warn_unless_erased(info: ErasedModelInfo | None, concept: str, erased: str | Path | None) -> None:
+def erased_concepts(info: ErasedModelInfo | dict[str, Any]) -> list[str]:
+    """The concepts an erased model (its record, or the record as a dict) was made to erase, once each, top of a
+    stack first (none for a UNet folder from another tool)."""
+    concepts = [record.get("concept") for record in stack_records(info if isinstance(info, dict) else asdict(info))]
+    return list(dict.fromkeys(c for c in concepts if isinstance(c, str) and c))
+
+
+def warn_unless_erased(info: ErasedModelInfo | dict[str, Any] | None, concept: str, erased: object) -> None:
     """Warn where an erased model is graded or attacked on a concept none of its erasures was made for: its
     rates then read as a failed erasure ("uce on blood: plain 100%") of a model that erased fire. Allowed (how
     an erasure spares the other concepts is worth measuring), but never by a mistyped --concept unnoticed."""
-    concepts = [record.get("concept") for record in stack_records(asdict(info))] if info is not None else []
-    known = [c for c in concepts if isinstance(c, str) and c]  # a UNet folder from another tool records none
+    known = erased_concepts(info) if info is not None else []
     if known and concept.casefold() not in {c.casefold() for c in known}:
         warnings.warn(f"{erased} erased {' and '.join(map(repr, known))}, not {concept!r}: these results are of a "
                       "concept it was not made to erase (--concept names the concept graded)", DarkMinerWarning,
