@@ -48,7 +48,7 @@ def test_help(argv, capsys):
     (["--threads", "0", "testbed", "concepts"], "--threads must be >= 1, got 0"),
     (["testbed", "concepts", "--plugin", "m.py"], "unrecognized arguments: --plugin m.py (--threads and --plugin go "
                                                   "before the command: darkminer --threads 1 erase ...)"),
-    (["testbed", "concepts", "--bogus"], "unrecognized arguments: --bogus (see `darkminer testbed --help`)"),
+    (["testbed", "concepts", "--bogus"], "unrecognized arguments: --bogus (see `darkminer testbed concepts --help`)"),
     # the command's own help, where its options are (attack's prompts are --n-prompts)
     (["attack", "--attack", "plain", "-n", "2", "--out", "a"], "unrecognized arguments: -n 2 (see `darkminer attack --help`)"),
 ])

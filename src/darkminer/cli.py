@@ -33,9 +33,10 @@ class OneLineParser(argparse.ArgumentParser):
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """As argparse's, but an option the command does not know points at that command's --help."""
         parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
+        if extras:  # the command's words ("testbed concepts"): its subcommand is in COMMAND_command
             command = getattr(parsed, "command", None)
-            self.error(f"unrecognized arguments: {' '.join(extras)}", f"{self.prog} {command}" if command else None)
+            words = [self.prog, *(w for w in (command, getattr(parsed, f"{command}_command", None)) if w)]
+            self.error(f"unrecognized arguments: {' '.join(extras)}", " ".join(words))
         return parsed
 
 
