@@ -309,21 +309,23 @@ def thumbnails(images: torch.Tensor, tile: int = GRID_TILE) -> torch.Tensor:
 def _load(
     model: str | DiffusionModel | None, erased: str | Path | None, device: str | None, dtype: str | torch.dtype | None,
     speed: SpeedOptions | dict[str, Any] | None = None,
-) -> tuple[DiffusionModel, str, ErasedModelInfo | None]:
-    """The model to evaluate, the erasure method that made it and the erased model's record (if any)."""
+) -> tuple[DiffusionModel, str, ErasedModelInfo | None, dict[str, Any]]:
+    """The model to evaluate, the erasure method that made it, the erased model's record (if any) and the record
+    of the erasure an exported pipeline carries (empty if none)."""
     if isinstance(model, DiffusionModel):
         if erased is not None:
             raise DarkMinerError("give either a loaded model or erased (--erased), not both")
         check_placement(model, device, dtype)
         if speed is not None:
             apply_speed_options(model, speed)
-        return model, IN_MEMORY_METHOD, None
+        return model, IN_MEMORY_METHOD, None, {}
     info = ErasedModelInfo.read(erased) if erased else None
     loaded = load_model(model, erased=erased, device=device, dtype=dtype, speed=speed)
     exported = exported_erasure(model) if info is None else None  # a pipeline folder `export` wrote
-    carried = (exported or {}).get("erasure") or {}
+    carried = (exported or {}).get("erasure")
+    carried = carried if isinstance(carried, dict) else {}  # a damaged record names no erasure
     method = info.method_label if info else method_label(carried) or ORIGINAL_METHOD
-    return loaded, method, info
+    return loaded, method, info, carried
 
 
 @exclusive_output()
@@ -377,14 +379,13 @@ def evaluate(
     # Under `accelerate launch` every process runs this; each draws its share of the images (Painter) and
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
     processes = init_processes()
-    net, method, info = _load(model, erased, device, dtype, speed)
+    net, method, info, carried = _load(model, erased, device, dtype, speed)
     testbed = is_testbed(net)
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
     check_preservation_applies(cfg, testbed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
-    exported = exported_erasure(model) if info is None and isinstance(model, str | Path) else None
-    warn_unless_erased(info or (exported or {}).get("erasure"), target.name, erased or model)  # or what export carried
+    warn_unless_erased(info or carried, target.name, erased or model)
     for attack in attacks_to_run.values():
         attack.check_target(target)
         attack.check_model(net)
