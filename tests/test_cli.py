@@ -72,6 +72,25 @@ def test_a_reader_gone_away_stops_the_command_quietly():
     assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
 
 
+@pytest.mark.parametrize("asked", [None, "info"])
+def test_the_command_quiets_the_libraries_without_importing_them_first(asked):
+    """Importing diffusers and transformers only to quiet them made every refused argument wait seconds; their
+    logs are quieted through the variables they read at import, unless the user asked for a verbosity."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from darkminer import cli; cli._quiet_libraries(); "
+            "assert 'transformers' not in sys.modules and 'diffusers' not in sys.modules; "
+            "from diffusers.utils import logging as d; from transformers.utils import logging as t; "
+            "print(d.get_verbosity(), t.get_verbosity())")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
+    if asked:
+        env["TRANSFORMERS_VERBOSITY"] = asked
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["40", "20" if asked else "40"]  # logging.ERROR, logging.INFO
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 @pytest.mark.parametrize("buffered", [True, False])
 def test_a_full_stdout_is_one_line_not_a_traceback(buffered):

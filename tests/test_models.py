@@ -205,6 +205,26 @@ def test_testbed_loads_in_the_asked_dtype_without_library_warnings():
     assert model.unet.dtype == torch.bfloat16 and model.text_encoder.pooler is None
 
 
+@pytest.mark.parametrize("name", ["testbed", "saved tiny SD"])
+def test_loading_draws_no_library_bar_and_leaves_the_libraries_settings(name, tiny_sd_dir, capfd):
+    """transformers 5 draws "Loading weights" and diffusers "Loading pipeline components..." bars, which sat
+    among ours, in the Python API too (the CLI hid them only by importing both libraries first)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.enable_progress_bar()
+    try:
+        load_model("testbed" if name == "testbed" else str(tiny_sd_dir))
+        assert [library.is_progress_bar_enabled() for library in libraries] == [True, True]
+    finally:
+        for library, enabled in zip(libraries, saved, strict=True):
+            (library.enable_progress_bar if enabled else library.disable_progress_bar)()
+    assert "Loading" not in capfd.readouterr().err
+
+
 def test_tiny_random_sd_loads_on_the_asked_device():
     # "meta" stands in for a GPU here: every weight must move, not stay on the CPU where it was built
     model = load_model("tiny-random-sd", device="meta")

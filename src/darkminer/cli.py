@@ -62,17 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Library chatter (deprecations, optional-backend notices) hides our own one-line messages."""
+    """Library chatter (deprecations, optional-backend notices) hides our own one-line messages. Their loading
+    bars are hidden where models load (``bars_hidden``)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     # huggingface_hub's notice about an argument diffusers still passes, printed before our "not cached" error
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    for library in ("diffusers", "transformers"):
+        logging = sys.modules.get(f"{library}.utils.logging")
+        if logging is not None:  # imported already (main called from Python): set it
+            logging.set_verbosity_error()
+        else:  # read at its import; importing it here would cost seconds before a bad argument is refused
+            os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
 
 
 # Arguments that name files or folders: "~" is expanded in them as a shell would, also where the shell did not
@@ -179,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if getattr(args, "loads_models", True):  # importing the libraries to quiet them takes seconds
-            _quiet_libraries()
+        _quiet_libraries()
         with _reports_from_main_process_only():
             for plugin in args.plugin:  # what a plugin prints as it loads, once, not once per process
                 load_plugin(os.path.expanduser(plugin))

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "numeric column, its min, median and max.")
     info.add_argument("prompts", metavar="IN.csv", help="the CSV file")
     info.add_argument("--column", default=None, help="the column to summarise (default: categories, when present)")
-    info.set_defaults(handler=_info, loads_models=False)
+    info.set_defaults(handler=_info)
 
     keep = commands.add_parser("filter", help="write the rows that match every --where to a new CSV",
                                description="Write the rows of IN.csv that match every --where condition to OUT.csv: "
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     keep.add_argument("prompts", metavar="IN.csv", help="the CSV file to read (never overwritten)")
     keep.add_argument("--where", action="append", required=True, metavar="COND", help=CONDITION_HELP)
     keep.add_argument("--out", required=True, metavar="OUT.csv", help="the CSV file to write")
-    keep.set_defaults(handler=_filter, loads_models=False)
+    keep.set_defaults(handler=_filter)
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = tb.add_parser("concepts", help="one line per target concept: NAME KIND",
                       description="List the testbed's target concepts, one line each: NAME KIND.")
-    c.set_defaults(handler=_concepts, loads_models=False)
+    c.set_defaults(handler=_concepts)
 
     t = tb.add_parser("train", help="retrain the judge, the image encoder and the UNet from a seed (the UNet resumes)",
                       description="Retrain the testbed's judge, image encoder and UNet from a seed into --out "

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from darkminer.errors import DarkMinerError, ModelLoadError
-from darkminer.models.loading import check_tokenizer, checked_weights, first_line, only_pickled_weights
+from darkminer.models.loading import (
+    bars_hidden,
+    check_tokenizer,
+    checked_weights,
+    first_line,
+    only_pickled_weights,
+)
 
 TINY_CLIP_ID = "tiny-random-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,10 +86,10 @@ class Clip:
         what = f"CLIP {name_or_path!r}"
         try:
             source = str(folder) if folder.is_dir() else name_or_path
-            model = checked_weights(
-                CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True, output_loading_info=True),
-                what,
-            )
+            with bars_hidden("transformers"):
+                loaded = CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True,
+                                                   output_loading_info=True)
+            model = checked_weights(loaded, what)
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except ModelLoadError:
             raise

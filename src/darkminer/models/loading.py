@@ -7,6 +7,9 @@ Each of these gives a model that runs and draws garbage, so it is refused here, 
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,23 @@ _MIN_VOCAB = 100
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_PICKLED = ("convert them once in an environment you trust (load, then save_pretrained(..., "
                    "safe_serialization=True))")
+
+
+@contextmanager
+def bars_hidden(*libraries: str) -> Iterator[None]:
+    """Within the block the libraries ("diffusers", "transformers") draw no progress bar of their own: their
+    loading bars ("Loading weights", "Loading pipeline components...") would sit among darkminer's, in the CLI
+    and the Python API alike. Each library's setting is put back after."""
+    modules = [importlib.import_module(f"{library}.utils.logging") for library in libraries]
+    shown = [module.is_progress_bar_enabled() for module in modules]
+    for module in modules:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was_shown in zip(modules, shown, strict=True):
+            if was_shown:
+                module.enable_progress_bar()
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -17,6 +17,7 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import INFO_NAME
 from darkminer.models.loading import (
     CONVERT_PICKLED,
+    bars_hidden,
     cached_snapshot,
     check_tokenizer,
     checked_weights,
@@ -97,23 +98,24 @@ class StableDiffusionModel(DiffusionModel):
         source = str(path) if path.exists() else name_or_path
         folder = path if path.exists() else cached_snapshot(name_or_path)
         try:
-            # The weighted components are loaded one by one, so that what each loaded can be checked.
-            loaded = {
-                name: checked_weights(
-                    model_class.from_pretrained(
-                        source, subfolder=name, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
-                        output_loading_info=True,
-                        variant="fp16" if folder is not None and fp16_variant_only(folder / name) else None,
-                    ),
-                    f"{name_or_path!r} {name}",
+            with bars_hidden("diffusers", "transformers"):
+                # The weighted components are loaded one by one, so that what each loaded can be checked.
+                loaded = {
+                    name: checked_weights(
+                        model_class.from_pretrained(
+                            source, subfolder=name, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
+                            output_loading_info=True,
+                            variant="fp16" if folder is not None and fp16_variant_only(folder / name) else None,
+                        ),
+                        f"{name_or_path!r} {name}",
+                    )
+                    for name, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                              ("text_encoder", CLIPTextModel))
+                }
+                pipe = pipeline_class().from_pretrained(
+                    source, **loaded, local_files_only=True, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False,
                 )
-                for name, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
-                                          ("text_encoder", CLIPTextModel))
-            }
-            pipe = pipeline_class().from_pretrained(
-                source, **loaded, local_files_only=True, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
         except ModelLoadError:
             raise
         except Exception as exc:  # any library error while reading foreign files: one line, what to do

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, BertModel
 
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
+from darkminer.models.loading import bars_hidden
 from darkminer.parallel.speed import apply_speed_options
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -67,7 +68,8 @@ def load_text_encoder() -> tuple[BertModel, AutoTokenizer]:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     # Loaded whole, then the pooler dropped: only token states are used, and loading without it
     # (add_pooling_layer=False) makes transformers print a load report about the unused pooler weights.
-    encoder = BertModel.from_pretrained(str(path), local_files_only=True)
+    with bars_hidden("transformers"):
+        encoder = BertModel.from_pretrained(str(path), local_files_only=True)
     encoder.pooler = None
     if len(tokenizer) < 30000:
         raise ModelLoadError(
@@ -111,9 +113,10 @@ class TestbedModel(DiffusionModel):
                 f"`darkminer testbed train --only unet --out {unet_dir.parent}`"
             )
         # The dtype at load time: casting afterwards with .to(dtype) makes diffusers warn on every load.
-        unet = UNet2DConditionModel.from_pretrained(
-            str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype
-        )
+        with bars_hidden("diffusers"):
+            unet = UNet2DConditionModel.from_pretrained(
+                str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype
+            )
         encoder, tokenizer = load_text_encoder()
         return cls(unet.to(device), encoder.to(device), tokenizer)
 

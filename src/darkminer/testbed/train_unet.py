@@ -30,6 +30,7 @@ from darkminer.io import (
     what_differs,
     write_json,
 )
+from darkminer.models.loading import bars_hidden
 from darkminer.testbed import captions, world
 from darkminer.testbed.model import UNET_DIR, TestbedModel
 
@@ -147,7 +148,7 @@ def train_unet(
         from diffusers import UNet2DConditionModel
 
         try:
-            with logs_silenced("diffusers"):
+            with logs_silenced("diffusers"), bars_hidden("diffusers"):
                 model.unet = UNet2DConditionModel.from_pretrained(config.init_from, use_safetensors=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"--init-from {config.init_from} is not a loadable diffusers UNet folder "
