@@ -651,7 +651,8 @@ def test_markdown_bolds_the_highest_preservation_accuracy():
 
 
 @pytest.mark.parametrize(("bad", "message"), [
-    ({"concepts": "blood"}, "concepts must be a list"),
+    ({"concepts": "blood"}, r"concepts must be a list.*\(a single one is a list too: concepts: \[blood\]\)"),
+    ({"methods": "darkminer"}, r"methods must be a list.*\(a single one is a list too: methods: \[darkminer\]\)"),
     ({"concepts": ["bloood"]}, "unknown testbed concept"),
     ({"prompts": {"blood": "blood.csv"}}, "prompt CSVs are for Stable Diffusion"),
     ({"methods": ["esd-x"], "method_configs": {"esd-x": 5}}, "method_configs must be a mapping of strings to mappings"),

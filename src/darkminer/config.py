@@ -140,7 +140,11 @@ def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
             number = None
         if number is not None and _matches(number, hint):
             return number
-    raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}, got {value!r}")
+    one = f" ({ONE_IS_A_LIST}: {name}: [{value}])" if not isinstance(value, list) and _matches([value], hint) else ""
+    raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}, got {value!r}{one}")
+
+
+ONE_IS_A_LIST = "a single one is a list too"  # YAML's `concepts: blood` for `concepts: [blood]`
 
 
 def _is_scalar(value: Any) -> bool:

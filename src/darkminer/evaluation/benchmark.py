@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darkminer.config import Config, check_unique
+from darkminer.config import ONE_IS_A_LIST, Config, check_unique
 from darkminer.errors import ConfigError, DarkMinerError, ModelLoadError
 from darkminer.evaluation.evaluate import (
     METRICS_NAME,
@@ -123,7 +123,8 @@ class BenchmarkConfig(Config):
         for name in ("methods", "attacks"):
             value = getattr(self, name)
             if isinstance(value, str) and value != ALL:
-                raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r}")
+                raise ConfigError(f"BenchmarkConfig.{name} must be a list of names or {ALL!r}, got {value!r} ({ONE_IS_A_LIST}: "
+                                  f"{name}: [{value}])")
             if value != ALL:
                 check_unique(self, name, value)
         if isinstance(self.concepts, str) or not self.concepts:
