@@ -607,20 +607,21 @@ def test_a_benchmark_evaluates_erased_models_put_into_its_cells_before_its_first
 
 
 def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
-    def cell(method: str, plain: float, clip: float, asr: float, fid: float) -> dict:
+    def cell(method: str, plain: float, clip: float, asr: float, fid: float, seconds: float | None) -> dict:
         metrics = {"erasure": {"plain": plain, "paraphrase": None}, "attacks": {"cce": asr},
                    "preservation": {"accuracy": None, "clip": clip, "fid": fid}}
-        return {"method": method, "concept": "blood", "metrics": metrics}
+        return {"method": method, "concept": "blood", "erase_seconds": seconds, "metrics": metrics}
 
     results = {"model": "testbed", "methods": ["original", "a", "b"], "concepts": ["blood"], "attacks": ["cce"],
-               "cells": [cell("original", 0.9, 30.0, 1.0, 0.0), cell("a", 0.25, 20.0, 0.625, 7.5),
-                         cell("b", 0.5, 27.5, 0.875, 3.25)]}
+               "cells": [cell("original", 0.9, 30.0, 1.0, 0.0, None), cell("a", 0.25, 20.0, 0.625, 7.5, 95.4),
+                         cell("b", 0.5, 27.5, 0.875, 3.25, 12.6)]}
     rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in render_markdown(results).splitlines()
             if line.startswith("| ") and "method" not in line}
-    # Columns: plain, ASR cce, clip, fid. Lower is better for rates and FID, higher for CLIP.
+    # Columns: plain, ASR cce, clip, fid, erase s. Lower is better for rates, FID and time, higher for CLIP.
     assert rows["a"][:2] == ["**25.0**", "**62.5**"] and rows["b"][:2] == ["50.0", "87.5"]
-    assert rows["b"][2:] == ["**27.5**", "**3.250** |"] and rows["a"][2:] == ["20.0", "7.500 |"]
-    assert not any("**" in value for value in rows["original"])
+    assert rows["b"][2:] == ["**27.5**", "**3.250**", "**13** |"] and rows["a"][2:] == ["20.0", "7.500", "95 |"]
+    assert rows["original"][-1] == "– |" and not any("**" in value for value in rows["original"])
+    assert "erase s: seconds the erase took" in render_markdown(results)
     legend = render_markdown(results)
     assert "acc:" not in legend and "the testbed's image and text encoders" in legend  # no accuracy column here
     assert "fid: FID of preservation images against the original model's images of the same prompts" in legend
@@ -628,6 +629,12 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
     assert "fid: FID of preservation images against the reference images in coco/val" in photos
     alone = {**results, "methods": ["original", "a"], "cells": results["cells"][:2]}
     assert "**" not in render_markdown(alone)  # one eraser is best of nothing
+    tied = {**results, "cells": [cell("original", 0.9, 30.0, 1.0, 0.0, None), cell("a", 0.25, 20.0, 1.0, 7.5, None),
+                                 cell("b", 0.5, 27.5, 1.0, 3.25, None)]}
+    rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in render_markdown(tied).splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert rows["a"][1] == rows["b"][1] == "100.0"  # both broken by CCE: neither is better
+    assert "erase s" not in render_markdown(tied)  # no erase time known: no column
 
 
 def test_markdown_bolds_the_highest_preservation_accuracy():
@@ -1119,9 +1126,10 @@ def test_results_json_table_has_a_column_per_rate_attack_and_preservation_metric
 
     metrics = {"erasure": {"plain": 0.5, "paraphrase": None}, "attacks": {"cce": 0.75},
                "preservation": {"accuracy": None, "clip": 20.0, "fid": 1.5}}
-    results = {"attacks": ["cce"], "cells": [{"method": "a", "concept": "blood", "metrics": metrics}]}
+    results = {"attacks": ["cce"], "cells": [{"method": "a", "concept": "blood", "erase_seconds": 8.5, "metrics": metrics}]}
     assert cell_summary(results) == [{"method": "a", "concept": "blood", "plain": 0.5, "paraphrase": None,
-                                      "attack-cce": 0.75, "accuracy": None, "clip": 20.0, "fid": 1.5}]
+                                      "attack-cce": 0.75, "accuracy": None, "clip": 20.0, "fid": 1.5,
+                                      "erase_seconds": 8.5}]
 
 
 def test_a_benchmark_cell_whose_erase_was_resumed_reports_no_erase_time(tmp_path):

@@ -1,7 +1,7 @@
 """The benchmark's tables and report: ``results.md`` and a self-contained ``report.html``.
 
-Rows are methods, columns concept x condition; the best eraser in each column is bold (the original model
-is the reference row and never competes). The HTML inlines everything -- image grids and matplotlib plots
+Rows are methods, columns concept x condition, then each erase's time; the best eraser in each column is bold
+(the original model is the reference row and never competes; where every eraser ties, none is). The HTML inlines everything -- image grids and matplotlib plots
 as base64 PNG -- so the one file can be mailed or archived.
 """
 
@@ -20,7 +20,8 @@ from darkminer.evaluation.evaluate import ORIGINAL_METHOD, PRESERVATION
 from darkminer.models import model_id
 
 MISSING = "–"
-ERASURE_GROUP, ATTACK_GROUP, PRESERVATION_GROUP = "erasure", "attack success", "preservation"
+ERASURE_GROUP, ATTACK_GROUP, PRESERVATION_GROUP, COST_GROUP = "erasure", "attack success", "preservation", "cost"
+ERASE_SECONDS = "erase_seconds"  # a cell's own number beside its metrics (results.json's cells)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Condition:
 
 
 def conditions(attacks: Sequence[str]) -> list[Condition]:
-    """Columns of one concept: erasure (plain, paraphrase), each attack, then preservation."""
+    """Columns of one concept: erasure (plain, paraphrase), each attack, preservation, then the erase time."""
     columns = [
         Condition(name, name, ERASURE_GROUP, lambda m, name=name: m["erasure"].get(name), lower_is_better=True)
         for name in ("plain", "paraphrase")
@@ -61,17 +62,24 @@ def conditions(attacks: Sequence[str]) -> list[Condition]:
         Condition("accuracy", "acc", kept, lambda m: m["preservation"].get("accuracy"), lower_is_better=False),
         Condition("clip", "clip", kept, lambda m: m["preservation"].get("clip"), lower_is_better=False, percent=False),
         Condition("fid", "fid", kept, lambda m: m["preservation"].get("fid"), lower_is_better=True, percent=False, digits=3),
+        Condition(ERASE_SECONDS, "erase s", COST_GROUP, lambda m: m.get(ERASE_SECONDS), lower_is_better=True,
+                  percent=False, digits=0),
     ]
     return columns
 
 
+def _numbers(cell: dict) -> dict:
+    """What the conditions read from a cell: its metrics, and its erase time beside them."""
+    return {**cell["metrics"], ERASE_SECONDS: cell.get(ERASE_SECONDS)}
+
+
 def _cells_by_key(results: dict) -> dict[tuple[str, str], dict]:
-    return {(c["method"], c["concept"]): c["metrics"] for c in results["cells"]}
+    return {(c["method"], c["concept"]): _numbers(c) for c in results["cells"]}
 
 
 def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
     """Erasers (not the original) with the best value of ``condition`` for ``concept``; ties share it. Empty
-    where fewer than two erasers have a value."""
+    where fewer than two erasers have a value, or all have the same (every attack at 100%: none is better)."""
     cells = _cells_by_key(results)
     values = {
         method: condition.read(cells[(method, concept)])
@@ -79,7 +87,7 @@ def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
         if method != ORIGINAL_METHOD and (method, concept) in cells
     }
     values = {m: v for m, v in values.items() if v is not None}
-    if len(values) < 2:  # best of one is no comparison
+    if len(values) < 2 or len(set(values.values())) == 1:  # best of one, or of equals, is no comparison
         return set()
     best = min(values.values()) if condition.lower_is_better else max(values.values())
     return {m for m, v in values.items() if v == best}
@@ -87,7 +95,7 @@ def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
 
 def _present_conditions(results: dict, concept: str) -> list[Condition]:
     """The concept's conditions that at least one method has a value for (SD has no accuracy, ...)."""
-    cells = [c["metrics"] for c in results["cells"] if c["concept"] == concept]
+    cells = [_numbers(c) for c in results["cells"] if c["concept"] == concept]
     return [c for c in conditions(results["attacks"]) if any(c.read(m) is not None for m in cells)]
 
 
@@ -114,6 +122,7 @@ _EXPLAINED = {  # what each kind of column is, for the legend under the table
     "accuracy": "acc: % of asked-for attributes shown on preservation prompts",
     "clip": "clip: image-text alignment 100*max(cos,0) on preservation prompts ({aligner})",
     "fid": "fid: FID of preservation images against {fid_reference} (lower is better)",
+    COST_GROUP: "erase s: seconds the erase took, on this run's machine (– where unknown: a resumed or deleted erase)",
 }
 
 
@@ -125,8 +134,8 @@ def legend(results: dict) -> str:
     folder = results.get("config", {}).get("evaluation", {}).get("fid_reference")
     fid_reference = f"the reference images in {folder}" if folder else "the original model's images of the same prompts"
     parts = [text.format(aligner=aligner, fid_reference=fid_reference) for kind, text in _EXPLAINED.items() if kind in present]
-    return ". ".join(parts + ["Bold: best eraser per column where two or more are compared; the original model is "
-                              "the reference row."])
+    return ". ".join(parts + ["Bold: best eraser per column where two or more are compared and not all tie; the "
+                              "original model is the reference row."])
 
 
 def render_markdown(results: dict) -> str:
@@ -182,7 +191,7 @@ def attack_plot(results: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     concepts, methods = results["concepts"], results["methods"]
-    columns = [c for c in conditions(results["attacks"]) if c.group != PRESERVATION_GROUP]
+    columns = [c for c in conditions(results["attacks"]) if c.group in (ERASURE_GROUP, ATTACK_GROUP)]
     cells = _cells_by_key(results)
     fig, axes = plt.subplots(1, len(concepts), figsize=(max(5.0, 1.2 * len(methods)) * len(concepts), 3.6), squeeze=False)
     width = 0.8 / len(columns)
@@ -305,6 +314,6 @@ def cell_summary(results: dict) -> list[dict[str, Any]]:
     """One flat record per (method, concept): the headline numbers, for scripts that read results.json."""
     columns = conditions(results["attacks"])
     return [
-        {"method": c["method"], "concept": c["concept"], **{col.key: col.read(c["metrics"]) for col in columns}}
+        {"method": c["method"], "concept": c["concept"], **{col.key: col.read(_numbers(c)) for col in columns}}
         for c in results["cells"]
     ]
