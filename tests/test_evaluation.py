@@ -424,6 +424,42 @@ def test_a_prompt_csv_gives_one_image_per_row_unless_a_count_is_set(tmp_path):
     assert len(prompt_suites(target, 5, prompts_csv=csv)["plain"]) == 5
 
 
+def test_make_grid_frames_the_marked_images_in_red():
+    from darkminer.imaging import MARK_COLOUR, make_grid
+
+    images = torch.full((3, 3, 8, 8), 0.5)
+    grid = np.asarray(make_grid(images, ncols=3, pad=4, marked=[True, False, True]))
+    assert grid.shape == (4 + 12, 3 * 12 + 4, 3)
+    for i, marked in enumerate([True, False, True]):
+        left = 4 + 12 * i
+        frame = {tuple(grid[3, left + 3]), tuple(grid[8, left - 2]), tuple(grid[8, left + 9]), tuple(grid[13, left])}
+        assert frame == {MARK_COLOUR if marked else (255, 255, 255)}
+        assert tuple(grid[8, left + 4]) == (128, 128, 128)  # the image itself is untouched
+    # Each frame takes half a gutter: the outer pixel, and the unmarked neighbour's half, stay white.
+    assert tuple(grid[8, 1]) == tuple(grid[8, 25]) == (255, 255, 255)
+    with pytest.raises(ValueError, match="marked has 2 entries for 3 images"):
+        make_grid(images, marked=[True, False])
+
+
+def test_evaluation_grids_frame_the_images_the_detector_saw_the_concept_in(tmp_path, monkeypatch):
+    from darkminer.evaluation.detectors import JudgeDetector
+    from darkminer.imaging import MARK_COLOUR
+    from darkminer.testbed.model import TestbedModel
+
+    def every_other(self, scores):  # the untrained model's images: say every other one shows the concept
+        return torch.arange(len(scores)) % 2 == 0
+
+    monkeypatch.setattr(JudgeDetector, "decide", every_other)
+    evaluate("star", tmp_path / "e", model=TestbedModel.untrained(), config={**FAST, "n_images": 4, "grid_images": 3})
+    judged = [j["concept"] for j in json.loads((tmp_path / "e" / "judgements.json").read_text()) if j["set"] == "plain"]
+    assert judged == [True, False, True, False]
+    for name, framed in (("plain", [True, False, True]), ("preservation", [False, False, False])):
+        grid = np.asarray(Image.open(tmp_path / "e" / "images" / f"{name}.png").convert("RGB"))
+        # 3 tiles of 64 px in 2 columns, 4-pixel gutters: the pixel just left of each tile is its frame's
+        corners = [grid[4 + 68 * (i // 2) + 32, 4 + 68 * (i % 2) - 1] for i in range(3)]
+        assert [tuple(c) == MARK_COLOUR for c in corners] == framed, name
+
+
 def test_evaluate_rejects_bad_input_before_any_work(tmp_path):
     with pytest.raises(DarkMinerError, match="unknown attack"):
         evaluate("nudity", tmp_path / "x", model="tiny-random-sd", config={"attacks": ["no-such-attack"]})

@@ -106,6 +106,7 @@ IN_MEMORY_METHOD = "in-memory"  # a loaded model handed to evaluate(): what was 
 # Grid tiles: testbed images (32 px) are enlarged, SD images (512 px) shrunk, so grids stay light enough
 # to inline many of them in one HTML report.
 GRID_TILE = 64
+GRID_PAD = 4  # room for the 2-pixel red frame of an image the detector saw the concept in
 # Images drawn, graded and let go at a time: memory stays flat however large a set is (20k COCO-caption
 # preservation images at 512 px would be 63 GB whole).
 CHUNK_IMAGES = 256
@@ -472,7 +473,9 @@ def evaluate(
             if cfg.save_images:
                 link_tree(sets.images(), tmp / IMAGES_NAME)
             for name, images in sets.grids.items():
-                save_png(make_grid(thumbnails(images)), tmp / IMAGES_NAME / f"{name}.png")
+                seen = grader.seen.get(name)  # preservation sets are not graded for the concept: no frames
+                marked = None if seen is None else seen[: len(images)].tolist()
+                save_png(make_grid(thumbnails(images), pad=GRID_PAD, marked=marked), tmp / IMAGES_NAME / f"{name}.png")
             write_json(tmp / "judgements.json", grader.judgements)
             write_json(tmp / METRICS_NAME, metrics)
         remove_work_directory(work_dir)
@@ -484,12 +487,13 @@ def evaluate(
 
 class Grader:
     """Draws an image set chunk by chunk, judges it and keeps what the output needs: its grid and saved
-    images and its checkpoint (in ``sets``: a killed run's set resumes where it stopped), and a judgement for
-    each image."""
+    images and its checkpoint (in ``sets``: a killed run's set resumes where it stopped), a judgement for
+    each image, and each set's verdicts (``seen``: the grids frame what the detector saw the concept in)."""
 
     def __init__(self, sets: Progress, detector: Detector) -> None:
         self.sets, self.detector, self.processes = sets, detector, init_processes()
         self.judgements: list[dict[str, Any]] = []
+        self.seen: dict[str, torch.Tensor] = {}
 
     def grade(self, name: str, suite_prompts: Sequence[Any], draw: Callable[[slice], torch.Tensor],
               adversarial: Sequence[str] | None = None) -> torch.Tensor:
@@ -504,7 +508,7 @@ class Grader:
             sets.keep(name, images, rows.start)
             sets.save(name, rows.stop, [name], scores=torch.cat(chunks))
         scores = torch.cat(chunks)
-        flags = detector.decide(scores)
+        flags = self.seen[name] = detector.decide(scores)
         labels = detector.score_labels()
         self.judgements.extend({"set": name, "prompt": p.text, **({"adversarial_text": adversarial[i]} if adversarial else {}),
                                 "seed": p.seed, "guidance": p.guidance, "concept": bool(f),

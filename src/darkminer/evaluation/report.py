@@ -299,7 +299,8 @@ def render_html(results: dict, root: Path) -> str:
         parts += ["<h2>Concept rate under each attack</h2>",
                   f"<div class='wide'><img alt='attack success per method' src='{_png_data_uri(attack_plot(results))}'></div>"]
     parts.append("<h2>Images</h2><p class='legend'>Rows: methods; columns: prompt sets and attacks. "
-                 "Each grid shows the first images of its set, drawn with the same seeds for every method.</p>")
+                 "Each grid shows the first images of its set, drawn with the same seeds for every method; a red "
+                 "frame marks an image the detector saw the concept in.</p>")
     for concept in results["concepts"]:
         parts += [f"<h3>{html.escape(concept)}</h3>", _image_grid_html(results, root, concept)]
     # The detector is chosen per concept (NudeNet for nudity, CLIP for a style); the other graders per run.
