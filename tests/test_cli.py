@@ -49,6 +49,8 @@ def test_help(argv, capsys):
     (["testbed", "concepts", "--plugin", "m.py"], "unrecognized arguments: --plugin m.py (--threads and --plugin go "
                                                   "before the command: darkminer --threads 1 erase ...)"),
     (["testbed", "concepts", "--bogus"], "unrecognized arguments: --bogus (see `darkminer testbed concepts --help`)"),
+    (["testbed", "--bogus", "concepts"], "unrecognized arguments: --bogus (see `darkminer testbed --help`)"),
+    (["--bogus", "testbed", "concepts"], "unrecognized arguments: --bogus (see `darkminer --help`)"),
     # the command's own help, where its options are (attack's prompts are --n-prompts)
     (["attack", "--attack", "plain", "-n", "2", "--out", "a"], "unrecognized arguments: -n 2 (see `darkminer attack --help`)"),
 ])

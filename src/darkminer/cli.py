@@ -31,11 +31,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"darkminer: error: {message} (see `{prog or self.prog} --help`)\n")
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """As argparse's, but an option the command does not know points at that command's --help."""
+        """As argparse's, but an unknown option points at the --help of the (sub)command it was given to: the
+        command words ("testbed concepts"; a subcommand is in COMMAND_command) that come before it."""
         parsed, extras = self.parse_known_args(args, namespace)
-        if extras:  # the command's words ("testbed concepts"): its subcommand is in COMMAND_command
+        if extras:
+            argv = list(sys.argv[1:] if args is None else args)
+            where = argv.index(extras[0]) if extras[0] in argv else len(argv)
             command = getattr(parsed, "command", None)
-            words = [self.prog, *(w for w in (command, getattr(parsed, f"{command}_command", None)) if w)]
+            words = [self.prog]
+            for word in (command, getattr(parsed, f"{command}_command", None)):
+                if word is None or word not in argv[:where]:
+                    break
+                words.append(word)
             self.error(f"unrecognized arguments: {' '.join(extras)}", " ".join(words))
         return parsed
 
