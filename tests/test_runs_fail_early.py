@@ -305,6 +305,13 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
     (tmp_path / "darkminer.json").write_text("{}")
     with pytest.raises(DarkMinerError, match="lies inside .*, an erased model, and a rerun into that folder"):
         check_output_directory(tmp_path / "a" / "b", "darkminer.json", "an erased model")
+    # Any output inside an erased model (an evaluation made without --erased): an erase into it deletes it too.
+    with pytest.raises(DarkMinerError, match=f"--out {tmp_path / 'eval'} lies inside {tmp_path}, an erased model"):
+        check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
+    with pytest.raises(DarkMinerError, match="lies inside .*, an erased model"):  # filled in place, deleted all the same
+        check_output_directory(tmp_path / "bench", "config.json", "a benchmark output", replaced=False)
+    (tmp_path / "darkminer.json").unlink()
+    check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
 
 
 def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypatch):

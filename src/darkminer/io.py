@@ -109,6 +109,9 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return len(stale)
 
 
+ERASED_MODEL_RECORD = "darkminer.json"  # the record that makes a folder an erased model (models.erased)
+
+
 def check_output_directory(
     out: str | Path, marker: str, what: str, replaced: bool = True, prepared: tuple[str, ...] = (),
     apart_from: str | Path | None = None, flag: str = "--out", marker_keys: tuple[str, ...] = (),
@@ -131,14 +134,18 @@ def check_output_directory(
     if out.exists() and not (out.is_dir() and (_holds_record(out / marker, marker_keys)
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
-    # A rerun into an earlier output of this kind replaces it whole, with what lies inside. Only where the
-    # marker's name is ours (darkminer.json, darkminer_export.json): a metrics.json, attack.json or config.json
-    # in a parent folder may well be another tool's.
+    # A rerun into an erased model (what evaluations, attacks, exports and benchmarks are made from) or into an
+    # earlier output of this kind, where it is replaced whole, deletes what lies inside. Only where the marker's
+    # name is ours (darkminer.json, darkminer_export.json): a metrics.json, attack.json or config.json in a
+    # parent folder may well be another tool's.
+    holders = [(ERASED_MODEL_RECORD, "an erased model")]
     if replaced and marker.startswith("darkminer"):
-        holder = next((parent for parent in out.parents if (parent / marker).is_file()), None)
-        if holder is not None:
-            raise DarkMinerError(f"{flag} {out} lies inside {holder}, {what}, and a rerun into that folder would "
-                                 f"delete it; choose another {flag}")
+        holders.append((marker, what))
+    for parent in out.parents:
+        for name, kind in holders:
+            if (parent / name).is_file():
+                raise DarkMinerError(f"{flag} {out} lies inside {parent}, {kind}, and a rerun into that folder "
+                                     f"would delete it; choose another {flag}")
     if replaced and out.is_symlink():
         raise DarkMinerError(f"{flag} {out} is a link; give the folder itself (the output replaces it)")
     if replaced and Path.cwd().resolve().is_relative_to(out.resolve()):

@@ -38,13 +38,13 @@ import torch
 
 from darkminer.config import fits
 from darkminer.errors import ConfigError, DarkMinerWarning, ModelLoadError
-from darkminer.io import link_tree, load_tensors, output_directory, read_json, write_json
+from darkminer.io import ERASED_MODEL_RECORD, link_tree, load_tensors, output_directory, read_json, write_json
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
 from darkminer.models.loading import CONVERT_PICKLED, only_pickled_weights
 from darkminer.provenance import package_versions
 
-INFO_NAME = "darkminer.json"
+INFO_NAME = ERASED_MODEL_RECORD
 OUTPUT_KIND = "an erased model"  # what may be replaced at --out
 FORMAT_VERSION = 1
 KINDS = ("lora", "unet", "text_encoder", "guidance")
