@@ -312,9 +312,10 @@ def render_html(results: dict, root: Path) -> str:
 
 
 def cell_summary(results: dict) -> list[dict[str, Any]]:
-    """One flat record per (method, concept): the headline numbers, for scripts that read results.json."""
-    columns = conditions(results["attacks"])
+    """One flat record per (method, concept): the headline numbers, for scripts that read results.json. Not the
+    erase time, which is each cell's own ``erase_seconds``: the same run on another machine has the same table."""
+    columns = [col for col in conditions(results["attacks"]) if col.group != COST_GROUP]
     return [
-        {"method": c["method"], "concept": c["concept"], **{col.key: col.read(_numbers(c)) for col in columns}}
+        {"method": c["method"], "concept": c["concept"], **{col.key: col.read(c["metrics"]) for col in columns}}
         for c in results["cells"]
     ]
