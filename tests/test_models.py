@@ -589,6 +589,32 @@ def test_export_refuses_what_no_plain_pipeline_can_carry(tmp_path, capsys):
     assert "'testbed' is not one" in capsys.readouterr().err and not (tmp_path / "p2").exists()
 
 
+def test_weights_built_from_a_seed_leave_the_callers_generator_alone():
+    """add_lora, the tiny models and the untrained testbed seed what they build, never the user's program: a
+    caller's torch.rand after them draws as it would have without them."""
+    from darkminer.models.adapters import LoraConfig, add_lora
+    from darkminer.models.clip import build_tiny_clip
+    from darkminer.models.tiny import build_tiny_sd_pipeline
+    from darkminer.testbed.model import TestbedModel
+
+    def lora_a(seed: int) -> torch.Tensor:
+        model = load_model("tiny-random-sd")
+        add_lora(model, LoraConfig(), seed=seed)
+        return next(p for n, p in model.unet.named_parameters() if "lora_A" in n).detach().clone()
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = lora_a(0)
+    build_tiny_sd_pipeline(1)
+    build_tiny_clip(2)
+    TestbedModel.untrained(3)
+    assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(lora_a(0), first) and not torch.equal(lora_a(1), first)  # still the seed's weights
+    unet = lambda seed: next(TestbedModel.untrained(seed).unet.parameters()).detach()  # noqa: E731
+    assert torch.equal(unet(3), unet(3)) and not torch.equal(unet(3), unet(4))
+
+
 def test_lora_alpha_sets_the_adapters_scale():
     for alpha, scale in ((8.0, 2.0), (None, 1.0)):  # None: alpha = rank, scale 1
         model = load_model("tiny-random-sd")

@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError, ModelLoadError, logs_silenced
 from darkminer.io import load_tensors_and_metadata
-from darkminer.models.base import DiffusionModel
+from darkminer.models.base import DiffusionModel, seeded
 from darkminer.models.loading import pipeline_class
 
 ADAPTER_NAME = "darkminer"
@@ -81,14 +81,14 @@ def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[t
     if getattr(model.unet, "peft_config", None):
         raise ConfigError("the UNet already carries an adapter; erase from the base model, not an erased one")
     target_module_names(model, config.pattern)
-    torch.manual_seed(seed)
     peft_config = PeftLoraConfig(
         r=config.rank,
         lora_alpha=config.alpha or config.rank,
         target_modules=config.pattern,
         init_lora_weights=True,
     )
-    model.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
+    with seeded(seed):  # peft draws the initial A on the CPU
+        model.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
     params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
     for p in params:
         # Trainable weights stay float32 on a half-precision model: bf16 keeps 8 mantissa bits, so small

@@ -37,6 +37,15 @@ def check_seed_list(seeds: Sequence[int]) -> None:
         raise DarkMinerError(f"seeds is a list of seeds, one per image: give [{seeds}], not {seeds}")
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the block torch's CPU generator starts from ``seed``; after it, the caller's generator is as it
+    was: weights built from a seed (a LoRA's initial A, a tiny model) do not reseed the user's program."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host tensor copied to ``device`` (cast to ``dtype`` first, on the host: fewer bytes to move) without
     making the host wait for the device's queue.

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from darkminer.errors import DarkMinerError, ModelLoadError
+from darkminer.models.base import seeded
 from darkminer.models.loading import (
     bars_hidden,
     check_tokenizer,
@@ -52,8 +53,7 @@ def build_tiny_clip(seed: int = 0) -> tuple[Any, Any]:
                        "num_hidden_layers": 2, "num_attention_heads": 4},
         projection_dim=16,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = CLIPModel(config)
     return model, tokenizer
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer, BertModel
 
 from darkminer.errors import ModelLoadError
-from darkminer.models.base import DiffusionModel, SamplingOptions
+from darkminer.models.base import DiffusionModel, SamplingOptions, seeded
 from darkminer.models.loading import bars_hidden
 from darkminer.parallel.speed import apply_speed_options
 
@@ -122,9 +122,10 @@ class TestbedModel(DiffusionModel):
 
     @classmethod
     def untrained(cls, seed: int = 0) -> TestbedModel:
-        torch.manual_seed(seed)
-        encoder, tokenizer = load_text_encoder()
-        return cls(UNet2DConditionModel(**UNET_CONFIG), encoder, tokenizer)
+        with seeded(seed):
+            encoder, tokenizer = load_text_encoder()
+            unet = UNet2DConditionModel(**UNET_CONFIG)
+        return cls(unet, encoder, tokenizer)
 
     # ----------------------------------------------------------------------------------------- text
     @property
