@@ -312,6 +312,9 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
         check_output_directory(tmp_path / "bench", "config.json", "a benchmark output", replaced=False)
     (tmp_path / "darkminer.json").unlink()
     check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
+    (tmp_path / "darkminer_export.json").write_text("{}")  # an exported pipeline: a re-export replaces it whole
+    with pytest.raises(DarkMinerError, match="lies inside .*, an exported pipeline"):
+        check_output_directory(tmp_path / "a", "darkminer.json", "an erased model")
 
 
 def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypatch):

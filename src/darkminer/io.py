@@ -109,7 +109,10 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return len(stale)
 
 
-ERASED_MODEL_RECORD = "darkminer.json"  # the record that makes a folder an erased model (models.erased)
+# The records that make a folder an erased model or an exported pipeline (models.erased): outputs replaced whole
+# by a rerun, so nothing else may be written inside them. Their names are ours alone, unlike metrics.json.
+ERASED_MODEL_RECORD, EXPORT_RECORD = "darkminer.json", "darkminer_export.json"
+WHOLE_OUTPUTS = {ERASED_MODEL_RECORD: "an erased model", EXPORT_RECORD: "an exported pipeline"}
 
 
 def check_output_directory(
@@ -134,15 +137,11 @@ def check_output_directory(
     if out.exists() and not (out.is_dir() and (_holds_record(out / marker, marker_keys)
                                                or all(p.name in prepared for p in out.iterdir()))):
         raise DarkMinerError(f"{flag} {out} exists and is not {what}; choose another {flag}")
-    # A rerun into an erased model (what evaluations, attacks, exports and benchmarks are made from) or into an
-    # earlier output of this kind, where it is replaced whole, deletes what lies inside. Only where the marker's
-    # name is ours (darkminer.json, darkminer_export.json): a metrics.json, attack.json or config.json in a
-    # parent folder may well be another tool's.
-    holders = [(ERASED_MODEL_RECORD, "an erased model")]
-    if replaced and marker.startswith("darkminer"):
-        holders.append((marker, what))
+    # A rerun into an erased model or an export (what evaluations, attacks and benchmarks are made from) replaces
+    # it whole, with what lies inside; so does one into an earlier evaluation or attack output, but a metrics.json
+    # or attack.json in a parent folder may well be another tool's.
     for parent in out.parents:
-        for name, kind in holders:
+        for name, kind in WHOLE_OUTPUTS.items():
             if (parent / name).is_file():
                 raise DarkMinerError(f"{flag} {out} lies inside {parent}, {kind}, and a rerun into that folder "
                                      f"would delete it; choose another {flag}")

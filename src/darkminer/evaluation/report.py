@@ -1,8 +1,9 @@
 """The benchmark's tables and report: ``results.md`` and a self-contained ``report.html``.
 
 Rows are methods, columns concept x condition, then each erase's time; the best eraser in each column is bold
-(the original model is the reference row and never competes; where every eraser ties, none is). The HTML inlines everything -- image grids and matplotlib plots
-as base64 PNG -- so the one file can be mailed or archived.
+(the original model is the reference row and never competes; where every eraser ties, none is). The HTML
+inlines everything -- image grids and matplotlib plots as base64 PNG -- so the one file can be mailed or
+archived.
 """
 
 from __future__ import annotations

@@ -38,7 +38,15 @@ import torch
 
 from darkminer.config import fits
 from darkminer.errors import ConfigError, DarkMinerWarning, ModelLoadError
-from darkminer.io import ERASED_MODEL_RECORD, link_tree, load_tensors, output_directory, read_json, write_json
+from darkminer.io import (
+    ERASED_MODEL_RECORD,
+    EXPORT_RECORD,
+    link_tree,
+    load_tensors,
+    output_directory,
+    read_json,
+    write_json,
+)
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
 from darkminer.models.loading import CONVERT_PICKLED, only_pickled_weights
@@ -172,7 +180,7 @@ def method_label(info: dict[str, Any]) -> str:
     return "+".join(record["method"] for record in reversed(stack_records(info)))
 
 
-EXPORT_INFO = "darkminer_export.json"  # beside model_index.json: which erasure an exported pipeline carries
+EXPORT_INFO = EXPORT_RECORD  # beside model_index.json: which erasure an exported pipeline carries
 
 
 def exported_erasure(model: str | Path | None) -> dict[str, Any] | None:
