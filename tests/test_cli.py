@@ -410,7 +410,9 @@ def test_prompt_csv_reading(tmp_path):
     assert [r.seed for r in read_prompt_csv(seeds)] == [42, 2**64 - 1, 4202650276]
     for cell, message in (("seed 4.9", "not a whole number"), ("seed 1e20", r"outside 0 \.\. 2\*\*64"),
                           ("seed 18446744073709551616", "outside"),
-                          ("seed -1", "outside"), ("guidance nan", "not a finite number"),
+                          ("seed -1", "outside"), ("guidance nan", "guidance 'nan' is not a number"),
+                          # Python reads "7_5" as 75; the filters (prompts filter) read no number there, nor do we
+                          ("guidance 7_5", "guidance '7_5' is not a number"), ("seed 1_000", "seed '1_000' is not a number"),
                           ("guidance inf", "not a finite number"), ("guidance 0", "'0' is not above 0"),
                           ("guidance -3", "'-3' is not above 0"), ("seed x", "seed 'x' is not a number"),
                           ("guidance high", "guidance 'high' is not a number")):

@@ -63,15 +63,11 @@ def read_prompt_csv(path: str | Path, default_seed: int = 0, limit: int | None =
 
 
 def _seed(value: str) -> int:
-    """A seed cell: an integer, also as spreadsheets and pandas write one ("42.0"), in torch's seed range.
-    Parsed as an integer first: a float would round seeds above 2**53."""
-    try:
-        seed = int(value)
-    except ValueError:
-        number = _number(value, "evaluation_seed")
-        if not number.is_integer():
-            raise ValueError(f"evaluation_seed {value!r} is not a whole number") from None
-        seed = int(number)
+    """A seed cell: an integer, also as spreadsheets and pandas write one ("42.0"), in torch's seed range."""
+    number = _number(value, "evaluation_seed")
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(f"evaluation_seed {value!r} is not a whole number")
+    seed = int(number)
     if not 0 <= seed < PROMPT_SEED_LIMIT:
         raise ValueError(f"evaluation_seed {value!r} is outside 0 .. 2**64 - 1")
     return seed
@@ -86,11 +82,12 @@ def _guidance(value: str) -> float:
     return scale
 
 
-def _number(value: str, column: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{column} {value!r} is not a number") from None
+def _number(value: str, column: str) -> int | float:
+    """A cell of a number column, read as the filters read it ("7_5" is no number, not 75)."""
+    number = _as_number(value)
+    if number is None:
+        raise ValueError(f"{column} {value!r} is not a number")
+    return number
 
 
 # ------------------------------------------------------------------------------------- filtering rows
