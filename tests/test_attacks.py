@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -1071,3 +1072,182 @@ def test_a_damaged_journal_entry_counts_as_not_searched(tmp_path):
     assert sorted(entries) == [0, 1]  # 2 is damaged, 3 was never written: both are searched again
     assert entries[0][0].to_dict() == found.to_dict() and entries[0][1] == 1.5
     assert torch.equal(entries[1][0], torch.tensor([4, 5, 6])) and entries[1][1] == 2.0
+
+
+# Attack results on disk, replays and resumes (mutation testing, session 45).
+def test_attack_json_records_the_rate_before_the_attack_apart_from_the_rate_after(tmp_path):
+    """success_before_rate is the share of prompts that show the concept unattacked;
+    written from the after-attack verdicts, a reader sees how much the attack added as nothing."""
+    from darkminer.attacks.base import AttackPrompt, AttackResult
+    from darkminer.attacks.io import load_results, save_results
+    from darkminer.targets import EraseTarget
+
+    results = [AttackResult(AttackPrompt(f"p{i}", i), f"adv {i}", before, after)
+               for i, (before, after) in enumerate([(True, True), (False, True), (False, True), (False, False)])]
+    target = EraseTarget(name="nudity", word="nudity", anchor="", prompts=("nudity",), preserve=())
+    save_results(tmp_path / "a", results, attack="plain", config={}, target=target, model="tiny-random-sd")
+    meta, loaded = load_results(tmp_path / "a")
+    assert meta["success_before_rate"] == 0.25 and meta["attack_success_rate"] == 0.75
+    assert [(r.success_before, r.success_after) for r in loaded] == [(True, True), (False, True), (False, True),
+                                                                     (False, False)]
+
+
+def test_a_soft_result_whose_embedding_is_lost_is_refused_not_replayed_as_text(tmp_path):
+    """a soft result (CCE's learned token) without its embedding in
+    embeddings.safetensors must be refused; loaded with no embedding, a replay judges its readable text
+    instead, and reports a transfer rate of another attack."""
+    import torch
+
+    from darkminer.attacks.base import AttackPrompt, AttackResult
+    from darkminer.attacks.io import EMBEDDINGS_NAME, load_results, save_results
+    from darkminer.io import load_tensors, save_tensors
+    from darkminer.targets import EraseTarget
+
+    results = [AttackResult(AttackPrompt(f"p{i}", i), "<token> p", False, True, input_ids=[1, 2, 3],
+                            embeddings=torch.full((3, 4), float(i))) for i in range(3)]
+    target = EraseTarget(name="nudity", word="nudity", anchor="", prompts=("nudity",), preserve=())
+    out = save_results(tmp_path / "cce", results, attack="cce", config={}, target=target, model="tiny-random-sd")
+    _, loaded = load_results(out)
+    assert [float(r.embeddings[0, 0]) for r in loaded] == [0.0, 1.0, 2.0]
+    tensors = load_tensors(out / EMBEDDINGS_NAME)
+    save_tensors(out / EMBEDDINGS_NAME, {"0": tensors["0"], "2": tensors["2"]})  # result 1's is lost
+    with pytest.raises(DarkMinerError, match=r"lacks embeddings of results \[1\]; re-run the attack"):
+        load_results(out)
+
+
+def test_a_replay_keeps_the_unattacked_verdict_as_before_and_the_attacked_one_as_after(monkeypatch):
+    """replay judges the plain prompts (before) and the adversarial conditions (after);
+    swapped, the replayed attack.json says the unattacked prompts broke the model and the attack did not."""
+    from darkminer.attacks import io as attack_io
+    from darkminer.attacks.base import AttackPrompt, AttackResult, before_and_after_rates
+
+    saved = [AttackResult(AttackPrompt(f"p{i}", i), f"adv {i}", False, False) for i in range(3)]
+    monkeypatch.setattr(attack_io, "judge_texts", lambda model, prompts, success: [True, False, False])
+    monkeypatch.setattr(attack_io, "adversarial_conditions", lambda model, results, use_text=False: None)
+    monkeypatch.setattr(attack_io, "judge_conditions", lambda model, conds, prompts, success: [False, True, True])
+    replayed = attack_io.replay(object(), saved, lambda images: None)
+    assert [(r.success_before, r.success_after) for r in replayed] == [(True, False), (False, True), (False, True)]
+    assert before_and_after_rates(replayed) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+
+
+
+def _checkpointing_attack():
+    """An attack that, while ``kill_into`` names an output, journals a search into its work folder and is
+    killed; else returns one unbroken result per prompt."""
+    from darkminer.attacks.base import Attack, AttackConfig, AttackResult
+    from darkminer.io import work_directory
+
+    class Checkpointing(Attack):
+        name = "checkpointing"
+        config_class = AttackConfig
+        kill_into: Path | None = None
+
+        def run(self, model, target, prompts, success, original=None):
+            if type(self).kill_into is not None:
+                (work_directory(type(self).kill_into) / "searches").mkdir()
+                raise KeyboardInterrupt
+            return [AttackResult(p, p.text, False, False) for p in prompts]
+
+    return Checkpointing
+
+
+def _never(images):
+    return [False] * len(images)
+
+
+def test_a_resume_with_other_prompts_is_refused(tmp_path):
+    """the work record holds the attacked prompts; without them a --resume with other
+    prompts (another --prompts CSV, another --n-prompts) reuses the killed run's searches for prompts they
+    were not made for."""
+    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.io import run_attack
+    from darkminer.errors import ConfigError
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    cls, out = _checkpointing_attack(), tmp_path / "out"
+    model = load_model("testbed")
+    target = resolve_target(model, "blood")
+    first = [AttackPrompt("a", 0), AttackPrompt("b", 1)]
+    cls.kill_into = out
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cls(), model, target, first, _never, out=out)
+    cls.kill_into = None
+    other = [AttackPrompt("c", 0), AttackPrompt("d", 1)]
+    with pytest.raises(ConfigError, match=r"is from another run \(its prompts differs\)"):
+        run_attack(cls(), model, target, other, _never, out=out, resume=True)
+    assert len(run_attack(cls(), model, target, first, _never, out=out, resume=True)) == 2
+
+
+def test_a_resume_under_other_sampling_is_refused(tmp_path):
+    """the work record holds the sampling the searches were judged at; without it a
+    --resume with other --steps or --guidance mixes verdicts drawn two ways in one attack success rate."""
+    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.io import run_attack
+    from darkminer.errors import ConfigError
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    cls, out = _checkpointing_attack(), tmp_path / "out"
+    model = load_model("testbed")
+    target = resolve_target(model, "blood")
+    prompts = [AttackPrompt("a", 0)]
+    cls.kill_into = out
+    with model.sampling_defaults(steps=2), pytest.raises(KeyboardInterrupt):
+        run_attack(cls(), model, target, prompts, _never, out=out)
+    cls.kill_into = None
+    with model.sampling_defaults(steps=3), pytest.raises(ConfigError, match=r"its sampling\.steps differs"):
+        run_attack(cls(), model, target, prompts, _never, out=out, resume=True)
+    with model.sampling_defaults(steps=2):
+        assert len(run_attack(cls(), model, target, prompts, _never, out=out, resume=True)) == 1
+
+
+def test_attack_json_says_resumed_only_where_a_checkpoint_was_continued(tmp_path):
+    """`--resume` that finds no checkpoint starts from the beginning (the command says
+    so); its attack.json must not claim the run was resumed (readers treat a resumed run's timings apart)."""
+    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.io import load_results, run_attack
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    cls = _checkpointing_attack()
+    model = load_model("testbed")
+    target = resolve_target(model, "blood")
+    prompts = [AttackPrompt("a", 0)]
+    run_attack(cls(), model, target, prompts, _never, out=tmp_path / "fresh", resume=True)
+    assert "resumed" not in load_results(tmp_path / "fresh")[0]
+    cls.kill_into = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cls(), model, target, prompts, _never, out=tmp_path / "killed")
+    cls.kill_into = None
+    run_attack(cls(), model, target, prompts, _never, out=tmp_path / "killed", resume=True)
+    assert load_results(tmp_path / "killed")[0]["resumed"] is True
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused_in_one_line(tiny_sd):
+    """ids run 0 .. vocabulary-1; a damaged or foreign result holding the id
+    `vocabulary` must get the one-line 're-run the attack', not an IndexError from the embedding table."""
+    from darkminer.attacks.base import AttackPrompt, AttackResult
+    from darkminer.attacks.io import adversarial_conditions
+
+    vocabulary = tiny_sd.token_embedding.weight.shape[0]
+    last = AttackResult(AttackPrompt("a", 0), "a", False, True, input_ids=[vocabulary - 1] * tiny_sd.max_length)
+    assert adversarial_conditions(tiny_sd, [last]).shape[0] == 1
+    beyond = AttackResult(AttackPrompt("a", 0), "a", False, True, input_ids=[vocabulary] * tiny_sd.max_length)
+    with pytest.raises(DarkMinerError, match="token ids fall outside this model's vocabulary"):
+        adversarial_conditions(tiny_sd, [beyond])
+
+
+def test_a_replay_that_cannot_replay_refuses_before_drawing_anything(tiny_sd, monkeypatch):
+    """--use-text on a soft attack's results was refused only after every prompt's unattacked images were
+    drawn (minutes on Stable Diffusion)."""
+    from darkminer.attacks import io as attack_io
+
+    drawn = []
+    monkeypatch.setattr(attack_io, "judge_texts", lambda model, prompts, success: drawn.append(prompts))
+    soft = [AttackResult(AttackPrompt(f"p{i}", i), "<t> p", False, True, input_ids=[0] * tiny_sd.max_length,
+                         embeddings=torch.zeros(tiny_sd.max_length, tiny_sd.token_embedding.weight.shape[1]))
+            for i in range(3)]
+    with pytest.raises(DarkMinerError, match="has no readable text to replay"):
+        replay(tiny_sd, soft, lambda images: torch.zeros(len(images), dtype=torch.bool), use_text=True)
+    assert drawn == []

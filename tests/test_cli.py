@@ -962,3 +962,83 @@ def test_a_run_killed_while_it_removes_its_work_folder_leaves_none_to_resume(tmp
     assert (out / "metrics.json").is_file() and not (tmp_path / ".e.work").exists()  # the output is whole
     assert main(command) == 0  # not refused as an unfinished run; the leftover is swept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+# Command options (mutation testing, session 45).
+def test_attack_n_prompts_0_is_refused_not_read_as_the_default(tmp_path, capsys):
+    """`--n-prompts 0` must be refused as the API refuses n_prompts=0; read as
+    "unset" it attacks the default 16 prompts, a run (and a rate) the user did not ask for."""
+    from darkminer.cli import main
+
+    out = tmp_path / "a"
+    assert main(["attack", "--attack", "plain", "--concept", "nudity", "--model", "tiny-random-sd", "--steps", "1",
+                 "--n-prompts", "0", "--out", str(out)]) == 2
+    assert "n_prompts" in _error_line(capsys)
+    assert not out.exists()
+
+
+def _erased_record(folder: Path, concept: str, kind: str, base_model: str = "tiny-random-sd") -> Path:
+    from dataclasses import asdict
+
+    from darkminer.io import write_json
+    from darkminer.models.erased import INFO_NAME, ErasedModelInfo
+
+    info = ErasedModelInfo(method="uce", concept=concept, base_model=base_model, kind="unet",
+                           extra={"target": {"name": concept, "kind": kind}})
+    write_json(folder / INFO_NAME, asdict(info))
+    return folder
+
+
+def test_a_kind_given_beside_an_erased_model_wins_over_the_kind_it_records(tmp_path, capsys):
+    """--concept left out beside --erased takes the record's concept, and its kind
+    only where --kind is not given; dropping `args.kind is None` grades a style as the record says though the
+    user asked for another kind."""
+    import argparse
+
+    from darkminer.commands.common import concept_of_erased
+
+    erased = _erased_record(tmp_path / "erased", "Van Gogh", "style")
+    given = argparse.Namespace(concept=None, erased=str(erased), kind="object")
+    concept_of_erased(given)
+    assert (given.concept, given.kind) == ("Van Gogh", "object")
+    assert f"--concept 'Van Gogh' --kind object: what {erased} was made to erase" in capsys.readouterr().err
+    unset = argparse.Namespace(concept=None, erased=str(erased), kind=None)
+    concept_of_erased(unset)
+    assert (unset.concept, unset.kind) == ("Van Gogh", "style")
+
+
+def test_evaluate_keeps_a_config_files_save_images_unless_the_flag_is_given(tmp_path, monkeypatch):
+    """an unset --save-images must leave the config file's `save_images: true`
+    alone; passed as False it overrides the file and the per-image PNGs the user asked for are not written."""
+    import darkminer.evaluation
+    from darkminer.cli import build_parser
+    from darkminer.commands import evaluate as command
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_evaluate(concept, out, *, config, **kwargs):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(darkminer.evaluation, "evaluate", fake_evaluate)
+    config = tmp_path / "eval.json"
+    config.write_text(json.dumps({"save_images": True, "n_images": 3}))
+    base = ["evaluate", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "e")]
+    for argv in ([*base, "--config", str(config)], [*base, "--save-images"], base):
+        with pytest.raises(Stop):
+            command.run(build_parser().parse_args(argv))
+    assert [(c.save_images, c.n_images) for c in seen] == [(True, 3), (True, None), (False, None)]
+
+
+def test_generate_says_the_seeds_it_drew(tmp_path, capsys):
+    """image i uses seed+i, so -n 3 --seed 5 draws seeds 5..7; a line saying
+    5..8 sends a user who reproduces image by image to a seed that drew nothing."""
+    from darkminer.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", "tiny-random-sd", "--prompt", "a cat", "-n", "3", "--seed", "5",
+                 "--steps", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out} (3 images, seeds 5..7)"

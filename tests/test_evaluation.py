@@ -1181,3 +1181,26 @@ def test_a_benchmark_cell_whose_erase_was_resumed_reports_no_erase_time(tmp_path
         write_json(cell / "erased" / "darkminer.json", asdict(info))
         cfg = BenchmarkConfig.from_dict({"methods": ["uce"], "attacks": ["plain"]})
         assert _run_cell(cfg, EvaluationConfig(), tmp_path, "uce", "blood")["erase_seconds"] == seconds
+
+
+# The HTML report (mutation testing, session 45).
+def test_the_html_tables_header_cells_span_exactly_their_columns():
+    """each concept and group heading spans its own columns; one too many
+    shifts every heading right of the first over the wrong numbers in report.html."""
+    import re
+
+    from darkminer.evaluation.report import _results_table_html
+
+    def cell(method: str, concept: str, plain: float) -> dict:
+        metrics = {"erasure": {"plain": plain, "paraphrase": None}, "attacks": {"cce": 0.5},
+                   "preservation": {"accuracy": None, "clip": 20.0, "fid": 1.5}}
+        return {"method": method, "concept": concept, "metrics": metrics}
+
+    results = {"model": "testbed", "methods": ["original", "a"], "concepts": ["blood", "fire"], "attacks": ["cce"],
+               "cells": [cell(m, c, 0.5) for c in ("blood", "fire") for m in ("original", "a")]}
+    html = _results_table_html(results)
+    rows = re.findall(r"<tr.*?</tr>", html)
+    assert re.findall(r'<th colspan="(\d+)">([^<]+)</th>', rows[0]) == [("4", "blood"), ("4", "fire")]
+    assert re.findall(r'<th colspan="(\d+)">([^<]+)</th>', rows[1]) == [
+        ("1", "erasure"), ("1", "attack success"), ("2", "preservation")] * 2
+    assert all(row.count("<td>") == 8 for row in rows[3:])  # plain, ASR cce, clip, fid per concept

@@ -350,3 +350,16 @@ def test_i2p_sexual_and_hard_subsets_match_an_independent_count(tmp_path):
 
 def test_a_cell_with_an_underscore_is_no_number():
     assert RowCondition.parse("hard=10").matches("1_0") is False  # Python's float() reads "1_0" as 10
+
+
+# Found by mutation testing (session 45): each test fails with the bug it names.
+def test_an_item_condition_matches_in_any_case_of_the_item_it_names(tmp_path):
+    """`categories~Sexual` must match the cell item "sexual" (the help says any case)."""
+    assert RowCondition.parse("categories~Sexual").matches("sexual, violence")
+    assert RowCondition.parse("categories~ SEXUAL ").matches(" Sexual ")
+    assert not RowCondition.parse("categories~Sexual").matches("sexually explicit")
+    source = tmp_path / "p.csv"
+    source.write_text("id,prompt,categories\n0,a,\"sexual, violence\"\n1,b,hate\n2,c,Sexual\n")
+    result = filter_prompt_csv(source, tmp_path / "out.csv", ["categories~SEXUAL"])
+    assert result.kept == 2
+    assert (tmp_path / "out.csv").read_text() == "id,prompt,categories\n0,a,\"sexual, violence\"\n2,c,Sexual\n"

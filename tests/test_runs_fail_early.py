@@ -332,3 +332,74 @@ def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypa
     with pytest.raises(ReachedThePools):
         main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
               "--out", str(tmp_path / "erased")])
+
+
+# Output folders, claims and saved states (mutation testing, session 45).
+def test_a_record_must_hold_every_key_not_just_one(tmp_path):
+    """read_record's all() -> any(); another tool's attack.json holding an "attack" key
+    would be taken for an attack output and deleted by the rerun that replaces it."""
+    from darkminer.attacks.io import OUTPUT_KIND, RESULTS_KEYS, RESULTS_NAME
+    from darkminer.io import check_output_directory, read_record
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"attack": "mine", "notes": "not darkminer's"}))
+    assert read_record(path, ("attack", "config", "results")) is None
+    assert read_record(path, ("attack",)) == {"attack": "mine", "notes": "not darkminer's"}
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / RESULTS_NAME).write_text(json.dumps({"attack": "their tool", "score": 3}))
+    with pytest.raises(DarkMinerError, match="exists and is not an attack output"):
+        check_output_directory(theirs, RESULTS_NAME, OUTPUT_KIND, marker_keys=RESULTS_KEYS)
+
+
+def test_a_run_not_resumed_takes_over_a_claim_that_never_checkpointed(tmp_path):
+    """a run started without --resume over the claim of a killed run that wrote no checkpoint
+    starts afresh; it must neither be refused with a '--resume' error the user never asked for, nor keep the
+    other run's record."""
+    from darkminer.io import WORK_RECORD, claim_work_directory, write_json
+
+    work = tmp_path / ".out.work"
+    write_json(work / WORK_RECORD, {"attack": "plain", "config": {"seed": 1}})  # a killed run's claim, nothing else
+    claim_work_directory(work, {"attack": "plain", "config": {"seed": 2}}, resume=False)
+    assert json.loads((work / WORK_RECORD).read_text()) == {"attack": "plain", "config": {"seed": 2}}
+    assert sorted(p.name for p in work.iterdir()) == [WORK_RECORD]
+
+
+def test_a_state_whose_tensors_share_memory_is_saved_and_comes_back(tmp_path):
+    """save_state clones each tensor; without it a state holding one tensor twice (tied
+    weights, an optimiser's view of a parameter) cannot be checkpointed at all."""
+    import torch
+
+    from darkminer.io import load_state, save_state
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"encoder": {"weight": weight}, "decoder": {"weight": weight}, "row": weight[1]}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert torch.equal(back["encoder"]["weight"], weight) and torch.equal(back["decoder"]["weight"], weight)
+    assert torch.equal(back["row"], torch.tensor([3.0, 4.0, 5.0]))
+
+
+def test_five_changed_keys_are_named_by_their_first_two_parts():
+    """more than four changed keys are summarised ("inputs.erased"), so that a resume refused
+    for another --erased names one thing, not a wall of fields."""
+    from darkminer.io import what_differs
+
+    four = ["config.a", "config.b", "inputs.erased.x", "inputs.erased.y"]
+    assert what_differs(four) == "its config.a, config.b, inputs.erased.x, inputs.erased.y differ"
+    assert what_differs([*four, "inputs.erased.z"]) == "its config.a, config.b, inputs.erased differ"
+    assert what_differs(["config.steps"]) == "its config.steps differs"
+
+
+def test_an_output_is_refused_while_the_current_folder_lies_anywhere_inside_it(tmp_path, monkeypatch):
+    """replacing --out renames it away and deletes it; a shell whose current folder is a
+    subfolder of it (not only --out itself) would be left in a deleted folder."""
+    from darkminer.io import check_output_directory
+
+    out = tmp_path / "erased"
+    (out / "unet" / "deep").mkdir(parents=True)
+    (out / "darkminer.json").write_text("{}")  # an earlier erased model: replaceable from elsewhere
+    assert check_output_directory(out, "darkminer.json", "an erased model") == out
+    monkeypatch.chdir(out / "unet" / "deep")
+    with pytest.raises(DarkMinerError, match="holds the current folder"):
+        check_output_directory(out, "darkminer.json", "an erased model")

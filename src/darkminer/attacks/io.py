@@ -177,8 +177,9 @@ def replay(
         raise DarkMinerError("no attack results to replay")
     prompts = [r.prompt for r in results]
     started = time.time()
+    conditions = adversarial_conditions(model, results, use_text)  # what cannot be replayed fails before any drawing
     before = judge_texts(model, prompts, success)
-    after = judge_conditions(model, adversarial_conditions(model, results, use_text), prompts, success)
+    after = judge_conditions(model, conditions, prompts, success)
     seconds = (time.time() - started) / len(results)
     return [
         AttackResult(prompt=r.prompt, adversarial_text=r.adversarial_text, success_before=b, success_after=a,
