@@ -124,6 +124,34 @@ def test_config_values_are_checked_inside_containers_and_seeds_in_range(options,
     assert _Options.from_dict({"seed": 2**32 - 1, "names": ["a"], "weights": {"a": 1}, "pair": [3, "b"]}).pair == [3, "b"]
 
 
+@dataclass
+class _Nested(Config):
+    rank: int = 4
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"_Nested.rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class _Outer(Config):
+    inner: _Nested = field(default_factory=_Nested)
+    maybe: _Nested | None = None
+
+
+def test_a_nested_config_is_built_from_its_mapping_and_checked_as_any_other():
+    """A plugin's config holding a config (``lora: LoraConfig``) was left a dict, unchecked, and failed later
+    with an AttributeError; each level is now built and validated where it is read."""
+    built = _Outer.from_dict({"inner": {"rank": 8}, "maybe": {"rank": 2}})
+    assert built.inner == _Nested(8) and built.maybe == _Nested(2) and _Outer().maybe is None
+    assert _Outer.from_dict(built.to_dict()) == built and built.replace(inner={"rank": 3}).inner.rank == 3
+    for options, message in (({"inner": {"rnk": 8}}, r"_Outer.inner: _Nested: unknown option\(s\) \['rnk'\]"),
+                             ({"maybe": {"rank": 0}}, r"_Outer.maybe: _Nested.rank must be >= 1, got 0"),
+                             ({"inner": 5}, r"_Outer.inner must be a mapping of _Nested options, got 5")):
+        with pytest.raises(ConfigError, match=message):
+            _Outer.from_dict(options)
+
+
 @pytest.mark.parametrize(("config", "bad", "message", "good"), [
     # tau beyond the verifier score's range would silently pass every round, or none
     (DarkMinerConfig, {"tau": 1.5}, "tau must lie in \\[-1, 1\\]", {"tau": 1.0}),

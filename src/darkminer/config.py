@@ -113,14 +113,21 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, dict) and (not keys_and_values or all(
             _matches(k, keys_and_values[0]) and _matches(v, keys_and_values[1]) for k, v in value.items()))
     if isinstance(hint, type) and issubclass(hint, Config):
-        return isinstance(value, (hint, dict))  # a nested config is built from its mapping in validate()
+        return isinstance(value, hint)  # a mapping is built into one by _typed
     target = origin or hint
     return not isinstance(target, type) or isinstance(value, target)
 
 
 def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against ``hint``; a number written as a string ("1e-3", which YAML reads as text)
-    becomes that number, a numpy or torch number a Python one, a path a string where a string belongs."""
+    becomes that number, a numpy or torch number a Python one, a path a string where a string belongs, and a
+    mapping where a config belongs (``lora: {rank: 8}``) that config, checked as any other."""
+    nested = _config_class(hint)
+    if nested is not None and isinstance(value, Mapping):
+        try:
+            return nested.from_dict(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{cls.__name__}.{name}: {exc}") from None
     if _matches(value, hint):
         return value
     if isinstance(value, list | tuple | dict):  # items as at the top level: a Path or numpy number inside a list
@@ -145,6 +152,13 @@ def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
 
 
 ONE_IS_A_LIST = "a single one is a list too"  # YAML's `concepts: blood` for `concepts: [blood]`
+
+
+def _config_class(hint: Any) -> type[Config] | None:
+    """The Config class ``hint`` names (alone, or beside None), else None."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    classes = [arg for arg in args if isinstance(arg, type) and issubclass(arg, Config)]
+    return classes[0] if len(classes) == 1 else None
 
 
 def _is_scalar(value: Any) -> bool:

@@ -84,8 +84,6 @@ class DarkMinerConfig(EraserConfig):
             )
 
     def validate(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraConfig.from_dict(self.lora)
         check_positive(self, pool_size=self.pool_size, k=self.k, n_tokens=self.n_tokens, mining_steps=self.mining_steps,
                        mining_lr=self.mining_lr, circumvent_steps=self.circumvent_steps,
                        circumvent_lr=self.circumvent_lr, rounds=self.rounds, patience=self.patience,
