@@ -89,7 +89,7 @@ def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     assert "plugin " + str(tmp_path / "broken.py") + ": No module named 'no_such_dependency_here'" in capsys.readouterr().err
     (tmp_path / "raises.py").write_text("raise ValueError('bad plugin')\n")
     assert main(["--plugin", str(tmp_path / "raises.py"), *erase]) == 2
-    assert capsys.readouterr().err.endswith("failed while importing: ValueError: bad plugin\n")
+    assert capsys.readouterr().err.endswith(f"failed while importing: ValueError: bad plugin ({tmp_path / 'raises.py'}, line 1)\n")
     assert not [name for name in sys.modules if name.startswith(("darkminer_plugin_raises", "darkminer_plugin_broken"))]
     assert main(erase) == 2  # without it, the method is unknown, and the line says how to make it known
     assert "unknown method 'dampen-keys'" in capsys.readouterr().err
@@ -115,7 +115,9 @@ def test_a_plugin_file_is_a_module_of_its_own(plugin_file, tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "m.py").write_text(renamed.replace('"dampen-keys"', '"dampen-m"').replace('"suffix-2"', '"suffix-m"'))
     load_plugin(str(tmp_path / "one" / "m.py"))
-    with pytest.raises(DarkMinerError, match=r"method 'dampen-m' is already registered \(by darkminer_plugin_m_"):
+    with pytest.raises(DarkMinerError, match=re.escape(f"method 'dampen-m' is already registered (by DampenKeys in "
+                                                       f"{tmp_path / 'one' / 'm.py'}); register DampenKeys in "
+                                                       f"{tmp_path / 'two' / 'm.py'} under another name")):
         load_plugin(str(tmp_path / "two" / "m.py"))
 
 
@@ -162,6 +164,69 @@ def test_an_eraser_that_breaks_its_contract_is_stopped_before_saving(tmp_path, k
     with pytest.raises(DarkMinerError, match=re.escape(f"eraser {cls.name!r} (kind {kind!r}) {message}")):
         erase(cls.name, "blood", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no output, and no work folder claimed
+
+
+KEY = "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k.weight"  # the testbed's first
+VALUE = KEY.replace("to_k", "to_v")
+
+
+class _EditsWeights(Eraser):
+    """Zeroes the first cross-attention key and value projections, registering those in ``remembered``."""
+
+    remembered: tuple[str, ...] = (KEY,)
+    summary: dict = {}
+
+    def erase(self, model, target, work_dir):
+        params = dict(model.unet.named_parameters())
+        model.remember_originals(list(type(self).remembered))
+        with torch.no_grad():
+            for name in (KEY, VALUE):
+                params[name].zero_()
+        return dict(type(self).summary)
+
+
+def test_a_weight_edited_without_remember_originals_is_refused(tmp_path):
+    """An unregistered edit made the in-process model's original() the edited model: an evaluation or attack run
+    on it after the erase compared against a wrong original, with no word."""
+    from darkminer import erase
+
+    cls = register_eraser("half-remembered", kind="unet")(type("HalfRemembered", (_EditsWeights,), {}))
+    with pytest.raises(DarkMinerError, match=re.escape(f"'half-remembered' (kind 'unet') changed 1 weight(s) in place that "
+                                                       f"it did not register with model.remember_originals ({VALUE})")):
+        erase(cls.name, "blood", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    both = (KEY, VALUE)
+    whole = register_eraser("remembered", kind="unet")(type("Remembered", (_EditsWeights,), {"remembered": both}))
+    erase(whole.name, "blood", tmp_path / "out")  # both registered: saved
+    taken = register_eraser("says-seconds", kind="unet")(type("SaysSeconds", (_EditsWeights,), {
+        "remembered": both, "summary": {"seconds": 3, "mine": 1}}))
+    with pytest.raises(DarkMinerError, match=r"returned \['seconds'\] in its summary, which darkminer.json records itself"):
+        erase(taken.name, "blood", tmp_path / "other")
+
+
+def test_a_text_encoder_weight_named_without_its_prefix_is_refused_with_the_name_it_has():
+    from darkminer.models import load_model
+
+    model = load_model("tiny-random-sd")
+    with pytest.raises(DarkMinerError, match=re.escape("has no parameters ['final_layer_norm.weight']; a text-encoder "
+                                                       "weight goes by its name after 'text_encoder.' "
+                                                       "('text_encoder.final_layer_norm.weight')")):
+        model.remember_originals(["final_layer_norm.weight"])
+
+
+def test_a_plugin_that_fails_after_its_checkpoint_says_how_to_resume(tmp_path, capsys):
+    class Fails(_Summary):
+        def erase(self, model, target, work_dir):
+            (work_dir / "state.json").write_text("{}")  # a checkpoint, then a bug
+            raise RuntimeError("a bug in the plugin")
+
+    register_eraser("fails-late", kind="unet")(Fails)
+    out = tmp_path / "out"
+    assert main(["erase", "--method", "fails-late", "--concept", "blood", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug in the plugin" in err
+    assert err.splitlines()[-1] == (f"darkminer: error: the run failed with the error above; its progress is kept in "
+                                    f"{tmp_path / '.out.work'}: rerun the same command with --resume to go on")
 
 
 def test_a_stacked_erasure_is_checked_for_its_own_edits_not_those_below(tmp_path):

@@ -317,7 +317,7 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
         check_output_directory(tmp_path / "a", "darkminer.json", "an erased model")
 
 
-def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypatch):
+def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypatch, capsys):
     from darkminer.erasers.darkminer import loop
 
     class ReachedThePools(Exception):
@@ -329,9 +329,10 @@ def test_condition_space_mining_is_not_held_to_the_token_room(tmp_path, monkeypa
     monkeypatch.setattr(loop, "build_pools", pools)
     config = tmp_path / "dm.json"
     config.write_text(json.dumps({"space": "condition", "n_tokens": 30}))  # n_tokens unused in condition space
-    with pytest.raises(ReachedThePools):
-        main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
-              "--out", str(tmp_path / "erased")])
+    assert main(["--threads", "1", "erase", "--method", "darkminer", "--concept", "blood", "--config", str(config),
+                 "--out", str(tmp_path / "erased")]) == 1
+    err = capsys.readouterr().err  # the traceback, and the line that closes it
+    assert "ReachedThePools" in err and err.endswith("darkminer: error: the run failed with the error above\n")
 
 
 # Output folders, claims and saved states (mutation testing, session 45).

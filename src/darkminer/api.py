@@ -151,9 +151,10 @@ def erase(
     # trains, the new erasure takes the one below as its original.
     with released_if_unused(work_dir):
         with nullcontext() if erased is None else erasure_adopted(base, erased):
+            before = base.weight_fingerprints()
             started = time.time()
             summary = eraser.erase(base, target, work_dir)
-            _check_erasure(eraser, base, summary)  # in the block: this erasure's own edits, not those below
+            _check_erasure(eraser, base, summary, before)  # in the block: this erasure's own edits, not those below
         summary = {**summary, "seconds": round(time.time() - started, 2)}  # of this run only: a resumed one did less
         if resumed:
             summary["resumed"] = True
@@ -178,16 +179,34 @@ def erase(
     return out
 
 
-def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object) -> None:
+# What erase records in darkminer.json's extra beside an eraser's summary, which may not hold these keys.
+RECORDED_BY_ERASE = ("target", "speed", "seconds", "resumed")
+
+
+def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object,
+                   before: dict[str, tuple[float, float]]) -> None:
     """What ``Eraser.erase`` promises, checked before anything is written: a summary (a dict, recorded in
-    darkminer.json) and the erasure of the eraser's kind on the model. An eraser of one's own that breaks it
-    gets this line, not a traceback from inside the saving."""
+    darkminer.json, beside what darkminer records itself), the erasure of the eraser's kind on the model, and
+    no weight edited in place that ``remember_originals`` was not told of (``before``: the weights'
+    fingerprints before the erase). An eraser of one's own that breaks it gets this line, not a traceback from
+    inside the saving, nor a wrong original model."""
     from darkminer.models.adapters import has_lora
 
     what = f"eraser {eraser.name!r} (kind {eraser.output_kind!r})"
     if not isinstance(summary, dict):
         raise DarkMinerError(f"{what} returned {type(summary).__name__} from erase(); return a dict summary "
                              "(it may be empty), as Eraser.erase says")
+    if taken := [key for key in RECORDED_BY_ERASE if key in summary]:
+        raise DarkMinerError(f"{what} returned {taken} in its summary, which darkminer.json records itself; name "
+                             "them otherwise")
+    after = model.weight_fingerprints()
+    unregistered = [name for name, fingerprint in before.items()
+                    if name in after and after[name] != fingerprint and name not in model.remembered_names]
+    if unregistered:
+        raise DarkMinerError(f"{what} changed {len(unregistered)} weight(s) in place that it did not register with "
+                             f"model.remember_originals ({', '.join(unregistered[:3])}{' ...' if len(unregistered) > 3 else ''}): "
+                             "call it with their names before editing them, else the original model (what the "
+                             "evaluation and the attacks compare against) is the edited one")
     kind = eraser.output_kind
     if kind == "lora" and not has_lora(model):
         raise DarkMinerError(f"{what} added no LoRA adapter to the model (adapters.add_lora)")

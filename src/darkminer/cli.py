@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -210,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
         except OSError:  # stdout itself failed
             _drop_stdout()
+        return 1
+    except Exception:  # a bug, ours or a plugin's: its traceback to report or fix, then what the run kept
+        traceback.print_exc()
+        print(f"darkminer: error: the run failed with the error above{_how_to_go_on(args)}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = show_warning

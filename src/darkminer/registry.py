@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Generic, TypeVar
 from darkminer.errors import DarkMinerError
 
 T = TypeVar("T", bound=type)
+PLUGIN_MODULE_PREFIX = "darkminer_plugin_"  # the module name a plugin file is imported under
 
 
 class Registry(dict[str, T], Generic[T]):
@@ -50,6 +52,10 @@ class Registry(dict[str, T], Generic[T]):
 
 
 def _where(cls: type) -> str:
+    """A class by its module, or by its file where that is a plugin file (imported under a name of our making)."""
+    module = sys.modules.get(cls.__module__)
+    if cls.__module__.startswith(PLUGIN_MODULE_PREFIX) and getattr(module, "__file__", None):
+        return f"{cls.__qualname__} in {module.__file__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -71,8 +77,19 @@ def load_plugin(spec: str) -> None:
             raise DarkMinerError(f"plugin {spec}: {exc}") from exc
         raise DarkMinerError(f"plugin {spec}: no module of that name on the Python path (the darkminer command "
                              "does not look in the current folder); give the .py file's path") from exc
-    except Exception as exc:  # the plugin's own code failed: its error, in one line
-        raise DarkMinerError(f"plugin {spec} failed while importing: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the plugin's own code failed: its error, in one line, with where it was raised
+        raise DarkMinerError(f"plugin {spec} failed while importing: {type(exc).__name__}: {exc}{_line_of(exc, spec)}") from exc
+
+
+def _line_of(exc: Exception, spec: str) -> str:
+    """Where in the plugin ``exc`` was raised (its file's last frame; for a module, the last frame), as
+    " (FILE, line N)"; nothing for a SyntaxError, whose text says it already."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) or not frames:
+        return ""
+    own = [f for f in frames if spec.endswith(".py") and Path(f.filename).resolve() == Path(spec).resolve()]
+    frame = (own or frames)[-1]
+    return f" ({frame.filename}, line {frame.lineno})"
 
 
 def _import_file(path: Path) -> None:
@@ -82,7 +99,7 @@ def _import_file(path: Path) -> None:
     if not path.is_file():
         raise DarkMinerError(f"plugin {path}: no such file")
     where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    name = f"darkminer_plugin_{path.stem}_{where}"
+    name = f"{PLUGIN_MODULE_PREFIX}{path.stem}_{where}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise DarkMinerError(f"plugin {path}: not a Python module file")

@@ -193,7 +193,10 @@ def _check_one_result_per_prompt(attack: Attack, prompts: Sequence[AttackPrompt]
     attack of one's own that skipped a prompt would otherwise lower its denominator silently)."""
     contract = "its run() must return a list of one AttackResult per prompt, in the prompts' order"
     if not isinstance(results, list) or not all(isinstance(r, AttackResult) for r in results):
-        raise DarkMinerError(f"attack {attack.name!r} returned {type(results).__name__}; {contract}")
+        found = type(results).__name__
+        if isinstance(results, list) and results:  # a list of something else: say of what
+            found += " of " + ", ".join(sorted({type(r).__name__ for r in results}))
+        raise DarkMinerError(f"attack {attack.name!r} returned {found}; {contract}")
     if len(results) != len(prompts):
         raise DarkMinerError(f"attack {attack.name!r} returned {len(results)} results for {len(prompts)} prompts; "
                              f"{contract}")

@@ -334,10 +334,28 @@ class DiffusionModel(ABC):
         params = self._parameters_by_plain_name()
         missing = [n for n in names if n not in params]
         if missing:
-            raise DarkMinerError(f"the model has no parameters {missing[:3]}...")
+            prefixed = [n for n in missing if TEXT_ENCODER_PREFIX + n in params]
+            hint = (f"; a text-encoder weight goes by its name after {TEXT_ENCODER_PREFIX!r} "
+                    f"({TEXT_ENCODER_PREFIX + prefixed[0]!r})" if prefixed else "")
+            raise DarkMinerError(f"the model has no parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+                                 f"{hint}")
         for name in names:
             if name not in self._originals:
                 self._originals[name] = params[name].detach().clone() if values is None else values[name]
+
+    def weight_fingerprints(self) -> dict[str, tuple[float, float]]:
+        """Each weight's sum and sum of squares (in float64; NaN as -1, which no sum of squares is), by the names
+        ``remember_originals`` takes: what tells a weight edited in place apart, without a copy of the weights."""
+        params = self._parameters_by_plain_name()
+        with torch.no_grad():
+            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params.values()])
+        return {name: (total, squares) for name, (total, squares) in
+                zip(params, torch.nan_to_num(sums, nan=-1.0).tolist(), strict=True)}
+
+    @property
+    def remembered_names(self) -> set[str]:
+        """The weights this erasure registered with ``remember_originals`` (not those of one it is stacked on)."""
+        return set(self._originals)
 
     @property
     def edited_parameter_names(self) -> list[str]:

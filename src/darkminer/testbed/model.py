@@ -8,6 +8,7 @@ Images are 32x32 RGB in pixel space (the "latents" are the pixels scaled to [-1,
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 
@@ -121,8 +122,10 @@ class TestbedModel(DiffusionModel):
         return cls(unet.to(device), encoder.to(device), tokenizer)
 
     @classmethod
-    def untrained(cls, seed: int = 0) -> TestbedModel:
-        with seeded(seed):
+    def untrained(cls, seed: int | None = 0) -> TestbedModel:
+        """A freshly initialised UNet beside the trained text encoder; its weights drawn from ``seed``, or, with
+        None, from the caller's generator as it stands (a training run's one stream)."""
+        with seeded(seed) if seed is not None else nullcontext():
             encoder, tokenizer = load_text_encoder()
             unet = UNet2DConditionModel(**UNET_CONFIG)
         return cls(unet, encoder, tokenizer)

@@ -140,10 +140,9 @@ def train_unet(
 
     work_dir, out_dir = check_training_folders(work_dir, out_dir)  # now, not at the first checkpoint
     torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # the run's one stream: a new UNet's initial weights, then every batch's draws
     if model is None:
-        model = TestbedModel.untrained(config.seed)
-    else:
-        torch.manual_seed(config.seed)
+        model = TestbedModel.untrained(seed=None)
     if config.init_from is not None:  # before the work folder is claimed: a bad folder leaves nothing behind
         from diffusers import UNet2DConditionModel
 
