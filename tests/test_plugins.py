@@ -1,6 +1,7 @@
 """One's own erasers and attacks: the documented plugin file run from the command line and from Python, and
 the contract checks that turn a plugin's mistake into one line."""
 
+import hashlib
 import json
 import os
 import re
@@ -69,9 +70,36 @@ def test_the_documented_plugin_erases_and_attacks_from_the_command_line(plugin_f
                  "--erased", str(out), "--n-prompts", "2", "--out", str(found)]) == 0
     results = json.loads((found / "attack.json").read_text())
     assert results["attack"] == "suffix" and len(results["results"]) == 2
+    # which file made them, by contents; and the run's time, which the attack does not measure itself
+    digest = hashlib.sha256(plugin_file.read_bytes()).hexdigest()
+    assert record["code"]["sha256"] == results["code"]["sha256"] == digest
+    assert results["seconds_per_prompt"] > 0 and all(row["seconds"] > 0 for row in results["results"])
     for row in results["results"]:  # an adversarial text is the prompt, or the prompt with one of the words
         assert row["adversarial_text"] in (row["prompt"], f"{row['prompt']}, red liquid", f"{row['prompt']}, crimson")
         assert row["success_after"] == (row["success_before"] or row["adversarial_text"] != row["prompt"])
+
+
+def test_a_benchmark_takes_no_cell_a_plugin_made_before_it_changed(plugin_file, tmp_path):
+    """A plugin's eraser or attack edited between two runs of one benchmark: its finished cells were taken as
+    they were, made by the old code, with no word."""
+    import shutil
+
+    from darkminer.evaluation.benchmark import run_benchmark
+    from darkminer.registry import load_plugin
+
+    load_plugin(str(plugin_file))
+    config = {"methods": ["dampen-keys"], "attacks": ["suffix"], "include_original": False,
+              "evaluation": {"steps": 2, "n_images": 2, "attack_prompts": 1, "grid_images": 2}}
+    first = run_benchmark(config, tmp_path / "bench", progress=False)
+    assert run_benchmark(config, tmp_path / "bench", progress=False)["table"] == first["table"]  # unchanged: reused
+    plugin_file.write_text(plugin_file.read_text().replace('"A toy: ', '"A toy, edited: '))
+    load_plugin(str(plugin_file))
+    cell = tmp_path / "bench" / "cells" / "dampen-keys" / "blood"
+    with pytest.raises(DarkMinerError, match=re.escape(f"{cell} was made by another version of {plugin_file} (the "
+                                                       "plugin file has changed since")):
+        run_benchmark(config, tmp_path / "bench", progress=False)
+    shutil.rmtree(cell)  # as the line says: the cell is redone with the file as it is now
+    assert run_benchmark(config, tmp_path / "bench", progress=False)["table"] == first["table"]
 
 
 def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):

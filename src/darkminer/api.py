@@ -40,7 +40,7 @@ from darkminer.models.erased import (
     save_erased,
     warn_unless_erased,
 )
-from darkminer.provenance import package_versions
+from darkminer.provenance import code_record, package_versions
 from darkminer.targets import check_kind, resolve_target
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ def erase(
             config=cfg.to_dict(),
             extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
             erased_on=None if below is None else below.record(erased),
+            code=code_record(eraser_cls),
         )
         def save() -> None:
             artifacts = work_dir / "artifacts"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -65,3 +66,21 @@ def file_record(path: str | Path) -> dict[str, Any]:
     """A file read as input: its absolute path, size and sha256 (a prompt CSV edited later is told apart)."""
     path = Path(path).expanduser().resolve()
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def code_record(cls: type) -> dict[str, Any] | None:
+    """The file that defines a class of one's own (a plugin's eraser or attack), by contents: what tells a
+    result made before the plugin changed apart. None for darkminer's own classes (its version and revision are
+    recorded with every result) and for a class with no file (defined in a notebook)."""
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:  # a built-in class
+        return None
+    if path is None or not Path(path).is_file() or Path(path).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return None
+    return file_record(path)
+
+
+def same_code(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Whether a result's ``code_record`` and the class's now name the same contents (a moved file is the same)."""
+    return (recorded or {}).get("sha256") == (current or {}).get("sha256")

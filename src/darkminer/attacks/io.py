@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import init_processes
 from darkminer.parallel.speed import autocast_dtype
+from darkminer.provenance import code_record
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -71,12 +72,13 @@ def save_results(
     erased: dict[str, Any] | None = None,
     sampling: SamplingOptions | None = None,
     resumed: bool = False,
+    code: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``attack.json`` (and the soft prompts' embeddings) as a new folder ``directory``, atomically.
     A ``success`` function that describes itself (the evaluation's detectors) is recorded as the grader;
     ``erased``, the erased model the attacked model was loaded from (``ErasedModelInfo.record``);
     ``sampling``, how its images were drawn (a replay draws the same way); ``resumed``, that the run went on
-    from a killed one's checkpoint."""
+    from a killed one's checkpoint; ``code``, a plugin attack's file (``provenance.code_record``)."""
     with output_directory(directory, RESULTS_NAME, OUTPUT_KIND, RESULTS_KEYS) as tmp:
         soft = {str(i): r.embeddings for i, r in enumerate(results) if r.embeddings is not None}
         if soft:
@@ -96,6 +98,7 @@ def save_results(
             "seconds_per_prompt": sum(r.seconds for r in results) / len(results),
             "results": [r.to_dict() for r in results],
             **({"resumed": True} if resumed else {}),
+            **({"code": code} if code else {}),
         })
     return Path(directory)
 
@@ -260,13 +263,17 @@ def run_attack(
         resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir), released_if_unused(work_dir):
+        started = time.time()
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
         _check_one_result_per_prompt(attack, prompts, results)
+    if not any(r.seconds for r in results):  # an attack that does not time its prompts (one's own): the run's share
+        share = (time.time() - started) / len(results)
+        results = [replace(r, seconds=share) for r in results]
     if out is not None:
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
                          model=model.name, success=success, erased=record, sampling=model.default_sampling,
-                         resumed=resumed)
+                         resumed=resumed, code=code_record(type(attack)))
             remove_work_directory(work_dir)
 
         processes.on_main(save)

@@ -47,6 +47,7 @@ from darkminer.io import (
 from darkminer.models import check_device, check_model_here, model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
 from darkminer.parallel import SpeedOptions, init_processes
+from darkminer.provenance import code_record, same_code
 from darkminer.targets import check_kind
 from darkminer.testbed.concepts import concept_names
 
@@ -301,9 +302,10 @@ def _cell_dir(out: Path, method: str, concept: str) -> Path:
 
 def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, attacks: dict[str, Config], out: Path,
                           rows: list[str]) -> None:
-    """Refuse to resume where a finished cell was made with other resolved options than this run's: the
-    benchmark config can be the same while a default changed in between (a newer darkminer), and the table
-    would then silently mix cells made under both."""
+    """Refuse to resume where a finished cell was made with other resolved options than this run's, or by a
+    plugin's eraser or attack whose file has changed since: the benchmark config can be the same while a default
+    or the plugin's code changed in between, and the table would then silently mix cells made under both."""
+    from darkminer.attacks.base import get_attack
     from darkminer.erasers.base import get_eraser
     from darkminer.testbed.concepts import get_concept
 
@@ -319,7 +321,9 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
             checks = []
             if method != ORIGINAL_METHOD and (cell / "erased" / INFO_NAME).is_file():
                 want = get_eraser(method).config_for(cfg.method_configs.get(method, {}), model_id(cfg.model))
-                checks.append((f"{method} options", changed(ErasedModelInfo.read(cell / "erased").config, want)))
+                info = ErasedModelInfo.read(cell / "erased")
+                checks.append((f"{method} options", changed(info.config, want)))
+                _check_same_code(cell, info.code, code_record(get_eraser(method)))
             if (cell / "evaluation" / METRICS_NAME).is_file():
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)
                 kind = get_concept(concept).kind if model_id(cfg.model) == "testbed" else cfg.kinds.get(concept, "free")
@@ -333,11 +337,20 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
                         checks.append((f"{name} options", changed(details["config"], attacks[name])))
                     if name in attacks and "files" in details:  # the files its options name, edited in place since
                         checks.append((f"{name} input files", changed_keys(details["files"], attacks[name].input_file_records())))
+                    if name in attacks:
+                        _check_same_code(cell, details.get("code"), code_record(get_attack(name)))
             for what, keys in checks:
                 if keys:
                     raise DarkMinerError(f"{cell} was made with other {what} than this run resolves (they differ "
                                          f"in {keys}; a default may have changed since): delete {cell} to redo "
                                          "that cell, or use a new --out")
+
+
+def _check_same_code(cell: Path, recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    if not same_code(recorded, current):
+        path = (current or recorded or {}).get("path")
+        raise DarkMinerError(f"{cell} was made by another version of {path} (the plugin file has changed since, or "
+                             f"was not used then): delete {cell} to redo that cell, or use a new --out")
 
 
 def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str,

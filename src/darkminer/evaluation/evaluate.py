@@ -93,7 +93,7 @@ from darkminer.models.erased import (
 )
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
-from darkminer.provenance import file_record, package_versions
+from darkminer.provenance import code_record, file_record, package_versions
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, check_kind, resolve_target
 from darkminer.testbed.judge import judge_weights
 
@@ -550,6 +550,7 @@ def _run_attacks(
             "config": attack.config.to_dict(),  # resolved: a default that changes later stays on record
             # the files its options name, by contents (a benchmark's finished cell is checked against them)
             **({"files": files[name]} if name in files else {}),
+            **({"code": code} if (code := code_record(type(attack))) else {}),  # a plugin's file, by contents
             "n_prompts": len(results),
             "success_before": before,
             "success_after": after,

@@ -76,6 +76,7 @@ class ErasedModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
     erased_on: dict[str, Any] | None = None  # the record of the erased model this erasure was stacked on
+    code: dict[str, Any] | None = None  # a plugin eraser's file (provenance.code_record); None for darkminer's own
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     format: int = FORMAT_VERSION
 
