@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write an erased model as a plain diffusers pipeline",
         description="Fold an erasure into the base model's weights and write a Stable Diffusion pipeline folder "
-                    "that StableDiffusionPipeline.from_pretrained loads without darkminer.",
+                    "that StableDiffusionPipeline.from_pretrained loads without darkminer (Stable Diffusion erasures "
+                    "only: the testbed is no diffusers pipeline).",
     )
     p.add_argument("--erased", required=True, help="an erased-model directory written by `darkminer erase`")
     p.add_argument("--model", default=None, help="the base model (default: the one the erased directory records)")
