@@ -51,6 +51,8 @@ def test_help(argv, capsys):
     (["testbed", "concepts", "--bogus"], "unrecognized arguments: --bogus (see `darkminer testbed concepts --help`)"),
     (["testbed", "--bogus", "concepts"], "unrecognized arguments: --bogus (see `darkminer testbed --help`)"),
     (["--bogus", "testbed", "concepts"], "unrecognized arguments: --bogus (see `darkminer --help`)"),
+    (["testbed", "concepts", "testbed"], "unrecognized arguments: testbed (see `darkminer testbed concepts --help`)"),
+    (["testbed", "concepts", "concepts"], "unrecognized arguments: concepts (see `darkminer testbed concepts --help`)"),
     # the command's own help, where its options are (attack's prompts are --n-prompts)
     (["attack", "--attack", "plain", "-n", "2", "--out", "a"], "unrecognized arguments: -n 2 (see `darkminer attack --help`)"),
 ])
@@ -332,7 +334,7 @@ def test_our_warning_is_said_once_a_run_wherever_it_comes_from(monkeypatch, caps
         warnings.warn("another warning", DarkMinerWarning, stacklevel=1)
 
     parser = argparse.ArgumentParser()
-    parser.set_defaults(handler=handler, threads=None, loads_models=False, plugin=[])
+    parser.set_defaults(handler=handler, threads=None, plugin=[])
     monkeypatch.setattr("darkminer.cli.build_parser", lambda: parser)
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # Python's own filter would hide a repeat from the same line
@@ -400,10 +402,11 @@ def test_a_world_size_that_is_no_number_is_one_line(monkeypatch):
 
 def test_prompt_csv_reading(tmp_path):
     good = tmp_path / "p.csv"
-    good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\n")
+    good.write_text("prompt,evaluation_seed,evaluation_guidance\na cat,42,7.5\n,1,1\na dog,,\na cow,3,7\n")
     with pytest.warns(DarkMinerWarning, match="skipped 1 row"):
         rows = read_prompt_csv(good, default_seed=100)
-    assert [(r.text, r.seed, r.guidance) for r in rows] == [("a cat", 42, 7.5), ("a dog", 102, None)]
+    assert [(r.text, r.seed, r.guidance) for r in rows] == [("a cat", 42, 7.5), ("a dog", 102, None), ("a cow", 3, 7.0)]
+    assert isinstance(rows[2].guidance, float)
     # Seeds as pandas writes them, and above 2**53 (where a float would round): exact.
     seeds = tmp_path / "s.csv"
     seeds.write_text("prompt,evaluation_seed\na,42.0\nb,18446744073709551615\nc,4202650276\n")

@@ -671,6 +671,10 @@ def test_markdown_bolds_the_best_eraser_per_column_but_never_the_original():
             if line.startswith("| ") and "method" not in line}
     assert rows["a"][1] == rows["b"][1] == "100.0"  # both broken by CCE: neither is better
     assert "erase s" not in render_markdown(tied)  # no erase time known: no column
+    close = {**results, "cells": [*results["cells"][:2], cell("b", 0.5, 27.5, 0.875, 3.25, 95.2)]}
+    rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in render_markdown(close).splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert rows["a"][-1] == rows["b"][-1] == "95 |"  # 95.4 and 95.2 s read the same: neither is bold
 
 
 def test_markdown_bolds_the_highest_preservation_accuracy():

@@ -615,6 +615,27 @@ def test_weights_built_from_a_seed_leave_the_callers_generator_alone():
     assert torch.equal(unet(3), unet(3)) and not torch.equal(unet(3), unet(4))
 
 
+def test_weight_fingerprints_tell_any_edit_apart_and_nothing_else():
+    """What erase checks a plugin's unregistered edits by: a moved value or a NaN changes a weight's
+    fingerprint; the same bits, in any dtype, do not."""
+    model = load_model("tiny-random-sd")
+    before = model.weight_fingerprints()
+    assert before == model.weight_fingerprints() and len(before) == len(list(model.unet.parameters())) + len(
+        list(model.text_encoder.parameters()))
+    weight = model.unet.conv_in.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        for edit in (lambda w: w.copy_(w.flip(0)), lambda w: w.view(-1)[0].fill_(float("nan")),
+                     lambda w: w.view(-1)[0].add_(1e-7)):
+            edit(weight)
+            changed = [name for name, fp in model.weight_fingerprints().items() if fp != before[name]]
+            assert changed == ["conv_in.weight"]
+            weight.copy_(kept)
+    assert model.weight_fingerprints() == before
+    half = load_model("tiny-random-sd", dtype="bfloat16").weight_fingerprints()  # 2-byte weights read as int16
+    assert half.keys() == before.keys() and half != before
+
+
 def test_lora_alpha_sets_the_adapters_scale():
     for alpha, scale in ((8.0, 2.0), (None, 1.0)):  # None: alpha = rank, scale 1
         model = load_model("tiny-random-sd")

@@ -102,6 +102,35 @@ def test_a_benchmark_takes_no_cell_a_plugin_made_before_it_changed(plugin_file, 
     assert run_benchmark(config, tmp_path / "bench", progress=False)["table"] == first["table"]
 
 
+STOPS = """
+from darkminer import Eraser, register_eraser
+
+
+@register_eraser("stops", kind="unet")
+class Stops(Eraser):
+    def erase(self, model, target, work_dir):
+        (work_dir / "state.json").write_text("{}")  # a checkpoint, then the run is killed
+        raise KeyboardInterrupt
+"""
+
+
+def test_a_resume_after_the_plugin_changed_is_refused(tmp_path):
+    """A killed plugin erase resumed after its file was edited went on from the old code's checkpoint, and
+    recorded the new code as the one that made it."""
+    from darkminer import erase
+    from darkminer.registry import load_plugin
+
+    plugin = tmp_path / "stops.py"
+    plugin.write_text(STOPS)
+    load_plugin(str(plugin))
+    with pytest.raises(KeyboardInterrupt):
+        erase("stops", "blood", tmp_path / "out")
+    plugin.write_text(STOPS + "# edited\n")
+    load_plugin(str(plugin))
+    with pytest.raises(ConfigError, match=r"from another run \(its code\.bytes, code\.sha256 differ\)"):
+        erase("stops", "blood", tmp_path / "out", resume=True)
+
+
 def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     erase = ["erase", "--method", "dampen-keys", "--concept", "blood", "--out", str(tmp_path / "o")]
     assert main(["--plugin", "no_such_plugin_module", *erase]) == 2
@@ -230,6 +259,20 @@ def test_a_weight_edited_without_remember_originals_is_refused(tmp_path):
         "remembered": both, "summary": {"seconds": 3, "mine": 1}}))
     with pytest.raises(DarkMinerError, match=r"returned \['seconds'\] in its summary, which darkminer.json records itself"):
         erase(taken.name, "blood", tmp_path / "other")
+
+
+def test_an_eraser_defined_where_there_is_no_file_erases_and_records_no_code(tmp_path, monkeypatch):
+    """A class from a notebook cell or `python -c` has no source file: inspect raises, which crashed the erase
+    after its work, where the record was written."""
+    import types
+
+    from darkminer import erase
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no __file__, as in a notebook
+    cls = register_eraser("from-a-notebook", kind="unet")(
+        type("FromANotebook", (_EditsWeights,), {"remembered": (KEY, VALUE), "__module__": "__main__"}))
+    out = erase(cls.name, "blood", tmp_path / "out")
+    assert json.loads((out / "darkminer.json").read_text())["code"] is None
 
 
 def test_a_text_encoder_weight_named_without_its_prefix_is_refused_with_the_name_it_has():

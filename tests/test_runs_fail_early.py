@@ -302,7 +302,10 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
 
     (tmp_path / "metrics.json").write_text("{}")  # another tool's file of that common name
     check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
-    (tmp_path / "darkminer.json").write_text("{}")
+    (tmp_path / "darkminer.json").write_text('{"rounds": 4}')  # a user's file of our name: not an erased model
+    check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
+    (tmp_path / "darkminer.json").write_text(json.dumps({"method": "uce", "concept": "blood", "base_model": "testbed",
+                                                         "kind": "unet"}))
     with pytest.raises(DarkMinerError, match="lies inside .*, an erased model, and a rerun into that folder"):
         check_output_directory(tmp_path / "a" / "b", "darkminer.json", "an erased model")
     # Any output inside an erased model (an evaluation made without --erased): an erase into it deletes it too.
@@ -312,7 +315,7 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
         check_output_directory(tmp_path / "bench", "config.json", "a benchmark output", replaced=False)
     (tmp_path / "darkminer.json").unlink()
     check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
-    (tmp_path / "darkminer_export.json").write_text("{}")  # an exported pipeline: a re-export replaces it whole
+    (tmp_path / "darkminer_export.json").write_text('{"erased": "e", "erasure": {}}')  # a re-export replaces it whole
     with pytest.raises(DarkMinerError, match="lies inside .*, an exported pipeline"):
         check_output_directory(tmp_path / "a", "darkminer.json", "an erased model")
 

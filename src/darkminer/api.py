@@ -134,6 +134,8 @@ def erase(
     if speed is not None:  # what the model now runs with: the options given over its defaults
         speed = resolve_speed_options(base, speed)
     target = resolve_target(base, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
+    code = code_record(eraser_cls)
+
     def claim() -> None:
         record = {"method": method, "base_model": base.name, "config": cfg.to_dict(),
                   "target": {**target.to_dict(), "prompts": list(target.prompts), "preserve": list(target.preserve)}}
@@ -143,6 +145,8 @@ def erase(
             record["dtype"] = str(base.dtype)
         if below is not None:  # nor a stack on another erased model
             record["erased_on"] = below.record(erased)
+        if code is not None:  # nor a plugin's checkpoint with its file changed since
+            record["code"] = code
         claim_work_directory(work_dir, record, resume)
 
     processes.on_main(claim)  # a refused resume stops every process with its line
@@ -167,7 +171,7 @@ def erase(
             config=cfg.to_dict(),
             extra={"target": target.to_dict(), "speed": speed.to_dict() if speed else None, **summary},
             erased_on=None if below is None else below.record(erased),
-            code=code_record(eraser_cls),
+            code=code,
         )
         def save() -> None:
             artifacts = work_dir / "artifacts"

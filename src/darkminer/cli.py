@@ -37,13 +37,14 @@ class OneLineParser(argparse.ArgumentParser):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             argv = list(sys.argv[1:] if args is None else args)
-            where = argv.index(extras[0]) if extras[0] in argv else len(argv)
             command = getattr(parsed, "command", None)
-            words = [self.prog]
+            at: list[int] = []  # where the command words stand, in order
             for word in (command, getattr(parsed, f"{command}_command", None)):
-                if word is None or word not in argv[:where]:
+                if word is None or word not in argv[at[-1] + 1 if at else 0:]:
                     break
-                words.append(word)
+                at.append(argv.index(word, at[-1] + 1 if at else 0))
+            where = next((i for i, a in enumerate(argv) if a == extras[0] and i not in at), len(argv))
+            words = [self.prog, *(argv[i] for i in at if i < where)]
             self.error(f"unrecognized arguments: {' '.join(extras)}", " ".join(words))
         return parsed
 
@@ -76,11 +77,13 @@ def _quiet_libraries() -> None:
     # huggingface_hub's notice about an argument diffusers still passes, printed before our "not cached" error
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     for library in ("diffusers", "transformers"):
-        logging = sys.modules.get(f"{library}.utils.logging")
+        variable, logging = f"{library.upper()}_VERBOSITY", sys.modules.get(f"{library}.utils.logging")
+        if variable in os.environ:  # the user's choice (or ours, from an earlier call), read at import
+            continue
         if logging is not None:  # imported already (main called from Python): set it
             logging.set_verbosity_error()
         else:  # read at its import; importing it here would cost seconds before a bad argument is refused
-            os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
+            os.environ[variable] = "error"
 
 
 # Arguments that name files or folders: "~" is expanded in them as a shell would, also where the shell did not
@@ -213,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _drop_stdout()
         return 1
     except Exception:  # a bug, ours or a plugin's: its traceback to report or fix, then what the run kept
+        if os.environ.get("DARKMINER_DEBUG", "0") != "0":  # for a debugger's post-mortem
+            raise
         traceback.print_exc()
         print(f"darkminer: error: the run failed with the error above{_how_to_go_on(args)}", file=sys.stderr)
         return 1

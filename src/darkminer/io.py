@@ -109,10 +109,12 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return len(stale)
 
 
-# The records that make a folder an erased model or an exported pipeline (models.erased): outputs replaced whole
-# by a rerun, so nothing else may be written inside them. Their names are ours alone, unlike metrics.json.
+# The records that make a folder an erased model or an exported pipeline (models.erased), with the keys that
+# tell them from another file of that name: outputs replaced whole by a rerun, so nothing else may be written
+# inside them.
 ERASED_MODEL_RECORD, EXPORT_RECORD = "darkminer.json", "darkminer_export.json"
-WHOLE_OUTPUTS = {ERASED_MODEL_RECORD: "an erased model", EXPORT_RECORD: "an exported pipeline"}
+WHOLE_OUTPUTS = {ERASED_MODEL_RECORD: ("an erased model", ("method", "concept", "base_model", "kind")),
+                 EXPORT_RECORD: ("an exported pipeline", ("erased", "erasure"))}
 
 
 def check_output_directory(
@@ -122,9 +124,9 @@ def check_output_directory(
     """``out`` (absolute) if a command may write its output folder there: absent, an empty folder, an
     earlier ``what`` (a folder holding ``marker``), or one holding nothing but ``prepared`` entries (parts
     of an output put there before its first run). Anything else (a user's folder, a file) is refused,
-    before any work is done. ``replaced``: the output is renamed onto ``out`` when complete, so ``out``
-    may not be a link, hold the current folder or lie inside an earlier ``what`` (erased models and
-    exports); False: it is filled in place (a resumable benchmark). ``apart_from``: the erased model the
+    before any work is done. No output may lie inside an erased model or an export (``WHOLE_OUTPUTS``).
+    ``replaced``: the output is renamed onto ``out`` when complete, so ``out`` may not be a link or hold the
+    current folder; False: it is filled in place (a resumable benchmark). ``apart_from``: the erased model the
     command reads, which ``out`` may neither lie in nor hold. ``flag``: the option that names ``out``, for
     the errors. ``marker_keys``: what the marker holds where its name is not ours alone (another tool's
     folder may well have a metrics.json or config.json), so that such a folder is not taken for an output."""
@@ -141,8 +143,8 @@ def check_output_directory(
     # it whole, with what lies inside; so does one into an earlier evaluation or attack output, but a metrics.json
     # or attack.json in a parent folder may well be another tool's.
     for parent in out.parents:
-        for name, kind in WHOLE_OUTPUTS.items():
-            if (parent / name).is_file():
+        for name, (kind, keys) in WHOLE_OUTPUTS.items():
+            if _holds_record(parent / name, keys):
                 raise DarkMinerError(f"{flag} {out} lies inside {parent}, {kind}, and a rerun into that folder "
                                      f"would delete it; choose another {flag}")
     if replaced and out.is_symlink():

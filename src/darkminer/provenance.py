@@ -74,7 +74,7 @@ def code_record(cls: type) -> dict[str, Any] | None:
     recorded with every result) and for a class with no file (defined in a notebook)."""
     try:
         path = inspect.getsourcefile(cls)
-    except TypeError:  # a built-in class
+    except (TypeError, OSError):  # a built-in class; one defined where there is no file (python -c, a notebook)
         return None
     if path is None or not Path(path).is_file() or Path(path).resolve().is_relative_to(Path(__file__).resolve().parent):
         return None

@@ -259,15 +259,16 @@ def run_attack(
                "prompts": [asdict(p) for p in prompts], "model": model.name, "erased": record,
                "detector": success.describe() if hasattr(success, "describe") else None,
                "dtype": str(model.dtype), "autocast": str(autocast_dtype(model)),
-               "sampling": asdict(model.default_sampling)}
+               "sampling": asdict(model.default_sampling),
+               **({"code": code} if (code := code_record(type(attack))) else {})}  # a plugin's, by contents
         resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir), released_if_unused(work_dir):
         started = time.time()
         results = processes.broadcast_object(attack.run(model, target, prompts, success, original=original))
         _check_one_result_per_prompt(attack, prompts, results)
-    if not any(r.seconds for r in results):  # an attack that does not time its prompts (one's own): the run's share
-        share = (time.time() - started) / len(results)
+    if not any(r.seconds for r in results):  # an attack that does not time its prompts (one's own): the run's share,
+        share = processes.broadcast_object(time.time() - started) / len(results)  # the main process's, as the results
         results = [replace(r, seconds=share) for r in results]
     if out is not None:
         def save() -> None:

@@ -347,10 +347,16 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
 
 
 def _check_same_code(cell: Path, recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
-    if not same_code(recorded, current):
-        path = (current or recorded or {}).get("path")
-        raise DarkMinerError(f"{cell} was made by another version of {path} (the plugin file has changed since, or "
-                             f"was not used then): delete {cell} to redo that cell, or use a new --out")
+    """Refuse a finished cell whose eraser or attack came from a plugin file other than today's (``code_record``
+    then and now)."""
+    if same_code(recorded, current):
+        return
+    if recorded is None:
+        why = (f"by a darkminer that did not record plugin code, or not by {current['path']}" if current else
+               "by a plugin, where darkminer's own method of that name runs now")
+    else:
+        why = f"by another version of {recorded['path']} (the plugin file has changed since)"
+    raise DarkMinerError(f"{cell} was made {why}: delete {cell} to redo that cell, or use a new --out")
 
 
 def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, method: str, concept: str,

@@ -410,12 +410,13 @@ def evaluate(
     # The files attack options name (Ring-A-Bell's pairs CSV), by contents, read once for the run record and
     # metrics.json; only where there are any, so that older records resume.
     files = {name: found for name, attack in attacks_to_run.items() if (found := attack.config.input_file_records())}
+    codes = {name: code for name, attack in attacks_to_run.items() if (code := code_record(type(attack)))}  # plugins'
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
         run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
-               **({"attack_files": files} if files else {}),
+               **({"attack_files": files} if files else {}), **({"attack_code": codes} if codes else {}),
                "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     # A failure before the first checkpoint (a sampling error, an interrupt) leaves no claimed folder behind.

@@ -31,7 +31,7 @@ class Condition:
 
     key: str
     label: str
-    group: str  # erasure | attack success | preservation
+    group: str  # erasure | attack success | preservation | cost
     read: Callable[[dict], float | None]
     lower_is_better: bool
     percent: bool = True
@@ -87,7 +87,8 @@ def best_methods(results: dict, concept: str, condition: Condition) -> set[str]:
         for method in results["methods"]
         if method != ORIGINAL_METHOD and (method, concept) in cells
     }
-    values = {m: v for m, v in values.items() if v is not None}
+    # As printed: two erase times of 12.3 and 12.4 s both read "12", and both are the best
+    values = {m: round(v * (100 if condition.percent else 1), condition.digits) for m, v in values.items() if v is not None}
     if len(values) < 2 or len(set(values.values())) == 1:  # best of one, or of equals, is no comparison
         return set()
     best = min(values.values()) if condition.lower_is_better else max(values.values())

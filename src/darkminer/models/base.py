@@ -37,12 +37,22 @@ def check_seed_list(seeds: Sequence[int]) -> None:
         raise DarkMinerError(f"seeds is a list of seeds, one per image: give [{seeds}], not {seeds}")
 
 
+_INTEGER_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sums(weight: torch.Tensor) -> torch.Tensor:
+    """A weight's bits as integers, summed plainly and weighted by position 1..n (int64, wrapping)."""
+    bits = weight.detach().reshape(-1).view(_INTEGER_OF_WIDTH[weight.element_size()])
+    positions = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+    return torch.stack([bits.sum(dtype=torch.int64), (bits * positions).sum()])
+
+
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Within the block torch's CPU generator starts from ``seed``; after it, the caller's generator is as it
     was: weights built from a seed (a LoRA's initial A, a tiny model) do not reseed the user's program."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed the GPUs' too
         yield
 
 
@@ -343,14 +353,15 @@ class DiffusionModel(ABC):
             if name not in self._originals:
                 self._originals[name] = params[name].detach().clone() if values is None else values[name]
 
-    def weight_fingerprints(self) -> dict[str, tuple[float, float]]:
-        """Each weight's sum and sum of squares (in float64; NaN as -1, which no sum of squares is), by the names
-        ``remember_originals`` takes: what tells a weight edited in place apart, without a copy of the weights."""
+    def weight_fingerprints(self) -> dict[str, tuple[int, int]]:
+        """Each weight's bits summed, plainly and weighted by position (as integers of the weight's width, in
+        int64 that wraps), by the names ``remember_originals`` takes: what tells a weight edited in place apart,
+        exactly (NaN and moved values too), without a copy of the weights and without float64 (MPS has none).
+        About 8 s for SD-1.4's UNet and text encoder on 2 CPU cores."""
         params = self._parameters_by_plain_name()
         with torch.no_grad():
-            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params.values()])
-        return {name: (total, squares) for name, (total, squares) in
-                zip(params, torch.nan_to_num(sums, nan=-1.0).tolist(), strict=True)}
+            sums = torch.stack([_bit_sums(p) for p in params.values()]).tolist()
+        return {name: (plain, weighted) for name, (plain, weighted) in zip(params, sums, strict=True)}
 
     @property
     def remembered_names(self) -> set[str]:
