@@ -967,6 +967,22 @@ def test_a_run_killed_while_it_removes_its_work_folder_leaves_none_to_resume(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
+def test_resume_says_when_a_work_folder_holds_only_its_claim(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves its claim (run.json): --resume starts over, and says so."""
+    from darkminer.commands.common import note_resume
+    from darkminer.io import WORK_RECORD
+
+    args = argparse.Namespace(resume=True, out=str(tmp_path / "out"))
+    work = work_directory(tmp_path / "out")
+    work.mkdir()
+    (work / WORK_RECORD).write_text("{}")
+    note_resume(args)
+    assert capsys.readouterr().err == f"--resume: no checkpoint in {work}; starting from the beginning\n"
+    (work / "state.safetensors").write_bytes(b"x")
+    note_resume(args)
+    assert capsys.readouterr().err == ""
+
+
 # Command options (mutation testing, session 45).
 def test_attack_n_prompts_0_is_refused_not_read_as_the_default(tmp_path, capsys):
     """`--n-prompts 0` must be refused as the API refuses n_prompts=0; read as

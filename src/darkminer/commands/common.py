@@ -77,9 +77,10 @@ def add_resume_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def note_resume(args: argparse.Namespace) -> None:
     """Say so when ``--resume`` finds nothing to continue: the run starts from the beginning."""
-    from darkminer.io import work_directory
+    from darkminer.io import has_checkpoint, work_directory
 
-    if args.resume and not (work_dir := work_directory(args.out)).is_dir():
+    # A work folder holding only its claim (a run killed before its first checkpoint) has nothing to go on from
+    if args.resume and not has_checkpoint(work_dir := work_directory(args.out)):
         print(f"--resume: no checkpoint in {work_dir}; starting from the beginning", file=sys.stderr)
 
 
