@@ -95,6 +95,22 @@ def test_the_command_quiets_the_libraries_without_importing_them_first(asked):
     assert done.stdout.split() == ["40", "20" if asked else "40"]  # logging.ERROR, logging.INFO
 
 
+def test_the_command_keeps_a_verbosity_the_user_set_when_the_libraries_are_imported(monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    from darkminer import cli
+
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
+    saved = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_info()
+    try:
+        cli._quiet_libraries()
+        assert transformers_logging.get_verbosity() == transformers_logging.INFO  # the user's, kept
+    finally:
+        transformers_logging.set_verbosity(saved)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 @pytest.mark.parametrize("buffered", [True, False])
 def test_a_full_stdout_is_one_line_not_a_traceback(buffered):
@@ -416,6 +432,7 @@ def test_prompt_csv_reading(tmp_path):
                           ("seed -1", "outside"), ("guidance nan", "guidance 'nan' is not a number"),
                           # Python reads "7_5" as 75; the filters (prompts filter) read no number there, nor do we
                           ("guidance 7_5", "guidance '7_5' is not a number"), ("seed 1_000", "seed '1_000' is not a number"),
+                          ("guidance " + "9" * 400, "is not a finite number"),
                           ("guidance inf", "not a finite number"), ("guidance 0", "'0' is not above 0"),
                           ("guidance -3", "'-3' is not above 0"), ("seed x", "seed 'x' is not a number"),
                           ("guidance high", "guidance 'high' is not a number")):

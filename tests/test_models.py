@@ -616,8 +616,8 @@ def test_weights_built_from_a_seed_leave_the_callers_generator_alone():
 
 
 def test_weight_fingerprints_tell_any_edit_apart_and_nothing_else():
-    """What erase checks a plugin's unregistered edits by: a moved value or a NaN changes a weight's
-    fingerprint; the same bits, in any dtype, do not."""
+    """What erase checks a plugin's unregistered edits by: a changed or moved value or a NaN changes a weight's
+    fingerprint; the same values in another memory layout do not."""
     model = load_model("tiny-random-sd")
     before = model.weight_fingerprints()
     assert before == model.weight_fingerprints() and len(before) == len(list(model.unet.parameters())) + len(
@@ -631,6 +631,8 @@ def test_weight_fingerprints_tell_any_edit_apart_and_nothing_else():
             changed = [name for name, fp in model.weight_fingerprints().items() if fp != before[name]]
             assert changed == ["conv_in.weight"]
             weight.copy_(kept)
+    assert model.weight_fingerprints() == before
+    model.unet.to(memory_format=torch.channels_last)  # the layout is no edit: the same values, the same sums
     assert model.weight_fingerprints() == before
     half = load_model("tiny-random-sd", dtype="bfloat16").weight_fingerprints()  # 2-byte weights read as int16
     assert half.keys() == before.keys() and half != before

@@ -127,7 +127,7 @@ def test_a_resume_after_the_plugin_changed_is_refused(tmp_path):
         erase("stops", "blood", tmp_path / "out")
     plugin.write_text(STOPS + "# edited\n")
     load_plugin(str(plugin))
-    with pytest.raises(ConfigError, match=r"from another run \(its code\.bytes, code\.sha256 differ\)"):
+    with pytest.raises(ConfigError, match=r"from another run \(its code\.sha256 differs\)"):
         erase("stops", "blood", tmp_path / "out", resume=True)
 
 
@@ -285,7 +285,7 @@ def test_a_text_encoder_weight_named_without_its_prefix_is_refused_with_the_name
         model.remember_originals(["final_layer_norm.weight"])
 
 
-def test_a_plugin_that_fails_after_its_checkpoint_says_how_to_resume(tmp_path, capsys):
+def test_a_plugin_that_fails_after_its_checkpoint_says_how_to_resume(tmp_path, capsys, monkeypatch):
     class Fails(_Summary):
         def erase(self, model, target, work_dir):
             (work_dir / "state.json").write_text("{}")  # a checkpoint, then a bug
@@ -298,6 +298,9 @@ def test_a_plugin_that_fails_after_its_checkpoint_says_how_to_resume(tmp_path, c
     assert "Traceback" in err and "RuntimeError: a bug in the plugin" in err
     assert err.splitlines()[-1] == (f"darkminer: error: the run failed with the error above; its progress is kept in "
                                     f"{tmp_path / '.out.work'}: rerun the same command with --resume to go on")
+    monkeypatch.setenv("DARKMINER_DEBUG", "1")  # for a debugger's post-mortem: the exception itself
+    with pytest.raises(RuntimeError, match="a bug in the plugin"):
+        main(["erase", "--method", "fails-late", "--concept", "blood", "--out", str(out), "--resume"])
 
 
 def test_a_stacked_erasure_is_checked_for_its_own_edits_not_those_below(tmp_path):

@@ -304,6 +304,8 @@ def test_the_nested_output_check_trusts_only_markers_named_as_ours(tmp_path):
     check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
     (tmp_path / "darkminer.json").write_text('{"rounds": 4}')  # a user's file of our name: not an erased model
     check_output_directory(tmp_path / "eval", "metrics.json", "an evaluation output")
+    with pytest.raises(DarkMinerError, match="exists and is not an erased model"):  # nor replaced whole by an erase
+        check_output_directory(tmp_path, "darkminer.json", "an erased model")
     (tmp_path / "darkminer.json").write_text(json.dumps({"method": "uce", "concept": "blood", "base_model": "testbed",
                                                          "kind": "unet"}))
     with pytest.raises(DarkMinerError, match="lies inside .*, an erased model, and a rerun into that folder"):

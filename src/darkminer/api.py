@@ -40,7 +40,7 @@ from darkminer.models.erased import (
     save_erased,
     warn_unless_erased,
 )
-from darkminer.provenance import code_record, package_versions
+from darkminer.provenance import code_identity, code_record, package_versions
 from darkminer.targets import check_kind, resolve_target
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def erase(
         if below is not None:  # nor a stack on another erased model
             record["erased_on"] = below.record(erased)
         if code is not None:  # nor a plugin's checkpoint with its file changed since
-            record["code"] = code
+            record["code"] = code_identity(code)
         claim_work_directory(work_dir, record, resume)
 
     processes.on_main(claim)  # a refused resume stops every process with its line
@@ -189,7 +189,7 @@ RECORDED_BY_ERASE = ("target", "speed", "seconds", "resumed")
 
 
 def _check_erasure(eraser: Eraser, model: DiffusionModel, summary: object,
-                   before: dict[str, tuple[float, float]]) -> None:
+                   before: dict[str, tuple[int, int]]) -> None:
     """What ``Eraser.erase`` promises, checked before anything is written: a summary (a dict, recorded in
     darkminer.json, beside what darkminer records itself), the erasure of the eraser's kind on the model, and
     no weight edited in place that ``remember_originals`` was not told of (``before``: the weights'

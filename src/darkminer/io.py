@@ -131,6 +131,8 @@ def check_output_directory(
     the errors. ``marker_keys``: what the marker holds where its name is not ours alone (another tool's
     folder may well have a metrics.json or config.json), so that such a folder is not taken for an output."""
     given = Path(_as_path(out, flag))
+    if marker in WHOLE_OUTPUTS and not marker_keys:  # a user's darkminer.json is no erased model to replace
+        marker_keys = WHOLE_OUTPUTS[marker][1]
     # Its folder with links resolved, as the writes and output_lock resolve it ("link/../x" is x beside the
     # link's target, not beside the link), its own name kept (a link there is refused below).
     out = Path(os.path.realpath(given)) if given.name in ("", "..") else Path(os.path.realpath(given.parent)) / given.name

@@ -74,7 +74,10 @@ def _seed(value: str) -> int:
 
 
 def _guidance(value: str) -> float:
-    scale = float(_number(value, "evaluation_guidance"))  # "7" is 7.0, as the records had it
+    try:
+        scale = float(_number(value, "evaluation_guidance"))  # "7" is 7.0, as the records had it
+    except OverflowError:  # a whole number of hundreds of digits
+        raise ValueError(f"evaluation_guidance {value!r} is not a finite number") from None
     if not math.isfinite(scale):
         raise ValueError(f"evaluation_guidance {value!r} is not a finite number")
     if scale <= 0:  # as --guidance is refused: at 0 the image ignores its prompt, below 0 it steers away from it

@@ -81,6 +81,11 @@ def code_record(cls: type) -> dict[str, Any] | None:
     return file_record(path)
 
 
+def code_identity(record: dict[str, Any] | None) -> dict[str, str] | None:
+    """What a run's claim keeps of a ``code_record``: the contents only (a moved plugin file is the same)."""
+    return None if record is None else {"sha256": record["sha256"]}
+
+
 def same_code(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
     """Whether a result's ``code_record`` and the class's now name the same contents (a moved file is the same)."""
     return (recorded or {}).get("sha256") == (current or {}).get("sha256")

@@ -50,7 +50,7 @@ from darkminer.models.base import DiffusionModel, SamplingOptions
 from darkminer.models.erased import ErasedModelInfo
 from darkminer.parallel import init_processes
 from darkminer.parallel.speed import autocast_dtype
-from darkminer.provenance import code_record
+from darkminer.provenance import code_identity, code_record
 from darkminer.targets import EraseTarget
 
 RESULTS_NAME = "attack.json"
@@ -260,7 +260,7 @@ def run_attack(
                "detector": success.describe() if hasattr(success, "describe") else None,
                "dtype": str(model.dtype), "autocast": str(autocast_dtype(model)),
                "sampling": asdict(model.default_sampling),
-               **({"code": code} if (code := code_record(type(attack))) else {})}  # a plugin's, by contents
+               **({"code": code} if (code := code_identity(code_record(type(attack)))) else {})}  # a plugin's, by contents
         resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir), released_if_unused(work_dir):

@@ -351,9 +351,10 @@ def _check_same_code(cell: Path, recorded: dict[str, Any] | None, current: dict[
     then and now)."""
     if same_code(recorded, current):
         return
-    if recorded is None:
-        why = (f"by a darkminer that did not record plugin code, or not by {current['path']}" if current else
-               "by a plugin, where darkminer's own method of that name runs now")
+    if current is None:
+        why = f"by the plugin {recorded['path']}, where a method of that name without a plugin file runs now"  # type: ignore[index]
+    elif recorded is None:
+        why = f"by a darkminer that did not record plugin code, or not by {current['path']}"
     else:
         why = f"by another version of {recorded['path']} (the plugin file has changed since)"
     raise DarkMinerError(f"{cell} was made {why}: delete {cell} to redo that cell, or use a new --out")

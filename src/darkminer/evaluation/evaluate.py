@@ -93,7 +93,7 @@ from darkminer.models.erased import (
 )
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
-from darkminer.provenance import code_record, file_record, package_versions
+from darkminer.provenance import code_identity, code_record, file_record, package_versions
 from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, check_kind, resolve_target
 from darkminer.testbed.judge import judge_weights
 
@@ -410,7 +410,8 @@ def evaluate(
     # The files attack options name (Ring-A-Bell's pairs CSV), by contents, read once for the run record and
     # metrics.json; only where there are any, so that older records resume.
     files = {name: found for name, attack in attacks_to_run.items() if (found := attack.config.input_file_records())}
-    codes = {name: code for name, attack in attacks_to_run.items() if (code := code_record(type(attack)))}  # plugins'
+    codes = {name: code for name, attack in attacks_to_run.items()  # plugins' files, by contents
+             if (code := code_identity(code_record(type(attack))))}
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
