@@ -624,9 +624,11 @@ def test_erase_says_which_earlier_erasure_it_replaced(tmp_path, capsys):
     capsys.readouterr()
     assert main([*stack, "blood"]) == 0
     assert capsys.readouterr().out.strip().endswith("replacing the one that was there (uce on violence, over uce on nudity)")
-    (out / "darkminer.json").write_text("[]")
+    (out / "darkminer.json").write_text('{"method": 3, "concept": "nudity", "base_model": "tiny-random-sd", "kind": "unet"}')
     assert main([*command, "sld"]) == 0
     assert "(an erased model whose record could not be read)" in capsys.readouterr().out
+    (out / "darkminer.json").write_text("[]")  # no erased model's record: maybe the user's file, never replaced
+    assert main([*command, "sld"]) == 2 and "exists and is not an erased model" in _error_line(capsys)
 
 
 def test_an_output_being_replaced_is_whole_at_every_moment(tmp_path, monkeypatch):

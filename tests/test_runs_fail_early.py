@@ -404,7 +404,8 @@ def test_an_output_is_refused_while_the_current_folder_lies_anywhere_inside_it(t
 
     out = tmp_path / "erased"
     (out / "unet" / "deep").mkdir(parents=True)
-    (out / "darkminer.json").write_text("{}")  # an earlier erased model: replaceable from elsewhere
+    (out / "darkminer.json").write_text(json.dumps({"method": "uce", "concept": "blood", "base_model": "testbed",
+                                                    "kind": "unet"}))  # an earlier erased model: replaceable
     assert check_output_directory(out, "darkminer.json", "an erased model") == out
     monkeypatch.chdir(out / "unet" / "deep")
     with pytest.raises(DarkMinerError, match="holds the current folder"):
