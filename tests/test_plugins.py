@@ -131,6 +131,45 @@ def test_a_resume_after_the_plugin_changed_is_refused(tmp_path):
         erase("stops", "blood", tmp_path / "out", resume=True)
 
 
+KILLED = """
+from darkminer import Attack, AttackConfig, AttackResult, register_attack
+from darkminer.io import work_directory
+
+KILL_INTO = None  # the output whose work folder gets a checkpoint before the run is killed
+
+
+@register_attack("killed")
+class Killed(Attack):
+    config_class = AttackConfig
+
+    def run(self, model, target, prompts, success, original=None):
+        if KILL_INTO is not None:
+            (work_directory(KILL_INTO) / "searches").mkdir()
+            raise KeyboardInterrupt
+        return [AttackResult(p, p.text, False, False) for p in prompts]
+"""
+
+
+def test_an_attack_resumed_after_its_plugin_changed_is_refused(tmp_path):
+    from darkminer.attacks.io import run_attack
+    from darkminer.models import load_model
+    from darkminer.registry import load_plugin
+    from darkminer.targets import resolve_target
+
+    plugin, out = tmp_path / "killed.py", tmp_path / "out"
+    plugin.write_text(KILLED)
+    load_plugin(str(plugin))
+    model = load_model("testbed")
+    target, prompts = resolve_target(model, "blood"), [AttackPrompt("a", 0)]
+    sys.modules[ATTACKS["killed"].__module__].KILL_INTO = out
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(ATTACKS["killed"](), model, target, prompts, lambda images: images, out=out)
+    plugin.write_text(KILLED.replace("KILL_INTO = None", "KILL_INTO = None  # edited"))
+    load_plugin(str(plugin))
+    with pytest.raises(ConfigError, match=r"from another run \(its code\.sha256 differs\)"):
+        run_attack(ATTACKS["killed"](), model, target, prompts, lambda images: images, out=out, resume=True)
+
+
 def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     erase = ["erase", "--method", "dampen-keys", "--concept", "blood", "--out", str(tmp_path / "o")]
     assert main(["--plugin", "no_such_plugin_module", *erase]) == 2
