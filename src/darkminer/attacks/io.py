@@ -249,6 +249,7 @@ def run_attack(
         if not resume:  # every process (it only reads), so that each stops with the same line
             check_no_unfinished_run(work_dir)
     record = ErasedModelInfo.read(erased).record(erased) if erased is not None else None
+    code = code_record(type(attack))  # a plugin's file, for the claim and attack.json
     processes = init_processes()
     if work_dir is not None:
         # Everything the results depend on: the target's own prompts too (CCE's training images, Ring-A-Bell's
@@ -260,7 +261,7 @@ def run_attack(
                "detector": success.describe() if hasattr(success, "describe") else None,
                "dtype": str(model.dtype), "autocast": str(autocast_dtype(model)),
                "sampling": asdict(model.default_sampling),
-               **({"code": code} if (code := code_identity(code_record(type(attack)))) else {})}  # a plugin's, by contents
+               **({"code": code_identity(code)} if code else {})}  # a plugin's, by contents
         resumed = resume and processes.on_main(lambda: has_checkpoint(work_dir))
         processes.on_main(lambda: claim_work_directory(work_dir, run, resume))  # a refusal stops every process
     with resumable(work_dir), released_if_unused(work_dir):
@@ -274,7 +275,7 @@ def run_attack(
         def save() -> None:
             save_results(out, results, attack=attack.name, config=attack.config.to_dict(), target=target,
                          model=model.name, success=success, erased=record, sampling=model.default_sampling,
-                         resumed=resumed, code=code_record(type(attack)))
+                         resumed=resumed, code=code)
             remove_work_directory(work_dir)
 
         processes.on_main(save)

@@ -357,8 +357,8 @@ class DiffusionModel(ABC):
         """Each weight's bits summed, plainly and weighted by position (as integers of the weight's width, in
         int64 that wraps), by the names ``remember_originals`` takes: what tells a weight edited in place apart
         (a changed, NaN or moved value; two checksums, so an edit contrived to keep both would pass), without a
-        copy of the weights and without float64 (MPS has none). About 8 s for SD-1.4's UNet and text encoder on
-        2 CPU cores."""
+        copy of the weights and without float64 (MPS has none). About 10 s for SD-1.4's UNet and text encoder on
+        2 CPU cores (docs/performance.md)."""
         params = self._parameters_by_plain_name()
         with torch.no_grad():
             sums = torch.stack([_bit_sums(p) for p in params.values()]).tolist()
