@@ -802,19 +802,53 @@ def test_a_home_relative_path_is_expanded_where_the_shell_did_not(tmp_path, monk
     assert (tmp_path / "home" / "g.png").is_file() and not (tmp_path / "work" / "~").exists()
 
 
-def test_the_help_lists_every_registered_method_and_attack():
+def test_the_built_in_tables_name_each_method_and_attack_where_it_is_registered():
+    """The tables (--help lists them; an unknown name is refused with them before anything heavy loads) match
+    what the modules register: each name in its module, and no built-in one missing from them."""
+    import importlib
+    import pkgutil
+
     import darkminer.attacks
-    import darkminer.erasers  # noqa: F401  (register the built-ins)
+    import darkminer.erasers
     from darkminer.attacks.base import ATTACKS
     from darkminer.commands.attack import ATTACK_NAMES
     from darkminer.commands.erase import METHOD_NAMES
     from darkminer.erasers.base import ERASERS
 
-    def built_in(registry: dict) -> list[str]:  # other tests register fakes named test-*
-        return sorted(name for name in registry if not name.startswith("test-"))
+    for package, registry, table, names in ((darkminer.erasers, ERASERS, darkminer.erasers.BUILTIN_ERASERS, METHOD_NAMES),
+                                            (darkminer.attacks, ATTACKS, darkminer.attacks.BUILTIN_ATTACKS, ATTACK_NAMES)):
+        assert names.split(", ") == list(table)
+        for name, module in table.items():
+            assert registry.lookup(name).__module__.startswith(module)
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(info.name)  # every module, registering whatever it registers
+        built_in = {name for name, cls in registry.items() if cls.__module__.startswith(f"{package.__name__}.")}
+        assert built_in == set(table)
 
-    assert sorted(METHOD_NAMES.split(", ")) == built_in(ERASERS)
-    assert sorted(ATTACK_NAMES.split(", ")) == built_in(ATTACKS)
+
+def test_an_unknown_method_is_refused_before_torch_and_diffusers_load():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom darkminer.cli import main\ncode = main(['erase', '--method', 'esd-q', '--concept', "
+            "'blod', '--out', 'o'])\nprint(code, 'diffusers' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"]
+    assert "unknown method 'esd-q'; choose one of advunlearn, ca, darkminer, esd-u" in done.stderr
+    code = code.replace("'esd-q'", "'esd-x'")  # then a testbed concept mistyped: refused before the model loads
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"]
+    assert "unknown testbed concept 'blod'; choose one of blood" in done.stderr
+
+
+def test_a_plugin_cannot_take_a_built_in_name_it_has_not_looked_up_yet():
+    from darkminer.registry import Registry
+
+    registry = Registry("thing", {"x": "darkminer.nowhere"})
+    with pytest.raises(DarkMinerError, match=r"thing 'x' is a built-in one \(darkminer.nowhere\); register \S*test_cli.A "
+                                             "under another name"):
+        registry.register("x")(type("A", (), {}))
+    assert registry.names() == ["x"] and "x" not in registry
 
 
 def test_every_benchmark_script_imports(monkeypatch):
@@ -857,7 +891,7 @@ def test_the_source_revision_is_darkminers_own_checkout_never_a_repo_it_sits_in(
 def test_a_registry_refuses_a_second_class_under_one_name_but_takes_the_same_one_redefined():
     from darkminer.registry import Registry
 
-    registry = Registry("thing", "darkminer")
+    registry = Registry("thing", {})
     registry.register("x")(type("A", (), {}))
     with pytest.raises(DarkMinerError, match=r"thing 'x' is already registered \(by \S*test_cli.A\); register "
                                              r"\S*test_cli.B under another name"):

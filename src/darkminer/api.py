@@ -27,7 +27,7 @@ from darkminer.io import (
     work_directory,
     write_json,
 )
-from darkminer.models import check_placement, erased_base, load_model, model_id
+from darkminer.models import base_id, check_placement, erased_base, load_model, model_id
 from darkminer.models.base import GUIDANCES, ClassifierFreeGuidance, DiffusionModel, SamplingOptions
 from darkminer.models.erased import (
     EXPORT_INFO,
@@ -41,7 +41,7 @@ from darkminer.models.erased import (
     warn_unless_erased,
 )
 from darkminer.provenance import code_identity, code_record, package_versions
-from darkminer.targets import check_kind, resolve_target
+from darkminer.targets import check_target, resolve_target
 
 if TYPE_CHECKING:
     from darkminer.attacks.base import AttackConfig, AttackResult
@@ -113,12 +113,12 @@ def erase(
     out = check_output_directory(out, INFO_NAME, OUTPUT_KIND, apart_from=erased)  # before the work, not after it
     work_dir = work_directory(out)
     as_speed_options(speed)  # bad options fail before the (long) load
-    check_kind(kind)
     eraser_cls = get_eraser(method)
     below = None if erased is None else read_stackable(erased)
     spec = model.name if isinstance(model, DiffusionModel) else model
     if erased is not None:
         spec = erased_base(erased, spec)
+    check_target(concept, model_id(spec) == "testbed", kind=kind, prompts_csv=prompts)
     cfg = eraser_cls.config_for(config, model_id(spec))  # a config of another method fails here, before the load
     eraser = eraser_cls(cfg)
     cfg.check_model(model_id(spec))
@@ -369,7 +369,7 @@ def attack(
         out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased, marker_keys=RESULTS_KEYS)
         if not resume:  # an unfinished run's journal is refused before the load, not after it
             check_no_unfinished_run(work_directory(out))
-    check_kind(kind)
+    check_target(concept, base_id(model, erased) == "testbed", kind=kind, prompts_csv=prompts)
     # Under a launcher the per-prompt attacks share their prompts out over the processes (run_attack); opened
     # before loading, so "cuda" is this process's GPU.
     init_processes()

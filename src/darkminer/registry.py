@@ -1,5 +1,6 @@
 """Registries of named classes (erasers, attacks, guidances), filled by a decorator where each is defined:
-the built-in ones on first lookup, one's own by importing the module that defines them (``load_plugin``)."""
+a built-in one when its name is first looked up (only its module is imported: a mistyped name is refused
+before torch and diffusers load), one's own by importing the module that defines them (``load_plugin``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -22,16 +23,21 @@ PLUGIN_MODULE_PREFIX = "darkminer_plugin_"  # the module name a plugin file is i
 class Registry(dict[str, T], Generic[T]):
     """``name -> class``. ``register`` is the decorator: a second class under one name is refused, unless it
     is the same class defined again (its module reloaded, a notebook cell run twice), which replaces it.
-    ``lookup`` imports the built-in ones first and says what exists when a name is unknown."""
+    ``builtins`` names each built-in class's module (``name -> module``), which ``lookup`` imports when the
+    name is first asked for; an unknown name is refused with what exists, having imported nothing."""
 
-    def __init__(self, what: str, builtins: str, name_attribute: str = "name") -> None:
+    def __init__(self, what: str, builtins: Mapping[str, str], name_attribute: str = "name") -> None:
         super().__init__()
-        self.what, self.builtins, self.name_attribute = what, builtins, name_attribute
+        self.what, self.builtins, self.name_attribute = what, dict(builtins), name_attribute
 
     def register(self, name: str, **attributes: Any) -> Callable[[T], T]:
         def wrap(cls: T) -> T:
             if not isinstance(name, str) or not name.strip():
                 raise DarkMinerError(f"a {self.what} is registered under a name (a non-empty string), got {name!r}")
+            home = self.builtins.get(name)
+            if home is not None and cls.__module__ != home and not cls.__module__.startswith(f"{home}."):
+                raise DarkMinerError(f"{self.what} {name!r} is a built-in one ({home}); register {_where(cls)} "
+                                     "under another name")
             if name in self and _where(self[name]) != _where(cls):
                 raise DarkMinerError(f"{self.what} {name!r} is already registered (by {_where(self[name])}); "
                                      f"register {_where(cls)} under another name")
@@ -43,10 +49,15 @@ class Registry(dict[str, T], Generic[T]):
 
         return wrap
 
+    def names(self) -> list[str]:
+        """Every name that ``lookup`` takes: the built-in ones and those registered."""
+        return sorted({*self.builtins, *self})
+
     def lookup(self, name: str) -> T:
-        importlib.import_module(self.builtins)  # registers the built-in ones
+        if isinstance(name, str) and name not in self and name in self.builtins:
+            importlib.import_module(self.builtins[name])  # registers it
         if not isinstance(name, str) or name not in self:  # a damaged record's name may be any JSON value
-            raise DarkMinerError(f"unknown {self.what} {name!r}; choose one of {', '.join(sorted(self))} (one of "
+            raise DarkMinerError(f"unknown {self.what} {name!r}; choose one of {', '.join(self.names())} (one of "
                                  "your own is known once the module registering it is imported: --plugin MODULE)")
         return self[name]
 

@@ -67,6 +67,23 @@ def check_kind(kind: str | None) -> None:
         raise ConfigError(f"unknown kind {kind!r} (--kind): use one of {list(SD_KINDS)}")
 
 
+def check_target(concept: str, testbed: bool, *, kind: str | None = None, prompts_csv: str | Path | None = None) -> None:
+    """``resolve_target``'s checks of its arguments, which need to know only whether the model is the testbed:
+    run before the model loads, they refuse a mistyped concept at once."""
+    check_argument("concept", concept, str)
+    if not concept.strip():
+        raise DarkMinerError("the concept (--concept) is empty: name the concept to erase")
+    check_kind(kind)
+    if testbed:
+        from darkminer.testbed.concepts import get_concept
+
+        if kind is not None:
+            raise DarkMinerError("--kind is for Stable Diffusion concepts: a testbed concept's kind is the registry's")
+        if prompts_csv:
+            raise DarkMinerError(TESTBED_CSV_ERROR)
+        get_concept(concept)
+
+
 def resolve_target(
     model: DiffusionModel,
     concept: str,
@@ -77,20 +94,12 @@ def resolve_target(
     seed: int = 0,
     kind: str | None = None,
 ) -> EraseTarget:
-    check_argument("concept", concept, str)
     check_argument("n_prompts", n_prompts, int)
     if n_prompts < 1:
         raise ConfigError(f"n_prompts must be a positive number of prompts, got {n_prompts}")
-    if not concept.strip():
-        raise DarkMinerError("the concept (--concept) is empty: name the concept to erase")
-    check_kind(kind)
-    if kind is not None and is_testbed(model):
-        raise DarkMinerError("--kind is for Stable Diffusion concepts: a testbed concept's kind is the registry's")
+    check_target(concept, is_testbed(model), kind=kind, prompts_csv=prompts_csv)
     if is_testbed(model):
         from darkminer.testbed.concepts import get_concept
-
-        if prompts_csv:
-            raise DarkMinerError(TESTBED_CSV_ERROR)
 
         c = get_concept(concept)
         direct = c.direct_prompts(n_prompts, seed, split="erasure")

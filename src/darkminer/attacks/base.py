@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from darkminer.attacks import BUILTIN_ATTACKS
 from darkminer.config import PROMPT_SEED_LIMIT, Config, check_argument, check_seed
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
@@ -167,7 +168,7 @@ def before_and_after_rates(results: Sequence[AttackResult]) -> tuple[float, floa
             sum(r.success_after for r in results) / len(results))
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack", "darkminer.attacks")
+ATTACKS: Registry[type[Attack]] = Registry("attack", BUILTIN_ATTACKS)
 A = TypeVar("A", bound=Attack)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from darkminer.attacks import BUILTIN_ATTACKS
 from darkminer.commands.common import (
     add_concept_args,
     add_detector_args,
@@ -19,9 +20,7 @@ from darkminer.commands.common import (
 )
 from darkminer.errors import DarkMinerError
 
-# Written out, not read from the registry: importing the attacks (torch, diffusers) would slow every --help;
-# a test checks the list against the registry.
-ATTACK_NAMES = "unlearndiff, p4d, ringabell, cce, plain, paraphrase"
+ATTACK_NAMES = ", ".join(BUILTIN_ATTACKS)  # the table, not the registry: importing the attacks would slow --help
 DEFAULT_N_PROMPTS = 16
 
 
@@ -97,10 +96,10 @@ def _run(args: argparse.Namespace) -> None:
         from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
         from darkminer.io import check_output_directory
-        from darkminer.models import is_testbed, load_model
+        from darkminer.models import base_id, is_testbed, load_model
         from darkminer.models.erased import ErasedModelInfo, warn_unless_erased
         from darkminer.parallel import init_processes
-        from darkminer.targets import resolve_target
+        from darkminer.targets import check_target, resolve_target
 
         check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased,  # before loading
                                marker_keys=RESULTS_KEYS)
@@ -112,6 +111,7 @@ def _run(args: argparse.Namespace) -> None:
         if args.concept is None and found_for is None:  # an attack.json from before targets were recorded
             raise DarkMinerError(f"{args.replay} does not record its concept: name it with --concept")
         args.concept = args.concept or found_for
+        check_target(args.concept, base_id(args.model, args.erased) == "testbed", kind=args.kind, prompts_csv=args.prompts)
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         recorded_kind = recorded_target.get("kind") if isinstance(recorded_target, dict) else None
         if args.kind is None and not is_testbed(model) and recorded_kind != "free":  # graded as the attack graded

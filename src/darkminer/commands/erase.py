@@ -13,10 +13,9 @@ from darkminer.commands.common import (
     replacing,
     speed_options,
 )
+from darkminer.erasers import BUILTIN_ERASERS
 
-# Written out, not read from the registry: importing the erasers (torch, diffusers) would slow every --help;
-# a test checks the list against the registry.
-METHOD_NAMES = "darkminer, esd-u, esd-x, esd-x-strict, uce, ca, fmn, sld, rece, advunlearn"
+METHOD_NAMES = ", ".join(BUILTIN_ERASERS)  # the table, not the registry: importing the erasers would slow --help
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,12 +1,15 @@
-"""The built-in erasers: importing a module registers its methods by name."""
+"""The built-in erasers: each is registered by its module, imported when its name is first looked up."""
 
-from darkminer.erasers import (
-    advunlearn,  # noqa: F401
-    ca,  # noqa: F401
-    darkminer,  # noqa: F401
-    esd,  # noqa: F401
-    fmn,  # noqa: F401
-    rece,  # noqa: F401
-    sld,  # noqa: F401
-    uce,  # noqa: F401
-)
+# name -> the module that registers it; in the order `darkminer erase --help` lists them
+BUILTIN_ERASERS = {
+    "darkminer": "darkminer.erasers.darkminer",
+    "esd-u": "darkminer.erasers.esd",
+    "esd-x": "darkminer.erasers.esd",
+    "esd-x-strict": "darkminer.erasers.esd",
+    "uce": "darkminer.erasers.uce",
+    "ca": "darkminer.erasers.ca",
+    "fmn": "darkminer.erasers.fmn",
+    "sld": "darkminer.erasers.sld",
+    "rece": "darkminer.erasers.rece",
+    "advunlearn": "darkminer.erasers.advunlearn",
+}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from darkminer.config import Config, load_config_file
+from darkminer.erasers import BUILTIN_ERASERS
 from darkminer.errors import ConfigError, DarkMinerError
 from darkminer.models.base import DiffusionModel
 from darkminer.models.erased import EXTERNAL_METHOD, KINDS, ORIGINAL_METHOD
@@ -85,7 +86,7 @@ def check_finite(value: float, stage: str, hint: str) -> float:
     return value
 
 
-ERASERS: Registry[type[Eraser]] = Registry("method", "darkminer.erasers")
+ERASERS: Registry[type[Eraser]] = Registry("method", BUILTIN_ERASERS)
 E = TypeVar("E", bound=Eraser)
 
 

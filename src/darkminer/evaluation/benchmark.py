@@ -162,10 +162,9 @@ class BenchmarkConfig(Config):
         check_preservation_applies(evaluation, model_id(self.model) == "testbed")
 
     def method_names(self) -> list[str]:
-        import darkminer.erasers  # noqa: F401  (registers the built-in erasers before "all" lists them)
         from darkminer.erasers.base import ERASERS, get_eraser
 
-        names = sorted(ERASERS) if self.methods == ALL else list(self.methods)
+        names = ERASERS.names() if self.methods == ALL else list(self.methods)
         unused = sorted(set(self.method_configs) - set(names))
         if unused:
             raise ConfigError(f"BenchmarkConfig.method_configs names methods that are not run: {unused}")
@@ -174,10 +173,9 @@ class BenchmarkConfig(Config):
         return names
 
     def attack_names(self) -> list[str]:
-        import darkminer.attacks  # noqa: F401  (registers the built-in attacks before "all" lists them)
         from darkminer.attacks.base import ATTACKS, get_attack
 
-        names = sorted(ATTACKS) if self.attacks == ALL else list(self.attacks)
+        names = ATTACKS.names() if self.attacks == ALL else list(self.attacks)
         for name in names:
             get_attack(name)
         return names

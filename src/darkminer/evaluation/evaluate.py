@@ -81,7 +81,7 @@ from darkminer.io import (
     work_directory,
     write_json,
 )
-from darkminer.models import check_placement, is_testbed, load_model
+from darkminer.models import base_id, check_placement, is_testbed, load_model
 from darkminer.models.base import DiffusionModel, per_guidance_scale
 from darkminer.models.clip import Clip
 from darkminer.models.erased import (
@@ -94,7 +94,7 @@ from darkminer.models.erased import (
 from darkminer.parallel import SpeedOptions, init_processes, sharded_sample
 from darkminer.parallel.speed import apply_speed_options, resolve_speed_options
 from darkminer.provenance import code_identity, code_record, file_record, package_versions
-from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, check_kind, resolve_target
+from darkminer.targets import TESTBED_CSV_ERROR, EraseTarget, check_target, resolve_target
 from darkminer.testbed.judge import judge_weights
 
 METRICS_NAME = "metrics.json"
@@ -373,7 +373,11 @@ def evaluate(
         out = check_output_directory(out, METRICS_NAME, OUTPUT_KIND, apart_from=erased, marker_keys=METRICS_KEYS)
         work_dir = work_directory(out)
     attacks_to_run = build_attacks(cfg)  # bad names or options fail before any work
-    check_kind(kind)
+    testbed = base_id(model, erased) == "testbed"
+    check_target(concept, testbed, kind=kind, prompts_csv=prompts)
+    if testbed and (paraphrase_prompts or preserve_prompts):
+        raise DarkMinerError(TESTBED_CSV_ERROR)
+    check_preservation_applies(cfg, testbed)
     if work_dir is not None and not resume:  # after the arguments' own errors; every process (it only reads)
         check_no_unfinished_run(work_dir)
     started = time.time()
@@ -381,10 +385,6 @@ def evaluate(
     # the main process writes the output. Opened before loading, so "cuda" is this process's GPU.
     processes = init_processes()
     net, method, info, carried = _load(model, erased, device, dtype, speed)
-    testbed = is_testbed(net)
-    if testbed and (paraphrase_prompts or preserve_prompts):
-        raise DarkMinerError(TESTBED_CSV_ERROR)
-    check_preservation_applies(cfg, testbed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
     warn_unless_erased(info or carried, target.name, erased or model)
     for attack in attacks_to_run.values():

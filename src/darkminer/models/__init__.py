@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from darkminer.parallel.speed import SpeedOptions
 
 TESTBED_IDS = ("testbed", "toy")
+TINY_SD_ID = "tiny-random-sd"  # tiny random SD components built from configs (models/tiny.py)
 DEFAULT_MODEL = "testbed"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -74,6 +75,14 @@ def load_model(
     return model
 
 
+def base_id(model: str | os.PathLike | DiffusionModel | None, erased: str | Path | None = None) -> str:
+    """The ``model_id`` of the base model that ``model`` (a name, a path or a loaded model) and ``erased`` stand
+    for, known before anything loads: what depends on it alone (a testbed concept's name) is refused at once."""
+    if isinstance(model, DiffusionModel):
+        return model.name
+    return model_id(erased_base(erased, model) if erased is not None else model)
+
+
 def erased_base(erased: str | Path, spec: str | os.PathLike | None) -> str | os.PathLike:
     """The base model that the erased model ``erased`` goes on: the one it records where ``spec`` is None;
     ``spec`` where it is that model (another is refused)."""
@@ -95,8 +104,6 @@ def erased_base(erased: str | Path, spec: str | os.PathLike | None) -> str | os.
 def local_copy(spec: str) -> str | None:
     """Where the base model ``spec`` is on this machine: the built-in models by name, a folder as its
     resolved path, a hub id as its snapshot folder in the Hugging Face cache; None if it is not here."""
-    from darkminer.models.tiny import TINY_SD_ID
-
     if spec in (*TESTBED_IDS, TINY_SD_ID):
         return model_id(spec)
     path = Path(spec).expanduser()
@@ -177,9 +184,10 @@ def _load_base(spec: str, *, device: str | torch.device, dtype: torch.dtype) -> 
 
         return TestbedModel.load(device=device, dtype=dtype)
     from darkminer.models.stable_diffusion import StableDiffusionModel
-    from darkminer.models.tiny import TINY_SD_ID, build_tiny_sd_pipeline
 
     if spec == TINY_SD_ID:
+        from darkminer.models.tiny import build_tiny_sd_pipeline
+
         # built in float32; casting to float32 again would only print diffusers' cast warning
         pipe = build_tiny_sd_pipeline().to(device=device, dtype=None if dtype == torch.float32 else dtype)
         return StableDiffusionModel.from_pipeline(pipe, name=TINY_SD_ID)

@@ -1,4 +1,8 @@
-"""LoRA adapters on the UNet through peft, saved in the format diffusers' ``load_lora_weights`` reads."""
+"""LoRA adapters on the UNet through peft, saved in the format diffusers' ``load_lora_weights`` reads.
+
+peft and diffusers are imported in the functions that use them: the commands refuse a bad argument before
+those libraries load (seconds).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-from peft import LoraConfig as PeftLoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils import get_peft_model_state_dict
 
 from darkminer.config import Config, check_positive
 from darkminer.errors import ConfigError, ModelLoadError, logs_silenced
@@ -80,6 +80,8 @@ def add_lora(model: DiffusionModel, config: LoraConfig, seed: int = 0) -> list[t
     """Attach a fresh LoRA (output unchanged until trained) and return its trainable parameters."""
     if getattr(model.unet, "peft_config", None):
         raise ConfigError("the UNet already carries an adapter; erase from the base model, not an erased one")
+    from peft import LoraConfig as PeftLoraConfig
+
     target_module_names(model, config.pattern)
     peft_config = PeftLoraConfig(
         r=config.rank,
@@ -110,8 +112,17 @@ def lora_state_dict(model: DiffusionModel) -> dict[str, torch.Tensor]:
     mixing both formats loads in diffusers with every key of the other format silently dropped (LoRA on
     self-attention next to convolutions lost its self-attention part that way).
     """
+    from peft.utils import get_peft_model_state_dict
+
     state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def set_lora_state_dict(model: DiffusionModel, state: dict[str, torch.Tensor]) -> None:
+    """Put ``lora_state_dict``'s weights (an earlier round's, a checkpoint's) into the attached adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model.unet, state, adapter_name=ADAPTER_NAME)
 
 
 def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
@@ -127,6 +138,9 @@ def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
 
 
 def load_lora(model: DiffusionModel, directory: str | Path) -> None:
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise ModelLoadError(f"{directory} has no {LORA_WEIGHT_NAME}")

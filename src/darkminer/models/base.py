@@ -15,16 +15,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from darkminer.config import MAX_SAMPLING_STEPS, PROMPT_SEED_LIMIT, check_seed
 from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning, ModelLoadError
 from darkminer.registry import Registry
+
+if TYPE_CHECKING:  # imported where used: a bad argument is refused before they load (seconds)
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import PreTrainedTokenizerBase
 
 # Before the names of the text encoder's parameters where they share a name space with the UNet's (the
 # weights an erasure edited in place, its checkpoints); also the folder of an edited text encoder.
@@ -108,7 +110,8 @@ class Guidance:
 
 
 # The guidances erased models save (models/guidance.py registers them); a name, as recorded, rebuilds one.
-GUIDANCES: Registry[type[Guidance]] = Registry("guidance", "darkminer.models.guidance", name_attribute="registry_name")
+GUIDANCES: Registry[type[Guidance]] = Registry("guidance", {"sld": "darkminer.models.guidance"},
+                                                name_attribute="registry_name")
 G = TypeVar("G", bound=Guidance)
 
 
@@ -184,6 +187,8 @@ class DiffusionModel(ABC):
         # How the conditional and unconditional predictions combine while sampling; inference-time
         # erasers (SLD) replace it.
         self.guidance: Guidance = ClassifierFreeGuidance()
+        from diffusers import DDPMScheduler
+
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self._reported_cut = False  # whether tokenize has reported a prompt cut to max_length
 
@@ -450,6 +455,8 @@ class DiffusionModel(ABC):
     def sampling_scheduler(self, steps: int) -> DDIMScheduler:
         """A DDIM scheduler for ``steps`` steps. Its timesteps stay on the host, where it indexes its tables by
         them: a device timestep would make every step wait for the device."""
+        from diffusers import DDIMScheduler
+
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         trained = scheduler.config.num_train_timesteps
         if steps > trained:  # a schedule shorter than MAX_SAMPLING_STEPS, which configs allow

@@ -7,10 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
 from darkminer.errors import ModelLoadError
 from darkminer.models.base import DiffusionModel, SamplingOptions
@@ -28,8 +25,9 @@ from darkminer.models.loading import (
     pipeline_class,
 )
 
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+if TYPE_CHECKING:  # imported where used: a bad argument is refused before diffusers loads (seconds)
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 
 def _check_local_folder(path: Path) -> None:
@@ -95,6 +93,9 @@ class StableDiffusionModel(DiffusionModel):
             raise ModelLoadError(f"model folder {path} does not exist")
         if path.exists():
             _check_local_folder(path)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
         source = str(path) if path.exists() else name_or_path
         folder = path if path.exists() else cached_snapshot(name_or_path)
         try:
@@ -130,6 +131,8 @@ class StableDiffusionModel(DiffusionModel):
 
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A plain diffusers pipeline sharing this model's modules (no copy)."""
+        from diffusers import DDIMScheduler
+
         return pipeline_class()(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -152,6 +155,8 @@ class StableDiffusionModel(DiffusionModel):
 
     def encode_embeddings(self, embeds: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         # The same computation as CLIPTextModel.forward, entered after the token lookup.
+        from transformers.masking_utils import create_causal_mask
+
         te = self.text_encoder
         hidden = te.embeddings(inputs_embeds=embeds.to(te.dtype))
         mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, cache=None)

@@ -21,8 +21,6 @@ from darkminer.models.loading import pipeline_class
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-TINY_SD_ID = "tiny-random-sd"
-
 _WORDS = (
     "a photo of an the and with in on painting style by picture image art drawing portrait landscape "
     "nude naked nudity woman man person people body violence blood gun fire car dog cat church tench "

@@ -54,7 +54,8 @@ class SpeedOptions(Config):
         check_choice(self, "precision", self.precision, tuple(PRECISIONS))
         check_choice(self, "attention", self.attention, ATTENTIONS)
         check_choice(self, "compile", self.compile, COMPILE_MODES)
-        check_choice(self, "compile_backend", self.compile_backend, tuple(torch.compiler.list_backends(exclude_tags=())))
+        if self.compile_backend != "inductor":  # torch's own default; listing the others imports dynamo (seconds)
+            check_choice(self, "compile_backend", self.compile_backend, tuple(torch.compiler.list_backends(exclude_tags=())))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

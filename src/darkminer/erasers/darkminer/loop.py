@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from darkminer.erasers.base import Eraser, damaged_checkpoint, register_eraser
@@ -25,7 +24,7 @@ from darkminer.erasers.darkminer.verifying import verify
 from darkminer.erasers.training import iteration_generator
 from darkminer.errors import DarkMinerError
 from darkminer.io import check_output_directory, load_tensors, read_json, save_tensors, write_json, write_text
-from darkminer.models.adapters import ADAPTER_NAME, add_lora, target_module_names
+from darkminer.models.adapters import add_lora, lora_state_dict, set_lora_state_dict, target_module_names
 from darkminer.models.base import DiffusionModel
 from darkminer.models.image_encoders import load_image_encoder
 from darkminer.models.slots import check_token_room
@@ -195,8 +194,7 @@ class DarkMiner(Eraser):
         # The adapter after every round (the last one is the current adapter), so the rounds can be replayed.
         previous = load_tensors(folder / "state.safetensors") if (folder / "state.safetensors").is_file() else {}
         tensors = {k: v for k, v in previous.items() if k.startswith("round_")}
-        adapter = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
-        tensors.update({f"round_{len(log) - 1}.{k}": v.detach().clone() for k, v in adapter.items()})
+        tensors.update({f"round_{len(log) - 1}.{k}": v for k, v in lora_state_dict(model).items()})
         tensors.update({f"mined.{i}": m.values for i, m in enumerate(mined)})
         save_tensors(folder / "state.safetensors", tensors)
         # The JSON is written last: a checkpoint counts only once both files are complete.
@@ -211,7 +209,7 @@ class DarkMiner(Eraser):
             tensors = load_tensors(folder / "state.safetensors", device=model.device)
             last = f"round_{len(meta['log']) - 1}."
             adapter = {k.removeprefix(last): v for k, v in tensors.items() if k.startswith(last)}
-            expected = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER_NAME)
+            expected = lora_state_dict(model)
             if adapter.keys() != expected.keys() or any(v.shape != expected[k].shape for k, v in adapter.items()):
                 raise KeyError(f"the adapter of {last.rstrip('.')}")  # a resume would train another adapter
             mined = [
@@ -222,7 +220,7 @@ class DarkMiner(Eraser):
             failures = int(meta["failures"])
         except (DarkMinerError, KeyError, TypeError, ValueError) as exc:
             raise damaged_checkpoint(work_dir, exc) from None
-        set_peft_model_state_dict(model.unet, adapter, adapter_name=ADAPTER_NAME)
+        set_lora_state_dict(model, adapter)
         return {"log": meta["log"], "mined": mined, "failures": failures}
 
     def _write_artifacts(self, work_dir: Path, log: list[dict], mined: list[MinedEmbedding]) -> None:
@@ -286,7 +284,7 @@ def keep_rounds(erased_dir: str | Path, rounds: int, out: str | Path) -> Path:
         raise DarkMinerError(f"{erased_dir} holds {len(log)} rounds; keep between 1 and {len(log)}, not {rounds}")
     model = load_model(erased=erased_dir)
     snapshots = load_rounds(erased_dir, device=model.device)[:rounds]
-    set_peft_model_state_dict(model.unet, snapshots[-1][1], adapter_name=ADAPTER_NAME)
+    set_lora_state_dict(model, snapshots[-1][1])
     kept = log[:rounds]
     info.config["rounds"] = rounds
     # A run configured with ``rounds`` would have run every kept round: it did not stop early.
