@@ -172,6 +172,29 @@ def test_an_attack_resumed_after_its_plugin_changed_is_refused(tmp_path):
         run_attack(ATTACKS["killed"](), model, target, prompts, lambda images: images, out=out, resume=True)
 
 
+def test_an_evaluation_resumed_after_its_attacks_plugin_changed_is_refused(tmp_path):
+    """The evaluation's work-folder claim holds the plugin attack's code: a resume with an edited file would mix
+    searches made by two versions of the attack in one number."""
+    from darkminer import evaluate
+    from darkminer.registry import load_plugin
+
+    plugin, out = tmp_path / "killed.py", tmp_path / "eval"
+    plugin.write_text(KILLED)
+    load_plugin(str(plugin))
+    config = {"steps": 2, "n_images": 2, "attacks": ["killed"], "attack_prompts": 1, "grid_images": 2,
+              "preservation": []}
+    sys.modules[ATTACKS["killed"].__module__].KILL_INTO = out
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("blood", out, config=config)
+    plugin.write_text(KILLED.replace("KILL_INTO = None", "KILL_INTO = None  # edited"))
+    load_plugin(str(plugin))
+    with pytest.raises(ConfigError, match=r"from another run \(its attack_code\.killed\.sha256 differs\)"):
+        evaluate("blood", out, config=config, resume=True)
+    plugin.write_text(KILLED)  # the file as the killed run had it: the resume goes on, and finishes
+    load_plugin(str(plugin))
+    assert evaluate("blood", out, config=config, resume=True)["attacks"]["killed"] == 0.0
+
+
 def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path, capsys):
     erase = ["erase", "--method", "dampen-keys", "--concept", "blood", "--out", str(tmp_path / "o")]
     assert main(["--plugin", "no_such_plugin_module", *erase]) == 2
