@@ -659,7 +659,9 @@ def _distinct_conds_pool(model, n):
     return conds, ImagePool(torch.zeros(4, 3, 32, 32), latents, conds[[0, 1, 0, 1]])
 
 
-def test_circumvent_fills_half_of_each_batch_from_the_new_conditions_and_half_from_the_replay(tiny_sd):
+@pytest.mark.parametrize(("k", "rows"), [(4, ["new", "new", "replay", "replay"]),
+                                         (3, ["new", "new", "replay"])])  # odd: (k + 1) // 2 rows of new ones
+def test_circumvent_fills_half_of_each_batch_from_the_new_conditions_and_half_from_the_replay(tiny_sd, k, rows):
     model = tiny_sd
     conds, pool = _distinct_conds_pool(model, 4)
     new, replay = conds[:2], conds[2:]
@@ -671,7 +673,7 @@ def test_circumvent_fills_half_of_each_batch_from_the_new_conditions_and_half_fr
         return real_eps(x_t, t, cond, adapter=adapter)
 
     model.eps = eps_spy
-    config = DarkMinerConfig(k=4, pool_size=4, circumvent_steps=3, preserve_weight=0, erase_guidance=0)
+    config = DarkMinerConfig(k=k, pool_size=4, circumvent_steps=3, preserve_weight=0, erase_guidance=0)
     circumvent(model, add_lora(model, LoraConfig(), seed=0), new, model.encode([""]), pool, pool, config,
                torch.Generator().manual_seed(0), replay_conds=replay)
 
@@ -680,7 +682,7 @@ def test_circumvent_fills_half_of_each_batch_from_the_new_conditions_and_half_fr
 
     assert len(students) == 3
     for batch in students:
-        assert [source(row) for row in batch] == ["new", "new", "replay", "replay"]
+        assert [source(row) for row in batch] == rows
 
 
 def _perturbed_lora(model):

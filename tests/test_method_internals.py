@@ -332,31 +332,6 @@ def test_the_verifier_is_needed_off_the_testbed_only() -> None:
     DarkMinerConfig(image_encoder=None, verify=False).check_model("tiny-random-sd")
 
 
-def test_an_odd_batch_gives_the_new_conditions_the_larger_half(tiny_sd) -> None:
-    """k = 3 with a replay set: (k + 1) // 2 = 2 rows of new conditions, 1 of the replay, every step."""
-    model = tiny_sd
-    conds = model.encode(["nudity", "a nude person", "naked", "bare skin"])
-    new, replay = conds[:2], conds[2:]
-    pool = ImagePool(torch.zeros(4, 3, 32, 32), torch.randn(4, *model.latent_shape, generator=torch.Generator().manual_seed(1)),
-                     conds[[0, 1, 0, 1]])
-    students, real_eps = [], model.eps
-
-    def eps_spy(x_t, t, cond, adapter=True):
-        if adapter:
-            students.append(cond.detach().clone())
-        return real_eps(x_t, t, cond, adapter=adapter)
-
-    model.eps = eps_spy
-    config = DarkMinerConfig(k=3, pool_size=4, circumvent_steps=2, preserve_weight=0, erase_guidance=0)
-    circumvent(model, add_lora(model, LoraConfig(), seed=0), new, model.encode([""]), pool, pool, config,
-               torch.Generator().manual_seed(0), replay_conds=replay)
-
-    def source(row):
-        return "new" if any(torch.equal(row, c) for c in new) else "replay" if any(torch.equal(row, c) for c in replay) else "?"
-
-    assert len(students) == 2 and all([source(r) for r in batch] == ["new", "new", "replay"] for batch in students)
-
-
 @pytest.mark.parametrize(("share", "trajectory_rows"), [(0.25, 1), (0.2, 0), (0.75, 2)])
 def test_trajectory_share_rounds_to_whole_rows_half_up(share: float, trajectory_rows: int, tiny_sd, monkeypatch) -> None:
     """k = 2: a share of 0.25 is half a row, rounded up to one; 0.2 (0.4 rows) to none; 0.75 to both. NaN
