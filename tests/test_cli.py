@@ -826,7 +826,7 @@ def test_the_built_in_tables_name_each_method_and_attack_where_it_is_registered(
         assert built_in == set(table)
 
 
-def test_an_unknown_method_is_refused_before_torch_and_diffusers_load():
+def test_an_unknown_method_is_refused_before_torch_and_diffusers_load(tmp_path):
     import subprocess
     import sys
 
@@ -839,6 +839,12 @@ def test_an_unknown_method_is_refused_before_torch_and_diffusers_load():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False", "False"]
     assert "unknown testbed concept 'blod'; choose one of blood" in done.stderr
+    # FMN's attention recorder wraps diffusers' processor without subclassing it: its config is refused before
+    (tmp_path / "fmn.yaml").write_text("image_steps: 0\n")
+    code = code.replace("'esd-x'", "'fmn'").replace("'blod'", f"'blood', '--config', {str(tmp_path / 'fmn.yaml')!r}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"]
+    assert "FmnConfig.image_steps" in done.stderr
 
 
 def test_a_plugin_cannot_take_a_built_in_name_it_has_not_looked_up_yet():

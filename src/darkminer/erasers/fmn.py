@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from darkminer.config import check_non_negative, check_positive, check_sampling_steps
 from darkminer.erasers.base import Eraser, EraserConfig, register_eraser
@@ -30,6 +30,9 @@ from darkminer.models.adapters import TARGET_PRESETS
 from darkminer.models.base import DiffusionModel
 from darkminer.parallel.speed import gradient_scaler
 from darkminer.targets import EraseTarget
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 WHOLE_UNET = r".+"
 
@@ -62,11 +65,16 @@ class FmnConfig(EraserConfig):
         check_sampling_steps(self, image_steps=self.image_steps)
 
 
-class _RecordingAttnProcessor(AttnProcessor):
-    """diffusers' plain attention, which also hands its attention probabilities to ``sink``."""
+class _RecordingAttnProcessor:
+    """diffusers' plain attention, which also hands its attention probabilities to ``sink``. It wraps the plain
+    processor rather than subclassing it, so that diffusers is imported only when FMN trains (a bad config is
+    refused before)."""
 
     def __init__(self, sink: list[torch.Tensor]) -> None:
+        from diffusers.models.attention_processor import AttnProcessor
+
         self.sink = sink
+        self.plain = AttnProcessor()
 
     def __call__(
         self,
@@ -87,7 +95,7 @@ class _RecordingAttnProcessor(AttnProcessor):
 
         attn.get_attention_scores = recording
         try:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         finally:
             del attn.get_attention_scores
 
