@@ -83,21 +83,26 @@ def test_every_mining_and_loop_option_runs_and_shows_in_its_output(tmp_path, opt
         assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("n", [0, 3])
-def test_concept_prompts_sets_how_many_of_the_concepts_prompts_round_0_and_the_replay_train_on(tmp_path, monkeypatch, n):
+@pytest.mark.parametrize(("n", "taken"), [(0, 0), (3, 3), (8, 5)])
+def test_concept_prompts_sets_how_many_of_the_concepts_prompts_round_0_and_the_replay_train_on(tmp_path, monkeypatch, n,
+                                                                                              taken):
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt\n" + "".join(f"nudity scene {i}\n" for i in range(5)))
-    sizes, real = [], loop_module.circumvent
+    sizes, first, real = [], [], loop_module.circumvent
 
     def spy(model, params, erase_conds, *args, replay_conds=None, **kwargs):
         sizes.append((len(erase_conds), len(replay_conds)))
+        first.append(erase_conds.detach().clone())
         return real(model, params, erase_conds, *args, replay_conds=replay_conds, **kwargs)
 
     monkeypatch.setattr(loop_module, "circumvent", spy)
     erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", prompts=csv,
           config={**TINY, "rounds": 2, "concept_prompts": n})
-    # Round 0: the mined embedding, the word and n prompts; round 1: its own, then round 0's and the same words.
-    assert sizes == [(2 + n, 0), (1, 2 + n)]
+    # Round 0: the mined embedding, the word and n of the CSV's prompts (the target's prompts start with the
+    # word, which is not taken twice); round 1: its own, then round 0's and the same words.
+    assert sizes == [(2 + taken, 0), (1, 2 + taken)]
+    rows = first[0].flatten(1)
+    assert all(not torch.equal(rows[i], rows[j]) for i in range(len(rows)) for j in range(i))
     with pytest.raises(ConfigError, match="concept_prompts must be >= 0"):
         DarkMinerConfig(concept_prompts=-1)
 

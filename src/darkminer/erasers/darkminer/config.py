@@ -65,8 +65,8 @@ class DarkMinerConfig(EraserConfig):
     # rates 0.14-0.15 -> 0.045-0.05 (docs/darkminer.md, "Preservation weight 12"; the table in "Defaults").
     erase_guidance: float = 1.0
     concept_word_first_round: bool = True
-    # How many of the concept's prompts (target.prompts, the erasure split on the testbed) join its word
-    # in round 0 and in the replay set.
+    # How many of the concept's prompts (target.prompts, the erasure split on the testbed; on SD the --prompts
+    # CSV's, the word itself not counted) join its word in round 0 and in the replay set.
     concept_prompts: int = 8
     # Circumvent every earlier verified embedding (and round 0's concept words) again in each round, so a
     # later round cannot undo an earlier one; half of each batch replays them. docs/darkminer.md measures it.

@@ -78,8 +78,10 @@ class DarkMiner(Eraser):
         pool, preserve = build_pools(model, target, cfg, work_dir)
         with torch.no_grad():
             anchor = model.encode([target.anchor])
-            own_words = model.encode([target.word, *target.prompts[: cfg.concept_prompts]])
-            teachers = Teachers(anchor, torch.cat([anchor, self._twins(model, target, anchor, target.prompts[: cfg.concept_prompts])]),
+            # On SD the target's prompts start with its word, which is already here once
+            texts = [p for p in target.prompts if p != target.word][: cfg.concept_prompts]
+            own_words = model.encode([target.word, *texts])
+            teachers = Teachers(anchor, torch.cat([anchor, self._twins(model, target, anchor, texts)]),
                                 self._twins(model, target, anchor, pool.prompts[: cfg.k]))
         params = add_lora(model, cfg.lora, seed=cfg.seed)
 
