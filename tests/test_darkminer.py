@@ -169,9 +169,9 @@ def test_contextual_anchor_maps_each_concept_prompt_to_its_anchor_twin(tmp_path,
     erase("darkminer", "nudity", tmp_path / "dm", model="tiny-random-sd", prompts=csv, anchor="a dog", config=config)
     model = load_model("tiny-random-sd")
     # The pool cycles the prompts "nudity", "A photo of Nudity on a beach", "a naked man"; its first k=2 hold
-    # the in-context rows. Round 0 adds the word and 2 prompts, both asking with the word.
-    twins = ["a dog", "A photo of a dog on a beach"] if contextual else ["a dog", "a dog"]
-    in_context, own = twins, ["a dog", *twins]
+    # the in-context rows. Round 0 adds the word and the CSV's 2 prompts (the second without the word).
+    in_context = ["a dog", "A photo of a dog on a beach"] if contextual else ["a dog", "a dog"]
+    own = ["a dog", "A photo of a dog on a beach", "a dog"] if contextual else ["a dog"] * 3
     expected = [model.encode(in_context + own), model.encode(in_context + in_context + own)]
     assert len(teachers) == 2
     for seen, wanted in zip(teachers, expected, strict=True):

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 
 from darkminer.cli import main
 from darkminer.errors import DarkMinerError, DarkMinerWarning, ModelLoadError
-from darkminer.models import adapters, load_model
+from darkminer.models import adapters, base_id, load_model, model_id
 from darkminer.models.erased import ErasedModelInfo, apply_erased, save_erased
 
 STEPS = 4
@@ -485,8 +485,13 @@ def test_the_python_api_takes_paths_and_refuses_what_would_silently_mislead(tiny
     shutil.copytree(out, moved)
     info = json.loads((moved / "darkminer.json").read_text())
     (moved / "darkminer.json").write_text(json.dumps({**info, "base_model": "/data/elsewhere/sd14"}))
-    with pytest.warns(DarkMinerWarning, match="which is not here; applying it to"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert base_id(Path(tiny_sd_dir), moved) == model_id(tiny_sd_dir)  # as erase, attack and evaluate call them
         assert load_model(Path(tiny_sd_dir), erased=moved).guidance.registry_name == "sld"
+    assert [str(w.message) for w in caught if issubclass(w.category, DarkMinerWarning)] == [
+        f"{moved} was erased from '/data/elsewhere/sd14', which is not here; applying it to {str(tiny_sd_dir)!r}, "
+        "taken to be the same model"]  # once
     with pytest.raises(ModelLoadError, match="from the folder /data/elsewhere/sd14, which is not there any more: name "
                                              "where that base model is now with --model"):
         load_model(erased=moved)  # its own base, which has moved: the error says how to name it

@@ -365,11 +365,11 @@ def attack(
     if others := sorted(given - set(GRADER_OPTIONS)):
         raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
                           "sampling is steps and guidance_scale, the prompts n_prompts")
+    check_target(concept, base_id(model, erased) == "testbed", kind=kind, prompts_csv=prompts)
     if out is not None:
         out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased, marker_keys=RESULTS_KEYS)
         if not resume:  # an unfinished run's journal is refused before the load, not after it
             check_no_unfinished_run(work_directory(out))
-    check_target(concept, base_id(model, erased) == "testbed", kind=kind, prompts_csv=prompts)
     # Under a launcher the per-prompt attacks share their prompts out over the processes (run_attack); opened
     # before loading, so "cuda" is this process's GPU.
     init_processes()

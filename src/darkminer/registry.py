@@ -24,7 +24,9 @@ class Registry(dict[str, T], Generic[T]):
     """``name -> class``. ``register`` is the decorator: a second class under one name is refused, unless it
     is the same class defined again (its module reloaded, a notebook cell run twice), which replaces it.
     ``builtins`` names each built-in class's module (``name -> module``), which ``lookup`` imports when the
-    name is first asked for; an unknown name is refused with what exists, having imported nothing."""
+    name is first asked for; an unknown name is refused with what exists, having imported nothing. As a dict
+    it holds (and ``in`` finds) what is registered so far, a built-in only once looked up: ``names()`` lists
+    every name ``lookup`` takes."""
 
     def __init__(self, what: str, builtins: Mapping[str, str], name_attribute: str = "name") -> None:
         super().__init__()

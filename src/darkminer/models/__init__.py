@@ -80,7 +80,11 @@ def base_id(model: str | os.PathLike | DiffusionModel | None, erased: str | Path
     for, known before anything loads: what depends on it alone (a testbed concept's name) is refused at once."""
     if isinstance(model, DiffusionModel):
         return model.name
-    return model_id(erased_base(erased, model) if erased is not None else model)
+    if model is None and erased is not None:
+        model = erased_base(erased, None)
+    # A base named beside ``erased`` is checked against the recorded one when it loads, not here: twice would
+    # warn twice where the recorded base is not on this machine.
+    return model_id(model)
 
 
 def erased_base(erased: str | Path, spec: str | os.PathLike | None) -> str | os.PathLike:
