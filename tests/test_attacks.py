@@ -1179,6 +1179,33 @@ def test_a_resume_with_other_prompts_is_refused(tmp_path):
     assert len(run_attack(cls(), model, target, first, _never, out=out, resume=True)) == 2
 
 
+def test_a_resume_on_other_weights_in_another_tools_unet_folder_is_refused(tmp_path):
+    """Another tool's UNet folder has no record of its own to tell one erasure from another: its weights' digest
+    is recorded, so weights copied over the folder between the kill and the --resume are not attacked as the
+    same model."""
+    from darkminer.attacks.base import AttackPrompt
+    from darkminer.attacks.io import run_attack
+    from darkminer.errors import ConfigError
+    from darkminer.models import load_model
+    from darkminer.targets import resolve_target
+
+    cls, out, theirs = _checkpointing_attack(), tmp_path / "out", tmp_path / "their-unet"
+    base = load_model("testbed")
+    base.unet.save_pretrained(theirs, safe_serialization=True)
+    model = load_model("testbed", erased=theirs)
+    target, prompts = resolve_target(model, "blood"), [AttackPrompt("a", 0)]
+    cls.kill_into = out
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cls(), model, target, prompts, _never, out=out, erased=theirs)
+    cls.kill_into = None
+    with torch.no_grad():
+        base.unet.conv_out.bias.add_(0.5)
+    base.unet.save_pretrained(theirs, safe_serialization=True)
+    with pytest.raises(ConfigError, match=r"its erased\.weights\.sha256 differs"):
+        run_attack(cls(), load_model("testbed", erased=theirs), target, prompts, _never, out=out, erased=theirs,
+                   resume=True)
+
+
 def test_a_resume_under_other_sampling_is_refused(tmp_path):
     """the work record holds the sampling the searches were judged at; without it a
     --resume with other --steps or --guidance mixes verdicts drawn two ways in one attack success rate."""

@@ -997,6 +997,11 @@ def test_concept_may_be_left_out_beside_an_erased_model_or_a_replay(tmp_path, ca
     replayed = json.loads((tmp_path / "r" / "attack.json").read_text())["target"]
     assert (replayed["name"], replayed["kind"]) == ("Van Gogh", "style")  # graded as the attack graded
     capsys.readouterr()
+    found = (tmp_path / "a" / "attack.json").read_text()
+    for out in (tmp_path / "a", tmp_path / "a" / "inside"):  # the replay would replace the attack it replays
+        assert main(["attack", "--replay", str(tmp_path / "a"), *quick, "--out", str(out)]) == 2
+        assert f"and --replay {tmp_path / 'a'} overlap; write the replay's results to another folder" in capsys.readouterr().err
+    assert (tmp_path / "a" / "attack.json").read_text() == found
     assert main(["evaluate", *quick, "--out", str(tmp_path / "x")]) == 2
     assert "--concept is required (it may be left out beside --erased" in _error_line(capsys)
     stacked = tmp_path / "stacked"

@@ -328,6 +328,20 @@ def _sd_evaluation(clip_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- evaluate
+def test_the_config_metrics_json_records_is_one_a_rerun_takes_back_to_the_same_numbers(tmp_path):
+    """metrics.json's config (with inputs) is what a rerun needs: fed back as --config, on the testbed too (whose
+    records once filled in a CLIP template that the testbed refuses), it gives the same numbers."""
+    config = {**FAST, "attacks": ["plain"], "preservation": ["accuracy"]}
+    first = evaluate("blood", tmp_path / "first", config=config)
+    assert first["config"]["clip_template"] is None
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps(first["config"]))
+    again = evaluate("blood", tmp_path / "again", config=recorded)
+    assert again["config"] == first["config"]
+    assert [again[key] for key in ("erasure", "attacks", "preservation", "counts")] == [
+        first[key] for key in ("erasure", "attacks", "preservation", "counts")]
+
+
 def test_evaluate_writes_metrics_json_and_the_images_it_judged(tmp_path, tiny_clip_dir):
     attacks = ["test-echo", "plain"]
     out = tmp_path / "eval"
@@ -1027,7 +1041,8 @@ def test_a_finished_cell_whose_options_went_through_json_still_resumes(tmp_path)
     cell = tmp_path / "cells" / "uce" / _slug("striped") / "evaluation"
     paraphrase = build_attack("paraphrase").config.to_dict()
     assert isinstance(paraphrase["paraphrases"], tuple)
-    # "toy" is the testbed: striped is a style there, and its template was the style's
+    # "toy" is the testbed: striped is a style there, and a record from before testbed records left the CLIP
+    # template unset had the style's filled in: it still resumes
     write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"), "attack_details": {"paraphrase": {"config": paraphrase}}})
     _check_finished_cells(cfg, eval_cfg, _attack_configs(eval_cfg), tmp_path, ["uce"])  # resumes
     write_json(cell / "metrics.json", {"config": eval_cfg.resolved("style"),

@@ -196,10 +196,15 @@ def _check_apart(out: Path, erased: str | Path | None) -> None:
     that folder; one that holds it would replace it."""
     if erased is None or not isinstance(erased, str | os.PathLike):  # a wrong type is the loader's to name
         return
-    source, target = Path(os.path.realpath(erased)), Path(os.path.realpath(out))
-    if target.is_relative_to(source) or source.is_relative_to(target):
+    if overlap(out, erased):
         raise DarkMinerError(f"--out {out} and --erased {erased} overlap; write the output outside the erased "
                              "model's folder")
+
+
+def overlap(one: str | Path, other: str | Path) -> bool:
+    """Whether two folders are one, or one lies in the other (links resolved)."""
+    a, b = Path(os.path.realpath(one)), Path(os.path.realpath(other))
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _check_parents(path: Path, flag: str = "--out") -> None:

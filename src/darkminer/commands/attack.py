@@ -95,12 +95,15 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
-        from darkminer.io import check_output_directory
+        from darkminer.io import check_output_directory, overlap
         from darkminer.models import base_id, is_testbed, load_model
         from darkminer.models.erased import ErasedModelInfo, warn_unless_erased
         from darkminer.parallel import init_processes
         from darkminer.targets import check_target, resolve_target
 
+        if overlap(args.out, args.replay):  # the replay's results would replace the searches they replay
+            raise DarkMinerError(f"--out {args.out} and --replay {args.replay} overlap; write the replay's results "
+                                 "to another folder")
         check_output_directory(args.out, RESULTS_NAME, OUTPUT_KIND, apart_from=args.erased,  # before loading
                                marker_keys=RESULTS_KEYS)
         grading = EvaluationConfig.from_dict(detector_options(args))  # bad detector options fail before loading too

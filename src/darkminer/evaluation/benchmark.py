@@ -305,7 +305,6 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
     or the plugin's code changed in between, and the table would then silently mix cells made under both."""
     from darkminer.attacks.base import get_attack
     from darkminer.erasers.base import get_eraser
-    from darkminer.testbed.concepts import get_concept
 
     def as_stored(options: dict[str, Any]) -> dict[str, Any]:  # as read back from JSON: tuples are lists
         return json.loads(json.dumps(options, default=str))
@@ -324,7 +323,7 @@ def _check_finished_cells(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, atta
                 _check_same_code(cell, info.code, code_record(get_eraser(method)))
             if (cell / "evaluation" / METRICS_NAME).is_file():
                 metrics = read_json(cell / "evaluation" / METRICS_NAME)
-                kind = get_concept(concept).kind if model_id(cfg.model) == "testbed" else cfg.kinds.get(concept, "free")
+                kind = None if model_id(cfg.model) == "testbed" else cfg.kinds.get(concept, "free")
                 have = resolved_options(metrics.get("config", {}), kind)  # as they applied to this concept
                 # attack_configs as written ({plain: {}} or none) aside: each attack's resolved options follow
                 want = as_stored(eval_cfg.resolved(kind))

@@ -176,8 +176,8 @@ class EvaluationConfig(Config):
             raise ConfigError(f"EvaluationConfig.attack_configs names attacks that are not run: {unknown}")
         self.attacks, self.preservation = list(self.attacks), list(self.preservation)
 
-    def resolved(self, kind: str) -> dict[str, Any]:
-        """The options as they apply to a concept of ``kind``."""
+    def resolved(self, kind: str | None) -> dict[str, Any]:
+        """The options as they apply to a Stable Diffusion concept of ``kind``; None: a testbed concept."""
         return resolved_options(self.to_dict(), kind)
 
     def changed_options(self) -> set[str]:
@@ -199,11 +199,14 @@ def build_attacks(config: EvaluationConfig) -> dict[str, Attack]:
     return {name: build_attack(name, config.attack_configs.get(name)) for name in config.attacks}
 
 
-def resolved_options(options: dict[str, Any], kind: str) -> dict[str, Any]:
-    """``EvaluationConfig`` options (a dict, e.g. one recorded by an older version) as they apply to a concept
-    of ``kind``: missing ones at their defaults, the CLIP template chosen by the kind where unset."""
+def resolved_options(options: dict[str, Any], kind: str | None) -> dict[str, Any]:
+    """``EvaluationConfig`` options (a dict, e.g. one recorded by an older version) as they apply to a Stable
+    Diffusion concept of ``kind``: missing ones at their defaults, the CLIP template chosen by the kind where
+    unset. ``kind`` None: a testbed concept, which no CLIP grades; its template is left unset (older records
+    filled it in), so that metrics.json's config is one the testbed takes back."""
     options = {**EvaluationConfig().to_dict(), **options}
-    return {**options, "clip_template": options["clip_template"] or clip_template_for(kind)}
+    template = None if kind is None else options["clip_template"] or clip_template_for(kind)
+    return {**options, "clip_template": template}
 
 
 def evaluation_versions() -> dict[str, str]:
@@ -386,6 +389,7 @@ def evaluate(
     processes = init_processes()
     net, method, info, carried = _load(model, erased, device, dtype, speed)
     target = resolve_target(net, concept, anchor=anchor, prompts_csv=prompts, seed=cfg.seed, kind=kind)
+    sd_kind = None if testbed else target.kind  # what the options are resolved for
     warn_unless_erased(info or carried, target.name, erased or model)
     for attack in attacks_to_run.values():
         attack.check_target(target)
@@ -415,7 +419,7 @@ def evaluate(
     if work_dir is not None:  # what the evaluation is: a resume must be the same one
         # The attacks' options as resolved (a config file's contents, today's defaults): a finished attack is
         # read back, so it must be the attack this run would run.
-        run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(target.kind), "inputs": inputs,
+        run = {"concept": target.name, "target": target.to_dict(), "config": cfg.resolved(sd_kind), "inputs": inputs,
                "attacks": {name: attack.config.to_dict() for name, attack in attacks_to_run.items()},
                **({"attack_files": files} if files else {}), **({"attack_code": codes} if codes else {}),
                "detector": detector.describe(), "suites": {name: len(suite) for name, suite in suites.items()}}
@@ -465,7 +469,7 @@ def evaluate(
                      # a CSV's evaluation_guidance, where its rows set one, wins over guidance_scale
                      "prompt_guidance_scales": sorted({p.guidance for suite in suites.values() for p in suite.prompts
                                                        if p.guidance is not None})},
-        "config": cfg.resolved(target.kind),
+        "config": cfg.resolved(sd_kind),
         "inputs": inputs,
         "images": {name: f"{IMAGES_NAME}/{name}.png" for name in sets.grids},
     }

@@ -50,7 +50,7 @@ from darkminer.io import (
 from darkminer.models import adapters
 from darkminer.models.base import TEXT_ENCODER_PREFIX, DiffusionModel, guidance_from_dict
 from darkminer.models.loading import CONVERT_PICKLED, only_pickled_weights
-from darkminer.provenance import package_versions
+from darkminer.provenance import file_record, package_versions
 
 INFO_NAME = ERASED_MODEL_RECORD
 OUTPUT_KIND = "an erased model"  # what may be replaced at --out
@@ -133,8 +133,13 @@ class ErasedModelInfo:
         return method_label(asdict(self))
 
     def record(self, directory: str | Path) -> dict[str, Any]:
-        """Which erased model a result was made on, as results files (metrics.json, attack.json) keep it."""
-        return {"path": str(Path(directory).resolve()), "info": asdict(self)}
+        """Which erased model a result was made on, as results files (metrics.json, attack.json) keep it, and
+        as a resume compares it. Another tool's UNet folder has no record of its own: its weights' digest
+        tells it from other weights put in the same folder."""
+        record = {"path": str(Path(directory).resolve()), "info": asdict(self)}
+        if self.method == EXTERNAL_METHOD:
+            record["weights"] = file_record(Path(directory) / UNET_WEIGHTS)
+        return record
 
 
 def _is_stack_record(record: Any) -> bool:
