@@ -336,10 +336,20 @@ def test_the_config_metrics_json_records_is_one_a_rerun_takes_back_to_the_same_n
     assert first["config"]["clip_template"] is None
     recorded = tmp_path / "recorded.json"
     recorded.write_text(json.dumps(first["config"]))
-    again = evaluate("blood", tmp_path / "again", config=recorded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and without a warning
+        again = evaluate("blood", tmp_path / "again", config=recorded)
     assert again["config"] == first["config"]
     assert [again[key] for key in ("erasure", "attacks", "preservation", "counts")] == [
         first[key] for key in ("erasure", "attacks", "preservation", "counts")]
+
+
+def test_attack_prompts_asked_above_the_plain_sets_size_is_warned_of(tmp_path):
+    config = {**FAST, "n_images": 2, "attacks": ["plain"], "attack_prompts": 3, "preservation": []}
+    with pytest.warns(DarkMinerWarning, match=r"asks for 3 prompts, but the attacks take theirs from the plain set, "
+                                              r"which has 2 \(n_images, -n\)"):
+        metrics = evaluate("blood", config=config)
+    assert metrics["counts"]["attacks"]["plain"]["n"] == 2
 
 
 def test_evaluate_writes_metrics_json_and_the_images_it_judged(tmp_path, tiny_clip_dir):

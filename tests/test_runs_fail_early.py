@@ -221,6 +221,27 @@ def test_grader_options_of_the_other_world_are_refused_not_ignored(tiny_sd):
         concept_detector(tiny_sd, resolve_target(tiny_sd, "nudity"), config=EvaluationConfig(judge="v1"))
 
 
+@pytest.mark.parametrize("command", ["evaluate", "attack", "replay"])
+def test_the_other_worlds_grader_option_is_refused_before_the_model_and_clip_load(tmp_path, capsys, monkeypatch, command):
+    """--judge on Stable Diffusion without --clip-model: the judge is refused, not a missing CLIP first."""
+    import importlib
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    for module in ("darkminer.models", "darkminer.api", "darkminer.evaluation.evaluate"):  # where it is looked up
+        monkeypatch.setattr(importlib.import_module(module), "load_model", no_load)
+    replay = tmp_path / "a"
+    replay.mkdir()
+    (replay / "attack.json").write_text(json.dumps({"attack": "plain", "config": {}, "results": [],
+                                                     "target": {"name": "nudity", "kind": "free"}}))
+    args = {"evaluate": ["evaluate", "--concept", "nudity"],
+            "attack": ["attack", "--attack", "plain", "--concept", "nudity"],
+            "replay": ["attack", "--replay", str(replay)]}[command]
+    assert main([*args, "--model", "tiny-random-sd", "--judge", "v1", "--out", str(tmp_path / "o")]) == 2
+    assert "judge: the testbed's grader; NudeNet or CLIP grades Stable Diffusion images" in capsys.readouterr().err
+
+
 def test_the_benchmark_refuses_the_other_worlds_grader_options_before_its_first_erase(tmp_path):
     config = {"methods": ["uce"], "attacks": ["plain"], "include_original": False,
               "evaluation": {"n_images": 2, "clip_model": "my/clip"}}

@@ -347,7 +347,7 @@ def attack(
     from darkminer.attacks.io import OUTPUT_KIND as ATTACK_OUTPUT
     from darkminer.attacks.io import RESULTS_KEYS, RESULTS_NAME, run_attack
     from darkminer.evaluation import EvaluationConfig, concept_detector
-    from darkminer.evaluation.evaluate import GRADER_OPTIONS
+    from darkminer.evaluation.evaluate import GRADER_OPTIONS, check_grader_options
     from darkminer.evaluation.suites import prompt_suites
     from darkminer.parallel import init_processes
 
@@ -365,7 +365,9 @@ def attack(
     if others := sorted(given - set(GRADER_OPTIONS)):
         raise ConfigError(f"grading sets the detector only ({', '.join(GRADER_OPTIONS)}), not {', '.join(others)}; "
                           "sampling is steps and guidance_scale, the prompts n_prompts")
-    check_target(concept, base_id(model, erased) == "testbed", kind=kind, prompts_csv=prompts)
+    testbed = base_id(model, erased) == "testbed"
+    check_target(concept, testbed, kind=kind, prompts_csv=prompts)
+    check_grader_options(grading, testbed)  # the other world's grader options, before the load
     if out is not None:
         out = check_output_directory(out, RESULTS_NAME, ATTACK_OUTPUT, apart_from=erased, marker_keys=RESULTS_KEYS)
         if not resume:  # an unfinished run's journal is refused before the load, not after it

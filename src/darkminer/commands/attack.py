@@ -95,6 +95,7 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from darkminer.api import attack_sampling
         from darkminer.evaluation import EvaluationConfig, concept_detector
+        from darkminer.evaluation.evaluate import check_grader_options
         from darkminer.io import check_output_directory, overlap
         from darkminer.models import base_id, is_testbed, load_model
         from darkminer.models.erased import ErasedModelInfo, warn_unless_erased
@@ -114,7 +115,9 @@ def _run(args: argparse.Namespace) -> None:
         if args.concept is None and found_for is None:  # an attack.json from before targets were recorded
             raise DarkMinerError(f"{args.replay} does not record its concept: name it with --concept")
         args.concept = args.concept or found_for
-        check_target(args.concept, base_id(args.model, args.erased) == "testbed", kind=args.kind, prompts_csv=args.prompts)
+        testbed = base_id(args.model, args.erased) == "testbed"
+        check_target(args.concept, testbed, kind=args.kind, prompts_csv=args.prompts)
+        check_grader_options(grading, testbed)
         model = load_model(args.model, erased=args.erased, device=args.device, dtype=args.dtype, speed=speed_options(args))
         recorded_kind = recorded_target.get("kind") if isinstance(recorded_target, dict) else None
         if args.kind is None and not is_testbed(model) and recorded_kind != "free":  # graded as the attack graded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ from darkminer.config import (
     check_sampling_steps,
     check_unique,
 )
-from darkminer.errors import ConfigError, DarkMinerError
+from darkminer.errors import ConfigError, DarkMinerError, DarkMinerWarning
 from darkminer.evaluation.detectors import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_NEGATIVES,
@@ -149,7 +150,7 @@ class EvaluationConfig(Config):
                             ("batch_size", self.batch_size)):
             if value is not None:
                 check_positive(self, **{name: value})
-        check_choice(self, "detector", self.detector, DETECTOR_KINDS)
+        check_choice(self, "detector (--detector)", self.detector, DETECTOR_KINDS)
         if not 0 < self.nudenet_threshold <= 1:  # probabilities; at 0 an image with no box (score 0) would count
             raise ConfigError(f"EvaluationConfig.nudenet_threshold (--threshold) must be in (0, 1] (NudeNet gives no "
                               f"box under 0.25, so 0.25 counts every box), got {self.nudenet_threshold}")
@@ -381,6 +382,7 @@ def evaluate(
     if testbed and (paraphrase_prompts or preserve_prompts):
         raise DarkMinerError(TESTBED_CSV_ERROR)
     check_preservation_applies(cfg, testbed)
+    check_grader_options(cfg, testbed)  # before CLIP loads for the other world's grader
     if work_dir is not None and not resume:  # after the arguments' own errors; every process (it only reads)
         check_no_unfinished_run(work_dir)
     started = time.time()
@@ -404,6 +406,10 @@ def evaluate(
     if fid is not None and cfg.fid_reference:
         reference_image_paths(cfg.fid_reference)  # a missing or empty folder fails before any sampling
     suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
+    if attacks_to_run and "attack_prompts" in cfg.changed_options() and cfg.attack_prompts > len(suites["plain"]):
+        warnings.warn(f"attack_prompts (--attack-prompts) asks for {cfg.attack_prompts} prompts, but the attacks take "
+                      f"theirs from the plain set, which has {len(suites['plain'])} (n_images, -n): raise -n to attack "
+                      "more", DarkMinerWarning, stacklevel=2)
     if not cfg.preservation:  # no preservation metric: its images (the erased model's and the original's) are not drawn
         del suites[PRESERVATION]
     elif fid is not None and len(suites[PRESERVATION]) < 2:  # a one-row CSV: fail before the work folder is claimed
