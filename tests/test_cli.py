@@ -845,6 +845,9 @@ def test_an_unknown_method_is_refused_before_torch_and_diffusers_load(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False", "False"]
     assert "FmnConfig.image_steps" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "darkminer", "erase", "--method", "esd-q", "--concept", "blood",
+                           "--out", "o"], capture_output=True, text=True, timeout=120)  # python -m darkminer too
+    assert done.returncode == 2 and "unknown method 'esd-q'" in done.stderr
 
 
 def test_a_plugin_cannot_take_a_built_in_name_it_has_not_looked_up_yet():

@@ -758,8 +758,13 @@ def test_an_attack_that_cannot_run_on_the_target_fails_before_any_image(tmp_path
     from darkminer.models.base import DiffusionModel
 
     monkeypatch.setattr(DiffusionModel, "sample", lambda *a, **k: pytest.fail("drew images before refusing"))
-    with pytest.raises(DarkMinerError, match="paraphrase attack needs paraphrases of 'nudity'"):
+    with pytest.raises(DarkMinerError, match="paraphrase attack needs paraphrases of 'nudity'.*in an evaluation's "
+                                             "--config, attack_configs: {paraphrase: {paraphrases: "):
         evaluate("nudity", tmp_path / "e", model="tiny-random-sd", config={"attacks": ["paraphrase"], "n_images": 2})
+    config = {"attacks": ["paraphrase"], "n_images": 2, "steps": 1, "attack_prompts": 1, "preservation": [],
+              "attack_configs": {"paraphrase": {"paraphrases": ["nakedness"]}}}  # as the error says
+    monkeypatch.undo()
+    assert evaluate("nudity", model="tiny-random-sd", config=config)["counts"]["attacks"]["paraphrase"]["n"] == 1
 
 
 def test_per_prompt_guidance_is_recorded_where_a_csv_set_it(tmp_path):

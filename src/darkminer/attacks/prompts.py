@@ -88,8 +88,9 @@ class ParaphrasedPrompts(Attack):
     def check_target(self, target: EraseTarget) -> None:
         if target.testbed_concept is None and not self.config.paraphrases:
             raise DarkMinerError(
-                f"the paraphrase attack needs paraphrases of {target.word!r} on this model: "
-                "set `paraphrases` in the attack config (e.g. paraphrases: [\"...\", \"...\"])"
+                f"the paraphrase attack needs paraphrases of {target.word!r} on this model: set `paraphrases` in "
+                "its config (attack --config FILE holding paraphrases: [\"...\", \"...\"]; in an evaluation's --config, "
+                "attack_configs: {paraphrase: {paraphrases: [...]}}); --paraphrase-prompts is the erasure rate's own set"
             )
 
     def run(
