@@ -344,6 +344,13 @@ def test_the_config_metrics_json_records_is_one_a_rerun_takes_back_to_the_same_n
         first[key] for key in ("erasure", "attacks", "preservation", "counts")]
 
 
+@pytest.mark.parametrize("attacks", [[], ["plain"]])
+def test_the_attacks_progress_bar_shows_only_where_an_attack_runs(capsys, monkeypatch, attacks):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    evaluate("blood", config={**FAST, "n_images": 2, "attacks": attacks, "preservation": []}, progress=True)
+    assert ("attacks:" in capsys.readouterr().err) == bool(attacks)
+
+
 def test_attack_prompts_asked_above_the_plain_sets_size_is_warned_of(tmp_path):
     config = {**FAST, "n_images": 2, "attacks": ["plain"], "attack_prompts": 3, "preservation": []}
     with pytest.warns(DarkMinerWarning, match=r"asks for 3 prompts, but the attacks take theirs from the plain set, "

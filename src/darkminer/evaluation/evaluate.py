@@ -542,7 +542,8 @@ def _run_attacks(
     attack is read back, and an unfinished one resumes from its journal."""
     net, processes = painter.model, init_processes()
     rates, counts, details = {}, {}, {}
-    hidden = {} if progress else {"disable": True}  # never disable=False: it would override TQDM_DISABLE=1
+    # No bar where no attack runs; never disable=False: it would override TQDM_DISABLE=1
+    hidden = {} if progress and attacks_to_run else {"disable": True}
     for name, attack in tqdm(attacks_to_run.items(), desc="attacks", unit="attack", **hidden):
         started = time.time()
         folder = grader.sets.attack(name)
