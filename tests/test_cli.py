@@ -978,7 +978,10 @@ def test_evaluate_and_attack_resume_from_the_command_line(tmp_path, capsys, monk
     attack = ["attack", "--concept", "nudity", "--model", "tiny-random-sd", "--out", str(tmp_path / "a")]
     for replaced in ("", ", replacing the one that was there (plain on nudity)"):
         assert main([*attack, "--attack", "plain", "--n-prompts", "1", "--steps", "1"]) == 0
-        assert capsys.readouterr().out.endswith(f"on 1 prompts; wrote {tmp_path / 'a'}{replaced}\n")
+        found = json.loads((tmp_path / "a" / "attack.json").read_text())
+        assert capsys.readouterr().out == (f"ASR {100 * found['attack_success_rate']:.1f}% "
+                                           f"({round(found['attack_success_rate'])}/1 prompts broken); wrote "
+                                           f"{tmp_path / 'a'}{replaced}\n")
     assert main([*attack, "--replay", str(tmp_path / "x"), "--resume"]) == 2
     assert "--resume would change nothing" in _error_line(capsys)
 

@@ -144,5 +144,6 @@ def _run(args: argparse.Namespace) -> None:
             sampling=drawn))
     was = (earlier or {}).get("target")
     replaced = earlier and f"{earlier.get('attack')} on {was.get('name') if isinstance(was, dict) else 'a concept'}"
-    print(f"attack success rate {attack_success_rate(results):.3f} on {len(results)} prompts; wrote {args.out}"
+    broken = sum(r.success for r in results)  # as evaluate's summary line gives a rate: with its count
+    print(f"ASR {100 * attack_success_rate(results):.1f}% ({broken}/{len(results)} prompts broken); wrote {args.out}"
           f"{replacing(replaced)}")
