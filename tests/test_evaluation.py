@@ -44,7 +44,7 @@ from darkminer.evaluation.metrics import (
     load_reference_images,
     rate_count,
 )
-from darkminer.evaluation.report import render_markdown
+from darkminer.evaluation.report import compare_evaluations, render_markdown
 from darkminer.evaluation.suites import GENERATED_SUITE_SIZE, prompt_suites
 from darkminer.imaging import save_png, to_pil
 from darkminer.models import load_model
@@ -563,6 +563,44 @@ def test_evaluate_on_the_testbed_scores_preservation_against_labels(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- benchmark
+def test_evaluations_run_apart_compare_in_one_report_as_a_benchmark_would(tmp_path, capsys):
+    """An evaluation-only user's models (erased elsewhere) side by side: the benchmark's table, legend and image
+    grids, rows named by folder; rows graded differently, or two rows under one name, are refused."""
+    from darkminer.api import erase
+
+    config = {**FAST, "attacks": ["test-echo"], "preservation": ["accuracy"]}
+    erased = erase("test-nudge", "blood", tmp_path / "nudged")
+    original, theirs, out = tmp_path / "original-eval", tmp_path / "theirs", tmp_path / "report"
+    evaluate("blood", original, config=config)
+    metrics = evaluate("blood", theirs, erased=erased, config=config)
+    results = compare_evaluations([theirs, original], out)
+    assert results["methods"] == ["original", "theirs"] and results["attacks"] == ["test-echo"]
+    table = (out / "results.md").read_text()
+    assert table.startswith("# darkminer evaluations (testbed)")
+    row = next(line for line in table.splitlines() if line.startswith("| theirs |")).split("|")[2:-1]
+    assert [cell.strip().strip("*") for cell in row[:3]] == [
+        f"{100 * metrics['erasure']['plain']:.1f}", f"{100 * metrics['erasure']['paraphrase']:.1f}",
+        f"{100 * metrics['attacks']['test-echo']:.1f}"]
+    report = (out / "report.html").read_text()
+    assert '<img alt="theirs plain" src="data:image/png;base64,' in report
+    assert '<img alt="original attack-test-echo" src="data:image/png;base64,' in report
+    assert json.loads((out / "results.json").read_text())["evaluations"] == {
+        "theirs x blood": str(theirs.resolve()), "original x blood": str(original.resolve())}
+    evaluate("blood", tmp_path / "fewer", erased=erased, config={**config, "n_images": 2})
+    with pytest.raises(DarkMinerError, match=r"graded 'blood' differently \(config\.n_images, suites\.paraphrase"):
+        compare_evaluations([theirs, tmp_path / "fewer"], tmp_path / "r2")
+    with pytest.raises(DarkMinerError, match="are both 'theirs' on 'blood': a row is named by its folder"):
+        compare_evaluations([theirs, theirs], tmp_path / "r2")
+    with pytest.raises(DarkMinerError, match="holds no darkminer metrics.json"):
+        compare_evaluations([theirs, erased], tmp_path / "r2")
+    with pytest.raises(DarkMinerError, match="exists and is not a report of evaluations"):
+        compare_evaluations([theirs], original)  # not into an evaluation
+    assert not (tmp_path / "r2").exists()
+    assert main(["report", str(theirs), "--out", str(out)]) == 0  # replaces the earlier report whole
+    assert capsys.readouterr().out.strip() == f"wrote {out}/results.json, results.md, report.html (1 evaluation)"
+    assert json.loads((out / "results.json").read_text())["methods"] == ["theirs"]
+
+
 def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_path, tiny_clip_dir):
     config = {"model": "tiny-random-sd", "methods": ["test-nudge"], "concepts": ["nudity", "van gogh"],
               "attacks": ["test-echo"], "evaluation": _sd_evaluation(tiny_clip_dir),

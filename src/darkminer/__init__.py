@@ -23,6 +23,7 @@ _EXPORTS = {
     "generate": "darkminer.api",
     "evaluate": "darkminer.evaluation",
     "run_benchmark": "darkminer.evaluation",
+    "compare_evaluations": "darkminer.evaluation.report",
     "load_model": "darkminer.models",
     "DiffusionModel": "darkminer.models",
     "get_eraser": "darkminer.erasers.base",

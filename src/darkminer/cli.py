@@ -89,7 +89,8 @@ def _quiet_libraries() -> None:
 # Arguments that name files or folders: "~" is expanded in them as a shell would, also where the shell did not
 # (a quoted argument, a script's list).
 PATH_ARGUMENTS = ("model", "erased", "out", "config", "prompts", "paraphrase_prompts", "preserve_prompts",
-                  "fid_reference", "replay", "clip_model", "judge", "init_from", "unet_config", "work_dir")
+                  "fid_reference", "replay", "clip_model", "judge", "init_from", "unet_config", "work_dir",
+                  "evaluations")
 
 
 def expand_home(args: argparse.Namespace) -> argparse.Namespace:
@@ -97,11 +98,15 @@ def expand_home(args: argparse.Namespace) -> argparse.Namespace:
     checks and no file to others: --erased "" was read as an overlap with --out, --prompts "" ignored)."""
     for name in PATH_ARGUMENTS:
         value = getattr(args, name, None)
+        if isinstance(value, list) and any(isinstance(one, str) and not one.strip() for one in value):
+            raise DarkMinerError(f"an empty path among the {name}: name each folder")  # a positional's paths
+        if isinstance(value, str) and not value.strip():
+            what = "the output" if name == "out" else "a path, or leave the option out"
+            raise DarkMinerError(f"--{name.replace('_', '-')} is empty: name {what}")
         if isinstance(value, str):
-            if not value.strip():
-                what = "the output" if name == "out" else "a path, or leave the option out"
-                raise DarkMinerError(f"--{name.replace('_', '-')} is empty: name {what}")
             setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(one) if isinstance(one, str) else one for one in value])
     return args
 
 

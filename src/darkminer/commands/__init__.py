@@ -8,6 +8,7 @@ COMMAND_MODULES = (
     "darkminer.commands.attack",
     "darkminer.commands.evaluate",
     "darkminer.commands.benchmark",
+    "darkminer.commands.report",
     "darkminer.commands.export",
     "darkminer.commands.prompts",
     "darkminer.commands.testbed",

@@ -34,7 +34,7 @@ from darkminer.evaluation.evaluate import (
     evaluation_versions,
     resolved_options,
 )
-from darkminer.evaluation.report import cell_summary, render_html, render_markdown
+from darkminer.evaluation.report import cell_summary, write_results
 from darkminer.io import (
     changed_keys,
     check_output_directory,
@@ -42,7 +42,6 @@ from darkminer.io import (
     read_json,
     remove_stale_temporaries,
     write_json,
-    write_text,
 )
 from darkminer.models import check_device, check_model_here, model_id
 from darkminer.models.erased import INFO_NAME, ErasedModelInfo
@@ -246,12 +245,7 @@ def run_benchmark(
     }
     results["table"] = cell_summary(results)
 
-    def report() -> None:
-        write_json(out / "results.json", results)
-        write_text(out / "results.md", render_markdown(results))
-        write_text(out / "report.html", render_html(results, out))
-
-    processes.on_main(report)
+    processes.on_main(lambda: write_results(out, results, out))
     return results
 
 
@@ -381,6 +375,6 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
     extra = ErasedModelInfo.read(erased).extra if kept else {}
     # A resumed erase timed only its last part: no time is better than a wrong one.
     erase_seconds = None if extra.get("resumed") else extra.get("seconds")
-    return {"method": method, "concept": concept, "dir": str(relative), "erase_seconds": erase_seconds,
-            "metrics": read_json(metrics_path)}
+    return {"method": method, "concept": concept, "dir": str(relative), "evaluation": str(relative / "evaluation"),
+            "erase_seconds": erase_seconds, "metrics": read_json(metrics_path)}
 

@@ -1,4 +1,5 @@
-"""The benchmark's tables and report: ``results.md`` and a self-contained ``report.html``.
+"""The benchmark's tables and report: ``results.md`` and a self-contained ``report.html``; the same for
+evaluations run on their own (``compare_evaluations``: models erased by other tools, side by side).
 
 Rows are methods, columns concept x condition, then each erase's time; the best eraser in each column is bold
 (the original model is the reference row and never competes; where every eraser ties, none is). The HTML
@@ -9,6 +10,7 @@ archived.
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import json
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from darkminer.evaluation.evaluate import ORIGINAL_METHOD, PRESERVATION
+from darkminer.errors import DarkMinerError
+from darkminer.evaluation.evaluate import METRICS_KEYS, METRICS_NAME, ORIGINAL_METHOD, PRESERVATION
+from darkminer.io import changed_keys, output_directory, read_record, write_json, write_text
 from darkminer.models import model_id
 
 MISSING = "–"
@@ -144,7 +148,7 @@ def render_markdown(results: dict) -> str:
     columns, rows = _table(results)
     header = ["method"] + [f"{concept} · {c.heading}" for concept, c in columns]
     lines = [
-        f"# Benchmark results ({results['model']})",
+        f"# {_title(results)} ({results['model']})",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -267,7 +271,7 @@ def _image_grid_html(results: dict, root: Path, concept: str) -> str:
         cell = cells.get((method, concept))
         tds = []
         for name in names:
-            path = root / cell["dir"] / "evaluation" / "images" / f"{name}.png" if cell else None
+            path = root / cell["evaluation"] / "images" / f"{name}.png" if cell else None
             if path is not None and path.is_file():
                 tds.append(f'<td><img alt="{html.escape(method)} {html.escape(name)}" src="{_png_data_uri(path.read_bytes())}"></td>')
             else:
@@ -277,7 +281,7 @@ def _image_grid_html(results: dict, root: Path, concept: str) -> str:
 
 
 def render_html(results: dict, root: Path) -> str:
-    """The report; ``root`` is the benchmark directory the cells' image grids are read from."""
+    """The report; ``root`` is the folder the cells' evaluation folders (and their image grids) are relative to."""
     first = results["cells"][0]["metrics"] if results["cells"] else {}
     erasers = [m for m in results["methods"] if m != ORIGINAL_METHOD]
     lead = (
@@ -288,8 +292,8 @@ def render_html(results: dict, root: Path) -> str:
     sizes = "".join(f"<li>{html.escape(line)}</li>" for line in _sample_sizes(results))
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>darkminer benchmark — {html.escape(results['model'])}</title><style>{_STYLE}</style></head><body>",
-        "<h1>darkminer benchmark</h1>",
+        f"<title>{_title(results)} — {html.escape(results['model'])}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_title(results)}</h1>",
         f"<p class='lead'>{lead}</p>",
         "<h2>Results</h2>",
         _results_table_html(results),
@@ -321,3 +325,97 @@ def cell_summary(results: dict) -> list[dict[str, Any]]:
         {"method": c["method"], "concept": c["concept"], **{col.key: col.read(c["metrics"]) for col in columns}}
         for c in results["cells"]
     ]
+
+
+def _title(results: dict) -> str:
+    return "darkminer evaluations" if EVALUATIONS in results else "darkminer benchmark"
+
+
+def write_results(folder: Path, results: dict, root: Path) -> None:
+    """results.json, results.md and report.html into ``folder`` (``root``: where the cells' folders are)."""
+    write_json(folder / "results.json", results)
+    write_text(folder / "results.md", render_markdown(results))
+    write_text(folder / "report.html", render_html(results, root))
+
+
+# ------------------------------------------------------------------------------------ evaluations apart
+EVALUATIONS = "evaluations"  # results.json's key of a report on evaluations (a benchmark's has none)
+REPORT_KIND = "a report of evaluations"
+# Options that change no number in a row another has: which attacks and metrics ran (a missing one shows as
+# missing), and how images are batched and saved. Any other difference makes two rows incomparable.
+_PRESENTATION_OPTIONS = ("attacks", "attack_configs", "preservation", "save_images", "grid_images", "batch_size")
+
+
+def compare_evaluations(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """The benchmark's table, plot and image grids for evaluations run apart (``darkminer evaluate --out``
+    folders: models erased by other tools, or by darkminer), written into ``out`` as results.json,
+    results.md and report.html. A row is named by its folder (the original model's: ``original``). Rows of
+    one concept must be graded alike (the same options, prompt sets, prompt files and detector; each attack
+    with the same options), or their numbers would not compare: anything else is refused, naming it."""
+    if not folders:
+        raise DarkMinerError("name the evaluation folders to compare (each written by `darkminer evaluate --out`)")
+    cells = [_evaluation_cell(Path(folder)) for folder in folders]
+    seen: dict[tuple[str, str], str] = {}
+    for cell in cells:
+        key = (cell["method"], cell["concept"])
+        if key in seen:
+            raise DarkMinerError(f"{seen[key]} and {cell['evaluation']} are both {key[0]!r} on {key[1]!r}: a row is "
+                                 "named by its folder (the original model's: original); rename one of the folders")
+        seen[key] = cell["evaluation"]
+    models = sorted({cell["metrics"]["model"] for cell in cells})
+    if len(models) > 1:
+        raise DarkMinerError(f"the evaluations are of models with different bases ({', '.join(models)}); compare "
+                             "those of one base model")
+    for concept in dict.fromkeys(cell["concept"] for cell in cells):
+        _check_graded_alike([cell for cell in cells if cell["concept"] == concept])
+    methods = sorted(dict.fromkeys(cell["method"] for cell in cells), key=lambda m: m != ORIGINAL_METHOD)
+    results = {
+        "format": 1,
+        "model": models[0],
+        "methods": methods,
+        "concepts": list(dict.fromkeys(cell["concept"] for cell in cells)),
+        "attacks": list(dict.fromkeys(a for cell in cells for a in cell["metrics"]["attacks"])),
+        EVALUATIONS: {f"{cell['method']} x {cell['concept']}": cell["evaluation"] for cell in cells},
+        "config": {"evaluation": cells[0]["metrics"].get("config", {})},  # graded alike: the first stands for all
+        "versions": {f"{cell['method']} x {cell['concept']}": cell["metrics"].get("versions") for cell in cells},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cells": cells,
+    }
+    results["table"] = cell_summary(results)
+    with output_directory(out, "results.json", REPORT_KIND, marker_keys=(EVALUATIONS, "cells")) as tmp:
+        write_results(tmp, results, Path.cwd())  # the cells' folders are absolute
+    return results
+
+
+def _evaluation_cell(folder: Path) -> dict[str, Any]:
+    """One evaluation folder as a benchmark cell (its erase time from the erased model's record, if any)."""
+    metrics = read_record(folder / METRICS_NAME, METRICS_KEYS) if folder.is_dir() else None
+    if metrics is None:
+        raise DarkMinerError(f"{folder} holds no darkminer {METRICS_NAME}; give folders that `darkminer evaluate "
+                             "--out` wrote")
+    method = ORIGINAL_METHOD if metrics.get("method") == ORIGINAL_METHOD else folder.resolve().name
+    erased = (metrics.get("inputs") or {}).get("erased") or {}
+    extra = (erased.get("info") or {}).get("extra") or {}
+    return {"method": method, "concept": metrics["concept"], "dir": str(folder.resolve()),
+            "evaluation": str(folder.resolve()), "erase_seconds": None if extra.get("resumed") else extra.get("seconds"),
+            "metrics": metrics}
+
+
+def _check_graded_alike(cells: list[dict[str, Any]]) -> None:
+    """Refuse rows of one concept whose numbers were made differently (see ``compare_evaluations``)."""
+    def grading(metrics: dict) -> dict[str, Any]:
+        files = (metrics.get("inputs") or {}).get("prompt_files") or {}
+        return {"config": {k: v for k, v in (metrics.get("config") or {}).items() if k not in _PRESENTATION_OPTIONS},
+                "suites": metrics.get("suites"), "detector": metrics.get("detector"),
+                "prompt_files": {name: record.get("sha256") for name, record in files.items()}}
+
+    first = cells[0]
+    for cell in cells[1:]:
+        differs = changed_keys(grading(first["metrics"]), grading(cell["metrics"]))
+        ours, theirs = (c["metrics"].get("attack_details", {}) for c in (first, cell))
+        differs += [f"{name} options" for name in sorted(ours.keys() & theirs.keys())
+                    if ours[name].get("config") != theirs[name].get("config")]
+        if differs:
+            raise DarkMinerError(f"{first['evaluation']} and {cell['evaluation']} graded {cell['concept']!r} "
+                                 f"differently ({', '.join(differs)}), so their numbers do not compare; evaluate "
+                                 "them with the same options and prompts")
