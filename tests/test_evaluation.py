@@ -354,7 +354,7 @@ def test_the_attacks_progress_bar_shows_only_where_an_attack_runs(capsys, monkey
 def test_attack_prompts_asked_above_the_plain_sets_size_is_warned_of(tmp_path):
     config = {**FAST, "n_images": 2, "attacks": ["plain"], "attack_prompts": 3, "preservation": []}
     with pytest.warns(DarkMinerWarning, match=r"asks for 3 prompts, but the attacks take theirs from the plain set, "
-                                              r"which has 2 \(n_images, -n\)"):
+                                              r"which has 2 \(n_images, -n, or the rows of the --prompts CSV\)"):
         metrics = evaluate("blood", config=config)
     assert metrics["counts"]["attacks"]["plain"]["n"] == 2
 
@@ -586,6 +586,20 @@ def test_evaluations_run_apart_compare_in_one_report_as_a_benchmark_would(tmp_pa
     assert '<img alt="original attack-test-echo" src="data:image/png;base64,' in report
     assert json.loads((out / "results.json").read_text())["evaluations"] == {
         "theirs x blood": str(theirs.resolve()), "original x blood": str(original.resolve())}
+    # Rows that ran fewer attacks or metrics compare (theirs is missing there); so does a record from before
+    # testbed records left the CLIP template unset. The sample sizes count every row's attacks.
+    bare = tmp_path / "bare"
+    evaluate("blood", bare, erased=erased, config={**config, "attacks": [], "preservation": [],
+                                                    "attack_prompts": 5})
+    record = json.loads((original / "metrics.json").read_text())
+    (original / "metrics.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                            "clip_template": "a photo of {}"}}))
+    compare_evaluations([bare, original], tmp_path / "mixed")
+    table = (tmp_path / "mixed" / "results.md").read_text()
+    assert "| bare | " in table and "ASR test-echo" in table
+    assert f"- blood: images per set: plain 3, paraphrase 3, preservation 3; attacks on {FAST['attack_prompts']} prompts" in table
+    with pytest.raises(DarkMinerError, match="name the evaluation folders to compare, a list"):
+        compare_evaluations(str(theirs), tmp_path / "r2")
     evaluate("blood", tmp_path / "fewer", erased=erased, config={**config, "n_images": 2})
     with pytest.raises(DarkMinerError, match=r"graded 'blood' differently \(config\.n_images, suites\.paraphrase"):
         compare_evaluations([theirs, tmp_path / "fewer"], tmp_path / "r2")

@@ -34,7 +34,7 @@ from darkminer.evaluation.evaluate import (
     evaluation_versions,
     resolved_options,
 )
-from darkminer.evaluation.report import cell_summary, write_results
+from darkminer.evaluation.report import cell_summary, erase_seconds, write_results
 from darkminer.io import (
     changed_keys,
     check_output_directory,
@@ -372,9 +372,7 @@ def _run_cell(cfg: BenchmarkConfig, eval_cfg: EvaluationConfig, out: Path, metho
     # A finished cell's erased model may have been deleted to free disk (a whole SD UNet is 3.4 GB): its
     # metrics stand, its erase time is unknown.
     kept = erased is not None and (erased / INFO_NAME).is_file()
-    extra = ErasedModelInfo.read(erased).extra if kept else {}
-    # A resumed erase timed only its last part: no time is better than a wrong one.
-    erase_seconds = None if extra.get("resumed") else extra.get("seconds")
     return {"method": method, "concept": concept, "dir": str(relative), "evaluation": str(relative / "evaluation"),
-            "erase_seconds": erase_seconds, "metrics": read_json(metrics_path)}
+            "erase_seconds": erase_seconds(ErasedModelInfo.read(erased).extra if kept else None),
+            "metrics": read_json(metrics_path)}
 

@@ -408,8 +408,8 @@ def evaluate(
     suites = prompt_suites(target, cfg.n_images, cfg.seed, prompts, paraphrase_prompts, preserve_prompts)
     if attacks_to_run and "attack_prompts" in cfg.changed_options() and cfg.attack_prompts > len(suites["plain"]):
         warnings.warn(f"attack_prompts (--attack-prompts) asks for {cfg.attack_prompts} prompts, but the attacks take "
-                      f"theirs from the plain set, which has {len(suites['plain'])} (n_images, -n): raise -n to attack "
-                      "more", DarkMinerWarning, stacklevel=2)
+                      f"theirs from the plain set, which has {len(suites['plain'])} (n_images, -n, or the rows of the "
+                      "--prompts CSV): raise either to attack more", DarkMinerWarning, stacklevel=2)
     if not cfg.preservation:  # no preservation metric: its images (the erased model's and the original's) are not drawn
         del suites[PRESERVATION]
     elif fid is not None and len(suites[PRESERVATION]) < 2:  # a one-row CSV: fail before the work folder is claimed

@@ -14,14 +14,22 @@ import datetime as _dt
 import html
 import io
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from darkminer.errors import DarkMinerError
-from darkminer.evaluation.evaluate import METRICS_KEYS, METRICS_NAME, ORIGINAL_METHOD, PRESERVATION
-from darkminer.io import changed_keys, output_directory, read_record, write_json, write_text
+from darkminer.evaluation.evaluate import (
+    GRADER_OPTIONS,
+    METRICS_KEYS,
+    METRICS_NAME,
+    ORIGINAL_METHOD,
+    PRESERVATION,
+    resolved_options,
+)
+from darkminer.io import changed_keys, exclusive_output, output_directory, read_record, write_json, write_text
 from darkminer.models import model_id
 
 MISSING = "–"
@@ -162,12 +170,13 @@ def render_markdown(results: dict) -> str:
 SAMPLE_SIZES = "Sample sizes (95% Wilson intervals of every rate: each cell's metrics.json, {counts}):"
 
 
-def _concept_metrics(results: dict) -> dict[str, dict]:
-    """Each concept's metrics of its first cell: what every method's cell of the concept shares (its prompt
-    sets and detector)."""
-    found: dict[str, dict] = {}
+def _concept_metrics(results: dict) -> dict[str, list[dict]]:
+    """Each concept's cells' metrics. Every row of a concept is graded alike (the benchmark draws the same
+    sets with one detector; a report of evaluations refuses rows that are not), but rows may differ in
+    which attacks and preservation metrics ran."""
+    found: dict[str, list[dict]] = {}
     for cell in results["cells"]:
-        found.setdefault(cell["concept"], cell["metrics"])
+        found.setdefault(cell["concept"], []).append(cell["metrics"])
     return {concept: found[concept] for concept in results["concepts"] if concept in found}
 
 
@@ -175,11 +184,15 @@ def _sample_sizes(results: dict) -> list[str]:
     """What each rate is out of and who judged it, per concept (every method draws the same sets): a rate over
     4 prompts and one over 128 images read the same in the table."""
     lines = []
-    for concept, metrics in _concept_metrics(results).items():
-        sets = ", ".join(f"{name} {n}" for name, n in metrics.get("suites", {}).items())
-        prompts = sorted({d["n_prompts"] for d in metrics.get("attack_details", {}).values()})
+    for concept, rows in _concept_metrics(results).items():
+        suites: dict[str, int] = {}  # each set once: a row without preservation has no such set
+        for metrics in rows:
+            for name, n in metrics.get("suites", {}).items():
+                suites.setdefault(name, n)
+        sets = ", ".join(f"{name} {n}" for name, n in suites.items())
+        prompts = sorted({d["n_prompts"] for metrics in rows for d in metrics.get("attack_details", {}).values()})
         attacked = f"; attacks on {', '.join(map(str, prompts))} prompt{'s' if prompts != [1] else ''}" if prompts else ""
-        detector = metrics.get("detector", {}).get("name")
+        detector = rows[0].get("detector", {}).get("name")
         lines.append(f"{concept}: images per set: {sets}{attacked}{f'; detector {detector}' if detector else ''}")
     return lines
 
@@ -282,7 +295,9 @@ def _image_grid_html(results: dict, root: Path, concept: str) -> str:
 
 def render_html(results: dict, root: Path) -> str:
     """The report; ``root`` is the folder the cells' evaluation folders (and their image grids) are relative to."""
-    first = results["cells"][0]["metrics"] if results["cells"] else {}
+    def described(key: str) -> Any:  # the CLIP-score and FID networks, as the first row that used them says
+        return next((c["metrics"][key] for c in results["cells"] if c["metrics"].get(key)), None)
+
     erasers = [m for m in results["methods"] if m != ORIGINAL_METHOD]
     lead = (
         f"model <b>{html.escape(results['model'])}</b> · erasers: {html.escape(', '.join(erasers))} · "
@@ -311,8 +326,8 @@ def render_html(results: dict, root: Path) -> str:
         parts += [f"<h3>{html.escape(concept)}</h3>", _image_grid_html(results, root, concept)]
     # The detector is chosen per concept (NudeNet for nudity, CLIP for a style); the other graders per run.
     setup = {"config": results["config"], "versions": results["versions"],
-             "detectors": {concept: m.get("detector") for concept, m in _concept_metrics(results).items()},
-             "alignment": first.get("alignment"), "fid_features": first.get("fid_features")}
+             "detectors": {concept: rows[0].get("detector") for concept, rows in _concept_metrics(results).items()},
+             "alignment": described("alignment"), "fid_features": described("fid_features")}
     parts += ["<h2>Setup</h2>", f"<pre>{html.escape(json.dumps(setup, indent=2))}</pre>", "</body></html>"]
     return "\n".join(parts)
 
@@ -342,18 +357,21 @@ def write_results(folder: Path, results: dict, root: Path) -> None:
 EVALUATIONS = "evaluations"  # results.json's key of a report on evaluations (a benchmark's has none)
 REPORT_KIND = "a report of evaluations"
 # Options that change no number in a row another has: which attacks and metrics ran (a missing one shows as
-# missing), and how images are batched and saved. Any other difference makes two rows incomparable.
-_PRESENTATION_OPTIONS = ("attacks", "attack_configs", "preservation", "save_images", "grid_images", "batch_size")
+# missing), and how images are batched and saved; the grader's options are compared as the detector's own
+# description (a default spelled out is the same detector).
+_NOT_COMPARED = ("attacks", "attack_configs", "preservation", "save_images", "grid_images", "batch_size", *GRADER_OPTIONS)
+_FID_OPTIONS = ("fid_reference", "inception_weights")
 
 
+@exclusive_output()
 def compare_evaluations(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """The benchmark's table, plot and image grids for evaluations run apart (``darkminer evaluate --out``
     folders: models erased by other tools, or by darkminer), written into ``out`` as results.json,
     results.md and report.html. A row is named by its folder (the original model's: ``original``). Rows of
     one concept must be graded alike (the same options, prompt sets, prompt files and detector; each attack
     with the same options), or their numbers would not compare: anything else is refused, naming it."""
-    if not folders:
-        raise DarkMinerError("name the evaluation folders to compare (each written by `darkminer evaluate --out`)")
+    if isinstance(folders, str | os.PathLike) or not folders:
+        raise DarkMinerError("name the evaluation folders to compare, a list (each written by `darkminer evaluate --out`)")
     cells = [_evaluation_cell(Path(folder)) for folder in folders]
     seen: dict[tuple[str, str], str] = {}
     for cell in cells:
@@ -395,27 +413,49 @@ def _evaluation_cell(folder: Path) -> dict[str, Any]:
                              "--out` wrote")
     method = ORIGINAL_METHOD if metrics.get("method") == ORIGINAL_METHOD else folder.resolve().name
     erased = (metrics.get("inputs") or {}).get("erased") or {}
-    extra = (erased.get("info") or {}).get("extra") or {}
     return {"method": method, "concept": metrics["concept"], "dir": str(folder.resolve()),
-            "evaluation": str(folder.resolve()), "erase_seconds": None if extra.get("resumed") else extra.get("seconds"),
+            "evaluation": str(folder.resolve()), "erase_seconds": erase_seconds((erased.get("info") or {}).get("extra")),
             "metrics": metrics}
+
+
+def erase_seconds(extra: dict[str, Any] | None) -> float | None:
+    """An erase's time from its record's ``extra``: none for a resumed erase, which timed only its last part
+    (no time is better than a wrong one)."""
+    extra = extra or {}
+    return None if extra.get("resumed") else extra.get("seconds")
 
 
 def _check_graded_alike(cells: list[dict[str, Any]]) -> None:
     """Refuse rows of one concept whose numbers were made differently (see ``compare_evaluations``)."""
-    def grading(metrics: dict) -> dict[str, Any]:
-        files = (metrics.get("inputs") or {}).get("prompt_files") or {}
-        return {"config": {k: v for k, v in (metrics.get("config") or {}).items() if k not in _PRESENTATION_OPTIONS},
-                "suites": metrics.get("suites"), "detector": metrics.get("detector"),
-                "prompt_files": {name: record.get("sha256") for name, record in files.items()}}
-
     first = cells[0]
     for cell in cells[1:]:
-        differs = changed_keys(grading(first["metrics"]), grading(cell["metrics"]))
-        ours, theirs = (c["metrics"].get("attack_details", {}) for c in (first, cell))
-        differs += [f"{name} options" for name in sorted(ours.keys() & theirs.keys())
-                    if ours[name].get("config") != theirs[name].get("config")]
+        ours, theirs = _grading(first["metrics"], cell["metrics"]), _grading(cell["metrics"], first["metrics"])
+        differs = changed_keys(ours, theirs)
+        done, others = (c["metrics"].get("attack_details", {}) for c in (first, cell))
+        differs += [f"{name} options" for name in sorted(done.keys() & others.keys())
+                    if done[name].get("config") != others[name].get("config")]
         if differs:
             raise DarkMinerError(f"{first['evaluation']} and {cell['evaluation']} graded {cell['concept']!r} "
                                  f"differently ({', '.join(differs)}), so their numbers do not compare; evaluate "
                                  "them with the same options and prompts")
+
+
+def _grading(metrics: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics``' numbers depend on, of what ``other`` measured too: options (as they resolve, so that a
+    record from an older version compares), prompt sets and files, detector, CLIP-score and FID networks."""
+    def config(m: dict[str, Any]) -> dict[str, Any]:
+        testbed = model_id(m["model"]) == "testbed"
+        return resolved_options(m.get("config") or {}, None if testbed else (m.get("inputs") or {}).get("kind", "free"))
+
+    mine, theirs = config(metrics), config(other)
+    both = set(mine["preservation"]) & set(theirs["preservation"])
+    skip = {*_NOT_COMPARED, *(() if mine["attacks"] and theirs["attacks"] else ("attack_prompts",)),
+            *(() if "fid" in both else _FID_OPTIONS)}
+    files = (metrics.get("inputs") or {}).get("prompt_files") or {}
+    suites = metrics.get("suites") or {}
+    return {"config": {k: v for k, v in mine.items() if k not in skip},
+            "suites": {name: n for name, n in suites.items() if name in (other.get("suites") or {})},
+            "prompt_files": {name: record.get("sha256") for name, record in files.items()},
+            "detector": metrics.get("detector"),
+            **({"alignment": metrics.get("alignment")} if "clip" in both else {}),
+            **({"fid_features": metrics.get("fid_features")} if "fid" in both else {})}
