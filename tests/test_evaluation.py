@@ -603,8 +603,10 @@ def test_evaluations_run_apart_compare_in_one_report_as_a_benchmark_would(tmp_pa
     evaluate("blood", tmp_path / "fewer", erased=erased, config={**config, "n_images": 2})
     with pytest.raises(DarkMinerError, match=r"graded 'blood' differently \(config\.n_images, suites\.paraphrase"):
         compare_evaluations([theirs, tmp_path / "fewer"], tmp_path / "r2")
-    with pytest.raises(DarkMinerError, match="are both 'theirs' on 'blood': a row is named by its folder"):
+    with pytest.raises(DarkMinerError, match=r"are both row 'theirs' on 'blood': name the rows \(NAME=FOLDER"):
         compare_evaluations([theirs, theirs], tmp_path / "r2")
+    with pytest.raises(DarkMinerError, match="the row name 'original' is the unerased model's"):
+        compare_evaluations([("original", theirs)], tmp_path / "r2")
     with pytest.raises(DarkMinerError, match="holds no darkminer metrics.json"):
         compare_evaluations([theirs, erased], tmp_path / "r2")
     with pytest.raises(DarkMinerError, match="exists and is not a report of evaluations"):
@@ -613,6 +615,11 @@ def test_evaluations_run_apart_compare_in_one_report_as_a_benchmark_would(tmp_pa
     assert main(["report", str(theirs), "--out", str(out)]) == 0  # replaces the earlier report whole
     assert capsys.readouterr().out.strip() == f"wrote {out}/results.json, results.md, report.html (1 evaluation)"
     assert json.loads((out / "results.json").read_text())["methods"] == ["theirs"]
+    # Rows named on the command line (a benchmark's cells are all called evaluation/): NAME=FOLDER
+    assert main(["report", f"nudge={theirs}", f"nudge-2={tmp_path / 'fewer'}", str(original), "--out", str(out)]) == 2
+    assert "graded 'blood' differently" in capsys.readouterr().err
+    assert main(["report", f"nudge={theirs}", str(original), "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == ["original", "nudge"]
 
 
 def test_benchmark_resumes_a_killed_run_without_recomputing_finished_cells(tmp_path, tiny_clip_dir):

@@ -364,21 +364,26 @@ _FID_OPTIONS = ("fid_reference", "inception_weights")
 
 
 @exclusive_output()
-def compare_evaluations(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+def compare_evaluations(folders: Sequence[str | Path | tuple[str, str | Path]], out: str | Path) -> dict[str, Any]:
     """The benchmark's table, plot and image grids for evaluations run apart (``darkminer evaluate --out``
     folders: models erased by other tools, or by darkminer), written into ``out`` as results.json,
-    results.md and report.html. A row is named by its folder (the original model's: ``original``). Rows of
-    one concept must be graded alike (the same options, prompt sets, prompt files and detector; each attack
-    with the same options), or their numbers would not compare: anything else is refused, naming it."""
+    results.md and report.html. ``folders``: each a folder, whose row is named by the folder's name, or a
+    ``(row name, folder)`` pair (one row name may stand in several concepts' columns); the unerased model's
+    row is the reference row ``original`` either way. Rows of one concept must be graded alike (the same
+    options, prompt sets, prompt files and detector; each attack with the same options), or their numbers
+    would not compare: anything else is refused, naming it."""
     if isinstance(folders, str | os.PathLike) or not folders:
         raise DarkMinerError("name the evaluation folders to compare, a list (each written by `darkminer evaluate --out`)")
-    cells = [_evaluation_cell(Path(folder)) for folder in folders]
+    named = [item if isinstance(item, tuple) else (Path(item).resolve().name, item) for item in folders]
+    if bad := [item for item in named if len(item) != 2]:
+        raise DarkMinerError(f"a named evaluation is a (row name, folder) pair, got {bad[0]!r}")
+    cells = [_evaluation_cell(name, Path(folder)) for name, folder in named]
     seen: dict[tuple[str, str], str] = {}
     for cell in cells:
         key = (cell["method"], cell["concept"])
         if key in seen:
-            raise DarkMinerError(f"{seen[key]} and {cell['evaluation']} are both {key[0]!r} on {key[1]!r}: a row is "
-                                 "named by its folder (the original model's: original); rename one of the folders")
+            raise DarkMinerError(f"{seen[key]} and {cell['evaluation']} are both row {key[0]!r} on {key[1]!r}: name "
+                                 "the rows (NAME=FOLDER; the original model's is original)")
         seen[key] = cell["evaluation"]
     models = sorted({cell["metrics"]["model"] for cell in cells})
     if len(models) > 1:
@@ -405,13 +410,20 @@ def compare_evaluations(folders: Sequence[str | Path], out: str | Path) -> dict[
     return results
 
 
-def _evaluation_cell(folder: Path) -> dict[str, Any]:
-    """One evaluation folder as a benchmark cell (its erase time from the erased model's record, if any)."""
+def _evaluation_cell(name: str, folder: Path) -> dict[str, Any]:
+    """One evaluation folder as the benchmark cell of row ``name`` (the original model's: ``original``), its
+    erase time from the erased model's record, if any."""
+    if not isinstance(name, str) or not name.strip():
+        raise DarkMinerError(f"a row's name is a non-empty string, got {name!r} (for {folder})")
     metrics = read_record(folder / METRICS_NAME, METRICS_KEYS) if folder.is_dir() else None
     if metrics is None:
         raise DarkMinerError(f"{folder} holds no darkminer {METRICS_NAME}; give folders that `darkminer evaluate "
                              "--out` wrote")
-    method = ORIGINAL_METHOD if metrics.get("method") == ORIGINAL_METHOD else folder.resolve().name
+    unerased = metrics.get("method") == ORIGINAL_METHOD
+    if name == ORIGINAL_METHOD and not unerased:
+        raise DarkMinerError(f"{folder} is an erased model's evaluation: the row name {ORIGINAL_METHOD!r} is the "
+                             "unerased model's (the reference row); name it otherwise")
+    method = ORIGINAL_METHOD if unerased else name
     erased = (metrics.get("inputs") or {}).get("erased") or {}
     return {"method": method, "concept": metrics["concept"], "dir": str(folder.resolve()),
             "evaluation": str(folder.resolve()), "erase_seconds": erase_seconds((erased.get("info") or {}).get("extra")),
