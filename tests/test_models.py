@@ -765,3 +765,13 @@ def test_export_writes_the_dtype_asked_for(tmp_path):
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}  # noqa: SIM118 (not a dict)
     assert json.loads((out / "darkminer_export.json").read_text())["dtype"] == "torch.float16"
+    with pytest.raises(ModelLoadError, match=f"is a pipeline darkminer exported.*load it as the model, --model {out}"):
+        load_model("tiny-random-sd", erased=out)
+    # Loaded as the README says, by plain diffusers: float32 throughout by default (a half text encoder beside a
+    # float32 UNet failed on the first image), half throughout with torch_dtype; both draw.
+    for asked, dtype in ((None, torch.float32), (torch.float16, torch.float16)):
+        pipe = StableDiffusionPipeline.from_pretrained(out, **({"torch_dtype": asked} if asked else {}))
+        assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {dtype}
+        if asked is None:  # half matmuls on the CPU need a newer torch than some users have: drawn in float32
+            image = pipe("a cat", num_inference_steps=1, output_type="pt").images
+            assert image.shape[0] == 1 and torch.isfinite(image).all()

@@ -22,6 +22,7 @@ from darkminer.io import (
     exclusive_output,
     has_checkpoint,
     output_directory,
+    read_json,
     released_if_unused,
     remove_work_directory,
     work_directory,
@@ -419,6 +420,12 @@ def export(
         merge_lora(loaded)
     with output_directory(out, EXPORT_INFO, EXPORTED_KIND) as tmp:
         loaded.to_pipeline().save_pretrained(tmp, safe_serialization=True)
+        # diffusers loads a pipeline in float32 unless torch_dtype says otherwise; transformers would load the
+        # text encoder in the dtype its config names, and a half one beside a float32 UNet fails on the first
+        # image. Its config says float32, as on the hub's fp16 variants: the half weights load upcast, or in half
+        # everywhere with torch_dtype.
+        text_config = tmp / "text_encoder" / "config.json"
+        write_json(text_config, {**read_json(text_config), "dtype": "float32"})
         write_json(tmp / EXPORT_INFO, {"erased": str(Path(erased).resolve()), "erasure": asdict(info),
                                        "dtype": str(loaded.dtype), "versions": package_versions()})
     return out

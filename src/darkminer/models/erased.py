@@ -93,6 +93,9 @@ class ErasedModelInfo:
             directory / UNET_WEIGHTS
         ).is_file():
             return cls(method=EXTERNAL_METHOD, concept="", base_model="", kind="unet", created="")
+        if not (directory / INFO_NAME).exists() and (directory / EXPORT_INFO).is_file():
+            raise ModelLoadError(f"{directory} is a pipeline darkminer exported, the erasure in its weights: load it "
+                                 f"as the model, --model {directory} (it carries its text encoder too)")
         if not (directory / INFO_NAME).exists() and (directory / "unet" / UNET_WEIGHTS).is_file():
             raise ModelLoadError(f"{directory} is a whole pipeline folder, not an erased model: give its UNet, "
                                  f"--erased {directory / 'unet'}, with --model naming the base it came from")
