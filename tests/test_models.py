@@ -756,17 +756,23 @@ def test_a_nested_original_leaves_the_outer_block_original():
             torch.testing.assert_close(model.eps(x, t, cond), want, rtol=0, atol=1e-6)
 
 
-def test_export_writes_the_dtype_asked_for(tmp_path):
+def test_export_writes_the_dtype_asked_for(tmp_path, capsys):
     from safetensors import safe_open
 
     from darkminer.api import erase, export
 
-    out = export(erase("uce", "nudity", tmp_path / "uce", model="tiny-random-sd"), tmp_path / "p16", dtype="float16")
+    erased = erase("uce", "nudity", tmp_path / "uce", model="tiny-random-sd")
+    assert main(["export", "--erased", str(erased), "--out", str(tmp_path / "p16")]) == 0
+    assert capsys.readouterr().out == f"wrote diffusers pipeline {tmp_path / 'p16'}\n"
+    out = export(erased, tmp_path / "p16", dtype="float16")
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}  # noqa: SIM118 (not a dict)
-    assert json.loads((out / "darkminer_export.json").read_text())["dtype"] == "torch.float16"
+    record = json.loads((out / "darkminer_export.json").read_text())
+    assert (record["dtype"], record["base_model"]) == ("torch.float16", "tiny-random-sd")
     with pytest.raises(ModelLoadError, match=f"is a pipeline darkminer exported.*load it as the model, --model {out}"):
         load_model("tiny-random-sd", erased=out)
+    assert main(["export", "--erased", str(erased), "--dtype", "float16", "--out", str(out)]) == 0  # says what it replaces
+    assert capsys.readouterr().out == f"wrote diffusers pipeline {out}, replacing the one that was there (uce on nudity)\n"
     # Loaded as the README says, by plain diffusers: float32 throughout by default (a half text encoder beside a
     # float32 UNet failed on the first image), half throughout with torch_dtype; both draw.
     for asked, dtype in ((None, torch.float32), (torch.float16, torch.float16)):

@@ -427,5 +427,6 @@ def export(
         text_config = tmp / "text_encoder" / "config.json"
         write_json(text_config, {**read_json(text_config), "dtype": "float32"})
         write_json(tmp / EXPORT_INFO, {"erased": str(Path(erased).resolve()), "erasure": asdict(info),
+                                       "base_model": loaded.name,  # the weights folded in (--model may differ)
                                        "dtype": str(loaded.dtype), "versions": package_versions()})
     return out

@@ -50,7 +50,7 @@ def _earlier_erasure(out: str) -> str | None:
     from dataclasses import asdict
 
     from darkminer.errors import DarkMinerError
-    from darkminer.models.erased import INFO_NAME, ErasedModelInfo, stack_records
+    from darkminer.models.erased import INFO_NAME, ErasedModelInfo, stack_description
 
     if not (Path(out) / INFO_NAME).is_file():
         return None
@@ -58,4 +58,4 @@ def _earlier_erasure(out: str) -> str | None:
         info = ErasedModelInfo.read(out)
     except DarkMinerError:  # a record we cannot read: still an earlier output, replaced
         return "an erased model whose record could not be read"
-    return ", over ".join(f"{record['method']} on {record['concept']}" for record in stack_records(asdict(info)))
+    return stack_description(asdict(info))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from darkminer.api import export
+    from darkminer.commands.common import replacing
+    from darkminer.io import EXPORT_RECORD, WHOLE_OUTPUTS, read_record
+    from darkminer.models.erased import stack_description
 
+    earlier = read_record(Path(args.out) / EXPORT_RECORD, WHOLE_OUTPUTS[EXPORT_RECORD][1])
+    carried = earlier and isinstance(earlier["erasure"], dict) and stack_description(earlier["erasure"])
     out = export(args.erased, args.out, model=args.model, dtype=args.dtype)
-    print(f"wrote diffusers pipeline {out}")
+    replaced = (carried or "an export whose record could not be read") if earlier else None
+    print(f"wrote diffusers pipeline {out}{replacing(replaced)}")

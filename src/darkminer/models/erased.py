@@ -164,6 +164,11 @@ def stack_records(info: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def stack_description(info: dict[str, Any]) -> str:
+    """An erased model's record (as a dict) in words, top first: "esd-x on blood, over uce on nudity"."""
+    return ", over ".join(f"{record['method']} on {record['concept']}" for record in stack_records(info))
+
+
 def erased_concepts(info: ErasedModelInfo | dict[str, Any]) -> list[str]:
     """The concepts an erased model (its record, or the record as a dict) was made to erase, once each, top of a
     stack first (none for a UNet folder from another tool)."""
