@@ -598,6 +598,10 @@ def test_evaluations_run_apart_compare_in_one_report_as_a_benchmark_would(tmp_pa
     table = (tmp_path / "mixed" / "results.md").read_text()
     assert "| bare | " in table and "ASR test-echo" in table
     assert f"- blood: images per set: plain 3, paraphrase 3, preservation 3; attacks on {FAST['attack_prompts']} prompts" in table
+    # Every pair is compared: two rows that attacked different numbers of prompts beside one that attacked none
+    evaluate("blood", tmp_path / "one-prompt", erased=erased, config={**config, "attack_prompts": 1})
+    with pytest.raises(DarkMinerError, match=r"one-prompt graded 'blood' differently \(config\.attack_prompts"):
+        compare_evaluations([bare, original, tmp_path / "one-prompt"], tmp_path / "r2")
     with pytest.raises(DarkMinerError, match="name the evaluation folders to compare, a list"):
         compare_evaluations(str(theirs), tmp_path / "r2")
     evaluate("blood", tmp_path / "fewer", erased=erased, config={**config, "n_images": 2})

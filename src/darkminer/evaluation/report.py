@@ -438,18 +438,24 @@ def erase_seconds(extra: dict[str, Any] | None) -> float | None:
 
 
 def _check_graded_alike(cells: list[dict[str, Any]]) -> None:
-    """Refuse rows of one concept whose numbers were made differently (see ``compare_evaluations``)."""
-    first = cells[0]
-    for cell in cells[1:]:
-        ours, theirs = _grading(first["metrics"], cell["metrics"]), _grading(cell["metrics"], first["metrics"])
-        differs = changed_keys(ours, theirs)
-        done, others = (c["metrics"].get("attack_details", {}) for c in (first, cell))
-        differs += [f"{name} options" for name in sorted(done.keys() & others.keys())
-                    if done[name].get("config") != others[name].get("config")]
-        if differs:
-            raise DarkMinerError(f"{first['evaluation']} and {cell['evaluation']} graded {cell['concept']!r} "
-                                 f"differently ({', '.join(differs)}), so their numbers do not compare; evaluate "
-                                 "them with the same options and prompts")
+    """Refuse rows of one concept whose numbers were made differently (see ``compare_evaluations``). Every pair:
+    what two rows both measured is not what a third measured (two that ran attacks, beside one that ran none)."""
+    for i, first in enumerate(cells):
+        for cell in cells[i + 1:]:
+            _check_pair(first, cell)
+
+
+def _check_pair(first: dict[str, Any], cell: dict[str, Any]) -> None:
+    """Refuse two rows of one concept whose numbers were made differently."""
+    ours, theirs = _grading(first["metrics"], cell["metrics"]), _grading(cell["metrics"], first["metrics"])
+    differs = changed_keys(ours, theirs)
+    done, others = (c["metrics"].get("attack_details", {}) for c in (first, cell))
+    differs += [f"{name} options" for name in sorted(done.keys() & others.keys())
+                if done[name].get("config") != others[name].get("config")]
+    if differs:
+        raise DarkMinerError(f"{first['evaluation']} and {cell['evaluation']} graded {cell['concept']!r} "
+                             f"differently ({', '.join(differs)}), so their numbers do not compare; evaluate "
+                             "them with the same options and prompts")
 
 
 def _grading(metrics: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
