@@ -425,9 +425,8 @@ def _evaluation_cell(name: str, folder: Path) -> dict[str, Any]:
                              "unerased model's (the reference row); name it otherwise")
     method = ORIGINAL_METHOD if unerased else name
     erased = (metrics.get("inputs") or {}).get("erased") or {}
-    return {"method": method, "concept": metrics["concept"], "dir": str(folder.resolve()),
-            "evaluation": str(folder.resolve()), "erase_seconds": erase_seconds((erased.get("info") or {}).get("extra")),
-            "metrics": metrics}
+    return {"method": method, "concept": metrics["concept"], "evaluation": str(folder.resolve()),
+            "erase_seconds": erase_seconds((erased.get("info") or {}).get("extra")), "metrics": metrics}
 
 
 def erase_seconds(extra: dict[str, Any] | None) -> float | None:
